@@ -1,0 +1,1 @@
+"""Policy bundles: reading files with positions, validating them, loading a bundle."""

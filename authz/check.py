@@ -1,0 +1,96 @@
+"""The pipeline of one check, top to bottom:
+
+    CheckRequest -> Request -> PolicySet.decide -> Decision -> CheckResponse
+                                                     ├─> audit (queued)
+                                                     └─> metrics
+
+``Checker.check`` never raises: a malformed request, a missing bundle or any internal
+error becomes a deny with a reason and a decision id.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+from envoy.service.auth.v3 import external_auth_pb2
+
+from authz import request as request_mod
+from authz import response
+from authz.audit import AuditEntry, AuditLog
+from authz.bundle.store import BundleStore
+from authz.engine.model import Decision
+from authz.metrics import Metrics
+
+log = logging.getLogger("authz.check")
+
+
+def new_decision_id() -> str:
+    return os.urandom(16).hex()
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    decision: Decision
+    decision_id: str
+    revision: str
+    request: request_mod.Request | None
+    response: external_auth_pb2.CheckResponse
+
+
+class Checker:
+    def __init__(self, store: BundleStore, metrics: Metrics, audit: AuditLog | None = None) -> None:
+        self.store = store
+        self.metrics = metrics
+        self.audit = audit
+
+    def check(self, check_request: external_auth_pb2.CheckRequest) -> external_auth_pb2.CheckResponse:
+        return self.run(check_request).response
+
+    def run(self, check_request: external_auth_pb2.CheckRequest) -> Outcome:
+        started = time.perf_counter()
+        decision_id = new_decision_id()
+        policy_set = self.store.current  # read once: one bundle for the whole check
+        revision = policy_set.revision if policy_set is not None else ""
+        req: request_mod.Request | None = None
+        try:
+            if policy_set is None:
+                decision = _deny("no policy bundle loaded")
+            else:
+                req = request_mod.from_check_request(check_request, policy_set.trust_domains)
+                decision = policy_set.decide(req)
+        except request_mod.MalformedRequest as exc:
+            decision = _deny(f"malformed request: {exc}")
+        except Exception:  # noqa: BLE001 - fail closed, never crash the servicer
+            log.exception("internal error while deciding %s", decision_id)
+            decision = _deny("internal error")
+        try:
+            resp = response.to_check_response(decision, decision_id, revision, req.principal if req else "")
+        except Exception:  # noqa: BLE001
+            log.exception("internal error while answering %s", decision_id)
+            decision = _deny("internal error")
+            resp = response.to_check_response(decision, decision_id, revision, "")
+        elapsed = time.perf_counter() - started
+        self._observe(decision, decision_id, revision, req, elapsed)
+        return Outcome(decision, decision_id, revision, req, resp)
+
+    def _observe(self, decision: Decision, decision_id: str, revision: str,
+                 req: request_mod.Request | None, elapsed: float) -> None:
+        # Side effects only; nothing here may change or delay the answer.
+        try:
+            self.metrics.count_check(decision.allowed, decision.reason, decision.policy, elapsed)
+            if decision.condition_error:
+                self.metrics.condition_errors.inc()
+            for entry in decision.dry_run:
+                self.metrics.dry_run.labels("allow" if entry.endswith("=allow") else "deny").inc()
+            if self.audit is not None:
+                self.audit.submit(AuditEntry(time.time(), decision_id, decision, req, revision,
+                                             int(elapsed * 1e6)))
+        except Exception:  # noqa: BLE001
+            log.exception("metrics or audit failed for %s", decision_id)
+
+
+def _deny(reason: str) -> Decision:
+    return Decision(False, reason, "default", "default", "DENY")

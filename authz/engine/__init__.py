@@ -1,0 +1,1 @@
+"""The policy engine: typed model, compilation of a bundle, and the decision."""

@@ -1,0 +1,290 @@
+"""Bundle documents -> PolicySet: everything a check needs, built once per bundle.
+
+Matchers become sets and tuples, path templates regexes, conditions CEL programs and
+tenant data frozensets. Every problem found is reported with file:line:column, and a
+bundle with any problem is rejected as a whole.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from authz import paths, spiffe
+from authz.bundle.loader import BundleError, BundleFiles, read_bundle
+from authz.bundle.schema import Problem
+from authz.bundle.yamlpos import Document, Position
+from authz.engine.cel import CelCompileError, Condition, compile_condition
+from authz.engine.decide import TENANT_ID, PolicySet
+from authz.engine.model import (
+    IpMatch,
+    Operation,
+    PathMatch,
+    Policy,
+    Rule,
+    Source,
+    StringMatch,
+    Target,
+    Tenant,
+    TenantSource,
+)
+
+YPath = tuple[str | int, ...]
+
+
+def load_policy_set(root: Path) -> PolicySet:
+    """Read, validate and compile a bundle directory; raises BundleError."""
+    return compile_bundle(read_bundle(root))
+
+
+def compile_bundle(files: BundleFiles) -> PolicySet:
+    return _Compiler(files).run()
+
+
+class _Compiler:
+    def __init__(self, files: BundleFiles) -> None:
+        self.files = files
+        self.problems: list[Problem] = []
+        m = files.manifest.value
+        self.trust = spiffe.TrustDomains(m["trustDomain"], frozenset(m.get("trustDomainAliases", [])))
+
+    def error(self, doc: Document, path: YPath, message: str, *, key: bool = False) -> None:
+        self.problems.append(Problem(doc.at(path, key=key), message))
+
+    def run(self) -> PolicySet:
+        m = self.files.manifest.value
+        tenants = self.tenants()
+        data = {name: _json_safe(doc.value) for name, doc in self.files.data.items()}
+        policies: list[Policy] = []
+        seen: dict[str, Position] = {}
+        for doc in self.files.policies:
+            policy = self.policy(doc, bool(tenants))
+            if policy is None:
+                continue
+            if policy.name in seen:
+                self.error(doc, ("name",), f"policy '{policy.name}' is already defined at {seen[policy.name]}")
+                continue
+            seen[policy.name] = doc.at(("name",))
+            policies.append(policy)
+        if self.problems:
+            raise BundleError(self.problems, self.files.revision)
+        by_principal: dict[str, list[int]] = defaultdict(list)
+        general: list[int] = []
+        for i, p in enumerate(policies):
+            sm = p.target.principals
+            if sm is not None and sm.exact and not (sm.prefixes or sm.suffixes or sm.present):
+                for principal in sm.exact:
+                    by_principal[principal].append(i)
+            else:
+                general.append(i)
+        return PolicySet(
+            name=m["name"],
+            revision=str(m["revision"]),
+            trust_domains=self.trust,
+            default_allow=m.get("defaultAction", "DENY") == "ALLOW",
+            policies=tuple(policies),
+            tenants=tenants,
+            data=data,
+            by_principal={k: tuple(v) for k, v in by_principal.items()},
+            general=tuple(general),
+        )
+
+    # --- tenants -----------------------------------------------------------------------
+
+    def tenants(self) -> dict[str, Tenant]:
+        out: dict[str, Tenant] = {}
+        where: dict[str, Position] = {}
+        for doc in self.files.tenants:
+            for tid, body in doc.value["tenants"].items():
+                path: YPath = ("tenants", tid)
+                if not TENANT_ID.match(tid):
+                    self.error(doc, path, f"tenant id {tid!r} is invalid: 1-63 of [A-Za-z0-9._-], "
+                               "starting with a letter or digit", key=True)
+                    continue
+                if tid in where:
+                    self.error(doc, path, f"tenant '{tid}' is already defined at {where[tid]}", key=True)
+                    continue
+                where[tid] = doc.at(path, key=True)
+                body = body or {}
+                callers = frozenset(self.trust.canonical(c) for c in body.get("callers", []))
+                out[tid] = Tenant(
+                    id=tid,
+                    plan=str(body.get("plan", "")),
+                    callers=callers,
+                    flags=_json_safe(body.get("flags", {})),
+                    attributes=_json_safe(body.get("attributes", {})),
+                    cel_callers=dict.fromkeys(callers, True),
+                )
+        return out
+
+    # --- policies ----------------------------------------------------------------------
+
+    def policy(self, doc: Document, have_tenants: bool) -> Policy | None:
+        v = doc.value
+        before = len(self.problems)
+        name = v["name"]
+        target_v = v.get("target", {})
+        target = Target(
+            principals=self.principals(target_v.get("principals")),
+            hosts=_strings(target_v.get("hosts"), fold_case=True),
+            context_extensions=tuple(sorted((target_v.get("contextExtensions") or {}).items())),
+        )
+        tenant: TenantSource | None = None
+        if "tenant" in v:
+            kind, key = next(iter(v["tenant"].items()))
+            tenant = TenantSource(kind, key.lower() if kind == "header" else key)
+            if not have_tenants:
+                self.error(doc, ("tenant",), "policy reads a tenant but the bundle has no tenant data (tenants/)")
+        rules: list[Rule] = []
+        rule_names: set[str] = set()
+        captures_seen: set[str] = set()
+        for i, rv in enumerate(v.get("rules", [])):
+            rule = self.rule(doc, ("rules", i), rv, i, tenant, captures_seen)
+            if rule.name in rule_names:
+                self.error(doc, ("rules", i, "name"), f"rule name '{rule.name}' is used twice in policy '{name}'")
+            rule_names.add(rule.name)
+            rules.append(rule)
+        if tenant is not None and tenant.kind == "pathCapture" and tenant.key not in captures_seen:
+            self.error(doc, ("tenant", "pathCapture"),
+                       f"tenant capture '{{{tenant.key}}}' appears in no path of this policy")
+        if len(self.problems) != before:
+            return None
+        return Policy(
+            name=name,
+            action=v["action"],
+            target=target,
+            rules=tuple(rules),
+            tenant=tenant,
+            dry_run=bool(v.get("dryRun", False)),
+            location=str(doc.at(())),
+        )
+
+    def rule(
+        self, doc: Document, path: YPath, rv: dict[str, Any], index: int,
+        tenant: TenantSource | None, captures_seen: set[str],
+    ) -> Rule:
+        sources = []
+        for j, entry in enumerate(rv.get("from", [])):
+            sources.append(self.source(doc, (*path, "from", j, "source"), entry["source"]))
+        operations = []
+        for j, entry in enumerate(rv.get("to", [])):
+            operations.append(self.operation(doc, (*path, "to", j, "operation"), entry["operation"], captures_seen))
+        conditions: list[Condition] = []
+        for j, expr in enumerate(rv.get("when", [])):
+            cond = self.condition(doc, (*path, "when", j), expr)
+            if cond is None:
+                continue
+            if cond.needs_tenant and tenant is None:
+                self.error(doc, (*path, "when", j),
+                           "condition uses tenant.* but the policy declares no tenant source (tenant:)")
+            conditions.append(cond)
+        return Rule(
+            name=rv.get("name", f"rule-{index + 1}"),
+            sources=tuple(sources),
+            operations=tuple(operations),
+            conditions=tuple(conditions),
+            location=str(doc.at(path)),
+        )
+
+    def condition(self, doc: Document, path: YPath, expr: str) -> Condition | None:
+        try:
+            return compile_condition(expr)
+        except CelCompileError as exc:
+            pos = doc.at(path)
+            if exc.line == 1 and "\n" not in expr:
+                offset = 1 if path in doc.quoted else 0
+                pos = Position(pos.file, pos.line, pos.column + offset + exc.column - 1)
+            self.problems.append(Problem(
+                pos, f"invalid CEL at column {exc.column} of the expression: {exc.message}"))
+            return None
+
+    def principals(self, values: list[str] | None) -> StringMatch | None:
+        if values is None:
+            return None
+        return StringMatch.of([self.trust.canonical(v) for v in values])
+
+    def source(self, doc: Document, path: YPath, sv: dict[str, Any]) -> Source:
+        return Source(
+            principals=self.principals(sv.get("principals")),
+            not_principals=self.principals(sv.get("notPrincipals")),
+            namespaces=_strings(sv.get("namespaces")),
+            not_namespaces=_strings(sv.get("notNamespaces")),
+            service_accounts=_strings(sv.get("serviceAccounts")),
+            not_service_accounts=_strings(sv.get("notServiceAccounts")),
+            ip_blocks=self.ips(doc, (*path, "ipBlocks"), sv.get("ipBlocks")),
+            not_ip_blocks=self.ips(doc, (*path, "notIpBlocks"), sv.get("notIpBlocks")),
+            remote_ip_blocks=self.ips(doc, (*path, "remoteIpBlocks"), sv.get("remoteIpBlocks")),
+            not_remote_ip_blocks=self.ips(doc, (*path, "notRemoteIpBlocks"), sv.get("notRemoteIpBlocks")),
+        )
+
+    def operation(self, doc: Document, path: YPath, ov: dict[str, Any], captures_seen: set[str]) -> Operation:
+        return Operation(
+            methods=_strings(ov.get("methods")),
+            not_methods=_strings(ov.get("notMethods")),
+            paths=self.paths(doc, (*path, "paths"), ov.get("paths"), captures_seen),
+            not_paths=self.paths(doc, (*path, "notPaths"), ov.get("notPaths"), set()),
+            hosts=_strings(ov.get("hosts"), fold_case=True),
+            not_hosts=_strings(ov.get("notHosts"), fold_case=True),
+            ports=self.ports(doc, (*path, "ports"), ov.get("ports")),
+            not_ports=self.ports(doc, (*path, "notPorts"), ov.get("notPorts")),
+        )
+
+    def paths(self, doc: Document, path: YPath, values: list[str] | None, captures_seen: set[str]) -> PathMatch | None:
+        if values is None:
+            return None
+        plain: list[str] = []
+        templates: list[paths.PathTemplate] = []
+        for i, value in enumerate(values):
+            if paths.is_template(value):
+                try:
+                    t = paths.compile_template(value)
+                except paths.TemplateError as exc:
+                    self.error(doc, (*path, i), f"invalid path template {value!r}: {exc}")
+                    continue
+                templates.append(t)
+                captures_seen.update(t.captures)
+            else:
+                if not (value.startswith("/") or value.startswith("*")):
+                    self.error(doc, (*path, i), f"path {value!r} must start with '/' (or '*' for a suffix)")
+                plain.append(value)
+        return PathMatch(StringMatch.of(plain), tuple(templates))
+
+    def ips(self, doc: Document, path: YPath, values: list[str] | None) -> IpMatch | None:
+        if values is None:
+            return None
+        nets = []
+        for i, value in enumerate(values):
+            try:
+                nets.append(ipaddress.ip_network(value, strict=False))
+            except ValueError:
+                self.error(doc, (*path, i), f"{value!r} is not an IP address or CIDR block")
+        return IpMatch(tuple(nets))
+
+    def ports(self, doc: Document, path: YPath, values: list[str] | None) -> frozenset[int] | None:
+        if values is None:
+            return None
+        out = set()
+        for i, value in enumerate(values):
+            if not value.isdigit() or not 0 < int(value) < 65536:
+                self.error(doc, (*path, i), f"port {value!r} must be a number from 1 to 65535")
+                continue
+            out.add(int(value))
+        return frozenset(out)
+
+
+def _strings(values: list[str] | None, fold_case: bool = False) -> StringMatch | None:
+    return None if values is None else StringMatch.of(values, fold_case)
+
+
+def _json_safe(value: Any) -> Any:
+    """YAML may hold dates; CEL values must be JSON-like."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (datetime.date, datetime.datetime)):
+        return value.isoformat()
+    return value

@@ -1,0 +1,300 @@
+"""PolicySet.decide(Request) -> Decision: the hot path.
+
+Order, as in Istio: any matching DENY rule denies; AUDIT rules only mark the decision;
+if ALLOW policies apply to the target, a matching ALLOW rule allows and anything else is
+denied; with no ALLOW policy for the target the bundle default decides. Tenant errors
+and condition errors deny at once: a check fails closed.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from authz.engine.cel import CelEvalError, evaluate
+from authz.engine.model import Decision, Operation, Policy, Rule, Source, Tenant
+from authz.request import Request
+from authz.spiffe import TrustDomains
+
+# Tenant ids: 1-63 characters of [A-Za-z0-9._-], starting with a letter or digit. This
+# excludes '.', '..', '/', '\', '%', NUL and anything a path decoder could reinterpret.
+TENANT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")
+
+
+class Tracer(Protocol):
+    """Receives each step of a decision when someone asks for an explanation."""
+
+    def step(self, what: str, ok: bool | None, detail: str = "", policy: str = "", rule: str = "") -> None: ...
+
+
+class _TenantDenied(Exception):
+    def __init__(self, reason: str, tenant: str, policy: str) -> None:
+        self.reason = reason
+        self.tenant = tenant
+        self.policy = policy
+
+
+class _ConditionFailed(Exception):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class PolicySet:
+    name: str
+    revision: str
+    trust_domains: TrustDomains
+    default_allow: bool
+    policies: tuple[Policy, ...]
+    tenants: Mapping[str, Tenant]
+    data: Mapping[str, Any]
+    # Policies indexed by exact destination principal; the rest are checked one by one.
+    by_principal: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    general: tuple[int, ...] = ()
+
+    def applicable(self, req: Request) -> list[Policy]:
+        chosen = sorted((*self.by_principal.get(req.destination_principal, ()), *self.general))
+        return [p for i in chosen if _target_matches(p := self.policies[i], req)]
+
+    def decide(self, req: Request, tracer: Tracer | None = None) -> Decision:
+        policies = self.applicable(req)
+        if tracer is not None:
+            tracer.step("target", True, f"{len(policies)} policies apply: " + ", ".join(p.name for p in policies))
+        audit: list[str] = []
+        dry_run: list[str] = []
+        base: dict[str, Any] = {}
+        try:
+            for policy in policies:
+                if policy.action == "DENY":
+                    hit = self._first_match(policy, req, base, tracer)
+                    if policy.dry_run:
+                        if hit is not None:
+                            dry_run.append(f"{policy.name}/{hit[0].name}=deny")
+                        continue
+                    if hit is not None:
+                        return Decision(False, "denied by policy", policy.name, hit[0].name, "DENY",
+                                        hit[1], tuple(audit), tuple(dry_run))
+            for policy in policies:
+                if policy.action == "AUDIT":
+                    hit = self._first_match(policy, req, base, tracer)
+                    if hit is not None:
+                        audit.append(f"{policy.name}/{hit[0].name}")
+            allow_applies = False
+            for policy in policies:
+                if policy.action != "ALLOW":
+                    continue
+                hit = self._first_match(policy, req, base, tracer)
+                if policy.dry_run:
+                    dry_run.append(f"{policy.name}/{hit[0].name}=allow" if hit else f"{policy.name}=deny")
+                    continue
+                allow_applies = True
+                if hit is not None:
+                    return Decision(True, "allowed by policy", policy.name, hit[0].name, "ALLOW",
+                                    hit[1], tuple(audit), tuple(dry_run))
+        except _TenantDenied as exc:
+            if tracer is not None:
+                tracer.step("tenant", False, f"{exc.reason}: {exc.tenant!r}")
+            return Decision(False, exc.reason, exc.policy, "tenant", "DENY", None, tuple(audit), tuple(dry_run))
+        except _ConditionFailed as exc:
+            policy_name, rule_name = exc.args[0], exc.args[1]
+            return Decision(False, "condition error", policy_name, rule_name, "DENY", None,
+                            tuple(audit), tuple(dry_run), condition_error=True)
+        if allow_applies:
+            reason = "no allow rule matched"
+            allowed = False
+        else:
+            allowed = self.default_allow
+            reason = "allowed by default" if allowed else "denied by default"
+        if tracer is not None:
+            tracer.step("default", allowed, reason)
+        return Decision(allowed, reason, "default", "default", "default", None, tuple(audit), tuple(dry_run))
+
+    # --- matching ----------------------------------------------------------------------
+
+    def _first_match(
+        self, policy: Policy, req: Request, base: dict[str, Any], tracer: Tracer | None
+    ) -> tuple[Rule, str | None] | None:
+        fixed_tenant: Tenant | None = None
+        if policy.tenant is not None and policy.tenant.kind != "pathCapture":
+            if policy.tenant.kind == "header":
+                raw = req.headers.get(policy.tenant.key)
+            else:
+                raw = req.source.after(policy.tenant.key) if req.source is not None else None
+            fixed_tenant = self._tenant(raw, policy, tracer)
+        for rule in policy.rules:
+            captures = _operations_match(rule.operations, req)
+            if captures is None:
+                if tracer is not None:
+                    tracer.step("to", False, "no operation matched", policy.name, rule.name)
+                continue
+            tenant = fixed_tenant
+            if policy.tenant is not None and policy.tenant.kind == "pathCapture":
+                tenant = self._tenant(captures.get(policy.tenant.key), policy, tracer)
+            if rule.sources and not any(_source_matches(s, req) for s in rule.sources):
+                if tracer is not None:
+                    tracer.step("from", False, f"source {req.principal or '(none)'} did not match", policy.name, rule.name)
+                continue
+            if rule.conditions and not self._conditions_hold(policy, rule, req, tenant, captures, base, tracer):
+                continue
+            if tracer is not None:
+                tracer.step("rule", True, f"matched ({policy.action})", policy.name, rule.name)
+            return rule, (tenant.id if tenant is not None else None)
+        return None
+
+    def _tenant(self, raw: str | None, policy: Policy, tracer: Tracer | None) -> Tenant | None:
+        if raw is None:
+            if tracer is not None:
+                tracer.step("tenant", None, f"no tenant from {policy.tenant.kind if policy.tenant else ''}", policy.name)
+            return None
+        if not TENANT_ID.match(raw):
+            raise _TenantDenied("invalid tenant", raw, policy.name)
+        tenant = self.tenants.get(raw)
+        if tenant is None:
+            raise _TenantDenied("unknown tenant", raw, policy.name)
+        if tracer is not None and policy.tenant is not None:
+            tracer.step("tenant", True, f"tenant {raw!r} from {policy.tenant.kind} {policy.tenant.key!r}", policy.name)
+        return tenant
+
+    def _conditions_hold(
+        self,
+        policy: Policy,
+        rule: Rule,
+        req: Request,
+        tenant: Tenant | None,
+        captures: dict[str, str],
+        base: dict[str, Any],
+        tracer: Tracer | None,
+    ) -> bool:
+        if not base:
+            base.update(_request_vars(req, self.data))
+        ctx = base
+        if tenant is not None or captures:
+            ctx = dict(base)
+            ctx["request.path_params"] = captures
+            if tenant is not None:
+                ctx.update(
+                    {
+                        "tenant.id": tenant.id,
+                        "tenant.plan": tenant.plan,
+                        "tenant.flags": tenant.flags,
+                        "tenant.callers": tenant.cel_callers,
+                        "tenant.callers_set": tenant.callers,
+                        "tenant.attributes": tenant.attributes,
+                    }
+                )
+        for cond in rule.conditions:
+            if cond.needs_tenant and tenant is None:
+                if tracer is not None:
+                    tracer.step("when", False, f"{cond.source}: no tenant", policy.name, rule.name)
+                return False
+            try:
+                ok = evaluate(cond, ctx)
+            except CelEvalError as exc:
+                if tracer is not None:
+                    tracer.step("when", None, f"{cond.source}: error: {exc}", policy.name, rule.name)
+                raise _ConditionFailed(policy.name, rule.name) from None
+            if tracer is not None:
+                tracer.step("when", ok, f"{cond.source} = {str(ok).lower()}", policy.name, rule.name)
+            if not ok:
+                return False
+        return True
+
+
+def _target_matches(policy: Policy, req: Request) -> bool:
+    t = policy.target
+    if t.principals is not None and not t.principals(req.destination_principal):
+        return False
+    if t.hosts is not None and not (t.hosts(req.host) or t.hosts(req.host_without_port)):
+        return False
+    for key, value in t.context_extensions:
+        if req.context_extensions.get(key) != value:
+            return False
+    return True
+
+
+def _operations_match(ops: tuple[Operation, ...], req: Request) -> dict[str, str] | None:
+    if not ops:
+        return {}
+    for op in ops:
+        captures = _operation_match(op, req)
+        if captures is not None:
+            return captures
+    return None
+
+
+def _operation_match(op: Operation, req: Request) -> dict[str, str] | None:
+    if op.methods is not None and not op.methods(req.method):
+        return None
+    if op.not_methods is not None and op.not_methods(req.method):
+        return None
+    if op.hosts is not None and not (op.hosts(req.host) or op.hosts(req.host_without_port)):
+        return None
+    if op.not_hosts is not None and (op.not_hosts(req.host) or op.not_hosts(req.host_without_port)):
+        return None
+    if op.ports is not None and req.destination_port not in op.ports:
+        return None
+    if op.not_ports is not None and req.destination_port in op.not_ports:
+        return None
+    if op.not_paths is not None and op.not_paths.match(req.path) is not None:
+        return None
+    if op.paths is not None:
+        return op.paths.match(req.path)
+    return {}
+
+
+def _source_matches(s: Source, req: Request) -> bool:
+    p = req.principal
+    if s.principals is not None and not s.principals(p):
+        return False
+    if s.not_principals is not None and s.not_principals(p):
+        return False
+    if s.namespaces is not None or s.not_namespaces is not None:
+        ns = req.source.namespace if req.source is not None else ""
+        if s.namespaces is not None and not s.namespaces(ns):
+            return False
+        if s.not_namespaces is not None and s.not_namespaces(ns):
+            return False
+    if s.service_accounts is not None or s.not_service_accounts is not None:
+        sa = ""
+        if req.source is not None and req.source.namespace and req.source.service_account:
+            sa = f"{req.source.namespace}/{req.source.service_account}"
+        if s.service_accounts is not None and not s.service_accounts(sa):
+            return False
+        if s.not_service_accounts is not None and s.not_service_accounts(sa):
+            return False
+    if s.ip_blocks is not None and not s.ip_blocks(req.source_address):
+        return False
+    if s.not_ip_blocks is not None and s.not_ip_blocks(req.source_address):
+        return False
+    if s.remote_ip_blocks is not None and not s.remote_ip_blocks(req.remote_address):
+        return False
+    if s.not_remote_ip_blocks is not None and s.not_remote_ip_blocks(req.remote_address):
+        return False
+    return True
+
+
+def _request_vars(req: Request, data: Mapping[str, Any]) -> dict[str, Any]:
+    src = req.source
+    return {
+        "request.method": req.method,
+        "request.path": req.path,
+        "request.query": req.query,
+        "request.host": req.host,
+        "request.scheme": req.scheme,
+        "request.protocol": req.protocol,
+        "request.id": req.request_id,
+        "request.headers": req.headers,
+        "request.path_params": {},
+        "request.context_extensions": req.context_extensions,
+        "source.principal": req.principal,
+        "source.trust_domain": src.trust_domain if src else "",
+        "source.namespace": src.namespace if src else "",
+        "source.service_account": src.service_account if src else "",
+        "source.address": req.source_address,
+        "source.port": req.source_port,
+        "destination.principal": req.destination_principal,
+        "destination.address": req.destination_address,
+        "destination.port": req.destination_port,
+        "data": data,
+    }

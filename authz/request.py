@@ -1,0 +1,124 @@
+"""Envoy CheckRequest -> Request: the normalised, immutable view the engine decides on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
+
+from authz import paths, spiffe
+
+CheckRequest = external_auth_pb2.CheckRequest
+
+
+class MalformedRequest(ValueError):
+    """The request cannot be judged; the message is the reason given to the client."""
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    method: str
+    path: str  # decoded and normalised, without query
+    query: str
+    host: str  # lower-cased authority, port kept
+    scheme: str = ""
+    protocol: str = ""
+    request_id: str = ""
+    headers: dict[str, str] = field(default_factory=dict)  # lower-cased names
+    principal: str = ""  # canonical SPIFFE URI of the caller, or ''
+    source: spiffe.SpiffeId | None = None
+    source_address: str = ""
+    source_port: int = 0
+    remote_address: str = ""  # original client, from x-envoy-external-address / XFF
+    destination_principal: str = ""
+    destination_address: str = ""
+    destination_port: int = 0
+    context_extensions: dict[str, str] = field(default_factory=dict)
+    raw_path: str = ""
+
+    @property
+    def host_without_port(self) -> str:
+        host = self.host
+        if host.startswith("["):  # [v6]:port
+            end = host.find("]")
+            return host[: end + 1] if end != -1 else host
+        name, sep, port = host.rpartition(":")
+        return name if sep and port.isdigit() else host
+
+
+def from_check_request(
+    check: CheckRequest, trust_domains: spiffe.TrustDomains | None = None
+) -> Request:
+    """Build a Request; raises MalformedRequest with a reason when it cannot be judged."""
+    attrs = check.attributes
+    if not attrs.HasField("request") or not attrs.request.HasField("http"):
+        raise MalformedRequest("check request carries no HTTP attributes")
+    http = attrs.request.http
+    if not http.method:
+        raise MalformedRequest("request has no method")
+    headers = dict(http.headers) if http.headers else _header_map(http)
+    if http.fragment:
+        raise MalformedRequest("path contains a fragment")
+    try:
+        normalized = paths.normalize(http.path)
+    except paths.PathError as exc:
+        raise MalformedRequest(str(exc)) from None
+    query = normalized.query or http.query
+
+    raw_principal = attrs.source.principal
+    source = spiffe.parse(raw_principal) if raw_principal else None
+    # A principal that is not a SPIFFE ID is kept verbatim: it can still match an exact
+    # principal, but never a namespace, service account or tenant segment.
+    principal = raw_principal
+    if source is not None:
+        principal = trust_domains.canonical(source.uri) if trust_domains else source.uri
+        source = spiffe.parse(principal)
+
+    dest_principal = attrs.destination.principal
+    if dest_principal and trust_domains:
+        dest_principal = trust_domains.canonical(dest_principal)
+
+    src_sock = attrs.source.address.socket_address
+    dst_sock = attrs.destination.address.socket_address
+    return Request(
+        method=http.method.upper(),
+        path=normalized.path,
+        query=query,
+        host=(http.host or headers.get(":authority", "")).lower(),
+        scheme=http.scheme,
+        protocol=http.protocol,
+        request_id=http.id or headers.get("x-request-id", ""),
+        headers=headers,
+        principal=principal,
+        source=source,
+        source_address=src_sock.address,
+        source_port=src_sock.port_value,
+        remote_address=_remote_address(headers, src_sock.address),
+        destination_principal=dest_principal,
+        destination_address=dst_sock.address,
+        destination_port=dst_sock.port_value,
+        context_extensions=dict(attrs.context_extensions),
+        raw_path=http.path,
+    )
+
+
+def _header_map(http: attribute_context_pb2.AttributeContext.HttpRequest) -> dict[str, str]:
+    # Envoy fills header_map instead of headers when encode_raw_headers is set.
+    out: dict[str, str] = {}
+    for hv in http.header_map.headers:
+        value = hv.raw_value.decode("utf-8", "replace") if hv.raw_value else hv.value
+        key = hv.key.lower()
+        out[key] = f"{out[key]},{value}" if key in out else value
+    return out
+
+
+def _remote_address(headers: dict[str, str], peer: str) -> str:
+    # Envoy sets x-envoy-external-address for an edge request; otherwise the left-most XFF
+    # entry is the original client as far as the mesh can tell (Istio's remoteIpBlocks).
+    external = headers.get("x-envoy-external-address")
+    if external:
+        return external.strip()
+    xff = headers.get("x-forwarded-for")
+    if xff:
+        return xff.split(",", 1)[0].strip()
+    return peer

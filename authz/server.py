@@ -1,0 +1,124 @@
+"""gRPC and HTTP plumbing only: the Authorization servicer, health, probes, signals."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import grpc
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from grpc_health.v1 import _async as health_async
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from authz.bundle.store import BundleStore
+from authz.check import Checker
+from authz.metrics import CONTENT_TYPE, Metrics
+
+log = logging.getLogger("authz.server")
+
+AUTH_SERVICE = "envoy.service.auth.v3.Authorization"
+
+
+class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
+    def __init__(self, checker: Checker) -> None:
+        self.checker = checker
+
+    async def Check(  # noqa: N802 - gRPC method name
+        self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext
+    ) -> external_auth_pb2.CheckResponse:
+        return self.checker.check(request)
+
+
+def split_addr(addr: str) -> tuple[str, int]:
+    host, _, port = addr.rpartition(":")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+class ProbeServer:
+    """/metrics, /healthz, /readyz and /v1/status on a plain HTTP thread."""
+
+    def __init__(self, addr: str, store: BundleStore, metrics: Metrics) -> None:
+        store_ref, metrics_ref = store, metrics
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    self._send(200, metrics_ref.exposition(), CONTENT_TYPE)
+                elif path == "/healthz":
+                    self._send(200, b"ok\n", "text/plain")
+                elif path == "/readyz":
+                    st = store_ref.status()
+                    if st.revision is not None:
+                        self._send(200, f"ready: revision {st.revision}\n".encode(), "text/plain")
+                    else:
+                        reason = st.last_error or "no bundle loaded yet"
+                        self._send(503, f"not ready: {reason}\n".encode(), "text/plain")
+                elif path == "/v1/status":
+                    st = store_ref.status()
+                    body = json.dumps(
+                        {"revision": st.revision, "loaded_at": st.loaded_at,
+                         "last_attempt_at": st.last_attempt_at, "last_error": st.last_error}
+                    ).encode()
+                    self._send(200, body, "application/json")
+                else:
+                    self._send(404, b"not found\n", "text/plain")
+
+            def _send(self, code: int, body: bytes, ctype: str) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                pass
+
+        host, port = split_addr(addr)
+        self.httpd = ThreadingHTTPServer((host, port), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, name="authz-http", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+async def serve(
+    checker: Checker, store: BundleStore, metrics: Metrics, grpc_addr: str, http_addr: str,
+    drain_seconds: float = 10.0,
+) -> None:
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(AuthorizationServicer(checker), server)
+    health = health_async.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    bound = server.add_insecure_port(grpc_addr)
+    if bound == 0:
+        raise OSError(f"cannot bind gRPC address {grpc_addr}")
+    probes = ProbeServer(http_addr, store, metrics)
+    serving = health_pb2.HealthCheckResponse.SERVING
+    not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+    state = serving if store.current is not None else not_serving
+    for name in ("", AUTH_SERVICE):
+        await health.set(name, state)
+    await server.start()
+    probes.start()
+    log.info("authz listening: gRPC %s, HTTP %s", grpc_addr, http_addr)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("draining in-flight checks")
+    await health.enter_graceful_shutdown()
+    await server.stop(drain_seconds)
+    probes.stop()
