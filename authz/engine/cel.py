@@ -74,6 +74,9 @@ class CelEvalError(RuntimeError):
     """A condition could not be evaluated; the decision fails closed."""
 
 
+_DATA_REF = re.compile(r"(?<![\w.])data\s*(?:\.\s*([A-Za-z_]\w*)|\[\s*(?:'([^']*)'|\"([^\"]*)\")\s*\])")
+
+
 @dataclass(frozen=True, slots=True)
 class Condition:
     source: str
@@ -81,6 +84,11 @@ class Condition:
     needs_tenant: bool
     program: Any  # cel.Expression, or None for a native condition
     native: Callable[[Mapping[str, Any]], bool] | None = None
+
+    @property
+    def data_names(self) -> tuple[str, ...]:
+        """Names of bundle data files the expression reads (data.<name> or data['name'])."""
+        return tuple(next(g for g in m.groups() if g is not None) for m in _DATA_REF.finditer(self.source))
 
 
 def compile_condition(expression: str) -> Condition:

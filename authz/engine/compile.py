@@ -137,7 +137,8 @@ class _Compiler:
             kind, key = next(iter(v["tenant"].items()))
             tenant = TenantSource(kind, key.lower() if kind == "header" else key)
             if not have_tenants:
-                self.error(doc, ("tenant",), "policy reads a tenant but the bundle has no tenant data (tenants/)")
+                self.error(doc, ("tenant",), "policy reads a tenant but the bundle has no tenant data (tenants/)",
+                           key=True)
         rules: list[Rule] = []
         rule_names: set[str] = set()
         captures_seen: set[str] = set()
@@ -180,6 +181,10 @@ class _Compiler:
             if cond.needs_tenant and tenant is None:
                 self.error(doc, (*path, "when", j),
                            "condition uses tenant.* but the policy declares no tenant source (tenant:)")
+            for name in cond.data_names:
+                if name not in self.files.data:
+                    self.error(doc, (*path, "when", j),
+                               f"condition reads data.{name} but the bundle has no data/{name}.yaml or .json")
             conditions.append(cond)
         return Rule(
             name=rv.get("name", f"rule-{index + 1}"),

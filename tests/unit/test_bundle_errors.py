@@ -1,0 +1,135 @@
+"""A bad bundle is rejected with file:line:column reasons."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from bundle_factory import write_bundle
+
+from authz.bundle.loader import BundleError
+from authz.engine.compile import load_policy_set
+
+HEADER = "apiVersion: authz/v1\nkind: Policy\n"
+
+
+def bundle_with(tmp_path: Path, policy_text: str, **kw: object) -> Path:
+    root = write_bundle(tmp_path / "b", [], **kw)  # type: ignore[arg-type]
+    (root / "policies" / "p.yaml").write_text(policy_text)
+    return root
+
+
+def problems(root: Path) -> list[str]:
+    with pytest.raises(BundleError) as info:
+        load_policy_set(root)
+    return [str(p) for p in info.value.problems]
+
+
+def test_unknown_field_points_at_key(tmp_path: Path) -> None:
+    text = HEADER + "name: p\naction: ALLOW\nrules:\n  - to:\n      - operation:\n          method: [GET]\n"
+    assert problems(bundle_with(tmp_path, text)) == [
+        "policies/p.yaml:8:11: error: unknown field 'method' in rules/0/to/0/operation "
+        "(known: methods, notMethods, paths, notPaths, hosts, notHosts, ports, notPorts)"
+    ]
+
+
+def test_invalid_yaml(tmp_path: Path) -> None:
+    text = HEADER + "name: p\naction: ALLOW\nrules: [\n"
+    (msg,) = problems(bundle_with(tmp_path, text))
+    assert msg.startswith("policies/p.yaml:6:") and "invalid YAML" in msg
+
+
+def test_cel_error_column_inside_expression(tmp_path: Path) -> None:
+    text = HEADER + 'name: p\naction: ALLOW\nrules:\n  - when:\n      - "request.methd == \'GET\'"\n'
+    (msg,) = problems(bundle_with(tmp_path, text))
+    # expression starts at column 10 (after the quote); CEL points at column 8 of it
+    assert msg.startswith("policies/p.yaml:7:17: error: invalid CEL at column 8 of the expression")
+    assert "request.methd" in msg
+
+
+def test_cel_must_be_boolean(tmp_path: Path) -> None:
+    text = HEADER + "name: p\naction: ALLOW\nrules:\n  - when:\n      - request.method\n"
+    (msg,) = problems(bundle_with(tmp_path, text))
+    assert msg.startswith("policies/p.yaml:7:9:") and "must be a bool" in msg
+
+
+def test_invalid_template(tmp_path: Path) -> None:
+    text = HEADER + "name: p\naction: ALLOW\nrules:\n  - to:\n      - operation:\n          paths: ['/a/{**}/b']\n"
+    (msg,) = problems(bundle_with(tmp_path, text))
+    assert msg.startswith("policies/p.yaml:8:19:") and "'{**}' must be the last" in msg
+
+
+def test_missing_required_and_bad_enum(tmp_path: Path) -> None:
+    text = HEADER + "action: PERMIT\n"
+    msgs = problems(bundle_with(tmp_path, text))
+    assert any("missing required field 'name'" in m for m in msgs)
+    assert any(m.startswith("policies/p.yaml:3:9:") and "ALLOW, DENY, AUDIT" in m for m in msgs)
+
+
+def test_tenant_source_without_tenant_data(tmp_path: Path) -> None:
+    text = HEADER + ("name: p\naction: ALLOW\ntenant:\n  pathCapture: t\n"
+                     "rules:\n  - to:\n      - operation:\n          paths: ['/t/{t}']\n")
+    (msg,) = problems(bundle_with(tmp_path, text))
+    assert msg.startswith("policies/p.yaml:5:1:") and "no tenant data" in msg
+
+
+def test_tenant_capture_not_in_any_path(tmp_path: Path) -> None:
+    text = HEADER + ("name: p\naction: ALLOW\ntenant:\n  pathCapture: tenant\n"
+                     "rules:\n  - to:\n      - operation:\n          paths: ['/t/{id}']\n")
+    (msg,) = problems(bundle_with(tmp_path, text, tenants={"acme": {}}))
+    assert msg.startswith("policies/p.yaml:6:16:") and "appears in no path" in msg
+
+
+def test_condition_reads_tenant_without_source(tmp_path: Path) -> None:
+    text = HEADER + "name: p\naction: ALLOW\nrules:\n  - when: ['tenant.plan == \"x\"']\n"
+    (msg,) = problems(bundle_with(tmp_path, text, tenants={"acme": {}}))
+    assert msg.startswith("policies/p.yaml:6:12:") and "declares no tenant source" in msg
+
+
+def test_condition_reads_missing_data(tmp_path: Path) -> None:
+    text = HEADER + "name: p\naction: ALLOW\nrules:\n  - when: ['data.plans.x == 1']\n"
+    (msg,) = problems(bundle_with(tmp_path, text))
+    assert msg.startswith("policies/p.yaml:6:12:") and "data/plans.yaml" in msg
+
+
+def test_duplicates_are_rejected(tmp_path: Path) -> None:
+    text = HEADER + "name: p\naction: ALLOW\n---\n" + HEADER + "name: p\naction: DENY\n"
+    (msg,) = problems(bundle_with(tmp_path, text))
+    assert msg.startswith("policies/p.yaml:8:7:") and "already defined at policies/p.yaml:3:7" in msg
+    text = HEADER + "name: p\naction: ALLOW\nrules:\n  - name: a\n  - name: a\n"
+    (msg,) = problems(bundle_with(tmp_path / "2", text))
+    assert "used twice" in msg
+
+
+def test_bad_values(tmp_path: Path) -> None:
+    text = HEADER + ("name: p\naction: ALLOW\nrules:\n  - from:\n      - source:\n          ipBlocks: ['10.0.0.0/33']\n"
+                     "    to:\n      - operation:\n          ports: ['http']\n          paths: ['v1/x']\n")
+    msgs = problems(bundle_with(tmp_path, text))
+    assert any(m.startswith("policies/p.yaml:8:22:") and "CIDR" in m for m in msgs)
+    assert any(m.startswith("policies/p.yaml:11:19:") and "port" in m for m in msgs)
+    assert any(m.startswith("policies/p.yaml:12:19:") and "must start with '/'" in m for m in msgs)
+
+
+def test_invalid_tenant_ids_and_manifest(tmp_path: Path) -> None:
+    root = write_bundle(tmp_path / "b", [], tenants={"..": {}, "a/b": {}, "ok": {}})
+    msgs = problems(root)
+    assert [m.split(": error: ")[1][:18] for m in msgs] == ["tenant id '..' is ", "tenant id 'a/b' is"]
+    assert all(m.startswith("tenants/t.yaml:") for m in msgs)
+    root = write_bundle(tmp_path / "c", [], tenants={"ok": {"callerz": []}})
+    assert any("unknown field 'callerz'" in m for m in problems(root))
+    (root / "bundle.yaml").write_text("apiVersion: authz/v1\nkind: Bundle\nname: x\n")
+    msgs = problems(root)
+    assert any(m.startswith("bundle.yaml:1:1:") and "'revision'" in m for m in msgs)
+
+
+def test_missing_manifest(tmp_path: Path) -> None:
+    (tmp_path / "b").mkdir()
+    assert problems(tmp_path / "b") == ["bundle.yaml:1:1: error: bundle has no manifest (bundle.yaml)"]
+
+
+def test_hidden_files_are_ignored(tmp_path: Path) -> None:
+    root = write_bundle(tmp_path / "b", [{"name": "p", "action": "ALLOW"}])
+    (root / "policies" / ".p.yaml.swp").write_text("not: [valid")
+    (root / "policies" / "..2026_11_25").mkdir()
+    (root / "policies" / "..2026_11_25" / "x.yaml").write_text("not: [valid")
+    assert len(load_policy_set(root).policies) == 1

@@ -1,0 +1,124 @@
+"""The pipeline fails closed and shapes Envoy responses as documented."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bundle_factory import check_request, spiffe, write_bundle
+from envoy.service.auth.v3 import external_auth_pb2
+from google.rpc import code_pb2
+
+from authz.bundle.store import BundleStore
+from authz.check import Checker
+from authz.engine.compile import load_policy_set
+from authz.metrics import Metrics
+
+CHECKOUT = spiffe("prod", "checkout")
+
+
+def checker(tmp_path: Path, policies: list[dict], **kw: object) -> Checker:
+    metrics = Metrics()
+    store = BundleStore(metrics)
+    store.current = load_policy_set(write_bundle(tmp_path / "b", policies, **kw))  # type: ignore[arg-type]
+    return Checker(store, metrics)
+
+
+ALLOW_ALL = [{"name": "all", "action": "ALLOW", "rules": [{"name": "any"}]}]
+TENANTED = [{"name": "t", "action": "ALLOW", "tenant": {"pathCapture": "tenant"},
+             "rules": [{"name": "r", "to": [{"operation": {"paths": ["/t/{tenant}"]}}]}]}]
+
+
+def headers_of(resp: external_auth_pb2.CheckResponse) -> dict[str, str]:
+    return {h.header.key: h.header.value for h in resp.ok_response.headers}
+
+
+def test_allow_sets_and_overwrites_upstream_headers(tmp_path: Path) -> None:
+    c = checker(tmp_path, TENANTED, tenants={"acme": {}})
+    out = c.run(check_request(principal=CHECKOUT, path="/t/acme",
+                              headers={"x-authz-tenant": "globex", "x-authz-principal": "spiffe://evil"}))
+    resp = out.response
+    assert resp.status.code == code_pb2.OK
+    assert headers_of(resp) == {"x-authz-principal": CHECKOUT, "x-authz-decision-id": out.decision_id,
+                                "x-authz-tenant": "acme"}
+    assert all(h.append_action == h.OVERWRITE_IF_EXISTS_OR_ADD for h in resp.ok_response.headers)
+    assert list(resp.ok_response.headers_to_remove) == []
+
+
+def test_allow_without_tenant_removes_client_tenant_header(tmp_path: Path) -> None:
+    c = checker(tmp_path, ALLOW_ALL)
+    resp = c.check(check_request(principal=CHECKOUT, headers={"x-authz-tenant": "globex"}))
+    assert "x-authz-tenant" not in headers_of(resp)
+    assert list(resp.ok_response.headers_to_remove) == ["x-authz-tenant"]
+    resp = c.check(check_request(principal="", headers={"x-authz-principal": "spiffe://evil"}))
+    assert set(resp.ok_response.headers_to_remove) == {"x-authz-tenant", "x-authz-principal"}
+
+
+def test_deny_response_and_metadata(tmp_path: Path) -> None:
+    c = checker(tmp_path, [{"name": "secret-policy-name", "action": "DENY", "rules": [{"name": "secret-rule"}]}])
+    out = c.run(check_request(principal=CHECKOUT))
+    resp = out.response
+    assert resp.status.code == code_pb2.PERMISSION_DENIED
+    assert resp.denied_response.status.code == 403
+    body = json.loads(resp.denied_response.body)
+    assert body == {"decision_id": out.decision_id, "reason": "denied by policy"}
+    assert "secret" not in resp.denied_response.body
+    hdrs = {h.header.key: h.header.value for h in resp.denied_response.headers}
+    assert hdrs["content-type"] == "application/json"
+    md = dict(resp.dynamic_metadata)
+    assert md == {"decision_id": out.decision_id, "allowed": False, "policy": "secret-policy-name",
+                  "rule": "secret-rule", "revision": "r1", "tenant": ""}
+
+
+def test_no_http_attributes_denies(tmp_path: Path) -> None:
+    out = checker(tmp_path, ALLOW_ALL).run(external_auth_pb2.CheckRequest())
+    assert not out.decision.allowed
+    assert out.decision.reason == "malformed request: check request carries no HTTP attributes"
+    assert json.loads(out.response.denied_response.body)["decision_id"] == out.decision_id
+
+
+def test_ambiguous_path_denied_even_when_everything_is_allowed(tmp_path: Path) -> None:
+    c = checker(tmp_path, ALLOW_ALL)
+    for path in ["/a%2Fb", "/a%5cb", "/a%00", "/a#b", "/a/..;/b", "/a/%252e%252e/b"]:
+        d = c.run(check_request(principal=CHECKOUT, path=path)).decision
+        assert not d.allowed and d.reason.startswith("malformed request:"), path
+
+
+def test_no_bundle_denies(tmp_path: Path) -> None:
+    metrics = Metrics()
+    out = Checker(BundleStore(metrics), metrics).run(check_request())
+    assert not out.decision.allowed and out.decision.reason == "no policy bundle loaded"
+
+
+def test_internal_error_denies_with_id(tmp_path: Path) -> None:
+    c = checker(tmp_path, ALLOW_ALL)
+
+    class Exploding:
+        revision = "boom"
+        trust_domains = c.store.current.trust_domains  # type: ignore[union-attr]
+
+        def decide(self, req: object) -> object:
+            raise RuntimeError("bug")
+
+    c.store.current = Exploding()  # type: ignore[assignment]
+    out = c.run(check_request(principal=CHECKOUT))
+    assert not out.decision.allowed and out.decision.reason == "internal error"
+    assert out.response.status.code == code_pb2.PERMISSION_DENIED
+    assert json.loads(out.response.denied_response.body)["decision_id"] == out.decision_id
+
+
+def test_metrics_count_decisions(tmp_path: Path) -> None:
+    c = checker(tmp_path, [{"name": "p", "action": "ALLOW", "rules": [{"name": "r", "to": [
+        {"operation": {"methods": ["GET"]}}]}]}])
+    for method in ["GET", "GET", "POST"]:
+        c.check(check_request(method=method))
+    text = c.metrics.exposition().decode()
+    assert 'authz_checks_total{decision="allow",policy="p",reason="allowed by policy"} 2.0' in text
+    assert 'authz_checks_total{decision="deny",policy="default",reason="no allow rule matched"} 1.0' in text
+    assert "authz_check_duration_seconds_count 3.0" in text
+
+
+def test_decision_ids_are_unique(tmp_path: Path) -> None:
+    c = checker(tmp_path, ALLOW_ALL)
+    ids = {c.run(check_request()).decision_id for _ in range(200)}
+    assert len(ids) == 200

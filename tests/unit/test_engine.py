@@ -1,0 +1,339 @@
+"""The decision engine: every matching field and its not form, order of actions, tenants, CEL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from bundle_factory import check_request, policy_set, spiffe
+
+from authz.engine.decide import PolicySet
+from authz.request import from_check_request
+
+CHECKOUT = spiffe("prod", "checkout")
+BILLING = spiffe("prod", "billing")
+OTHER = spiffe("dev", "other")
+
+
+def decide(ps: PolicySet, **kw: Any):  # noqa: ANN201
+    return ps.decide(from_check_request(check_request(**kw), ps.trust_domains))
+
+
+def allow(rule: dict[str, Any], **policy: Any) -> dict[str, Any]:
+    return {"name": "p", "action": "ALLOW", "rules": [{"name": "r", **rule}], **policy}
+
+
+def src(**fields: Any) -> dict[str, Any]:
+    return {"from": [{"source": fields}]}
+
+
+def op(**fields: Any) -> dict[str, Any]:
+    return {"to": [{"operation": fields}]}
+
+
+# --- source fields --------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("source", "principal", "source_ip", "headers", "expected"),
+    [
+        ({"principals": [CHECKOUT]}, CHECKOUT, "10.0.0.1", {}, True),
+        ({"principals": [CHECKOUT]}, BILLING, "10.0.0.1", {}, False),
+        ({"principals": ["cluster.local/ns/prod/sa/checkout"]}, CHECKOUT, "10.0.0.1", {}, True),
+        ({"principals": ["spiffe://cluster.local/ns/prod/*"]}, BILLING, "10.0.0.1", {}, True),
+        ({"principals": ["*/sa/billing"]}, BILLING, "10.0.0.1", {}, True),
+        ({"principals": ["*"]}, BILLING, "10.0.0.1", {}, True),
+        ({"principals": ["*"]}, "", "10.0.0.1", {}, False),
+        ({"notPrincipals": [CHECKOUT]}, CHECKOUT, "10.0.0.1", {}, False),
+        ({"notPrincipals": [CHECKOUT]}, BILLING, "10.0.0.1", {}, True),
+        ({"notPrincipals": ["*"]}, "", "10.0.0.1", {}, True),
+        ({"notPrincipals": ["*"]}, BILLING, "10.0.0.1", {}, False),
+        ({"namespaces": ["prod"]}, CHECKOUT, "10.0.0.1", {}, True),
+        ({"namespaces": ["prod"]}, OTHER, "10.0.0.1", {}, False),
+        ({"namespaces": ["pr*"]}, CHECKOUT, "10.0.0.1", {}, True),
+        ({"notNamespaces": ["prod"]}, CHECKOUT, "10.0.0.1", {}, False),
+        ({"notNamespaces": ["prod"]}, OTHER, "10.0.0.1", {}, True),
+        ({"serviceAccounts": ["prod/checkout"]}, CHECKOUT, "10.0.0.1", {}, True),
+        ({"serviceAccounts": ["prod/checkout"]}, BILLING, "10.0.0.1", {}, False),
+        ({"notServiceAccounts": ["prod/checkout"]}, CHECKOUT, "10.0.0.1", {}, False),
+        ({"notServiceAccounts": ["prod/checkout"]}, BILLING, "10.0.0.1", {}, True),
+        ({"ipBlocks": ["10.0.0.0/8"]}, "", "10.1.2.3", {}, True),
+        ({"ipBlocks": ["10.0.0.0/8"]}, "", "192.168.0.1", {}, False),
+        ({"ipBlocks": ["192.168.0.1"]}, "", "192.168.0.1", {}, True),
+        ({"ipBlocks": ["2001:db8::/32"]}, "", "2001:db8::1", {}, True),
+        ({"notIpBlocks": ["10.0.0.0/8"]}, "", "10.1.2.3", {}, False),
+        ({"notIpBlocks": ["10.0.0.0/8"]}, "", "192.168.0.1", {}, True),
+        ({"remoteIpBlocks": ["203.0.113.0/24"]}, "", "10.0.0.1", {"x-forwarded-for": "203.0.113.9, 10.0.0.1"}, True),
+        ({"remoteIpBlocks": ["203.0.113.0/24"]}, "", "10.0.0.1", {}, False),
+        ({"notRemoteIpBlocks": ["203.0.113.0/24"]}, "", "10.0.0.1", {"x-envoy-external-address": "203.0.113.9"}, False),
+        ({"principals": [CHECKOUT], "namespaces": ["dev"]}, CHECKOUT, "10.0.0.1", {}, False),
+    ],
+)
+def test_source_fields(tmp_path: Path, source: dict[str, Any], principal: str, source_ip: str,
+                       headers: dict[str, str], expected: bool) -> None:
+    ps = policy_set(tmp_path, [allow(src(**source))])
+    d = decide(ps, principal=principal, source_ip=source_ip, headers=headers)
+    assert d.allowed is expected
+    assert (d.policy, d.rule) == (("p", "r") if expected else ("default", "default"))
+
+
+def test_from_entries_are_alternatives(tmp_path: Path) -> None:
+    rule = {"from": [{"source": {"principals": [CHECKOUT]}}, {"source": {"namespaces": ["dev"]}}]}
+    ps = policy_set(tmp_path, [allow(rule)])
+    assert decide(ps, principal=CHECKOUT).allowed
+    assert decide(ps, principal=OTHER).allowed
+    assert not decide(ps, principal=BILLING).allowed
+
+
+# --- operation fields -----------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("operation", "request_kw", "expected"),
+    [
+        ({"methods": ["GET", "HEAD"]}, {"method": "GET"}, True),
+        ({"methods": ["GET"]}, {"method": "POST"}, False),
+        ({"notMethods": ["DELETE"]}, {"method": "GET"}, True),
+        ({"notMethods": ["DELETE"]}, {"method": "DELETE"}, False),
+        ({"paths": ["/v1/orders"]}, {"path": "/v1/orders"}, True),
+        ({"paths": ["/v1/orders"]}, {"path": "/v1/orders?x=1"}, True),
+        ({"paths": ["/v1/orders"]}, {"path": "/v1/orders/1"}, False),
+        ({"paths": ["/v1/*"]}, {"path": "/v1/anything/else"}, True),
+        ({"paths": ["*.json"]}, {"path": "/a/b.json"}, True),
+        ({"paths": ["*"]}, {"path": "/"}, True),
+        ({"paths": ["/v1/orders/{*}"]}, {"path": "/v1/orders/7"}, True),
+        ({"paths": ["/v1/orders/{*}"]}, {"path": "/v1/orders/7/items"}, False),
+        ({"paths": ["/v1/{**}"]}, {"path": "/v1/orders/7/items"}, True),
+        ({"paths": ["/admin"]}, {"path": "/public/../admin"}, True),
+        ({"paths": ["/admin"]}, {"path": "//admin"}, True),
+        ({"paths": ["/admin"]}, {"path": "/%61dmin"}, True),
+        ({"notPaths": ["/admin*"]}, {"path": "/admin/x"}, False),
+        ({"notPaths": ["/admin*"]}, {"path": "/public/../admin/x"}, False),
+        ({"notPaths": ["/admin*"]}, {"path": "/public"}, True),
+        ({"notPaths": ["/v1/orders/{*}"]}, {"path": "/v1/orders/9"}, False),
+        ({"hosts": ["orders.example.com"]}, {"host": "Orders.Example.COM"}, True),
+        ({"hosts": ["orders.example.com"]}, {"host": "orders.example.com:8443"}, True),
+        ({"hosts": ["*.example.com"]}, {"host": "a.example.com"}, True),
+        ({"hosts": ["orders.example.com"]}, {"host": "evil.com"}, False),
+        ({"notHosts": ["*.internal"]}, {"host": "db.internal"}, False),
+        ({"notHosts": ["*.internal"]}, {"host": "db.example"}, True),
+        ({"ports": ["8080"]}, {"port": 8080}, True),
+        ({"ports": ["8080"]}, {"port": 9090}, False),
+        ({"notPorts": ["8080"]}, {"port": 8080}, False),
+        ({"notPorts": ["8080"]}, {"port": 9090}, True),
+        ({"methods": ["GET"], "paths": ["/x"]}, {"method": "GET", "path": "/y"}, False),
+    ],
+)
+def test_operation_fields(tmp_path: Path, operation: dict[str, Any], request_kw: dict[str, Any],
+                          expected: bool) -> None:
+    ps = policy_set(tmp_path, [allow(op(**operation))])
+    assert decide(ps, **request_kw).allowed is expected
+
+
+def test_empty_rule_matches_everything_and_no_rules_match_nothing(tmp_path: Path) -> None:
+    ps = policy_set(tmp_path, [{"name": "all", "action": "ALLOW", "rules": [{}]}])
+    assert decide(ps, principal=OTHER, method="DELETE", path="/x").allowed
+    ps = policy_set(tmp_path / "2", [{"name": "none", "action": "ALLOW"}])
+    d = decide(ps, principal=OTHER)
+    assert not d.allowed and d.reason == "no allow rule matched"
+
+
+# --- action order ---------------------------------------------------------------------------
+
+def test_deny_wins_over_allow(tmp_path: Path) -> None:
+    ps = policy_set(tmp_path, [
+        allow({}),
+        {"name": "block-delete", "action": "DENY", "rules": [{"name": "no-delete", **op(methods=["DELETE"])}]},
+    ])
+    d = decide(ps, method="DELETE")
+    assert not d.allowed
+    assert (d.policy, d.rule, d.action, d.reason) == ("block-delete", "no-delete", "DENY", "denied by policy")
+    assert decide(ps, method="GET").allowed
+
+
+def test_default_deny_and_default_allow(tmp_path: Path) -> None:
+    deny_only = [{"name": "d", "action": "DENY", "rules": [op(methods=["DELETE"])]}]
+    ps = policy_set(tmp_path, deny_only)
+    d = decide(ps, method="GET")
+    assert not d.allowed and (d.policy, d.rule, d.action) == ("default", "default", "default")
+    ps = policy_set(tmp_path / "2", deny_only, defaultAction="ALLOW")
+    assert decide(ps, method="GET").allowed
+    assert not decide(ps, method="DELETE").allowed
+
+
+def test_allow_policy_turns_default_allow_into_deny_for_its_target(tmp_path: Path) -> None:
+    target = spiffe("prod", "orders")
+    ps = policy_set(tmp_path, [allow(src(principals=[CHECKOUT]), target={"principals": [target]})],
+                    defaultAction="ALLOW")
+    assert not decide(ps, principal=BILLING, destination=target).allowed
+    assert decide(ps, principal=CHECKOUT, destination=target).allowed
+    # another workload has no ALLOW policy: the bundle default applies
+    assert decide(ps, principal=BILLING, destination=spiffe("prod", "other")).allowed
+
+
+def test_audit_marks_without_deciding(tmp_path: Path) -> None:
+    ps = policy_set(tmp_path, [
+        allow({}),
+        {"name": "watch", "action": "AUDIT", "rules": [{"name": "posts", **op(methods=["POST"])}]},
+    ])
+    d = decide(ps, method="POST")
+    assert d.allowed and d.audit == ("watch/posts",)
+    assert decide(ps, method="GET").audit == ()
+
+
+def test_dry_run_policy_is_recorded_not_enforced(tmp_path: Path) -> None:
+    ps = policy_set(tmp_path, [
+        allow({}),
+        {"name": "maybe", "action": "DENY", "dryRun": True, "rules": [{"name": "x", **op(methods=["POST"])}]},
+    ])
+    d = decide(ps, method="POST")
+    assert d.allowed and d.dry_run == ("maybe/x=deny",)
+
+
+# --- targets --------------------------------------------------------------------------------
+
+def test_targets_select_policies(tmp_path: Path) -> None:
+    orders = spiffe("prod", "orders")
+    ps = policy_set(tmp_path, [
+        allow(src(principals=[CHECKOUT]), name="by-principal", target={"principals": [orders]}),
+        allow(src(principals=[BILLING]), name="by-host", target={"hosts": ["billing.example"]}),
+        allow(src(principals=[OTHER]), name="by-ext", target={"contextExtensions": {"service": "reports"}}),
+    ])
+    assert decide(ps, principal=CHECKOUT, destination=orders).policy == "by-principal"
+    assert not decide(ps, principal=BILLING, destination=orders).allowed
+    assert decide(ps, principal=BILLING, host="BILLING.example:443").policy == "by-host"
+    assert decide(ps, principal=OTHER, context_extensions={"service": "reports"}).policy == "by-ext"
+    assert not decide(ps, principal=OTHER, context_extensions={"service": "other"}).allowed
+
+
+def test_trust_domain_aliases(tmp_path: Path) -> None:
+    ps = policy_set(tmp_path, [allow(src(principals=["spiffe://old.example/ns/prod/sa/checkout"]))],
+                    trustDomainAliases=["old.example"])
+    assert decide(ps, principal=CHECKOUT).allowed
+    assert decide(ps, principal="spiffe://old.example/ns/prod/sa/checkout").allowed
+    assert not decide(ps, principal="spiffe://elsewhere.example/ns/prod/sa/checkout").allowed
+
+
+# --- tenants --------------------------------------------------------------------------------
+
+TENANTS = {
+    "acme": {"callers": [CHECKOUT], "plan": "enterprise", "flags": {"beta": True}},
+    "globex": {"callers": [BILLING], "plan": "free"},
+    "prod": {"callers": [CHECKOUT]},
+}
+
+
+def tenant_policy(tenant: dict[str, str], paths: list[str], when: list[str]) -> dict[str, Any]:
+    return {"name": "tp", "action": "ALLOW", "tenant": tenant,
+            "rules": [{"name": "r", "to": [{"operation": {"paths": paths}}], "when": when}]}
+
+
+def test_tenant_from_path_capture(tmp_path: Path) -> None:
+    ps = policy_set(tmp_path, [tenant_policy({"pathCapture": "tenant"}, ["/v1/tenants/{tenant}/{**}"],
+                                             ["source.principal in tenant.callers"])], tenants=TENANTS)
+    d = decide(ps, principal=CHECKOUT, path="/v1/tenants/acme/orders")
+    assert d.allowed and d.tenant == "acme"
+    d = decide(ps, principal=CHECKOUT, path="/v1/tenants/globex/orders")
+    assert not d.allowed and d.reason == "no allow rule matched"
+    d = decide(ps, principal=CHECKOUT, path="/v1/tenants/acme/../globex/orders")
+    assert not d.allowed
+    assert decide(ps, principal=BILLING, path="/v1/tenants/globex/orders").tenant == "globex"
+
+
+@pytest.mark.parametrize(
+    ("path", "reason"),
+    [
+        ("/v1/tenants/initech/orders", "unknown tenant"),
+        ("/v1/tenants/-acme/orders", "invalid tenant"),
+        ("/v1/tenants/ac%20me/orders", "invalid tenant"),
+        ("/v1/tenants/acme;x/orders", "invalid tenant"),
+        ("/v1/tenants/" + "a" * 64 + "/orders", "invalid tenant"),
+        ("/v1/tenants/%41CME/orders", "unknown tenant"),
+    ],
+)
+def test_unknown_or_invalid_tenant_is_denied(tmp_path: Path, path: str, reason: str) -> None:
+    ps = policy_set(tmp_path, [tenant_policy({"pathCapture": "tenant"}, ["/v1/tenants/{tenant}/{**}"],
+                                             ["true"])], tenants=TENANTS)
+    d = decide(ps, principal=CHECKOUT, path=path)
+    assert not d.allowed and d.reason == reason and d.policy == "tp"
+
+
+def test_tenant_from_header(tmp_path: Path) -> None:
+    ps = policy_set(tmp_path, [tenant_policy({"header": "X-Tenant-ID"}, ["/v1/{**}"],
+                                             ["source.principal in tenant.callers"])], tenants=TENANTS)
+    assert decide(ps, principal=CHECKOUT, path="/v1/x", headers={"x-tenant-id": "acme"}).tenant == "acme"
+    assert not decide(ps, principal=CHECKOUT, path="/v1/x", headers={"x-tenant-id": "globex"}).allowed
+    assert decide(ps, principal=CHECKOUT, path="/v1/x", headers={"x-tenant-id": "../acme"}).reason == "invalid tenant"
+    assert decide(ps, principal=CHECKOUT, path="/v1/x", headers={"x-tenant-id": ""}).reason == "invalid tenant"
+    # no header: conditions about the tenant cannot hold
+    assert decide(ps, principal=CHECKOUT, path="/v1/x").reason == "no allow rule matched"
+
+
+def test_tenant_from_principal_segment(tmp_path: Path) -> None:
+    ps = policy_set(tmp_path, [tenant_policy({"principalSegment": "ns"}, ["/v1/{**}"],
+                                             ["tenant.id == source.namespace"])], tenants=TENANTS)
+    d = decide(ps, principal=CHECKOUT, path="/v1/x")
+    assert d.allowed and d.tenant == "prod"
+    assert decide(ps, principal=OTHER, path="/v1/x").reason == "unknown tenant"
+
+
+def test_tenant_data_in_conditions(tmp_path: Path) -> None:
+    ps = policy_set(tmp_path, [tenant_policy(
+        {"pathCapture": "t"}, ["/v1/tenants/{t}/beta/{**}"],
+        ["tenant.plan == 'enterprise'", "has(tenant.flags.beta) && tenant.flags.beta == true",
+         "request.path_params['t'] == tenant.id"])], tenants=TENANTS)
+    assert decide(ps, principal=CHECKOUT, path="/v1/tenants/acme/beta/x").allowed
+    assert not decide(ps, principal=BILLING, path="/v1/tenants/globex/beta/x").allowed
+
+
+# --- CEL conditions ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("when", "request_kw", "expected"),
+    [
+        (["request.method == 'GET'"], {"method": "GET"}, True),
+        (["request.method == 'GET'"], {"method": "POST"}, False),
+        (["request.headers['x-env'] == 'prod'"], {"headers": {"x-env": "prod"}}, True),
+        (["'x-env' in request.headers"], {}, False),
+        (["request.path.startsWith('/v1/')"], {"path": "/v1/a"}, True),
+        (["source.namespace == 'prod' && source.service_account == 'checkout'"], {"principal": CHECKOUT}, True),
+        (["destination.port == 8080"], {"port": 8080}, True),
+        (["request.host.endsWith('.example')"], {"host": "svc.example"}, True),
+        (["request.query.contains('debug=1')"], {"path": "/x?debug=1"}, True),
+        (["true", "false"], {}, False),
+        (["data.limits.max > 3"], {}, True),
+        (["request.path.matches('^/v[0-9]+/')"], {"path": "/v2/x"}, True),
+    ],
+)
+def test_conditions(tmp_path: Path, when: list[str], request_kw: dict[str, Any], expected: bool) -> None:
+    ps = policy_set(tmp_path, [allow({"when": when})], data={"limits": {"max": 5}})
+    assert decide(ps, **request_kw).allowed is expected
+
+
+@pytest.mark.parametrize(
+    "when",
+    ["request.headers['missing'] == 'x'", "1 / (size(request.path) - size(request.path)) == 1",
+     "request.headers.size() > 0 && dyn(request.method) == 1 || int('x') == 1"],
+)
+def test_erroring_condition_denies(tmp_path: Path, when: str) -> None:
+    ps = policy_set(tmp_path, [allow({"when": [when]}, name="p"), allow({}, name="later")])
+    d = decide(ps)
+    assert not d.allowed
+    assert (d.reason, d.policy, d.rule, d.condition_error) == ("condition error", "p", "r", True)
+
+
+def test_erroring_condition_in_deny_policy_denies(tmp_path: Path) -> None:
+    ps = policy_set(tmp_path, [allow({}), {"name": "d", "action": "DENY", "rules": [
+        {"name": "x", "when": ["request.headers['nope'] == 'y'"]}]}])
+    d = decide(ps)
+    assert not d.allowed and d.reason == "condition error"
+
+
+def test_caller_membership_fast_path_agrees_with_cel(tmp_path: Path) -> None:
+    # The exact form is answered natively; a spelled-differently form goes through CEL.
+    for i, expr in enumerate(["source.principal in tenant.callers",
+                              "(source.principal in tenant.callers) == true"]):
+        ps = policy_set(tmp_path / str(i), [tenant_policy({"pathCapture": "tenant"},
+                                                          ["/t/{tenant}"], [expr])], tenants=TENANTS)
+        assert decide(ps, principal=CHECKOUT, path="/t/acme").allowed, expr
+        assert not decide(ps, principal=BILLING, path="/t/acme").allowed, expr
+        assert decide(ps, principal=BILLING, path="/t/globex").allowed, expr
