@@ -28,7 +28,18 @@ class NormalizedPath:
     query: str  # raw query string, without '?'
 
 
+# Paths with none of these need no decoding or dot-segment work (the common case).
+_NEEDS_WORK = re.compile(r"[%\\#\x00-\x1f\x7f]|/\.|//")
+
+
 def normalize(raw: str) -> NormalizedPath:
+    path, _, query = raw.partition("?")
+    if path.startswith("/") and not _NEEDS_WORK.search(path) and "#" not in query:
+        return NormalizedPath(path, query)
+    return _normalize_slow(raw)
+
+
+def _normalize_slow(raw: str) -> NormalizedPath:
     if not raw:
         raise PathError("empty path")
     if "#" in raw:

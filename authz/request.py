@@ -46,9 +46,7 @@ class Request:
         return name if sep and port.isdigit() else host
 
 
-def from_check_request(
-    check: CheckRequest, trust_domains: spiffe.TrustDomains | None = None
-) -> Request:
+def from_check_request(check: CheckRequest, trust_domains: spiffe.TrustDomains) -> Request:
     """Build a Request; raises MalformedRequest with a reason when it cannot be judged."""
     attrs = check.attributes
     if not attrs.HasField("request") or not attrs.request.HasField("http"):
@@ -65,18 +63,10 @@ def from_check_request(
         raise MalformedRequest(str(exc)) from None
     query = normalized.query or http.query
 
-    raw_principal = attrs.source.principal
-    source = spiffe.parse(raw_principal) if raw_principal else None
     # A principal that is not a SPIFFE ID is kept verbatim: it can still match an exact
     # principal, but never a namespace, service account or tenant segment.
-    principal = raw_principal
-    if source is not None:
-        principal = trust_domains.canonical(source.uri) if trust_domains else source.uri
-        source = spiffe.parse(principal)
-
-    dest_principal = attrs.destination.principal
-    if dest_principal and trust_domains:
-        dest_principal = trust_domains.canonical(dest_principal)
+    principal, source = trust_domains.resolve(attrs.source.principal)
+    dest_principal = trust_domains.resolve(attrs.destination.principal)[0]
 
     src_sock = attrs.source.address.socket_address
     dst_sock = attrs.destination.address.socket_address

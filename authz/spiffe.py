@@ -10,7 +10,7 @@ of any alias before it is compared.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 SCHEME = "spiffe://"
 # SPIFFE spec: trust domain is lower-case letters, digits, '.', '-', '_'.
@@ -70,6 +70,10 @@ class TrustDomains:
 
     primary: str
     aliases: frozenset[str] = frozenset()
+    # A mesh has few distinct callers; resolving each once keeps parsing off the hot path.
+    _resolved: dict[str, tuple[str, SpiffeId | None]] = field(
+        default_factory=dict, compare=False, hash=False, repr=False
+    )
 
     def known(self, td: str) -> bool:
         return td == self.primary or td in self.aliases
@@ -86,3 +90,19 @@ class TrustDomains:
         if td in self.aliases:
             td = self.primary
         return f"{SCHEME}{td}{sep}{path}"
+
+    def resolve(self, principal: str) -> tuple[str, SpiffeId | None]:
+        """(canonical principal, parsed SPIFFE ID) of a caller; non-SPIFFE values stay verbatim."""
+        hit = self._resolved.get(principal)
+        if hit is not None:
+            return hit
+        sid = parse(principal)
+        if sid is not None:
+            canonical = self.canonical(sid.uri)
+            result = (canonical, parse(canonical))
+        else:
+            result = (principal, None)
+        if len(self._resolved) >= 10_000:
+            self._resolved.clear()
+        self._resolved[principal] = result
+        return result

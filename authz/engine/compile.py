@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -56,12 +57,11 @@ class _Compiler:
 
     def run(self) -> PolicySet:
         m = self.files.manifest.value
-        tenants = self.tenants()
         data = {name: _json_safe(doc.value) for name, doc in self.files.data.items()}
         policies: list[Policy] = []
         seen: dict[str, Position] = {}
         for doc in self.files.policies:
-            policy = self.policy(doc, bool(tenants))
+            policy = self.policy(doc, bool(self.files.tenants))
             if policy is None:
                 continue
             if policy.name in seen:
@@ -69,6 +69,13 @@ class _Compiler:
                 continue
             seen[policy.name] = doc.at(("name",))
             policies.append(policy)
+        # Tenant callers as a CEL map only when some condition reads them through CEL; the
+        # common `source.principal in tenant.callers` is answered from the frozenset.
+        cel_callers = any(
+            c.native is None and "tenant.callers" in c.variables
+            for p in policies for r in p.rules for c in r.conditions
+        )
+        tenants = self.tenants(cel_callers)
         if self.problems:
             raise BundleError(self.problems, self.files.revision)
         by_principal: dict[str, list[int]] = defaultdict(list)
@@ -94,9 +101,21 @@ class _Compiler:
 
     # --- tenants -----------------------------------------------------------------------
 
-    def tenants(self) -> dict[str, Tenant]:
+    def tenants(self, cel_callers: bool) -> dict[str, Tenant]:
         out: dict[str, Tenant] = {}
         where: dict[str, Position] = {}
+        # Many tenants share callers, plans and caller sets: keep one copy of each.
+        strings: dict[str, str] = {}
+        caller_sets: dict[frozenset[str], frozenset[str]] = {}
+        shared: dict[str, dict[str, object]] = {}
+        empty: dict[str, object] = {}
+
+        def one_copy(value: object) -> dict[str, object]:
+            if not value:
+                return empty
+            key = json.dumps(value, sort_keys=True, default=str)
+            return shared.setdefault(key, _json_safe(value))
+
         for doc in self.files.tenants:
             for tid, body in doc.value["tenants"].items():
                 path: YPath = ("tenants", tid)
@@ -104,19 +123,23 @@ class _Compiler:
                     self.error(doc, path, f"tenant id {tid!r} is invalid: 1-63 of [A-Za-z0-9._-], "
                                "starting with a letter or digit", key=True)
                     continue
-                if tid in where:
+                if tid in out:
                     self.error(doc, path, f"tenant '{tid}' is already defined at {where[tid]}", key=True)
                     continue
                 where[tid] = doc.at(path, key=True)
                 body = body or {}
-                callers = frozenset(self.trust.canonical(c) for c in body.get("callers", []))
+                callers = frozenset(
+                    strings.setdefault(c, c) for c in (self.trust.canonical(v) for v in body.get("callers", []))
+                )
+                callers = caller_sets.setdefault(callers, callers)
+                plan = str(body.get("plan", ""))
                 out[tid] = Tenant(
                     id=tid,
-                    plan=str(body.get("plan", "")),
+                    plan=strings.setdefault(plan, plan),
                     callers=callers,
-                    flags=_json_safe(body.get("flags", {})),
-                    attributes=_json_safe(body.get("attributes", {})),
-                    cel_callers=dict.fromkeys(callers, True),
+                    flags=one_copy(body.get("flags")),
+                    attributes=one_copy(body.get("attributes")),
+                    cel_callers=dict.fromkeys(callers, True) if cel_callers else empty,  # type: ignore[arg-type]
                 )
         return out
 
