@@ -1,0 +1,113 @@
+"""The configuration we ship in deploy/ is valid for the systems that read it."""
+
+from __future__ import annotations
+
+import datetime
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from k8s_schema import load_crds, validate
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy"
+CRDS = REPO.parent / "shared" / "data" / "istio-crds"
+
+
+def docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+@pytest.fixture(scope="module")
+def crds() -> dict:
+    assert CRDS.is_dir(), f"Istio CRD schemas expected beside the repository at {CRDS}"
+    return load_crds(CRDS)
+
+
+def test_istio_resources_validate_against_crds(crds: dict) -> None:
+    checked = 0
+    for path in sorted((DEPLOY / "istio").glob("*.yaml")):
+        for doc in docs(path):
+            key = (doc["apiVersion"], doc["kind"])
+            if key[0].startswith("install.istio.io/"):
+                continue  # IstioOperator: checked against the providers below
+            assert key in crds, f"{path.name}: no CRD for {key}"
+            assert validate(doc, crds[key]) == [], f"{path.name} {doc['metadata']['name']}"
+            checked += 1
+    assert checked >= 3
+
+
+def test_validator_catches_mistakes(crds: dict) -> None:
+    schema = crds[("security.istio.io/v1", "AuthorizationPolicy")]
+    bad = {"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy", "metadata": {"name": "x"},
+           "spec": {"action": "PERMIT", "selector": {"matchLabels": {"app": "a*"}},
+                    "rules": [{"to": [{"operation": {"path": ["/x"]}}]},
+                              {"from": [{"source": {"serviceAccounts": ["a/b"], "principals": ["p"]}}]}]}}
+    errors = validate(bad, schema)
+    assert any("PERMIT" in e for e in errors)
+    assert any("operation.path: unknown field" in e for e in errors)
+    assert any("wildcard not allowed in label value" in e for e in errors)
+    assert any("Cannot set serviceAccounts with namespaces or principals" in e for e in errors)
+
+
+def test_custom_provider_points_at_the_authz_service() -> None:
+    (operator,) = docs(DEPLOY / "istio" / "mesh-config.yaml")
+    providers = {p["name"]: p for p in operator["spec"]["meshConfig"]["extensionProviders"]}
+    policies = [d for d in docs(DEPLOY / "istio" / "authorization-policies.yaml") if d["kind"] == "AuthorizationPolicy"]
+    assert policies and all(p["spec"]["action"] == "CUSTOM" for p in policies)
+    assert {p["spec"]["provider"]["name"] for p in policies} <= set(providers)
+    grpc = providers["authz"]["envoyExtAuthzGrpc"]
+    service = next(d for d in docs(DEPLOY / "kubernetes" / "authz.yaml") if d["kind"] == "Service")
+    name, namespace = service["metadata"]["name"], service["metadata"]["namespace"]
+    assert grpc["service"] == f"{name}.{namespace}.svc.cluster.local"
+    assert grpc["port"] in {p["port"] for p in service["spec"]["ports"]}
+    assert grpc.get("failOpen", False) is False
+
+
+def test_kubernetes_deployment_matches_the_cli() -> None:
+    manifests = {d["kind"]: d for d in docs(DEPLOY / "kubernetes" / "authz.yaml")}
+    container = manifests["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    args = container["args"]
+    assert args[0] == "serve"
+    help_text = subprocess.run([sys.executable, "-m", "authz", "serve", "--help"], capture_output=True,
+                               text=True, check=True, timeout=60).stdout
+    for flag in (a for a in args if a.startswith("--")):
+        assert flag in help_text, flag
+    grpc_port = int(args[args.index("--grpc-addr") + 1].rsplit(":", 1)[1])
+    http_port = int(args[args.index("--http-addr") + 1].rsplit(":", 1)[1])
+    assert {p["containerPort"] for p in container["ports"]} == {grpc_port, http_port}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": http_port}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": http_port}
+    assert manifests["Service"]["spec"]["selector"] == manifests["Deployment"]["spec"]["selector"]["matchLabels"]
+
+
+def _self_signed(directory: Path) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(hours=1)).sign(key, hashes.SHA256()))
+    pem = cert.public_bytes(serialization.Encoding.PEM)
+    (directory / "server.pem").write_bytes(pem)
+    (directory / "ca.pem").write_bytes(pem)
+    (directory / "server-key.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+
+
+def test_envoy_sidecar_config_is_valid(tmp_path: Path) -> None:
+    _self_signed(tmp_path)
+    text = (DEPLOY / "envoy" / "envoy.yaml").read_text().replace("/etc/envoy/tls/", f"{tmp_path}/")
+    config = tmp_path / "envoy.yaml"
+    config.write_text(text)
+    envoy = Path(sys.executable).parent / "envoy"
+    proc = subprocess.run([str(envoy), "--mode", "validate", "-c", str(config), "--disable-hot-restart"],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout[-2000:]
+    assert "OK" in proc.stdout + proc.stderr
