@@ -10,6 +10,7 @@ escape after the one decoding, and ``..;``-style segments that servlet container
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 
 _ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
@@ -55,7 +56,17 @@ def _normalize_slow(raw: str) -> NormalizedPath:
     for ch in decoded:
         if ord(ch) < 0x20 or ord(ch) == 0x7F:
             raise PathError("path contains a control character")
+    if not decoded.isascii() and _compat_structure(decoded) != _compat_structure(
+        unicodedata.normalize("NFKC", decoded)
+    ):
+        # Fullwidth '．' or '／' become '.' and '/' in servers that NFKC-normalise: the
+        # upstream would see other segments than the ones we matched.
+        raise PathError("path contains characters that normalise to separators or dots")
     return NormalizedPath(_remove_dot_segments(decoded), query)
+
+
+def _compat_structure(path: str) -> tuple[int, int, int, int]:
+    return (path.count("/"), path.count("."), path.count("\\"), path.count("%"))
 
 
 def _decode_once(path: str) -> str:

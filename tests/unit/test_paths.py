@@ -97,3 +97,22 @@ def test_template_literal_regex_characters_are_literal() -> None:
 def test_template_errors(pattern: str, message: str) -> None:
     with pytest.raises(paths.TemplateError, match=message):
         paths.compile_template(pattern)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "/v1/tenants/acme/orders/%EF%BC%8E%EF%BC%8E/%EF%BC%8E%EF%BC%8E/globex/orders",  # fullwidth dots
+        "/v1/tenants/acme%EF%BC%8Fglobex/orders",  # fullwidth solidus
+        "/v1/%EF%B9%92%EF%B9%92/x",  # small full stop
+        "/v1/%C0%AE%C0%AE/x",  # overlong UTF-8 '.'
+        "/v1/%E2%80%A5/x",  # two dot leader (NFKC: '..')
+    ],
+)
+def test_unicode_lookalikes_of_separators_are_refused(raw: str) -> None:
+    with pytest.raises(paths.PathError):
+        paths.normalize(raw)
+
+
+def test_plain_unicode_is_kept() -> None:
+    assert paths.normalize("/caf%C3%A9/%E6%97%A5%E6%9C%AC").path == "/café/日本"
