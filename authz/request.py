@@ -29,7 +29,7 @@ class Request:
     source: spiffe.SpiffeId | None = None
     source_address: str = ""
     source_port: int = 0
-    remote_address: str = ""  # original client, from x-envoy-external-address / XFF
+    remote_address: str = ""  # original client: right-most x-forwarded-for entry, else the peer
     destination_principal: str = ""
     destination_address: str = ""
     destination_port: int = 0
@@ -103,12 +103,12 @@ def _header_map(http: attribute_context_pb2.AttributeContext.HttpRequest) -> dic
 
 
 def _remote_address(headers: dict[str, str], peer: str) -> str:
-    # Envoy sets x-envoy-external-address for an edge request; otherwise the left-most XFF
-    # entry is the original client as far as the mesh can tell (Istio's remoteIpBlocks).
-    external = headers.get("x-envoy-external-address")
-    if external:
-        return external.strip()
+    # The original client as the nearest proxy saw it: the right-most x-forwarded-for entry
+    # (each hop appends the address it received from). Entries to its left were written by
+    # whoever sent the request and prove nothing; with no XFF it is the peer itself.
     xff = headers.get("x-forwarded-for")
     if xff:
-        return xff.split(",", 1)[0].strip()
+        last = xff.rsplit(",", 1)[-1].strip()
+        if last:
+            return last
     return peer

@@ -63,9 +63,11 @@ def op(**fields: Any) -> dict[str, Any]:
         ({"ipBlocks": ["2001:db8::/32"]}, "", "2001:db8::1", {}, True),
         ({"notIpBlocks": ["10.0.0.0/8"]}, "", "10.1.2.3", {}, False),
         ({"notIpBlocks": ["10.0.0.0/8"]}, "", "192.168.0.1", {}, True),
-        ({"remoteIpBlocks": ["203.0.113.0/24"]}, "", "10.0.0.1", {"x-forwarded-for": "203.0.113.9, 10.0.0.1"}, True),
+        ({"remoteIpBlocks": ["203.0.113.0/24"]}, "", "10.0.0.1", {"x-forwarded-for": "198.51.100.7, 203.0.113.9"}, True),
+        ({"remoteIpBlocks": ["203.0.113.0/24"]}, "", "10.0.0.1", {"x-forwarded-for": "203.0.113.9, 198.51.100.7"}, False),
         ({"remoteIpBlocks": ["203.0.113.0/24"]}, "", "10.0.0.1", {}, False),
-        ({"notRemoteIpBlocks": ["203.0.113.0/24"]}, "", "10.0.0.1", {"x-envoy-external-address": "203.0.113.9"}, False),
+        ({"remoteIpBlocks": ["10.0.0.0/8"]}, "", "10.0.0.1", {}, True),
+        ({"notRemoteIpBlocks": ["203.0.113.0/24"]}, "", "10.0.0.1", {"x-forwarded-for": "203.0.113.9"}, False),
         ({"principals": [CHECKOUT], "namespaces": ["dev"]}, CHECKOUT, "10.0.0.1", {}, False),
     ],
 )
