@@ -1,32 +1,69 @@
 """Audit records: one JSON object per decision, written off the hot path.
 
-A check only builds a small tuple and puts it on a bounded queue (never blocking); a
-writer thread turns it into JSON and hands it to each sink. A full queue or a failing
-sink drops records and counts them by reason; it never slows or changes a decision.
+The schema is documented in docs/audit.md. The flow::
+
+    Checker._observe ──put_nowait──▶ shared queue (bounded) ──▶ dispatcher thread
+        (sampling, O(1))                                        formats JSON once
+                                                                  │ offer (never blocks)
+                                             ┌────────────────────┼────────────────────┐
+                                             ▼                    ▼                    ▼
+                                      sink queue + thread  sink queue + thread  sink queue + thread
+                                          stdout               file (rotating)      http (batched)
+
+A check only samples and puts a small frozen entry on a bounded queue; it never waits. A
+full queue, a sink that raises or a sink that blocks drops records and counts them in
+``authz_audit_dropped_total{reason}``; each sink has its own queue and thread, so one stuck
+sink cannot stall the others, and none of them can slow or change a decision.
+
 Header values are never recorded, except names an operator allow-lists, and the
-credential headers can never be allow-listed.
+credential headers in ``NEVER_LOGGED`` can never be allow-listed.
 """
 
 from __future__ import annotations
 
-import datetime
+import collections
+import gzip
+import http.client
 import json
+import logging
 import queue
+import random
+import re
+import ssl
 import sys
 import threading
-from collections.abc import Iterable
-from dataclasses import dataclass
+import time
+import urllib.parse
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, Any, NamedTuple, Protocol
 
 from authz.engine.model import Decision
 from authz.metrics import Metrics
 from authz.request import Request
 
+log = logging.getLogger("authz.audit")
+
 NEVER_LOGGED = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie"})
+
+# Reasons of authz_audit_dropped_total. Allows left out by sampling are not drops; they
+# are counted in authz_audit_sampled_out_total.
+DROP_QUEUE_FULL = "queue_full"  # the shared queue was full: the dispatcher fell behind
+DROP_SINK_BLOCKED = "sink_blocked"  # a sink's own queue was full: that sink is slow or stuck
+DROP_SINK_ERROR = "sink_error"  # a sink raised (disk full, collector gave up after retries)
+DROP_FORMAT_ERROR = "format_error"  # a record could not be turned into JSON
+DROP_SHUTDOWN = "shutdown"  # still queued for a stuck sink when the service stopped
+DROP_REASONS = (DROP_QUEUE_FULL, DROP_SINK_BLOCKED, DROP_SINK_ERROR, DROP_FORMAT_ERROR, DROP_SHUTDOWN)
+
+# W3C trace context: version-traceid-parentid-flags (future versions may append fields).
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}(-[ -~]*)?\Z")
+_MAX_REQUEST_ID = 128
+_MAX_HEADER_VALUE = 1024
 
 
 class Sink(Protocol):
+    """Where formatted records go. ``write`` may block or raise; the caller copes."""
+
     name: str
 
     def write(self, lines: list[str]) -> None: ...
@@ -34,7 +71,15 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
+# --- sinks -------------------------------------------------------------------------------
+
+
 class StreamSink:
+    """A text stream, stdout by default; records are flushed batch by batch."""
+
+    max_batch = 512
+    max_delay = 0.0
+
     def __init__(self, stream: IO[str], name: str = "stdout") -> None:
         self.stream = stream
         self.name = name
@@ -48,20 +93,49 @@ class StreamSink:
 
 
 class FileSink:
-    """Appends to a file; rotates to FILE.1 .. FILE.N when it grows past max_bytes."""
+    """Appends to a file; rotates to FILE.1 .. FILE.N once it reaches ``max_bytes``.
 
-    def __init__(self, path: Path, max_bytes: int = 100 * 1024 * 1024, backups: int = 5) -> None:
+    Writes are unbuffered appends, so a failed write (disk full) leaves nothing queued in
+    memory; a line cut short by a failure is terminated before the next write so the
+    following records still parse line by line.
+    """
+
+    max_batch = 512
+    max_delay = 0.0
+
+    def __init__(self, path: Path, max_bytes: int = 100 * 1024 * 1024, backups: int = 5,
+                 name: str = "file") -> None:
         self.path = Path(path)
-        self.name = "file"
+        self.name = name
         self.max_bytes = max_bytes
         self.backups = backups
-        self._fh = self.path.open("a", encoding="utf-8")
+        self._fh = self._open()
+        self._torn = False
+
+    def _open(self) -> Any:
+        return open(self.path, "ab", buffering=0)  # noqa: SIM115 - kept open for the sink's life
 
     def write(self, lines: list[str]) -> None:
-        self._fh.write("".join(line + "\n" for line in lines))
-        self._fh.flush()
+        data = "".join(line + "\n" for line in lines).encode()
+        if self._torn:
+            data = b"\n" + data
+        view = memoryview(data)
+        done = 0
+        try:
+            while done < len(data):
+                done += self._fh.write(view[done:]) or 0
+        finally:
+            if done == len(data):
+                self._torn = False
+            elif done > 0:
+                self._torn = True
         if self.max_bytes and self._fh.tell() >= self.max_bytes:
-            self._rotate()
+            try:
+                self._rotate()
+            except OSError as exc:  # the records are written; keep appending to one file
+                log.warning("cannot rotate audit log %s: %s", self.path, exc)
+                if self._fh.closed:
+                    self._fh = self._open()
 
     def _rotate(self) -> None:
         self._fh.close()
@@ -73,15 +147,135 @@ class FileSink:
             self.path.replace(self.path.with_name(f"{self.path.name}.1"))
         else:
             self.path.unlink(missing_ok=True)
-        self._fh = self.path.open("a", encoding="utf-8")
+        self._fh = self._open()
 
     def close(self) -> None:
         self._fh.close()
 
 
-@dataclass(frozen=True, slots=True)
-class AuditEntry:
-    """What the hot path hands over; formatting happens in the writer thread."""
+class UploadError(Exception):
+    """The collector did not take a batch, after every retry allowed."""
+
+
+# Statuses worth retrying: the collector is overloaded, restarting or timed out.
+_RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
+class HttpSink:
+    """POSTs batches to a collector as a gzipped JSON array (``Content-Encoding: gzip``).
+
+    A batch is sent when it holds ``max_batch`` records or ``max_delay`` seconds after its
+    first record arrived. A failed upload is retried up to ``max_attempts`` times in all,
+    waiting ``backoff_base * 2**n`` (capped at ``backoff_max``) with jitter between
+    attempts; then the batch is dropped and counted, so records never pile up while the
+    collector is away, and the next batch goes through once it is back.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        max_batch: int = 500,
+        max_delay: float = 1.0,
+        timeout: float = 5.0,
+        max_attempts: int = 4,
+        backoff_base: float = 0.25,
+        backoff_max: float = 4.0,
+        rng: Callable[[], float] = random.random,
+        name: str = "http",
+    ) -> None:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) collector URL: {url!r}")
+        self.name = name
+        self.max_batch = max(1, max_batch)
+        self.max_delay = max(0.0, max_delay)
+        self.timeout = timeout
+        self.max_attempts = max(1, max_attempts)
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self._rng = rng
+        self._https = parts.scheme == "https"
+        self._host = parts.hostname
+        self._port = parts.port
+        self._target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        self._ssl = ssl.create_default_context() if self._https else None
+        self._interrupt = threading.Event()
+        self.uploads = 0  # batches the collector accepted
+        self.failures = 0  # attempts that failed
+
+    def backoff(self, attempt: int) -> float:
+        """The wait after failed attempt ``attempt`` (1-based): half fixed, half jitter."""
+        delay = min(self.backoff_max, self.backoff_base * (2 ** (attempt - 1)))
+        return delay / 2 + self._rng() * delay / 2
+
+    def write(self, lines: list[str]) -> None:
+        body = gzip.compress(("[" + ",".join(lines) + "]").encode(), compresslevel=6)
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                status = self._post(body)
+                if 200 <= status < 300:
+                    self.uploads += 1
+                    return
+                problem = f"collector answered HTTP {status}"
+                retry = status in _RETRY_STATUSES
+            except (OSError, http.client.HTTPException) as exc:
+                problem = f"upload failed: {exc.__class__.__name__}: {exc}"
+                retry = True
+            self.failures += 1
+            if not retry or attempt >= self.max_attempts or self._interrupt.is_set():
+                raise UploadError(f"{problem} (attempt {attempt} of {self.max_attempts})")
+            if self._interrupt.wait(self.backoff(attempt)):
+                raise UploadError(f"{problem}; shutting down")
+
+    def _post(self, body: bytes) -> int:
+        conn: http.client.HTTPConnection
+        if self._https:
+            conn = http.client.HTTPSConnection(self._host, self._port, timeout=self.timeout,
+                                               context=self._ssl)
+        else:
+            conn = http.client.HTTPConnection(self._host, self._port, timeout=self.timeout)
+        try:
+            conn.request("POST", self._target, body=body, headers={
+                "Content-Type": "application/json",
+                "Content-Encoding": "gzip",
+                "User-Agent": "authz-audit",
+            })
+            resp = conn.getresponse()
+            resp.read()
+            return int(resp.status)
+        finally:
+            conn.close()
+
+    def interrupt(self) -> None:
+        """Stop retrying (shutdown): the batch in flight gets no further attempts."""
+        self._interrupt.set()
+
+    def close(self) -> None:
+        self._interrupt.set()
+
+
+def stdout_sink() -> StreamSink:
+    return StreamSink(sys.stdout)
+
+
+def sink_for(target: str, *, file_max_bytes: int = 100 * 1024 * 1024, file_backups: int = 5,
+             http_max_batch: int = 500, http_max_delay: float = 1.0) -> Sink:
+    """``-`` is stdout, ``http(s)://...`` a collector, anything else a file path."""
+    if target == "-":
+        return stdout_sink()
+    if target.startswith(("http://", "https://")):
+        return HttpSink(target, max_batch=http_max_batch, max_delay=http_max_delay)
+    return FileSink(Path(target), max_bytes=file_max_bytes, backups=file_backups)
+
+
+# --- records -----------------------------------------------------------------------------
+
+
+class AuditEntry(NamedTuple):
+    """What the hot path hands over (a tuple: cheap to build); formatted off the hot path."""
 
     when: float
     decision_id: str
@@ -91,103 +285,365 @@ class AuditEntry:
     latency_us: int
 
 
+def action_of(decision: Decision) -> str:
+    """AUDIT when an AUDIT rule matched; otherwise ALLOW, DENY or default (docs/audit.md)."""
+    return "AUDIT" if decision.audit else decision.action
+
+
+def check_header_allowlist(names: Iterable[str]) -> tuple[str, ...]:
+    """Lower-cased, de-duplicated names; a credential header is refused with ValueError."""
+    out: list[str] = []
+    for name in names:
+        lowered = name.strip().lower()
+        if lowered in NEVER_LOGGED:
+            raise ValueError(f"header {name!r} can never be written to audit records")
+        if lowered and lowered not in out:
+            out.append(lowered)
+    return tuple(out)
+
+
+def rfc3339(when: float) -> str:
+    """UTC, microseconds, ``Z``: 2026-01-02T03:04:05.123456Z (microseconds truncated)."""
+    sec = int(when)
+    micro = min(999_999, int((when - sec) * 1_000_000))
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)) + f".{micro:06d}Z"
+
+
+def _traceparent(r: Request) -> str | None:
+    value = r.headers.get("traceparent")
+    return value if value and _TRACEPARENT.match(value) else None
+
+
+def build_record(e: AuditEntry, header_allowlist: tuple[str, ...] = (),
+                 log_query: bool = False) -> dict[str, Any]:
+    """The audit record of one decision as a dict (docs/audit.md); every key always present.
+
+    The reference for :class:`RecordFormatter`, which writes the same JSON faster.
+    """
+    d = e.decision
+    r = e.request
+    rec: dict[str, Any] = {
+        "time": rfc3339(e.when),
+        "decision_id": e.decision_id,
+        "allowed": d.allowed,
+        "http_status": d.http_status,
+        "reason": d.reason,
+        "policy": d.policy,
+        "rule": d.rule,
+        "action": action_of(d),
+        "audit": list(d.audit),
+        "dry_run": list(d.dry_run),
+        "tenant": d.tenant,
+        "revision": e.revision,
+        "latency_us": e.latency_us,
+        "source_principal": None,
+        "destination_principal": None,
+        "source_address": None,
+        "method": None,
+        "host": None,
+        "path": None,
+        "request_id": None,
+        "traceparent": None,
+        "headers": {},
+    }
+    if r is not None:
+        rec["source_principal"] = r.principal or None
+        rec["destination_principal"] = r.destination_principal or None
+        rec["source_address"] = r.source_address or None
+        rec["method"] = r.method
+        rec["host"] = r.host
+        rec["path"] = r.path + ("?" + r.query if log_query and r.query else "")
+        rec["request_id"] = r.request_id[:_MAX_REQUEST_ID] or None
+        rec["traceparent"] = _traceparent(r)
+        rec["headers"] = {h: r.headers[h][:_MAX_HEADER_VALUE]
+                          for h in header_allowlist if h in r.headers and h not in NEVER_LOGGED}
+    return rec
+
+
+_str = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]  # C: quoted, escaped
+
+
+def _opt(value: str | None) -> str:
+    return _str(value) if value else "null"
+
+
+class RecordFormatter:
+    """One JSON line per record, byte for byte ``json.dumps(build_record(e))`` in content.
+
+    Formatting runs in the audit thread but shares the interpreter with checks, so it is
+    kept cheap: the part that depends only on the decision and revision (a few hundred
+    distinct values per bundle) is cached, the time prefix is cached per second, and the
+    request's strings go through the C string encoder.
+    """
+
+    CACHE_LIMIT = 4096
+
+    def __init__(self, header_allowlist: tuple[str, ...] = (), log_query: bool = False) -> None:
+        self.header_allowlist = tuple(h for h in header_allowlist if h not in NEVER_LOGGED)
+        self.log_query = log_query
+        self._decisions: dict[tuple[Decision, str], str] = {}
+        self._second = -1
+        self._second_text = ""
+
+    def _decision_part(self, d: Decision, revision: str) -> str:
+        key = (d, revision)
+        part = self._decisions.get(key)
+        if part is None:
+            part = json.dumps({
+                "allowed": d.allowed, "http_status": d.http_status, "reason": d.reason,
+                "policy": d.policy, "rule": d.rule, "action": action_of(d), "audit": list(d.audit),
+                "dry_run": list(d.dry_run), "tenant": d.tenant, "revision": revision,
+            }, separators=(",", ":"))[1:-1]
+            if len(self._decisions) >= self.CACHE_LIMIT:
+                self._decisions.clear()
+            self._decisions[key] = part
+        return part
+
+    def __call__(self, e: AuditEntry) -> str:
+        when = e.when
+        sec = int(when)
+        if sec != self._second:
+            self._second = sec
+            self._second_text = time.strftime('{"time":"%Y-%m-%dT%H:%M:%S', time.gmtime(sec))
+        micro = min(999_999, int((when - sec) * 1_000_000))
+        head = (f'{self._second_text}.{micro:06d}Z","decision_id":{_str(e.decision_id)},'
+                f'{self._decision_part(e.decision, e.revision)},"latency_us":{int(e.latency_us)},')
+        r = e.request
+        if r is None:
+            return head + ('"source_principal":null,"destination_principal":null,'
+                           '"source_address":null,"method":null,"host":null,"path":null,'
+                           '"request_id":null,"traceparent":null,"headers":{}}')
+        path = r.path + ("?" + r.query if self.log_query and r.query else "")
+        headers = "{}"
+        if self.header_allowlist:
+            kept = {h: r.headers[h][:_MAX_HEADER_VALUE] for h in self.header_allowlist if h in r.headers}
+            if kept:
+                headers = json.dumps(kept, separators=(",", ":"))
+        return (f'{head}"source_principal":{_opt(r.principal)},'
+                f'"destination_principal":{_opt(r.destination_principal)},'
+                f'"source_address":{_opt(r.source_address)},"method":{_str(r.method)},'
+                f'"host":{_str(r.host)},"path":{_str(path)},'
+                f'"request_id":{_opt(r.request_id[:_MAX_REQUEST_ID])},'
+                f'"traceparent":{_opt(_traceparent(r))},"headers":{headers}}}')
+
+
+# --- the log -----------------------------------------------------------------------------
+
+
+class _SinkWorker:
+    """One sink's bounded queue (in records) and the thread that drains it.
+
+    The dispatcher is the only producer and this thread the only consumer, so the deque
+    needs no lock. The thread polls every ``poll_interval`` seconds instead of being woken
+    per batch: under load that is a handful of thread switches a second, not hundreds.
+    """
+
+    def __init__(self, sink: Sink, metrics: Metrics, capacity: int, poll_interval: float) -> None:
+        self.sink = sink
+        self.capacity = max(1, capacity)
+        self.max_batch = max(1, int(getattr(sink, "max_batch", 512)))
+        self.max_delay = max(0.0, float(getattr(sink, "max_delay", 0.0)))
+        self.poll_interval = poll_interval
+        self._queue: collections.deque[str] = collections.deque()
+        self._stop = threading.Event()
+        self._written = metrics.audit_records.labels(sink.name)
+        self._blocked = metrics.audit_dropped.labels(DROP_SINK_BLOCKED)
+        self._errors = metrics.audit_dropped.labels(DROP_SINK_ERROR)
+        self._shutdown = metrics.audit_dropped.labels(DROP_SHUTDOWN)
+        self._last_error_log = 0.0
+        self.thread = threading.Thread(target=self._run, name=f"authz-audit-{sink.name}", daemon=True)
+
+    def offer(self, lines: list[str]) -> None:
+        """Queue a batch, or drop and count it when the sink is that far behind."""
+        if len(self._queue) + len(lines) > self.capacity:
+            self._blocked.inc(len(lines))
+        else:
+            self._queue.extend(lines)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        q = self._queue
+        pending: list[str] = []
+        oldest = 0.0
+        while True:
+            stopping = self._stop.is_set()
+            if q and not pending:
+                oldest = time.monotonic()
+            while q and len(pending) < self.max_batch:
+                pending.append(q.popleft())
+            if pending and (stopping or len(pending) >= self.max_batch
+                            or time.monotonic() - oldest >= self.max_delay):
+                self._write(pending)
+                pending = []
+                continue
+            if stopping and not q and not pending:
+                return
+            self._stop.wait(self.poll_interval)
+
+    def _write(self, lines: list[str]) -> None:
+        try:
+            self.sink.write(lines)
+        except Exception as exc:  # noqa: BLE001 - a sink failure must never reach a check
+            self._errors.inc(len(lines))
+            now = time.monotonic()
+            if now - self._last_error_log > 10.0:  # at most one line per 10 s per sink
+                self._last_error_log = now
+                log.warning("audit sink %s dropped %d records: %s", self.sink.name, len(lines), exc)
+            return
+        self._written.inc(len(lines))
+
+    def discard_queued(self) -> int:
+        """Count what a stuck sink still holds at shutdown as dropped."""
+        dropped = len(self._queue)
+        self._queue.clear()
+        if dropped:
+            self._shutdown.inc(dropped)
+        return dropped
+
+
 class AuditLog:
+    """Takes decisions from the hot path and fans formatted records out to the sinks.
+
+    ``allow_sample_rate`` in [0, 1] keeps that share of plain allows; denies and
+    decisions an AUDIT rule matched are always recorded. ``rng`` returns floats in
+    [0, 1) and is injectable so sampling is testable. ``start=False`` leaves the threads
+    unstarted (tests of the shared queue); call ``start()`` later. A sink with a
+    ``queue_size`` attribute gets a queue of that many records instead of ``sink_queue_size``.
+
+    The shared queue is a deque whose length is checked before each append: no lock and
+    no wake-up per record on the hot path. The dispatcher polls it every ``poll_interval``
+    seconds, formats what it finds and offers each batch to every sink's worker, which
+    polls its own queue likewise: a record reaches its sinks within a few poll intervals.
+    """
+
+    DISPATCH_BATCH = 512
+
     def __init__(
         self,
         sinks: Iterable[Sink],
         metrics: Metrics,
         *,
         queue_size: int = 10_000,
+        sink_queue_size: int = 10_000,
         header_allowlist: Iterable[str] = (),
         log_query: bool = False,
+        allow_sample_rate: float = 1.0,
+        rng: Callable[[], float] = random.random,
+        poll_interval: float = 0.05,
+        start: bool = True,
     ) -> None:
+        if not 0.0 <= allow_sample_rate <= 1.0:
+            raise ValueError(f"allow sample rate must be within [0, 1], not {allow_sample_rate}")
         self.sinks = list(sinks)
         self.metrics = metrics
-        self.header_allowlist = tuple(h.lower() for h in header_allowlist if h.lower() not in NEVER_LOGGED)
+        self.header_allowlist = check_header_allowlist(header_allowlist)
         self.log_query = log_query
-        self._queue: queue.Queue[AuditEntry | None] = queue.Queue(maxsize=queue_size)
-        self._thread = threading.Thread(target=self._run, name="authz-audit", daemon=True)
+        self.allow_sample_rate = allow_sample_rate
+        self.queue_size = max(1, queue_size)
+        self.poll_interval = poll_interval
+        self.format = RecordFormatter(self.header_allowlist, log_query)
+        self._rng = rng
+        self._queue: collections.deque[AuditEntry] = collections.deque()
+        self._workers = [_SinkWorker(s, metrics, int(getattr(s, "queue_size", 0) or sink_queue_size),
+                                     poll_interval) for s in self.sinks]
+        for reason in DROP_REASONS:  # every series exists from the start, at 0
+            metrics.audit_dropped.labels(reason)
+        self._queue_full = metrics.audit_dropped.labels(DROP_QUEUE_FULL)
+        self._format_error = metrics.audit_dropped.labels(DROP_FORMAT_ERROR)
+        self._sampled_out = metrics.audit_sampled_out
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._dispatch, name="authz-audit", daemon=True)
+        self._started = False
+        self._closed = False
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        for w in self._workers:
+            w.thread.start()
         self._thread.start()
 
+    # The hot path ------------------------------------------------------------------------
+
     def submit(self, entry: AuditEntry) -> None:
-        try:
-            self._queue.put_nowait(entry)
-        except queue.Full:
-            self.metrics.audit_dropped.labels("queue_full").inc()
+        """O(1) and never blocks: sample, then append to the bounded queue or count a drop."""
+        d = entry.decision
+        rate = self.allow_sample_rate
+        if d.allowed and rate < 1.0 and not d.audit and (rate <= 0.0 or self._rng() >= rate):
+            self._sampled_out.inc()
+            return
+        if len(self._queue) >= self.queue_size:
+            self._queue_full.inc()
+            return
+        self._queue.append(entry)
+
+    # Off the hot path -------------------------------------------------------------------
+
+    def record(self, e: AuditEntry) -> dict[str, Any]:
+        return build_record(e, self.header_allowlist, self.log_query)
+
+    def _dispatch(self) -> None:
+        q = self._queue
+        while True:
+            stopping = self._stopping.is_set()
+            if not q:
+                if stopping:
+                    return
+                self._stopping.wait(self.poll_interval)
+                continue
+            lines: list[str] = []
+            while q and len(lines) < self.DISPATCH_BATCH:
+                e = q.popleft()
+                try:
+                    lines.append(self.format(e))
+                except Exception:  # noqa: BLE001
+                    self._format_error.inc()
+                    log.exception("cannot format audit record %s", e.decision_id)
+            if lines:
+                for w in self._workers:
+                    w.offer(lines)
 
     def close(self, timeout: float = 5.0) -> None:
-        try:
-            self._queue.put(None, timeout=timeout)
-        except queue.Full:
-            pass
-        self._thread.join(timeout)
-        for sink in self.sinks:
+        """Flush what the sinks can take within ``timeout`` seconds, then stop.
+
+        A sink still stuck after half the time is interrupted (an HTTP sink stops
+        retrying); what it still holds at the end is counted as dropped (shutdown).
+        """
+        if self._closed:
+            return
+        self._closed = True
+        if not self._started:
+            self.start()
+        deadline = time.monotonic() + timeout
+        self._stopping.set()
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+        for w in self._workers:
+            w.stop()
+        half = time.monotonic() + max(0.0, deadline - time.monotonic()) / 2
+        for w in self._workers:
+            w.thread.join(max(0.0, half - time.monotonic()))
+        for w in self._workers:
+            if w.thread.is_alive():
+                interrupt = getattr(w.sink, "interrupt", None)
+                if interrupt is not None:
+                    interrupt()
+        for w in self._workers:
+            w.thread.join(max(0.0, deadline - time.monotonic()))
+            if w.thread.is_alive():
+                log.warning("audit sink %s did not finish in time; %d queued records dropped",
+                            w.sink.name, w.discard_queued())
+                continue  # closing a stuck sink could block shutdown too
             try:
-                sink.close()
+                w.sink.close()
             except Exception:  # noqa: BLE001 - closing must not raise at shutdown
                 pass
 
-    def _run(self) -> None:
-        while True:
-            entry = self._queue.get()
-            batch = [entry]
-            while len(batch) < 512:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            stop = None in batch
-            lines = [json.dumps(self.record(e), separators=(",", ":")) for e in batch if e is not None]
-            if lines:
-                for sink in self.sinks:
-                    try:
-                        sink.write(lines)
-                        self.metrics.audit_records.labels(sink.name).inc(len(lines))
-                    except Exception:  # noqa: BLE001 - a sink failure must never reach a check
-                        self.metrics.audit_dropped.labels("sink_error").inc(len(lines))
-            if stop:
-                return
-
-    def record(self, e: AuditEntry) -> dict[str, Any]:
-        d = e.decision
-        r = e.request
-        rec: dict[str, Any] = {
-            "time": datetime.datetime.fromtimestamp(e.when, datetime.timezone.utc)
-            .isoformat(timespec="microseconds")
-            .replace("+00:00", "Z"),
-            "decision_id": e.decision_id,
-            "allowed": d.allowed,
-            "http_status": d.http_status,
-            "reason": d.reason,
-            "policy": d.policy,
-            "rule": d.rule,
-            "action": d.action,
-            "audit": list(d.audit),
-            "dry_run": list(d.dry_run),
-            "tenant": d.tenant,
-            "revision": e.revision,
-            "latency_us": e.latency_us,
-        }
-        if r is not None:
-            rec.update(
-                {
-                    "source_principal": r.principal,
-                    "destination_principal": r.destination_principal,
-                    "source_address": r.source_address,
-                    "method": r.method,
-                    "host": r.host,
-                    "path": r.path + ("?" + r.query if self.log_query and r.query else ""),
-                }
-            )
-            if r.request_id:
-                rec["request_id"] = r.request_id
-            traceparent = r.headers.get("traceparent")
-            if traceparent:
-                rec["traceparent"] = traceparent
-            if self.header_allowlist:
-                rec["headers"] = {h: r.headers[h] for h in self.header_allowlist if h in r.headers}
-        return rec
-
-
-def stdout_sink() -> StreamSink:
-    return StreamSink(sys.stdout)
+    @property
+    def queued(self) -> int:
+        """Records waiting in the shared queue."""
+        return len(self._queue)

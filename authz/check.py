@@ -21,6 +21,7 @@ from authz import request as request_mod
 from authz import response
 from authz.audit import AuditEntry, AuditLog
 from authz.bundle.store import BundleStore
+from authz.engine.decide import PolicySet, Tracer
 from authz.engine.model import Decision
 from authz.metrics import Metrics
 
@@ -49,7 +50,8 @@ class Checker:
     def check(self, check_request: external_auth_pb2.CheckRequest) -> external_auth_pb2.CheckResponse:
         return self.run(check_request).response
 
-    def run(self, check_request: external_auth_pb2.CheckRequest) -> Outcome:
+    def run(self, check_request: external_auth_pb2.CheckRequest, tracer: Tracer | None = None) -> Outcome:
+        """Decide one request; ``tracer``, when given, receives each step (``authz check --explain``)."""
         started = time.perf_counter()
         decision_id = new_decision_id()
         policy_set = self.store.current  # read once: one bundle for the whole check
@@ -60,7 +62,7 @@ class Checker:
                 decision = _deny("no policy bundle loaded")
             else:
                 req = request_mod.from_check_request(check_request, policy_set.trust_domains)
-                decision = policy_set.decide(req)
+                decision = policy_set.decide(req, tracer)
         except request_mod.MalformedRequest as exc:
             decision = _deny(f"malformed request: {exc}")
         except Exception:  # noqa: BLE001 - fail closed, never crash the servicer
@@ -73,14 +75,17 @@ class Checker:
             decision = _deny("internal error")
             resp = response.to_check_response(decision, decision_id, revision, "")
         elapsed = time.perf_counter() - started
-        self._observe(decision, decision_id, revision, req, elapsed)
+        self._observe(decision, decision_id, revision, req, elapsed, policy_set)
         return Outcome(decision, decision_id, revision, req, resp)
 
     def _observe(self, decision: Decision, decision_id: str, revision: str,
-                 req: request_mod.Request | None, elapsed: float) -> None:
-        # Side effects only; nothing here may change or delay the answer.
+                 req: request_mod.Request | None, elapsed: float, policy_set: PolicySet | None) -> None:
+        # Side effects only; nothing here may change or delay the answer: counters and one
+        # put_nowait onto the audit queue (AuditLog.submit), O(1) and never blocking.
         try:
-            self.metrics.count_check(decision.allowed, decision.reason, decision.policy, elapsed)
+            # Only a tenant the serving bundle defines may become a metric label value.
+            tenant = decision.tenant if policy_set is not None and decision.tenant in policy_set.tenants else None
+            self.metrics.count_check(decision.allowed, decision.reason, decision.policy, elapsed, tenant)
             if decision.condition_error:
                 self.metrics.condition_errors.inc()
             for entry in decision.dry_run:

@@ -11,11 +11,15 @@ from pathlib import Path
 
 from google.protobuf import json_format
 
-from authz.audit import AuditLog, FileSink, Sink, stdout_sink
+from authz import istio_import, lint, testing
+from authz.audit import AuditLog, Sink, check_header_allowlist, sink_for
+from authz.bundle import runtime as bundle_runtime
 from authz.bundle.loader import BundleError
+from authz.bundle.schema import BUNDLE_SCHEMA
 from authz.bundle.store import BundleStore
 from authz.check import Checker
 from authz.engine.compile import load_policy_set
+from authz.engine.explain import Explainer, summary
 from authz.metrics import Metrics
 from authz.request import CheckRequest
 
@@ -36,18 +40,49 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the gRPC ext_authz server")
-    serve.add_argument("--bundle", type=Path, help="bundle directory (default: the example bundle)")
+    serve.add_argument("--bundle", help="bundle directory (watched), .tar.gz archive or http(s):// "
+                       "bundle server URL (default: the example bundle); docs/bundles-operations.md")
     serve.add_argument("--grpc-addr", default="0.0.0.0:9191")
     serve.add_argument("--http-addr", default="0.0.0.0:8181")
     serve.add_argument("--audit-log", action="append", metavar="TARGET",
-                       help="'-' for stdout (default) or a file path; repeatable")
+                       help="'-' for stdout (default), a file path, or an http(s):// collector URL; "
+                            "repeatable (docs/audit.md)")
     serve.add_argument("--audit-header", action="append", default=[], metavar="NAME",
-                       help="a request header whose value audit records may keep; repeatable")
+                       help="a request header whose value audit records may keep; repeatable "
+                            "(never authorization, proxy-authorization, cookie, set-cookie)")
+    serve.add_argument("--audit-allow-sample-rate", type=_sample_rate, default=1.0, metavar="RATE",
+                       help="share of allows recorded, 0..1 (default 1); denies and AUDIT "
+                            "matches are always recorded")
+    serve.add_argument("--audit-log-query", action="store_true",
+                       help="keep the query string in the recorded path (dropped by default)")
+    serve.add_argument("--audit-queue-size", type=int, default=10_000, metavar="N",
+                       help="records the audit queue and each sink's queue hold before dropping")
+    serve.add_argument("--audit-file-max-bytes", type=int, default=100 * 1024 * 1024, metavar="N",
+                       help="rotate an audit file at this size (0: never)")
+    serve.add_argument("--audit-file-backups", type=int, default=5, metavar="N",
+                       help="rotated audit files kept as FILE.1 .. FILE.N")
+    serve.add_argument("--metrics-tenant-label", action="store_true",
+                       help="add a tenant label (bundle tenants only) to authz_checks_total")
     serve.add_argument("--log-level", default="INFO")
+    bundle_runtime.add_serve_arguments(serve)
 
     check = sub.add_parser("check", help="decide one Envoy CheckRequest (protobuf JSON)")
     check.add_argument("--bundle", type=Path, help="bundle directory (default: the example bundle)")
     check.add_argument("--request", required=True, help="CheckRequest JSON file, or - for stdin")
+    check.add_argument("--explain", action="store_true",
+                       help="show the trace of the decision: policies, rules, fields, conditions, tenant")
+    check.add_argument("--format", choices=["text", "json"],
+                       help="output format (default: json, or text with --explain)")
+
+    testing.add_arguments(sub.add_parser("test", help="run the bundle's tests (tests/*.yaml) with rule coverage"))
+    lint.add_arguments(sub.add_parser("lint", help="report errors and warnings in a bundle, with file:line:column"))
+    sub.add_parser("schema", help="print the JSON Schema of the bundle files (for editors)")
+    build = sub.add_parser("build", help="pack a bundle directory into a verified, optionally signed .tar.gz")
+    build.add_argument("directory", type=Path, help="bundle directory")
+    build.add_argument("-o", "--output", type=Path, required=True, metavar="FILE.tar.gz")
+    build.add_argument("--signing-key", type=Path, metavar="KEY", help="Ed25519 private key (PEM) to sign the manifest")
+    istio_import.add_arguments(sub.add_parser(
+        "import-istio", help="convert Istio AuthorizationPolicy resources into a bundle directory"))
 
     try:
         args = parser.parse_args(argv)
@@ -55,32 +90,69 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0) and EXIT_USAGE
     if args.command == "serve":
         return _serve(args)
+    if args.command == "test":
+        return testing.cli(args)
+    if args.command == "lint":
+        return lint.cli(args)
+    if args.command == "build":
+        return bundle_runtime.build(args.directory, args.output, args.signing_key)
+    if args.command == "schema":
+        print(json.dumps(BUNDLE_SCHEMA, indent=2))
+        return 0
+    if args.command == "import-istio":
+        return istio_import.cli(args)
     return _check(args)
 
 
 def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    metrics = Metrics()
-    store = BundleStore(metrics)
-    bundle = args.bundle or example_bundle()
-    if not store.load(bundle):
-        logging.getLogger("authz").error("no valid bundle at %s; serving denies until one loads", bundle)
-    sinks: list[Sink] = []
-    for target in args.audit_log or ["-"]:
-        sinks.append(stdout_sink() if target == "-" else FileSink(Path(target)))
-    audit = AuditLog(sinks, metrics, header_allowlist=args.audit_header)
+    metrics = Metrics(tenant_label=args.metrics_tenant_label)
+    try:
+        audit = _audit_log(args, metrics)
+    except (OSError, ValueError) as exc:
+        print(f"authz serve: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        store, reloader = bundle_runtime.start_bundles(args, metrics, example_bundle())
+    except SystemExit:
+        audit.close()
+        return EXIT_USAGE
     checker = Checker(store, metrics, audit)
     from authz.server import serve
 
     try:
-        asyncio.run(serve(checker, store, metrics, args.grpc_addr, args.http_addr))
+        asyncio.run(serve(checker, store, metrics, args.grpc_addr, args.http_addr,
+                          on_reload=reloader.trigger))
     except OSError as exc:
         print(f"authz: {exc}", file=sys.stderr)
         return 1
     finally:
+        reloader.stop()
         audit.close()
     return 0
+
+
+def _sample_rate(text: str) -> float:
+    try:
+        rate = float(text)
+    except ValueError:
+        rate = -1.0
+    if not 0.0 <= rate <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number from 0 to 1, not {text!r}")
+    return rate
+
+
+def _audit_log(args: argparse.Namespace, metrics: Metrics) -> AuditLog:
+    """The sinks of --audit-log (stdout by default) behind one AuditLog; see docs/audit.md."""
+    header_allowlist = check_header_allowlist(args.audit_header)  # refuses credential headers
+    sinks: list[Sink] = []
+    for target in args.audit_log or ["-"]:
+        sinks.append(sink_for(target, file_max_bytes=args.audit_file_max_bytes,
+                              file_backups=args.audit_file_backups))
+    return AuditLog(sinks, metrics, queue_size=args.audit_queue_size,
+                    sink_queue_size=args.audit_queue_size, header_allowlist=header_allowlist,
+                    log_query=args.audit_log_query, allow_sample_rate=args.audit_allow_sample_rate)
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -102,12 +174,22 @@ def _check(args: argparse.Namespace) -> int:
     except BundleError as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_USAGE
-    outcome = Checker(store, metrics).run(check_request)
+    tracer = Explainer() if args.explain else None
+    outcome = Checker(store, metrics).run(check_request, tracer)
     d = outcome.decision
     headers = {}
     if outcome.response.HasField("ok_response"):
         headers = {h.header.key: h.header.value for h in outcome.response.ok_response.headers}
-    print(json.dumps({
+    if (args.format or ("text" if args.explain else "json")) == "text":
+        print(summary(d))
+        print(f"decision id {outcome.decision_id}, bundle revision {outcome.revision}")
+        for key, value in headers.items():
+            print(f"upstream header {key}: {value}")
+        if tracer is not None:
+            print("trace:")
+            print("\n".join("  " + line for line in tracer.lines()))
+        return 0
+    result = {
         "allowed": d.allowed,
         "http_status": d.http_status,
         "policy": d.policy,
@@ -119,5 +201,8 @@ def _check(args: argparse.Namespace) -> int:
         "revision": outcome.revision,
         "audit": list(d.audit),
         "upstream_headers": headers,
-    }, indent=2))
+    }
+    if tracer is not None:
+        result["explain"] = tracer.to_json()
+    print(json.dumps(result, indent=2))
     return 0

@@ -2,7 +2,9 @@
 
 Each server owns its registry (tests run several in one process). Label values come from
 the bundle (policy names) or small fixed sets, never from the request, so cardinality is
-bounded by what operators wrote.
+bounded by what operators wrote. The tenant label of authz_checks_total is opt-in
+(``authz serve --metrics-tenant-label``) and only ever carries a tenant the bundle
+defines; any other check has tenant="".
 """
 
 from __future__ import annotations
@@ -12,18 +14,21 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 # From 10 µs: a decision is microseconds, a check through gRPC a few hundred.
 DURATION_BUCKETS = (
-    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1,
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 1.0,
 )
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, tenant_label: bool = False) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
+        self.tenant_label = tenant_label
+        check_labels = ["decision", "reason", "policy"] + (["tenant"] if tenant_label else [])
         self.checks = Counter(
             "authz_checks", "Authorization checks answered, by decision, reason and deciding policy.",
-            ["decision", "reason", "policy"], registry=r,
+            check_labels, registry=r,
         )
         self.check_duration = Histogram(
             "authz_check_duration_seconds", "Time to answer one check, from request to response.",
@@ -39,12 +44,17 @@ class Metrics:
         self.audit_dropped = Counter(
             "authz_audit_dropped", "Audit records dropped, by reason.", ["reason"], registry=r,
         )
+        self.audit_sampled_out = Counter(
+            "authz_audit_sampled_out",
+            "Allow decisions left out of the audit log by --audit-allow-sample-rate (not drops).",
+            registry=r,
+        )
         self.bundle_info = Gauge(
             "authz_bundle_info", "The bundle revision being served (value 1).", ["name", "revision"],
             registry=r,
         )
         self.bundle_loads = Counter(
-            "authz_bundle_loads", "Bundle load attempts, by result (loaded, rejected, unchanged).",
+            "authz_bundle_loads", "Bundle load attempts, by result (loaded, rejected, unchanged, error).",
             ["result"], registry=r,
         )
         self.bundle_last_success = Gauge(
@@ -55,14 +65,24 @@ class Metrics:
             "authz_dry_run", "Decisions of dry-run policies, by what they would have done.", ["would"],
             registry=r,
         )
-        # Pre-create the children seen on every check so the hot path skips label lookups.
-        self._check_children: dict[tuple[bool, str, str], Counter] = {}
+        # Series that alerts and dashboards use exist from the start, at 0.
+        for result in ("loaded", "rejected", "unchanged", "error"):
+            self.bundle_loads.labels(result)
+        for would in ("allow", "deny"):
+            self.dry_run.labels(would)
+        # Children seen on every check are cached so the hot path skips label lookups.
+        self._check_children: dict[tuple[bool, str, str, str], Counter] = {}
 
-    def count_check(self, allowed: bool, reason: str, policy: str, seconds: float) -> None:
-        key = (allowed, reason, policy)
+    def count_check(self, allowed: bool, reason: str, policy: str, seconds: float,
+                    tenant: str | None = None) -> None:
+        """Count one check. ``tenant`` must be a tenant of the serving bundle, or None."""
+        key = (allowed, reason, policy, (tenant or "") if self.tenant_label else "")
         child = self._check_children.get(key)
         if child is None:
-            child = self.checks.labels("allow" if allowed else "deny", reason, policy)
+            labels = ["allow" if allowed else "deny", reason, policy]
+            if self.tenant_label:
+                labels.append(key[3])
+            child = self.checks.labels(*labels)
             self._check_children[key] = child
         child.inc()
         self.check_duration.observe(seconds)

@@ -7,6 +7,7 @@ import json
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -55,16 +56,14 @@ class ProbeServer:
                 elif path == "/readyz":
                     st = store_ref.status()
                     if st.revision is not None:
-                        self._send(200, f"ready: revision {st.revision}\n".encode(), "text/plain")
+                        note = f" (persisted copy: {st.persisted_reason})" if st.serving_persisted else ""
+                        self._send(200, f"ready: revision {st.revision}{note}\n".encode(), "text/plain")
                     else:
                         reason = st.last_error or "no bundle loaded yet"
                         self._send(503, f"not ready: {reason}\n".encode(), "text/plain")
                 elif path == "/v1/status":
                     st = store_ref.status()
-                    body = json.dumps(
-                        {"revision": st.revision, "loaded_at": st.loaded_at,
-                         "last_attempt_at": st.last_attempt_at, "last_error": st.last_error}
-                    ).encode()
+                    body = json.dumps(st.as_dict()).encode()
                     self._send(200, body, "application/json")
                 else:
                     self._send(404, b"not found\n", "text/plain")
@@ -94,7 +93,7 @@ class ProbeServer:
 
 async def serve(
     checker: Checker, store: BundleStore, metrics: Metrics, grpc_addr: str, http_addr: str,
-    drain_seconds: float = 10.0,
+    drain_seconds: float = 10.0, on_reload: Callable[[], None] | None = None,
 ) -> None:
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(AuthorizationServicer(checker), server)
@@ -106,9 +105,17 @@ async def serve(
     probes = ProbeServer(http_addr, store, metrics)
     serving = health_pb2.HealthCheckResponse.SERVING
     not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
-    state = serving if store.current is not None else not_serving
-    for name in ("", AUTH_SERVICE):
-        await health.set(name, state)
+    loop = asyncio.get_running_loop()
+
+    async def update_health() -> None:
+        # Loads finish in the reloader thread; health follows store.current from the loop.
+        state = serving if store.current is not None else not_serving
+        for name in ("", AUTH_SERVICE):
+            await health.set(name, state)
+
+    unsubscribe = store.subscribe(
+        lambda _status: loop.call_soon_threadsafe(lambda: loop.create_task(update_health())))
+    await update_health()
     await server.start()
     probes.start()
     log.info("authz listening: gRPC %s, HTTP %s", grpc_addr, http_addr)
@@ -117,7 +124,10 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if on_reload is not None:
+        loop.add_signal_handler(signal.SIGHUP, on_reload)
     await stop.wait()
+    unsubscribe()
     log.info("draining in-flight checks")
     await health.enter_graceful_shutdown()
     await server.stop(drain_seconds)

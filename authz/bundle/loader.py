@@ -78,7 +78,9 @@ def read_bundle(root: Path) -> BundleFiles:
         if docs:
             files.data[path.stem] = docs[0]
     for path in _files(root / "tests", (".yaml", ".yml")):
-        files.tests += _read(root, path, problems)
+        for doc in _read(root, path, problems):
+            problems += schema.validate(doc, schema.BUNDLE_TEST)
+            files.tests.append(doc)
     if problems:
         raise BundleError(problems, files.revision)
     return files

@@ -174,11 +174,87 @@ TENANTS: dict[str, Any] = {
     },
 }
 
+_STRING_MAP: dict[str, Any] = {"type": "object", "additionalProperties": {"type": "string"}}
+
+TEST_REQUEST: dict[str, Any] = {
+    "type": "object",
+    "description": "A request in short form; it is turned into an Envoy CheckRequest.",
+    "additionalProperties": False,
+    "properties": {
+        "principal": {"type": "string", "description": "SPIFFE ID of the caller (source.principal); omit for none."},
+        "destination": {"type": "string", "description": "SPIFFE ID of the workload called (destination.principal)."},
+        "method": {"type": "string", "description": "HTTP method. Default GET."},
+        "path": {"type": "string", "description": "Raw request path, query included. Default '/'."},
+        "host": {"type": "string", "description": "Host / :authority."},
+        "headers": {**_STRING_MAP, "description": "Request headers (names are lower-cased)."},
+        "sourceAddress": {"type": "string", "description": "Peer IP address of the caller."},
+        "destinationAddress": {"type": "string", "description": "IP address of the workload called."},
+        "port": {"type": "integer", "description": "Destination port."},
+        "contextExtensions": {**_STRING_MAP, "description": "Envoy context_extensions."},
+    },
+}
+
+TEST_EXPECT: dict[str, Any] = {
+    "type": "object",
+    "description": "What must come back; only the fields given are compared.",
+    "additionalProperties": False,
+    "properties": {
+        "allowed": {"type": "boolean"},
+        "status": {"type": "integer", "description": "HTTP status: 200 when allowed, 403 when denied."},
+        "policy": {"type": "string", "description": "Deciding policy, or 'default'."},
+        "rule": {"type": "string", "description": "Deciding rule, or 'default'."},
+        "reason": {"type": "string", "description": "Decision reason, e.g. 'denied by default'."},
+        "tenant": {"type": ["string", "null"], "description": "Tenant of the decision; null for none."},
+        "headers": {
+            "type": "object",
+            "description": "Headers sent upstream (x-authz-tenant, x-authz-principal...); null: must be absent.",
+            "additionalProperties": {"type": ["string", "null"]},
+        },
+    },
+}
+
+BUNDLE_TEST: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "authz bundle test (tests/*.yaml)",
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["apiVersion", "kind", "name", "cases"],
+    "properties": {
+        "apiVersion": {"const": API_VERSION},
+        "kind": {"const": "BundleTest"},
+        "name": {"type": "string", "minLength": 1},
+        "description": {"type": "string"},
+        "cases": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["name", "expect"],
+                "description": "One request and its expected decision: give request or checkRequest.",
+                "properties": {
+                    "name": {"type": "string", "minLength": 1},
+                    "description": {"type": "string"},
+                    "request": TEST_REQUEST,
+                    "checkRequest": {"type": "object",
+                                     "description": "An Envoy CheckRequest in protobuf JSON."},
+                    "expect": TEST_EXPECT,
+                },
+            },
+        },
+    },
+}
+
+
+def _embedded(schema: dict[str, Any]) -> dict[str, Any]:
+    # "$schema" belongs at the root of a schema resource only.
+    return {k: v for k, v in schema.items() if k != "$schema"}
+
+
 BUNDLE_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "$id": "https://authz.dev/schema/bundle-v1.json",
-    "title": "authz bundle file (manifest, policy or tenant data)",
-    "oneOf": [MANIFEST, POLICY, TENANTS],
+    "title": "authz bundle file (manifest, policy, tenant data or bundle test)",
+    "oneOf": [_embedded(s) for s in (MANIFEST, POLICY, TENANTS, BUNDLE_TEST)],
 }
 
 
@@ -198,6 +274,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "string": (str,),
     "boolean": (bool,),
     "integer": (int,),
+    "null": (type(None),),
 }
 
 
@@ -223,9 +300,12 @@ def _check(doc: Document, value: Any, schema: dict[str, Any], path: Path, out: l
         return
     expected = schema.get("type")
     if expected is not None:
-        ok = isinstance(value, _TYPES[expected]) and not (expected == "integer" and isinstance(value, bool))
+        kinds: list[str] = expected if isinstance(expected, list) else [expected]
+        ok = any(isinstance(value, _TYPES[t]) and not (t == "integer" and isinstance(value, bool))
+                 for t in kinds)
         if not ok:
-            out.append(Problem(where, f"{name} must be {'an' if expected[0] in 'aeiou' else 'a'} {expected}, got {_kind(value)}"))
+            wanted = " or ".join(f"{'an' if t[0] in 'aeiou' else 'a'} {t}" for t in kinds)
+            out.append(Problem(where, f"{name} must be {wanted}, got {_kind(value)}"))
             return
     if isinstance(value, str):
         if len(value) < schema.get("minLength", 0):

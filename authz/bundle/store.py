@@ -1,8 +1,18 @@
-"""The served bundle: one reference to an immutable PolicySet, swapped in one assignment.
+"""The served bundle and the gate every candidate passes before it serves.
 
-A check reads ``store.current`` once and uses that PolicySet throughout, so old and new
-never mix inside one check. Loading (parse, validate, compile) happens before the swap;
-a candidate that fails leaves the current one serving.
+One reference, ``store.current``, points at an immutable PolicySet; a check reads it once
+and uses that PolicySet throughout, so old and new never mix inside one check.
+
+The gate, in one place (``BundleStore.load_snapshot``), for every source alike:
+
+    snapshot (bytes in memory) -> verify signature and digests -> parse and validate
+      -> compile (policies, CEL, tenant sets) -> run the bundle's tests -> swap
+
+A candidate that fails any step is logged with its revision and file:line reasons,
+counted as ``authz_bundle_loads_total{result="rejected"}``, and the current bundle keeps
+serving. Loads are serialised by a lock (never taken by a check), so at most the serving
+bundle and one candidate exist at any time; the store keeps no reference to a replaced
+PolicySet.
 """
 
 from __future__ import annotations
@@ -10,15 +20,29 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
-from authz.bundle.loader import BundleError
-from authz.engine.compile import load_policy_set
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from authz.bundle import archive, persist
+from authz.bundle.archive import DEFAULT_LIMITS, Limits, Snapshot
+from authz.bundle.loader import BundleError, BundleFiles, read_bundle
+from authz.bundle.schema import Problem
+from authz.bundle.sources import Source, SourceUnavailable, read_directory
+from authz.bundle.yamlpos import Position
+from authz.engine.compile import compile_bundle
 from authz.engine.decide import PolicySet
 from authz.metrics import Metrics
 
 log = logging.getLogger("authz.bundle")
+
+LOADED = "loaded"
+REJECTED = "rejected"
+UNCHANGED = "unchanged"
+ERROR = "error"  # the source could not be read: no candidate to judge
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,36 +51,299 @@ class Status:
     loaded_at: float | None
     last_attempt_at: float | None
     last_error: str | None
+    name: str | None = None
+    source: str | None = None  # the configured source
+    served_from: str | None = None  # where the serving bundle came from
+    last_result: str | None = None  # loaded, rejected, unchanged or error
+    last_error_at: float | None = None
+    serving_persisted: bool = False
+    persisted_reason: str | None = None  # why the persisted bundle serves instead of the source
+
+    @property
+    def ready(self) -> bool:
+        return self.revision is not None
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["ready"] = self.ready
+        return d
+
+
+def check_candidate(
+    snap: Snapshot, key: Ed25519PublicKey | None = None, run_tests: bool = True
+) -> PolicySet:
+    """The gate without the swap: verify, read, compile and test ``snap``; raises BundleError."""
+    manifest = archive.verify(snap, key)
+    with archive.materialize(snap) as root:
+        files = read_bundle(root)
+    if manifest is not None:
+        for field in ("revision", "name"):
+            want = str(manifest.get(field, ""))
+            have = str(files.manifest.value.get(field, ""))
+            if want and want != have:
+                raise BundleError(
+                    [
+                        Problem(
+                            files.manifest.at((field,)),
+                            f"{field} {have!r} differs from {want!r} in MANIFEST.json",
+                        )
+                    ],
+                    files.revision,
+                )
+    policy_set = compile_bundle(files)
+    if run_tests and files.tests:
+        run_bundle_tests(policy_set, files)
+    return policy_set
+
+
+def run_bundle_tests(policy_set: PolicySet, files: BundleFiles) -> None:
+    """Run the bundle's tests/*.yaml against the compiled candidate; raise if any case fails."""
+    from authz.testing import run_cases  # the authoring tools' runner (authz test)
+
+    report = run_cases(policy_set, files.tests)
+    if report.failed:
+        raise BundleError(
+            [
+                Problem(_position(r.location), f"bundle test '{r.name}' failed: {r.message}")
+                for r in report.failed
+            ],
+            files.revision,
+        )
+
+
+def _position(location: str) -> Position:
+    parts = str(location).rsplit(":", 2)
+    nums: list[int] = []
+    while len(parts) > 1 and parts[-1].isdigit():
+        nums.insert(0, int(parts.pop()))
+    line, column = (nums + [1, 1])[:2]
+    return Position(parts[0] if len(parts) == 1 else ":".join(parts), line, column)
 
 
 class BundleStore:
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        *,
+        verification_key: Ed25519PublicKey | None = None,
+        persist_dir: Path | None = None,
+        limits: Limits = DEFAULT_LIMITS,
+        run_tests: bool = True,
+        source: str | None = None,
+    ) -> None:
         self.metrics = metrics
+        self.verification_key = verification_key
+        self.persist_dir = Path(persist_dir) if persist_dir is not None else None
+        self.limits = limits
+        self.run_tests = run_tests
         self.current: PolicySet | None = None
+        self._source = source
+        self._digest: str | None = None  # content digest of the serving bundle
+        self._last_candidate: str | None = (
+            None  # content digest of the last candidate from the source
+        )
+        self._served_from: str | None = None
         self._loaded_at: float | None = None
         self._last_attempt: float | None = None
+        self._last_result: str | None = None
         self._last_error: str | None = None
-        self._lock = threading.Lock()  # serialises loads, never taken by a check
+        self._last_error_at: float | None = None
+        self._persisted_reason: str | None = None
+        self._listeners: list[Callable[[Status], object]] = []
+        self._lock = threading.RLock()  # serialises loads, never taken by a check
+
+    # --- loading -----------------------------------------------------------------------
 
     def load(self, root: Path) -> bool:
-        """Compile the bundle at ``root`` and swap it in; False (and logged) when rejected."""
+        """Gate the bundle directory at ``root``; True when it serves (loaded or unchanged)."""
+        with self._lock:
+            try:
+                snap = read_directory(Path(root), self.limits)
+            except SourceUnavailable as exc:
+                self._unavailable(str(root), str(exc))
+                return False
+            except BundleError as exc:
+                self._reject(str(root), exc)
+                return False
+            return self.load_snapshot(snap) in (LOADED, UNCHANGED)
+
+    def fetch_and_load(self, source: Source, force: bool = False) -> str:
+        """Fetch from ``source`` and gate what it gives; returns the result."""
+        with self._lock:
+            if self._source is None:
+                self._source = source.description
+            try:
+                snap = source.fetch(force)
+            except SourceUnavailable as exc:
+                return self._unavailable(source.description, str(exc))
+            except BundleError as exc:
+                return self._reject(source.description, exc)
+            if snap is None:  # e.g. HTTP 304: the same bytes as the last candidate it gave
+                same = self._last_candidate is not None and self._last_candidate == self._digest
+                return self._unchanged(source.description, keep_persisted=not same)
+            return self.load_snapshot(snap, force=force)
+
+    def load_snapshot(
+        self, snap: Snapshot, *, force: bool = False, persisted_reason: str | None = None
+    ) -> str:
+        """The gate: verify, compile, test, swap. Returns loaded, rejected or unchanged."""
         with self._lock:
             self._last_attempt = time.time()
+            if persisted_reason is None:
+                self._last_candidate = snap.digest
+            if self.current is not None and snap.digest == self._digest and not force:
+                return self._unchanged(snap.origin, keep_persisted=persisted_reason is not None)
             try:
-                candidate = load_policy_set(root)
+                candidate = check_candidate(snap, self.verification_key, self.run_tests)
             except BundleError as exc:
-                self._last_error = str(exc)
-                self.metrics.bundle_loads.labels("rejected").inc()
-                log.error("%s", exc)
+                return self._reject(snap.origin, exc)
+            except Exception as exc:  # noqa: BLE001 - a bug in a step must not take the server down
+                log.exception("bundle from %s: unexpected error in the gate", snap.origin)
+                return self._reject(
+                    snap.origin,
+                    BundleError(
+                        [
+                            Problem(
+                                Position(snap.origin, 1, 1),
+                                f"internal error while loading: {exc!r}",
+                            )
+                        ]
+                    ),
+                )
+            self.current = candidate  # the swap: one assignment
+            now = time.time()
+            self._digest = snap.digest
+            self._served_from = snap.origin
+            self._loaded_at = now
+            self._last_result = LOADED
+            self._persisted_reason = persisted_reason
+            self.metrics.bundle_loaded(candidate.name, candidate.revision, now)
+            log.info(
+                "serving bundle %s revision %s from %s (%d policies, %d tenants)%s",
+                candidate.name,
+                candidate.revision,
+                snap.origin,
+                len(candidate.policies),
+                len(candidate.tenants),
+                f" [persisted copy: {persisted_reason}]" if persisted_reason else "",
+            )
+            if self.persist_dir is not None and persisted_reason is None:
+                try:
+                    persist.save(self.persist_dir, snap, candidate.name, candidate.revision)
+                except OSError as exc:
+                    log.error(
+                        "cannot persist bundle revision %s to %s: %s",
+                        candidate.revision,
+                        self.persist_dir,
+                        exc,
+                    )
+            del candidate, snap
+        self._notify()
+        return LOADED
+
+    def restore_persisted(self, reason: str) -> bool:
+        """Serve the ``--persist`` copy as the source gave no good bundle; True if it serves."""
+        if self.persist_dir is None:
+            return False
+        with self._lock:
+            try:
+                saved = persist.load(self.persist_dir, self.limits)
+            except BundleError as exc:
+                self._reject(str(self.persist_dir / persist.ARCHIVE), exc)
                 return False
-            self.current = candidate
-            self._loaded_at = time.time()
-            self._last_error = None
-            self.metrics.bundle_loaded(candidate.name, candidate.revision, self._loaded_at)
-            log.info("serving bundle %s revision %s (%d policies, %d tenants)",
-                     candidate.name, candidate.revision, len(candidate.policies), len(candidate.tenants))
-            return True
+            if saved is None:
+                return False
+            log.warning(
+                "serving the persisted bundle (revision %s, saved from %s): %s",
+                saved.meta.get("revision", "?"),
+                saved.meta.get("source", "?"),
+                reason,
+            )
+            result = self.load_snapshot(saved.snapshot, force=True, persisted_reason=reason)
+            return result == LOADED
+
+    # --- outcomes ----------------------------------------------------------------------
+
+    def _reject(self, origin: str, exc: BundleError) -> str:
+        now = time.time()
+        self._last_attempt = now
+        self._last_result = REJECTED
+        self._last_error = f"{origin}: {exc}"
+        self._last_error_at = now
+        self.metrics.bundle_loads.labels(REJECTED).inc()
+        cur = self.current
+        log.error(
+            "%s: %s%s",
+            origin,
+            exc,
+            f"\n  still serving revision {cur.revision}" if cur is not None else "",
+        )
+        self._notify()
+        return REJECTED
+
+    def _unavailable(self, origin: str, reason: str) -> str:
+        now = time.time()
+        self._last_attempt = now
+        self._last_result = ERROR
+        self._last_error = reason
+        self._last_error_at = now
+        if self._persisted_reason is not None:
+            self._persisted_reason = reason
+        self.metrics.bundle_loads.labels(ERROR).inc()
+        cur = self.current
+        log.warning(
+            "%s%s", reason, f"; still serving revision {cur.revision}" if cur is not None else ""
+        )
+        self._notify()
+        return ERROR
+
+    def _unchanged(self, origin: str, keep_persisted: bool = False) -> str:
+        self._last_attempt = time.time()
+        self._last_result = UNCHANGED
+        if not keep_persisted and self.current is not None and self._persisted_reason is not None:
+            # The source is back and holds the bundle we serve from the persisted copy.
+            log.info(
+                "source %s is back with the serving revision %s", origin, self.current.revision
+            )
+            self._persisted_reason = None
+            self._served_from = origin
+        self.metrics.bundle_loads.labels(UNCHANGED).inc()
+        return UNCHANGED
+
+    # --- observers ---------------------------------------------------------------------
+
+    def subscribe(self, listener: Callable[[Status], object]) -> Callable[[], None]:
+        """Call ``listener(status)`` after every load attempt that changed something."""
+        self._listeners.append(listener)
+
+        def unsubscribe() -> None:
+            try:
+                self._listeners.remove(listener)
+            except ValueError:
+                pass
+
+        return unsubscribe
+
+    def _notify(self) -> None:
+        st = self.status()
+        for listener in list(self._listeners):
+            try:
+                listener(st)
+            except Exception:  # noqa: BLE001 - an observer must not break loading
+                log.exception("bundle status listener failed")
 
     def status(self) -> Status:
         cur = self.current
-        return Status(cur.revision if cur else None, self._loaded_at, self._last_attempt, self._last_error)
+        return Status(
+            revision=cur.revision if cur else None,
+            loaded_at=self._loaded_at,
+            last_attempt_at=self._last_attempt,
+            last_error=self._last_error,
+            name=cur.name if cur else None,
+            source=self._source,
+            served_from=self._served_from,
+            last_result=self._last_result,
+            last_error_at=self._last_error_at,
+            serving_persisted=cur is not None and self._persisted_reason is not None,
+            persisted_reason=self._persisted_reason if cur is not None else None,
+        )

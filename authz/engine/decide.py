@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from authz.engine import explain
 from authz.engine.cel import CelEvalError, evaluate
 from authz.engine.model import Decision, Operation, Policy, Rule, Source, Tenant
 from authz.request import Request
@@ -60,6 +61,9 @@ class PolicySet:
     def decide(self, req: Request, tracer: Tracer | None = None) -> Decision:
         policies = self.applicable(req)
         if tracer is not None:
+            for p in self.policies:
+                if p not in policies:
+                    tracer.step("target", False, explain.describe_target(p, req), p.name)
             tracer.step("target", True, f"{len(policies)} policies apply: " + ", ".join(p.name for p in policies))
         audit: list[str] = []
         dry_run: list[str] = []
@@ -122,19 +126,27 @@ class PolicySet:
             else:
                 raw = req.source.after(policy.tenant.key) if req.source is not None else None
             fixed_tenant = self._tenant(raw, policy, tracer)
+        if tracer is not None:
+            tracer.step("policy", None, f"{policy.action}{' (dry run)' if policy.dry_run else ''}, "
+                        f"{len(policy.rules)} rule{'' if len(policy.rules) == 1 else 's'}"
+                        + ("" if policy.rules else ": matches nothing"), policy.name)
         for rule in policy.rules:
             captures = _operations_match(rule.operations, req)
             if captures is None:
                 if tracer is not None:
-                    tracer.step("to", False, "no operation matched", policy.name, rule.name)
+                    tracer.step("to", False, explain.describe_operations(rule.operations, req), policy.name, rule.name)
                 continue
+            if tracer is not None and rule.operations:
+                tracer.step("to", True, explain.describe_operations(rule.operations, req), policy.name, rule.name)
             tenant = fixed_tenant
             if policy.tenant is not None and policy.tenant.kind == "pathCapture":
                 tenant = self._tenant(captures.get(policy.tenant.key), policy, tracer)
             if rule.sources and not any(_source_matches(s, req) for s in rule.sources):
                 if tracer is not None:
-                    tracer.step("from", False, f"source {req.principal or '(none)'} did not match", policy.name, rule.name)
+                    tracer.step("from", False, explain.describe_sources(rule.sources, req), policy.name, rule.name)
                 continue
+            if tracer is not None and rule.sources:
+                tracer.step("from", True, explain.describe_sources(rule.sources, req), policy.name, rule.name)
             if rule.conditions and not self._conditions_hold(policy, rule, req, tenant, captures, base, tracer):
                 continue
             if tracer is not None:
@@ -145,7 +157,8 @@ class PolicySet:
     def _tenant(self, raw: str | None, policy: Policy, tracer: Tracer | None) -> Tenant | None:
         if raw is None:
             if tracer is not None:
-                tracer.step("tenant", None, f"no tenant from {policy.tenant.kind if policy.tenant else ''}", policy.name)
+                src = f"{policy.tenant.kind} {policy.tenant.key!r}" if policy.tenant else ""
+                tracer.step("tenant", None, f"no tenant from {src}", policy.name)
             return None
         if not TENANT_ID.match(raw):
             raise _TenantDenied("invalid tenant", raw, policy.name)

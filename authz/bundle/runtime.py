@@ -1,0 +1,161 @@
+"""What `authz serve` and `authz build` do with bundles, kept out of cli.py.
+
+``start_bundles`` opens the ``--bundle`` source, makes the first load (falling back to the
+``--persist`` copy when the source gives no good bundle) and starts the reloader.
+``build`` packs a bundle directory into a verified, optionally signed archive.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from authz.bundle import archive, signing
+from authz.bundle.archive import Limits
+from authz.bundle.loader import BundleError
+from authz.bundle.sources import PollPolicy, SourceUnavailable, open_source, read_directory
+from authz.bundle.store import BundleStore, check_candidate
+from authz.bundle.watcher import Reloader
+from authz.metrics import Metrics
+
+log = logging.getLogger("authz")
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """The bundle flags of `authz serve` (--bundle itself is declared by cli.py)."""
+    g = parser.add_argument_group("bundles")
+    g.add_argument(
+        "--verification-key",
+        type=Path,
+        metavar="KEY",
+        help="Ed25519 public key (PEM): serve only bundles signed with its private key",
+    )
+    g.add_argument(
+        "--persist",
+        type=Path,
+        metavar="DIR",
+        help="keep the last good bundle in DIR; serve it at start when the source gives none",
+    )
+    g.add_argument(
+        "--watch-interval",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="how often a directory or archive is checked for changes (default 1)",
+    )
+    g.add_argument(
+        "--poll-min",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="bundle server: shortest delay between polls (default 10)",
+    )
+    g.add_argument(
+        "--poll-max",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="bundle server: longest delay between polls (default 30); "
+        "each delay is drawn between min and max",
+    )
+    g.add_argument(
+        "--poll-backoff-max",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="bundle server: longest delay after repeated errors (default 120)",
+    )
+    g.add_argument(
+        "--poll-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="bundle server: timeout of one download (default 10)",
+    )
+    g.add_argument(
+        "--bundle-max-bytes",
+        type=int,
+        default=archive.DEFAULT_MAX_BYTES,
+        metavar="N",
+        help="largest bundle accepted, downloaded or unpacked (default 128 MiB)",
+    )
+
+
+def start_bundles(
+    args: argparse.Namespace, metrics: Metrics, default: Path
+) -> tuple[BundleStore, Reloader]:
+    """The store, first load done, and the running reloader. SystemExit(2) on bad flags."""
+    key = None
+    if args.verification_key is not None:
+        try:
+            key = signing.load_verification_key(args.verification_key)
+        except signing.KeyFileError as exc:
+            print(f"authz serve: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+    limits = Limits(max_bytes=args.bundle_max_bytes)
+    try:
+        policy = PollPolicy(
+            min_delay=args.poll_min,
+            max_delay=args.poll_max,
+            backoff_max=args.poll_backoff_max,
+            timeout=args.poll_timeout,
+        )
+        source = open_source(args.bundle or default, limits, policy)
+    except ValueError as exc:
+        print(f"authz serve: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    store = BundleStore(
+        metrics,
+        verification_key=key,
+        persist_dir=args.persist,
+        limits=limits,
+        source=source.description,
+    )
+    reloader = Reloader(store, source, interval=args.watch_interval)
+    reloader.initial_load()
+    if store.current is None and args.persist is not None:
+        reason = store.status().last_error or "the source gave no bundle"
+        store.restore_persisted(f"source {source.description} gave no good bundle: {reason}")
+    if store.current is None:
+        reason = store.status().last_error or "no bundle"
+        message = (
+            f"authz: no bundle to serve ({reason}); gRPC health is NOT_SERVING, /readyz "
+            f"fails and every check is denied until {source.description} gives a good bundle"
+        )
+        print(message, file=sys.stderr)
+    reloader.start()
+    return store, reloader
+
+
+def build(directory: Path, output: Path, signing_key: Path | None) -> int:
+    """`authz build DIR -o FILE.tar.gz [--signing-key KEY]`: 0 written, 2 bundle or key error."""
+    key = None
+    if signing_key is not None:
+        try:
+            key = signing.load_signing_key(signing_key)
+        except signing.KeyFileError as exc:
+            print(f"authz build: {exc}", file=sys.stderr)
+            return 2
+    try:
+        snap = read_directory(directory, Limits())
+        files = {k: v for k, v in snap.files.items() if k not in archive.META_FILES}
+        policy_set = check_candidate(archive.Snapshot(files, str(directory)))
+    except SourceUnavailable as exc:
+        print(f"authz build: {exc}", file=sys.stderr)
+        return 2
+    except BundleError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    data = archive.build_archive(files, policy_set.name, policy_set.revision, key)
+    try:
+        archive.write_atomic(output, data)
+    except OSError as exc:
+        print(f"authz build: cannot write {output}: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"{output}: bundle {policy_set.name} revision {policy_set.revision}, {len(files)} files, "
+        f"{len(data)} bytes, {'signed' if key is not None else 'unsigned'}"
+    )
+    return 0

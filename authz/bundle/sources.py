@@ -1,0 +1,327 @@
+"""Where bundles come from: a directory, a .tar.gz archive, or an HTTP(S) bundle server.
+
+Each source turns what it finds into a Snapshot (the bundle's bytes in memory) for the
+gate in store.py. Sources never compile or swap anything.
+
+- DirectorySource reads the files under a directory, skipping hidden ones. A Kubernetes
+  ConfigMap mount (``..data`` -> ``..2024_01_01_00_00_00.1``, swapped atomically by the
+  kubelet) is read through the resolved ``..data`` target, and re-read if the target
+  changed while reading, so a snapshot never mixes two versions.
+- ArchiveSource reads a bundle archive from a file.
+- HttpSource polls a URL with ``If-None-Match``, a timeout and a size limit; the delay
+  between polls is drawn between a minimum and a maximum (jitter), and grows
+  exponentially after errors (backoff).
+
+File sources also give a cheap ``fingerprint()`` (paths, sizes, mtimes, inodes) that the
+watcher compares to notice changes without reading the files.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+import urllib.error
+import urllib.request
+import urllib.response
+from collections.abc import Hashable, Iterator
+from dataclasses import dataclass
+from email.message import Message
+from pathlib import Path
+from typing import Protocol
+
+from authz.bundle.archive import DEFAULT_LIMITS, Limits, Snapshot, reject, unpack
+
+CONFIGMAP_DATA = "..data"
+
+
+class SourceUnavailable(Exception):
+    """The source could not be read (missing, unreachable, server error): nothing to judge."""
+
+
+class Source(Protocol):
+    description: str
+    polled: bool  # True: fetch on a timer (next_delay); False: watch fingerprint()
+
+    def fetch(self, force: bool = False) -> Snapshot | None:
+        """A snapshot, or None when the source reports it unchanged.
+
+        Raises SourceUnavailable when it cannot be read, BundleError when what it holds
+        is not acceptable as a bundle (too large, a broken archive).
+        """
+        ...
+
+    def fingerprint(self) -> Hashable: ...
+
+    def next_delay(self, ok: bool) -> float: ...
+
+
+# --- directories -----------------------------------------------------------------------
+
+
+def directory_base(root: Path) -> Path:
+    """The directory holding the files: the resolved ``..data`` of a ConfigMap mount, else root."""
+    data = root / CONFIGMAP_DATA
+    if os.path.lexists(data):
+        return Path(os.path.realpath(data))
+    return root
+
+
+def _walk(base: Path, max_files: int) -> Iterator[tuple[str, Path]]:
+    """(relative posix path, path) of the non-hidden regular files under ``base``, sorted."""
+    found = 0
+    for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        rel_dir = os.path.relpath(dirpath, base)
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            rel = name if rel_dir == "." else f"{Path(rel_dir).as_posix()}/{name}"
+            path = Path(dirpath) / name
+            if not path.is_file():
+                continue
+            found += 1
+            if found > max_files:
+                raise reject(rel, f"bundle has more than {max_files} files")
+            yield rel, path
+
+
+def read_directory(
+    root: Path, limits: Limits = DEFAULT_LIMITS, origin: str | None = None
+) -> Snapshot:
+    """A consistent snapshot of the bundle directory at ``root``."""
+    root = Path(root)
+    origin = origin or str(root)
+    if not root.is_dir():
+        raise SourceUnavailable(f"bundle directory {root} does not exist")
+    for _ in range(10):
+        base = directory_base(root)
+        files: dict[str, bytes] = {}
+        total = 0
+        try:
+            for rel, path in _walk(base, limits.max_files):
+                data = path.read_bytes()
+                total += len(data)
+                if total > limits.max_bytes:
+                    raise reject(
+                        rel, f"bundle files exceed the size limit of {limits.max_bytes} bytes"
+                    )
+                files[rel] = data
+        except FileNotFoundError:
+            time.sleep(0.05)  # a ConfigMap swap removed the old version while we read it
+            continue
+        except OSError as exc:
+            raise SourceUnavailable(f"cannot read bundle directory {root}: {exc}") from exc
+        if directory_base(root) != base:
+            continue  # swapped while reading: read the new version
+        return Snapshot(files, origin)
+    raise SourceUnavailable(f"bundle directory {root} kept changing while being read")
+
+
+def directory_fingerprint(root: Path, max_files: int) -> Hashable:
+    try:
+        base = directory_base(Path(root))
+        entries = []
+        for rel, path in _walk(base, max_files):
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue
+            entries.append((rel, st.st_size, st.st_mtime_ns, st.st_ino))
+        return (str(base), tuple(entries))
+    except Exception:  # noqa: BLE001 - a fingerprint that can't be taken is a change to look at
+        return ("unreadable", time.monotonic())
+
+
+class DirectorySource:
+    polled = False
+
+    def __init__(self, root: Path, limits: Limits = DEFAULT_LIMITS) -> None:
+        self.root = Path(root)
+        self.limits = limits
+        self.description = str(self.root)
+
+    def fetch(self, force: bool = False) -> Snapshot:
+        return read_directory(self.root, self.limits, self.description)
+
+    def fingerprint(self) -> Hashable:
+        return directory_fingerprint(self.root, self.limits.max_files)
+
+    def next_delay(self, ok: bool) -> float:
+        return 1.0
+
+
+# --- archive files ---------------------------------------------------------------------
+
+
+class ArchiveSource:
+    polled = False
+
+    def __init__(self, path: Path, limits: Limits = DEFAULT_LIMITS) -> None:
+        self.path = Path(path)
+        self.limits = limits
+        self.description = str(self.path)
+
+    def fetch(self, force: bool = False) -> Snapshot:
+        try:
+            size = self.path.stat().st_size
+            if size > self.limits.max_bytes:
+                raise reject(
+                    self.path.name,
+                    f"bundle is {size} bytes, over the size limit of {self.limits.max_bytes}",
+                )
+            data = self.path.read_bytes()
+        except FileNotFoundError as exc:
+            raise SourceUnavailable(f"bundle archive {self.path} does not exist") from exc
+        except OSError as exc:
+            raise SourceUnavailable(f"cannot read bundle archive {self.path}: {exc}") from exc
+        return unpack(data, self.description, self.limits)
+
+    def fingerprint(self) -> Hashable:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+    def next_delay(self, ok: bool) -> float:
+        return 1.0
+
+
+# --- bundle servers --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PollPolicy:
+    min_delay: float = 10.0
+    max_delay: float = 30.0
+    backoff_max: float = 120.0
+    timeout: float = 10.0
+
+
+class HttpSource:
+    """Polls a bundle server; the body is a bundle archive (what `authz build` writes)."""
+
+    polled = True
+
+    def __init__(
+        self,
+        url: str,
+        limits: Limits = DEFAULT_LIMITS,
+        policy: PollPolicy = PollPolicy(),
+        rng: random.Random | None = None,
+    ) -> None:
+        if policy.min_delay <= 0 or policy.max_delay < policy.min_delay:
+            raise ValueError("poll delays must satisfy 0 < min <= max")
+        self.url = url
+        self.description = url
+        self.limits = limits
+        self.policy = policy
+        self.etag: str | None = None
+        self.failures = 0
+        self._rng = rng or random.Random()
+        self._opener = urllib.request.build_opener()
+
+    def fetch(self, force: bool = False) -> Snapshot | None:
+        headers = {
+            "Accept": "application/gzip, application/octet-stream",
+            "User-Agent": "authz-bundle-poller",
+        }
+        if self.etag and not force:
+            headers["If-None-Match"] = self.etag
+        req = urllib.request.Request(self.url, headers=headers)
+        deadline = time.monotonic() + self.policy.timeout
+        try:
+            resp = self._opener.open(req, timeout=self.policy.timeout)
+        except urllib.error.HTTPError as exc:
+            exc.close()
+            if exc.code == 304:
+                self.failures = 0
+                return None
+            self.failures += 1
+            raise SourceUnavailable(
+                f"bundle server answered HTTP {exc.code} for {self.url}"
+            ) from None
+        except (OSError, ValueError) as exc:
+            self.failures += 1
+            reason = getattr(exc, "reason", exc)
+            raise SourceUnavailable(f"bundle server {self.url} unreachable: {reason}") from None
+        try:
+            with resp:
+                if resp.status == 304:
+                    self.failures = 0
+                    return None
+                data = self._read_body(resp, deadline)
+                etag = _etag(resp.headers)
+        except SourceUnavailable:
+            self.failures += 1
+            raise
+        self.failures = 0
+        # Remember the ETag even if the gate rejects this body: the same bytes would be
+        # rejected again, so there is no point downloading them at every poll.
+        self.etag = etag
+        return unpack(data, self.url, self.limits)
+
+    def _read_body(self, resp: urllib.response.addinfourl, deadline: float) -> bytes:
+        limit = self.limits.max_bytes
+        length = resp.headers.get("Content-Length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            self.etag = _etag(resp.headers)
+            raise reject(
+                _name(self.url), f"bundle is {length} bytes, over the size limit of {limit}"
+            )
+        chunks: list[bytes] = []
+        total = 0
+        try:
+            while True:
+                if time.monotonic() > deadline:
+                    raise SourceUnavailable(
+                        f"bundle download from {self.url} took longer than {self.policy.timeout}s"
+                    )
+                chunk = resp.read(min(65536, limit + 1 - total))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                total += len(chunk)
+                if total > limit:
+                    self.etag = _etag(resp.headers)
+                    raise reject(_name(self.url), f"bundle is over the size limit of {limit} bytes")
+        except (OSError, ValueError) as exc:
+            raise SourceUnavailable(f"bundle download from {self.url} failed: {exc}") from None
+        return b"".join(chunks)
+
+    def fingerprint(self) -> Hashable:
+        return None
+
+    def next_delay(self, ok: bool) -> float:
+        """Seconds until the next poll: jittered between min and max, backing off on errors."""
+        p = self.policy
+        if ok or self.failures == 0:
+            return self._rng.uniform(p.min_delay, p.max_delay)
+        ceiling = min(p.backoff_max, p.min_delay * (2 ** min(self.failures, 30)))
+        ceiling = max(ceiling, p.min_delay)
+        return self._rng.uniform(ceiling / 2, ceiling)
+
+
+def _etag(headers: Message) -> str | None:
+    value = headers.get("ETag")
+    return value.strip() if value else None
+
+
+def _name(url: str) -> str:
+    return url.rstrip("/").rsplit("/", 1)[-1] or url
+
+
+def open_source(
+    spec: str | Path, limits: Limits = DEFAULT_LIMITS, policy: PollPolicy = PollPolicy()
+) -> Source:
+    """The source for a ``--bundle`` value: an http(s) URL, a .tar.gz file or a directory."""
+    text = str(spec)
+    if text.startswith(("http://", "https://")):
+        return HttpSource(text, limits, policy)
+    path = Path(text)
+    if path.is_dir():
+        return DirectorySource(path, limits)
+    if text.endswith((".tar.gz", ".tgz")) or path.is_file():
+        return ArchiveSource(path, limits)
+    return DirectorySource(path, limits)  # does not exist yet: watched until it appears

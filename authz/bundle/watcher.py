@@ -1,0 +1,128 @@
+"""The reload loop: one background thread that watches or polls a source and feeds the gate.
+
+File sources (a directory or an archive) are watched by polling a cheap fingerprint
+(path, size, mtime, inode of every non-hidden file; the ``..data`` target of a ConfigMap
+mount) every ``interval`` seconds. A change is loaded once the fingerprint has settled,
+that is, stayed the same for ``settle`` seconds; a ConfigMap's atomic symlink swap
+therefore causes exactly one load, and a burst of edits one load after the burst.
+
+HTTP sources are fetched after each ``source.next_delay()`` (jittered, backing off after
+errors).
+
+``trigger()`` (SIGHUP) wakes the thread to reload at once, without waiting for a change
+or a poll delay.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Hashable
+
+from authz.bundle.sources import Source
+from authz.bundle.store import ERROR, BundleStore
+
+log = logging.getLogger("authz.bundle")
+
+
+class Reloader:
+    def __init__(
+        self,
+        store: BundleStore,
+        source: Source,
+        *,
+        interval: float = 1.0,
+        settle: float | None = None,
+    ) -> None:
+        self.store = store
+        self.source = source
+        self.interval = interval
+        self.settle = interval if settle is None else settle
+        self.loads = 0  # load attempts made by this reloader (for tests and logs)
+        self._wake = threading.Event()
+        self._forced = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._loaded_fp: Hashable = None
+        self._last_ok = True
+
+    # --- control -------------------------------------------------------------------------
+
+    def initial_load(self) -> str:
+        """The first load, in the caller's thread; later changes are picked up by the thread."""
+        self._loaded_fp = self.source.fingerprint()
+        return self._load(force=False)
+
+    def start(self) -> Reloader:
+        self._thread = threading.Thread(target=self._run, name="authz-bundle-reloader", daemon=True)
+        self._thread.start()
+        return self
+
+    def trigger(self) -> None:
+        """Reload now (SIGHUP). Safe from any thread and from a signal handler."""
+        self._forced = True
+        self._wake.set()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # --- the loop ------------------------------------------------------------------------
+
+    def _load(self, force: bool) -> str:
+        self.loads += 1
+        result = self.store.fetch_and_load(self.source, force=force)
+        self._last_ok = result != ERROR
+        return result
+
+    def _take_forced(self) -> bool:
+        if self._forced:
+            self._forced = False
+            self._wake.clear()
+            return True
+        self._wake.clear()
+        return False
+
+    def _run(self) -> None:
+        try:
+            if self.source.polled:
+                self._poll_loop()
+            else:
+                self._watch_loop()
+        except Exception:  # noqa: BLE001 - never die silently; the last good bundle keeps serving
+            log.exception("bundle reloader stopped on an unexpected error")
+
+    def _poll_loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.source.next_delay(self._last_ok))
+            if self._stop.is_set():
+                return
+            forced = self._take_forced()
+            if forced:
+                log.info("reloading %s now (signal)", self.source.description)
+            self._load(force=forced)
+
+    def _watch_loop(self) -> None:
+        seen = self._loaded_fp
+        changed_at = time.monotonic()
+        while not self._stop.is_set():
+            self._wake.wait(self.interval)
+            if self._stop.is_set():
+                return
+            if self._take_forced():
+                log.info("reloading %s now (signal)", self.source.description)
+                fp = self.source.fingerprint()
+                self._load(force=True)
+                self._loaded_fp = seen = fp
+                continue
+            fp = self.source.fingerprint()
+            now = time.monotonic()
+            if fp != seen:
+                seen, changed_at = fp, now  # still changing: wait for it to settle
+                continue
+            if fp != self._loaded_fp and now - changed_at >= self.settle:
+                self._loaded_fp = fp
+                self._load(force=False)

@@ -1,0 +1,247 @@
+"""`authz lint`: each listed error and warning, at its line and column."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from authz.cli import main
+from authz.lint import lint_bundle
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE = REPO / "policies" / "example"
+
+MANIFEST = """\
+apiVersion: authz/v1
+kind: Bundle
+name: lint
+revision: "1"
+trustDomain: cluster.local
+"""
+
+
+def bundle(tmp_path: Path, policies: str, manifest_extra: str = "", **files: str) -> Path:
+    root = tmp_path / "b"
+    (root / "policies").mkdir(parents=True)
+    (root / "bundle.yaml").write_text(MANIFEST + textwrap.dedent(manifest_extra))
+    (root / "policies" / "p.yaml").write_text(textwrap.dedent(policies))
+    for name, text in files.items():
+        path = root / name.replace("__", "/").replace("_yaml", ".yaml")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text))
+    return root
+
+
+def lint(root: Path) -> list[str]:
+    return [str(p) for p in lint_bundle(root)]
+
+
+def has(problems: list[str], start: str, text: str) -> bool:
+    return any(p.startswith(start) and text in p for p in problems)
+
+
+def test_example_bundle_is_clean(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["lint", str(EXAMPLE)]) == 0
+    assert capsys.readouterr().out.strip() == "0 errors, 0 warnings"
+
+
+# --- errors ---------------------------------------------------------------------------
+
+ERRORS = """\
+apiVersion: authz/v1
+kind: Policy
+name: api
+action: ALLOW
+tenant:
+  pathCapture: tenant
+rules:
+  - name: bad-cel
+    to:
+      - operation:
+          paths: ["/v1/{tenant}/x"]
+    when:
+      - request.method == "GET" && data.blocklist.size() == 0
+      - request.methd == "GET"
+      - "tenant.plan == 'gold' &&"
+  - name: bad-template
+    to:
+      - operation:
+          paths: ["/v1/{**}/x"]
+"""
+
+
+def test_compile_errors_at_their_positions(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = bundle(tmp_path, ERRORS)
+    problems = lint(root)
+    # invalid CEL: the column inside the expression, and the file column of that character
+    assert has(problems, "policies/p.yaml:14:16: error: invalid CEL at column 8 of the expression",
+               "undeclared reference to 'request.methd'")
+    assert has(problems, "policies/p.yaml:15:34: error: invalid CEL at column 25 of the expression", "Syntax error")
+    # invalid template
+    assert has(problems, "policies/p.yaml:19:19: error: invalid path template '/v1/{**}/x'", "last part")
+    # data the policy needs but the bundle lacks: tenant data, and a data file
+    assert has(problems, "policies/p.yaml:5:1: error: policy reads a tenant but the bundle has no tenant data", "")
+    assert has(problems, "policies/p.yaml:13:9: error: condition reads data.blocklist", "no data/blocklist.yaml")
+    assert main(["lint", str(root)]) == 1
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "5 errors, 0 warnings"
+
+
+def test_unknown_fields_and_unknown_tenant_source(tmp_path: Path) -> None:
+    root = bundle(tmp_path, """\
+        apiVersion: authz/v1
+        kind: Policy
+        name: api
+        action: ALLOW
+        tenant:
+          query: tenant
+        rules:
+          - name: r
+            to:
+              - operation:
+                  methd: [GET]
+        """)
+    problems = lint(root)
+    assert has(problems, "policies/p.yaml:6:3: error: unknown field 'query' in tenant",
+               "known: pathCapture, header, principalSegment")
+    assert has(problems, "policies/p.yaml:11:11: error: unknown field 'methd' in rules/0/to/0/operation", "")
+
+
+def test_tenant_capture_no_path_has(tmp_path: Path) -> None:
+    root = bundle(tmp_path, """\
+        apiVersion: authz/v1
+        kind: Policy
+        name: api
+        action: ALLOW
+        tenant:
+          pathCapture: org
+        rules:
+          - to:
+              - operation:
+                  paths: ["/v1/{tenant}/x"]
+        """, tenants__t_yaml="tenants: {acme: {}}\n")
+    assert has(lint(root), "policies/p.yaml:6:16: error: tenant capture '{org}' appears in no path", "")
+
+
+# --- warnings -------------------------------------------------------------------------
+
+WARNINGS = """\
+apiVersion: authz/v1
+kind: Policy
+name: api
+target:
+  principals: ["spiffe://cluster.local/ns/prod/sa/api"]
+action: ALLOW
+rules:
+  - name: anyone
+    from:
+      - source:
+          principals: ["*"]
+    to:
+      - operation:
+          methods: [GET]
+  - name: admin-read
+    from:
+      - source:
+          principals: ["spiffe://other.example/ns/ops/sa/admin", "old.local/ns/ops/sa/admin"]
+    to:
+      - operation:
+          methods: [GET]
+          paths: ["/admin/users"]
+---
+apiVersion: authz/v1
+kind: Policy
+name: block-admin
+action: DENY
+rules:
+  - name: admin
+    to:
+      - operation:
+          paths: ["/admin*"]
+"""
+
+
+@pytest.fixture
+def warned(tmp_path: Path) -> list[str]:
+    root = bundle(tmp_path, WARNINGS, "trustDomainAliases: [old.local]\ndefaultAction: ALLOW\n",
+                  tenants__t_yaml="tenants:\n  acme:\n    callers: [spiffe://cluster.local/ns/prod/sa/web]\n",
+                  data__blocklist_yaml="blocked: []\n")
+    return lint(root)
+
+
+def test_wildcard_principal_in_allow(warned: list[str]) -> None:
+    assert has(warned, "policies/p.yaml:11:24: warning: ALLOW rule 'api/anyone' has wildcard principal '*'", "")
+
+
+def test_rule_unreachable_after_deny(warned: list[str]) -> None:
+    assert has(warned, "policies/p.yaml:15:5: warning: rule 'api/admin-read' is unreachable: DENY rule "
+               "'block-admin/admin' (policies/p.yaml:29:5)", "")
+    assert not any("'api/anyone' is unreachable" in p for p in warned)  # GET /anything is not all /admin*
+
+
+def test_namespace_without_default_deny(warned: list[str]) -> None:
+    assert has(warned, "policies/p.yaml:5:16: warning: namespace 'prod' has ALLOW policies but no default deny", "")
+
+
+def test_foreign_trust_domain(warned: list[str]) -> None:
+    assert has(warned, "policies/p.yaml:18:24: warning: principal 'spiffe://other.example/ns/ops/sa/admin' is in "
+               "trust domain 'other.example'", "")
+    assert not any("old.local/ns/ops" in p for p in warned)  # an alias is fine
+
+
+def test_unused_tenant_and_data(warned: list[str]) -> None:
+    assert has(warned, "tenants/t.yaml:1:1: warning: tenant data that no policy reads", "")
+    assert has(warned, "data/blocklist.yaml:1:1: warning: data file 'data/blocklist.yaml' is read by no condition", "")
+    assert len(warned) == 6 and all(": warning: " in p for p in warned)
+
+
+def test_warnings_alone_exit_0_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = bundle(tmp_path, WARNINGS, "defaultAction: ALLOW\n")
+    assert main(["lint", str(root), "--format", "json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["errors"] == 0 and result["warnings"] == 5
+    assert {"file": "policies/p.yaml", "line": 11, "column": 24, "severity": "warning",
+            "message": "ALLOW rule 'api/anyone' has wildcard principal '*': it admits every workload of the "
+                       "mesh, not one caller"} in result["problems"]
+
+
+def test_no_false_warnings(tmp_path: Path) -> None:
+    """A conditional DENY does not shadow, a namespace-wide ALLOW is a default deny, data that is read is used."""
+    root = bundle(tmp_path, """\
+        apiVersion: authz/v1
+        kind: Policy
+        name: ns-default
+        target:
+          principals: ["spiffe://cluster.local/ns/prod/sa/*"]
+        action: ALLOW
+        ---
+        apiVersion: authz/v1
+        kind: Policy
+        name: api
+        target:
+          principals: ["spiffe://cluster.local/ns/prod/sa/api"]
+        action: ALLOW
+        rules:
+          - name: admin-read
+            from:
+              - source:
+                  principals: ["spiffe://cluster.local/ns/ops/sa/admin"]
+            to:
+              - operation:
+                  paths: ["/admin/users"]
+        ---
+        apiVersion: authz/v1
+        kind: Policy
+        name: block-admin
+        action: DENY
+        rules:
+          - name: admin
+            to:
+              - operation:
+                  paths: ["/admin*"]
+            when:
+              - request.headers["x-break-glass"] in data.blocklist
+        """, "defaultAction: ALLOW\n", data__blocklist_yaml="[]\n")
+    assert lint(root) == []

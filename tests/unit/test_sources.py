@@ -1,0 +1,358 @@
+"""Bundle sources: directories (ConfigMap mounts too), archives, bundle servers, the watcher."""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from bundle_factory import write_bundle
+
+from authz.bundle import archive
+from authz.bundle.archive import Limits
+from authz.bundle.loader import BundleError
+from authz.bundle.sources import (
+    ArchiveSource,
+    DirectorySource,
+    HttpSource,
+    PollPolicy,
+    SourceUnavailable,
+    open_source,
+    read_directory,
+)
+from authz.bundle.store import LOADED, UNCHANGED, BundleStore
+from authz.bundle.watcher import Reloader
+from authz.metrics import Metrics
+
+POLICY = {
+    "name": "probe",
+    "action": "ALLOW",
+    "rules": [{"name": "probe", "to": [{"operation": {"methods": ["GET"], "paths": ["/probe"]}}]}],
+}
+
+
+def bundle_bytes(tmp_path: Path, revision: str) -> dict[str, bytes]:
+    root = write_bundle(tmp_path / f"src-{revision}", [POLICY], revision=revision)
+    return dict(read_directory(root).files)
+
+
+# --- a ConfigMap mount, the way the kubelet writes one --------------------------------
+
+
+class ConfigMapDir:
+    """``root/..data -> ..<version>``, top-level entries symlinked through ``..data``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.version = 0
+        root.mkdir(parents=True, exist_ok=True)
+
+    def publish(self, files: dict[str, bytes]) -> None:
+        self.version += 1
+        target = self.root / f"..2026_01_01_00_00_{self.version:02d}.{os.getpid()}"
+        for name, data in files.items():
+            path = target / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+        data_link = self.root / "..data"
+        old = os.readlink(data_link) if data_link.is_symlink() else None
+        tmp_link = self.root / "..data_tmp"
+        os.symlink(target.name, tmp_link)
+        os.replace(tmp_link, data_link)  # the atomic swap
+        for top in {name.split("/", 1)[0] for name in files}:
+            link = self.root / top
+            if not link.is_symlink():
+                os.symlink(f"..data/{top}", link)
+        if old is not None:
+            for dirpath, dirnames, filenames in os.walk(self.root / old, topdown=False):
+                for f in filenames:
+                    os.unlink(os.path.join(dirpath, f))
+                for d in dirnames:
+                    os.rmdir(os.path.join(dirpath, d))
+            os.rmdir(self.root / old)
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+def test_directory_snapshot_skips_hidden_files(tmp_path: Path) -> None:
+    root = write_bundle(tmp_path / "b", [POLICY])
+    (root / ".editor.swp").write_text("x")
+    (root / ".git").mkdir()
+    (root / ".git" / "HEAD").write_text("ref")
+    (root / "policies" / ".p.yaml.tmp").write_text("half written")
+    snap = read_directory(root)
+    assert set(snap.files) == {"bundle.yaml", "policies/p.yaml"}
+    with pytest.raises(SourceUnavailable):
+        read_directory(tmp_path / "missing")
+    with pytest.raises(BundleError, match="size limit"):
+        read_directory(root, Limits(max_bytes=10))
+
+
+def test_configmap_mount_is_read_through_its_data_symlink(tmp_path: Path) -> None:
+    cm = ConfigMapDir(tmp_path / "cm")
+    cm.publish(bundle_bytes(tmp_path, "r1"))
+    snap = read_directory(cm.root)
+    assert set(snap.files) == {"bundle.yaml", "policies/p.yaml"}
+    assert b"revision: r1" in snap.files["bundle.yaml"]
+    cm.publish(bundle_bytes(tmp_path, "r2"))
+    assert b"revision: r2" in read_directory(cm.root).files["bundle.yaml"]
+
+
+def store_and_reloader(source: Any, **kw: Any) -> tuple[BundleStore, Reloader]:
+    store = BundleStore(Metrics())
+    reloader = Reloader(store, source, **kw)
+    assert reloader.initial_load() == LOADED
+    return store, reloader
+
+
+def loads(store: BundleStore, result: str) -> float:
+    return store.metrics.bundle_loads.labels(result)._value.get()
+
+
+def test_configmap_symlink_swap_is_picked_up_exactly_once(tmp_path: Path) -> None:
+    cm = ConfigMapDir(tmp_path / "cm")
+    cm.publish(bundle_bytes(tmp_path, "r1"))
+    store, reloader = store_and_reloader(DirectorySource(cm.root), interval=0.05)
+    reloader.start()
+    try:
+        time.sleep(0.3)
+        assert reloader.loads == 1  # nothing changed: no load
+        cm.publish(bundle_bytes(tmp_path, "r2"))
+        assert wait_for(lambda: store.current is not None and store.current.revision == "r2")
+        time.sleep(0.5)  # ten more polls: none may load again
+        assert reloader.loads == 2
+        assert loads(store, LOADED) == 2 and loads(store, UNCHANGED) == 0
+    finally:
+        reloader.stop()
+
+
+def test_edits_are_debounced_and_hidden_files_ignored(tmp_path: Path) -> None:
+    root = write_bundle(tmp_path / "b", [POLICY], revision="r1")
+    store, reloader = store_and_reloader(DirectorySource(root), interval=0.05, settle=0.3)
+    reloader.start()
+    try:
+        (root / ".swap").write_text("editor junk")
+        time.sleep(0.3)
+        assert reloader.loads == 1
+        # A burst of edits (each under the settle time apart) loads once, after the burst.
+        for i in range(5):
+            (root / "bundle.yaml").write_text(
+                yaml.safe_dump(
+                    {
+                        "apiVersion": "authz/v1",
+                        "kind": "Bundle",
+                        "name": "t",
+                        "revision": f"r2-{i}",
+                        "trustDomain": "cluster.local",
+                    }
+                )
+            )
+            time.sleep(0.1)
+        assert wait_for(lambda: store.current is not None and store.current.revision == "r2-4")
+        time.sleep(0.4)
+        assert reloader.loads == 2
+    finally:
+        reloader.stop()
+
+
+def test_trigger_reloads_at_once(tmp_path: Path) -> None:
+    root = write_bundle(tmp_path / "b", [POLICY], revision="r1")
+    store, reloader = store_and_reloader(DirectorySource(root), interval=60)
+    reloader.start()
+    try:
+        write_bundle(root, [POLICY], revision="r2")
+        started = time.monotonic()
+        reloader.trigger()
+        assert wait_for(lambda: store.current is not None and store.current.revision == "r2", 2)
+        assert time.monotonic() - started < 1.0
+    finally:
+        reloader.stop()
+
+
+def test_archive_file_source_is_watched(tmp_path: Path) -> None:
+    path = tmp_path / "bundle.tar.gz"
+    archive.write_atomic(path, archive.build_archive(bundle_bytes(tmp_path, "r1"), "t", "r1"))
+    source = open_source(path)
+    assert isinstance(source, ArchiveSource)
+    store, reloader = store_and_reloader(source, interval=0.05)
+    reloader.start()
+    try:
+        archive.write_atomic(path, archive.build_archive(bundle_bytes(tmp_path, "r2"), "t", "r2"))
+        assert wait_for(lambda: store.current is not None and store.current.revision == "r2")
+        path.write_bytes(b"\x1f\x8b broken")
+        assert wait_for(lambda: loads(store, "rejected") == 1)
+        assert store.current is not None and store.current.revision == "r2"
+    finally:
+        reloader.stop()
+
+
+# --- HTTP bundle server -----------------------------------------------------------------
+
+
+class BundleServer:
+    """Serves one archive at /bundle.tar.gz with a strong ETag; counts requests."""
+
+    def __init__(self, port: int = 0) -> None:
+        self.body = b""
+        self.etag = '"0"'
+        self.requests: list[dict[str, str]] = []
+        self.delay = 0.0
+        self.status = 200
+        self.send_length = True
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:  # noqa: N802
+                outer.requests.append({k.lower(): v for k, v in self.headers.items()})
+                time.sleep(outer.delay)
+                if outer.status != 200:
+                    self.send_response(outer.status)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                if self.headers.get("If-None-Match") == outer.etag:
+                    self.send_response(304)
+                    self.send_header("ETag", outer.etag)
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("ETag", outer.etag)
+                if outer.send_length:
+                    self.send_header("Content-Length", str(len(outer.body)))
+                else:
+                    self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.write(outer.body)
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/bundle.tar.gz"
+
+    def publish(self, body: bytes, etag: str) -> None:
+        self.body, self.etag = body, etag
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server() -> Iterator[BundleServer]:
+    s = BundleServer()
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def test_http_source_uses_etags(tmp_path: Path, server: BundleServer) -> None:
+    server.publish(archive.build_archive(bundle_bytes(tmp_path, "r1"), "t", "r1"), '"r1"')
+    source = HttpSource(server.url, policy=PollPolicy(timeout=5))
+    snap = source.fetch()
+    assert snap is not None and b"revision: r1" in snap.files["bundle.yaml"]
+    assert "if-none-match" not in server.requests[0]
+    assert source.fetch() is None  # 304
+    assert server.requests[1]["if-none-match"] == '"r1"'
+    forced = source.fetch(force=True)  # SIGHUP: fetch in full
+    assert forced is not None and "if-none-match" not in server.requests[2]
+    server.publish(archive.build_archive(bundle_bytes(tmp_path, "r2"), "t", "r2"), '"r2"')
+    snap = source.fetch()
+    assert snap is not None and b"revision: r2" in snap.files["bundle.yaml"]
+
+
+def test_http_source_size_limit(tmp_path: Path, server: BundleServer) -> None:
+    body = archive.build_archive(bundle_bytes(tmp_path, "r1"), "t", "r1")
+    server.publish(body, '"r1"')
+    with pytest.raises(BundleError, match="size limit"):
+        HttpSource(server.url, Limits(max_bytes=len(body) - 1)).fetch()
+    server.send_length = False  # no Content-Length: counted while reading
+    with pytest.raises(BundleError, match="size limit"):
+        HttpSource(server.url, Limits(max_bytes=len(body) - 1)).fetch()
+    assert HttpSource(server.url, Limits(max_bytes=100_000)).fetch() is not None
+
+
+def test_http_source_errors_and_timeout(tmp_path: Path, server: BundleServer) -> None:
+    server.status = 503
+    with pytest.raises(SourceUnavailable, match="HTTP 503"):
+        HttpSource(server.url).fetch()
+    server.status = 200
+    server.publish(b"x", '"x"')
+    server.delay = 2.0
+    started = time.monotonic()
+    with pytest.raises(SourceUnavailable):
+        HttpSource(server.url, policy=PollPolicy(timeout=0.3)).fetch()
+    assert time.monotonic() - started < 1.5
+    server.delay = 0.0
+    url = server.url
+    server.close()
+    with pytest.raises(SourceUnavailable, match="unreachable"):
+        HttpSource(url, policy=PollPolicy(timeout=1)).fetch()
+
+
+def test_poll_delays_jitter_and_back_off() -> None:
+    source = HttpSource(
+        "http://127.0.0.1:9/b.tar.gz",
+        rng=random.Random(7),
+        policy=PollPolicy(min_delay=2, max_delay=5, backoff_max=30),
+    )
+    delays = [source.next_delay(True) for _ in range(200)]
+    assert all(2 <= d <= 5 for d in delays) and max(delays) - min(delays) > 2
+    ceilings = []
+    for failures in range(1, 10):
+        source.failures = failures
+        ds = [source.next_delay(False) for _ in range(50)]
+        ceilings.append(max(ds))
+        assert all(d <= 30 for d in ds)
+    assert ceilings[0] <= 4 and ceilings[3] > 16 and ceilings[-1] > 15  # grows, then capped
+    with pytest.raises(ValueError):
+        HttpSource("http://x/", policy=PollPolicy(min_delay=5, max_delay=1))
+
+
+def test_http_reloader_polls_and_keeps_serving_when_the_server_goes_down(
+    tmp_path: Path, server: BundleServer
+) -> None:
+    server.publish(archive.build_archive(bundle_bytes(tmp_path, "r1"), "t", "r1"), '"r1"')
+    source = HttpSource(server.url, policy=PollPolicy(min_delay=0.05, max_delay=0.1, timeout=1))
+    store, reloader = store_and_reloader(source)
+    reloader.start()
+    try:
+        assert wait_for(lambda: loads(store, UNCHANGED) >= 2)  # 304s
+        server.publish(archive.build_archive(bundle_bytes(tmp_path, "r2"), "t", "r2"), '"r2"')
+        assert wait_for(lambda: store.current is not None and store.current.revision == "r2")
+        server.close()
+        assert wait_for(lambda: loads(store, "error") >= 2)
+        st = store.status()
+        assert st.revision == "r2" and st.ready and "unreachable" in (st.last_error or "")
+        assert st.last_result == "error"
+    finally:
+        reloader.stop()
+
+
+def test_open_source_picks_by_form(tmp_path: Path) -> None:
+    assert isinstance(open_source("https://bundles.example/b.tar.gz"), HttpSource)
+    assert isinstance(open_source(tmp_path), DirectorySource)
+    assert isinstance(open_source(tmp_path / "b.tar.gz"), ArchiveSource)
