@@ -19,7 +19,7 @@ _T = cel.Type
 _STR_MAP = _T.Map(_T.STRING, _T.STRING)
 _DYN_MAP = _T.Map(_T.STRING, _T.DYN)
 
-# The documented condition environment. Keep docs/policy-language.md in step with it.
+# The documented condition environment. Keep docs/bundle-format.md in step with it.
 VARIABLES: dict[str, Any] = {
     "request.method": _T.STRING,
     "request.path": _T.STRING,
