@@ -46,10 +46,11 @@ def _normalize_slow(raw: str) -> NormalizedPath:
     if "#" in raw:
         raise PathError("path contains a fragment")
     path, _, query = raw.partition("?")
-    if not path.startswith("/"):
-        raise PathError("path must start with '/'")
-    if "\\" in path:
-        raise PathError("path contains a backslash")
+    if not path:
+        raise PathError("empty path")
+    # As Envoy's canonicaliser does: a relative path is taken from the root, and a literal
+    # backslash is a separator (an encoded one stays refused below).
+    path = "/" + path.replace("\\", "/") if not path.startswith("/") else path.replace("\\", "/")
     decoded = _decode_once(path)
     if _LEFTOVER_ESCAPE.search(decoded):
         raise PathError("path is percent-encoded more than once")
