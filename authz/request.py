@@ -46,7 +46,7 @@ class Request:
         return name if sep and port.isdigit() else host
 
 
-def from_check_request(check: CheckRequest, trust_domains: spiffe.TrustDomains) -> Request:
+def from_check_request(check: external_auth_pb2.CheckRequest, trust_domains: spiffe.TrustDomains) -> Request:
     """Build a Request; raises MalformedRequest with a reason when it cannot be judged."""
     attrs = check.attributes
     if not attrs.HasField("request") or not attrs.request.HasField("http"):

@@ -25,7 +25,7 @@ log = logging.getLogger("authz.server")
 AUTH_SERVICE = "envoy.service.auth.v3.Authorization"
 
 
-class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
+class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
     def __init__(self, checker: Checker) -> None:
         self.checker = checker
 
