@@ -26,7 +26,6 @@ import gzip
 import http.client
 import json
 import logging
-import queue
 import random
 import re
 import ssl
@@ -113,7 +112,7 @@ class FileSink:
         self._torn = False
 
     def _open(self) -> Any:
-        return open(self.path, "ab", buffering=0)  # noqa: SIM115 - kept open for the sink's life
+        return open(self.path, "ab", buffering=0)
 
     def write(self, lines: list[str]) -> None:
         data = "".join(line + "\n" for line in lines).encode()
@@ -207,7 +206,7 @@ class HttpSink:
     def backoff(self, attempt: int) -> float:
         """The wait after failed attempt ``attempt`` (1-based): half fixed, half jitter."""
         delay = min(self.backoff_max, self.backoff_base * (2 ** (attempt - 1)))
-        return delay / 2 + self._rng() * delay / 2
+        return float(delay / 2 + self._rng() * delay / 2)
 
     def write(self, lines: list[str]) -> None:
         body = gzip.compress(("[" + ",".join(lines) + "]").encode(), compresslevel=6)
@@ -309,6 +308,12 @@ def rfc3339(when: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)) + f".{micro:06d}Z"
 
 
+def _request_id(r: Request) -> str | None:
+    # The x-request-id header, not CheckRequest's http.id (Envoy's internal stream id).
+    value = r.headers.get("x-request-id")
+    return value[:_MAX_REQUEST_ID] if value else None
+
+
 def _traceparent(r: Request) -> str | None:
     value = r.headers.get("traceparent")
     return value if value and _TRACEPARENT.match(value) else None
@@ -353,14 +358,14 @@ def build_record(e: AuditEntry, header_allowlist: tuple[str, ...] = (),
         rec["method"] = r.method
         rec["host"] = r.host
         rec["path"] = r.path + ("?" + r.query if log_query and r.query else "")
-        rec["request_id"] = r.request_id[:_MAX_REQUEST_ID] or None
+        rec["request_id"] = _request_id(r)
         rec["traceparent"] = _traceparent(r)
         rec["headers"] = {h: r.headers[h][:_MAX_HEADER_VALUE]
                           for h in header_allowlist if h in r.headers and h not in NEVER_LOGGED}
     return rec
 
 
-_str = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]  # C: quoted, escaped
+_str: Callable[[str], str] = json.encoder.encode_basestring_ascii  # C: quoted and escaped
 
 
 def _opt(value: str | None) -> str:
@@ -423,7 +428,7 @@ class RecordFormatter:
                 f'"destination_principal":{_opt(r.destination_principal)},'
                 f'"source_address":{_opt(r.source_address)},"method":{_str(r.method)},'
                 f'"host":{_str(r.host)},"path":{_str(path)},'
-                f'"request_id":{_opt(r.request_id[:_MAX_REQUEST_ID])},'
+                f'"request_id":{_opt(_request_id(r))},'
                 f'"traceparent":{_opt(_traceparent(r))},"headers":{headers}}}')
 
 
@@ -601,7 +606,7 @@ class AuditLog:
                 e = q.popleft()
                 try:
                     lines.append(self.format(e))
-                except Exception:  # noqa: BLE001
+                except Exception:
                     self._format_error.inc()
                     log.exception("cannot format audit record %s", e.decision_id)
             if lines:
@@ -640,8 +645,8 @@ class AuditLog:
                 continue  # closing a stuck sink could block shutdown too
             try:
                 w.sink.close()
-            except Exception:  # noqa: BLE001 - closing must not raise at shutdown
-                pass
+            except Exception as exc:  # noqa: BLE001 - closing must not raise at shutdown
+                log.warning("closing audit sink %s: %s", w.sink.name, exc)
 
     @property
     def queued(self) -> int:

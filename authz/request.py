@@ -77,7 +77,7 @@ def from_check_request(check: external_auth_pb2.CheckRequest, trust_domains: spi
         host=(http.host or headers.get(":authority", "")).lower(),
         scheme=http.scheme,
         protocol=http.protocol,
-        request_id=http.id or headers.get("x-request-id", ""),
+        request_id=headers.get("x-request-id") or http.id,
         headers=headers,
         principal=principal,
         source=source,

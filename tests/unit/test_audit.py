@@ -74,7 +74,7 @@ def documented_fields() -> list[str]:
 def test_every_field_of_an_allow_with_an_audit_match(tmp_path: Path) -> None:
     before = time.time()
     cr = check_request(
-        method="POST", path="/v1/items?secret_query=1", request_id="req-42",
+        method="POST", path="/v1/items?secret_query=1", request_id="1234567",
         headers={"traceparent": TRACEPARENT, "x-request-id": "req-42", "user-agent": "t/1"},
     )
     (outcome,), metrics, (sink,) = run_checks(tmp_path, [cr])
@@ -105,7 +105,7 @@ def test_every_field_of_an_allow_with_an_audit_match(tmp_path: Path) -> None:
     assert rec["method"] == "POST"
     assert rec["host"] == "api.example:8443"
     assert rec["path"] == "/v1/items"  # query dropped by default
-    assert rec["request_id"] == "req-42"
+    assert rec["request_id"] == "req-42"  # the x-request-id header, not Envoy's stream id
     assert rec["traceparent"] == TRACEPARENT
     assert rec["headers"] == {}
     assert sample(metrics, "authz_audit_records_total", sink="memory") == 1
@@ -124,7 +124,7 @@ def test_deny_default_dry_run_and_tenant_fields(tmp_path: Path) -> None:
         check_request(principal=INTRUDER, path="/v1/items"),  # ALLOW applies, no rule matched
         check_request(method="DELETE", path="/v1/items/9"),  # allowed; dry-run DENY would deny
         check_request(path="/v1/tenants/acme/items"),  # tenant route
-        check_request(destination=f"spiffe://cluster.local/ns/x/sa/unprotected"),  # default
+        check_request(destination="spiffe://cluster.local/ns/x/sa/unprotected"),  # default
     ]
     outcomes, _, (sink,) = run_checks(tmp_path, requests)
     by_id = {r["decision_id"]: r for r in sink.records()}
@@ -172,8 +172,9 @@ def test_fast_formatter_matches_the_reference_record(tmp_path: Path) -> None:
     fmt = audit_mod.RecordFormatter(("x-tenant-hint", "user-agent"), log_query=True)
     requests = [
         check_request(method="POST", path="/v1/items?a=1", headers={"traceparent": TRACEPARENT,
-                      "x-tenant-hint": 'quote" and \\ and \u00e9 and \n', "user-agent": "u"},
-                      request_id="r\"1"),
+                      "x-tenant-hint": 'quote" and \\ and \u00e9 and \n', "user-agent": "u",
+                      "x-request-id": 'r"1'},
+                      request_id="77"),
         check_request(path="/admin/x"),
         check_request(path="/v1/tenants/acme/items", host="h\u2603"),
         check_request(path="/v1/tenants/nope/items"),
