@@ -129,10 +129,9 @@ def test_sighup_reloads_at_once(tmp_path: Path, serve: Callable[..., Serve]) -> 
     write_bundle(root, [POLICY], revision="r2")
     time.sleep(0.5)
     assert s.status()["revision"] == "r1"  # the watcher is not due for an hour
-    sent = time.monotonic()
     s.proc.send_signal(signal.SIGHUP)
-    assert wait_for(lambda: s.status()["revision"] == "r2", 2), s.stderr()
-    assert time.monotonic() - sent < 2
+    # the watcher is not due for an hour: r2 within seconds is the signal's doing
+    assert wait_for(lambda: s.status()["revision"] == "r2", 10), s.stderr()
     st = s.status()
     assert st["last_result"] == "loaded" and st["ready"] is True and st["loaded_at"] > 0
     assert s.proc.poll() is None and s.health() == SERVING

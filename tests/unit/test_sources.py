@@ -175,10 +175,9 @@ def test_trigger_reloads_at_once(tmp_path: Path) -> None:
     reloader.start()
     try:
         write_bundle(root, [POLICY], revision="r2")
-        started = time.monotonic()
         reloader.trigger()
-        assert wait_for(lambda: store.current is not None and store.current.revision == "r2", 2)
-        assert time.monotonic() - started < 1.0
+        # the watch interval is 60 s: seeing r2 within a few seconds proves the trigger
+        assert wait_for(lambda: store.current is not None and store.current.revision == "r2", 10)
     finally:
         reloader.stop()
 
@@ -301,11 +300,11 @@ def test_http_source_errors_and_timeout(tmp_path: Path, server: BundleServer) ->
         HttpSource(server.url).fetch()
     server.status = 200
     server.publish(b"x", '"x"')
-    server.delay = 2.0
+    server.delay = 5.0
     started = time.monotonic()
     with pytest.raises(SourceUnavailable):
         HttpSource(server.url, policy=PollPolicy(timeout=0.3)).fetch()
-    assert time.monotonic() - started < 1.5
+    assert time.monotonic() - started < 4.0  # the timeout cut it short of the 5 s answer
     server.delay = 0.0
     url = server.url
     server.close()
