@@ -50,7 +50,16 @@ class Checker:
     def check(self, check_request: external_auth_pb2.CheckRequest) -> external_auth_pb2.CheckResponse:
         return self.run(check_request).response
 
-    def run(self, check_request: external_auth_pb2.CheckRequest, tracer: Tracer | None = None) -> Outcome:
+    def check_bytes(self, data: bytes) -> bytes:
+        """The wire form of a check: bytes in, bytes out. A request that does not even parse
+        is denied like any other malformed request, with a reason and a decision id."""
+        try:
+            check_request = external_auth_pb2.CheckRequest.FromString(data)
+        except Exception:  # noqa: BLE001 - protobuf raises DecodeError, but any failure denies
+            return self.run(None).response.SerializeToString()  # type: ignore[no-any-return]
+        return self.run(check_request).response.SerializeToString()  # type: ignore[no-any-return]
+
+    def run(self, check_request: external_auth_pb2.CheckRequest | None, tracer: Tracer | None = None) -> Outcome:
         """Decide one request; ``tracer``, when given, receives each step (``authz check --explain``)."""
         started = time.perf_counter()
         decision_id = new_decision_id()
@@ -58,7 +67,9 @@ class Checker:
         revision = policy_set.revision if policy_set is not None else ""
         req: request_mod.Request | None = None
         try:
-            if policy_set is None:
+            if check_request is None:
+                decision = _deny("malformed request: not a CheckRequest")
+            elif policy_set is None:
                 decision = _deny("no policy bundle loaded")
             else:
                 req = request_mod.from_check_request(check_request, policy_set.trust_domains)

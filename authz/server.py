@@ -12,7 +12,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import grpc
-from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from grpc_health.v1 import _async as health_async
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -25,14 +24,16 @@ log = logging.getLogger("authz.server")
 AUTH_SERVICE = "envoy.service.auth.v3.Authorization"
 
 
-class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
-    def __init__(self, checker: Checker) -> None:
-        self.checker = checker
+def authorization_handler(checker: Checker) -> grpc.GenericRpcHandler:
+    """Envoy's Check method, taking raw bytes so that even a request that does not parse
+    is answered by the checker (a deny with a reason) instead of a gRPC error."""
 
-    async def Check(  # noqa: N802 - gRPC method name
-        self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext
-    ) -> external_auth_pb2.CheckResponse:
-        return self.checker.check(request)
+    async def check(data: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return checker.check_bytes(data)
+
+    return grpc.method_handlers_generic_handler(
+        AUTH_SERVICE, {"Check": grpc.unary_unary_rpc_method_handler(check)}
+    )
 
 
 def split_addr(addr: str) -> tuple[str, int]:
@@ -96,7 +97,7 @@ async def serve(
     drain_seconds: float = 10.0, on_reload: Callable[[], None] | None = None,
 ) -> None:
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(AuthorizationServicer(checker), server)
+    server.add_generic_rpc_handlers((authorization_handler(checker),))
     health = health_async.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     bound = server.add_insecure_port(grpc_addr)

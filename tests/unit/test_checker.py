@@ -8,6 +8,8 @@ from pathlib import Path
 from bundle_factory import check_request, spiffe, write_bundle
 from envoy.service.auth.v3 import external_auth_pb2
 from google.rpc import code_pb2
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from authz.bundle.store import BundleStore
 from authz.check import Checker
@@ -122,3 +124,35 @@ def test_decision_ids_are_unique(tmp_path: Path) -> None:
     c = checker(tmp_path, ALLOW_ALL)
     ids = {c.run(check_request()).decision_id for _ in range(200)}
     assert len(ids) == 200
+
+
+def test_bytes_that_are_not_a_check_request_are_denied(tmp_path: Path) -> None:
+    c = checker(tmp_path, ALLOW_ALL)
+    for garbage in [b"\xff\xff\xff", b"\x0a\x05\x0a", b"\x08"]:
+        resp = external_auth_pb2.CheckResponse.FromString(c.check_bytes(garbage))
+        assert resp.status.code == code_pb2.PERMISSION_DENIED
+        body = json.loads(resp.denied_response.body)
+        assert body["reason"] == "malformed request: not a CheckRequest" and len(body["decision_id"]) == 32
+    ok = external_auth_pb2.CheckResponse.FromString(c.check_bytes(check_request(principal=CHECKOUT).SerializeToString()))
+    assert ok.status.code == code_pb2.OK
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=300))
+def test_any_bytes_get_an_answer_with_a_decision_id(data: bytes) -> None:
+    resp = external_auth_pb2.CheckResponse.FromString(_FUZZ_CHECKER.check_bytes(data))
+    assert resp.status.code in (code_pb2.OK, code_pb2.PERMISSION_DENIED)
+    if resp.status.code == code_pb2.PERMISSION_DENIED:
+        assert len(json.loads(resp.denied_response.body)["decision_id"]) == 32
+    else:
+        assert resp.ok_response.headers
+
+
+def _example_checker() -> Checker:
+    metrics = Metrics()
+    store = BundleStore(metrics)
+    store.current = load_policy_set(Path(__file__).resolve().parents[2] / "policies" / "example")
+    return Checker(store, metrics)
+
+
+_FUZZ_CHECKER = _example_checker()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import grpc
 from bundle_factory import check_request, spiffe
-from envoy.service.auth.v3 import external_auth_pb2_grpc
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[2]
@@ -92,6 +92,21 @@ def test_invalid_bundle_is_not_serving(tmp_path: Path) -> None:
             assert resp.status == health_pb2.HealthCheckResponse.NOT_SERVING
             denied = external_auth_pb2_grpc.AuthorizationStub(ch).Check(check_request(), timeout=5)
             assert denied.status.code == 7 and b"no policy bundle loaded" in denied.denied_response.body.encode()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    assert proc.returncode == 0
+
+
+def test_unparseable_request_over_grpc_is_denied_not_errored() -> None:
+    proc, g, _ = start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{g}") as ch:
+            call = ch.unary_unary("/envoy.service.auth.v3.Authorization/Check")
+            raw = call(b"\xff\xff\xff\xff", timeout=5)
+            resp = external_auth_pb2.CheckResponse.FromString(raw)
+            assert resp.status.code == 7 and resp.denied_response.status.code == 403
+            assert b"not a CheckRequest" in resp.denied_response.body.encode()
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=30)
