@@ -9,12 +9,10 @@ serve the --persist copy and say so.
 from __future__ import annotations
 
 import json
-import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +21,11 @@ import pytest
 import yaml
 from envoy.config.core.v3 import address_pb2
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from support.bundle_sources import BundleServer
 
 from authz.bundle import archive
 
-from .harness import LOCALHOST, AuthzProcess
+from .harness import AuthzProcess
 from .pki import SERVERS, spiffe_id
 
 CHECKOUT = spiffe_id("prod", "checkout-api")
@@ -82,69 +81,6 @@ def bundle_files(
     }
     files.update(extra_files or {})
     return {k: v.encode() for k, v in files.items()}
-
-
-class BundleServer:
-    """Serves the current archive at /bundle.tar.gz with a strong ETag, on 127.0.0.1."""
-
-    def __init__(self) -> None:
-        self.body = b""
-        self.etag = '""'
-        self.hits = 0
-        self.not_modified = 0
-        self._lock = threading.Lock()
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self) -> None:  # noqa: N802
-                with outer._lock:
-                    body, etag = outer.body, outer.etag
-                    outer.hits += 1
-                if self.path != "/bundle.tar.gz":
-                    self.send_response(404)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                if self.headers.get("If-None-Match") == etag:
-                    with outer._lock:
-                        outer.not_modified += 1
-                    self.send_response(304)
-                    self.send_header("ETag", etag)
-                    self.end_headers()
-                    return
-                self.send_response(200)
-                self.send_header("Content-Type", "application/gzip")
-                self.send_header("ETag", etag)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-                pass
-
-        self.httpd = ThreadingHTTPServer((LOCALHOST, 0), Handler)
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(
-            target=self.httpd.serve_forever, name="bundle-server", daemon=True
-        )
-        self.thread.start()
-        self._closed = False
-
-    @property
-    def url(self) -> str:
-        return f"http://{LOCALHOST}:{self.httpd.server_address[1]}/bundle.tar.gz"
-
-    def publish(self, body: bytes, etag: str) -> None:
-        with self._lock:
-            self.body, self.etag = body, f'"{etag}"'
-
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self.httpd.shutdown()
-            self.httpd.server_close()
 
 
 def http_get(proc: AuthzProcess, path: str) -> tuple[int, str]:

@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from support.bundle_sources import BundleServer, ConfigMapDir
 
 from authz.bundle import archive, signing
 
@@ -41,7 +42,7 @@ from .harness import (
     client_context,
 )
 from .pki import PKI
-from .test_fleet import PROBE_PATH, BundleServer, bundle_files, http_get, status, wait_for
+from .test_fleet import PROBE_PATH, bundle_files, http_get, status, wait_for
 
 SWITCHES = 22
 SWITCH_EVERY = 1.0
@@ -134,36 +135,6 @@ def audit_revisions(path: Path) -> dict[str, tuple[str, bool]]:
             rec = json.loads(line)
             out[rec["decision_id"]] = (rec["revision"], rec["allowed"])
     return out
-
-
-class ConfigMapDir:
-    """A directory laid out like a Kubernetes ConfigMap mount; publish() swaps ``..data``."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.version = 0
-        root.mkdir(parents=True)
-
-    def publish(self, files: dict[str, bytes]) -> None:
-        self.version += 1
-        target = self.root / f"..2026_01_01_00_00_00.{self.version:04d}"
-        for name, data in files.items():
-            path = target / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data)
-        old = os.readlink(self.root / "..data") if (self.root / "..data").is_symlink() else None
-        os.symlink(target.name, self.root / "..data_tmp")
-        os.replace(self.root / "..data_tmp", self.root / "..data")
-        for top in {n.split("/", 1)[0] for n in files}:
-            if not (self.root / top).is_symlink():
-                os.symlink(f"..data/{top}", self.root / top)
-        if old is not None:
-            for dirpath, dirnames, filenames in os.walk(self.root / old, topdown=False):
-                for name in filenames:
-                    os.unlink(os.path.join(dirpath, name))
-                for name in dirnames:
-                    os.rmdir(os.path.join(dirpath, name))
-            os.rmdir(self.root / old)
 
 
 @pytest.fixture

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import random
-import threading
 import time
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from bundle_factory import write_bundle
+from support.bundle_sources import BundleServer, ConfigMapDir
 
 from authz.bundle import archive
 from authz.bundle.archive import Limits
@@ -44,39 +42,6 @@ def bundle_bytes(tmp_path: Path, revision: str) -> dict[str, bytes]:
 
 
 # --- a ConfigMap mount, the way the kubelet writes one --------------------------------
-
-
-class ConfigMapDir:
-    """``root/..data -> ..<version>``, top-level entries symlinked through ``..data``."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.version = 0
-        root.mkdir(parents=True, exist_ok=True)
-
-    def publish(self, files: dict[str, bytes]) -> None:
-        self.version += 1
-        target = self.root / f"..2026_01_01_00_00_{self.version:02d}.{os.getpid()}"
-        for name, data in files.items():
-            path = target / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data)
-        data_link = self.root / "..data"
-        old = os.readlink(data_link) if data_link.is_symlink() else None
-        tmp_link = self.root / "..data_tmp"
-        os.symlink(target.name, tmp_link)
-        os.replace(tmp_link, data_link)  # the atomic swap
-        for top in {name.split("/", 1)[0] for name in files}:
-            link = self.root / top
-            if not link.is_symlink():
-                os.symlink(f"..data/{top}", link)
-        if old is not None:
-            for dirpath, dirnames, filenames in os.walk(self.root / old, topdown=False):
-                for f in filenames:
-                    os.unlink(os.path.join(dirpath, f))
-                for d in dirnames:
-                    os.rmdir(os.path.join(dirpath, d))
-            os.rmdir(self.root / old)
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
@@ -200,63 +165,6 @@ def test_archive_file_source_is_watched(tmp_path: Path) -> None:
 
 
 # --- HTTP bundle server -----------------------------------------------------------------
-
-
-class BundleServer:
-    """Serves one archive at /bundle.tar.gz with a strong ETag; counts requests."""
-
-    def __init__(self, port: int = 0) -> None:
-        self.body = b""
-        self.etag = '"0"'
-        self.requests: list[dict[str, str]] = []
-        self.delay = 0.0
-        self.status = 200
-        self.send_length = True
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self) -> None:  # noqa: N802
-                outer.requests.append({k.lower(): v for k, v in self.headers.items()})
-                time.sleep(outer.delay)
-                if outer.status != 200:
-                    self.send_response(outer.status)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                if self.headers.get("If-None-Match") == outer.etag:
-                    self.send_response(304)
-                    self.send_header("ETag", outer.etag)
-                    self.end_headers()
-                    return
-                self.send_response(200)
-                self.send_header("ETag", outer.etag)
-                if outer.send_length:
-                    self.send_header("Content-Length", str(len(outer.body)))
-                else:
-                    self.send_header("Connection", "close")
-                self.end_headers()
-                self.wfile.write(outer.body)
-
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/bundle.tar.gz"
-
-    def publish(self, body: bytes, etag: str) -> None:
-        self.body, self.etag = body, etag
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 @pytest.fixture

@@ -1,0 +1,1 @@
+"""Test doubles of the outside world that several test folders share (real servers, real files)."""
