@@ -40,6 +40,7 @@ from typing import IO, Any, NamedTuple, Protocol
 from authz.engine.model import Decision
 from authz.metrics import Metrics
 from authz.request import Request
+from authz.tls import client_context
 
 log = logging.getLogger("authz.audit")
 
@@ -182,6 +183,7 @@ class HttpSink:
         backoff_max: float = 4.0,
         rng: Callable[[], float] = random.random,
         name: str = "http",
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -198,7 +200,7 @@ class HttpSink:
         self._host = parts.hostname
         self._port = parts.port
         self._target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        self._ssl = ssl.create_default_context() if self._https else None
+        self._ssl = (ssl_context or client_context()) if self._https else None
         self._interrupt = threading.Event()
         self.uploads = 0  # batches the collector accepted
         self.failures = 0  # attempts that failed
@@ -261,12 +263,14 @@ def stdout_sink() -> StreamSink:
 
 
 def sink_for(target: str, *, file_max_bytes: int = 100 * 1024 * 1024, file_backups: int = 5,
-             http_max_batch: int = 500, http_max_delay: float = 1.0) -> Sink:
+             http_max_batch: int = 500, http_max_delay: float = 1.0,
+             ssl_context: ssl.SSLContext | None = None) -> Sink:
     """``-`` is stdout, ``http(s)://...`` a collector, anything else a file path."""
     if target == "-":
         return stdout_sink()
     if target.startswith(("http://", "https://")):
-        return HttpSink(target, max_batch=http_max_batch, max_delay=http_max_delay)
+        return HttpSink(target, max_batch=http_max_batch, max_delay=http_max_delay,
+                        ssl_context=ssl_context)
     return FileSink(Path(target), max_bytes=file_max_bytes, backups=file_backups)
 
 

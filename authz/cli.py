@@ -22,6 +22,7 @@ from authz.engine.compile import load_policy_set
 from authz.engine.explain import Explainer, summary
 from authz.metrics import Metrics
 from authz.request import CheckRequest
+from authz.tls import client_context
 
 EXIT_USAGE = 2
 
@@ -63,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
                        help="rotated audit files kept as FILE.1 .. FILE.N")
     serve.add_argument("--metrics-tenant-label", action="store_true",
                        help="add a tenant label (bundle tenants only) to authz_checks_total")
+    serve.add_argument("--ca-file", type=Path, metavar="PEM",
+                       help="CA certificates trusted for https:// bundle servers and audit "
+                            "collectors (default: the system's)")
     serve.add_argument("--log-level", default="INFO")
     bundle_runtime.add_serve_arguments(serve)
 
@@ -147,9 +151,10 @@ def _audit_log(args: argparse.Namespace, metrics: Metrics) -> AuditLog:
     """The sinks of --audit-log (stdout by default) behind one AuditLog; see docs/audit.md."""
     header_allowlist = check_header_allowlist(args.audit_header)  # refuses credential headers
     sinks: list[Sink] = []
+    tls = client_context(args.ca_file)
     for target in args.audit_log or ["-"]:
         sinks.append(sink_for(target, file_max_bytes=args.audit_file_max_bytes,
-                              file_backups=args.audit_file_backups))
+                              file_backups=args.audit_file_backups, ssl_context=tls))
     return AuditLog(sinks, metrics, queue_size=args.audit_queue_size,
                     sink_queue_size=args.audit_queue_size, header_allowlist=header_allowlist,
                     log_query=args.audit_log_query, allow_sample_rate=args.audit_allow_sample_rate)

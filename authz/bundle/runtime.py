@@ -19,6 +19,7 @@ from authz.bundle.sources import PollPolicy, SourceUnavailable, open_source, rea
 from authz.bundle.store import BundleStore, check_candidate
 from authz.bundle.watcher import Reloader
 from authz.metrics import Metrics
+from authz.tls import client_context
 
 log = logging.getLogger("authz")
 
@@ -102,7 +103,7 @@ def start_bundles(
             backoff_max=args.poll_backoff_max,
             timeout=args.poll_timeout,
         )
-        source = open_source(args.bundle or default, limits, policy)
+        source = open_source(args.bundle or default, limits, policy, client_context(args.ca_file))
     except ValueError as exc:
         print(f"authz serve: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

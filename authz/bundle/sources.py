@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import random
+import ssl
 import time
 import urllib.error
 import urllib.request
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Protocol
 
 from authz.bundle.archive import DEFAULT_LIMITS, Limits, Snapshot, reject, unpack
+from authz.tls import client_context
 
 CONFIGMAP_DATA = "..data"
 
@@ -210,6 +212,7 @@ class HttpSource:
         limits: Limits = DEFAULT_LIMITS,
         policy: PollPolicy = PollPolicy(),
         rng: random.Random | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         if policy.min_delay <= 0 or policy.max_delay < policy.min_delay:
             raise ValueError("poll delays must satisfy 0 < min <= max")
@@ -220,7 +223,9 @@ class HttpSource:
         self.etag: str | None = None
         self.failures = 0
         self._rng = rng or random.Random()
-        self._opener = urllib.request.build_opener()
+        self._opener = urllib.request.build_opener(
+            urllib.request.HTTPSHandler(context=ssl_context or client_context())
+        )
 
     def fetch(self, force: bool = False) -> Snapshot | None:
         headers = {
@@ -313,12 +318,15 @@ def _name(url: str) -> str:
 
 
 def open_source(
-    spec: str | Path, limits: Limits = DEFAULT_LIMITS, policy: PollPolicy = PollPolicy()
+    spec: str | Path,
+    limits: Limits = DEFAULT_LIMITS,
+    policy: PollPolicy = PollPolicy(),
+    ssl_context: ssl.SSLContext | None = None,
 ) -> Source:
     """The source for a ``--bundle`` value: an http(s) URL, a .tar.gz file or a directory."""
     text = str(spec)
     if text.startswith(("http://", "https://")):
-        return HttpSource(text, limits, policy)
+        return HttpSource(text, limits, policy, ssl_context=ssl_context)
     path = Path(text)
     if path.is_dir():
         return DirectorySource(path, limits)

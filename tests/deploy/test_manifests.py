@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import datetime
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from k8s_schema import load_crds, validate
+from support.pki import generate_pki
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -87,23 +83,12 @@ def test_kubernetes_deployment_matches_the_cli() -> None:
     assert manifests["Service"]["spec"]["selector"] == manifests["Deployment"]["spec"]["selector"]["matchLabels"]
 
 
-def _self_signed(directory: Path) -> None:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now)
-            .not_valid_after(now + datetime.timedelta(hours=1)).sign(key, hashes.SHA256()))
-    pem = cert.public_bytes(serialization.Encoding.PEM)
-    (directory / "server.pem").write_bytes(pem)
-    (directory / "ca.pem").write_bytes(pem)
-    (directory / "server-key.pem").write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-
-
 def test_envoy_sidecar_config_is_valid(tmp_path: Path) -> None:
-    _self_signed(tmp_path)
-    text = (DEPLOY / "envoy" / "envoy.yaml").read_text().replace("/etc/envoy/tls/", f"{tmp_path}/")
+    pki = generate_pki(tmp_path / "pki")
+    server = pki.servers["orders-api"]
+    text = (DEPLOY / "envoy" / "envoy.yaml").read_text()
+    for name, path in {"server.pem": server.cert, "server-key.pem": server.key, "ca.pem": pki.ca_cert}.items():
+        text = text.replace(f"/etc/envoy/tls/{name}", str(path))
     config = tmp_path / "envoy.yaml"
     config.write_text(text)
     envoy = Path(sys.executable).parent / "envoy"

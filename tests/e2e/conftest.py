@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from .harness import AuthzProcess, EchoUpstream, EnvoyProcess, Mesh, listener_specs
-from .pki import PKI, generate_pki
+from support.pki import PKI, generate_pki
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE_BUNDLE = REPO_ROOT / "policies" / "example"

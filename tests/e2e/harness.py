@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from .pki import PKI, CertKey
+from support.pki import PKI, CertKey
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LOCALHOST = "127.0.0.1"

@@ -28,7 +28,7 @@ from .harness import (
     Mesh,
     listener_specs,
 )
-from .pki import PKI
+from support.pki import PKI
 
 REPO = Path(__file__).resolve().parents[2]
 LINE = re.compile(

@@ -14,7 +14,7 @@ from http.client import HTTPException
 import pytest
 
 from .harness import ORDERS, ORDERS_RAW, PAYMENT, Mesh, Response, SeenRequest, https_request
-from .pki import CLIENTS
+from support.pki import CLIENTS
 
 CHECKOUT = CLIENTS["checkout-api"]
 FULFILLMENT = CLIENTS["fulfillment-worker"]

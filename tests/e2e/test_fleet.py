@@ -26,7 +26,7 @@ from support.bundle_sources import BundleServer
 from authz.bundle import archive
 
 from .harness import AuthzProcess
-from .pki import SERVERS, spiffe_id
+from support.pki import SERVERS, spiffe_id
 
 CHECKOUT = spiffe_id("prod", "checkout-api")
 ORDERS_API = SERVERS["orders-api"]

@@ -41,7 +41,7 @@ from .harness import (
     ListenerSpec,
     client_context,
 )
-from .pki import PKI
+from support.pki import PKI
 from .test_fleet import PROBE_PATH, bundle_files, http_get, status, wait_for
 
 SWITCHES = 22
