@@ -26,8 +26,10 @@ import gzip
 import http.client
 import json
 import logging
+import os
 import random
 import re
+import select
 import ssl
 import sys
 import threading
@@ -83,10 +85,36 @@ class StreamSink:
     def __init__(self, stream: IO[str], name: str = "stdout") -> None:
         self.stream = stream
         self.name = name
+        try:
+            self._fd: int | None = stream.fileno()
+        except (AttributeError, OSError, ValueError):  # an in-memory stream
+            self._fd = None
 
     def write(self, lines: list[str]) -> None:
-        self.stream.write("".join(line + "\n" for line in lines))
+        if self._fd is None:
+            self.stream.write("".join(line + "\n" for line in lines))
+            self.stream.flush()
+            return
+        # Straight to the descriptor in whole lines of at most PIPE_BUF bytes a write: each
+        # write to a pipe is then atomic, so workers sharing stdout never interleave a line.
         self.stream.flush()
+        chunk: list[bytes] = []
+        size = 0
+        for line in lines:
+            data = (line + "\n").encode()
+            if chunk and size + len(data) > select.PIPE_BUF:
+                self._write_all(b"".join(chunk))
+                chunk, size = [], 0
+            chunk.append(data)
+            size += len(data)
+        if chunk:
+            self._write_all(b"".join(chunk))
+
+    def _write_all(self, data: bytes) -> None:
+        assert self._fd is not None
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view):]
 
     def close(self) -> None:
         self.stream.flush()

@@ -42,7 +42,8 @@ class Outcome:
 
 
 class Checker:
-    def __init__(self, store: BundleStore, metrics: Metrics, audit: AuditLog | None = None) -> None:
+    def __init__(self, store: BundleStore, metrics: Metrics | None, audit: AuditLog | None = None) -> None:
+        """``metrics`` None: count nothing (bundle tests must not show up as served checks)."""
         self.store = store
         self.metrics = metrics
         self.audit = audit
@@ -95,12 +96,13 @@ class Checker:
         # put_nowait onto the audit queue (AuditLog.submit), O(1) and never blocking.
         try:
             # Only a tenant the serving bundle defines may become a metric label value.
-            tenant = decision.tenant if policy_set is not None and decision.tenant in policy_set.tenants else None
-            self.metrics.count_check(decision.allowed, decision.reason, decision.policy, elapsed, tenant)
-            if decision.condition_error:
-                self.metrics.condition_errors.inc()
-            for entry in decision.dry_run:
-                self.metrics.dry_run.labels("allow" if entry.endswith("=allow") else "deny").inc()
+            if self.metrics is not None:
+                tenant = decision.tenant if policy_set is not None and decision.tenant in policy_set.tenants else None
+                self.metrics.count_check(decision.allowed, decision.reason, decision.policy, elapsed, tenant)
+                if decision.condition_error:
+                    self.metrics.condition_errors.inc()
+                for entry in decision.dry_run:
+                    self.metrics.dry_run.labels("allow" if entry.endswith("=allow") else "deny").inc()
             if self.audit is not None:
                 self.audit.submit(AuditEntry(time.time(), decision_id, decision, req, revision,
                                              int(elapsed * 1e6)))

@@ -67,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--ca-file", type=Path, metavar="PEM",
                        help="CA certificates trusted for https:// bundle servers and audit "
                             "collectors (default: the system's)")
+    serve.add_argument("--workers", type=_workers, default=1, metavar="N",
+                       help="worker processes sharing the ports (default 1); one process uses "
+                            "about one core")
+    serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     serve.add_argument("--log-level", default="INFO")
     bundle_runtime.add_serve_arguments(serve)
 
@@ -88,11 +92,14 @@ def main(argv: list[str] | None = None) -> int:
     istio_import.add_arguments(sub.add_parser(
         "import-istio", help="convert Istio AuthorizationPolicy resources into a bundle directory"))
 
+    argv = sys.argv[1:] if argv is None else argv
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:
         return int(exc.code or 0) and EXIT_USAGE
     if args.command == "serve":
+        if args.workers > 1 and args.worker_index is None:
+            return _supervise(argv, args)
         return _serve(args)
     if args.command == "test":
         return testing.cli(args)
@@ -127,7 +134,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(serve(checker, store, metrics, args.grpc_addr, args.http_addr,
-                          on_reload=reloader.trigger))
+                          on_reload=reloader.trigger, worker=args.worker_index))
     except OSError as exc:
         print(f"authz: {exc}", file=sys.stderr)
         return 1
@@ -135,6 +142,41 @@ def _serve(args: argparse.Namespace) -> int:
         reloader.stop()
         audit.close()
     return 0
+
+
+def _supervise(argv: list[str], args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for flag, addr in (("--grpc-addr", args.grpc_addr), ("--http-addr", args.http_addr)):
+        if addr.rpartition(":")[2] == "0":
+            print(f"authz serve: --workers needs a fixed port for {flag}, not {addr}", file=sys.stderr)
+            return EXIT_USAGE
+    from authz import supervisor
+
+    return supervisor.run(_without_workers(argv), args.workers)
+
+
+def _without_workers(argv: list[str]) -> list[str]:
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--workers":
+            skip = True
+        elif not arg.startswith("--workers="):
+            out.append(arg)
+    return out
+
+
+def _workers(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1, not {text!r}")
+    return n
 
 
 def _sample_rate(text: str) -> float:
@@ -153,6 +195,8 @@ def _audit_log(args: argparse.Namespace, metrics: Metrics) -> AuditLog:
     sinks: list[Sink] = []
     tls = client_context(args.ca_file)
     for target in args.audit_log or ["-"]:
+        if args.worker_index is not None and target != "-" and not target.startswith(("http://", "https://")):
+            target = f"{target}.w{args.worker_index}"  # one file per worker: each rotates its own
         sinks.append(sink_for(target, file_max_bytes=args.audit_file_max_bytes,
                               file_backups=args.audit_file_backups, ssl_context=tls))
     return AuditLog(sinks, metrics, queue_size=args.audit_queue_size,

@@ -5,12 +5,22 @@ the bundle (policy names) or small fixed sets, never from the request, so cardin
 bounded by what operators wrote. The tenant label of authz_checks_total is opt-in
 (``authz serve --metrics-tenant-label``) and only ever carries a tenant the bundle
 defines; any other check has tenant="".
+
+With ``authz serve --workers N`` each worker process writes its values to files under
+PROMETHEUS_MULTIPROC_DIR (set by the supervisor before any worker starts) and /metrics,
+answered by any worker, adds up every worker's files.
 """
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.multiprocess import MultiProcessCollector
+
+# prometheus-client picks file-backed values at import when this is set; so do we.
+MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
 # From 10 µs: a decision is microseconds, a check through gRPC a few hundred.
 DURATION_BUCKETS = (
@@ -51,7 +61,7 @@ class Metrics:
         )
         self.bundle_info = Gauge(
             "authz_bundle_info", "The bundle revision being served (value 1).", ["name", "revision"],
-            registry=r,
+            registry=r, multiprocess_mode="livemax",
         )
         self.bundle_loads = Counter(
             "authz_bundle_loads", "Bundle load attempts, by result (loaded, rejected, unchanged, error).",
@@ -59,7 +69,7 @@ class Metrics:
         )
         self.bundle_last_success = Gauge(
             "authz_bundle_last_success_timestamp_seconds", "When a bundle was last loaded successfully.",
-            registry=r,
+            registry=r, multiprocess_mode="livemax",
         )
         self.dry_run = Counter(
             "authz_dry_run", "Decisions of dry-run policies, by what they would have done.", ["would"],
@@ -72,6 +82,7 @@ class Metrics:
             self.dry_run.labels(would)
         # Children seen on every check are cached so the hot path skips label lookups.
         self._check_children: dict[tuple[bool, str, str, str], Counter] = {}
+        self._serving: tuple[str, str] | None = None
 
     def count_check(self, allowed: bool, reason: str, policy: str, seconds: float,
                     tenant: str | None = None) -> None:
@@ -88,10 +99,20 @@ class Metrics:
         self.check_duration.observe(seconds)
 
     def bundle_loaded(self, name: str, revision: str, when: float) -> None:
-        self.bundle_info.clear()
+        if MULTIPROCESS:
+            # Files keep every series a worker ever wrote: zero the old one instead.
+            if self._serving is not None and self._serving != (name, revision):
+                self.bundle_info.labels(*self._serving).set(0)
+        else:
+            self.bundle_info.clear()
+        self._serving = (name, revision)
         self.bundle_info.labels(name, revision).set(1)
         self.bundle_loads.labels("loaded").inc()
         self.bundle_last_success.set(when)
 
     def exposition(self) -> bytes:
+        if MULTIPROCESS:
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+            return generate_latest(registry)
         return generate_latest(self.registry)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import threading
 from collections.abc import Callable
@@ -44,7 +45,7 @@ def split_addr(addr: str) -> tuple[str, int]:
 class ProbeServer:
     """/metrics, /healthz, /readyz and /v1/status on a plain HTTP thread."""
 
-    def __init__(self, addr: str, store: BundleStore, metrics: Metrics) -> None:
+    def __init__(self, addr: str, store: BundleStore, metrics: Metrics, worker: int | None = None) -> None:
         store_ref, metrics_ref = store, metrics
 
         class Handler(BaseHTTPRequestHandler):
@@ -64,7 +65,10 @@ class ProbeServer:
                         self._send(503, f"not ready: {reason}\n".encode(), "text/plain")
                 elif path == "/v1/status":
                     st = store_ref.status()
-                    body = json.dumps(st.as_dict()).encode()
+                    doc = st.as_dict()
+                    if worker is not None:
+                        doc["worker"] = {"index": worker, "pid": os.getpid()}
+                    body = json.dumps(doc).encode()
                     self._send(200, body, "application/json")
                 else:
                     self._send(404, b"not found\n", "text/plain")
@@ -80,7 +84,9 @@ class ProbeServer:
                 pass
 
         host, port = split_addr(addr)
-        self.httpd = ThreadingHTTPServer((host, port), Handler)
+        # Workers of one service share the port (SO_REUSEPORT), as they share the gRPC one.
+        server_class = _SharedPortHTTPServer if worker is not None else ThreadingHTTPServer
+        self.httpd = server_class((host, port), Handler)
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="authz-http", daemon=True)
 
@@ -92,18 +98,25 @@ class ProbeServer:
         self.httpd.server_close()
 
 
+class _SharedPortHTTPServer(ThreadingHTTPServer):
+    allow_reuse_port = True
+
+
 async def serve(
     checker: Checker, store: BundleStore, metrics: Metrics, grpc_addr: str, http_addr: str,
     drain_seconds: float = 10.0, on_reload: Callable[[], None] | None = None,
+    worker: int | None = None,
 ) -> None:
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    """Serve until SIGTERM. ``worker`` is this process's index under ``--workers``: only
+    then is the port shared with sibling processes (grpcio would otherwise share it silently)."""
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0 if worker is None else 1)])
     server.add_generic_rpc_handlers((authorization_handler(checker),))
     health = health_async.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     bound = server.add_insecure_port(grpc_addr)
     if bound == 0:
         raise OSError(f"cannot bind gRPC address {grpc_addr}")
-    probes = ProbeServer(http_addr, store, metrics)
+    probes = ProbeServer(http_addr, store, metrics, worker)
     serving = health_pb2.HealthCheckResponse.SERVING
     not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
     loop = asyncio.get_running_loop()

@@ -1,0 +1,120 @@
+"""`authz serve --workers N`: N worker processes behind one gRPC and one HTTP port.
+
+A decision is pure Python, so one process uses about one core whatever its threads do; more
+throughput takes more processes. The supervisor starts N copies of `authz serve`, each
+binding the same ports with SO_REUSEPORT (the kernel spreads connections over them), each
+loading and watching the bundle itself. Metrics go to files in PROMETHEUS_MULTIPROC_DIR so
+/metrics, whichever worker answers, adds up all of them. The supervisor forwards SIGHUP,
+restarts a worker that dies, and on SIGTERM drains every worker and exits 0.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from types import FrameType
+
+from prometheus_client import multiprocess
+
+log = logging.getLogger("authz.supervisor")
+
+# A worker that fails this soon after starting did not come up (a port in use, a bad flag):
+# restarting it would only spin, so the whole service stops with its exit code. A worker
+# killed by a signal is restarted whenever it happens.
+START_GRACE_SECONDS = 3.0
+STOP_TIMEOUT_SECONDS = 30.0
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    try:
+        libc = ctypes.CDLL(None)
+        prctl = libc.prctl
+    except (OSError, AttributeError):  # not Linux
+        return None
+    pr_set_pdeathsig = 1
+    return lambda: prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+class Supervisor:
+    def __init__(self, serve_argv: list[str], workers: int) -> None:
+        self.serve_argv = serve_argv  # ["serve", ...] without --workers
+        self.workers = workers
+        self.children: dict[int, tuple[subprocess.Popen[bytes], float]] = {}
+        self.stopping = False
+        self.exit_code = 0
+        self.env = dict(os.environ)
+        self.own_metrics_dir: str | None = None
+        if not self.env.get("PROMETHEUS_MULTIPROC_DIR"):
+            self.own_metrics_dir = tempfile.mkdtemp(prefix="authz-metrics-")
+            self.env["PROMETHEUS_MULTIPROC_DIR"] = self.own_metrics_dir
+        self.metrics_dir = self.env["PROMETHEUS_MULTIPROC_DIR"]
+
+    def start(self, index: int) -> None:
+        argv = [sys.executable, "-m", "authz", *self.serve_argv, "--worker-index", str(index)]
+        proc = subprocess.Popen(argv, env=self.env, preexec_fn=_die_with_parent())  # noqa: PLW1509
+        self.children[index] = (proc, time.monotonic())
+        log.info("worker %d started (pid %d)", index, proc.pid)
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._stop)
+        signal.signal(signal.SIGINT, self._stop)
+        signal.signal(signal.SIGHUP, self._forward)
+        try:
+            for i in range(self.workers):
+                self.start(i)
+            while not self.stopping:
+                time.sleep(0.2)
+                self._reap()
+        finally:
+            self._stop_all()
+            if self.own_metrics_dir is not None:
+                shutil.rmtree(self.own_metrics_dir, ignore_errors=True)
+        return self.exit_code
+
+    def _reap(self) -> None:
+        for index, (proc, started) in list(self.children.items()):
+            code = proc.poll()
+            if code is None or self.stopping:
+                continue
+            multiprocess.mark_process_dead(proc.pid, self.metrics_dir)  # type: ignore[no-untyped-call]
+            if code > 0 and time.monotonic() - started < START_GRACE_SECONDS:
+                log.error("worker %d exited with code %d while starting; stopping", index, code)
+                self.exit_code = code or 1
+                self.stopping = True
+                return
+            log.error("worker %d (pid %d) exited with code %d; restarting it", index, proc.pid, code)
+            self.start(index)
+
+    def _stop(self, signum: int, frame: FrameType | None) -> None:
+        self.stopping = True
+
+    def _forward(self, signum: int, frame: FrameType | None) -> None:
+        for proc, _ in self.children.values():
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    def _stop_all(self) -> None:
+        for proc, _ in self.children.values():
+            if proc.poll() is None:
+                proc.terminate()  # SIGTERM: the worker drains in-flight checks and exits 0
+        deadline = time.monotonic() + STOP_TIMEOUT_SECONDS
+        for index, (proc, _) in self.children.items():
+            try:
+                code = proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                code = proc.wait()
+            if code != 0 and self.exit_code == 0 and code != -signal.SIGTERM:
+                log.error("worker %d exited with code %d", index, code)
+
+
+def run(serve_argv: list[str], workers: int) -> int:
+    return Supervisor(serve_argv, workers).run()

@@ -1,0 +1,112 @@
+"""`authz serve --workers N`: one port, N processes, metrics and audit adding up."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+from bundle_factory import check_request, spiffe
+from envoy.service.auth.v3 import external_auth_pb2_grpc
+from test_serve import free_port, http_get
+
+CHARGE = dict(principal=spiffe("order", "order-service"), method="POST", path="/v1/charges",
+              destination=spiffe("payment", "payment-service"))
+
+
+def status(port: int) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/status", timeout=5) as r:
+        return json.loads(r.read())
+
+
+def wait_for(predicate, timeout: float) -> bool:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return True
+        except OSError:
+            pass
+        time.sleep(0.1)
+    return False
+
+
+def workers_seen(port: int, attempts: int = 60) -> dict[int, int]:
+    """index -> pid of the workers that answered; each request is a new connection."""
+    seen: dict[int, int] = {}
+    for _ in range(attempts):
+        w = status(port)["worker"]
+        seen[w["index"]] = w["pid"]
+    return seen
+
+
+def test_two_workers_share_the_ports_and_add_up(tmp_path: Path) -> None:
+    g, h = free_port(), free_port()
+    audit = tmp_path / "audit.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "authz", "serve", "--workers", "2", "--grpc-addr", f"127.0.0.1:{g}",
+         "--http-addr", f"127.0.0.1:{h}", "--audit-log", str(audit), "--audit-log", "-"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_for(lambda: http_get(h, "/readyz")[0] == 200, 30), proc.stderr
+        assert wait_for(lambda: len(workers_seen(h, 10)) == 2, 20)  # both answer on one port
+        sent = 60
+        for _ in range(sent):  # a new connection each time, so both workers get some
+            with grpc.insecure_channel(f"127.0.0.1:{g}") as ch:
+                resp = external_auth_pb2_grpc.AuthorizationStub(ch).Check(check_request(**CHARGE), timeout=5)
+                assert resp.status.code == 0
+        # /metrics, whichever worker answers, counts every worker's checks and only those
+        # (the bundle tests the gate ran at load are not served checks).
+        for _ in range(4):
+            text = http_get(h, "/metrics")[1]
+            assert f'authz_checks_total{{decision="allow",policy="payment-service",reason="allowed by policy"}} {sent}.0' in text
+            assert f"authz_check_duration_seconds_count {sent}.0" in text
+            assert 'authz_bundle_info{name="example",revision="2026-11-25.1"} 1.0' in text
+        files = sorted(p.name for p in tmp_path.iterdir())
+        assert files == ["audit.log.w0", "audit.log.w1"]
+        assert wait_for(lambda: sum(len(p.read_text().splitlines()) for p in tmp_path.iterdir()) == sent, 10)
+        assert all(p.read_text() for p in tmp_path.iterdir())  # both workers served checks
+
+        # a worker that dies is replaced; the service keeps answering
+        before = workers_seen(h)
+        os.kill(before[1], signal.SIGKILL)
+        assert wait_for(lambda: workers_seen(h, 20).get(1, before[1]) != before[1], 30)
+        with grpc.insecure_channel(f"127.0.0.1:{g}") as ch:
+            assert external_auth_pb2_grpc.AuthorizationStub(ch).Check(check_request(**CHARGE), timeout=5).status.code == 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    # stdout is shared by the workers: every record is a whole line
+    records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert len(records) == sent + 1
+    assert all(r["allowed"] for r in records)
+
+
+def test_workers_need_fixed_ports() -> None:
+    proc = subprocess.run([sys.executable, "-m", "authz", "serve", "--workers", "2",
+                           "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 2 and "fixed port" in proc.stderr
+
+
+def test_a_worker_that_cannot_start_stops_the_service() -> None:
+    g, h = free_port(), free_port()
+    blocker = subprocess.Popen([sys.executable, "-c", "import socket,time; s=socket.socket(); "
+                                f"s.bind(('127.0.0.1',{h})); s.listen(); time.sleep(60)"])
+    try:
+        time.sleep(0.5)
+        proc = subprocess.run([sys.executable, "-m", "authz", "serve", "--workers", "2",
+                               "--grpc-addr", f"127.0.0.1:{g}", "--http-addr", f"127.0.0.1:{h}"],
+                              capture_output=True, text=True, timeout=90, check=False)
+    finally:
+        blocker.kill()
+        blocker.wait()
+    assert proc.returncode != 0
+    assert "exited with code" in proc.stderr
