@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -144,6 +145,25 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+_UNKNOWN_FIELD = re.compile(r'has no field named "([^"]+)" at "([^"]+)"')
+
+
+def _parse_check_request(text: str) -> CheckRequest:
+    """Protobuf JSON of a CheckRequest. Fields this Envoy API version does not know (a newer
+    Envoy, or a dump from another tool) are skipped with a warning, as Envoy would; a
+    misspelt known field is reported the same way, so it cannot pass unnoticed."""
+    try:
+        return json_format.Parse(text, CheckRequest())
+    except json_format.ParseError as exc:
+        m = _UNKNOWN_FIELD.search(str(exc))
+        if m is None:
+            raise
+        request = json_format.Parse(text, CheckRequest(), ignore_unknown_fields=True)
+        print(f"authz check: warning: ignored field {m.group(2)}.{m.group(1)} unknown to "
+              "CheckRequest (and any other unknown fields)", file=sys.stderr)
+        return request
+
+
 def _supervise(argv: list[str], args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -212,7 +232,7 @@ def _check(args: argparse.Namespace) -> int:
         print(f"authz check: cannot read request: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        check_request = json_format.Parse(text, CheckRequest())
+        check_request = _parse_check_request(text)
     except json_format.ParseError as exc:
         print(f"authz check: request is not a CheckRequest in protobuf JSON: {exc}", file=sys.stderr)
         return EXIT_USAGE

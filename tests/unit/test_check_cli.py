@@ -95,8 +95,12 @@ def test_malformed_request_is_a_deny_not_an_error(tmp_path: Path, capsys: pytest
 def test_usage_and_bundle_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rc, _ = run_check(tmp_path, capsys, "{not json")
     assert rc == 2
-    rc, _ = run_check(tmp_path, capsys, json.dumps({"attributes": {"nosuchfield": 1}}))
-    assert rc == 2
+    (tmp_path / "extra.json").write_text(json.dumps({"attributes": {"request": {"http": {"method": "GET"}}},
+                                                     "version": 1}))
+    assert main(["check", "--bundle", str(EXAMPLE), "--request", str(tmp_path / "extra.json")]) == 0
+    assert "ignored field CheckRequest.version" in capsys.readouterr().err  # skipped, with a warning ...
+    rc, _ = run_check(tmp_path, capsys, json.dumps({"attributes": {"source": {"principal": 7}}}))
+    assert rc == 2  # ... a known field of the wrong type is an error
     assert main(["check", "--bundle", str(EXAMPLE), "--request", str(tmp_path / "missing.json")]) == 2
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -105,6 +109,14 @@ def test_usage_and_bundle_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["check", "--bundle", str(bad), "--request", str(tmp_path / "r.json")]) == 2
     assert "bundle.yaml:1:1" in capsys.readouterr().err
     assert main(["check"]) == 2
+
+
+def test_request_dumps_with_fields_of_other_tools_still_decide(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    body = json.loads(request_json(sa("prod", "checkout-api"), ORDERS, "POST", "/v1/orders"))
+    body["attributes"]["request"]["http"]["parsed_path"] = ["v1", "orders"]  # OPA-Envoy's input adds these
+    body["parsed_query"] = {}
+    rc, out = run_check(tmp_path, capsys, json.dumps(body))
+    assert rc == 0 and out["allowed"] is True and out["rule"] == "checkout-creates-orders"
 
 
 def test_console_script_reads_stdin() -> None:
