@@ -55,6 +55,8 @@ def from_check_request(check: external_auth_pb2.CheckRequest, trust_domains: spi
     if not http.method:
         raise MalformedRequest("request has no method")
     headers = dict(http.headers) if http.headers else _header_map(http)
+    if any(k != k.lower() for k in headers):  # Envoy sends lower case; hand-written requests may not
+        headers = _lower_keys(headers)
     if http.fragment:
         raise MalformedRequest("path contains a fragment")
     try:
@@ -98,6 +100,14 @@ def _header_map(http: attribute_context_pb2.AttributeContext.HttpRequest) -> dic
     for hv in http.header_map.headers:
         value = hv.raw_value.decode("utf-8", "replace") if hv.raw_value else hv.value
         key = hv.key.lower()
+        out[key] = f"{out[key]},{value}" if key in out else value
+    return out
+
+
+def _lower_keys(headers: dict[str, str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in headers.items():
+        key = key.lower()
         out[key] = f"{out[key]},{value}" if key in out else value
     return out
 

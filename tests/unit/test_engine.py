@@ -339,3 +339,12 @@ def test_caller_membership_fast_path_agrees_with_cel(tmp_path: Path) -> None:
         assert decide(ps, principal=CHECKOUT, path="/t/acme").allowed, expr
         assert not decide(ps, principal=BILLING, path="/t/acme").allowed, expr
         assert decide(ps, principal=BILLING, path="/t/globex").allowed, expr
+
+
+def test_header_names_are_case_insensitive(tmp_path: Path) -> None:
+    ps = policy_set(tmp_path, [tenant_policy({"header": "X-Tenant-ID"}, ["/v1/{**}"],
+                                             ["source.principal in tenant.callers"])], tenants=TENANTS)
+    d = decide(ps, principal=CHECKOUT, path="/v1/x", headers={"X-Tenant-Id": "acme"})
+    assert d.allowed and d.tenant == "acme"
+    ps = policy_set(tmp_path / "2", [allow({"when": ["request.headers['x-env'] == 'prod'"]})])
+    assert decide(ps, headers={"X-Env": "prod"}).allowed
