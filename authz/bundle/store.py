@@ -36,7 +36,7 @@ from authz.bundle.loader import BundleError, BundleFiles, read_bundle
 from authz.bundle.schema import Problem
 from authz.bundle.sources import Source, SourceUnavailable, read_directory
 from authz.bundle.yamlpos import Position
-from authz.engine.compile import compile_bundle
+from authz.engine.compile import compact, compile_bundle
 from authz.engine.decide import PolicySet
 from authz.metrics import Metrics
 
@@ -96,7 +96,8 @@ def check_candidate(
     policy_set = compile_bundle(files)
     if run_tests and files.tests:
         run_bundle_tests(policy_set, files)
-    return policy_set
+    del files  # the parsed documents: their memory can now be reused and returned
+    return compact(policy_set)
 
 
 def run_bundle_tests(policy_set: PolicySet, files: BundleFiles) -> None:

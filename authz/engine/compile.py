@@ -7,9 +7,11 @@ bundle with any problem is rejected as a whole.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import ipaddress
 import json
+import pickle
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -38,7 +40,28 @@ YPath = tuple[str | int, ...]
 
 def load_policy_set(root: Path) -> PolicySet:
     """Read, validate and compile a bundle directory; raises BundleError."""
-    return compile_bundle(read_bundle(root))
+    files = read_bundle(root)
+    policy_set = compile_bundle(files)
+    del files
+    return compact(policy_set)
+
+
+# Below this many tenants the copy is not worth its time.
+COMPACT_TENANTS = 10_000
+
+
+def compact(policy_set: PolicySet) -> PolicySet:
+    """The same PolicySet with its tenant table copied into fresh memory.
+
+    Compiled tenants are allocated while the parsed documents still exist, in between them;
+    once the documents are freed the tenants keep those pages resident (measured: 100k
+    tenants keep ~80 MB for ~17 MB of data). Call this after dropping the documents: the
+    copy packs the tenants together, and the pages of the originals can go back to the OS.
+    """
+    if len(policy_set.tenants) < COMPACT_TENANTS:
+        return policy_set
+    tenants = pickle.loads(pickle.dumps(dict(policy_set.tenants), protocol=pickle.HIGHEST_PROTOCOL))
+    return dataclasses.replace(policy_set, tenants=tenants)
 
 
 def compile_bundle(files: BundleFiles) -> PolicySet:

@@ -348,3 +348,21 @@ def test_header_names_are_case_insensitive(tmp_path: Path) -> None:
     assert d.allowed and d.tenant == "acme"
     ps = policy_set(tmp_path / "2", [allow({"when": ["request.headers['x-env'] == 'prod'"]})])
     assert decide(ps, headers={"X-Env": "prod"}).allowed
+
+
+def test_compacted_tenant_table_decides_the_same(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from authz.engine import compile as compile_mod
+
+    monkeypatch.setattr(compile_mod, "COMPACT_TENANTS", 2)
+    tenants = {f"t{i}": {"callers": [CHECKOUT if i % 2 else BILLING], "plan": "p", "flags": {"beta": True}}
+               for i in range(6)}
+    policies = [tenant_policy({"pathCapture": "tenant"}, ["/t/{tenant}"],
+                              ["source.principal in tenant.callers && tenant.flags.beta == true"])]
+    ps = policy_set(tmp_path, policies, tenants=tenants)  # load_policy_set compacts
+    original = compile_mod.compile_bundle(compile_mod.read_bundle(tmp_path / "bundle"))
+    assert ps.tenants is not original.tenants and ps.tenants == original.tenants
+    assert ps.tenants["t1"].callers is ps.tenants["t3"].callers  # shared sets stay shared
+    for i in range(6):
+        for who in (CHECKOUT, BILLING):
+            req = dict(principal=who, path=f"/t/t{i}")
+            assert decide(ps, **req) == decide(original, **req)
