@@ -36,7 +36,7 @@ from authz.bundle.loader import BundleError, BundleFiles, read_bundle
 from authz.bundle.schema import Problem
 from authz.bundle.sources import Source, SourceUnavailable, read_directory
 from authz.bundle.yamlpos import Position
-from authz.engine.compile import compact, compile_bundle
+from authz.engine.compile import attach_tenants, compile_bundle, detach_tenants
 from authz.engine.decide import PolicySet
 from authz.metrics import Metrics
 
@@ -97,7 +97,8 @@ def check_candidate(
     if run_tests and files.tests:
         run_bundle_tests(policy_set, files)
     del files  # the parsed documents: their memory can now be reused and returned
-    return compact(policy_set)
+    policy_set, table = detach_tenants(policy_set)
+    return attach_tenants(policy_set, table)
 
 
 def run_bundle_tests(policy_set: PolicySet, files: BundleFiles) -> None:

@@ -358,7 +358,7 @@ def test_compacted_tenant_table_decides_the_same(tmp_path: Path, monkeypatch: py
                for i in range(6)}
     policies = [tenant_policy({"pathCapture": "tenant"}, ["/t/{tenant}"],
                               ["source.principal in tenant.callers && tenant.flags.beta == true"])]
-    ps = policy_set(tmp_path, policies, tenants=tenants)  # load_policy_set compacts
+    ps = policy_set(tmp_path, policies, tenants=tenants)  # load_policy_set repacks the table
     original = compile_mod.compile_bundle(compile_mod.read_bundle(tmp_path / "bundle"))
     assert ps.tenants is not original.tenants and ps.tenants == original.tenants
     assert ps.tenants["t1"].callers is ps.tenants["t3"].callers  # shared sets stay shared
