@@ -15,7 +15,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "unit"))
@@ -100,11 +99,12 @@ def main() -> None:
             checker = Checker(store, metrics)
             for label, cr in cases.items():
                 req = from_check_request(cr, ps.trust_domains)
-                measure("decide: " + label, lambda req=req: ps.decide(req), args.n)
+                measure("decide: " + label, lambda req=req, ps=ps: ps.decide(req), args.n)
             for label, cr in cases.items():
                 raw = cr.SerializeToString()
                 measure("parse+check+serialize: " + label,
-                        lambda raw=raw: checker.check(CheckRequest.FromString(raw)).SerializeToString(), args.n)
+                        lambda raw=raw, checker=checker: checker.check(CheckRequest.FromString(raw)).SerializeToString(),
+                        args.n)
             del ps, store, checker
 
 
