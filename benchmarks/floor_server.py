@@ -1,0 +1,90 @@
+"""The floor: a trivial Envoy Check server that answers every call with one prebuilt OK.
+
+What any Python gRPC service pays for a unary call, with no policy work at all. Used by
+bench_side_by_side.py and bench_envoy.py; not part of authz.
+
+    python benchmarks/floor_server.py --port P [--stack aio|sync] [--processes N]
+
+``--processes N`` runs N copies sharing the port (SO_REUSEPORT), as `authz serve --workers N` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+import threading
+from concurrent import futures
+
+import grpc
+from envoy.service.auth.v3 import external_auth_pb2
+from google.rpc import code_pb2, status_pb2
+
+OK = external_auth_pb2.CheckResponse(status=status_pb2.Status(code=code_pb2.OK)).SerializeToString()
+
+
+def _handler(fn: object) -> grpc.GenericRpcHandler:
+    return grpc.method_handlers_generic_handler(
+        "envoy.service.auth.v3.Authorization", {"Check": grpc.unary_unary_rpc_method_handler(fn)})  # type: ignore[arg-type]
+
+
+async def _serve_aio(port: int, reuse: bool) -> None:
+    async def check(data: bytes, context: object) -> bytes:
+        return OK
+
+    server = grpc.aio.server(options=[("grpc.so_reuseport", int(reuse))])
+    server.add_generic_rpc_handlers((_handler(check),))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+    await server.stop(1)
+
+
+def _serve_sync(port: int, reuse: bool, threads: int) -> None:
+    def check(data: bytes, context: object) -> bytes:
+        return OK
+
+    server = grpc.server(futures.ThreadPoolExecutor(threads), options=[("grpc.so_reuseport", int(reuse))])
+    server.add_generic_rpc_handlers((_handler(check),))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    done.wait()
+    server.stop(1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--stack", choices=["aio", "sync"], default="aio")
+    ap.add_argument("--threads", type=int, default=16)
+    ap.add_argument("--processes", type=int, default=1)
+    args = ap.parse_args()
+    reuse = args.processes > 1
+    children = []
+    for _ in range(args.processes - 1):
+        pid = os.fork()
+        if pid == 0:
+            children = []
+            break
+        children.append(pid)
+    try:
+        if args.stack == "aio":
+            asyncio.run(_serve_aio(args.port, reuse))
+        else:
+            _serve_sync(args.port, reuse, args.threads)
+    finally:
+        for pid in children:
+            os.kill(pid, signal.SIGTERM)
+            os.waitpid(pid, 0)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
