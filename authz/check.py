@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from envoy.service.auth.v3 import external_auth_pb2
@@ -28,8 +29,27 @@ from authz.metrics import Metrics
 log = logging.getLogger("authz.check")
 
 
+_ID_BLOCK = 256  # decision ids drawn from the OS per read: one system call per 256 checks
+_ids: Iterator[str] = iter(())
+
+
 def new_decision_id() -> str:
-    return os.urandom(16).hex()
+    """32 random hex digits (response.DECISION_ID_LENGTH), from os.urandom read in blocks."""
+    global _ids
+    for decision_id in _ids:  # a list iterator: next() is atomic, so threads may share it
+        return decision_id
+    block = os.urandom(16 * _ID_BLOCK).hex()
+    ids = [block[i:i + 32] for i in range(0, len(block), 32)]
+    _ids = iter(ids[1:])
+    return ids[0]
+
+
+def _fresh_ids_after_fork() -> None:
+    global _ids
+    _ids = iter(())  # a forked worker must not hand out its parent's ids
+
+
+os.register_at_fork(after_in_child=_fresh_ids_after_fork)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,15 +74,27 @@ class Checker:
     def check_bytes(self, data: bytes) -> bytes:
         """The wire form of a check: bytes in, bytes out. A request that does not even parse
         is denied like any other malformed request, with a reason and a decision id."""
+        started = time.perf_counter()
         try:
-            check_request = external_auth_pb2.CheckRequest.FromString(data)
+            check_request: external_auth_pb2.CheckRequest | None = external_auth_pb2.CheckRequest.FromString(data)
         except Exception:  # noqa: BLE001 - protobuf raises DecodeError, but any failure denies
-            return self.run(None).response.SerializeToString()  # type: ignore[no-any-return]
-        return self.run(check_request).response.SerializeToString()  # type: ignore[no-any-return]
+            check_request = None
+        decision, decision_id, revision, req, policy_set = self._decide(check_request, None)
+        decision, answer = _answer(decision, decision_id, revision, req)
+        self._observe(decision, decision_id, revision, req, time.perf_counter() - started, policy_set)
+        return answer
 
     def run(self, check_request: external_auth_pb2.CheckRequest | None, tracer: Tracer | None = None) -> Outcome:
         """Decide one request; ``tracer``, when given, receives each step (``authz check --explain``)."""
         started = time.perf_counter()
+        decision, decision_id, revision, req, policy_set = self._decide(check_request, tracer)
+        decision, answer = _answer(decision, decision_id, revision, req)
+        self._observe(decision, decision_id, revision, req, time.perf_counter() - started, policy_set)
+        return Outcome(decision, decision_id, revision, req, response.CheckResponse.FromString(answer))
+
+    def _decide(
+        self, check_request: external_auth_pb2.CheckRequest | None, tracer: Tracer | None
+    ) -> tuple[Decision, str, str, request_mod.Request | None, PolicySet | None]:
         decision_id = new_decision_id()
         policy_set = self.store.current  # read once: one bundle for the whole check
         revision = policy_set.revision if policy_set is not None else ""
@@ -80,15 +112,7 @@ class Checker:
         except Exception:  # noqa: BLE001 - fail closed, never crash the servicer
             log.exception("internal error while deciding %s", decision_id)
             decision = _deny("internal error")
-        try:
-            resp = response.to_check_response(decision, decision_id, revision, req.principal if req else "")
-        except Exception:  # noqa: BLE001
-            log.exception("internal error while answering %s", decision_id)
-            decision = _deny("internal error")
-            resp = response.to_check_response(decision, decision_id, revision, "")
-        elapsed = time.perf_counter() - started
-        self._observe(decision, decision_id, revision, req, elapsed, policy_set)
-        return Outcome(decision, decision_id, revision, req, resp)
+        return decision, decision_id, revision, req, policy_set
 
     def _observe(self, decision: Decision, decision_id: str, revision: str,
                  req: request_mod.Request | None, elapsed: float, policy_set: PolicySet | None) -> None:
@@ -108,6 +132,17 @@ class Checker:
                                              int(elapsed * 1e6)))
         except Exception:  # noqa: BLE001
             log.exception("metrics or audit failed for %s", decision_id)
+
+
+def _answer(decision: Decision, decision_id: str, revision: str,
+            req: request_mod.Request | None) -> tuple[Decision, bytes]:
+    try:
+        return decision, response.encode_check_response(decision, decision_id, revision,
+                                                        req.principal if req is not None else "")
+    except Exception:  # noqa: BLE001
+        log.exception("internal error while answering %s", decision_id)
+        decision = _deny("internal error")
+        return decision, response.encode_check_response(decision, decision_id, revision, "")
 
 
 def _deny(reason: str) -> Decision:

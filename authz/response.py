@@ -5,16 +5,28 @@ under those names (and removing x-authz-tenant when there is no tenant), so an u
 can trust them. Denied: PERMISSION_DENIED, HTTP 403, a small JSON body with the decision
 id and a public reason. Dynamic metadata names the policy, rule and bundle revision for
 Envoy's access log; the client never sees those.
+
+The answer is written straight to the wire form from pieces serialized once: protobuf
+concatenates, so a message is the bytes of its fields one after another, and a repeated
+field or map is its entries' bytes one after another. What depends only on the decision and
+the revision (the metadata, the tenant header, a deny's status and reason) is serialized
+once per distinct decision and cached; per check only the decision id (always 32
+characters, so its framing is fixed too) and the caller's principal header are joined in.
+tests/unit/test_response.py checks the bytes parse to the message built field by field.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
+from google.protobuf.message import Message
 from google.rpc import code_pb2, status_pb2
 
 from authz.engine.model import Decision
@@ -24,58 +36,125 @@ HEADER_PRINCIPAL = "x-authz-principal"
 HEADER_DECISION_ID = "x-authz-decision-id"
 OWN_HEADERS = (HEADER_TENANT, HEADER_PRINCIPAL, HEADER_DECISION_ID)
 
+DECISION_ID_LENGTH = 32  # hex characters of check.new_decision_id()
+_DECISION_ID = re.compile(r"[0-9a-f]{32}\Z")
+
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
-_OK_STATUS = status_pb2.Status(code=code_pb2.OK)
-_DENIED_STATUS = status_pb2.Status(code=code_pb2.PERMISSION_DENIED)
-_FORBIDDEN = http_status_pb2.HttpStatus(code=http_status_pb2.Forbidden)
-_JSON = base_pb2.HeaderValueOption(
-    header=base_pb2.HeaderValue(key="content-type", value="application/json"), append_action=_OVERWRITE
-)
+CheckResponse = external_auth_pb2.CheckResponse
+_Ok = external_auth_pb2.OkHttpResponse
+_Denied = external_auth_pb2.DeniedHttpResponse
+
+
+def _field_tag(message: type, name: str) -> bytes:
+    number = message.DESCRIPTOR.fields_by_name[name].number  # type: ignore[attr-defined]
+    return bytes([number << 3 | 2])  # length-delimited; every number used here is < 16
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
 
 
 def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
     return base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=key, value=value), append_action=_OVERWRITE)
 
 
-def _metadata(decision: Decision, decision_id: str, revision: str) -> struct_pb2.Struct:
-    md = struct_pb2.Struct()
-    md.update(
-        {
-            "decision_id": decision_id,
-            "allowed": decision.allowed,
-            "policy": decision.policy,
-            "rule": decision.rule,
-            "revision": revision,
-            "tenant": decision.tenant or "",
-        }
-    )
-    return md
+_PLACEHOLDER = "5a" * (DECISION_ID_LENGTH // 2)
 
 
-def to_check_response(
-    decision: Decision, decision_id: str, revision: str, principal: str
-) -> external_auth_pb2.CheckResponse:
-    md = _metadata(decision, decision_id, revision)
-    if decision.allowed:
-        headers = [_header(HEADER_PRINCIPAL, principal), _header(HEADER_DECISION_ID, decision_id)]
-        remove: list[str] = []
+def _around_id(make: Callable[[str], Message]) -> tuple[bytes, bytes]:
+    """The bytes before and after the decision id in a piece whose only variable part it is."""
+    data = make(_PLACEHOLDER).SerializeToString()
+    before, found, after = data.partition(_PLACEHOLDER.encode())
+    assert found and _PLACEHOLDER.encode() not in after
+    return before, after
+
+
+_TAG_OK = _field_tag(CheckResponse, "ok_response")
+_TAG_DENIED = _field_tag(CheckResponse, "denied_response")
+_TAG_METADATA = _field_tag(CheckResponse, "dynamic_metadata")
+_TAG_BODY = _field_tag(_Denied, "body")
+_STATUS_OK: bytes = CheckResponse(status=status_pb2.Status(code=code_pb2.OK)).SerializeToString()
+_STATUS_DENIED: bytes = CheckResponse(status=status_pb2.Status(code=code_pb2.PERMISSION_DENIED)).SerializeToString()
+# Denied: HTTP 403 and content-type, then the decision id header.
+_DENIED_HEAD: bytes = _Denied(
+    status=http_status_pb2.HttpStatus(code=http_status_pb2.Forbidden),
+    headers=[_header("content-type", "application/json")],
+).SerializeToString()
+_OK_ID_HEADER = _around_id(lambda i: _Ok(headers=[_header(HEADER_DECISION_ID, i)]))
+_DENIED_ID_HEADER = _around_id(lambda i: _Denied(headers=[_header(HEADER_DECISION_ID, i)]))
+_METADATA_ID = _around_id(
+    lambda i: struct_pb2.Struct(fields={"decision_id": struct_pb2.Value(string_value=i)}))
+_REMOVE_TENANT: bytes = _Ok(headers_to_remove=[HEADER_TENANT]).SerializeToString()
+_REMOVE_PRINCIPAL: bytes = _Ok(headers_to_remove=[HEADER_PRINCIPAL]).SerializeToString()
+
+
+@dataclass(frozen=True, slots=True)
+class _Pieces:
+    """Everything of one response but the decision id and the principal header."""
+
+    metadata: bytes  # the Struct's entries other than decision_id
+    tenant: bytes  # OK: the tenant header, or the removal of it
+    body_head: bytes  # denied: '{"decision_id":"'
+    body_tail: bytes  # denied: '","reason":...}'
+
+
+_BODY_HEAD = b'{"decision_id":"'
+_CACHE_LIMIT = 4096
+_pieces: dict[tuple[bool, str, str, str, str, str], _Pieces] = {}
+_principals: dict[str, bytes] = {}
+
+
+def _pieces_for(decision: Decision, revision: str) -> _Pieces:
+    key = (decision.allowed, decision.reason, decision.policy, decision.rule, decision.tenant or "", revision)
+    pieces = _pieces.get(key)
+    if pieces is None:
+        md = struct_pb2.Struct()
+        md.update({"allowed": decision.allowed, "policy": decision.policy, "rule": decision.rule,
+                   "revision": revision, "tenant": decision.tenant or ""})
         if decision.tenant:
-            headers.append(_header(HEADER_TENANT, decision.tenant))
+            tenant = _Ok(headers=[_header(HEADER_TENANT, decision.tenant)]).SerializeToString()
         else:
-            remove.append(HEADER_TENANT)
-        if not principal:
-            headers.pop(0)
-            remove.append(HEADER_PRINCIPAL)
-        return external_auth_pb2.CheckResponse(
-            status=_OK_STATUS,
-            ok_response=external_auth_pb2.OkHttpResponse(headers=headers, headers_to_remove=remove),
-            dynamic_metadata=md,
-        )
-    body = json.dumps({"decision_id": decision_id, "reason": decision.reason}, separators=(",", ":"))
-    return external_auth_pb2.CheckResponse(
-        status=_DENIED_STATUS,
-        denied_response=external_auth_pb2.DeniedHttpResponse(
-            status=_FORBIDDEN, headers=[_JSON, _header(HEADER_DECISION_ID, decision_id)], body=body
-        ),
-        dynamic_metadata=md,
-    )
+            tenant = _REMOVE_TENANT
+        tail = '","reason":' + json.dumps(decision.reason) + "}"
+        pieces = _Pieces(md.SerializeToString(), tenant, _BODY_HEAD, tail.encode())
+        if len(_pieces) >= _CACHE_LIMIT:  # bounded whatever the reasons and revisions seen
+            _pieces.clear()
+        _pieces[key] = pieces
+    return pieces
+
+
+def _principal_header(principal: str) -> bytes:
+    piece = _principals.get(principal)
+    if piece is None:
+        piece = _Ok(headers=[_header(HEADER_PRINCIPAL, principal)]).SerializeToString()
+        if len(_principals) >= _CACHE_LIMIT:
+            _principals.clear()
+        _principals[principal] = piece
+    return piece
+
+
+def encode_check_response(decision: Decision, decision_id: str, revision: str, principal: str) -> bytes:
+    """The serialized CheckResponse for a decision."""
+    if not _DECISION_ID.match(decision_id):
+        raise ValueError("a decision id is 32 lower-case hex digits")
+    p = _pieces_for(decision, revision)
+    did = decision_id.encode()
+    metadata = b"".join((p.metadata, _METADATA_ID[0], did, _METADATA_ID[1]))
+    metadata_field = _TAG_METADATA + _varint(len(metadata)) + metadata
+    id_header = _OK_ID_HEADER if decision.allowed else _DENIED_ID_HEADER
+    id_header_bytes = id_header[0] + did + id_header[1]
+    if decision.allowed:
+        if principal:
+            ok = _principal_header(principal) + id_header_bytes + p.tenant
+        else:
+            ok = id_header_bytes + p.tenant + _REMOVE_PRINCIPAL
+        return _STATUS_OK + _TAG_OK + _varint(len(ok)) + ok + metadata_field
+    body = p.body_head + did + p.body_tail
+    denied = _DENIED_HEAD + id_header_bytes + _TAG_BODY + _varint(len(body)) + body
+    return _STATUS_DENIED + _TAG_DENIED + _varint(len(denied)) + denied + metadata_field
+

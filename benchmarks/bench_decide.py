@@ -1,6 +1,8 @@
-"""Prints decide() and whole-check latency percentiles and memory, at 1k and 100k tenants.
+"""Prints decide() and whole-check latency percentiles and memory, at 1k and 100k tenants, and
+decide() latency as rules grow: 10 / 1,000 / 10,000 rules on one destination and spread over many.
 
 Not a test: it prints numbers. Run: python benchmarks/bench_decide.py [--tenants 1000 100000]
+[--rules 10 1000 10000]  (``--tenants`` or ``--rules`` with no value skips that part)
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "unit"))
 
-from bundle_factory import check_request  # noqa: E402
+from bundle_factory import check_request, write_bundle  # noqa: E402
 
 from authz.bundle.store import BundleStore  # noqa: E402
 from authz.check import Checker  # noqa: E402
@@ -47,15 +49,94 @@ def percentiles(samples: list[float]) -> str:
             f"mean {statistics.fmean(samples) * 1e6:6.1f} µs")
 
 
-def measure(label: str, fn, n: int) -> None:  # noqa: ANN001
-    for _ in range(500):
+def measure(label: str, fn, n: int, budget: float = 10.0) -> tuple[float, float]:  # noqa: ANN001
+    """Prints and returns (p50, p99) in seconds: ``n`` samples, fewer (at least 200) if they
+    would take more than ``budget`` seconds."""
+    warm_until = time.perf_counter() + budget / 20
+    for i in range(500):
         fn()
+        if time.perf_counter() > warm_until and i >= 20:
+            break
     samples = []
-    for _ in range(n):
+    stop_at = time.perf_counter() + budget
+    for i in range(n):
         t = time.perf_counter()
         fn()
         samples.append(time.perf_counter() - t)
-    print(f"  {label:<44} {percentiles(samples)}")
+        if i >= 200 and t > stop_at:
+            break
+    print(f"  {label:<52} {percentiles(samples)}")
+    return samples[len(samples) // 2], samples[int(len(samples) * 0.99)]
+
+
+def caller(i: int) -> str:
+    return f"spiffe://cluster.local/ns/apps/sa/caller{i % 50}"
+
+
+def dest(i: int) -> str:
+    return f"spiffe://cluster.local/ns/apps/sa/dest{i}"
+
+
+def generated_rule(i: int) -> tuple[dict, tuple[str, str]]:
+    """Rule i of a varied table (exact paths, templates, prefixes, methods, callers) and a
+    (method, path) that it, and no earlier rule, matches."""
+    kind = i % 4
+    if kind == 0:
+        op, hit = {"methods": ["GET"], "paths": [f"/api/v{i}/items"]}, ("GET", f"/api/v{i}/items")
+    elif kind == 1:
+        op, hit = {"paths": [f"/api/r{i}/{{*}}/detail"]}, ("PUT", f"/api/r{i}/abc/detail")
+    elif kind == 2:
+        op, hit = {"methods": ["GET", "HEAD"], "paths": [f"/api/p{i}/*"]}, ("HEAD", f"/api/p{i}/x/y")
+    else:
+        op, hit = {"methods": ["POST"], "paths": [f"/api/s{i}/{{**}}"]}, ("POST", f"/api/s{i}/a/b/c")
+    return {"name": f"r{i}", "from": [{"source": {"principals": [caller(i)]}}], "to": [{"operation": op}]}, hit
+
+
+def rules_bundle(root: Path, rules: int, destinations: int) -> tuple[Path, list[tuple[str, str, str, str]]]:
+    """``rules`` rules over ``destinations`` ALLOW policies (one per destination principal);
+    returns the bundle and, per policy, a request for its last rule (the one a scan reaches last)."""
+    per = rules // destinations
+    policies, hits = [], []
+    for d in range(destinations):
+        body = [generated_rule(d * per + j) for j in range(per)]
+        policies.append({"name": f"p{d}", "target": {"principals": [dest(d)]}, "action": "ALLOW",
+                         "rules": [b[0] for b in body]})
+        last = d * per + per - 1
+        hits.append((dest(d), caller(last), *body[-1][1]))
+    # One DENY policy over every destination: a deny must be checked first on every request.
+    policies.append({"name": "deny-banned", "action": "DENY",
+                     "rules": [{"from": [{"source": {"principals": ["spiffe://cluster.local/ns/bad/sa/banned"]}}]}]})
+    return write_bundle(root, policies), hits
+
+
+def rules_scaling(counts: list[int], n: int) -> None:
+    print("decide() as rules grow (request for the LAST rule of its destination, and a request matching none):")
+    results: dict[tuple[str, int], tuple[float, float]] = {}
+    for layout in ("one destination", "many destinations"):
+        for count in counts:
+            with tempfile.TemporaryDirectory() as tmp:
+                destinations = 1 if layout == "one destination" else max(1, count // 10)
+                root, hits = rules_bundle(Path(tmp) / "b", count, destinations)
+                t0 = time.perf_counter()
+                ps = load_policy_set(root)
+                load_s = time.perf_counter() - t0
+                target, principal, method, path = hits[-1]
+                hit = from_check_request(check_request(principal=principal, method=method, path=path,
+                                                       destination=target), ps.trust_domains)
+                miss = from_check_request(check_request(principal=principal, method="DELETE", path="/nothing/here",
+                                                        destination=target), ps.trust_domains)
+                assert ps.decide(hit).allowed and not ps.decide(miss).allowed
+                print(f" {count} rules, {layout} ({destinations} policies; compiled in {load_s:.2f} s):")
+                results[(layout, count)] = measure(f"decide: last rule matches ({count} rules)",
+                                                   lambda req=hit, ps=ps: ps.decide(req), n)
+                measure(f"decide: no rule matches ({count} rules)", lambda req=miss, ps=ps: ps.decide(req), n)
+                del ps
+    for layout in ("one destination", "many destinations"):
+        lo, hi = min(counts), max(counts)
+        if (layout, lo) in results and (layout, hi) in results and lo != hi:
+            (a50, a99), (b50, b99) = results[(layout, lo)], results[(layout, hi)]
+            print(f" {layout}: {hi} rules / {lo} rules: p50 {b50 / a50:.2f}x, p99 {b99 / a99:.2f}x "
+                  "(target <= 1.5x)")
 
 
 def rss_mb() -> float:
@@ -68,9 +149,12 @@ def rss_mb() -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tenants", type=int, nargs="+", default=[1000, 100000])
+    ap.add_argument("--tenants", type=int, nargs="*", default=[1000, 100000])
+    ap.add_argument("--rules", type=int, nargs="*", default=[10, 1000, 10000])
     ap.add_argument("-n", type=int, default=20000)
     args = ap.parse_args()
+    if args.rules:
+        rules_scaling(args.rules, args.n)
     for count in args.tenants:
         with tempfile.TemporaryDirectory() as tmp:
             gc.collect()
