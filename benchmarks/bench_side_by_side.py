@@ -68,14 +68,18 @@ def start_floor(workers: int, stack: str) -> Server:
 
 def start_authz(workers: int, bundle: Path, tmp: Path, stack: str, extra: list[str]) -> Server:
     g, h = free_port(), free_port()
-    env = dict(os.environ)
-    if stack != "aio":
-        env["AUTHZ_GRPC_STACK"] = stack
+    if stack != "aio":  # authz's check path on grpcio's threaded server (benchmarks/floor_server.py)
+        proc = subprocess.Popen([sys.executable, str(REPO / "benchmarks" / "floor_server.py"), "--port", str(g),
+                                 "--processes", str(workers), "--stack", stack, "--authz-bundle", str(bundle),
+                                 "--audit-log", str(tmp / f"audit-{stack}-{workers}.log")])
+        wait_port(g, timeout=300)
+        time.sleep(2.0 * workers)
+        return Server(f"authz {stack} x{workers}", proc, g)
     proc = subprocess.Popen(
         [sys.executable, "-m", "authz", "serve", "--bundle", str(bundle), "--workers", str(workers),
          "--grpc-addr", f"127.0.0.1:{g}", "--http-addr", f"127.0.0.1:{h}",
          "--audit-log", str(tmp / f"audit-{stack}-{workers}.log"), "--log-level", "WARNING", *extra],
-        stdout=subprocess.DEVNULL, env=env)
+        stdout=subprocess.DEVNULL)
     wait_http(f"http://127.0.0.1:{h}/readyz", timeout=300)
     wait_port(g)
     time.sleep(1.0 + workers)  # every worker up and its bundle loaded
@@ -173,6 +177,14 @@ def main() -> None:
                     print(f"  {authz.name}: RSS {rss_mb(pids):.0f} MB, PSS {pss_mb(pids):.0f} MB after the load, "
                           f"peak (sum of VmHWM) {rss_mb(pids, 'VmHWM'):.0f} MB")
                     ratio_table(floor, authz, args.rounds)
+                by_name = {srv.name: srv for pair in pairs for srv in pair}
+                for workers in args.workers:
+                    for kind in ("floor", "authz"):
+                        a, b = by_name.get(f"{kind} aio x{workers}"), by_name.get(f"{kind} sync x{workers}")
+                        if a is not None and b is not None:
+                            print(f"  {kind} x{workers} sync / aio: CPU µs/check "
+                                  f"{median(b.results['cpu_us']) / median(a.results['cpu_us']):.2f}x, checks/s "
+                                  f"{median(b.results['rps']) / median(a.results['rps']):.2f}x")
                 base = {s: a for f, a in pairs if f.name.endswith("x1") for s in [a.name.split()[1]]}
                 for floor, authz in pairs:
                     stack = authz.name.split()[1]
