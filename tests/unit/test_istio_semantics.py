@@ -339,3 +339,16 @@ def _tenant_ps(factory: pytest.TempPathFactory) -> PolicySet:
     if "ps" not in _PS:
         _PS["ps"] = policy_set(factory.mktemp("t"), [TENANT_POLICY], tenants=TENANTS)
     return _PS["ps"]
+
+
+@pytest.mark.parametrize("path", ["/v1/tenants/acme/orders/..%3B/..%3B/globex/orders",
+                                  "/v1/tenants/acme/orders/..%3b/globex"])
+def test_encoded_parameter_dot_segments_are_refused(tmp_path: Path, path: str) -> None:
+    ps = policy_set(tmp_path, [ALLOW_ALL])
+    d = decide(ps, path=path)
+    assert not d.allowed and "dot segment with parameters" in d.reason
+
+
+def test_an_encoded_semicolon_is_read_as_parameters_by_a_deny(tmp_path: Path) -> None:
+    ps = policy_set(tmp_path, [deny(paths=["/admin/*"]), ALLOW_ALL])
+    assert not decide(ps, path="/admin%3Bx=1/y").allowed
