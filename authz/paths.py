@@ -137,7 +137,11 @@ def _decode_unreserved(path: str) -> str:
 
 
 def canonical_pattern(value: str) -> str:
-    """A policy path in the proxy's spelling: unreserved ``%XX`` decoded, other escapes kept."""
+    """A policy path in the proxy's spelling: unreserved ``%XX`` decoded, other escapes kept.
+
+    Only for matchers where matching more is stricter: Envoy decodes unreserved escapes in
+    every request, so in Istio a policy path that keeps one matches nothing.
+    """
     return _decode_unreserved(value)
 
 
@@ -239,10 +243,12 @@ def is_template(pattern: str) -> bool:
     return "{" in pattern or "}" in pattern
 
 
-def compile_template(pattern: str) -> PathTemplate:
+def compile_template(pattern: str, decode: bool = False) -> PathTemplate:
+    """``decode``: take ``%7E`` in literal text as ``~`` (see canonical_pattern)."""
     if not pattern.startswith("/"):
         raise TemplateError("a path template must start with '/'")
-    pattern = canonical_pattern(pattern)
+    if decode:
+        pattern = canonical_pattern(pattern)
     parts: list[str] = []
     captures: list[str] = []
     pos = 0
