@@ -22,6 +22,7 @@ from authz.bundle.loader import BundleError, BundleFiles, read_bundle
 from authz.bundle.schema import Problem
 from authz.bundle.yamlpos import Document, Position
 from authz.engine.cel import CelCompileError, Condition, compile_condition
+from authz.engine import index as rule_index
 from authz.engine.decide import TENANT_ID, PolicySet
 from authz.engine.model import (
     HeaderMatch,
@@ -135,6 +136,7 @@ class _Compiler:
             data=data,
             by_principal={k: tuple(v) for k, v in by_principal.items()},
             general=tuple(general),
+            rule_index=rule_index.build(policies),
         )
 
     # --- tenants -----------------------------------------------------------------------

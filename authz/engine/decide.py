@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from authz import paths, spiffe
 from authz.engine import explain
+from authz.engine.index import PolicyIndex
 from authz.engine.cel import CelEvalError, evaluate
 from authz.engine.model import Decision, Operation, Policy, Rule, Source, Tenant
 from authz.request import Request
@@ -66,6 +67,8 @@ class PolicySet:
     # Some policy names its destination by principal: a request without one (plaintext,
     # Istio PERMISSIVE) cannot be told apart from a request to that destination.
     targets_principals: bool = False
+    # Large policies' rules indexed by method, path and caller (authz.engine.index), by name.
+    rule_index: Mapping[str, PolicyIndex] = field(default_factory=dict)
 
     def applicable(self, req: Request) -> list[Policy]:
         chosen = sorted((*self.by_principal.get(req.destination_principal, ()), *self.general))
@@ -198,7 +201,11 @@ class PolicySet:
             tracer.step("policy", None, f"{policy.action}{' (dry run)' if policy.dry_run else ''}, "
                         f"{len(policy.rules)} rule{'' if len(policy.rules) == 1 else 's'}"
                         + ("" if policy.rules else ": matches nothing"), policy.name)
-        for rule in policy.rules:
+        rules: Sequence[Rule] = policy.rules
+        narrowed = self.rule_index.get(policy.name) if tracer is None else None
+        if narrowed is not None:  # only rules that can match this reading, in their order
+            rules = narrowed.candidates(req.method, (req.path,), req.principal)
+        for rule in rules:
             captures = _operations_match(rule.operations, req, allow)
             if captures is None:
                 if tracer is not None:
