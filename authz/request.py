@@ -74,7 +74,8 @@ def from_check_request(
     if not http.method:
         raise MalformedRequest("request has no method")
     headers = dict(http.headers) if http.headers else _header_map(http)
-    if any(k != k.lower() for k in headers):  # Envoy sends lower case; hand-written requests may not
+    names = "\0".join(headers)  # one lower() for all names: the hot path sees ~15 headers
+    if names != names.lower():  # Envoy sends lower case; hand-written requests may not
         headers = _lower_keys(headers)
     if http.fragment:
         raise MalformedRequest("path contains a fragment")
@@ -91,7 +92,7 @@ def from_check_request(
         raise MalformedRequest("caller principal is not the client certificate's URI SAN")
     dest_principal = attrs.destination.principal
     method = http.method
-    if any(c in _NOT_TOKEN for c in method):
+    if not _NOT_TOKEN.isdisjoint(method):
         raise MalformedRequest("method is not an HTTP token")
 
     src_sock = attrs.source.address.socket_address
