@@ -109,14 +109,17 @@ def rules_bundle(root: Path, rules: int, destinations: int) -> tuple[Path, list[
     return write_bundle(root, policies), hits
 
 
-def rules_scaling(counts: list[int], n: int) -> None:
-    print("decide() as rules grow (request for the LAST rule of its destination, and a request matching none):")
-    results: dict[tuple[str, int], tuple[float, float]] = {}
+def rules_scaling(counts: list[int], n: int, rounds: int = 20, budget: float = 20.0) -> None:
+    """Per layout, every rule count's bundle is loaded first, then sampled in interleaved
+    rounds (a batch of each count in turn), so a busy neighbour slows all of them alike."""
+    print("decide() as rules grow (request for the LAST rule of its destination, and a request matching none);\n"
+          f" samples taken in {rounds} interleaved rounds:")
     for layout in ("one destination", "many destinations"):
-        for count in counts:
-            with tempfile.TemporaryDirectory() as tmp:
+        cases: dict[tuple[int, str], tuple[object, object]] = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            for count in counts:
                 destinations = 1 if layout == "one destination" else max(1, count // 10)
-                root, hits = rules_bundle(Path(tmp) / "b", count, destinations)
+                root, hits = rules_bundle(Path(tmp) / f"b{count}", count, destinations)
                 t0 = time.perf_counter()
                 ps = load_policy_set(root)
                 load_s = time.perf_counter() - t0
@@ -126,17 +129,35 @@ def rules_scaling(counts: list[int], n: int) -> None:
                 miss = from_check_request(check_request(principal=principal, method="DELETE", path="/nothing/here",
                                                         destination=target), ps.trust_domains)
                 assert ps.decide(hit).allowed and not ps.decide(miss).allowed
-                print(f" {count} rules, {layout} ({destinations} policies; compiled in {load_s:.2f} s):")
-                results[(layout, count)] = measure(f"decide: last rule matches ({count} rules)",
-                                                   lambda req=hit, ps=ps: ps.decide(req), n)
-                measure(f"decide: no rule matches ({count} rules)", lambda req=miss, ps=ps: ps.decide(req), n)
-                del ps
-    for layout in ("one destination", "many destinations"):
+                print(f" {count} rules, {layout}: {destinations} ALLOW policies + 1 DENY; compiled in {load_s:.2f} s")
+                cases[(count, "last rule matches")] = (ps, hit)
+                cases[(count, "no rule matches")] = (ps, miss)
+        samples: dict[tuple[int, str], list[float]] = {k: [] for k in cases}
+        per_round = max(1, n // rounds)
+        deadline = time.perf_counter() + budget
+        for _ in range(rounds):
+            for key, (ps, req) in cases.items():
+                decide = ps.decide  # type: ignore[attr-defined]
+                for _ in range(min(per_round, 20)):  # warm
+                    decide(req)
+                out = samples[key]
+                for _ in range(per_round):
+                    t = time.perf_counter()
+                    decide(req)
+                    out.append(time.perf_counter() - t)
+            if time.perf_counter() > deadline and all(len(v) >= 200 for v in samples.values()):
+                break
+        stats: dict[tuple[int, str], tuple[float, float]] = {}
+        for key, values in samples.items():
+            print(f"  {layout}, {key[0]:>5} rules, {key[1]:<18} {percentiles(values)}  ({len(values)} samples)")
+            stats[key] = (values[len(values) // 2], values[int(len(values) * 0.99)])
         lo, hi = min(counts), max(counts)
-        if (layout, lo) in results and (layout, hi) in results and lo != hi:
-            (a50, a99), (b50, b99) = results[(layout, lo)], results[(layout, hi)]
-            print(f" {layout}: {hi} rules / {lo} rules: p50 {b50 / a50:.2f}x, p99 {b99 / a99:.2f}x "
-                  "(target <= 1.5x)")
+        if lo != hi:
+            for what in ("last rule matches", "no rule matches"):
+                (a50, a99), (b50, b99) = stats[(lo, what)], stats[(hi, what)]
+                print(f" {layout}, {what}: {hi} rules / {lo} rules: p50 {b50 / a50:.2f}x, p99 {b99 / a99:.2f}x "
+                      "(target <= 1.5x)")
+        del cases
 
 
 def rss_mb() -> float:
