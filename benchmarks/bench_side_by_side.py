@@ -66,8 +66,12 @@ def start_floor(workers: int, stack: str) -> Server:
     return Server(f"floor {stack} x{workers}", proc, port)
 
 
-def start_authz(workers: int, bundle: Path, tmp: Path, stack: str, extra: list[str]) -> Server:
+def start_authz(workers: int, bundle: Path, tmp: Path, stack: str, extra: list[str],
+                baseline: Path | None = None) -> Server:
     g, h = free_port(), free_port()
+    env = dict(os.environ)
+    if baseline is not None:  # another checkout of authz (e.g. `git archive` of an older commit)
+        env["PYTHONPATH"] = str(baseline)
     if stack != "aio":  # authz's check path on grpcio's threaded server (benchmarks/floor_server.py)
         proc = subprocess.Popen([sys.executable, str(REPO / "benchmarks" / "floor_server.py"), "--port", str(g),
                                  "--processes", str(workers), "--stack", stack, "--authz-bundle", str(bundle),
@@ -78,8 +82,9 @@ def start_authz(workers: int, bundle: Path, tmp: Path, stack: str, extra: list[s
     proc = subprocess.Popen(
         [sys.executable, "-m", "authz", "serve", "--bundle", str(bundle), "--workers", str(workers),
          "--grpc-addr", f"127.0.0.1:{g}", "--http-addr", f"127.0.0.1:{h}",
-         "--audit-log", str(tmp / f"audit-{stack}-{workers}.log"), "--log-level", "WARNING", *extra],
-        stdout=subprocess.DEVNULL)
+         "--audit-log", str(tmp / f"audit-{stack}-{workers}{'-base' if baseline else ''}.log"),
+         "--log-level", "WARNING", *extra],
+        stdout=subprocess.DEVNULL, env=env)
     wait_http(f"http://127.0.0.1:{h}/readyz", timeout=300)
     wait_port(g)
     time.sleep(1.0 + workers)  # every worker up and its bundle loaded
@@ -87,7 +92,7 @@ def start_authz(workers: int, bundle: Path, tmp: Path, stack: str, extra: list[s
         deadline = time.monotonic() + 300
         while len(tree(proc.pid)) < workers + 1 and time.monotonic() < deadline:
             time.sleep(0.5)
-    return Server(f"authz {stack} x{workers}", proc, g)
+    return Server(f"{'before' if baseline else 'authz'} {stack} x{workers}", proc, g)
 
 
 def verify_allowed(port: int, body: bytes) -> None:
@@ -142,6 +147,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--authz-arg", action="append", default=[], help="extra argument for authz serve")
+    ap.add_argument("--baseline-src", type=Path, metavar="DIR",
+                    help="also run authz serve (aio) from this source tree, e.g. `git archive <commit>` "
+                         "unpacked, as 'before' beside the floor: before/after in one run")
     args = ap.parse_args()
     if shutil.which("h2load") is None:
         raise SystemExit("needs h2load: apt-get install nghttp2-client")
@@ -160,6 +168,11 @@ def main() -> None:
                         started.append(floor)
                         authz = start_authz(workers, bundle, tmp, stack, args.authz_arg)
                         started.append(authz)
+                        if args.baseline_src is not None and stack == "aio":
+                            before = start_authz(workers, bundle, tmp, stack, args.authz_arg, args.baseline_src)
+                            started.append(before)
+                            pairs.append((floor, before))
+                            verify_allowed(before.port, body)
                         pairs.append((floor, authz))
                         verify_allowed(authz.port, body)
                         pids = tree(authz.proc.pid)
@@ -167,10 +180,8 @@ def main() -> None:
                               f"after load (floor {rss_mb(tree(floor.proc.pid)):.0f} MB)", flush=True)
                 for r in range(args.rounds):
                     print(f"{count} tenants, round {r + 1} (load average {machine_load()})", flush=True)
-                    for floor, authz in pairs:
-                        one = floor.name.endswith("x1")
-                        run_round(floor, body, args.seconds, tmp, one)
-                        run_round(authz, body, args.seconds, tmp, one)
+                    for srv in started:  # each server once a round, floor first, in start order
+                        run_round(srv, body, args.seconds, tmp, srv.name.endswith("x1"))
                 print(f"{count} tenants, medians of {args.rounds} rounds:")
                 for floor, authz in pairs:
                     pids = tree(authz.proc.pid)
@@ -185,9 +196,18 @@ def main() -> None:
                             print(f"  {kind} x{workers} sync / aio: CPU µs/check "
                                   f"{median(b.results['cpu_us']) / median(a.results['cpu_us']):.2f}x, checks/s "
                                   f"{median(b.results['rps']) / median(a.results['rps']):.2f}x")
-                base = {s: a for f, a in pairs if f.name.endswith("x1") for s in [a.name.split()[1]]}
+                for workers in args.workers:
+                    a, b = by_name.get(f"authz aio x{workers}"), by_name.get(f"before aio x{workers}")
+                    if a is not None and b is not None:
+                        ratios = "  ".join(f"{k} {median(a.results[k]) / median(b.results[k]):.2f}x"
+                                           for k in ("cpu_us", "rps", "p50", "p99") if k in a.results)
+                        print(f"  authz aio x{workers} after / before (medians): {ratios}")
+                base = {s: a for f, a in pairs if f.name.endswith("x1") and a.name.startswith("authz")
+                        for s in [a.name.split()[1]]}
                 for floor, authz in pairs:
                     stack = authz.name.split()[1]
+                    if authz.name.startswith("before"):
+                        continue
                     if not authz.name.endswith("x1") and stack in base:
                         gain = median(authz.results["rps"]) / median(base[stack].results["rps"])
                         print(f"  {authz.name} / {base[stack].name} checks/s: {gain:.2f}x")
