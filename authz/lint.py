@@ -30,6 +30,7 @@ from authz.bundle.yamlpos import Document, Position
 from authz.engine.compile import compile_bundle
 from authz.engine.decide import PolicySet
 from authz.engine.model import IpMatch, Operation, PathMatch, Policy, Rule, Source, StringMatch
+from authz.example import example_bundle
 from authz.spiffe import SCHEME
 
 WARNING = "warning"
@@ -348,8 +349,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cli(args: argparse.Namespace) -> int:
     """`authz lint`: exit 1 when there is an error, 0 otherwise (warnings alone do not fail)."""
-    from authz.cli import example_bundle
-
     root = args.bundle or example_bundle()
     problems = lint_bundle(root)
     errors = sum(1 for p in problems if p.severity != WARNING)
