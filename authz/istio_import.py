@@ -571,11 +571,11 @@ class _Converter:
                                f"selects some workloads with {w.kind} {w.value} but not the one labelled "
                                f"{w.labels}: authz tells workloads apart only by principal, host or port")
                     return []
-        for w in chosen:
+        for w in sorted(chosen, key=lambda w: w.value):
             values = found.setdefault(w.kind, [])
             if w.value not in values:
                 values.append(w.value)
-        return [{_TARGET_FIELD[kind]: sorted(found[kind])} for kind in _TARGET_FIELD if kind in found]
+        return [{_TARGET_FIELD[kind]: found[kind]} for kind in _TARGET_FIELD if kind in found]
 
     # -- rules ------------------------------------------------------------------------------
 
