@@ -954,8 +954,9 @@ def test_literal_braces_stay_exact_in_cel(tmp_path: Path) -> None:
     p = one_policy(tmp_path, 'rules: [{to: [{operation: {paths: ["/a/{literal}", "/b/{*}", "/c*"]}}]}]\n')
     rule = p["rules"][0]
     assert "paths" not in rule["to"][0]["operation"]
-    assert rule["when"] == ['request.path == "/a/{literal}" || request.path.matches('
-                            '"^/b/[a-zA-Z0-9\\\\-._~%!$&\'()+,;:@]+$") || request.path.startsWith("/c")']
+    expected = ('request.path == "/a/{literal}" || request.path.matches('
+                '"^/b/[a-zA-Z0-9\\\\-._~%!$&\'()+,;:@]+$") || request.path.startsWith("/c")')
+    assert rule["when"] == [expected]
 
 
 @pytest.mark.parametrize(("value", "message"), [
