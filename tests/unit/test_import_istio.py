@@ -72,10 +72,12 @@ def produced(tmp_path: Path, text: str, workloads: tuple[str, ...] = (), **opts:
 
 def decide(ps: PolicySet, dest: str = HTTPBIN_FOO, principal: str = "", method: str = "GET", path: str = "/",
            host: str = "httpbin.foo", headers: dict[str, str] | None = None, source_ip: str = "10.0.0.1",
-           port: int = 8000, dest_ip: str = "") -> Decision:
+           port: int = 8000, dest_ip: str = "", sni: str = "") -> Decision:
     cr = check_request(principal, method, path, host, headers, dest, source_ip, port)
     if dest_ip:
         cr.attributes.destination.address.socket_address.address = dest_ip
+    if sni:
+        cr.attributes.tls_session.sni = sni
     return ps.decide(from_check_request(cr, ps.trust_domains))
 
 
@@ -1087,3 +1089,136 @@ def test_manifest_marks_the_bundle_as_imported(tmp_path: Path) -> None:
     files = produced(tmp_path, AP + "  rules: [{}]\n")
     assert files["bundle.yaml"]["description"].startswith(IMPORTED_MARK)
     assert files["bundle.yaml"]["defaultAction"] == "ALLOW" and "pathNormalization" not in files["bundle.yaml"]
+
+
+# --- imported bundles decide as Istio: the FORMAT-8 translations through the engine -------------
+
+
+def td_sa(td: str, ns: str, name: str) -> str:
+    return f"spiffe://{td}/ns/{ns}/sa/{name}"
+
+
+@pytest.mark.parametrize(("caller", "expected"), [
+    (td_sa("bad-td", "a", "b"), False), (td_sa("bad", "a", "b"), False),  # trustDomains: ["bad*"]
+    (td_sa("x-td1", "a", "b"), False),  # notTrustDomains would exclude it, but the principal pattern matches
+    (td_sa("good", "a", "b"), True),
+    (td_sa("foobar", "foo", "p1"), False), (td_sa("foobar", "foo", "p2"), True),  # '*bar/ns/foo/sa/p1'
+])
+def test_trust_domain_patterns_decide(tmp_path: Path, caller: str, expected: bool) -> None:
+    """A DENY on a wildcard trust domain fires (it used to hold a literal '*' and never match)."""
+    ps = imported(tmp_path, AP + """\
+      action: DENY
+      rules:
+      - from: [{source: {trustDomains: ["bad*"]}}]
+      - from: [{source: {principals: ["*-td1/ns/a/sa/b", "*bar/ns/foo/sa/p1"]}}]
+    """)
+    assert allowed(ps, principal=caller) is expected
+
+
+@pytest.mark.parametrize(("caller", "expected"), [
+    (td_sa("new.td", "a", "b"), True), (td_sa("old.td", "a", "b"), True),  # either name of the trust domain
+    (td_sa("other.td", "a", "b"), False), (td_sa("new.td", "a", "c"), False),
+    (td_sa("new.td", "c", "d"), True),  # 'cluster.local' in a policy is this mesh
+])
+def test_principals_decide_with_aliases(tmp_path: Path, caller: str, expected: bool) -> None:
+    ps = imported(tmp_path, AP + """\
+      rules:
+      - from: [{source: {principals: ["old.td/ns/a/sa/b", "cluster.local/ns/c/sa/d"]}}]
+    """, trust_domain="new.td", trust_domain_aliases=("old.td",))
+    assert allowed(ps, dest=td_sa("new.td", "foo", "httpbin"), principal=caller) is expected
+
+
+@pytest.mark.parametrize(("caller", "expected"), [
+    (sa("foo", "reader"), True), (sa("bar", "reader"), False), (sa("ns1", "writer"), True)])
+def test_service_account_without_namespace_is_the_policys(tmp_path: Path, caller: str, expected: bool) -> None:
+    ps = imported(tmp_path, AP + "  rules: [{from: [{source: {serviceAccounts: [reader, ns1/writer]}}]}]\n")
+    assert allowed(ps, principal=caller) is expected
+
+
+@pytest.mark.parametrize(("headers", "expected"), [
+    ({"x-a": "1"}, False), ({"x-a": "2"}, True), ({}, True),
+    ({"x-a": "2", "x-b": ""}, False),  # '*' matches a header that is present, even empty
+])
+def test_header_conditions_decide(tmp_path: Path, headers: dict[str, str], expected: bool) -> None:
+    ps = imported(tmp_path, AP + """\
+      action: DENY
+      rules:
+      - when: [{key: "request.headers[X-A]", values: ["1"]}]
+      - when: [{key: "request.headers[x-b]", values: ["*"]}]
+    """)
+    assert allowed(ps, headers=headers) is expected
+
+
+@pytest.mark.parametrize(("sni", "dest_ip", "port", "expected"), [
+    ("api.example.com", "10.1.2.3", 443, True),
+    ("api.example.org", "10.1.2.3", 443, False),  # connection.sni
+    ("", "10.1.2.3", 443, False),
+    ("api.example.com", "192.168.1.1", 443, False),  # destination.ip 10.0.0.0/8
+    ("api.example.com", "fd00::7", 443, True),  # destination.ip fd00::/8
+    ("api.example.com", "10.1.2.3", 8443, False),  # destination.port
+])
+def test_sni_destination_ip_and_port_decide(tmp_path: Path, sni: str, dest_ip: str, port: int,
+                                            expected: bool) -> None:
+    ps = imported(tmp_path, AP + """\
+      rules:
+      - when:
+        - {key: connection.sni, values: ["*.example.com"]}
+        - {key: destination.ip, values: ["10.0.0.0/8", "fd00::/8"]}
+        - {key: destination.port, values: ["443"]}
+    """)
+    assert allowed(ps, sni=sni, dest_ip=dest_ip, port=port) is expected
+
+
+@pytest.mark.parametrize(("source_ip", "xff", "expected"), [
+    ("2001:db8::5", "", True), ("2001:db9::1", "", False), ("10.0.0.1", "", False),
+    ("2001:db8::5", "2001:db8:1::9", False),  # remote.ip notValues
+])
+def test_ipv6_source_conditions_decide(tmp_path: Path, source_ip: str, xff: str, expected: bool) -> None:
+    ps = imported(tmp_path, AP + """\
+      rules:
+      - when:
+        - {key: source.ip, values: ["2001:db8::/32"]}
+        - {key: remote.ip, notValues: ["2001:db8:1::/48"]}
+    """)
+    headers = {"x-forwarded-for": xff} if xff else {}
+    assert allowed(ps, source_ip=source_ip, headers=headers) is expected
+
+
+@pytest.mark.parametrize(("method", "expected"), [("GET", True), ("get", False), ("Get", False), ("post", True)])
+def test_methods_are_case_sensitive(tmp_path: Path, method: str, expected: bool) -> None:
+    """Istio matches methods exactly: an ALLOW for GET does not admit 'get'; one for 'post' admits only 'post'."""
+    ps = imported(tmp_path, AP + "  rules: [{to: [{operation: {methods: [GET, post]}}]}]\n")
+    assert allowed(ps, method=method) is expected
+
+
+@pytest.mark.parametrize(("host", "expected"), [
+    ("api.example.com", True), ("API.example.com", True), ("api.example.com:8000", False),  # whole authority
+    ("www.example.org", True), ("www.example.org:80", False), ("other.example", False)])
+def test_hosts_decide_on_the_whole_authority(tmp_path: Path, host: str, expected: bool) -> None:
+    ps = imported(tmp_path, AP + "  rules: [{to: [{operation: {hosts: [api.example.com, '*.example.org']}}]}]\n")
+    assert allowed(ps, host=host) is expected
+
+
+def test_plaintext_requests_are_targeted_by_host_and_port(tmp_path: Path) -> None:
+    """No destination principal (PERMISSIVE mTLS): the by-host / by-port policies still apply."""
+    ps = imported(tmp_path, AP + """\
+      selector: {matchLabels: {app: httpbin}}
+      action: DENY
+      rules: [{to: [{operation: {paths: ["/admin*"]}}]}]
+    """, ("app=httpbin=spiffe://cluster.local/ns/foo/sa/httpbin", "app=httpbin=host:httpbin.foo.svc.cluster.local",
+          "app=httpbin=port:8000@foo"))
+    assert not allowed(ps, dest=HTTPBIN_FOO, path="/admin/x")
+    assert not allowed(ps, dest="", host="httpbin.foo.svc.cluster.local", port=9999, path="/admin/x")
+    assert not allowed(ps, dest="", host="elsewhere", port=8000, path="/admin/x")
+    assert allowed(ps, dest="", host="httpbin.foo.svc.cluster.local", port=9999, path="/public")
+
+
+def test_cli_import_decides_after_empty_documents(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "ap.yaml"
+    src.write_text("---\n" + AP + "  action: DENY\n  rules: [{to: [{operation: {methods: [POST]}}]}]\n---\n")
+    out = tmp_path / "b"
+    assert main(["import-istio", str(src), "-o", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "authz import-istio: trust domain cluster.local: Istio's default" in captured.err
+    ps = load_policy_set(out)
+    assert not allowed(ps, method="POST") and allowed(ps, method="GET")
