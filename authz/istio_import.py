@@ -644,6 +644,8 @@ class _Converter:
                         self.error(res, path, f"{label}: the condition and the {cond.where}'s own values are "
                                    "both patterns, and their AND has no exact form in one field; write the "
                                    f"values the rule needs in the {cond.where}")
+                    except ValueError:
+                        pass  # an invalid address or port of the entry, already reported
             else:
                 keep.append(True)
                 continue
