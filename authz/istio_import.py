@@ -53,7 +53,7 @@ import yaml
 
 from authz.bundle.schema import Problem
 from authz.bundle.yamlpos import Document, Position, YamlError, load_documents
-from authz.spiffe import SCHEME
+from authz.spiffe import SCHEME, TrustDomains
 
 API_VERSIONS = ("security.istio.io/v1", "security.istio.io/v1beta1")
 DRY_RUN_ANNOTATION = "istio.io/dry-run"
@@ -476,6 +476,13 @@ class _Converter:
                 self.error(res, (*path, k), f"{value!r}: Istio adds 'spiffe://' to principals itself, so this "
                            "one never matches there; write it without the scheme")
                 ok = False
+            elif _regex_suffix(value) and not value.endswith("*"):  # both ends: reported below
+                try:
+                    re.compile(value[1:])
+                except re.error as exc:
+                    self.error(res, (*path, k), f"{value!r}: istiod pastes a '*suffix' principal into a regex "
+                               f"unescaped, and this one is no regex ({exc}): Envoy rejects the policy")
+                    ok = False
         return self.check_patterns(res, path, values) and ok
 
     def check_ips(self, res: _Resource, path: YPath, values: list[str]) -> bool:
@@ -497,10 +504,26 @@ class _Converter:
             if not value.isdigit() or int(value) > 65535:
                 self.error(res, (*path, k), f"port {value!r} must be a number from 0 to 65535")
                 ok = False
+            elif int(value) == 0:
+                self.error(res, (*path, k), "port 0 matches no request in Istio, and the bundle refuses it: "
+                           "remove it")
+                ok = False
+        return ok
+
+    def check_regex_values(self, res: _Resource, path: YPath, values: list[str], what: str) -> bool:
+        """istiod pastes namespaces and service accounts into a regex unescaped; the engine reads
+        '.' (and a namespace's '*') as Istio does and every other character literally."""
+        ok = True
+        for k, value in enumerate(values):
+            odd = sorted({c for c in value if c in _REGEX_CHARS - {".", "*"}})
+            if odd:
+                self.error(res, (*path, k), f"{value!r}: istiod reads {''.join(odd)!r} in a {what} as regex "
+                           "syntax, the bundle literally; write the name itself")
+                ok = False
         return ok
 
     def check_service_accounts(self, res: _Resource, path: YPath, values: list[str]) -> bool:
-        ok = True
+        ok = self.check_regex_values(res, path, values, "service account")
         for k, value in enumerate(values):
             ns, slash, name = value.rpartition("/")
             if "*" in value or value.count("/") > 1 or not name or (slash and not ns):
@@ -611,7 +634,7 @@ class _Converter:
     def rule(self, res: _Resource, path: YPath, rv: Any, index: int) -> list[dict[str, Any]]:
         if not self.unknown_fields(res, path, rv, RULE_FIELDS, "a rule"):
             return []
-        sources: list[dict[str, Any]] = []
+        sources: list[tuple[dict[str, Any], list[str]]] = []
         for j, entry in enumerate(self.listed(res, (*path, "from"), rv.get("from"))):
             p = (*path, "from", j)
             if not self.unknown_fields(res, p, entry or {}, {"source"}, "a from entry"):
@@ -627,27 +650,55 @@ class _Converter:
             op = self.operation(res, (*p, "operation"), (entry or {}).get("operation") or {})
             if op is not None:
                 operations.append(op)
+        rule_cel: list[str] = []
         for j, cv in enumerate(self.listed(res, (*path, "when"), rv.get("when"))):
             cond = self.condition(res, (*path, "when", j), cv)
             if cond is None:
                 continue
-            if cond.where == "source":
-                sources = sources or [{}]
-                sources = [s for s, keep in zip(sources, self.push(res, (*path, "when", j), cond, sources),
-                                                strict=True) if keep]
-            else:
-                operations = operations or [({}, [])]
-                ops = [op for op, _ in operations]
-                operations = [o for o, keep in zip(operations, self.push(res, (*path, "when", j), cond, ops),
-                                                   strict=True) if keep]
-            if not (sources if cond.where == "source" else operations):
+            if cond.field_name == "principals" and any(_regex_suffix(v) for v in cond.values + cond.not_values):
+                # Rule-wide, so ANDed with every `from` entry as the condition is.
+                rule_cel += self.principal_cel(cond.values, cond.not_values)
+                continue
+            entries = (sources or [({}, [])]) if cond.where == "source" else (operations or [({}, [])])
+            kept = self.push(res, (*path, "when", j), cond, [e for e, _ in entries])
+            entries = [e for e, keep in zip(entries, kept, strict=True) if keep]
+            if not entries:
                 return []  # every entry ANDed with the condition matches nothing: so does the rule
+            if cond.where == "source":
+                sources = entries
+            else:
+                operations = entries
+        # A CEL part of one `from` or `to` entry cannot be ORed with the other entries inside
+        # one rule: one bundle rule per such entry keeps "any entry" semantics exactly.
+        source_groups = [[s] for s in sources] if any(c for _, c in sources) and len(sources) > 1 else [sources]
+        op_groups = [[o] for o in operations] if any(c for _, c in operations) and len(operations) > 1 else [operations]
+        combos = [(sg, og) for sg in source_groups for og in op_groups]
         name = f"rule-{index + 1}"
-        if any(cel for _, cel in operations) and len(operations) > 1:
-            # A CEL part of one `to` entry cannot be ORed with the others inside one rule:
-            # one bundle rule per entry keeps "any entry" semantics exactly.
-            return [self._rule(f"{name}.{k + 1}", sources, [op], cel) for k, (op, cel) in enumerate(operations)]
-        return [self._rule(name, sources, [op for op, _ in operations], [c for _, cel in operations for c in cel])]
+        return [self._rule(name if len(combos) == 1 else f"{name}.{k + 1}", [e for e, _ in sg], [e for e, _ in og],
+                           [*rule_cel, *(c for _, cel in sg for c in cel), *(c for _, cel in og for c in cel)])
+                for k, (sg, og) in enumerate(combos)]
+
+    def principal_cel(self, values: list[str], not_values: list[str]) -> list[str]:
+        """principals / notPrincipals exactly as istiod's matchers read them, for a field that holds
+        a '*suffix' with regex characters (istiod pastes the suffix into a regex unescaped)."""
+        trust = TrustDomains(self.mesh.trust_domain, frozenset(self.mesh.aliases))
+        out = []
+        for vs, negative in ((values, False), (not_values, True)):
+            if not vs:
+                continue
+            parts = []
+            for v in vs:
+                if v == "*":
+                    parts.append('source.principal != ""')
+                elif v.startswith("*"):
+                    parts.append(f"source.principal.matches({_cel_str('^(?:' + SCHEME + '.*' + v[1:] + ')$')})")
+                else:
+                    # The engine's expansion of trust-domain aliases, as istiod does it.
+                    parts += [f"source.principal.startsWith({_cel_str(SCHEME + e[:-1])})" if e.endswith("*")
+                              else f"source.principal == {_cel_str(SCHEME + e)}" for e in trust.expand_principal(v)]
+            expr = " || ".join(parts)
+            out.append(f"!({expr})" if negative else expr)
+        return out
 
     def push(self, res: _Resource, path: YPath, cond: _Condition, entries: list[dict[str, Any]]) -> list[bool]:
         """AND a condition into every entry; False for an entry that then matches nothing."""
@@ -684,7 +735,7 @@ class _Converter:
     @staticmethod
     def _rule(name: str, sources: list[dict[str, Any]], ops: list[dict[str, Any]], when: list[str]) -> dict[str, Any]:
         out: dict[str, Any] = {"name": name}
-        if sources:
+        if sources and all(sources):  # an empty source matches every caller: so does the whole `from`
             out["from"] = [{"source": copy.deepcopy(s)} for s in sources]
         if ops:
             out["to"] = [{"operation": copy.deepcopy(op)} for op in ops]
@@ -692,7 +743,7 @@ class _Converter:
             out["when"] = list(when)
         return out
 
-    def source(self, res: _Resource, path: YPath, sv: Any) -> dict[str, Any] | None:
+    def source(self, res: _Resource, path: YPath, sv: Any) -> tuple[dict[str, Any], list[str]] | None:
         if not self.unknown_fields(res, path, sv, SOURCE_FIELDS, "a source"):
             return None
         out: dict[str, Any] = {}
@@ -710,6 +761,8 @@ class _Converter:
                 self.check_service_accounts(res, (*path, key), values)
             elif key in _PRINCIPAL_FIELDS:
                 self.check_principals(res, (*path, key), values)
+            elif key in ("namespaces", "notNamespaces"):
+                self.check_regex_values(res, (*path, key), values, "namespace")
             else:
                 self.check_patterns(res, (*path, key), values)
             out[key] = values
@@ -718,7 +771,10 @@ class _Converter:
         if accounts and others:
             self.error(res, (*path, accounts[0]), f"Istio rejects {accounts[0]} next to {others[0]} in one "
                        "source, so this policy never applied there", key=True)
-        return out
+        cel: list[str] = []
+        if any(_regex_suffix(v) for key in _PRINCIPAL_FIELDS for v in out.get(key, [])):
+            cel = self.principal_cel(out.pop("principals", []), out.pop("notPrincipals", []))
+        return out, cel
 
     def operation(self, res: _Resource, path: YPath, ov: Any) -> tuple[dict[str, Any], list[str]] | None:
         if not self.unknown_fields(res, path, ov, OPERATION_FIELDS, "an operation"):
@@ -779,6 +835,7 @@ class _Converter:
             self.error(res, path, f"path template {value!r} must start with '/'")
             return None
         seen_any = False
+        segments = value.split("/")[1:]
         for s in value.strip("/").split("/"):
             if s in ("{*}", "{**}"):
                 if seen_any:
@@ -793,7 +850,8 @@ class _Converter:
                 self.error(res, path, f"path template {value!r}: segment {s!r} holds characters Envoy's URI "
                            "template matcher rejects (only RFC 3986 path characters without '*' and '=')")
                 return None
-        return "native"
+        # The bundle's {**} must end the template; Envoy's may be followed by literal segments.
+        return "native" if "{**}" not in segments or segments[-1] == "{**}" else "cel"
 
     # -- conditions -------------------------------------------------------------------------
 
@@ -839,6 +897,8 @@ class _Converter:
                     ok = self.check_service_accounts(res, p, vs) and ok
                 elif key == "source.principal":
                     ok = self.check_principals(res, p, vs) and ok
+                elif key == "source.namespace":
+                    ok = self.check_regex_values(res, p, vs, "namespace") and ok
                 else:
                     ok = self.check_patterns(res, p, vs) and ok
             return _Condition(where, field_name, values, not_values) if ok else None
@@ -861,6 +921,14 @@ _SOURCE_ORDER = ("principals", "notPrincipals", "trustDomains", "notTrustDomains
 
 def _source_order(key: str) -> int:
     return _SOURCE_ORDER.index(key)
+
+
+_REGEX_CHARS = frozenset(".[]()?+{}|^$\\*")
+
+
+def _regex_suffix(principal: str) -> bool:
+    """A '*suffix' principal whose suffix istiod's unescaped regex reads otherwise than literally."""
+    return principal.startswith("*") and any(c in _REGEX_CHARS for c in principal[1:])
 
 
 def _template_regex(value: str) -> str:

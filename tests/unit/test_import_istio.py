@@ -1222,3 +1222,68 @@ def test_cli_import_decides_after_empty_documents(tmp_path: Path, capsys: pytest
     assert "authz import-istio: trust domain cluster.local: Istio's default" in captured.err
     ps = load_policy_set(out)
     assert not allowed(ps, method="POST") and allowed(ps, method="GET")
+
+
+# --- what the engine reads otherwise than istiod: exact in CEL, or an error ----------------------
+
+
+def test_suffix_principal_with_regex_characters_becomes_exact_cel(tmp_path: Path) -> None:
+    """istiod writes '*suffix' as the regex 'spiffe://.*<suffix>', unescaped; the field would read it literally."""
+    p = one_policy(tmp_path, """\
+        rules:
+        - from:
+          - source: {principals: ["*/ns/foo/sa/w[1]", "cluster.local/ns/a/sa/b"], namespaces: [foo]}
+          - source: {principals: ["*/sa/plain"]}
+        """, trust_domain="td", trust_domain_aliases=("old",))
+    assert [r["name"] for r in p["rules"]] == ["rule-1.1", "rule-1.2"]
+    first, second = p["rules"]
+    assert first["from"] == [{"source": {"namespaces": ["foo"]}}]
+    assert first["when"] == [('source.principal.matches("^(?:spiffe://.*/ns/foo/sa/w[1])$") || '
+                              'source.principal == "spiffe://td/ns/a/sa/b" || source.principal == "spiffe://old/ns/a/sa/b"')]
+    assert second == {"name": "rule-1.2", "from": [{"source": {"principals": ["*/sa/plain"]}}]}
+
+
+@pytest.mark.parametrize(("caller", "expected"), [
+    (td_sa("td1", "foo", "w1"), True), (td_sa("td1", "foo", "w[1]"), False),  # '[1]' is a character class
+    (td_sa("td1", "foo", "aXb"), False), (td_sa("td1", "foo", "a.b"), False),  # DENY: '.' is any character
+    (td_sa("td1", "foo", "ok"), True),
+])
+def test_suffix_principal_regex_decides_as_istio(tmp_path: Path, caller: str, expected: bool) -> None:
+    allow = AP + '  rules: [{from: [{source: {principals: ["*/ns/foo/sa/w[1]", "*/sa/ok", "*/sa/aXb", "*/sa/a.b"]}}]}]\n'
+    deny = AP.replace("name: p", "name: d") + (
+        '  action: DENY\n  rules: [{when: [{key: source.principal, values: ["*/ns/foo/sa/a.b"]}]}]\n')
+    ps = imported(tmp_path, allow + "---\n" + deny, trust_domain="td1")
+    assert allowed(ps, dest=td_sa("td1", "foo", "httpbin"), principal=caller) is expected
+
+
+def test_invalid_suffix_regex_and_regex_characters_in_names_are_errors(tmp_path: Path) -> None:
+    errors = import_errors(tmp_path, AP + """\
+      rules:
+      - from:
+        - source: {principals: ["*/sa/w[1"]}
+        - source: {namespaces: ["te(st)"]}
+        - source: {serviceAccounts: ["ns/a+b"]}
+        to: [{operation: {ports: ["0"]}}]
+    """)
+    text = "\n".join(errors)
+    assert "source.principals[0]: '*/sa/w[1': istiod pastes a '*suffix' principal into a regex" in text
+    assert "source.namespaces[0]: 'te(st)': istiod reads '()' in a namespace as regex syntax" in text
+    assert "source.serviceAccounts[0]: 'ns/a+b': istiod reads '+' in a service account" in text
+    assert "operation.ports[0]: port 0 matches no request in Istio" in text
+    assert len(errors) == 4
+
+
+def test_namespace_wildcards_stay_native(tmp_path: Path) -> None:
+    """Istio's namespaces are regexes with '*' as '.*' anywhere, and so are the bundle's: '*x*' is fine there."""
+    p = one_policy(tmp_path, "rules: [{from: [{source: {namespaces: ['*team*', 'a.b']}}]}]\n")
+    assert p["rules"][0]["from"][0]["source"] == {"namespaces": ["*team*", "a.b"]}
+
+
+@pytest.mark.parametrize(("path", "expected"), [
+    ("/v1/a/b/x", True), ("/v1/a/x", True), ("/v1/x", False), ("/v1/a/x/y", False), ("/v2/a/x", False)])
+def test_any_segments_followed_by_literals_is_envoys_template(tmp_path: Path, path: str, expected: bool) -> None:
+    """Envoy's '**' may be followed by literal segments ('/v1/{**}/x'); the bundle's {**} ends a template: CEL."""
+    p = one_policy(tmp_path / "a", "rules: [{to: [{operation: {paths: ['/v1/{**}/x']}}]}]\n")
+    assert p["rules"][0]["when"] == ['request.path.matches("^/v1/[a-zA-Z0-9\\\\-._~%!$&\'()+,;:@/]*/x$")']
+    ps = imported(tmp_path / "b", AP + "  rules: [{to: [{operation: {paths: ['/v1/{**}/x']}}]}]\n")
+    assert allowed(ps, path=path) is expected
