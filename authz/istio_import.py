@@ -53,7 +53,7 @@ import yaml
 
 from authz.bundle.schema import Problem
 from authz.bundle.yamlpos import Document, Position, YamlError, load_documents
-from authz.spiffe import SCHEME, TrustDomains
+from authz.spiffe import SCHEME
 
 API_VERSIONS = ("security.istio.io/v1", "security.istio.io/v1beta1")
 DRY_RUN_ANNOTATION = "istio.io/dry-run"
@@ -476,8 +476,8 @@ class _Converter:
                 self.error(res, (*path, k), f"{value!r}: Istio adds 'spiffe://' to principals itself, so this "
                            "one never matches there; write it without the scheme")
                 ok = False
-            elif _regex_suffix(value) and not value.endswith("*"):  # both ends: reported below
-                try:
+            elif value.startswith("*") and not value.endswith("*"):  # both ends: reported below
+                try:  # istiod (and the engine) read the suffix as a regex, unescaped
                     re.compile(value[1:])
                 except re.error as exc:
                     self.error(res, (*path, k), f"{value!r}: istiod pastes a '*suffix' principal into a regex "
@@ -511,14 +511,15 @@ class _Converter:
         return ok
 
     def check_regex_values(self, res: _Resource, path: YPath, values: list[str], what: str) -> bool:
-        """istiod pastes namespaces and service accounts into a regex unescaped; the engine reads
-        '.' (and a namespace's '*') as Istio does and every other character literally."""
+        """istiod pastes namespaces and service accounts into a regex unescaped, and so does the
+        engine; one that is no regex would be refused by Envoy."""
         ok = True
         for k, value in enumerate(values):
-            odd = sorted({c for c in value if c in _REGEX_CHARS - {".", "*"}})
-            if odd:
-                self.error(res, (*path, k), f"{value!r}: istiod reads {''.join(odd)!r} in a {what} as regex "
-                           "syntax, the bundle literally; write the name itself")
+            try:
+                re.compile(value.replace("*", ".*") if what == "namespace" else value)
+            except re.error as exc:
+                self.error(res, (*path, k), f"{value!r}: istiod pastes a {what} into a regex unescaped, and this "
+                           f"one is no regex ({exc}): Envoy rejects the policy")
                 ok = False
         return ok
 
@@ -634,7 +635,7 @@ class _Converter:
     def rule(self, res: _Resource, path: YPath, rv: Any, index: int) -> list[dict[str, Any]]:
         if not self.unknown_fields(res, path, rv, RULE_FIELDS, "a rule"):
             return []
-        sources: list[tuple[dict[str, Any], list[str]]] = []
+        sources: list[dict[str, Any]] = []
         for j, entry in enumerate(self.listed(res, (*path, "from"), rv.get("from"))):
             p = (*path, "from", j)
             if not self.unknown_fields(res, p, entry or {}, {"source"}, "a from entry"):
@@ -650,55 +651,26 @@ class _Converter:
             op = self.operation(res, (*p, "operation"), (entry or {}).get("operation") or {})
             if op is not None:
                 operations.append(op)
-        rule_cel: list[str] = []
         for j, cv in enumerate(self.listed(res, (*path, "when"), rv.get("when"))):
             cond = self.condition(res, (*path, "when", j), cv)
             if cond is None:
                 continue
-            if cond.field_name == "principals" and any(_regex_suffix(v) for v in cond.values + cond.not_values):
-                # Rule-wide, so ANDed with every `from` entry as the condition is.
-                rule_cel += self.principal_cel(cond.values, cond.not_values)
-                continue
-            entries = (sources or [({}, [])]) if cond.where == "source" else (operations or [({}, [])])
-            kept = self.push(res, (*path, "when", j), cond, [e for e, _ in entries])
-            entries = [e for e, keep in zip(entries, kept, strict=True) if keep]
-            if not entries:
-                return []  # every entry ANDed with the condition matches nothing: so does the rule
             if cond.where == "source":
-                sources = entries
+                sources = sources or [{}]
+                kept = self.push(res, (*path, "when", j), cond, sources)
+                sources = [e for e, keep in zip(sources, kept, strict=True) if keep]
             else:
-                operations = entries
-        # A CEL part of one `from` or `to` entry cannot be ORed with the other entries inside
-        # one rule: one bundle rule per such entry keeps "any entry" semantics exactly.
-        source_groups = [[s] for s in sources] if any(c for _, c in sources) and len(sources) > 1 else [sources]
-        op_groups = [[o] for o in operations] if any(c for _, c in operations) and len(operations) > 1 else [operations]
-        combos = [(sg, og) for sg in source_groups for og in op_groups]
+                operations = operations or [({}, [])]
+                kept = self.push(res, (*path, "when", j), cond, [op for op, _ in operations])
+                operations = [e for e, keep in zip(operations, kept, strict=True) if keep]
+            if not (sources if cond.where == "source" else operations):
+                return []  # every entry ANDed with the condition matches nothing: so does the rule
         name = f"rule-{index + 1}"
-        return [self._rule(name if len(combos) == 1 else f"{name}.{k + 1}", [e for e, _ in sg], [e for e, _ in og],
-                           [*rule_cel, *(c for _, cel in sg for c in cel), *(c for _, cel in og for c in cel)])
-                for k, (sg, og) in enumerate(combos)]
-
-    def principal_cel(self, values: list[str], not_values: list[str]) -> list[str]:
-        """principals / notPrincipals exactly as istiod's matchers read them, for a field that holds
-        a '*suffix' with regex characters (istiod pastes the suffix into a regex unescaped)."""
-        trust = TrustDomains(self.mesh.trust_domain, frozenset(self.mesh.aliases))
-        out = []
-        for vs, negative in ((values, False), (not_values, True)):
-            if not vs:
-                continue
-            parts = []
-            for v in vs:
-                if v == "*":
-                    parts.append('source.principal != ""')
-                elif v.startswith("*"):
-                    parts.append(f"source.principal.matches({_cel_str('^(?:' + SCHEME + '.*' + v[1:] + ')$')})")
-                else:
-                    # The engine's expansion of trust-domain aliases, as istiod does it.
-                    parts += [f"source.principal.startsWith({_cel_str(SCHEME + e[:-1])})" if e.endswith("*")
-                              else f"source.principal == {_cel_str(SCHEME + e)}" for e in trust.expand_principal(v)]
-            expr = " || ".join(parts)
-            out.append(f"!({expr})" if negative else expr)
-        return out
+        if any(cel for _, cel in operations) and len(operations) > 1:
+            # A CEL part of one `to` entry cannot be ORed with the others inside one rule:
+            # one bundle rule per entry keeps "any entry" semantics exactly.
+            return [self._rule(f"{name}.{k + 1}", sources, [op], cel) for k, (op, cel) in enumerate(operations)]
+        return [self._rule(name, sources, [op for op, _ in operations], [c for _, cel in operations for c in cel])]
 
     def push(self, res: _Resource, path: YPath, cond: _Condition, entries: list[dict[str, Any]]) -> list[bool]:
         """AND a condition into every entry; False for an entry that then matches nothing."""
@@ -735,7 +707,7 @@ class _Converter:
     @staticmethod
     def _rule(name: str, sources: list[dict[str, Any]], ops: list[dict[str, Any]], when: list[str]) -> dict[str, Any]:
         out: dict[str, Any] = {"name": name}
-        if sources and all(sources):  # an empty source matches every caller: so does the whole `from`
+        if sources:
             out["from"] = [{"source": copy.deepcopy(s)} for s in sources]
         if ops:
             out["to"] = [{"operation": copy.deepcopy(op)} for op in ops]
@@ -743,7 +715,7 @@ class _Converter:
             out["when"] = list(when)
         return out
 
-    def source(self, res: _Resource, path: YPath, sv: Any) -> tuple[dict[str, Any], list[str]] | None:
+    def source(self, res: _Resource, path: YPath, sv: Any) -> dict[str, Any] | None:
         if not self.unknown_fields(res, path, sv, SOURCE_FIELDS, "a source"):
             return None
         out: dict[str, Any] = {}
@@ -771,10 +743,7 @@ class _Converter:
         if accounts and others:
             self.error(res, (*path, accounts[0]), f"Istio rejects {accounts[0]} next to {others[0]} in one "
                        "source, so this policy never applied there", key=True)
-        cel: list[str] = []
-        if any(_regex_suffix(v) for key in _PRINCIPAL_FIELDS for v in out.get(key, [])):
-            cel = self.principal_cel(out.pop("principals", []), out.pop("notPrincipals", []))
-        return out, cel
+        return out
 
     def operation(self, res: _Resource, path: YPath, ov: Any) -> tuple[dict[str, Any], list[str]] | None:
         if not self.unknown_fields(res, path, ov, OPERATION_FIELDS, "an operation"):
@@ -921,14 +890,6 @@ _SOURCE_ORDER = ("principals", "notPrincipals", "trustDomains", "notTrustDomains
 
 def _source_order(key: str) -> int:
     return _SOURCE_ORDER.index(key)
-
-
-_REGEX_CHARS = frozenset(".[]()?+{}|^$\\*")
-
-
-def _regex_suffix(principal: str) -> bool:
-    """A '*suffix' principal whose suffix istiod's unescaped regex reads otherwise than literally."""
-    return principal.startswith("*") and any(c in _REGEX_CHARS for c in principal[1:])
 
 
 def _template_regex(value: str) -> str:

@@ -1227,20 +1227,10 @@ def test_cli_import_decides_after_empty_documents(tmp_path: Path, capsys: pytest
 # --- what the engine reads otherwise than istiod: exact in CEL, or an error ----------------------
 
 
-def test_suffix_principal_with_regex_characters_becomes_exact_cel(tmp_path: Path) -> None:
-    """istiod writes '*suffix' as the regex 'spiffe://.*<suffix>', unescaped; the field would read it literally."""
-    p = one_policy(tmp_path, """\
-        rules:
-        - from:
-          - source: {principals: ["*/ns/foo/sa/w[1]", "cluster.local/ns/a/sa/b"], namespaces: [foo]}
-          - source: {principals: ["*/sa/plain"]}
-        """, trust_domain="td", trust_domain_aliases=("old",))
-    assert [r["name"] for r in p["rules"]] == ["rule-1.1", "rule-1.2"]
-    first, second = p["rules"]
-    assert first["from"] == [{"source": {"namespaces": ["foo"]}}]
-    assert first["when"] == [('source.principal.matches("^(?:spiffe://.*/ns/foo/sa/w[1])$") || '
-                              'source.principal == "spiffe://td/ns/a/sa/b" || source.principal == "spiffe://old/ns/a/sa/b"')]
-    assert second == {"name": "rule-1.2", "from": [{"source": {"principals": ["*/sa/plain"]}}]}
+def test_suffix_principal_with_regex_characters_stays_native(tmp_path: Path) -> None:
+    """istiod writes '*suffix' as the regex 'spiffe://.*<suffix>', unescaped, and the engine reads it so too."""
+    p = one_policy(tmp_path, 'rules: [{from: [{source: {principals: ["*/ns/foo/sa/w[1]", "*/sa/a.b"]}}]}]\n')
+    assert p["rules"][0] == {"name": "rule-1", "from": [{"source": {"principals": ["*/ns/foo/sa/w[1]", "*/sa/a.b"]}}]}
 
 
 @pytest.mark.parametrize(("caller", "expected"), [
@@ -1256,21 +1246,30 @@ def test_suffix_principal_regex_decides_as_istio(tmp_path: Path, caller: str, ex
     assert allowed(ps, dest=td_sa("td1", "foo", "httpbin"), principal=caller) is expected
 
 
-def test_invalid_suffix_regex_and_regex_characters_in_names_are_errors(tmp_path: Path) -> None:
+def test_invalid_regexes_and_port_0_are_errors(tmp_path: Path) -> None:
+    """istiod pastes '*suffix' principals, namespaces and service accounts into regexes unescaped."""
     errors = import_errors(tmp_path, AP + """\
       rules:
       - from:
         - source: {principals: ["*/sa/w[1"]}
-        - source: {namespaces: ["te(st)"]}
-        - source: {serviceAccounts: ["ns/a+b"]}
+        - source: {namespaces: ["te(st"]}
+        - source: {serviceAccounts: ["ns/a+(b"]}
         to: [{operation: {ports: ["0"]}}]
     """)
     text = "\n".join(errors)
     assert "source.principals[0]: '*/sa/w[1': istiod pastes a '*suffix' principal into a regex" in text
-    assert "source.namespaces[0]: 'te(st)': istiod reads '()' in a namespace as regex syntax" in text
-    assert "source.serviceAccounts[0]: 'ns/a+b': istiod reads '+' in a service account" in text
+    assert "source.namespaces[0]: 'te(st': istiod pastes a namespace into a regex unescaped" in text
+    assert "source.serviceAccounts[0]: 'ns/a+(b': istiod pastes a service account into a regex" in text
     assert "operation.ports[0]: port 0 matches no request in Istio" in text
     assert len(errors) == 4
+
+
+@pytest.mark.parametrize(("caller", "expected"), [
+    (sa("te.st", "x"), True), (sa("teXst", "x"), True), (sa("test", "x"), False),  # '.' is any character
+    (sa("ns1", "a1"), True), (sa("ns1", "a11"), False)])  # '[1]' is a class
+def test_namespace_and_service_account_regexes_decide_as_istio(tmp_path: Path, caller: str, expected: bool) -> None:
+    ps = imported(tmp_path, AP + "  rules: [{from: [{source: {namespaces: [te.st]}}, {source: {serviceAccounts: ['ns1/a[1]']}}]}]\n")
+    assert allowed(ps, principal=caller) is expected
 
 
 def test_namespace_wildcards_stay_native(tmp_path: Path) -> None:
