@@ -35,7 +35,16 @@ from authz.bundle.schema import Problem
 from authz.bundle.yamlpos import Document, Position
 from authz.engine.compile import compile_bundle
 from authz.engine.decide import PolicySet
-from authz.engine.model import IpMatch, Operation, PathMatch, Policy, RegexMatch, Rule, Source, StringMatch
+from authz.engine.model import (
+    IpMatch,
+    Operation,
+    PathMatch,
+    Policy,
+    RegexMatch,
+    Rule,
+    Source,
+    StringMatch,
+)
 from authz.example import example_bundle
 from authz.istio_import import IMPORTED_MARK
 from authz.spiffe import SCHEME
@@ -315,7 +324,7 @@ def _namespaces_without_default_deny(files: BundleFiles, ps: PolicySet, td: str)
         whole = f"{SCHEME}{td}/ns/{ns}/sa/"
         for p in allows:
             t = p.target
-            if t.principals is None and t.hosts is None and not t.context_extensions:
+            if t.principals is None and t.hosts is None and t.ports is None and not t.context_extensions:
                 return True
             if t.principals is not None and (t.principals.present or any(whole.startswith(pre) for pre in t.principals.prefixes)):
                 return True
@@ -478,6 +487,7 @@ def _rule_covers(d: Rule, r: Rule) -> bool:
 def _target_covers(d: Policy, r: Policy) -> bool:
     return (_strings_cover(d.target.principals, r.target.principals)
             and _strings_cover(d.target.hosts, r.target.hosts)
+            and (d.target.ports is None or (r.target.ports is not None and r.target.ports <= d.target.ports))
             and set(d.target.context_extensions) <= set(r.target.context_extensions))
 
 

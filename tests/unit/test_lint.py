@@ -386,3 +386,35 @@ def test_stars_in_the_new_fields(tmp_path: Path) -> None:
     assert has(problems, "policies/p.yaml:11:34: error: header '*x*' has '*' at both ends", "")
     assert has(problems, "policies/p.yaml:12:20: error: SNI 'api.*.example.com' has a '*' inside", "")
     assert len(problems) == 4, problems
+
+
+def test_port_targets_in_lint(tmp_path: Path) -> None:
+    """A DENY for one destination port does not shadow rules of other destinations, and an ALLOW
+    targeting a port is no namespace-wide default deny."""
+    root = bundle(tmp_path, """\
+        apiVersion: authz/v1
+        kind: Policy
+        name: api
+        target:
+          principals: ["spiffe://cluster.local/ns/prod/sa/api"]
+        action: ALLOW
+        rules: [{name: r, to: [{operation: {paths: ["/admin/x"]}}]}]
+        ---
+        apiVersion: authz/v1
+        kind: Policy
+        name: by-port
+        target: {ports: ["8080"]}
+        action: ALLOW
+        rules: [{name: r}]
+        ---
+        apiVersion: authz/v1
+        kind: Policy
+        name: block-admin
+        target: {ports: ["9090"]}
+        action: DENY
+        rules: [{name: admin, to: [{operation: {paths: ["/admin*"]}}]}]
+        """, "defaultAction: ALLOW\n")
+    problems = lint(root)
+    assert not any("unreachable" in p for p in problems), problems
+    assert has(problems, "policies/p.yaml:5:16: warning: namespace 'prod' has ALLOW policies but no default deny", "")
+    assert len(problems) == 1
