@@ -259,6 +259,10 @@ def _star_problem(kind: str, value: str) -> tuple[str, str] | None:
             return "error", (f"principal {value!r} has a '*' inside its trust domain, which only letters, "
                              "digits, '.', '-' and '_' make up: it can never match (write 'prefix*' or "
                              "'*suffix', or use trustDomains)")
+    if kind == "principal" and value.startswith("*"):
+        return "warning", (f"principal {value!r}: after a leading '*' the rest is a regular expression, as "
+                           "istiod writes it, so this inner '*' repeats the character before it; it is no "
+                           "wildcard")
     if kind in _NO_STAR_INSIDE:
         return "error", (f"{kind} {value!r} has a '*' inside: only a leading or trailing '*' is a wildcard, "
                          f"and no {kind} holds a '*', so it can never match")

@@ -288,7 +288,7 @@ rules:
   - name: r
     from:
       - source:
-          principals: ["bad*x/ns/a/sa/b", "*admin*", "cluster.local/ns/*/sa/x", "*-td1/ns/a/sa/b", "td*"]
+          principals: ["bad*x/ns/a/sa/b", "*admin*", "cluster.local/ns/*/sa/x", "*-td1/ns/a/sa/b", "td*", "*/ns/*/sa/x"]
           namespaces: ["team-*-prod", "*"]
           notServiceAccounts: ["ns/*"]
     to:
@@ -308,12 +308,14 @@ def test_stars_that_never_match(tmp_path: Path) -> None:
                "'contains' match", "authz reads a prefix match on '*admin', Istio a suffix match on 'admin*'")
     assert has(problems, "policies/p.yaml:11:54: warning: principal 'cluster.local/ns/*/sa/x' has a '*' inside",
                "this one is a literal character")
+    assert has(problems, "policies/p.yaml:11:107: warning: principal '*/ns/*/sa/x': after a leading '*' the rest "
+               "is a regular expression", "this inner '*' repeats the character before it")
     assert has(problems, "policies/p.yaml:13:32: error: service account 'ns/*' has a '*'", "")
     assert has(problems, "policies/p.yaml:16:19: warning: path '/a*b' has a '*' inside", "")
     assert has(problems, "policies/p.yaml:16:27: error: path '**' has '*' at both ends", "")
     assert has(problems, "policies/p.yaml:16:33: error: path '/x/{id}/*' mixes a '*' wildcard with a '{}' template", "")
     # '*-td1' and 'td*' are trust domain patterns, namespaces take '*' anywhere, '/v1/{*}/y' is a template.
-    assert len(problems) == 8, problems
+    assert len(problems) == 9, problems
 
 
 def test_stars_in_tenant_callers(tmp_path: Path) -> None:
