@@ -16,7 +16,8 @@ Warnings:
   ``authz import-istio`` wrote: Istio decides so, and the bundle keeps Istio's decisions);
 - a principal whose trust domain is neither the bundle's nor one of its aliases;
 - a rule method that is not an upper-case HTTP token (methods match case-sensitively);
-- a ``*`` inside a value, where it is a literal character and not a wildcard;
+- a ``*`` inside a value, where it is a literal character (in a ``*suffix`` principal, a regex
+  repetition as istiod writes it) and not a wildcard;
 - tenant data no policy reads, and data files no condition reads.
 """
 
