@@ -81,16 +81,16 @@ def warnings(files: BundleFiles, policy_set: PolicySet | None) -> list[Problem]:
     manifest = files.manifest.value
     td = manifest["trustDomain"]
     aliases = set(manifest.get("trustDomainAliases", []))
+    # A bundle `authz import-istio` wrote decides as the Istio it came from, on purpose: lint
+    # reports what it sees there but asks for no change that would make it decide otherwise.
+    imported = str(manifest.get("description", "")).startswith(IMPORTED_MARK)
     out += _wildcard_principals(files)
     out += _foreign_trust_domains(files, td, aliases)
     out += _methods(files)
-    out += _stars(files)
+    out += _stars(files, imported)
     out += _unused_data(files)
     if policy_set is not None:
         out += _unreachable(policy_set)
-        # An imported bundle keeps Istio's default on purpose: recommending a default deny
-        # there would make it decide differently from the Istio it came from.
-        imported = str(manifest.get("description", "")).startswith(IMPORTED_MARK)
         if manifest.get("defaultAction", "DENY") == "ALLOW" and not imported:
             out += _namespaces_without_default_deny(files, policy_set, td)
     return out
@@ -271,12 +271,15 @@ def _star_problem(kind: str, value: str) -> tuple[str, str] | None:
                        "this one is a literal character")
 
 
-def _stars(files: BundleFiles) -> list[Problem]:
+def _stars(files: BundleFiles, imported: bool) -> list[Problem]:
     out = []
     for doc, v in _policy_docs(files):
         for path, kind, value in _values(doc, v):
             if isinstance(value, str) and (found := _star_problem(kind, value)):
-                out.append(Problem(doc.at(path), found[1], found[0]))
+                severity, message = found
+                if imported:  # dead in Istio too: said, not to be "fixed" into matching
+                    severity, message = WARNING, message.split(" (write ")[0] + ", as in the Istio policy it came from"
+                out.append(Problem(doc.at(path), message, severity))
     for doc in files.tenants:
         for tid, body in (doc.value.get("tenants") or {}).items():
             for k, value in enumerate((body or {}).get("callers") or []):

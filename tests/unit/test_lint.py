@@ -420,3 +420,22 @@ def test_port_targets_in_lint(tmp_path: Path) -> None:
     assert not any("unreachable" in p for p in problems), problems
     assert has(problems, "policies/p.yaml:5:16: warning: namespace 'prod' has ALLOW policies but no default deny", "")
     assert len(problems) == 1
+
+
+def test_imported_bundle_dead_patterns_are_warnings_without_advice(tmp_path: Path) -> None:
+    """A pattern that never matches never matched in Istio either: lint says so, but does not ask for a change."""
+    from authz.istio_import import IMPORTED_MARK
+
+    policy = """\
+        apiVersion: authz/v1
+        kind: Policy
+        name: api
+        action: DENY
+        rules: [{from: [{source: {principals: ["bad*x/ns/a/sa/b"]}}]}]
+        """
+    plain = lint(bundle(tmp_path / "a", policy))
+    assert len(plain) == 1 and ": error: " in plain[0] and "(write 'prefix*'" in plain[0]
+    imported = lint(bundle(tmp_path / "b", policy, f"description: '{IMPORTED_MARK}'\n"))
+    assert imported == [("policies/p.yaml:5:40: warning: principal 'bad*x/ns/a/sa/b' has a '*' inside its trust "
+                         "domain, which only letters, digits, '.', '-' and '_' make up: it can never match, as in "
+                         "the Istio policy it came from")]
