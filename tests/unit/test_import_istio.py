@@ -1286,3 +1286,15 @@ def test_any_segments_followed_by_literals_is_envoys_template(tmp_path: Path, pa
     assert p["rules"][0]["when"] == ['request.path.matches("^/v1/[a-zA-Z0-9\\\\-._~%!$&\'()+,;:@=/]*/x$")']
     ps = imported(tmp_path / "b", AP + "  rules: [{to: [{operation: {paths: ['/v1/{**}/x']}}]}]\n")
     assert allowed(ps, path=path) is expected
+
+
+def test_cli_usage_errors_are_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "ap.yaml"
+    src.write_text(AP + "  rules: [{}]\n")
+    for extra, message in ((["--workload", "app=a=port:8080"], "name the workload's namespace"),
+                           (["--workload", "app=a=host:a.example.com"], "name the workload's namespace"),
+                           (["--trust-domain", "Bad_TD!"], "'Bad_TD!' is not a trust domain")):
+        assert main(["import-istio", str(src), "-o", str(tmp_path / "out"), *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
