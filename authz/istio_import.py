@@ -73,7 +73,6 @@ OPERATION_FIELDS = {"hosts", "notHosts", "ports", "notPorts", "methods", "notMet
 CONDITION_FIELDS = {"key", "values", "notValues"}
 _IP_FIELDS = ("ipBlocks", "notIpBlocks", "remoteIpBlocks", "notRemoteIpBlocks")
 _PRINCIPAL_FIELDS = ("principals", "notPrincipals")
-_PATTERN_FIELDS = ("principals", "notPrincipals", "namespaces", "notNamespaces", "trustDomains", "notTrustDomains")
 
 _HEADER_KEY = re.compile(r"^request\.headers\[([^\[\]]+)\]$")
 _TEMPLATE_OP = re.compile(r"\{\*\*?\}")
