@@ -28,6 +28,13 @@ from authz.metrics import Metrics
 log = logging.getLogger("authz.check")
 
 
+# Who asked: Envoy over gRPC or HTTP ext_authz, or an application through the decision API.
+CALLER_ENVOY_GRPC = "envoy_grpc"
+CALLER_ENVOY_HTTP = "envoy_http"
+CALLER_API = "api"
+CALLERS = (CALLER_ENVOY_GRPC, CALLER_ENVOY_HTTP, CALLER_API)
+
+
 def new_decision_id() -> str:
     return os.urandom(16).hex()
 
@@ -60,8 +67,10 @@ class Checker:
             return self.run(None).response.SerializeToString()  # type: ignore[no-any-return]
         return self.run(check_request).response.SerializeToString()  # type: ignore[no-any-return]
 
-    def run(self, check_request: external_auth_pb2.CheckRequest | None, tracer: Tracer | None = None) -> Outcome:
-        """Decide one request; ``tracer``, when given, receives each step (``authz check --explain``)."""
+    def run(self, check_request: external_auth_pb2.CheckRequest | None, tracer: Tracer | None = None,
+            caller: str = CALLER_ENVOY_GRPC) -> Outcome:
+        """Decide one request; ``tracer``, when given, receives each step (``authz check --explain``).
+        ``caller`` is the kind of caller (one of CALLERS), a label of metrics and audit records."""
         started = time.perf_counter()
         decision_id = new_decision_id()
         policy_set = self.store.current  # read once: one bundle for the whole check
@@ -87,25 +96,27 @@ class Checker:
             decision = _deny("internal error")
             resp = response.to_check_response(decision, decision_id, revision, "")
         elapsed = time.perf_counter() - started
-        self._observe(decision, decision_id, revision, req, elapsed, policy_set)
+        self._observe(decision, decision_id, revision, req, elapsed, policy_set, caller)
         return Outcome(decision, decision_id, revision, req, resp)
 
     def _observe(self, decision: Decision, decision_id: str, revision: str,
-                 req: request_mod.Request | None, elapsed: float, policy_set: PolicySet | None) -> None:
+                 req: request_mod.Request | None, elapsed: float, policy_set: PolicySet | None,
+                 caller: str) -> None:
         # Side effects only; nothing here may change or delay the answer: counters and one
         # put_nowait onto the audit queue (AuditLog.submit), O(1) and never blocking.
         try:
             # Only a tenant the serving bundle defines may become a metric label value.
             if self.metrics is not None:
                 tenant = decision.tenant if policy_set is not None and decision.tenant in policy_set.tenants else None
-                self.metrics.count_check(decision.allowed, decision.reason, decision.policy, elapsed, tenant)
+                self.metrics.count_check(decision.allowed, decision.reason, decision.policy, elapsed, tenant,
+                                         caller)
                 if decision.condition_error:
                     self.metrics.condition_errors.inc()
                 for entry in decision.dry_run:
                     self.metrics.dry_run.labels("allow" if entry.endswith("=allow") else "deny").inc()
             if self.audit is not None:
                 self.audit.submit(AuditEntry(time.time(), decision_id, decision, req, revision,
-                                             int(elapsed * 1e6)))
+                                             int(elapsed * 1e6), caller))
         except Exception:  # noqa: BLE001
             log.exception("metrics or audit failed for %s", decision_id)
 
