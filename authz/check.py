@@ -68,9 +68,12 @@ class Checker:
         return self.run(check_request).response.SerializeToString()  # type: ignore[no-any-return]
 
     def run(self, check_request: external_auth_pb2.CheckRequest | None, tracer: Tracer | None = None,
-            caller: str = CALLER_ENVOY_GRPC) -> Outcome:
+            caller: str = CALLER_ENVOY_GRPC, *, malformed: str = "not a CheckRequest",
+            tenant_hint: str | None = None) -> Outcome:
         """Decide one request; ``tracer``, when given, receives each step (``authz check --explain``).
-        ``caller`` is the kind of caller (one of CALLERS), a label of metrics and audit records."""
+        ``caller`` is the kind of caller (one of CALLERS), a label of metrics and audit records;
+        ``malformed`` the reason given when ``check_request`` is None; ``tenant_hint`` (decision
+        API) turns an allow for any other tenant into a deny."""
         started = time.perf_counter()
         decision_id = new_decision_id()
         policy_set = self.store.current  # read once: one bundle for the whole check
@@ -78,12 +81,15 @@ class Checker:
         req: request_mod.Request | None = None
         try:
             if check_request is None:
-                decision = _deny("malformed request: not a CheckRequest")
+                decision = _deny(f"malformed request: {malformed}")
             elif policy_set is None:
                 decision = _deny("no policy bundle loaded")
             else:
                 req = request_mod.from_check_request(check_request, policy_set.trust_domains)
                 decision = policy_set.decide(req, tracer)
+                if tenant_hint is not None and decision.allowed and decision.tenant != tenant_hint:
+                    decision = Decision(False, "tenant mismatch", decision.policy, decision.rule, "DENY",
+                                        decision.tenant, decision.audit, decision.dry_run)
         except request_mod.MalformedRequest as exc:
             decision = _deny(f"malformed request: {exc}")
         except Exception:  # noqa: BLE001 - fail closed, never crash the servicer
