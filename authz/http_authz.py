@@ -287,10 +287,10 @@ class HttpAuthzServer:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.idle_timeout)
         except asyncio.IncompleteReadError as exc:
             if exc.partial.strip():
-                await self._deny(writer, "incomplete request head", 400)
+                await self._deny(reader, writer, "incomplete request head", 400)
             return False
         except asyncio.LimitOverrunError:
-            await self._deny(writer, "request head too large", 431)
+            await self._deny(reader, writer, "request head too large", 431)
             return False
         try:
             method, target, headers, close = _parse_head(head)
@@ -306,7 +306,7 @@ class HttpAuthzServer:
                 raise _Malformed(f"path does not start with the configured prefix {self.path_prefix!r}", 403)
             check_request = to_check_request(method, path, headers, trusted)
         except _Malformed as exc:
-            await self._deny(writer, exc.reason, exc.status)
+            await self._deny(reader, writer, exc.reason, exc.status)
             return False
         except XfccError as exc:
             outcome = self.checker.run(None, caller=CALLER_ENVOY_HTTP,
@@ -317,17 +317,38 @@ class HttpAuthzServer:
         await self._answer(writer, *to_http(outcome.response), close)
         return not close
 
-    async def _deny(self, writer: asyncio.StreamWriter, reason: str, status: int) -> None:
+    async def _deny(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reason: str,
+                    status: int) -> None:
         # Audited and counted like any malformed check; the status says what was wrong.
         outcome = self.checker.run(None, caller=CALLER_ENVOY_HTTP, malformed=reason)
         _, headers, body = to_http(outcome.response)
         await self._answer(writer, status, headers, body, True)
+        await _linger(reader, writer)
 
     @staticmethod
     async def _answer(writer: asyncio.StreamWriter, status: int, headers: list[tuple[str, str]],
                       body: bytes, close: bool) -> None:
         writer.write(_render(status, headers, body, close))
         await writer.drain()
+
+
+async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Half-close, then read and drop what the client is still sending (bounded in bytes and
+    time) before closing: closing with unread data would reset the connection and could
+    destroy the answer before the client reads it."""
+    try:
+        if writer.can_write_eof():
+            writer.write_eof()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 1.0
+        dropped = 0
+        while dropped < 2 * MAX_BODY_BYTES and loop.time() < deadline:
+            chunk = await asyncio.wait_for(reader.read(65536), max(0.01, deadline - loop.time()))
+            if not chunk:
+                return
+            dropped += len(chunk)
+    except Exception:  # noqa: BLE001 - best effort; the answer is already sent
+        return
 
 
 def _parse_head(head: bytes) -> tuple[str, str, dict[str, str], bool]:
