@@ -66,6 +66,21 @@ def test_custom_provider_points_at_the_authz_service() -> None:
     assert grpc.get("failOpen", False) is False
 
 
+def test_http_provider_points_at_the_http_authz_port() -> None:
+    (operator,) = docs(DEPLOY / "istio" / "mesh-config-http.yaml")
+    (provider,) = operator["spec"]["meshConfig"]["extensionProviders"]
+    http = provider["envoyExtAuthzHttp"]
+    policies = docs(DEPLOY / "istio" / "authorization-policies-http.yaml")
+    assert policies and all(p["spec"]["provider"]["name"] == provider["name"] for p in policies)
+    manifests = {d["kind"]: d for d in docs(DEPLOY / "kubernetes" / "authz.yaml")}
+    args = manifests["Deployment"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert int(args[args.index("--http-authz-addr") + 1].rsplit(":", 1)[1]) == http["port"]
+    assert http["port"] in {p["port"] for p in manifests["Service"]["spec"]["ports"]}
+    assert args[args.index("--http-authz-path-prefix") + 1] == http["pathPrefix"]
+    assert "x-forwarded-client-cert" in http["includeRequestHeadersInCheck"]
+    assert "x-authz-*" in http["headersToUpstreamOnAllow"] and http.get("failOpen", False) is False
+
+
 def test_kubernetes_deployment_matches_the_cli() -> None:
     manifests = {d["kind"]: d for d in docs(DEPLOY / "kubernetes" / "authz.yaml")}
     container = manifests["Deployment"]["spec"]["template"]["spec"]["containers"][0]
@@ -77,7 +92,8 @@ def test_kubernetes_deployment_matches_the_cli() -> None:
         assert flag in help_text, flag
     grpc_port = int(args[args.index("--grpc-addr") + 1].rsplit(":", 1)[1])
     http_port = int(args[args.index("--http-addr") + 1].rsplit(":", 1)[1])
-    assert {p["containerPort"] for p in container["ports"]} == {grpc_port, http_port}
+    authz_port = int(args[args.index("--http-authz-addr") + 1].rsplit(":", 1)[1])
+    assert {p["containerPort"] for p in container["ports"]} == {grpc_port, http_port, authz_port}
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": http_port}
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": http_port}
     assert manifests["Service"]["spec"]["selector"] == manifests["Deployment"]["spec"]["selector"]["matchLabels"]
