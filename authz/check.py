@@ -95,6 +95,12 @@ class Checker:
         except Exception:  # noqa: BLE001 - fail closed, never crash the servicer
             log.exception("internal error while deciding %s", decision_id)
             decision = _deny("internal error")
+        if policy_set is not None and policy_set.shapes:
+            try:
+                decision = policy_set.shape(decision, req)
+            except Exception:  # noqa: BLE001
+                log.exception("internal error while shaping %s", decision_id)
+                decision = _deny("internal error")
         try:
             resp = response.to_check_response(decision, decision_id, revision, req.principal if req else "")
         except Exception:  # noqa: BLE001

@@ -11,7 +11,8 @@ Warnings:
 - with ``defaultAction: ALLOW``, a namespace whose workloads have ALLOW policies but no
   namespace-wide ALLOW policy, so its other workloads accept everything;
 - a principal whose trust domain is neither the bundle's nor one of its aliases;
-- tenant data no policy reads, and data files no condition reads.
+- tenant data no policy reads, and data files no condition reads;
+- an upstream header that could carry a secret (authz.lint_headers).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from authz import lint_headers
 from authz.bundle.loader import BundleError, BundleFiles, read_bundle
 from authz.bundle.schema import Problem
 from authz.bundle.yamlpos import Document, Position
@@ -66,6 +68,7 @@ def warnings(files: BundleFiles, policy_set: PolicySet | None) -> list[Problem]:
     out += _wildcard_principals(files)
     out += _foreign_trust_domains(files, td, aliases)
     out += _unused_data(files)
+    out += lint_headers.secret_headers(files)
     if policy_set is not None:
         out += _unreachable(policy_set)
         if manifest.get("defaultAction", "DENY") == "ALLOW":
