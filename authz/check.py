@@ -95,9 +95,10 @@ class Checker:
         except Exception:  # noqa: BLE001 - fail closed, never crash the servicer
             log.exception("internal error while deciding %s", decision_id)
             decision = _deny("internal error")
-        if policy_set is not None and policy_set.shapes:
+        if policy_set is not None:
             try:
-                decision = policy_set.shape(decision, req)
+                if policy_set.shapes:
+                    decision = policy_set.shape(decision, req)
             except Exception:  # noqa: BLE001
                 log.exception("internal error while shaping %s", decision_id)
                 decision = _deny("internal error")

@@ -257,3 +257,100 @@ def test_authz_stopped_is_403(tmp_path: Path, pki: PKI, upstream: EchoUpstream) 
         assert resp.status == 403 and seen == []
     finally:
         stop(d)
+
+
+# --- policy-shaped responses, through Envoy over both protocols --------------------------------
+
+
+def shaped_bundle(root: Path) -> Path:
+    """The example bundle plus: the tenant rule tells the upstream the tenant's plan and strips
+    a debug header; a DENY policy answers 404 with a message; every other deny is 401."""
+    import shutil
+
+    import yaml
+
+    # Without the example's bundle tests: they expect the default 403 everywhere.
+    shutil.copytree(EXAMPLE_BUNDLE, root, ignore=shutil.ignore_patterns("tests"))
+    orders = root / "policies" / "orders-api.yaml"
+    doc = yaml.safe_load(orders.read_text())
+    rule = next(r for r in doc["rules"] if r["name"] == "tenant-callers")
+    rule["upstreamHeaders"] = {"x-tenant-plan": "tenant.plan", "x-caller-sa": "source.service_account"}
+    rule["removeHeaders"] = ["x-internal-debug"]
+    orders.write_text(yaml.safe_dump(doc, sort_keys=False))
+    (root / "policies" / "hidden.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "authz/v1", "kind": "Policy", "name": "hide-admin", "action": "DENY",
+        "target": {"principals": [SERVERS["orders-api"]]},
+        "denyResponse": {"status": 404, "message": "no such resource"},
+        "rules": [{"name": "admin-paths", "to": [{"operation": {"paths": ["/v1/admin/{**}"]}}]}],
+    }, sort_keys=False))
+    manifest = root / "bundle.yaml"
+    m = yaml.safe_load(manifest.read_text())
+    m["denyResponse"] = {"status": 401, "message": "present a workload identity this service accepts"}
+    manifest.write_text(yaml.safe_dump(m, sort_keys=False))
+    return root
+
+
+@pytest.fixture(scope="module")
+def shaped(tmp_path_factory: pytest.TempPathFactory, pki: PKI, upstream: EchoUpstream
+           ) -> Iterator[tuple[Deployment, EnvoyProcess]]:
+    from .harness import listener_specs
+
+    tmp = tmp_path_factory.mktemp("shaped")
+    d = deploy(tmp, pki, upstream, shaped_bundle(tmp / "bundle"), rogue=False,
+               extra_upstream_headers=["x-tenant-plan", "x-caller-sa"])
+    grpc_envoy: EnvoyProcess | None = None
+    try:
+        grpc_envoy = EnvoyProcess(tmp / "envoy-grpc", pki, listener_specs(pki), authz_grpc_port=d.authz.grpc_port,
+                                  upstream_port=upstream.port).start()
+        yield d, grpc_envoy
+    finally:
+        if grpc_envoy is not None:
+            grpc_envoy.stop()
+        stop(d)
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_policy_set_upstream_headers(shaped: tuple[Deployment, EnvoyProcess], protocol: str) -> None:
+    d, grpc_envoy = shaped
+    marker = uuid.uuid4().hex
+    port = d.envoy.port(ORDERS) if protocol == "http" else grpc_envoy.port(ORDERS)
+    resp = https_request(port, "POST", "/v1/tenants/acme/orders", ca_cert=d.pki.ca_cert,
+                         client=d.pki.clients["checkout-api"],
+                         headers={"x-test-marker": marker, "x-internal-debug": "1", "x-tenant-plan": "forged"})
+    assert resp.status == 200, resp
+    (seen,) = d.upstream.seen(marker=marker)
+    assert seen.header_values("x-tenant-plan") == ["enterprise"]  # the tenant's plan, not the client's
+    assert seen.header_values("x-caller-sa") == ["checkout-api"]
+    assert seen.header("x-internal-debug") is None
+    assert seen.header_values("x-authz-tenant") == ["acme"]
+    # billing calls for globex (plan standard): evaluated per request.
+    marker = uuid.uuid4().hex
+    resp = https_request(port, "POST", "/v1/tenants/globex/orders", ca_cert=d.pki.ca_cert,
+                         client=d.pki.clients["billing"], headers={"x-test-marker": marker})
+    assert resp.status == 200 and d.upstream.seen(marker=marker)[0].header("x-tenant-plan") == "standard"
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_policy_deny_statuses_and_messages(shaped: tuple[Deployment, EnvoyProcess], protocol: str) -> None:
+    d, grpc_envoy = shaped
+    port = d.envoy.port(ORDERS) if protocol == "http" else grpc_envoy.port(ORDERS)
+
+    def call(client: str, method: str, path: str) -> tuple[Response, list[SeenRequest]]:
+        marker = uuid.uuid4().hex
+        r = https_request(port, method, path, ca_cert=d.pki.ca_cert, client=d.pki.clients[client],
+                          headers={"x-test-marker": marker})
+        return r, d.upstream.seen(marker=marker)
+
+    resp, seen = call("checkout-api", "GET", "/v1/admin/users")  # the DENY policy: 404
+    assert resp.status == 404 and seen == []
+    body = resp.json()
+    assert body == {"decision_id": resp.headers["x-authz-decision-id"], "reason": "denied by policy",
+                    "message": "no such resource"}
+    resp, seen = call("stranger", "POST", "/v1/orders")  # no allow rule: the bundle's 401
+    assert resp.status == 401 and seen == []
+    assert resp.json()["message"] == "present a workload identity this service accepts"
+    for r in (resp,):
+        text = r.body.decode()
+        # No internals: policy and rule names, revision and principals stay in the audit log.
+        assert "hide-admin" not in text and "admin-paths" not in text and "orders-api" not in text
+        assert "spiffe://" not in text and "2026-11-25.1" not in text
