@@ -34,6 +34,7 @@ from pathlib import Path
 from envoy.service.auth.v3 import external_auth_pb2
 
 from authz.check import CALLER_ENVOY_HTTP, Checker
+from authz.engine.decide import PolicySet
 
 log = logging.getLogger("authz.http_authz")
 
@@ -151,6 +152,33 @@ def parse_xfcc(value: str) -> tuple[str, str]:
     return (uris[0] if uris else ""), by
 
 
+# CEL variables HTTP ext_authz cannot fill: Envoy's HTTP protocol carries no socket addresses,
+# destination port or SNI.
+_CONNECTION_VARS = frozenset({"source.address", "source.port", "destination.address", "destination.port",
+                              "connection.sni"})
+UNCARRIED = "the bundle has DENY rules on connection attributes HTTP ext_authz does not carry"
+
+
+def connection_dependent(policy_set: PolicySet) -> str | None:
+    """The first enforcing DENY policy that reads the source address, the destination address
+    or port, or the SNI. Over HTTP those are unknown, so such a rule could never fire: looser
+    than the gRPC path. Every HTTP check is denied instead while such a bundle serves."""
+    for p in policy_set.policies:
+        if p.action != "DENY" or p.dry_run:
+            continue
+        if p.target.ports is not None:
+            return p.name
+        for r in p.rules:
+            if any(s.ip_blocks is not None for s in r.sources):
+                return p.name
+            if any(o.ports is not None or o.sni is not None or o.destination_ip_blocks is not None
+                   for o in r.operations):
+                return p.name
+            if any(_CONNECTION_VARS.intersection(c.variables) for c in r.conditions):
+                return p.name
+    return None
+
+
 def strip_prefix(target: str, prefix: str) -> str | None:
     """The original path behind Envoy's ``path_prefix``; None when the target lacks it."""
     if not prefix:
@@ -237,6 +265,7 @@ class HttpAuthzServer:
         self.reuse_port = reuse_port
         self.connections = 0
         self._server: asyncio.base_events.Server | None = None
+        self._checked: tuple[PolicySet | None, bool] = (None, False)
 
     @property
     def port(self) -> int:
@@ -313,9 +342,25 @@ class HttpAuthzServer:
                                        malformed=f"bad x-forwarded-client-cert: {exc}")
             await self._answer(writer, *to_http(outcome.response), close)
             return not close
-        outcome = self.checker.run(check_request, caller=CALLER_ENVOY_HTTP)
+        if self._uncarried():
+            outcome = self.checker.run(None, caller=CALLER_ENVOY_HTTP, malformed=UNCARRIED)
+        else:
+            outcome = self.checker.run(check_request, caller=CALLER_ENVOY_HTTP)
         await self._answer(writer, *to_http(outcome.response), close)
         return not close
+
+    def _uncarried(self) -> bool:
+        """Whether the serving bundle has rules HTTP checks cannot honour (once per bundle)."""
+        current = self.checker.store.current
+        checked, result = self._checked
+        if current is checked or current is None:
+            return result and current is not None
+        name = connection_dependent(current)
+        if name is not None:
+            log.warning("bundle %s: DENY policy %s reads connection attributes that HTTP ext_authz does not "
+                        "carry; every HTTP ext_authz check is denied while it serves", current.revision, name)
+        self._checked = (current, name is not None)
+        return name is not None
 
     async def _deny(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reason: str,
                     status: int) -> None:

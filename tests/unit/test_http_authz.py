@@ -162,3 +162,32 @@ def test_malformed_http_is_denied_and_closed(authz: Served, data: bytes, status:
     answer = raw(authz, data)
     assert answer.startswith(b"HTTP/1.1 " + status), answer[:200]
     assert b"connection: close" in answer and b"x-authz-decision-id" in answer
+
+
+def test_deny_rules_on_uncarried_attributes_deny_every_http_check(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A DENY rule on the caller's address cannot fire over HTTP (Envoy does not send it):
+    rather than be looser than the gRPC path, every HTTP check is denied."""
+    from bundle_factory import policy_set, write_bundle
+
+    from authz.http_authz import UNCARRIED, connection_dependent
+
+    allow = {"name": "open", "action": "ALLOW", "rules": [{"name": "all"}]}
+    block = {"name": "block-net", "action": "DENY", "rules": [{"from": [{"source": {"ipBlocks": ["10.0.0.0/8"]}}]}]}
+    by_port = {"name": "block-port", "action": "DENY", "rules": [{"to": [{"operation": {"ports": ["9000"]}}]}]}
+    by_cel = {"name": "block-cel", "action": "DENY", "rules": [{"when": ["destination.port == 9000"]}]}
+    assert connection_dependent(policy_set(tmp_path / "a", [allow])) is None
+    assert connection_dependent(policy_set(tmp_path / "b", [allow, {**block, "dryRun": True}])) is None
+    for i, p in enumerate((block, by_port, by_cel)):
+        assert connection_dependent(policy_set(tmp_path / f"c{i}", [allow, p])) == p["name"]
+
+    served = serve(tmp_path / "served", "--trusted-proxy", "127.0.0.2/32",
+                   bundle=write_bundle(tmp_path / "bundle", [allow, block]))
+    try:
+        conn = connect(served, trusted=True)
+        try:
+            status, _, body = ask(conn, "GET", "/anything", {"Host": "a", "X-Forwarded-Client-Cert": XFCC})
+        finally:
+            conn.close()
+        assert status == 403 and UNCARRIED in json.loads(body)["reason"]
+    finally:
+        served.stop()
