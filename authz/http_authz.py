@@ -209,7 +209,8 @@ def to_check_request(method: str, path: str, headers: dict[str, str], trusted: b
         attrs.source.principal = principal
         attrs.destination.principal = by
         headers[XFCC] = xfcc
-    http.headers.update(headers)
+    # Framing headers describe this request to authz, not the original request.
+    http.headers.update({k: v for k, v in headers.items() if k not in _HOP_BY_HOP})
     return cr
 
 
