@@ -22,7 +22,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from authz.bundle.yamlpos import Document
-from authz.engine.cel import CelCompileError, CelEvalError, Condition, compile_string, evaluate_string
+from authz.engine.cel import (
+    CelCompileError,
+    CelEvalError,
+    Condition,
+    compile_string,
+    evaluate_string,
+)
 from authz.engine.model import Decision, Policy, Rule, Tenant
 
 DENY_STATUSES = (401, 403, 404, 429)

@@ -21,12 +21,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.pki import CLIENTS, PKI, SERVERS, CertKey, generate_pki, spiffe_id
 
 from .harness import (
-    LOCALHOST, ORDERS, AuthzProcess, EchoUpstream, EnvoyProcess, ListenerSpec, Response,
-    SeenRequest, free_port, https_request,
+    LOCALHOST,
+    ORDERS,
+    AuthzProcess,
+    EchoUpstream,
+    EnvoyProcess,
+    ListenerSpec,
+    Response,
+    SeenRequest,
+    free_port,
+    https_request,
 )
-from support.pki import CLIENTS, PKI, SERVERS, CertKey, generate_pki, spiffe_id
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE_BUNDLE = REPO_ROOT / "policies" / "example"
