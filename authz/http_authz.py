@@ -294,6 +294,8 @@ class HttpAuthzServer:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.connections > self.max_connections:
                 writer.write(_render(503, [], b"", close=True))
+                await writer.drain()
+                await _linger(reader, writer)
                 return
             peer = writer.get_extra_info("peername")
             address = peer[0] if isinstance(peer, tuple) and peer else ""

@@ -240,3 +240,8 @@ def test_client_timeout_is_a_deny() -> None:
     finally:
         release.set()
         server.stop(None)
+
+
+def test_json_body_over_1_mib_is_refused(authz: Served) -> None:
+    status, answer = post(authz, "/v1/decide", b" " * (1024 * 1024 + 1))
+    assert status == 413 and answer["code"] == 3 and "allowed" not in answer

@@ -191,3 +191,35 @@ def test_deny_rules_on_uncarried_attributes_deny_every_http_check(tmp_path) -> N
         assert status == 403 and UNCARRIED in json.loads(body)["reason"]
     finally:
         served.stop()
+
+
+def test_connection_bound_answers_503(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    served = serve(tmp_path, "--http-authz-max-connections", "2")
+    held = [socket.create_connection(("127.0.0.1", served.authz_port), timeout=10) for _ in range(2)]
+    try:
+        # Both held connections are idle; the third is over the bound: answered 503 and closed.
+        answer = raw(served, b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 503"), answer
+    finally:
+        for s in held:
+            s.close()
+        served.stop()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--trusted-proxy", "10.0.0.0/8"], "--trusted-proxy needs --http-authz-addr"),
+    (["--http-authz-addr", "127.0.0.1:0", "--trusted-proxy", "spiffe://cluster.local/ns/a/sa/b"],
+     "needs mTLS on the HTTP ext_authz listener"),
+    (["--http-authz-addr", "127.0.0.1:0", "--trusted-proxy", "not-an-address"], "neither spiffe://"),
+    (["--http-authz-addr", "127.0.0.1:0", "--http-authz-path-prefix", "check"], "must start with '/'"),
+])
+def test_bad_flags_exit_2(tmp_path, args: list[str], message: str) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+    import sys
+
+    from served import REPO, free_port
+
+    proc = subprocess.run([sys.executable, "-m", "authz", "serve", "--grpc-addr", f"127.0.0.1:{free_port()}",
+                           "--http-addr", f"127.0.0.1:{free_port()}", "--audit-log", str(tmp_path / "a"), *args],
+                          capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
