@@ -135,3 +135,27 @@ def test_lint_warns_on_headers_that_may_carry_secrets(tmp_path: Path) -> None:
     flagged = {name for name in ("x-tenant-plan", "x-user-token", "x-forwarded-auth", "x-api")
                if any(f"'{name}' may carry a secret" in w for w in warnings)}
     assert flagged == {"x-user-token", "x-forwarded-auth", "x-api"}, warnings
+
+
+def test_bundle_tests_can_expect_shaped_headers_and_statuses(tmp_path: Path) -> None:
+    import yaml
+
+    from authz.cli import main
+
+    root = write_bundle(tmp_path / "b", [blocked(denyResponse={"status": 404, "message": "gone"}),
+                                         tenant_policy(upstreamHeaders={"x-tenant-plan": "tenant.plan"})],
+                        tenants=TENANTS)
+
+    def cases(plan: str) -> int:
+        (root / "tests").mkdir(exist_ok=True)
+        (root / "tests" / "shaped.yaml").write_text(yaml.safe_dump({
+            "apiVersion": "authz/v1", "kind": "BundleTest", "name": "shaped", "cases": [
+                {"name": "plan upstream", "request": {"principal": CALLER, "method": "GET", "path": "/t/acme/x"},
+                 "expect": {"allowed": True, "headers": {"x-tenant-plan": plan}}},
+                {"name": "admin hidden", "request": {"principal": CALLER, "method": "GET", "path": "/t/acme/admin/x"},
+                 "expect": {"allowed": False, "status": 404}},
+            ]}))
+        return main(["test", str(root)])
+
+    assert cases("enterprise") == 0
+    assert cases("standard") != 0  # the expectation is really compared
