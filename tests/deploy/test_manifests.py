@@ -112,3 +112,20 @@ def test_envoy_sidecar_config_is_valid(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout[-2000:]
     assert "OK" in proc.stdout + proc.stderr
+
+
+def test_envoy_http_ext_authz_config_is_valid(tmp_path: Path) -> None:
+    pki = generate_pki(tmp_path / "pki", clients={"proxy": "spiffe://cluster.local/ns/mesh/sa/envoy"})
+    server, proxy = pki.servers["orders-api"], pki.clients["proxy"]
+    text = (DEPLOY / "envoy" / "envoy-http.yaml").read_text()
+    assert "http_service" in text and "grpc_service" not in text
+    files = {"server.pem": server.cert, "server-key.pem": server.key, "proxy.pem": proxy.cert,
+             "proxy-key.pem": proxy.key, "ca.pem": pki.ca_cert}
+    for name, path in files.items():
+        text = text.replace(f"/etc/envoy/tls/{name}", str(path))
+    config = tmp_path / "envoy-http.yaml"
+    config.write_text(text)
+    envoy = Path(sys.executable).parent / "envoy"
+    proc = subprocess.run([str(envoy), "--mode", "validate", "-c", str(config), "--disable-hot-restart"],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout[-2000:]
