@@ -267,6 +267,7 @@ class HttpAuthzServer:
         self.connections = 0
         self._server: asyncio.base_events.Server | None = None
         self._checked: tuple[PolicySet | None, bool] = (None, False)
+        self._writers: set[asyncio.StreamWriter] = set()
 
     @property
     def port(self) -> int:
@@ -280,14 +281,22 @@ class HttpAuthzServer:
             limit=MAX_HEADER_BYTES, reuse_port=self.reuse_port or None, backlog=1024)
 
     async def stop(self) -> None:
+        """Stop listening and close every connection (idle keep-alive ones would otherwise hold
+        wait_closed for the idle timeout on newer Pythons)."""
         if self._server is not None:
             self._server.close()
-            await self._server.wait_closed()
+            for writer in list(self._writers):
+                writer.close()
+            try:
+                await asyncio.wait_for(self._server.wait_closed(), 5.0)
+            except TimeoutError:
+                log.warning("HTTP ext_authz connections still open after 5 s at shutdown")
 
     # --- one connection --------------------------------------------------------------
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        self._writers.add(writer)
         try:
             sock = writer.get_extra_info("socket")
             if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -308,6 +317,7 @@ class HttpAuthzServer:
             log.exception("HTTP ext_authz connection failed")
         finally:
             self.connections -= 1
+            self._writers.discard(writer)
             try:
                 writer.close()
             except Exception:  # noqa: BLE001
