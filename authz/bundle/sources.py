@@ -257,7 +257,7 @@ class HttpSource:
         if policy.min_delay <= 0 or policy.max_delay < policy.min_delay:
             raise ValueError("poll delays must satisfy 0 < min <= max")
         self.url, self.auth = client_auth(url, token)
-        self.description = redact_url(self.url)
+        self.description = redact_url(url)  # '***@' says user info is in use
         self.limits = limits
         self.policy = policy
         self.etag: str | None = None

@@ -25,6 +25,7 @@ class Seen:
     path: str
     authorization: str | None
     client_uris: tuple[str, ...]
+    client_serial: str | None = None
 
 
 class AuthServer:
@@ -42,12 +43,14 @@ class AuthServer:
 
             def _record(self) -> bool:
                 uris: tuple[str, ...] = ()
+                serial = None
                 if isinstance(self.connection, ssl.SSLSocket):
                     peer = self.connection.getpeercert() or {}
                     uris = tuple(v for k, v in peer.get("subjectAltName", ()) if k == "URI")
+                    serial = peer.get("serialNumber")
                 auth = self.headers.get("Authorization")
                 with outer._lock:
-                    outer.seen.append(Seen(self.command, self.path, auth, uris))
+                    outer.seen.append(Seen(self.command, self.path, auth, uris, serial))
                     expect, target = outer.expect_auth, outer.redirects.get(self.path)
                 if expect is not None and auth != expect:
                     self._answer(401, b"unauthorized\n")
@@ -68,7 +71,7 @@ class AuthServer:
 
             def do_GET(self) -> None:  # noqa: N802
                 if self._record():
-                    if self.path == "/bundle.tar.gz":
+                    if self.path.split("?", 1)[0] == "/bundle.tar.gz":
                         self._answer(200, outer.body)
                     else:
                         self._answer(404, b"")
