@@ -282,7 +282,7 @@ class RotatingCertificate:
         for listener in list(self._listeners):
             try:
                 listener(material)
-            except Exception:  # noqa: BLE001 - a listener must not stop the rotation
+            except Exception:
                 log.exception("%s certificate listener failed", self.use)
 
     def subscribe(self, listener: Callable[[Material], object]) -> None:
@@ -315,7 +315,7 @@ class RotatingCertificate:
             while not self._stop.wait(interval):
                 try:
                     self.refresh()
-                except Exception:  # noqa: BLE001 - the watcher must outlive a bug
+                except Exception:
                     log.exception("%s certificate watcher failed", self.use)
 
         self._thread = threading.Thread(target=run, name=f"authz-certs-{self.use}", daemon=True)

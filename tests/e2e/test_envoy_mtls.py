@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.pki import PKI, CertKey, issue, spiffe_id
 
 from .conftest import EXAMPLE_BUNDLE
 from .harness import (
@@ -21,7 +22,6 @@ from .harness import (
     Mesh,
     listener_specs,
 )
-from support.pki import PKI, CertKey, issue, spiffe_id
 
 AUTHZ_ID = spiffe_id("authz", "authz")
 SIDECAR = "orders-api"  # the Envoy in front of orders-api calls authz with orders-api's SVID
@@ -62,7 +62,7 @@ def metrics(authz: AuthzProcess) -> str:
 
 
 def refused_total(authz: AuthzProcess) -> float:
-    m = re.search(r'^authz_callers_refused_total\{reason="not_allowed"\} (\S+)$', metrics(authz), re.M)
+    m = re.search(r'^authz_callers_refused_total\{reason="not_allowed"\} (\S+)$', metrics(authz), re.MULTILINE)
     return float(m.group(1)) if m else 0.0
 
 

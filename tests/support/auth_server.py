@@ -69,21 +69,21 @@ class AuthServer:
                 self.end_headers()
                 self.wfile.write(body)
 
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 if self._record():
                     if self.path.split("?", 1)[0] == "/bundle.tar.gz":
                         self._answer(200, outer.body)
                     else:
                         self._answer(404, b"")
 
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 data = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 if self._record():
                     with outer._lock:
                         outer.batches.append(json.loads(gzip.decompress(data)))
                     self._answer(204, b"")
 
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            def log_message(self, format: str, *args: Any) -> None:
                 pass
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)

@@ -267,13 +267,14 @@ def test_http_endpoints_over_tls_rotate_too(https_probe_server: tuple[Serve, Pat
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/readyz", timeout=5).read()
 
-    def served() -> int:
-        ctx = ssl.create_default_context(cafile=str(pki.ca_cert))
+    def served(sni: bool = True) -> int:
         import socket
 
-        with socket.create_connection(("127.0.0.1", server.http_port), timeout=5) as raw:
-            with ctx.wrap_socket(raw, server_hostname="localhost") as s:
-                der = s.getpeercert(binary_form=True)
+        ctx = ssl.create_default_context(cafile=str(pki.ca_cert))
+        ctx.check_hostname = sni
+        with socket.create_connection(("127.0.0.1", server.http_port), timeout=5) as raw, \
+                ctx.wrap_socket(raw, server_hostname="localhost" if sni else None) as s:
+            der = s.getpeercert(binary_form=True)
         assert der is not None
         return serial(x509.load_der_x509_certificate(der))
 
@@ -283,4 +284,5 @@ def test_http_endpoints_over_tls_rotate_too(https_probe_server: tuple[Serve, Pat
         (live / f".{name}.tmp").write_bytes(src.read_bytes())
         os.replace(live / f".{name}.tmp", live / name)
     assert wait_for(lambda: served() == serial(second), 30), server.stderr()
+    assert served(sni=False) == serial(second)  # a client without SNI gets it too
     assert metric(server.metrics(), "authz_tls_rotations_total", use="http") == 1

@@ -109,7 +109,7 @@ def test_store_refuses_a_signed_bundle_older_than_the_serving_one(
     tmp_path: Path, key: Ed25519PrivateKey
 ) -> None:
     store = BundleStore(Metrics(), verification_key=key.public_key())
-    load = lambda rev, serial: store.load_snapshot(  # noqa: E731
+    load = lambda rev, serial: store.load_snapshot(
         archive.unpack(signed(tmp_path, key, rev, serial), f"{rev}.tar.gz"))
     assert load("r20", 20) == LOADED
     assert load("r10", 10) == REJECTED

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from bundle_factory import write_bundle
 from cryptography import x509
 from support.auth_server import AuthServer
 from support.pki import PKI, CertKey, generate_pki, issue
