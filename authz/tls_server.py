@@ -116,6 +116,8 @@ class CallerGate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self._log = _RefusalLog()
         for reason in ("not_allowed", "no_spiffe_id", "no_client_certificate"):
             metrics.callers_refused.labels(reason)
+        # Wrapped handlers by method: grpc hands out the same handler for a method each time.
+        self._wrapped: dict[str, tuple[Any, Any]] = {}
 
     def refusal(self, context: grpc.aio.ServicerContext, method: str) -> str | None:
         spiffe_id, reason = peer_spiffe_id(context)
@@ -135,6 +137,15 @@ class CallerGate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None:
             return None
         method = details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(handler, method)
+        if len(self._wrapped) < 64:
+            self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, handler: Any, method: str) -> Any:
         gate = self
 
         if handler.unary_unary is not None:
