@@ -21,7 +21,7 @@ from authz.bundle.store import BundleStore
 from authz.check import Checker
 from authz.metrics import CONTENT_TYPE, Metrics
 from authz.redact import hide_paths
-from authz.tls_server import ServerTls, grpc_credentials, http_ssl_context
+from authz.tls_server import ServerTls, grpc_credentials, handshake_error, http_ssl_context
 
 log = logging.getLogger("authz.server")
 
@@ -105,6 +105,7 @@ class ProbeServer:
             # The handshake runs in the request's thread, on first read, not in accept().
             self.httpd.socket = http_ssl_context(tls.http).wrap_socket(
                 self.httpd.socket, server_side=True, do_handshake_on_connect=False)
+            self.httpd.handle_error = handshake_error  # type: ignore[method-assign]
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="authz-http", daemon=True)
 
     def start(self) -> None:

@@ -22,6 +22,7 @@ import argparse
 import logging
 import re
 import ssl
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -234,6 +235,16 @@ def http_ssl_context(cert: RotatingCertificate) -> ssl.SSLContext:
     base = build(cert.current)
     base.sni_callback = pick
     return base
+
+
+def handshake_error(request: object, client_address: object) -> None:
+    """socketserver's handle_error for the HTTPS probe server: a client that fails the TLS
+    handshake (plain HTTP, an unknown CA) is a debug line, not a traceback on stderr."""
+    exc = sys.exc_info()[1]
+    if isinstance(exc, OSError):  # ssl.SSLError included
+        log.debug("HTTPS connection from %s failed: %s", client_address, exc)
+    else:
+        log.error("HTTP request from %s failed", client_address, exc_info=exc)
 
 
 # --- flags ---------------------------------------------------------------------------------

@@ -266,6 +266,8 @@ def test_http_endpoints_over_tls_rotate_too(https_probe_server: tuple[Serve, Pat
     # Plain HTTP is not answered.
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/readyz", timeout=5).read()
+    assert server.get("/healthz")[0] == 200
+    assert "Traceback" not in server.stderr()  # a failed handshake is no crash report
 
     def served(sni: bool = True) -> int:
         import socket
