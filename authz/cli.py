@@ -23,9 +23,7 @@ from authz.engine.compile import load_policy_set
 from authz.engine.explain import Explainer, summary
 from authz.metrics import Metrics
 from authz.request import CheckRequest
-from authz.certs import CredentialError
 from authz.credentials import TokenFile
-from authz.redact import redact_url
 from authz.tls import ClientTls
 
 EXIT_USAGE = 2
@@ -140,7 +138,7 @@ def _serve(args: argparse.Namespace) -> int:
         listener_tls = tls_server.from_args(args, metrics)
         client_tls = ClientTls(args.ca_file, args.client_cert, args.client_key, metrics)
         audit = _audit_log(args, metrics, client_tls)
-    except (OSError, ValueError) as exc:  # CredentialError is a ValueError
+    except (OSError, ValueError) as exc:  # bad TLS or credential files are ValueErrors
         print(f"authz serve: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from authz.bundle.archive import DEFAULT_LIMITS, Limits, Snapshot, reject, unpack
-from authz.credentials import ClientAuth, TokenFile, client_auth
+from authz.credentials import TokenFile, client_auth
 from authz.redact import redact_url
 from authz.tls import ClientTls, client_context
 
