@@ -94,9 +94,15 @@ def test_health_is_behind_the_same_gate(server: Serve, pki: PKI) -> None:
     with channel(server.grpc_port, pki, pki.clients["checkout-api"]) as ch:
         ok = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
         assert ok.status == health_pb2.HealthCheckResponse.SERVING
+        watch = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(), timeout=10)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING  # a stream passes too
+        watch.cancel()
     with channel(server.grpc_port, pki, pki.clients["stranger"]) as ch:
         with pytest.raises(grpc.RpcError) as err:
             health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        with pytest.raises(grpc.RpcError) as err:
+            next(health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(), timeout=10))
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
