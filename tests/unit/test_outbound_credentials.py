@@ -13,7 +13,7 @@ import pytest
 from cryptography import x509
 from support.auth_server import AuthServer
 from support.pki import PKI, CertKey, generate_pki, issue
-from support.tls_serve import AUTHZ_ID, REPO, Serve, check, wait_for
+from support.tls_serve import AUTHZ_ID, REPO, Serve, check, metric, wait_for
 from test_sources import bundle_bytes
 
 from authz.bundle import archive
@@ -95,6 +95,9 @@ def test_token_and_client_certificate_to_bundle_server_and_collector(
         assert wait_for(lambda: '"revision": "t2"' in serve.get("/v1/status")[1], 30), serve.stderr()
         assert bundles.requests()[-1].authorization == "Bearer bundle-token-two"
 
+        expiry = x509.load_pem_x509_certificate(identity.cert.read_bytes()).not_valid_after_utc
+        assert metric(serve.metrics(), "authz_tls_cert_expiry_timestamp_seconds",
+                      use="client") == expiry.timestamp()
         shown = everything_shown(serve, audit_file, collector)
         for secret in ("bundle-token-one", "bundle-token-two", "audit-token-one", "PRIVATE KEY"):
             assert secret not in shown, secret
