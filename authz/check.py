@@ -29,6 +29,13 @@ from authz.metrics import Metrics
 log = logging.getLogger("authz.check")
 
 
+# Who asked: Envoy over gRPC or HTTP ext_authz, or an application through the decision API.
+CALLER_ENVOY_GRPC = "envoy_grpc"
+CALLER_ENVOY_HTTP = "envoy_http"
+CALLER_API = "api"
+CALLERS = (CALLER_ENVOY_GRPC, CALLER_ENVOY_HTTP, CALLER_API)
+
+
 _ID_BLOCK = 256  # decision ids drawn from the OS per read: one system call per 256 checks
 _ids: Iterator[str] = iter(())
 
@@ -79,71 +86,85 @@ class Checker:
             check_request: external_auth_pb2.CheckRequest | None = external_auth_pb2.CheckRequest.FromString(data)
         except Exception:  # noqa: BLE001 - protobuf raises DecodeError, but any failure denies
             check_request = None
-        decision, decision_id, revision, req, policy_set = self._decide(check_request, None)
-        decision, answer = _answer(decision, decision_id, revision, req)
-        self._observe(decision, decision_id, revision, req, time.perf_counter() - started, policy_set)
-        return answer
+        return self._check(started, check_request, None, CALLER_ENVOY_GRPC, "not a CheckRequest", None, False)[1]
 
-    def run(self, check_request: external_auth_pb2.CheckRequest | None, tracer: Tracer | None = None) -> Outcome:
-        """Decide one request; ``tracer``, when given, receives each step (``authz check --explain``)."""
+    def run(self, check_request: external_auth_pb2.CheckRequest | None, tracer: Tracer | None = None,
+            caller: str = CALLER_ENVOY_GRPC, *, malformed: str = "not a CheckRequest",
+            tenant_hint: str | None = None) -> Outcome:
+        """Decide one request; ``tracer``, when given, receives each step (``authz check --explain``).
+        ``caller`` is the kind of caller (one of CALLERS), a label of metrics and audit records;
+        ``malformed`` the reason given when ``check_request`` is None; ``tenant_hint`` (decision
+        API) turns an allow for any other tenant into a deny."""
         started = time.perf_counter()
-        decision, decision_id, revision, req, policy_set = self._decide(check_request, tracer)
-        decision, answer = _answer(decision, decision_id, revision, req)
-        self._observe(decision, decision_id, revision, req, time.perf_counter() - started, policy_set)
-        return Outcome(decision, decision_id, revision, req, response.CheckResponse.FromString(answer))
+        outcome, _ = self._check(started, check_request, tracer, caller, malformed, tenant_hint, True)
+        assert outcome is not None
+        return outcome
 
-    def _decide(
-        self, check_request: external_auth_pb2.CheckRequest | None, tracer: Tracer | None
-    ) -> tuple[Decision, str, str, request_mod.Request | None, PolicySet | None]:
+    def _check(self, started: float, check_request: external_auth_pb2.CheckRequest | None,
+               tracer: Tracer | None, caller: str, malformed: str,
+               tenant_hint: str | None, outcome: bool) -> tuple[Outcome | None, bytes]:
+        """The answer's bytes and, if ``outcome``, the whole Outcome (the gRPC path needs only bytes)."""
         decision_id = new_decision_id()
         policy_set = self.store.current  # read once: one bundle for the whole check
         revision = policy_set.revision if policy_set is not None else ""
         req: request_mod.Request | None = None
         try:
             if check_request is None:
-                decision = _deny("malformed request: not a CheckRequest")
+                decision = _deny(f"malformed request: {malformed}")
             elif policy_set is None:
                 decision = _deny("no policy bundle loaded")
             else:
                 req = request_mod.from_check_request(check_request, policy_set.trust_domains,
                                                    policy_set.path_normalization)
                 decision = policy_set.decide(req, tracer)
+                if tenant_hint is not None and decision.allowed and decision.tenant != tenant_hint:
+                    decision = Decision(False, "tenant mismatch", decision.policy, decision.rule, "DENY",
+                                        decision.tenant, decision.audit, decision.dry_run)
         except request_mod.MalformedRequest as exc:
             decision = _deny(f"malformed request: {exc}")
         except Exception:  # noqa: BLE001 - fail closed, never crash the servicer
             log.exception("internal error while deciding %s", decision_id)
             decision = _deny("internal error")
-        return decision, decision_id, revision, req, policy_set
+        if policy_set is not None:
+            try:
+                if policy_set.shapes:
+                    decision = policy_set.shape(decision, req)
+            except Exception:  # noqa: BLE001
+                log.exception("internal error while shaping %s", decision_id)
+                decision = _deny("internal error")
+        try:
+            answer = response.encode_check_response(decision, decision_id, revision,
+                                                    req.principal if req else "")
+        except Exception:  # noqa: BLE001
+            log.exception("internal error while answering %s", decision_id)
+            decision = _deny("internal error")
+            answer = response.encode_check_response(decision, decision_id, revision, "")
+        elapsed = time.perf_counter() - started
+        self._observe(decision, decision_id, revision, req, elapsed, policy_set, caller)
+        if not outcome:
+            return None, answer
+        return Outcome(decision, decision_id, revision, req, response.CheckResponse.FromString(answer)), answer
 
     def _observe(self, decision: Decision, decision_id: str, revision: str,
-                 req: request_mod.Request | None, elapsed: float, policy_set: PolicySet | None) -> None:
+                 req: request_mod.Request | None, elapsed: float, policy_set: PolicySet | None,
+                 caller: str) -> None:
         # Side effects only; nothing here may change or delay the answer: counters and one
         # put_nowait onto the audit queue (AuditLog.submit), O(1) and never blocking.
         try:
             # Only a tenant the serving bundle defines may become a metric label value.
             if self.metrics is not None:
                 tenant = decision.tenant if policy_set is not None and decision.tenant in policy_set.tenants else None
-                self.metrics.count_check(decision.allowed, decision.reason, decision.policy, elapsed, tenant)
+                self.metrics.count_check(decision.allowed, decision.reason, decision.policy, elapsed, tenant,
+                                         caller)
                 if decision.condition_error:
                     self.metrics.condition_errors.inc()
                 for entry in decision.dry_run:
                     self.metrics.dry_run.labels(entry.rpartition("=")[2]).inc()
             if self.audit is not None:
                 self.audit.submit(AuditEntry(time.time(), decision_id, decision, req, revision,
-                                             int(elapsed * 1e6)))
+                                             int(elapsed * 1e6), caller))
         except Exception:  # noqa: BLE001
             log.exception("metrics or audit failed for %s", decision_id)
-
-
-def _answer(decision: Decision, decision_id: str, revision: str,
-            req: request_mod.Request | None) -> tuple[Decision, bytes]:
-    try:
-        return decision, response.encode_check_response(decision, decision_id, revision,
-                                                        req.principal if req is not None else "")
-    except Exception:  # noqa: BLE001
-        log.exception("internal error while answering %s", decision_id)
-        decision = _deny("internal error")
-        return decision, response.encode_check_response(decision, decision_id, revision, "")
 
 
 def _deny(reason: str) -> Decision:

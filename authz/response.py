@@ -2,17 +2,20 @@
 
 Allowed: OK with the x-authz-* upstream headers, overwriting whatever the client sent
 under those names (and removing x-authz-tenant when there is no tenant), so an upstream
-can trust them. Denied: PERMISSION_DENIED, HTTP 403, a small JSON body with the decision
-id and a public reason. Dynamic metadata names the policy, rule and bundle revision for
+can trust them, plus the headers the allowing rule sets and removes (authz.engine.shaping;
+they can never name x-authz-*). Denied: PERMISSION_DENIED, HTTP 403 or the status the
+policy or bundle sets, a small JSON body with the decision id, a public reason and the
+policy's message if any. Dynamic metadata names the policy, rule and bundle revision for
 Envoy's access log; the client never sees those.
 
 The answer is written straight to the wire form from pieces serialized once: protobuf
 concatenates, so a message is the bytes of its fields one after another, and a repeated
 field or map is its entries' bytes one after another. What depends only on the decision and
-the revision (the metadata, the tenant header, a deny's status and reason) is serialized
-once per distinct decision and cached; per check only the decision id (always 32
-characters, so its framing is fixed too) and the caller's principal header are joined in.
-tests/unit/test_response.py checks the bytes parse to the message built field by field.
+the revision (the metadata, the tenant header, the rule's header removals, a deny's status,
+reason and message) is serialized once per distinct decision and cached; per check only the
+decision id (always 32 characters, so its framing is fixed too), the caller's principal
+header and the rule's upstream headers (their values may come from the request) are joined
+in. tests/unit/test_response.py checks the bytes parse to the message built field by field.
 """
 
 from __future__ import annotations
@@ -80,11 +83,14 @@ _TAG_METADATA = _field_tag(CheckResponse, "dynamic_metadata")
 _TAG_BODY = _field_tag(_Denied, "body")
 _STATUS_OK: bytes = CheckResponse(status=status_pb2.Status(code=code_pb2.OK)).SerializeToString()
 _STATUS_DENIED: bytes = CheckResponse(status=status_pb2.Status(code=code_pb2.PERMISSION_DENIED)).SerializeToString()
-# Denied: HTTP 403 and content-type, then the decision id header.
-_DENIED_HEAD: bytes = _Denied(
-    status=http_status_pb2.HttpStatus(code=http_status_pb2.Forbidden),
-    headers=[_header("content-type", "application/json")],
-).SerializeToString()
+_FORBIDDEN = http_status_pb2.HttpStatus(code=http_status_pb2.Forbidden)
+_DENY_STATUSES = {
+    401: http_status_pb2.HttpStatus(code=http_status_pb2.Unauthorized),
+    403: _FORBIDDEN,
+    404: http_status_pb2.HttpStatus(code=http_status_pb2.NotFound),
+    429: http_status_pb2.HttpStatus(code=http_status_pb2.TooManyRequests),
+}
+_JSON = _header("content-type", "application/json")
 _OK_ID_HEADER = _around_id(lambda i: _Ok(headers=[_header(HEADER_DECISION_ID, i)]))
 _DENIED_ID_HEADER = _around_id(lambda i: _Denied(headers=[_header(HEADER_DECISION_ID, i)]))
 _METADATA_ID = _around_id(
@@ -95,22 +101,25 @@ _REMOVE_PRINCIPAL: bytes = _Ok(headers_to_remove=[HEADER_PRINCIPAL]).SerializeTo
 
 @dataclass(frozen=True, slots=True)
 class _Pieces:
-    """Everything of one response but the decision id and the principal header."""
+    """Everything of one response but the decision id, the principal and upstream headers."""
 
     metadata: bytes  # the Struct's entries other than decision_id
+    removals: bytes  # OK: the rule's header removals
     tenant: bytes  # OK: the tenant header, or the removal of it
-    body_head: bytes  # denied: '{"decision_id":"'
+    denied_head: bytes  # denied: HTTP status and content-type
     body_tail: bytes  # denied: '","reason":...}'
 
 
 _BODY_HEAD = b'{"decision_id":"'
 _CACHE_LIMIT = 4096
-_pieces: dict[tuple[bool, str, str, str, str, str], _Pieces] = {}
+_PiecesKey = tuple[bool, str, str, str, str, str, tuple[str, ...], int, str]
+_pieces: dict[_PiecesKey, _Pieces] = {}
 _principals: dict[str, bytes] = {}
 
 
 def _pieces_for(decision: Decision, revision: str) -> _Pieces:
-    key = (decision.allowed, decision.reason, decision.policy, decision.rule, decision.tenant or "", revision)
+    key = (decision.allowed, decision.reason, decision.policy, decision.rule, decision.tenant or "", revision,
+           decision.remove_headers, decision.http_status, decision.deny_message)
     pieces = _pieces.get(key)
     if pieces is None:
         md = struct_pb2.Struct()
@@ -120,8 +129,13 @@ def _pieces_for(decision: Decision, revision: str) -> _Pieces:
             tenant = _Ok(headers=[_header(HEADER_TENANT, decision.tenant)]).SerializeToString()
         else:
             tenant = _REMOVE_TENANT
-        tail = '","reason":' + json.dumps(decision.reason) + "}"
-        pieces = _Pieces(md.SerializeToString(), tenant, _BODY_HEAD, tail.encode())
+        removals = _Ok(headers_to_remove=list(decision.remove_headers)).SerializeToString()
+        denied_head = _Denied(status=_DENY_STATUSES.get(decision.http_status, _FORBIDDEN),
+                              headers=[_JSON]).SerializeToString()
+        tail = '","reason":' + json.dumps(decision.reason)
+        if decision.deny_message:
+            tail += ',"message":' + json.dumps(decision.deny_message)
+        pieces = _Pieces(md.SerializeToString(), removals, tenant, denied_head, (tail + "}").encode())
         if len(_pieces) >= _CACHE_LIMIT:  # bounded whatever the reasons and revisions seen
             _pieces.clear()
         _pieces[key] = pieces
@@ -149,12 +163,17 @@ def encode_check_response(decision: Decision, decision_id: str, revision: str, p
     id_header = _OK_ID_HEADER if decision.allowed else _DENIED_ID_HEADER
     id_header_bytes = id_header[0] + did + id_header[1]
     if decision.allowed:
+        # The policy's headers first: Envoy applies them in order, so ours have the last word
+        # (their names are refused at load anyway). Removals likewise: the rule's, then ours.
+        ok = p.removals
+        if decision.upstream_headers:
+            ok = _Ok(headers=[_header(k, v) for k, v in decision.upstream_headers]).SerializeToString() + ok
         if principal:
-            ok = _principal_header(principal) + id_header_bytes + p.tenant
+            ok += _principal_header(principal) + id_header_bytes + p.tenant
         else:
-            ok = id_header_bytes + p.tenant + _REMOVE_PRINCIPAL
+            ok += id_header_bytes + p.tenant + _REMOVE_PRINCIPAL
         return _STATUS_OK + _TAG_OK + _varint(len(ok)) + ok + metadata_field
-    body = p.body_head + did + p.body_tail
-    denied = _DENIED_HEAD + id_header_bytes + _TAG_BODY + _varint(len(body)) + body
+    body = _BODY_HEAD + did + p.body_tail
+    denied = p.denied_head + id_header_bytes + _TAG_BODY + _varint(len(body)) + body
     return _STATUS_DENIED + _TAG_DENIED + _varint(len(denied)) + denied + metadata_field
 

@@ -30,7 +30,8 @@ def reference(d: Decision, decision_id: str, revision: str, principal: str) -> e
     md.update({"decision_id": decision_id, "allowed": d.allowed, "policy": d.policy, "rule": d.rule,
                "revision": revision, "tenant": d.tenant or ""})
     if d.allowed:
-        headers, remove = [], []
+        headers = [header(k, v) for k, v in d.upstream_headers]
+        remove = list(d.remove_headers)
         if principal:
             headers.append(header("x-authz-principal", principal))
         headers.append(header("x-authz-decision-id", decision_id))
@@ -44,11 +45,14 @@ def reference(d: Decision, decision_id: str, revision: str, principal: str) -> e
             status=status_pb2.Status(code=code_pb2.OK),
             ok_response=external_auth_pb2.OkHttpResponse(headers=headers, headers_to_remove=remove),
             dynamic_metadata=md)
-    body = json.dumps({"decision_id": decision_id, "reason": d.reason}, separators=(",", ":"))
+    doc = {"decision_id": decision_id, "reason": d.reason}
+    if d.deny_message:
+        doc["message"] = d.deny_message
+    body = json.dumps(doc, separators=(",", ":"))
     return external_auth_pb2.CheckResponse(
         status=status_pb2.Status(code=code_pb2.PERMISSION_DENIED),
         denied_response=external_auth_pb2.DeniedHttpResponse(
-            status=http_status_pb2.HttpStatus(code=http_status_pb2.Forbidden),
+            status=http_status_pb2.HttpStatus(code=d.http_status if d.http_status in (401, 403, 404, 429) else 403),
             headers=[header("content-type", "application/json"), header("x-authz-decision-id", decision_id)],
             body=body),
         dynamic_metadata=md)
@@ -60,15 +64,25 @@ texts = st.text(min_size=0, max_size=300)
 @settings(max_examples=300, deadline=None)
 @given(allowed=st.booleans(), reason=texts, policy=st.text(min_size=1, max_size=40), rule=texts,
        tenant=st.none() | st.text(min_size=1, max_size=63), revision=texts, principal=texts,
-       decision_id=st.binary(min_size=16, max_size=16).map(bytes.hex))
+       decision_id=st.binary(min_size=16, max_size=16).map(bytes.hex),
+       upstream=st.lists(st.tuples(st.sampled_from(["x-a", "x-b", "x-c"]), texts), max_size=3),
+       removals=st.lists(st.sampled_from(["x-r", "x-s", "cookie"]), max_size=3),
+       deny_status=st.sampled_from([0, 401, 403, 404, 429]), deny_message=st.sampled_from(["", "ask ops", "é\"\n"]))
 def test_pieces_equal_field_by_field(allowed: bool, reason: str, policy: str, rule: str, tenant: str | None,
-                                     revision: str, principal: str, decision_id: str) -> None:
-    d = Decision(allowed, reason, policy, rule, "ALLOW" if allowed else "DENY", tenant)
+                                     revision: str, principal: str, decision_id: str,
+                                     upstream: list[tuple[str, str]], removals: list[str], deny_status: int,
+                                     deny_message: str) -> None:
+    d = Decision(allowed, reason, policy, rule, "ALLOW" if allowed else "DENY", tenant,
+                 upstream_headers=tuple(upstream), remove_headers=tuple(removals),
+                 deny_status=0 if allowed else deny_status, deny_message="" if allowed else deny_message)
     data = response.encode_check_response(d, decision_id, revision, principal)
     got = external_auth_pb2.CheckResponse.FromString(data)
     assert got == reference(d, decision_id, revision, principal)
     if not allowed:
-        assert json.loads(got.denied_response.body) == {"decision_id": decision_id, "reason": reason}
+        want = {"decision_id": decision_id, "reason": reason}
+        if deny_message:
+            want["message"] = deny_message
+        assert json.loads(got.denied_response.body) == want
 
 
 def test_the_same_decision_twice_differs_only_by_id() -> None:
