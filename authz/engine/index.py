@@ -14,7 +14,8 @@ matcher could read another way.
 - method: keys are upper-cased, and so is the request's method: a rule whose method equals
   the request's in any case is a candidate, whatever the engine's case rule is.
 - caller: a rule whose every ``from`` source lists only exact principals is keyed by them;
-  any other rule matches any caller here.
+  any other rule matches any caller here. Not in a policy whose tenant comes from a path
+  capture: the engine judges the tenant before the caller.
 
 ``not*`` fields, hosts, ports, conditions and tenants only ever exclude, so they are left to
 the engine. The property test (tests/unit/test_rule_index.py) checks that deciding with and
@@ -95,8 +96,11 @@ def index_policy(policy: Policy) -> PolicyIndex:
     prefixes: defaultdict[str, _MutableBucket] = defaultdict(_bucket)
     suffixes: defaultdict[str, _MutableBucket] = defaultdict(_bucket)
     any_path: _MutableBucket = _bucket()
+    # A tenant taken from a path capture is looked up (and an unknown one denied) as soon as a
+    # rule's `to` matches, before its `from` is read: such rules must not be narrowed by caller.
+    by_caller = policy.tenant is None or policy.tenant.kind != "pathCapture"
     for pos, rule in enumerate(policy.rules):
-        callers = _callers(rule)
+        callers = _callers(rule) if by_caller else (None,)
         for where, methods in _path_keys(rule):
             bucket = any_path if where is None else {"=": exact, "^": prefixes, "$": suffixes}[where[0]][where[1]]
             for m in methods:

@@ -66,13 +66,18 @@ policies = st.lists(
         st.booleans().map(lambda b: {"dryRun": True} if b else {}) | st.just({}),
         st.one_of(st.just({}), st.sampled_from(DESTINATIONS).map(lambda d: {"target": {"principals": [d]}})),
         st.lists(rules, min_size=0, max_size=14),
+        st.booleans(),  # tenant from a path capture
     ),
     min_size=1, max_size=4,
 )
+TENANTS = {"known": {"plan": "gold", "callers": [CALLERS[0]]}}
+# In a tenant policy, rule 0 reads the tenant; the generated rules follow it.
+TENANT_RULE = {"name": "tenant", "from": [{"source": {"principals": [CALLERS[1]]}}],
+               "to": [{"operation": {"paths": ["/t/{t}/{**}", "/a/{t}"]}}]}
 requests = st.lists(
     st.tuples(st.sampled_from(METHODS + ["PATCH", "pOST"]),
               # and paths an upstream may read another way: merged slashes, escapes, ';'
-              st.sampled_from(PATHS + ["/a/b/c/d", "/zzz", "/a//b", "//a/b", "/a/%62", "/%61/b", "/a/b;x",
+              st.sampled_from(PATHS + ["/t/known/x", "/t/other/x", "/a/known", "/a/b/c/d", "/zzz", "/a//b", "//a/b", "/a/%62", "/%61/b", "/a/b;x",
                                        "/a/b%3Bc", "/a/./b", "/a/b/../c", "/a%2Fb", "/a/b/"]),
               st.sampled_from(CALLERS + [""]), st.sampled_from(DESTINATIONS),
               st.sampled_from([{}, {"x-flag": "1"}, {"x-flag": "1,2"}, {"x-flag": ""}]),
@@ -85,10 +90,15 @@ _counter = itertools.count()
 
 def compile_bundle(tmp: Path, specs: list[Any], default: str, normalization: str) -> PolicySet | None:
     docs = []
-    for i, (action, dry, target, rs) in enumerate(specs):
+    for i, (action, dry, target, rs, tenant) in enumerate(specs):
         named = [{"name": f"r{j}", **r} for j, r in enumerate(rs)]
-        docs.append({"name": f"p{i}", "action": action, **dry, **target, "rules": named})
-    root = write_bundle(tmp / f"b{next(_counter)}", docs, defaultAction=default, pathNormalization=normalization)
+        extra: dict[str, Any] = {}
+        if tenant:
+            named.insert(0, TENANT_RULE)
+            extra["tenant"] = {"pathCapture": "t"}
+        docs.append({"name": f"p{i}", "action": action, **dry, **target, **extra, "rules": named})
+    root = write_bundle(tmp / f"b{next(_counter)}", docs, tenants=TENANTS, defaultAction=default,
+                        pathNormalization=normalization)
     return load_policy_set(root)
 
 
