@@ -46,7 +46,7 @@ WORKLOAD_NS = "foo"
 WORKLOAD_LABELS = "app=httpbin,version=v1"
 # Requests derived per pair by gen_requests.py (its own cap is 200); hand-written ones come on top.
 MAX_GENERATED = 90
-EXT_AUTHZ_TIMEOUT = "5s"  # generous: the machine is shared and loaded
+EXT_AUTHZ_TIMEOUT = "10s"  # generous: the machine is shared and loaded
 
 
 # --- pairs ----------------------------------------------------------------------------
