@@ -6,8 +6,9 @@ Oracle: ``oracle.py`` runs a real Envoy with the RBAC filter(s) istiod emits for
 authz: the same ``-in`` policy through ``authz import-istio`` into a bundle, served by a real
 ``authz serve``, asked by a real Envoy whose listeners are the oracle's (same HCM path
 settings, same TLS/plaintext filter chains, client certificates from the same kind of CA with
-the principal as URI SAN) with an ext_authz filter in place of the RBAC filters, forwarding the
-peer certificate. Both Envoys answer 200 from a direct response when the request passes.
+the principal as URI SAN) with an ext_authz filter in place of the RBAC filters: the one of the
+shipped deploy/envoy/envoy.yaml (peer certificate forwarded, ...), so what the shipped config does
+not send authz shows up here. Both Envoys answer 200 from a direct response when the request passes.
 
 Every request is sent to both; the answers are compared request by request (``compare``).
 Only 127.0.0.1 is used; every process is stopped when its run ends, also on failure.
@@ -186,16 +187,19 @@ def import_bundle(pair: Pair, out_dir: Path, path_normalization: str | None = No
 
 
 def ext_authz_filter() -> dict[str, Any]:
-    return {
-        "name": "envoy.filters.http.ext_authz",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
-            "transport_api_version": "V3",
-            "failure_mode_allow": False,
-            "include_peer_certificate": True,
-            "grpc_service": {"envoy_grpc": {"cluster_name": "authz"}, "timeout": EXT_AUTHZ_TIMEOUT},
-        },
-    }
+    """The ext_authz filter of the shipped deploy/envoy/envoy.yaml (what it sends authz: peer
+    certificate, TLS session, ...), pointed at the test's authz server with a generous timeout."""
+    config = yaml.safe_load(SHIPPED_ENVOY.read_text())
+    found = [f for listener in config["static_resources"]["listeners"]
+             for chain in listener.get("filter_chains", [])
+             for net in chain.get("filters", [])
+             for f in net.get("typed_config", {}).get("http_filters", [])
+             if f.get("name") == "envoy.filters.http.ext_authz"]
+    if len(found) != 1:
+        raise AssertionError(f"expected one ext_authz filter in {SHIPPED_ENVOY}, found {len(found)}")
+    typed = dict(found[0]["typed_config"])
+    typed["grpc_service"] = {"envoy_grpc": {"cluster_name": "authz"}, "timeout": EXT_AUTHZ_TIMEOUT}
+    return {"name": "envoy.filters.http.ext_authz", "typed_config": typed}
 
 
 def authz_cluster(grpc_port: int) -> dict[str, Any]:
@@ -245,8 +249,9 @@ def decide_with_oracle(pair: Pair, requests: list[dict[str, Any]], workdir: Path
 
 # --- comparison -----------------------------------------------------------------------
 
-# Each kind of "authz stricter than Istio" that is intended, with the heading of its entry
-# under "Differences from Istio" in docs/bundle-format.md and the test that recognises it.
+# Each kind of "authz stricter than Istio" that is intended, with the names of its entries
+# under "Differences from Istio" in docs/bundle-format.md (a sub-heading or the first cell of a
+# table row there) and the test that recognises it.
 # A stricter answer of any other kind, or of a kind the docs do not list, fails the test.
 DOCUMENTED_SECTION = "Differences from Istio"
 
@@ -279,7 +284,7 @@ def _header_values(req: dict[str, Any]) -> list[tuple[str, list[str]]]:
 @dataclass(frozen=True)
 class StrictnessKind:
     name: str
-    doc_heading: str  # the entry under "Differences from Istio" that must describe it
+    doc_entries: tuple[str, ...]  # entries under "Differences from Istio", any one describes it
     why: str
 
     def applies(self, req: dict[str, Any], authz: dict[str, Any]) -> bool:
@@ -299,19 +304,20 @@ class StrictnessKind:
 
 
 STRICTNESS_KINDS = (
-    StrictnessKind("unidentified-destination", "Unidentified destination",
+    StrictnessKind("unidentified-destination", ("unidentified destination",),
                    "plaintext request, no destination principal: authz denies when policies target principals"),
-    StrictnessKind("ambiguous-path", "Paths",
+    StrictnessKind("ambiguous-path", ("path readings", "refused paths"),
                    "DENY rules also match other readings of the path; look-alike and encoded separators refused"),
-    StrictnessKind("method-case", "Methods",
+    StrictnessKind("method-case", ("method case",),
                    "a method matching a DENY rule only case-insensitively is denied as ambiguous"),
-    StrictnessKind("header-elements", "Headers",
+    StrictnessKind("header-elements", ("repeated headers",),
                    "ALLOW header values match the whole merged value, not each comma-separated element"),
 )
 
 
-def documented_headings(docs: Path = DOCS) -> list[str]:
-    """Headings (any level) inside the 'Differences from Istio' section of the docs."""
+def documented_entries(docs: Path = DOCS) -> list[str]:
+    """The entries of the 'Differences from Istio' section of the docs: its sub-headings and
+    the first cell of each row of its tables."""
     try:
         lines = docs.read_text(encoding="utf-8").splitlines()
     except OSError:
@@ -320,17 +326,23 @@ def documented_headings(docs: Path = DOCS) -> list[str]:
     level = None
     for line in lines:
         m = re.match(r"^(#+)\s+(.*?)\s*#*\s*$", line)
-        if not m:
-            continue
-        depth, text = len(m.group(1)), m.group(2)
         if level is None:
-            if text.strip().lower() == DOCUMENTED_SECTION.lower():
-                level = depth
+            if m and m.group(2).strip().lower() == DOCUMENTED_SECTION.lower():
+                level = len(m.group(1))
             continue
-        if depth <= level:
-            break
-        out.append(text.strip())
-    return out
+        if m:
+            if len(m.group(1)) <= level:
+                break
+            out.append(m.group(2).strip())
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.lstrip().startswith("|") else []
+        if cells and cells[0] and not set(cells[0]) <= set("-: "):
+            out.append(cells[0])
+    return out[1:] if out and out[0].lower() == "class" else out
+
+
+def kind_documented(kind: StrictnessKind, entries: list[str]) -> bool:
+    return any(e.lower() in (x.lower() for x in entries) for e in kind.doc_entries)
 
 
 def _reason(res: dict[str, Any]) -> str:
@@ -383,8 +395,7 @@ def compare(name: str, requests: list[dict[str, Any]], oracle_res: list[dict[str
             authz_res: list[dict[str, Any]], headings: list[str]) -> Row:
     assert len(oracle_res) == len(requests) == len(authz_res)
     row = Row(name, requests=len(requests))
-    documented = {k.name for k in STRICTNESS_KINDS
-                  if any(k.doc_heading.lower() in h.lower() for h in headings)}
+    documented = {k.name for k in STRICTNESS_KINDS if kind_documented(k, headings)}
     for req, o, a in zip(requests, oracle_res, authz_res):
         do, da = decision(o), decision(a)
         if "skipped" in (do, da):

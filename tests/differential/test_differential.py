@@ -27,8 +27,9 @@ from .harness import (
     compare,
     decide_with_authz,
     decide_with_oracle,
-    documented_headings,
+    documented_entries,
     import_bundle,
+    kind_documented,
     load_pairs,
     path_normalization_for,
     requests_for,
@@ -70,7 +71,7 @@ def _run(pair: Pair, reqs: list[dict[str, Any]], tmp: Path, label: str,
         row = Row(label, requests=len(reqs), note=f"authz serve: {exc}")
         agreement_rows.append(row)
         return row
-    row = compare(label, reqs, oracle_res, authz_res, documented_headings())
+    row = compare(label, reqs, oracle_res, authz_res, documented_entries())
     agreement_rows.append(row)
     return row
 
@@ -106,8 +107,7 @@ def test_every_issue_class_has_a_pair() -> None:
 
 def test_strictness_kinds_name_documented_sections() -> None:
     """The docs list every intended difference the comparison may accept."""
-    headings = documented_headings()
-    missing = [k.doc_heading for k in STRICTNESS_KINDS
-               if not any(k.doc_heading.lower() in h.lower() for h in headings)]
+    entries = documented_entries()
+    missing = [k.name for k in STRICTNESS_KINDS if not kind_documented(k, entries)]
     assert not missing, (f"docs/bundle-format.md, section 'Differences from Istio', has no entry for: {missing} "
-                         f"(headings found there: {headings})")
+                         f"(entries found there: {entries})")
