@@ -297,6 +297,8 @@ class StrictnessKind:
         if self.name == "method-case":
             m = str(req.get("method", "GET"))
             return m != m.upper()
+        if self.name == "caller-certificate":
+            return (req.get("cert_san") or "uri") != "uri" and "certificate" in reason
         if self.name == "header-elements":
             return any(len(vs) > 1 or any("," in v for v in vs)
                        for k, vs in _header_values(req) if k != "x-forwarded-for")
@@ -312,6 +314,8 @@ STRICTNESS_KINDS = (
                    "a method matching a DENY rule only case-insensitively is denied as ambiguous"),
     StrictnessKind("header-elements", ("repeated headers",),
                    "ALLOW header values match the whole merged value, not each comma-separated element"),
+    StrictnessKind("caller-certificate", ("caller certificate",),
+                   "a client certificate without a URI SAN is no SPIFFE identity"),
 )
 
 

@@ -11,6 +11,8 @@ Input: JSON lines, one request each:
      "headers": {"x-a": "1", "x-b": ["two", "values"]},
      "port": 8080,            # optional: destination (listener) port; default = a free port
      "sni": "example.com",    # optional: TLS SNI (only with a principal)
+     "cert_san": "dns",       # optional: the client certificate carries the principal as DNS SAN
+                              # instead of URI SAN (default "uri")
      "protocol": "h2"}        # optional: "http1" (default, raw HTTP/1.1) or "h2" (HTTP/2; h2c
                               # with prior knowledge when there is no principal)
 Any other keys (e.g. "id", "intent") are copied through unchanged.
@@ -123,26 +125,30 @@ class CertAuthority:
                 k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption()).decode())
 
-    def client_context(self, principal: str, protocol: str = "http1") -> ssl.SSLContext:
-        """TLS client context presenting a certificate whose only SAN is URI=principal
-        (one leaf per principal, cached), offering ALPN h2 or http/1.1."""
-        ctx = self._clients.get((principal, protocol))
+    def client_context(self, principal: str, protocol: str = "http1", san: str = "uri") -> ssl.SSLContext:
+        """TLS client context presenting a certificate whose only SAN is URI=principal (or, with
+        san="dns", DNS=principal: a certificate a permissive CA could issue), one leaf per
+        principal and SAN type, cached; offering ALPN h2 or http/1.1."""
+        if san not in ("uri", "dns"):
+            raise ValueError(f"unknown SAN type {san!r}")
+        ctx = self._clients.get((principal, protocol, san))
         if ctx is None:
-            if principal not in self._files:
-                cert_pem, key_pem = self._leaf([x509.UniformResourceIdentifier(principal)],
-                                               ExtendedKeyUsageOID.CLIENT_AUTH)
+            if (principal, san) not in self._files:
+                name = (x509.UniformResourceIdentifier(principal) if san == "uri"
+                        else x509.DNSName(principal))
+                cert_pem, key_pem = self._leaf([name], ExtendedKeyUsageOID.CLIENT_AUTH)
                 self._n += 1
                 cp, kp = self.dir / f"client{self._n}.pem", self.dir / f"client{self._n}.key"
                 cp.write_text(cert_pem)
                 kp.write_text(key_pem)
                 kp.chmod(0o600)
-                self._files[principal] = (cp, kp)
+                self._files[(principal, san)] = (cp, kp)
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
             ctx.check_hostname = False          # server identity is not under test
             ctx.load_verify_locations(cadata=self.ca_pem)
-            ctx.load_cert_chain(*self._files[principal])
+            ctx.load_cert_chain(*self._files[(principal, san)])
             ctx.set_alpn_protocols(["h2"] if protocol == "h2" else ["http/1.1"])
-            self._clients[(principal, protocol)] = ctx
+            self._clients[(principal, protocol, san)] = ctx
         return ctx
 
 
@@ -479,7 +485,8 @@ def send(req: dict, port: int, ca: CertAuthority) -> dict:
         sock = raw
         if principal:
             try:
-                sock = ca.client_context(principal, protocol).wrap_socket(raw, server_hostname=req.get("sni") or None)
+                ctx = ca.client_context(principal, protocol, req.get("cert_san") or "uri")
+                sock = ctx.wrap_socket(raw, server_hostname=req.get("sni") or None)
             except (ValueError, UnicodeError) as e:   # e.g. SNI '.x.com': refused client-side
                 return {"status": None, "skipped": f"TLS client cannot send this SNI: {e}"}
         if protocol == "h2":

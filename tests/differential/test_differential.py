@@ -99,7 +99,7 @@ def test_paths_through_shipped_envoy_settings(pair: Pair, tmp_path: Path, agreem
 
 def test_every_issue_class_has_a_pair() -> None:
     wanted = {"methods", "paths", "principals", "trust-domains", "namespaces", "service-accounts", "headers",
-              "dry-run", "ports", "hosts", "plaintext", "ip-blocks", "sni", "destination-ip"}
+              "dry-run", "ports", "hosts", "plaintext", "ip-blocks", "sni", "destination-ip", "caller-identity"}
     covered = {c for p in PAIRS for c in p.classes}
     assert wanted <= covered, f"classes without a pair: {sorted(wanted - covered)}"
     assert SHIPPED, "no path pair runs through the shipped Envoy settings"
