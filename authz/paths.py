@@ -48,6 +48,8 @@ _ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _SEPARATOR_ESCAPE = re.compile(r"%(2[Ff]|5[Cc])")
+# What an upstream may decode into structure: '/', '\' and the ';' that starts parameters.
+_STRUCTURE_ESCAPE = re.compile(r"%(2[Ff]|5[Cc]|3[Bb])")
 _PARAMS = re.compile(r";[^/]*")
 # A path with none of these reads the same to every parser: no work beyond the split.
 _NEEDS_WORK = re.compile(r"[%\\#;\x00-\x1f\x7f]|/\.|//")
@@ -99,7 +101,7 @@ def _refuse_unreadable(path: str) -> None:
             # Fullwidth '．' or '／' become '.' and '/' in servers that NFKC-normalise: the
             # upstream would see other segments than the ones we matched.
             raise PathError("path contains characters that normalise to separators or dots")
-    for seg in _decode_unreserved(path.replace("\\", "/")).split("/"):
+    for seg in decoded.replace("\\", "/").split("/"):
         base = seg.split(";", 1)[0]
         if seg != base and base in (".", ".."):
             raise PathError("path contains a dot segment with parameters")
@@ -135,12 +137,20 @@ def _decode_unreserved(path: str) -> str:
 
 
 def canonical_pattern(value: str) -> str:
-    """A policy path in the proxy's spelling: unreserved ``%XX`` decoded, other escapes kept."""
+    """A policy path in the proxy's spelling: unreserved ``%XX`` decoded, other escapes kept.
+
+    Only for matchers where matching more is stricter: Envoy decodes unreserved escapes in
+    every request, so in Istio a policy path that keeps one matches nothing.
+    """
     return _decode_unreserved(value)
 
 
 def _decode_separators(path: str) -> str:
     return _SEPARATOR_ESCAPE.sub(lambda m: "/" if m.group(1) in ("2F", "2f") else "\\", path)
+
+
+def _decode_structure(path: str) -> str:
+    return _STRUCTURE_ESCAPE.sub(lambda m: {"2": "/", "5": "\\", "3": ";"}[m.group(1)[0]], path)
 
 
 def _rfc3986(path: str) -> str:
@@ -183,7 +193,7 @@ def _readings(forwarded: str) -> tuple[str, ...]:
     todo = [forwarded]
     while todo:
         p = todo.pop()
-        for q in (_rfc3986(p), _rfc3986(_merge_slashes(p)), _rfc3986(_decode_separators(p)),
+        for q in (_rfc3986(p), _rfc3986(_merge_slashes(p)), _rfc3986(_decode_structure(p)),
                   _rfc3986(_PARAMS.sub("", p))):
             if q not in seen:
                 if len(seen) > MAX_READINGS:
@@ -233,10 +243,12 @@ def is_template(pattern: str) -> bool:
     return "{" in pattern or "}" in pattern
 
 
-def compile_template(pattern: str) -> PathTemplate:
+def compile_template(pattern: str, decode: bool = False) -> PathTemplate:
+    """``decode``: take ``%7E`` in literal text as ``~`` (see canonical_pattern)."""
     if not pattern.startswith("/"):
         raise TemplateError("a path template must start with '/'")
-    pattern = canonical_pattern(pattern)
+    if decode:
+        pattern = canonical_pattern(pattern)
     parts: list[str] = []
     captures: list[str] = []
     pos = 0

@@ -24,9 +24,10 @@ class StringMatch:
     suffixes: tuple[str, ...] = ()
     present: bool = False  # '*': any non-empty value
     fold_case: bool = False
-    # Principals: Istio's '*suffix' is the regex 'spiffe://.*suffix', so a suffix only
-    # matches a value that starts with this scheme.
+    # Principals: istiod writes '*suffix' as the RE2 pattern 'spiffe://.*suffix' with the
+    # suffix pasted in unescaped ('.' is any character, '[1]' a class); so is it here.
     suffix_floor: str = ""
+    suffix_regex: re.Pattern[str] | None = None
 
     @classmethod
     def of(cls, patterns: list[str], fold_case: bool = False, scheme: str = "") -> StringMatch:
@@ -46,7 +47,11 @@ class StringMatch:
                 prefixes.append(scheme + p[:-1])
             else:
                 exact.add(scheme + p)
-        return cls(frozenset(exact), tuple(prefixes), tuple(suffixes), present, fold_case, scheme)
+        regex = None
+        if scheme and suffixes:
+            # re.error for a suffix that is no valid pattern: a load error, as istiod's config is
+            regex = re.compile("|".join(f"(?:{re.escape(scheme)}.*{s})" for s in suffixes))
+        return cls(frozenset(exact), tuple(prefixes), tuple(suffixes), present, fold_case, scheme, regex)
 
     def __call__(self, value: str) -> bool:
         if not value:
@@ -57,8 +62,9 @@ class StringMatch:
             self.present
             or value in self.exact
             or (bool(self.prefixes) and value.startswith(self.prefixes))
-            or (bool(self.suffixes) and value.startswith(self.suffix_floor)
-                and value[len(self.suffix_floor):].endswith(self.suffixes))
+            or (bool(self.suffixes) and (
+                value.endswith(self.suffixes) if self.suffix_regex is None
+                else self.suffix_regex.fullmatch(value) is not None))
         )
 
     def patterns(self) -> list[str]:
