@@ -82,6 +82,7 @@ _TEMPLATE_OP = re.compile(r"\{\*\*?\}")
 _ENVOY_PCHAR = "a-zA-Z0-9\\-._~%!$&'()+,;:@"
 _ENVOY_LITERAL = re.compile(f"^[{_ENVOY_PCHAR}]+$")
 _K8S_SERVICE_HOST = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?\.([a-z0-9]([-a-z0-9]*[a-z0-9])?)\.svc(\.|:|$)")
+_TRUST_DOMAIN = re.compile(r"^[a-z0-9._-]+$")  # as the manifest's trustDomain
 _PATH_NORMALIZATION = {"DEFAULT": "BASE", "NONE": "NONE", "BASE": "BASE", "MERGE_SLASHES": "MERGE_SLASHES",
                        "DECODE_AND_MERGE_SLASHES": "DECODE_AND_MERGE_SLASHES"}
 
@@ -247,31 +248,36 @@ def _mesh_config(res: _Resource) -> tuple[dict[str, Any], list[Problem]]:
     return mesh, []
 
 
+def _items(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _fields(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
 def _policy_principals(resources: list[_Resource]) -> Iterator[str]:
-    """Source principals written in the policies (fields and source.principal conditions)."""
+    """Source principals written in the policies (fields and source.principal conditions);
+    malformed parts are skipped here and reported by the conversion."""
     for res in resources:
-        spec = res.value.get("spec")
-        if res.value.get("kind") != "AuthorizationPolicy" or not isinstance(spec, dict):
+        if res.value.get("kind") != "AuthorizationPolicy":
             continue
-        for rule in spec.get("rules") or []:
-            if not isinstance(rule, dict):
-                continue
-            for entry in rule.get("from") or []:
-                source = (entry or {}).get("source") if isinstance(entry, dict) else None
-                if isinstance(source, dict):
-                    for key in _PRINCIPAL_FIELDS:
-                        yield from (v for v in source.get(key) or [] if isinstance(v, str))
-            for cond in rule.get("when") or []:
-                if isinstance(cond, dict) and cond.get("key") == "source.principal":
+        for rule in _items(_fields(res.value.get("spec")).get("rules")):
+            for entry in _items(_fields(rule).get("from")):
+                source = _fields(_fields(entry).get("source"))
+                for key in _PRINCIPAL_FIELDS:
+                    yield from (v for v in _items(source.get(key)) if isinstance(v, str))
+            for cond in _items(_fields(rule).get("when")):
+                if _fields(cond).get("key") == "source.principal":
                     for key in ("values", "notValues"):
-                        yield from (v for v in cond.get(key) or [] if isinstance(v, str))
+                        yield from (v for v in _items(cond.get(key)) if isinstance(v, str))
 
 
 def _named_trust_domain(principal: str) -> str | None:
     """The trust domain a principal names: None for a pattern on it, or Istio's 'cluster.local',
     which istiod reads as "this mesh" whatever its trust domain."""
     td, sep, _ = principal.removeprefix(SCHEME).partition("/")
-    if not sep or not td or "*" in td or td == ISTIO_DEFAULT_TRUST_DOMAIN:
+    if not sep or not _TRUST_DOMAIN.match(td) or td == ISTIO_DEFAULT_TRUST_DOMAIN:
         return None
     return td
 
@@ -291,21 +297,30 @@ def resolve_mesh(resources: list[_Resource], opts: Options) -> Mesh:
         elif found:
             mesh, mesh_at = found, res.at(())
     normalization = None
-    if mesh_at is not None and "pathNormalization" in mesh:
-        raw = str((mesh.get("pathNormalization") or {}).get("normalization", "DEFAULT")).upper()
-        normalization = _PATH_NORMALIZATION.get(raw)
-        if normalization is None:
+    mesh_aliases: list[str] = []
+    if mesh_at is not None:
+        raw = str(_fields(mesh.get("pathNormalization")).get("normalization", "DEFAULT")).upper()
+        normalization = _PATH_NORMALIZATION.get(raw) if "pathNormalization" in mesh else None
+        if "pathNormalization" in mesh and normalization is None:
             problems.append(Problem(mesh_at, f"data.mesh: pathNormalization {raw!r} is not one of "
                                     f"{', '.join(_PATH_NORMALIZATION)}"))
+        mesh_aliases = [str(a) for a in _items(mesh.get("trustDomainAliases"))]
+        for td in [str(mesh.get("trustDomain") or ISTIO_DEFAULT_TRUST_DOMAIN), *mesh_aliases]:
+            if not _TRUST_DOMAIN.match(td):
+                problems.append(Problem(mesh_at, f"data.mesh: {td!r} is not a trust domain"))
     if problems:
         raise IstioImportError(problems)
-    aliases = tuple(opts.trust_domain_aliases) or tuple(str(a) for a in mesh.get("trustDomainAliases") or [])
+    for td in (opts.trust_domain or ISTIO_DEFAULT_TRUST_DOMAIN, *opts.trust_domain_aliases):
+        if not _TRUST_DOMAIN.match(td):
+            raise UsageError(f"{td!r} is not a trust domain (lower-case letters, digits, '.', '-', '_')")
+    aliases = tuple(opts.trust_domain_aliases) or tuple(mesh_aliases)
     if opts.trust_domain:
         return Mesh(opts.trust_domain, aliases, normalization, f"trust domain {opts.trust_domain} (--trust-domain)")
     if mesh.get("trustDomain"):
         td = str(mesh["trustDomain"])
         return Mesh(td, aliases, normalization, f"trust domain {td} from the Istio mesh config at {mesh_at}")
-    workload_tds = sorted({w.value[len(SCHEME):].partition("/")[0] for w in opts.workloads if w.kind == "principal"})
+    workload_tds = sorted({td for w in opts.workloads if w.kind == "principal"
+                           and _TRUST_DOMAIN.match(td := w.value[len(SCHEME):].partition("/")[0])})
     if len(workload_tds) == 1:
         return Mesh(workload_tds[0], aliases, normalization,
                     f"trust domain {workload_tds[0]} from the --workload principals")
@@ -416,6 +431,23 @@ class _Converter:
                 ok = False
         return ok
 
+    def listed(self, res: _Resource, path: YPath, value: Any) -> list[Any]:
+        """A list field's items; not set is empty, anything else an error."""
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            self.error(res, path, "must be a list")
+            return []
+        return value
+
+    def mapping(self, res: _Resource, path: YPath, value: Any) -> dict[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            self.error(res, path, "must be a mapping")
+            return {}
+        return value
+
     def strings(self, res: _Resource, path: YPath, value: Any) -> list[str] | None:
         if value is None:
             return None
@@ -444,6 +476,13 @@ class _Converter:
                 self.error(res, (*path, k), f"{value!r}: Istio adds 'spiffe://' to principals itself, so this "
                            "one never matches there; write it without the scheme")
                 ok = False
+            elif value.startswith("*") and not value.endswith("*"):  # both ends: reported below
+                try:  # istiod (and the engine) read the suffix as a regex, unescaped
+                    re.compile(value[1:])
+                except re.error as exc:
+                    self.error(res, (*path, k), f"{value!r}: istiod pastes a '*suffix' principal into a regex "
+                               f"unescaped, and this one is no regex ({exc}): Envoy rejects the policy")
+                    ok = False
         return self.check_patterns(res, path, values) and ok
 
     def check_ips(self, res: _Resource, path: YPath, values: list[str]) -> bool:
@@ -465,10 +504,27 @@ class _Converter:
             if not value.isdigit() or int(value) > 65535:
                 self.error(res, (*path, k), f"port {value!r} must be a number from 0 to 65535")
                 ok = False
+            elif int(value) == 0:
+                self.error(res, (*path, k), "port 0 matches no request in Istio, and the bundle refuses it: "
+                           "remove it")
+                ok = False
+        return ok
+
+    def check_regex_values(self, res: _Resource, path: YPath, values: list[str], what: str) -> bool:
+        """istiod pastes namespaces and service accounts into a regex unescaped, and so does the
+        engine; one that is no regex would be refused by Envoy."""
+        ok = True
+        for k, value in enumerate(values):
+            try:
+                re.compile(value.replace("*", ".*") if what == "namespace" else value)
+            except re.error as exc:
+                self.error(res, (*path, k), f"{value!r}: istiod pastes a {what} into a regex unescaped, and this "
+                           f"one is no regex ({exc}): Envoy rejects the policy")
+                ok = False
         return ok
 
     def check_service_accounts(self, res: _Resource, path: YPath, values: list[str]) -> bool:
-        ok = True
+        ok = self.check_regex_values(res, path, values, "service account")
         for k, value in enumerate(values):
             ns, slash, name = value.rpartition("/")
             if "*" in value or value.count("/") > 1 or not name or (slash and not ns):
@@ -488,15 +544,15 @@ class _Converter:
         if v.get("kind") != "AuthorizationPolicy":
             self.error(res, ("kind",), f"{v.get('kind')!r} is not an AuthorizationPolicy")
             return []
-        meta = v.get("metadata") or {}
+        meta = self.mapping(res, ("metadata",), v.get("metadata"))
         name = meta.get("name")
         if not isinstance(name, str) or not name:
             self.error(res, ("metadata",), "metadata.name is required")
             return []
         ns = str(meta.get("namespace") or self.opts.default_namespace)
-        annotations = meta.get("annotations") or {}
+        annotations = self.mapping(res, ("metadata", "annotations"), meta.get("annotations"))
         dry_run = str(annotations.get(DRY_RUN_ANNOTATION, "false")).lower() == "true"
-        spec = v.get("spec") or {}
+        spec: Any = {} if v.get("spec") is None else v["spec"]
         if not self.unknown_fields(res, ("spec",), spec, SPEC_FIELDS, "an AuthorizationPolicy spec"):
             return []
         action = spec.get("action", "ALLOW")
@@ -511,11 +567,7 @@ class _Converter:
                            "translated; use a selector and --workload", key=True)
         targets = self.targets(res, ns, spec.get("selector"))
         rules: list[dict[str, Any]] = []
-        raw_rules = spec.get("rules")
-        if raw_rules is not None and not isinstance(raw_rules, list):
-            self.error(res, ("spec", "rules"), "must be a list")
-            raw_rules = []
-        for i, rv in enumerate(raw_rules or []):
+        for i, rv in enumerate(self.listed(res, ("spec", "rules"), spec.get("rules"))):
             rules += self.rule(res, ("spec", "rules", i), rv or {}, i)
         if len(self.problems) != before:
             return []
@@ -546,7 +598,8 @@ class _Converter:
         if selector is not None:
             if not self.unknown_fields(res, ("spec", "selector"), selector, {"matchLabels"}, "a selector"):
                 return []
-            labels = {str(k): str(val) for k, val in (selector.get("matchLabels") or {}).items()}
+            match = self.mapping(res, ("spec", "selector", "matchLabels"), selector.get("matchLabels"))
+            labels = {str(k): str(val) for k, val in match.items()}
         root = ns == self.opts.root_namespace
         eligible = [w for w in self.opts.workloads if root or w.namespace == ns]
         found: dict[WorkloadKind, list[str]] = {}
@@ -583,7 +636,7 @@ class _Converter:
         if not self.unknown_fields(res, path, rv, RULE_FIELDS, "a rule"):
             return []
         sources: list[dict[str, Any]] = []
-        for j, entry in enumerate(rv.get("from") or []):
+        for j, entry in enumerate(self.listed(res, (*path, "from"), rv.get("from"))):
             p = (*path, "from", j)
             if not self.unknown_fields(res, p, entry or {}, {"source"}, "a from entry"):
                 continue
@@ -591,26 +644,25 @@ class _Converter:
             if s is not None:
                 sources.append(s)
         operations: list[tuple[dict[str, Any], list[str]]] = []
-        for j, entry in enumerate(rv.get("to") or []):
+        for j, entry in enumerate(self.listed(res, (*path, "to"), rv.get("to"))):
             p = (*path, "to", j)
             if not self.unknown_fields(res, p, entry or {}, {"operation"}, "a to entry"):
                 continue
             op = self.operation(res, (*p, "operation"), (entry or {}).get("operation") or {})
             if op is not None:
                 operations.append(op)
-        for j, cv in enumerate(rv.get("when") or []):
+        for j, cv in enumerate(self.listed(res, (*path, "when"), rv.get("when"))):
             cond = self.condition(res, (*path, "when", j), cv)
             if cond is None:
                 continue
             if cond.where == "source":
                 sources = sources or [{}]
-                sources = [s for s, keep in zip(sources, self.push(res, (*path, "when", j), cond, sources),
-                                                strict=True) if keep]
+                kept = self.push(res, (*path, "when", j), cond, sources)
+                sources = [e for e, keep in zip(sources, kept, strict=True) if keep]
             else:
                 operations = operations or [({}, [])]
-                ops = [op for op, _ in operations]
-                operations = [o for o, keep in zip(operations, self.push(res, (*path, "when", j), cond, ops),
-                                                   strict=True) if keep]
+                kept = self.push(res, (*path, "when", j), cond, [op for op, _ in operations])
+                operations = [e for e, keep in zip(operations, kept, strict=True) if keep]
             if not (sources if cond.where == "source" else operations):
                 return []  # every entry ANDed with the condition matches nothing: so does the rule
         name = f"rule-{index + 1}"
@@ -681,6 +733,8 @@ class _Converter:
                 self.check_service_accounts(res, (*path, key), values)
             elif key in _PRINCIPAL_FIELDS:
                 self.check_principals(res, (*path, key), values)
+            elif key in ("namespaces", "notNamespaces"):
+                self.check_regex_values(res, (*path, key), values, "namespace")
             else:
                 self.check_patterns(res, (*path, key), values)
             out[key] = values
@@ -750,6 +804,7 @@ class _Converter:
             self.error(res, path, f"path template {value!r} must start with '/'")
             return None
         seen_any = False
+        segments = value.split("/")[1:]
         for s in value.strip("/").split("/"):
             if s in ("{*}", "{**}"):
                 if seen_any:
@@ -764,7 +819,8 @@ class _Converter:
                 self.error(res, path, f"path template {value!r}: segment {s!r} holds characters Envoy's URI "
                            "template matcher rejects (only RFC 3986 path characters without '*' and '=')")
                 return None
-        return "native"
+        # The bundle's {**} must end the template; Envoy's may be followed by literal segments.
+        return "native" if "{**}" not in segments or segments[-1] == "{**}" else "cel"
 
     # -- conditions -------------------------------------------------------------------------
 
@@ -810,6 +866,8 @@ class _Converter:
                     ok = self.check_service_accounts(res, p, vs) and ok
                 elif key == "source.principal":
                     ok = self.check_principals(res, p, vs) and ok
+                elif key == "source.namespace":
+                    ok = self.check_regex_values(res, p, vs, "namespace") and ok
                 else:
                     ok = self.check_patterns(res, p, vs) and ok
             return _Condition(where, field_name, values, not_values) if ok else None

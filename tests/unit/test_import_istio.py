@@ -1222,3 +1222,67 @@ def test_cli_import_decides_after_empty_documents(tmp_path: Path, capsys: pytest
     assert "authz import-istio: trust domain cluster.local: Istio's default" in captured.err
     ps = load_policy_set(out)
     assert not allowed(ps, method="POST") and allowed(ps, method="GET")
+
+
+# --- what the engine reads otherwise than istiod: exact in CEL, or an error ----------------------
+
+
+def test_suffix_principal_with_regex_characters_stays_native(tmp_path: Path) -> None:
+    """istiod writes '*suffix' as the regex 'spiffe://.*<suffix>', unescaped, and the engine reads it so too."""
+    p = one_policy(tmp_path, 'rules: [{from: [{source: {principals: ["*/ns/foo/sa/w[1]", "*/sa/a.b"]}}]}]\n')
+    assert p["rules"][0] == {"name": "rule-1", "from": [{"source": {"principals": ["*/ns/foo/sa/w[1]", "*/sa/a.b"]}}]}
+
+
+@pytest.mark.parametrize(("caller", "expected"), [
+    (td_sa("td1", "foo", "w1"), True), (td_sa("td1", "foo", "w[1]"), False),  # '[1]' is a character class
+    (td_sa("td1", "foo", "aXb"), False), (td_sa("td1", "foo", "a.b"), False),  # DENY: '.' is any character
+    (td_sa("td1", "foo", "ok"), True),
+])
+def test_suffix_principal_regex_decides_as_istio(tmp_path: Path, caller: str, expected: bool) -> None:
+    allow = AP + '  rules: [{from: [{source: {principals: ["*/ns/foo/sa/w[1]", "*/sa/ok", "*/sa/aXb", "*/sa/a.b"]}}]}]\n'
+    deny = AP.replace("name: p", "name: d") + (
+        '  action: DENY\n  rules: [{when: [{key: source.principal, values: ["*/ns/foo/sa/a.b"]}]}]\n')
+    ps = imported(tmp_path, allow + "---\n" + deny, trust_domain="td1")
+    assert allowed(ps, dest=td_sa("td1", "foo", "httpbin"), principal=caller) is expected
+
+
+def test_invalid_regexes_and_port_0_are_errors(tmp_path: Path) -> None:
+    """istiod pastes '*suffix' principals, namespaces and service accounts into regexes unescaped."""
+    errors = import_errors(tmp_path, AP + """\
+      rules:
+      - from:
+        - source: {principals: ["*/sa/w[1"]}
+        - source: {namespaces: ["te(st"]}
+        - source: {serviceAccounts: ["ns/a+(b"]}
+        to: [{operation: {ports: ["0"]}}]
+    """)
+    text = "\n".join(errors)
+    assert "source.principals[0]: '*/sa/w[1': istiod pastes a '*suffix' principal into a regex" in text
+    assert "source.namespaces[0]: 'te(st': istiod pastes a namespace into a regex unescaped" in text
+    assert "source.serviceAccounts[0]: 'ns/a+(b': istiod pastes a service account into a regex" in text
+    assert "operation.ports[0]: port 0 matches no request in Istio" in text
+    assert len(errors) == 4
+
+
+@pytest.mark.parametrize(("caller", "expected"), [
+    (sa("te.st", "x"), True), (sa("teXst", "x"), True), (sa("test", "x"), False),  # '.' is any character
+    (sa("ns1", "a1"), True), (sa("ns1", "a11"), False)])  # '[1]' is a class
+def test_namespace_and_service_account_regexes_decide_as_istio(tmp_path: Path, caller: str, expected: bool) -> None:
+    ps = imported(tmp_path, AP + "  rules: [{from: [{source: {namespaces: [te.st]}}, {source: {serviceAccounts: ['ns1/a[1]']}}]}]\n")
+    assert allowed(ps, principal=caller) is expected
+
+
+def test_namespace_wildcards_stay_native(tmp_path: Path) -> None:
+    """Istio's namespaces are regexes with '*' as '.*' anywhere, and so are the bundle's: '*x*' is fine there."""
+    p = one_policy(tmp_path, "rules: [{from: [{source: {namespaces: ['*team*', 'a.b']}}]}]\n")
+    assert p["rules"][0]["from"][0]["source"] == {"namespaces": ["*team*", "a.b"]}
+
+
+@pytest.mark.parametrize(("path", "expected"), [
+    ("/v1/a/b/x", True), ("/v1/a/x", True), ("/v1/x", False), ("/v1/a/x/y", False), ("/v2/a/x", False)])
+def test_any_segments_followed_by_literals_is_envoys_template(tmp_path: Path, path: str, expected: bool) -> None:
+    """Envoy's '**' may be followed by literal segments ('/v1/{**}/x'); the bundle's {**} ends a template: CEL."""
+    p = one_policy(tmp_path / "a", "rules: [{to: [{operation: {paths: ['/v1/{**}/x']}}]}]\n")
+    assert p["rules"][0]["when"] == ['request.path.matches("^/v1/[a-zA-Z0-9\\\\-._~%!$&\'()+,;:@/]*/x$")']
+    ps = imported(tmp_path / "b", AP + "  rules: [{to: [{operation: {paths: ['/v1/{**}/x']}}]}]\n")
+    assert allowed(ps, path=path) is expected

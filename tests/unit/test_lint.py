@@ -362,3 +362,27 @@ def test_cluster_local_principal_is_the_local_trust_domain(tmp_path: Path) -> No
     problems = lint(root)
     assert problems == [("policies/p.yaml:8:51: warning: principal 'cluster.local/other' is in trust domain "
                          "'cluster.local', which is neither the bundle's nor an alias (example.org)")]
+
+
+def test_stars_in_the_new_fields(tmp_path: Path) -> None:
+    """trustDomains, headers and SNI patterns are checked like every other pattern."""
+    root = bundle(tmp_path, """\
+        apiVersion: authz/v1
+        kind: Policy
+        name: api
+        action: DENY
+        rules:
+          - from:
+              - source:
+                  trustDomains: ["bad*td", "*-td1", "td*"]
+            to:
+              - operation:
+                  headers: {x-a: ["a*b", "*x*"]}
+                  notSni: ["api.*.example.com"]
+        """)
+    problems = lint(root)
+    assert has(problems, "policies/p.yaml:8:26: error: trust domain 'bad*td' has a '*' inside", "can never match")
+    assert has(problems, "policies/p.yaml:11:27: warning: header 'a*b' has a '*' inside", "literal character")
+    assert has(problems, "policies/p.yaml:11:34: error: header '*x*' has '*' at both ends", "")
+    assert has(problems, "policies/p.yaml:12:20: error: SNI 'api.*.example.com' has a '*' inside", "")
+    assert len(problems) == 4, problems
