@@ -264,10 +264,10 @@ def _decoded(path: str) -> str:
 
 def path_is_ambiguous(path: str) -> bool:
     """A path an upstream could read as another one: repeated slashes, an encoded or literal
-    backslash or slash, double encoding, or characters that NFKC-normalise to '.', '/', '\\'
-    or '%' (fullwidth look-alikes)."""
+    backslash or slash, path parameters (';', also encoded), double encoding, or characters that
+    NFKC-normalise to '.', '/', '\\' or '%' (fullwidth look-alikes)."""
     p = path.split("?", 1)[0]
-    if "//" in p or "\\" in p or re.search(r"%(2[fF]|5[cC]|25|00)", p):
+    if "//" in p or "\\" in p or ";" in p or re.search(r"%(2[fF]|5[cC]|3[bB]|25|00)", p):
         return True
     d = _decoded(p)
     return any(ch not in _LOOKALIKE_TARGETS and set(unicodedata.normalize("NFKC", ch)) & _LOOKALIKE_TARGETS
