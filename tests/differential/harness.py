@@ -321,14 +321,21 @@ STRICTNESS_KINDS = (
 
 def documented_entries(docs: Path = DOCS) -> list[str]:
     """The entries of the 'Differences from Istio' section of the docs: its sub-headings and
-    the first cell of each row of its tables."""
+    the first cell of each row of its tables (header rows left out)."""
     try:
         lines = docs.read_text(encoding="utf-8").splitlines()
     except OSError:
         return []
+
+    def cells(line: str) -> list[str]:
+        return [c.strip() for c in line.strip().strip("|").split("|")] if line.lstrip().startswith("|") else []
+
+    def separator(line: str) -> bool:
+        return bool(cells(line)) and all(c and set(c) <= set("-: ") for c in cells(line))
+
     out: list[str] = []
     level = None
-    for line in lines:
+    for n, line in enumerate(lines):
         m = re.match(r"^(#+)\s+(.*?)\s*#*\s*$", line)
         if level is None:
             if m and m.group(2).strip().lower() == DOCUMENTED_SECTION.lower():
@@ -339,10 +346,11 @@ def documented_entries(docs: Path = DOCS) -> list[str]:
                 break
             out.append(m.group(2).strip())
             continue
-        cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.lstrip().startswith("|") else []
-        if cells and cells[0] and not set(cells[0]) <= set("-: "):
-            out.append(cells[0])
-    return out[1:] if out and out[0].lower() == "class" else out
+        row = cells(line)
+        header = n + 1 < len(lines) and separator(lines[n + 1])
+        if row and row[0] and not separator(line) and not header:
+            out.append(row[0])
+    return out
 
 
 def kind_documented(kind: StrictnessKind, entries: list[str]) -> bool:
