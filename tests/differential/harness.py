@@ -20,7 +20,6 @@ import contextlib
 import io
 import json
 import re
-import shutil
 import unicodedata
 import urllib.parse
 from collections.abc import Iterator
@@ -29,11 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from e2e.harness import AuthzProcess
 
 from authz.bundle.loader import BundleError
 from authz.cli import main as authz_cli
 from authz.engine.compile import load_policy_set
-from e2e.harness import AuthzProcess
 
 from . import gen_requests, oracle
 
@@ -454,7 +453,3 @@ def format_table(rows: list[Row]) -> str:
     if notes:
         lines += ["not compared:", *notes]
     return "\n".join(lines)
-
-
-def keep_workdir_small(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)

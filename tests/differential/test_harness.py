@@ -9,7 +9,13 @@ from typing import Any
 
 import pytest
 
-from .harness import STRICTNESS_KINDS, compare, documented_entries, path_is_ambiguous, shipped_path_options
+from .harness import (
+    STRICTNESS_KINDS,
+    compare,
+    documented_entries,
+    path_is_ambiguous,
+    shipped_path_options,
+)
 
 pytestmark = pytest.mark.differential
 
