@@ -62,6 +62,8 @@ class Pair:
     source: str = "own"
     extra: tuple[dict[str, Any], ...] = ()
     unsure: str = ""
+    port: int | None = None  # every request goes to this destination port
+    workloads: tuple[str, ...] = ()  # more `--workload` targets of the workload: host:..., port:...
 
     @property
     def in_file(self) -> Path:
@@ -98,6 +100,8 @@ def load_pairs() -> list[Pair]:
             source=m.get("source", "own"),
             extra=tuple(m.get("requests", ())),
             unsure=m.get("unsure", ""),
+            port=m.get("port"),
+            workloads=tuple(m.get("workloads", ())),
         ))
     return out
 
@@ -121,6 +125,8 @@ def requests_for(pair: Pair) -> list[dict[str, Any]]:
         r["id"] = f"h{n}"
         r["intent"] = ["hand-written"]
         reqs.append(r)
+    if pair.port is not None:
+        reqs = [dict(r, port=r.get("port") or pair.port) for r in reqs]
     return reqs
 
 
@@ -166,6 +172,8 @@ def import_bundle(pair: Pair, out_dir: Path, path_normalization: str | None = No
         "--workload", f"{WORKLOAD_LABELS}={pair.server_principal}",
         "--trust-domain", pair.trust_domain,
     ]  # fmt: skip
+    for target in pair.workloads:
+        args += ["--workload", f"{WORKLOAD_LABELS}={target}"]
     for alias in pair.aliases:
         args += ["--trust-domain-alias", alias]
     err, out = io.StringIO(), io.StringIO()
