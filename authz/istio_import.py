@@ -73,13 +73,12 @@ OPERATION_FIELDS = {"hosts", "notHosts", "ports", "notPorts", "methods", "notMet
 CONDITION_FIELDS = {"key", "values", "notValues"}
 _IP_FIELDS = ("ipBlocks", "notIpBlocks", "remoteIpBlocks", "notRemoteIpBlocks")
 _PRINCIPAL_FIELDS = ("principals", "notPrincipals")
-_PATTERN_FIELDS = ("principals", "notPrincipals", "namespaces", "notNamespaces", "trustDomains", "notTrustDomains")
 
 _HEADER_KEY = re.compile(r"^request\.headers\[([^\[\]]+)\]$")
 _TEMPLATE_OP = re.compile(r"\{\*\*?\}")
-# Envoy's URI template literal characters (RFC 3986 pchar without '*' and '='): what {*} and
-# {**} accept, and all a literal segment of a template may hold.
-_ENVOY_PCHAR = "a-zA-Z0-9\\-._~%!$&'()+,;:@"
+# Envoy's URI template literal characters (RFC 3986 pchar without '*'; '=' since Envoy 1.26):
+# what {*} and {**} accept, and all a literal segment of a template may hold.
+_ENVOY_PCHAR = "a-zA-Z0-9\\-._~%!$&'()+,;:@="
 _ENVOY_LITERAL = re.compile(f"^[{_ENVOY_PCHAR}]+$")
 _K8S_SERVICE_HOST = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?\.([a-z0-9]([-a-z0-9]*[a-z0-9])?)\.svc(\.|:|$)")
 _TRUST_DOMAIN = re.compile(r"^[a-z0-9._-]+$")  # as the manifest's trustDomain
@@ -817,7 +816,7 @@ class _Converter:
                 return None
             elif not _ENVOY_LITERAL.match(s):
                 self.error(res, path, f"path template {value!r}: segment {s!r} holds characters Envoy's URI "
-                           "template matcher rejects (only RFC 3986 path characters without '*' and '=')")
+                           "template matcher rejects (only RFC 3986 path characters without '*')")
                 return None
         # The bundle's {**} must end the template; Envoy's may be followed by literal segments.
         return "native" if "{**}" not in segments or segments[-1] == "{**}" else "cel"

@@ -16,7 +16,8 @@ Warnings:
   ``authz import-istio`` wrote: Istio decides so, and the bundle keeps Istio's decisions);
 - a principal whose trust domain is neither the bundle's nor one of its aliases;
 - a rule method that is not an upper-case HTTP token (methods match case-sensitively);
-- a ``*`` inside a value, where it is a literal character and not a wildcard;
+- a ``*`` inside a value, where it is a literal character (in a ``*suffix`` principal, a regex
+  repetition as istiod writes it) and not a wildcard;
 - tenant data no policy reads, and data files no condition reads.
 """
 
@@ -35,7 +36,16 @@ from authz.bundle.schema import Problem
 from authz.bundle.yamlpos import Document, Position
 from authz.engine.compile import compile_bundle
 from authz.engine.decide import PolicySet
-from authz.engine.model import IpMatch, Operation, PathMatch, Policy, RegexMatch, Rule, Source, StringMatch
+from authz.engine.model import (
+    IpMatch,
+    Operation,
+    PathMatch,
+    Policy,
+    RegexMatch,
+    Rule,
+    Source,
+    StringMatch,
+)
 from authz.example import example_bundle
 from authz.istio_import import IMPORTED_MARK
 from authz.spiffe import SCHEME
@@ -71,16 +81,16 @@ def warnings(files: BundleFiles, policy_set: PolicySet | None) -> list[Problem]:
     manifest = files.manifest.value
     td = manifest["trustDomain"]
     aliases = set(manifest.get("trustDomainAliases", []))
+    # A bundle `authz import-istio` wrote decides as the Istio it came from, on purpose: lint
+    # reports what it sees there but asks for no change that would make it decide otherwise.
+    imported = str(manifest.get("description", "")).startswith(IMPORTED_MARK)
     out += _wildcard_principals(files)
     out += _foreign_trust_domains(files, td, aliases)
     out += _methods(files)
-    out += _stars(files)
+    out += _stars(files, imported)
     out += _unused_data(files)
     if policy_set is not None:
         out += _unreachable(policy_set)
-        # An imported bundle keeps Istio's default on purpose: recommending a default deny
-        # there would make it decide differently from the Istio it came from.
-        imported = str(manifest.get("description", "")).startswith(IMPORTED_MARK)
         if manifest.get("defaultAction", "DENY") == "ALLOW" and not imported:
             out += _namespaces_without_default_deny(files, policy_set, td)
     return out
@@ -250,6 +260,10 @@ def _star_problem(kind: str, value: str) -> tuple[str, str] | None:
             return "error", (f"principal {value!r} has a '*' inside its trust domain, which only letters, "
                              "digits, '.', '-' and '_' make up: it can never match (write 'prefix*' or "
                              "'*suffix', or use trustDomains)")
+    if kind == "principal" and value.startswith("*"):
+        return "warning", (f"principal {value!r}: after a leading '*' the rest is a regular expression, as "
+                           "istiod writes it, so this inner '*' repeats the character before it; it is no "
+                           "wildcard")
     if kind in _NO_STAR_INSIDE:
         return "error", (f"{kind} {value!r} has a '*' inside: only a leading or trailing '*' is a wildcard, "
                          f"and no {kind} holds a '*', so it can never match")
@@ -257,12 +271,15 @@ def _star_problem(kind: str, value: str) -> tuple[str, str] | None:
                        "this one is a literal character")
 
 
-def _stars(files: BundleFiles) -> list[Problem]:
+def _stars(files: BundleFiles, imported: bool) -> list[Problem]:
     out = []
     for doc, v in _policy_docs(files):
         for path, kind, value in _values(doc, v):
             if isinstance(value, str) and (found := _star_problem(kind, value)):
-                out.append(Problem(doc.at(path), found[1], found[0]))
+                severity, message = found
+                if imported:  # dead in Istio too: said, not to be "fixed" into matching
+                    severity, message = WARNING, message.split(" (write ")[0] + ", as in the Istio policy it came from"
+                out.append(Problem(doc.at(path), message, severity))
     for doc in files.tenants:
         for tid, body in (doc.value.get("tenants") or {}).items():
             for k, value in enumerate((body or {}).get("callers") or []):
@@ -315,7 +332,7 @@ def _namespaces_without_default_deny(files: BundleFiles, ps: PolicySet, td: str)
         whole = f"{SCHEME}{td}/ns/{ns}/sa/"
         for p in allows:
             t = p.target
-            if t.principals is None and t.hosts is None and not t.context_extensions:
+            if t.principals is None and t.hosts is None and t.ports is None and not t.context_extensions:
                 return True
             if t.principals is not None and (t.principals.present or any(whole.startswith(pre) for pre in t.principals.prefixes)):
                 return True
@@ -478,6 +495,7 @@ def _rule_covers(d: Rule, r: Rule) -> bool:
 def _target_covers(d: Policy, r: Policy) -> bool:
     return (_strings_cover(d.target.principals, r.target.principals)
             and _strings_cover(d.target.hosts, r.target.hosts)
+            and (d.target.ports is None or (r.target.ports is not None and r.target.ports <= d.target.ports))
             and set(d.target.context_extensions) <= set(r.target.context_extensions))
 
 

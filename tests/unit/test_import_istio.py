@@ -957,14 +957,14 @@ def test_literal_braces_stay_exact_in_cel(tmp_path: Path) -> None:
     rule = p["rules"][0]
     assert "paths" not in rule["to"][0]["operation"]
     expected = ('request.path == "/a/{literal}" || request.path.matches('
-                '"^/b/[a-zA-Z0-9\\\\-._~%!$&\'()+,;:@]+$") || request.path.startsWith("/c")')
+                '"^/b/[a-zA-Z0-9\\\\-._~%!$&\'()+,;:@=]+$") || request.path.startsWith("/c")')
     assert rule["when"] == [expected]
 
 
 @pytest.mark.parametrize(("value", "message"), [
     ("/a/{*}.txt", "mixes an operator with other text"),
     ("/{**}/{*}", "'{**}' must be the last operator"),
-    ("/a=b/{*}", "characters Envoy's URI template matcher rejects"),
+    ("/a[b]/{*}", "characters Envoy's URI template matcher rejects"),
     ("*admin*", "suffix match on 'admin*'"),
 ])
 def test_paths_istio_or_envoy_reject_are_errors(tmp_path: Path, value: str, message: str) -> None:
@@ -1283,6 +1283,18 @@ def test_namespace_wildcards_stay_native(tmp_path: Path) -> None:
 def test_any_segments_followed_by_literals_is_envoys_template(tmp_path: Path, path: str, expected: bool) -> None:
     """Envoy's '**' may be followed by literal segments ('/v1/{**}/x'); the bundle's {**} ends a template: CEL."""
     p = one_policy(tmp_path / "a", "rules: [{to: [{operation: {paths: ['/v1/{**}/x']}}]}]\n")
-    assert p["rules"][0]["when"] == ['request.path.matches("^/v1/[a-zA-Z0-9\\\\-._~%!$&\'()+,;:@/]*/x$")']
+    assert p["rules"][0]["when"] == ['request.path.matches("^/v1/[a-zA-Z0-9\\\\-._~%!$&\'()+,;:@=/]*/x$")']
     ps = imported(tmp_path / "b", AP + "  rules: [{to: [{operation: {paths: ['/v1/{**}/x']}}]}]\n")
     assert allowed(ps, path=path) is expected
+
+
+def test_cli_usage_errors_are_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "ap.yaml"
+    src.write_text(AP + "  rules: [{}]\n")
+    for extra, message in ((["--workload", "app=a=port:8080"], "name the workload's namespace"),
+                           (["--workload", "app=a=host:a.example.com"], "name the workload's namespace"),
+                           (["--trust-domain", "Bad_TD!"], "'Bad_TD!' is not a trust domain")):
+        assert main(["import-istio", str(src), "-o", str(tmp_path / "out"), *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

@@ -288,7 +288,7 @@ rules:
   - name: r
     from:
       - source:
-          principals: ["bad*x/ns/a/sa/b", "*admin*", "cluster.local/ns/*/sa/x", "*-td1/ns/a/sa/b", "td*"]
+          principals: ["bad*x/ns/a/sa/b", "*admin*", "cluster.local/ns/*/sa/x", "*-td1/ns/a/sa/b", "td*", "*/ns/*/sa/x"]
           namespaces: ["team-*-prod", "*"]
           notServiceAccounts: ["ns/*"]
     to:
@@ -308,12 +308,14 @@ def test_stars_that_never_match(tmp_path: Path) -> None:
                "'contains' match", "authz reads a prefix match on '*admin', Istio a suffix match on 'admin*'")
     assert has(problems, "policies/p.yaml:11:54: warning: principal 'cluster.local/ns/*/sa/x' has a '*' inside",
                "this one is a literal character")
+    assert has(problems, "policies/p.yaml:11:107: warning: principal '*/ns/*/sa/x': after a leading '*' the rest "
+               "is a regular expression", "this inner '*' repeats the character before it")
     assert has(problems, "policies/p.yaml:13:32: error: service account 'ns/*' has a '*'", "")
     assert has(problems, "policies/p.yaml:16:19: warning: path '/a*b' has a '*' inside", "")
     assert has(problems, "policies/p.yaml:16:27: error: path '**' has '*' at both ends", "")
     assert has(problems, "policies/p.yaml:16:33: error: path '/x/{id}/*' mixes a '*' wildcard with a '{}' template", "")
     # '*-td1' and 'td*' are trust domain patterns, namespaces take '*' anywhere, '/v1/{*}/y' is a template.
-    assert len(problems) == 8, problems
+    assert len(problems) == 9, problems
 
 
 def test_stars_in_tenant_callers(tmp_path: Path) -> None:
@@ -386,3 +388,54 @@ def test_stars_in_the_new_fields(tmp_path: Path) -> None:
     assert has(problems, "policies/p.yaml:11:34: error: header '*x*' has '*' at both ends", "")
     assert has(problems, "policies/p.yaml:12:20: error: SNI 'api.*.example.com' has a '*' inside", "")
     assert len(problems) == 4, problems
+
+
+def test_port_targets_in_lint(tmp_path: Path) -> None:
+    """A DENY for one destination port does not shadow rules of other destinations, and an ALLOW
+    targeting a port is no namespace-wide default deny."""
+    root = bundle(tmp_path, """\
+        apiVersion: authz/v1
+        kind: Policy
+        name: api
+        target:
+          principals: ["spiffe://cluster.local/ns/prod/sa/api"]
+        action: ALLOW
+        rules: [{name: r, to: [{operation: {paths: ["/admin/x"]}}]}]
+        ---
+        apiVersion: authz/v1
+        kind: Policy
+        name: by-port
+        target: {ports: ["8080"]}
+        action: ALLOW
+        rules: [{name: r}]
+        ---
+        apiVersion: authz/v1
+        kind: Policy
+        name: block-admin
+        target: {ports: ["9090"]}
+        action: DENY
+        rules: [{name: admin, to: [{operation: {paths: ["/admin*"]}}]}]
+        """, "defaultAction: ALLOW\n")
+    problems = lint(root)
+    assert not any("unreachable" in p for p in problems), problems
+    assert has(problems, "policies/p.yaml:5:16: warning: namespace 'prod' has ALLOW policies but no default deny", "")
+    assert len(problems) == 1
+
+
+def test_imported_bundle_dead_patterns_are_warnings_without_advice(tmp_path: Path) -> None:
+    """A pattern that never matches never matched in Istio either: lint says so, but does not ask for a change."""
+    from authz.istio_import import IMPORTED_MARK
+
+    policy = """\
+        apiVersion: authz/v1
+        kind: Policy
+        name: api
+        action: DENY
+        rules: [{from: [{source: {principals: ["bad*x/ns/a/sa/b"]}}]}]
+        """
+    plain = lint(bundle(tmp_path / "a", policy))
+    assert len(plain) == 1 and ": error: " in plain[0] and "(write 'prefix*'" in plain[0]
+    imported = lint(bundle(tmp_path / "b", policy, f"description: '{IMPORTED_MARK}'\n"))
+    assert imported == [("policies/p.yaml:5:40: warning: principal 'bad*x/ns/a/sa/b' has a '*' inside its trust "
+                         "domain, which only letters, digits, '.', '-' and '_' make up: it can never match, as in "
+                         "the Istio policy it came from")]
