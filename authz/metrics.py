@@ -35,9 +35,10 @@ class Metrics:
     def __init__(self, tenant_label: bool = False) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.tenant_label = tenant_label
-        check_labels = ["decision", "reason", "policy"] + (["tenant"] if tenant_label else [])
+        check_labels = ["decision", "reason", "policy", "caller"] + (["tenant"] if tenant_label else [])
         self.checks = Counter(
-            "authz_checks", "Authorization checks answered, by decision, reason and deciding policy.",
+            "authz_checks", "Authorization checks answered, by decision, reason, deciding policy and caller kind "
+            "(envoy_grpc, envoy_http, api).",
             check_labels, registry=r,
         )
         self.check_duration = Histogram(
@@ -75,22 +76,53 @@ class Metrics:
             "authz_dry_run", "Decisions of dry-run policies, by what they would have done.", ["would"],
             registry=r,
         )
+        # TLS (authz/certs.py): label use = grpc, http (our listeners) or client (outbound).
+        self.tls_cert_expiry = Gauge(
+            "authz_tls_cert_expiry_timestamp_seconds",
+            "When the certificate in use expires (Unix seconds), by use.",
+            ["use"], registry=r, multiprocess_mode="livemin",
+        )
+        self.tls_ca_expiry = Gauge(
+            "authz_tls_ca_expiry_timestamp_seconds",
+            "When the first certificate of the CA bundle in use expires (Unix seconds), by use.",
+            ["use"], registry=r, multiprocess_mode="livemin",
+        )
+        self.tls_rotations = Counter(
+            "authz_tls_rotations", "Certificates rotated from changed files, by use.", ["use"],
+            registry=r,
+        )
+        self.tls_rotation_failures = Counter(
+            "authz_tls_rotation_failures",
+            "Changed certificate files that could not serve (the old ones kept serving), by use.",
+            ["use"], registry=r,
+        )
+        self.tls_rotation_failing = Gauge(
+            "authz_tls_rotation_failing",
+            "1 while the certificate files on disk cannot serve and older ones do, by use.",
+            ["use"], registry=r, multiprocess_mode="livemax",
+        )
+        self.callers_refused = Counter(
+            "authz_callers_refused",
+            "gRPC calls refused before any decision (PERMISSION_DENIED), by reason.",
+            ["reason"], registry=r,
+        )
         # Series that alerts and dashboards use exist from the start, at 0.
         for result in ("loaded", "rejected", "unchanged", "error"):
             self.bundle_loads.labels(result)
         for would in ("allow", "deny", "error"):  # error: its condition failed; never enforced
             self.dry_run.labels(would)
         # Children seen on every check are cached so the hot path skips label lookups.
-        self._check_children: dict[tuple[bool, str, str, str], Counter] = {}
+        self._check_children: dict[tuple[bool, str, str, str, str], Counter] = {}
         self._serving: tuple[str, str] | None = None
 
     def count_check(self, allowed: bool, reason: str, policy: str, seconds: float,
-                    tenant: str | None = None) -> None:
-        """Count one check. ``tenant`` must be a tenant of the serving bundle, or None."""
-        key = (allowed, reason, policy, (tenant or "") if self.tenant_label else "")
+                    tenant: str | None = None, caller: str = "envoy_grpc") -> None:
+        """Count one check. ``tenant`` must be a tenant of the serving bundle, or None;
+        ``caller`` one of the fixed caller kinds of authz.check.CALLERS."""
+        key = (allowed, reason, policy, (tenant or "") if self.tenant_label else "", caller)
         child = self._check_children.get(key)
         if child is None:
-            labels = ["allow" if allowed else "deny", reason, policy]
+            labels = ["allow" if allowed else "deny", reason, policy, caller]
             if self.tenant_label:
                 labels.append(key[3])
             child = self.checks.labels(*labels)
