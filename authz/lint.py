@@ -348,7 +348,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cli(args: argparse.Namespace) -> int:
     """`authz lint`: exit 1 when there is an error, 0 otherwise (warnings alone do not fail)."""
-    from authz.cli import example_bundle
+    from authz.example import example_bundle
 
     root = args.bundle or example_bundle()
     problems = lint_bundle(root)

@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from authz.bundle import archive, persist
 from authz.bundle.archive import DEFAULT_LIMITS, Limits, Snapshot
+from authz.bundle.cases import run_cases
 from authz.bundle.loader import BundleError, BundleFiles, read_bundle
 from authz.bundle.schema import Problem
 from authz.bundle.sources import Source, SourceUnavailable, read_directory
@@ -103,8 +104,6 @@ def check_candidate(
 
 def run_bundle_tests(policy_set: PolicySet, files: BundleFiles) -> None:
     """Run the bundle's tests/*.yaml against the compiled candidate; raise if any case fails."""
-    from authz.testing import run_cases  # the authoring tools' runner (authz test)
-
     report = run_cases(policy_set, files.tests)
     if report.failed:
         raise BundleError(
