@@ -81,12 +81,14 @@ class Checker:
         except request_mod.MalformedRequest as exc:
             decision = _deny(f"malformed request: {exc}")
         except Exception:  # noqa: BLE001 - fail closed, never crash the servicer
-            log.exception("internal error while deciding %s", decision_id)
+            log.exception("internal error while deciding %s", decision_id,
+                          extra={"decision_id": decision_id, "revision": revision, "reason": "internal error"})
             decision = _deny("internal error")
         try:
             resp = response.to_check_response(decision, decision_id, revision, req.principal if req else "")
         except Exception:  # noqa: BLE001
-            log.exception("internal error while answering %s", decision_id)
+            log.exception("internal error while answering %s", decision_id,
+                          extra={"decision_id": decision_id, "revision": revision, "reason": "internal error"})
             decision = _deny("internal error")
             resp = response.to_check_response(decision, decision_id, revision, "")
         elapsed = time.perf_counter() - started
@@ -110,7 +112,7 @@ class Checker:
                 self.audit.submit(AuditEntry(time.time(), decision_id, decision, req, revision,
                                              int(elapsed * 1e6)))
         except Exception:  # noqa: BLE001
-            log.exception("metrics or audit failed for %s", decision_id)
+            log.exception("metrics or audit failed for %s", decision_id, extra={"decision_id": decision_id})
 
 
 def _deny(reason: str) -> Decision:

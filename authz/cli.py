@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
+import os
 import re
 import sys
 from pathlib import Path
 
 from google.protobuf import json_format
 
-from authz import istio_import, lint, testing
+from authz import istio_import, lint, logging_setup, options, testing
 from authz.audit import AuditLog, Sink, check_header_allowlist, sink_for
 from authz.bundle import runtime as bundle_runtime
 from authz.bundle.loader import BundleError
@@ -25,19 +25,28 @@ from authz.example import example_bundle
 from authz.metrics import Metrics
 from authz.request import CheckRequest
 from authz.tls import client_context
+from authz.version import VERSION
 
-EXIT_USAGE = 2
+EXIT_USAGE = options.EXIT_USAGE
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="authz", description="Envoy ext_authz policy decision service")
+def build_parser() -> argparse.ArgumentParser:
+    """Every subcommand and flag (docs/configuration.md lists them with their variables)."""
+    parser = options.Parser(prog="authz", description="Envoy ext_authz policy decision service; "
+                            "every --flag can also be set as AUTHZ_FLAG (docs/configuration.md)")
+    parser.add_argument("--version", action="version", version=f"authz {VERSION}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the gRPC ext_authz server")
     serve.add_argument("--bundle", help="bundle directory (watched), .tar.gz archive or http(s):// "
                        "bundle server URL (default: the example bundle); docs/bundles-operations.md")
-    serve.add_argument("--grpc-addr", default="0.0.0.0:9191")
-    serve.add_argument("--http-addr", default="0.0.0.0:8181")
+    serve.add_argument("--allow-empty-bundle", action="store_true",
+                       help="serve a bundle without policies (denying every request) instead of "
+                            "refusing it")
+    serve.add_argument("--grpc-addr", type=options.address, default="0.0.0.0:9191", metavar="HOST:PORT",
+                       help="gRPC ext_authz listener (default 0.0.0.0:9191)")
+    serve.add_argument("--http-addr", type=options.address, default="0.0.0.0:8181", metavar="HOST:PORT",
+                       help="HTTP listener: /metrics, /healthz, /readyz, /v1/status (default 0.0.0.0:8181)")
     serve.add_argument("--audit-log", action="append", metavar="TARGET",
                        help="'-' for stdout (default), a file path, or an http(s):// collector URL; "
                             "repeatable (docs/audit.md)")
@@ -64,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                        help="worker processes sharing the ports (default 1); one process uses "
                             "about one core")
     serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
-    serve.add_argument("--log-level", default="INFO")
+    options.add_logging_arguments(serve)
     bundle_runtime.add_serve_arguments(serve)
 
     check = sub.add_parser("check", help="decide one Envoy CheckRequest (protobuf JSON)")
@@ -85,11 +94,24 @@ def main(argv: list[str] | None = None) -> int:
     istio_import.add_arguments(sub.add_parser(
         "import-istio", help="convert Istio AuthorizationPolicy resources into a bundle directory"))
 
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; a usage error anywhere is one line on stderr and exit status 2."""
     argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0) and EXIT_USAGE
+        try:
+            args = parser.parse_args(options.with_environment(parser, argv, os.environ))
+        except SystemExit as exc:  # --help, --version
+            return int(exc.code or 0) and EXIT_USAGE
+        return _run(args, argv)
+    except options.UsageError as exc:
+        return options.report(exc)
+
+
+def _run(args: argparse.Namespace, argv: list[str]) -> int:
     if args.command == "serve":
         if args.workers > 1 and args.worker_index is None:
             return _supervise(argv, args)
@@ -109,8 +131,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging_setup.configure(args.log_level, args.log_format, args.worker_index)
     metrics = Metrics(tenant_label=args.metrics_tenant_label)
     try:
         audit = _audit_log(args, metrics)
@@ -128,9 +149,9 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         asyncio.run(serve(checker, store, metrics, args.grpc_addr, args.http_addr,
                           on_reload=reloader.trigger, worker=args.worker_index))
-    except OSError as exc:
-        print(f"authz: {exc}", file=sys.stderr)
-        return 1
+    except OSError as exc:  # a listener cannot bind: the message names the address
+        print(f"authz serve: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     finally:
         reloader.stop()
         audit.close()
@@ -157,8 +178,7 @@ def _parse_check_request(text: str) -> CheckRequest:
 
 
 def _supervise(argv: list[str], args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging_setup.configure(args.log_level, args.log_format)
     for flag, addr in (("--grpc-addr", args.grpc_addr), ("--http-addr", args.http_addr)):
         if addr.rpartition(":")[2] == "0":
             print(f"authz serve: --workers needs a fixed port for {flag}, not {addr}", file=sys.stderr)

@@ -19,6 +19,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from authz.version import VERSION
+
 # prometheus-client picks file-backed values at import when this is set; so do we.
 MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
@@ -75,6 +77,11 @@ class Metrics:
             "authz_dry_run", "Decisions of dry-run policies, by what they would have done.", ["would"],
             registry=r,
         )
+        self.build_info = Gauge(
+            "authz_build_info", "The version of authz answering (value 1).", ["version"],
+            registry=r, multiprocess_mode="livemax",
+        )
+        self.build_info.labels(VERSION).set(1)
         # Series that alerts and dashboards use exist from the start, at 0.
         for result in ("loaded", "rejected", "unchanged", "error"):
             self.bundle_loads.labels(result)

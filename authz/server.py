@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -19,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from authz.bundle.store import BundleStore
 from authz.check import Checker
 from authz.metrics import CONTENT_TYPE, Metrics
+from authz.version import VERSION
 
 log = logging.getLogger("authz.server")
 
@@ -66,6 +68,7 @@ class ProbeServer:
                 elif path == "/v1/status":
                     st = store_ref.status()
                     doc = st.as_dict()
+                    doc["version"] = VERSION
                     if worker is not None:
                         doc["worker"] = {"index": worker, "pid": os.getpid()}
                     body = json.dumps(doc).encode()
@@ -86,7 +89,10 @@ class ProbeServer:
         host, port = split_addr(addr)
         # Workers of one service share the port (SO_REUSEPORT), as they share the gRPC one.
         server_class = _SharedPortHTTPServer if worker is not None else ThreadingHTTPServer
-        self.httpd = server_class((host, port), Handler)
+        try:
+            self.httpd = server_class((host, port), Handler)
+        except OSError as exc:
+            raise OSError(f"cannot listen on HTTP address {addr}: {exc.strerror or exc}") from None
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="authz-http", daemon=True)
 
@@ -96,6 +102,17 @@ class ProbeServer:
     def stop(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def _bind_problem(addr: str) -> str | None:
+    """Why ``addr`` cannot be bound (None: it can), asked of the OS with a plain socket."""
+    host, port = split_addr(addr)
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.bind((host, port))
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
 
 
 class _SharedPortHTTPServer(ThreadingHTTPServer):
@@ -113,9 +130,15 @@ async def serve(
     server.add_generic_rpc_handlers((authorization_handler(checker),))
     health = health_async.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    bound = server.add_insecure_port(grpc_addr)
+    # Asked of the OS first: grpcio would say only "Failed to bind" (and log a C++ error line).
+    problem = _bind_problem(grpc_addr) if worker is None else None
+    try:
+        bound = 0 if problem else server.add_insecure_port(grpc_addr)
+    except RuntimeError:
+        bound = 0
     if bound == 0:
-        raise OSError(f"cannot bind gRPC address {grpc_addr}")
+        reason = problem or _bind_problem(grpc_addr) or "refused by gRPC"
+        raise OSError(f"cannot listen on gRPC address {grpc_addr}: {reason}")
     probes = ProbeServer(http_addr, store, metrics, worker)
     serving = health_pb2.HealthCheckResponse.SERVING
     not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -132,7 +155,10 @@ async def serve(
     await update_health()
     await server.start()
     probes.start()
-    log.info("authz listening: gRPC %s, HTTP %s", grpc_addr, http_addr)
+    grpc_at = f"{grpc_addr.rpartition(':')[0]}:{bound}"
+    http_at = f"{http_addr.rpartition(':')[0]}:{probes.httpd.server_address[1]}"
+    log.info("authz %s listening: gRPC %s, HTTP %s", VERSION, grpc_at, http_at,
+             extra={"grpc_addr": grpc_at, "http_addr": http_at, "version": VERSION})
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

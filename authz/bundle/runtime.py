@@ -113,6 +113,7 @@ def start_bundles(
         persist_dir=args.persist,
         limits=limits,
         source=source.description,
+        allow_empty=args.allow_empty_bundle,
     )
     reloader = Reloader(store, source, interval=args.watch_interval)
     reloader.initial_load()

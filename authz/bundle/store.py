@@ -74,12 +74,18 @@ class Status:
 
 
 def check_candidate(
-    snap: Snapshot, key: Ed25519PublicKey | None = None, run_tests: bool = True
+    snap: Snapshot,
+    key: Ed25519PublicKey | None = None,
+    run_tests: bool = True,
+    allow_empty: bool = False,
 ) -> PolicySet:
-    """The gate without the swap: verify, read, compile and test ``snap``; raises BundleError."""
+    """The gate without the swap: verify, read, compile and test ``snap``; raises BundleError.
+
+    A bundle without policies is refused unless ``allow_empty`` (--allow-empty-bundle).
+    """
     manifest = archive.verify(snap, key)
     with archive.materialize(snap) as root:
-        files = read_bundle(root)
+        files = read_bundle(root, require_policies=not allow_empty)
     if manifest is not None:
         for field in ("revision", "name"):
             want = str(manifest.get(field, ""))
@@ -156,12 +162,14 @@ class BundleStore:
         limits: Limits = DEFAULT_LIMITS,
         run_tests: bool = True,
         source: str | None = None,
+        allow_empty: bool = False,
     ) -> None:
         self.metrics = metrics
         self.verification_key = verification_key
         self.persist_dir = Path(persist_dir) if persist_dir is not None else None
         self.limits = limits
         self.run_tests = run_tests
+        self.allow_empty = allow_empty
         self.current: PolicySet | None = None
         self._source = source
         self._digest: str | None = None  # content digest of the serving bundle
@@ -220,7 +228,9 @@ class BundleStore:
             if self.current is not None and snap.digest == self._digest and not force:
                 return self._unchanged(snap.origin, keep_persisted=persisted_reason is not None)
             try:
-                candidate = check_candidate(snap, self.verification_key, self.run_tests)
+                candidate = check_candidate(
+                    snap, self.verification_key, self.run_tests, self.allow_empty
+                )
             except BundleError as exc:
                 return self._reject(snap.origin, exc)
             except Exception as exc:  # noqa: BLE001 - a bug in a step must not take the server down
@@ -252,6 +262,7 @@ class BundleStore:
                 len(candidate.policies),
                 len(candidate.tenants),
                 f" [persisted copy: {persisted_reason}]" if persisted_reason else "",
+                extra={"bundle": candidate.name, "revision": candidate.revision, "source": snap.origin},
             )
             if self.persist_dir is not None and persisted_reason is None:
                 try:
@@ -304,6 +315,12 @@ class BundleStore:
             origin,
             exc,
             f"\n  still serving revision {cur.revision}" if cur is not None else "",
+            extra={
+                "source": origin,
+                "rejected_revision": exc.revision or None,
+                "revision": cur.revision if cur is not None else None,
+                "reason": [str(p) for p in exc.problems],
+            },
         )
         self._notify()
         return REJECTED
@@ -319,7 +336,10 @@ class BundleStore:
         self.metrics.bundle_loads.labels(ERROR).inc()
         cur = self.current
         log.warning(
-            "%s%s", reason, f"; still serving revision {cur.revision}" if cur is not None else ""
+            "%s%s",
+            reason,
+            f"; still serving revision {cur.revision}" if cur is not None else "",
+            extra={"source": origin, "reason": reason, "revision": cur.revision if cur else None},
         )
         self._notify()
         return ERROR
