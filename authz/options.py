@@ -209,3 +209,36 @@ def report(error: UsageError) -> int:
     """Print a usage error as its one line; the exit status of every usage error."""
     print(" ".join(str(error).split()), file=sys.stderr)  # one line, whatever the message held
     return EXIT_USAGE
+
+
+# --- documentation -----------------------------------------------------------------------
+
+TABLE_BEGIN = "<!-- BEGIN: generated from the parser by scripts/configuration-doc -->"
+TABLE_END = "<!-- END: generated -->"
+
+
+def markdown_tables(parser: argparse.ArgumentParser) -> str:
+    """One table per subcommand: flag, variable, default and meaning (docs/configuration.md)."""
+    out: list[str] = []
+    by_command: dict[str, list[Option]] = {}
+    for opt in options(parser):
+        by_command.setdefault(opt.command, []).append(opt)
+    for command, opts in by_command.items():
+        out += [f"### authz {command}", "", "| Flag | Environment variable | Default | Meaning |",
+                "|---|---|---|---|"]
+        for o in opts:
+            flag = o.flag if o.kind == "switch" else f"{o.flag} {_metavar(o.action)}"
+            kind = {"switch": " (true/false)", "list": " (comma-separated)"}.get(o.kind, "")
+            default = f"`{o.default}`" if o.default else ""
+            meaning = o.help.replace("|", "\\|")
+            out.append(f"| `{flag}` | `{o.env}`{kind} | {default} | {meaning} |")
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _metavar(action: argparse.Action) -> str:
+    if isinstance(action.metavar, str):
+        return action.metavar
+    if action.choices is not None:
+        return "|".join(str(c) for c in action.choices).replace("|", "\\|")
+    return action.dest.upper()
