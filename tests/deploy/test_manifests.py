@@ -65,33 +65,23 @@ def test_custom_provider_points_at_the_authz_service() -> None:
     assert grpc.get("failOpen", False) is False
 
 
-def test_kubernetes_deployment_matches_the_cli() -> None:
-    manifests = {d["kind"]: d for d in docs(DEPLOY / "kubernetes" / "authz.yaml")}
-    container = manifests["Deployment"]["spec"]["template"]["spec"]["containers"][0]
-    args = container["args"]
-    assert args[0] == "serve"
-    help_text = subprocess.run([sys.executable, "-m", "authz", "serve", "--help"], capture_output=True,
-                               text=True, check=True, timeout=60).stdout
-    for flag in (a for a in args if a.startswith("--")):
-        assert flag in help_text, flag
-    grpc_port = int(args[args.index("--grpc-addr") + 1].rsplit(":", 1)[1])
-    http_port = int(args[args.index("--http-addr") + 1].rsplit(":", 1)[1])
-    assert {p["containerPort"] for p in container["ports"]} == {grpc_port, http_port}
-    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": http_port}
-    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": http_port}
-    assert manifests["Service"]["spec"]["selector"] == manifests["Deployment"]["spec"]["selector"]["matchLabels"]
-
-
-def test_envoy_sidecar_config_is_valid(tmp_path: Path) -> None:
+def test_envoy_sidecar_config_is_valid_as_shipped(tmp_path: Path) -> None:
+    # The shipped file, unchanged: its certificate paths are relative to Envoy's working
+    # directory (see its header), so Envoy runs from a directory holding tls/ with test PKI.
     pki = generate_pki(tmp_path / "pki")
     server = pki.servers["orders-api"]
-    text = (DEPLOY / "envoy" / "envoy.yaml").read_text()
+    tls = tmp_path / "tls"
+    tls.mkdir()
     for name, path in {"server.pem": server.cert, "server-key.pem": server.key, "ca.pem": pki.ca_cert}.items():
-        text = text.replace(f"/etc/envoy/tls/{name}", str(path))
-    config = tmp_path / "envoy.yaml"
-    config.write_text(text)
+        (tls / name).write_bytes(Path(path).read_bytes())
     envoy = Path(sys.executable).parent / "envoy"
+    config = DEPLOY / "envoy" / "envoy.yaml"
     proc = subprocess.run([str(envoy), "--mode", "validate", "-c", str(config), "--disable-hot-restart"],
-                          capture_output=True, text=True, timeout=120, check=False)
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout[-2000:]
     assert "OK" in proc.stdout + proc.stderr
+    # Without the certificates it is refused: validation reads them.
+    (tls / "ca.pem").unlink()
+    proc = subprocess.run([str(envoy), "--mode", "validate", "-c", str(config), "--disable-hot-restart"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode != 0 and "tls/ca.pem" in proc.stdout + proc.stderr
