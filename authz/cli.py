@@ -58,11 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "matches are always recorded")
     serve.add_argument("--audit-log-query", action="store_true",
                        help="keep the query string in the recorded path (dropped by default)")
-    serve.add_argument("--audit-queue-size", type=int, default=10_000, metavar="N",
+    serve.add_argument("--audit-queue-size", type=options.positive_int, default=10_000, metavar="N",
                        help="records the audit queue and each sink's queue hold before dropping")
-    serve.add_argument("--audit-file-max-bytes", type=int, default=100 * 1024 * 1024, metavar="N",
+    serve.add_argument("--audit-file-max-bytes", type=options.non_negative_int, default=100 * 1024 * 1024, metavar="N",
                        help="rotate an audit file at this size (0: never)")
-    serve.add_argument("--audit-file-backups", type=int, default=5, metavar="N",
+    serve.add_argument("--audit-file-backups", type=options.non_negative_int, default=5, metavar="N",
                        help="rotated audit files kept as FILE.1 .. FILE.N")
     serve.add_argument("--metrics-tenant-label", action="store_true",
                        help="add a tenant label (bundle tenants only) to authz_checks_total")

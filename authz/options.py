@@ -78,6 +78,31 @@ def _valid_host(host: str) -> bool:
                         host) is not None and not host.replace(".", "").isdigit()
 
 
+def _number(text: str, kind: type[int] | type[float], least: float, what: str) -> float:
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or value < least or value != value:  # value != value: NaN
+        raise argparse.ArgumentTypeError(f"expected {what}, not {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return int(_number(text, int, 1, "a whole number from 1"))
+
+
+def non_negative_int(text: str) -> int:
+    return int(_number(text, int, 0, "a whole number from 0"))
+
+
+def positive_float(text: str) -> float:
+    value = _number(text, float, 0, "a number of seconds above 0")
+    if value == 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, not {text!r}")
+    return value
+
+
 def log_level(text: str) -> str:
     if text.lower() not in LOG_LEVELS:
         raise argparse.ArgumentTypeError(f"expected one of {', '.join(LOG_LEVELS)}, not {text!r}")

@@ -19,6 +19,7 @@ from authz.bundle.sources import PollPolicy, SourceUnavailable, open_source, rea
 from authz.bundle.store import BundleStore, check_candidate
 from authz.bundle.watcher import Reloader
 from authz.metrics import Metrics
+from authz.options import positive_float, positive_int
 from authz.tls import client_context
 
 log = logging.getLogger("authz")
@@ -41,21 +42,21 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--watch-interval",
-        type=float,
+        type=positive_float,
         default=1.0,
         metavar="SECONDS",
         help="how often a directory or archive is checked for changes (default 1)",
     )
     g.add_argument(
         "--poll-min",
-        type=float,
+        type=positive_float,
         default=10.0,
         metavar="SECONDS",
         help="bundle server: shortest delay between polls (default 10)",
     )
     g.add_argument(
         "--poll-max",
-        type=float,
+        type=positive_float,
         default=30.0,
         metavar="SECONDS",
         help="bundle server: longest delay between polls (default 30); "
@@ -63,21 +64,21 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--poll-backoff-max",
-        type=float,
+        type=positive_float,
         default=120.0,
         metavar="SECONDS",
         help="bundle server: longest delay after repeated errors (default 120)",
     )
     g.add_argument(
         "--poll-timeout",
-        type=float,
+        type=positive_float,
         default=10.0,
         metavar="SECONDS",
         help="bundle server: timeout of one download (default 10)",
     )
     g.add_argument(
         "--bundle-max-bytes",
-        type=int,
+        type=positive_int,
         default=archive.DEFAULT_MAX_BYTES,
         metavar="N",
         help="largest bundle accepted, downloaded or unpacked (default 128 MiB)",
