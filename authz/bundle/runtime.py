@@ -123,11 +123,14 @@ def start_bundles(
         store.restore_persisted(f"source {source.description} gave no good bundle: {reason}")
     if store.current is None:
         reason = store.status().last_error or "no bundle"
-        message = (
-            f"authz: no bundle to serve ({reason}); gRPC health is NOT_SERVING, /readyz "
-            f"fails and every check is denied until {source.description} gives a good bundle"
+        # A log record, not a bare line, so that --log-format json keeps stderr all JSON.
+        log.error(
+            "no bundle to serve (%s); gRPC health is NOT_SERVING, /readyz fails and every "
+            "check is denied until %s gives a good bundle",
+            reason,
+            source.description,
+            extra={"source": source.description, "reason": reason},
         )
-        print(message, file=sys.stderr)
     reloader.start()
     return store, reloader
 

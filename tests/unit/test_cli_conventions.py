@@ -264,3 +264,18 @@ def test_text_logs_stay_the_default(tmp_path: Path) -> None:
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=30)
     assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO authz.bundle: serving bundle example", err, re.M)
+
+
+def test_json_logs_when_no_bundle_serves(tmp_path: Path) -> None:
+    root = tmp_path / "only-manifest"
+    root.mkdir()
+    (root / "bundle.yaml").write_text((REPO / "policies" / "example" / "bundle.yaml").read_text())
+    proc, _, h = start("--bundle", str(root), "--log-format", "json", "--audit-log", "/dev/null")
+    try:
+        assert http_get(h, "/readyz")[0] == 503
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    logs = json_lines(err)  # every line, the refusal included, is JSON
+    (refusal,) = [d for d in logs if str(d["message"]).startswith("no bundle to serve")]
+    assert refusal["level"] == "error" and "the bundle has no policies" in str(refusal["reason"])
