@@ -43,10 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--allow-empty-bundle", action="store_true",
                        help="serve a bundle without policies (denying every request) instead of "
                             "refusing it")
-    serve.add_argument("--grpc-addr", type=options.address, default="0.0.0.0:9191", metavar="HOST:PORT",
-                       help="gRPC ext_authz listener (default 0.0.0.0:9191)")
-    serve.add_argument("--http-addr", type=options.address, default="0.0.0.0:8181", metavar="HOST:PORT",
-                       help="HTTP listener: /metrics, /healthz, /readyz, /v1/status (default 0.0.0.0:8181)")
+    serve.add_argument("--grpc-addr", type=options.address, default="0.0.0.0:9191",
+                       metavar="HOST:PORT", help="gRPC ext_authz listener (default 0.0.0.0:9191)")
+    serve.add_argument("--http-addr", type=options.address, default="0.0.0.0:8181",
+                       metavar="HOST:PORT", help="HTTP listener: /metrics, /healthz, /readyz, "
+                       "/v1/status (default 0.0.0.0:8181)")
     serve.add_argument("--audit-log", action="append", metavar="TARGET",
                        help="'-' for stdout (default), a file path, or an http(s):// collector URL; "
                             "repeatable (docs/audit.md)")
@@ -60,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep the query string in the recorded path (dropped by default)")
     serve.add_argument("--audit-queue-size", type=options.positive_int, default=10_000, metavar="N",
                        help="records the audit queue and each sink's queue hold before dropping")
-    serve.add_argument("--audit-file-max-bytes", type=options.non_negative_int, default=100 * 1024 * 1024, metavar="N",
+    serve.add_argument("--audit-file-max-bytes", type=options.non_negative_int,
+                       default=100 * 1024 * 1024, metavar="N",
                        help="rotate an audit file at this size (0: never)")
     serve.add_argument("--audit-file-backups", type=options.non_negative_int, default=5, metavar="N",
                        help="rotated audit files kept as FILE.1 .. FILE.N")
