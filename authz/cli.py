@@ -21,13 +21,11 @@ from authz.bundle.store import BundleStore
 from authz.check import Checker
 from authz.engine.compile import load_policy_set
 from authz.engine.explain import Explainer, summary
-from authz.example import example_bundle
+from authz.example import EXIT_USAGE, example_bundle
 from authz.metrics import Metrics
 from authz.request import CheckRequest
 from authz.tls import client_context
 from authz.version import VERSION
-
-EXIT_USAGE = options.EXIT_USAGE
 
 
 def build_parser() -> argparse.ArgumentParser:

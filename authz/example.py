@@ -1,8 +1,14 @@
-"""Where the example bundle is: inside the installed package, or policies/example in a checkout."""
+"""Where the example bundle lives, and the exit code of usage errors.
+
+A leaf module: cli.py, lint.py and testing.py all need these, and none of them may import
+cli.py (it imports them).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+EXIT_USAGE = 2
 
 
 def example_bundle() -> Path:

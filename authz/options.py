@@ -24,7 +24,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import NoReturn
 
-EXIT_USAGE = 2
+from authz.example import EXIT_USAGE
+
 ENV_PREFIX = "AUTHZ_"
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 

@@ -11,9 +11,7 @@ from xml.etree import ElementTree as ET
 from authz.bundle.cases import TestReport, run_cases
 from authz.bundle.loader import BundleError, read_bundle
 from authz.engine.compile import compile_bundle
-from authz.example import example_bundle
-
-EXIT_USAGE = 2  # a bundle or usage error, as for every authz command
+from authz.example import EXIT_USAGE, example_bundle
 
 # --- output -----------------------------------------------------------------------------
 
