@@ -6,7 +6,7 @@
   The layer is generic: it reads the parser, so flags added later get their variable too.
   Values go through the flag's own parsing, so a bad value is refused the same way and the
   message names the variable. On/off flags take true/false (1/0, yes/no, on/off); repeatable
-  flags take a comma-separated list.
+  flags take a comma-separated list (or one item per line, for items holding commas).
 - A usage error (an unknown flag, a bad value, a bad address) is one line on stderr naming
   what is wrong, and exit status 2: ``UsageError`` carries it from wherever it is found.
 
@@ -202,7 +202,9 @@ def with_environment(parser: argparse.ArgumentParser, argv: list[str],
             if word in _TRUE:
                 added.append(opt.flag)
         elif opt.kind == "list":
-            added += [f"{opt.flag}={item.strip()}" for item in value.split(",") if item.strip()]
+            # One item per line when the value has lines (items that hold commas), else commas.
+            parts = value.splitlines() if "\n" in value.strip() else value.split(",")
+            added += [f"{opt.flag}={item.strip()}" for item in parts if item.strip()]
         else:
             added.append(f"{opt.flag}={value}")
         Parser.env_sources[opt.flag] = opt.env
@@ -254,7 +256,7 @@ def markdown_tables(parser: argparse.ArgumentParser) -> str:
                 "|---|---|---|---|"]
         for o in opts:
             flag = o.flag if o.kind == "switch" else f"{o.flag} {_metavar(o.action)}"
-            kind = {"switch": " (true/false)", "list": " (comma-separated)"}.get(o.kind, "")
+            kind = {"switch": " (true/false)", "list": " (list)"}.get(o.kind, "")
             default = f"`{o.default}`" if o.default else ""
             meaning = o.help.replace("|", "\\|")
             out.append(f"| `{flag}` | `{o.env}`{kind} | {default} | {meaning} |")

@@ -144,6 +144,9 @@ def test_variables_fill_flags_and_flags_win() -> None:
                   "--audit-log", "/tmp/b.jsonl"], env)
     assert (args.grpc_addr, args.http_addr, args.log_level) == ("127.0.0.1:1", "127.0.0.1:2", "ERROR")
     assert args.audit_log == ["/tmp/b.jsonl"]
+    # A list whose items hold commas: one item per line.
+    args = parse(["serve"], {"AUTHZ_AUDIT_HEADER": "x-a\nx-b, x-c\n"})
+    assert args.audit_header == ["x-a", "x-b, x-c"]
     # Variables apply to the subcommand that has the flag, whatever it is.
     args = parse(["check", "--request", "r.json"], {"AUTHZ_EXPLAIN": "1", "AUTHZ_FORMAT": "text"})
     assert args.explain is True and args.format == "text"
