@@ -12,7 +12,7 @@ from pathlib import Path
 
 from google.protobuf import json_format
 
-from authz import istio_import, lint, logging_setup, options, testing
+from authz import http_authz, istio_import, lint, logging_setup, options, testing
 from authz.audit import AuditLog, Sink, check_header_allowlist, sink_for
 from authz.bundle import runtime as bundle_runtime
 from authz.bundle.loader import BundleError
@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     options.add_logging_arguments(serve)
     bundle_runtime.add_serve_arguments(serve)
+    http_authz.add_serve_arguments(serve)
 
     check = sub.add_parser("check", help="decide one Envoy CheckRequest (protobuf JSON)")
     check.add_argument("--bundle", type=Path, help="bundle directory (default: the example bundle)")
@@ -147,8 +148,15 @@ def _serve(args: argparse.Namespace) -> int:
     from authz.server import serve
 
     try:
+        http_authz_server = http_authz.server_from_args(args, checker)
+    except ValueError as exc:
+        print(f"authz serve: {exc}", file=sys.stderr)
+        reloader.stop()
+        audit.close()
+        return EXIT_USAGE
+    try:
         asyncio.run(serve(checker, store, metrics, args.grpc_addr, args.http_addr,
-                          on_reload=reloader.trigger, worker=args.worker_index))
+                          on_reload=reloader.trigger, worker=args.worker_index, http_authz=http_authz_server))
     except OSError as exc:  # a listener cannot bind: the message names the address
         print(f"authz serve: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -179,7 +187,10 @@ def _parse_check_request(text: str) -> CheckRequest:
 
 def _supervise(argv: list[str], args: argparse.Namespace) -> int:
     logging_setup.configure(args.log_level, args.log_format)
-    for flag, addr in (("--grpc-addr", args.grpc_addr), ("--http-addr", args.http_addr)):
+    for flag, addr in (("--grpc-addr", args.grpc_addr), ("--http-addr", args.http_addr),
+                       ("--http-authz-addr", args.http_authz_addr or "")):
+        if not addr:
+            continue
         if addr.rpartition(":")[2] == "0":
             print(f"authz serve: --workers needs a fixed port for {flag}, not {addr}", file=sys.stderr)
             return EXIT_USAGE

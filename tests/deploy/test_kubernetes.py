@@ -250,7 +250,8 @@ def test_deployment_is_consistent_with_itself(rendered: list[dict[str, Any]]) ->
     spec = pod_spec(rendered)
     grpc_port = int(args.grpc_addr.rsplit(":", 1)[1])
     http_port = int(args.http_addr.rsplit(":", 1)[1])
-    assert {p["containerPort"] for p in c["ports"]} == {grpc_port, http_port}
+    authz_port = int(args.http_authz_addr.rsplit(":", 1)[1])  # HTTP ext_authz
+    assert {p["containerPort"] for p in c["ports"]} == {grpc_port, http_port, authz_port}
     assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": http_port}
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": http_port}
     assert c["startupProbe"]["httpGet"]["port"] == http_port
@@ -272,12 +273,12 @@ def test_deployment_is_consistent_with_itself(rendered: list[dict[str, Any]]) ->
     assert anti["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
     assert all(labels[k] == v for k, v in selector.items())
     service_ports = {p["targetPort"] for p in one(rendered, "Service")["spec"]["ports"]}
-    assert service_ports == {grpc_port, http_port}
+    assert service_ports == {grpc_port, http_port, authz_port}
 
 
 def test_networkpolicy_admits_only_mesh_proxies_and_prometheus(rendered: list[dict[str, Any]]) -> None:
     args, _, _ = serve_args(rendered)
-    grpc_port = int(args.grpc_addr.rsplit(":", 1)[1])
+    check_ports = {int(a.rsplit(":", 1)[1]) for a in (args.grpc_addr, args.http_authz_addr)}
     http_port = int(args.http_addr.rsplit(":", 1)[1])
     np = one(rendered, "NetworkPolicy")["spec"]
     assert np["podSelector"]["matchLabels"] == one(rendered, "Deployment")["spec"]["selector"]["matchLabels"]
@@ -287,8 +288,8 @@ def test_networkpolicy_admits_only_mesh_proxies_and_prometheus(rendered: list[di
         assert rule.get("from"), "a rule without from: would admit everyone"
         for p in rule["ports"]:
             by_port.setdefault(p["port"], []).extend(rule["from"])
-    assert set(by_port) == {grpc_port, http_port, 15020}
-    for peer in by_port[grpc_port]:
+    assert set(by_port) == check_ports | {http_port, 15020}
+    for peer in [p for port in check_ports for p in by_port[port]]:
         ns = peer["namespaceSelector"]
         assert ns.get("matchLabels") or ns.get("matchExpressions")  # never all namespaces
         if "podSelector" in peer:

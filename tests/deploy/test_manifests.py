@@ -65,6 +65,27 @@ def test_custom_provider_points_at_the_authz_service() -> None:
     assert grpc.get("failOpen", False) is False
 
 
+def test_http_provider_points_at_the_http_authz_port() -> None:
+    (operator,) = docs(DEPLOY / "istio" / "mesh-config-http.yaml")
+    (provider,) = operator["spec"]["meshConfig"]["extensionProviders"]
+    http = provider["envoyExtAuthzHttp"]
+    policies = docs(DEPLOY / "istio" / "authorization-policies-http.yaml")
+    assert policies and all(p["spec"]["provider"]["name"] == provider["name"] for p in policies)
+    manifests = {d["kind"]: d for d in docs(DEPLOY / "kubernetes" / "authz.yaml")}
+    args = manifests["Deployment"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert int(args[args.index("--http-authz-addr") + 1].rsplit(":", 1)[1]) == http["port"]
+    assert http["port"] in {p["port"] for p in manifests["Service"]["spec"]["ports"]}
+    assert args[args.index("--http-authz-path-prefix") + 1] == http["pathPrefix"]
+    assert "x-forwarded-client-cert" in http["includeRequestHeadersInCheck"]
+    assert "x-authz-*" in http["headersToUpstreamOnAllow"] and http.get("failOpen", False) is False
+
+
+def envoy_validate(config: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    envoy = Path(sys.executable).parent / "envoy"
+    return subprocess.run([str(envoy), "--mode", "validate", "-c", str(config), "--disable-hot-restart"],
+                          cwd=cwd, capture_output=True, text=True, timeout=120, check=False)
+
+
 def test_envoy_sidecar_config_is_valid_as_shipped(tmp_path: Path) -> None:
     # The shipped file, unchanged: its certificate paths are relative to Envoy's working
     # directory (see its header), so Envoy runs from a directory holding tls/ with test PKI.
@@ -82,6 +103,21 @@ def test_envoy_sidecar_config_is_valid_as_shipped(tmp_path: Path) -> None:
     assert "OK" in proc.stdout + proc.stderr
     # Without the certificates it is refused: validation reads them.
     (tls / "ca.pem").unlink()
-    proc = subprocess.run([str(envoy), "--mode", "validate", "-c", str(config), "--disable-hot-restart"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
+    proc = envoy_validate(config, tmp_path)
     assert proc.returncode != 0 and "tls/ca.pem" in proc.stdout + proc.stderr
+
+
+def test_envoy_http_ext_authz_config_is_valid_as_shipped(tmp_path: Path) -> None:
+    pki = generate_pki(tmp_path / "pki", clients={"proxy": "spiffe://cluster.local/ns/mesh/sa/envoy"})
+    server, proxy = pki.servers["orders-api"], pki.clients["proxy"]
+    config = DEPLOY / "envoy" / "envoy-http.yaml"
+    text = config.read_text()
+    assert "http_service" in text and "grpc_service" not in text and "/etc/" not in text
+    files = {"server.pem": server.cert, "server-key.pem": server.key, "proxy.pem": proxy.cert,
+             "proxy-key.pem": proxy.key, "ca.pem": pki.ca_cert}
+    tls = tmp_path / "tls"
+    tls.mkdir()
+    for name, path in files.items():
+        (tls / name).write_bytes(Path(path).read_bytes())
+    proc = envoy_validate(config, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout[-2000:]
