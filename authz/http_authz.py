@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
+import os
 import logging
 import socket
 import ssl
@@ -282,8 +283,8 @@ class HttpAuthzServer:
                 self._connection, host.strip("[]") or "0.0.0.0", int(port), ssl=self.ssl_context,
                 limit=MAX_HEADER_BYTES, reuse_port=self.reuse_port or None, backlog=1024)
         except OSError as exc:  # one line naming the address (authz serve exits 2)
-            raise OSError(f"cannot listen on HTTP ext_authz address {self.addr}: "
-                          f"{exc.strerror or exc}") from None
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise OSError(f"cannot listen on HTTP ext_authz address {self.addr}: {reason}") from None
 
     async def stop(self) -> None:
         """Stop listening and close every connection (idle keep-alive ones would otherwise hold

@@ -172,11 +172,16 @@ async def serve(
     unsubscribe = store.subscribe(
         lambda _status: loop.call_soon_threadsafe(lambda: loop.create_task(update_health())))
     await update_health()
+    if http_authz is not None:
+        # Bound before the gRPC server starts: a port in use stops us before anything runs.
+        try:
+            await http_authz.start()
+        except OSError:
+            probes.httpd.server_close()
+            raise
+        log.info("HTTP ext_authz listening on %s", http_authz.addr, extra={"http_authz_addr": http_authz.addr})
     await server.start()
     probes.start()
-    if http_authz is not None:
-        await http_authz.start()
-        log.info("HTTP ext_authz listening on %s", http_authz.addr, extra={"http_authz_addr": http_authz.addr})
     grpc_at = f"{grpc_addr.rpartition(':')[0]}:{bound}"
     http_at = f"{http_addr.rpartition(':')[0]}:{probes.httpd.server_address[1]}"
     log.info("authz %s listening: gRPC %s, HTTP %s", VERSION, grpc_at, http_at,

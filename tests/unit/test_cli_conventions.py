@@ -62,6 +62,7 @@ BAD = [
     (["serve", "--grpc-addr", "127.0.0.1:99999"], {}, "a port from 0 to 65535", "'127.0.0.1:99999'"),
     (["serve", "--http-addr", "127.0.0.1:-1"], {}, "argument --http-addr:", "'127.0.0.1:-1'"),
     (["serve", "--http-addr", "no port"], {}, "argument --http-addr:", "'no port'"),
+    (["serve", "--http-authz-addr", "bogus"], {}, "argument --http-authz-addr:", "'bogus'"),
     (["serve", "--log-level", "LOUD"], {}, "argument --log-level: expected one of debug, info", "'LOUD'"),
     (["serve", "--log-format", "xml"], {}, "argument --log-format: invalid choice", "'xml'"),
     (["serve", "--workers", "zero"], {}, "argument --workers:", "'zero'"),
@@ -91,21 +92,19 @@ def test_usage_errors_are_one_line_and_exit_2(args: list[str], env: dict[str, st
     assert says in lines[0] and names in lines[0]
 
 
-@pytest.mark.parametrize("listener", ["grpc", "http"])
-def test_port_in_use_is_one_line_naming_the_address(listener: str) -> None:
+@pytest.mark.parametrize(("listener", "name"), [("grpc", "gRPC"), ("http", "HTTP"), ("http-authz", "HTTP ext_authz")])
+def test_port_in_use_is_one_line_naming_the_address(listener: str, name: str) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         taken = f"127.0.0.1:{busy.getsockname()[1]}"
-        free = f"127.0.0.1:{free_port()}"
-        grpc_addr, http_addr = (taken, free) if listener == "grpc" else (free, taken)
-        proc = authz("serve", "--grpc-addr", grpc_addr, "--http-addr", http_addr, "--audit-log", "/dev/null",
-                     "--log-level", "warning")
+        addrs = {flag: f"127.0.0.1:{free_port()}" for flag in ("grpc", "http", "http-authz")}
+        addrs[listener] = taken
+        proc = authz("serve", *[x for flag, a in addrs.items() for x in (f"--{flag}-addr", a)],
+                     "--audit-log", "/dev/null", "--log-level", "warning")
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
-    assert proc.stderr.splitlines() == [
-        f"authz serve: cannot listen on {'gRPC' if listener == 'grpc' else 'HTTP'} address {taken}: "
-        "Address already in use"]
+    assert proc.stderr.splitlines() == [f"authz serve: cannot listen on {name} address {taken}: Address already in use"]
 
 
 # --- environment variables ---------------------------------------------------------------
