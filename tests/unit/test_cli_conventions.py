@@ -101,7 +101,7 @@ def test_port_in_use_is_one_line_naming_the_address(listener: str, name: str) ->
         addrs = {flag: f"127.0.0.1:{free_port()}" for flag in ("grpc", "http", "http-authz")}
         addrs[listener] = taken
         proc = authz("serve", *[x for flag, a in addrs.items() for x in (f"--{flag}-addr", a)],
-                     "--audit-log", "/dev/null", "--log-level", "warning")
+                     "--audit-log", "/dev/null", "--log-level", "error")
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert proc.stderr.splitlines() == [f"authz serve: cannot listen on {name} address {taken}: Address already in use"]
