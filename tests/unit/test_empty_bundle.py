@@ -87,3 +87,13 @@ def test_build_refuses_an_empty_bundle(tmp_path: Path) -> None:
                            str(tmp_path / "b.tar.gz")], capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 2 and "the bundle has no policies" in proc.stderr
     assert not (tmp_path / "b.tar.gz").exists()
+
+
+def test_lint_reports_a_bundle_without_policies_as_an_error(tmp_path: Path) -> None:
+    from authz.lint import lint_bundle
+
+    root = tmp_path / "b"
+    root.mkdir()
+    (root / "bundle.yaml").write_text("apiVersion: authz/v1\nkind: Bundle\nname: n\nrevision: r\ntrustDomain: td\n")
+    problems = lint_bundle(root)
+    assert any(p.severity == "error" and "polic" in p.message for p in problems), problems
