@@ -15,16 +15,19 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from envoy.service.auth.v3 import external_auth_pb2
 
 from authz import request as request_mod
 from authz import response
 from authz.audit import AuditEntry, AuditLog
-from authz.bundle.store import BundleStore
 from authz.engine.decide import PolicySet, Tracer
 from authz.engine.model import Decision
 from authz.metrics import Metrics
+
+if TYPE_CHECKING:  # the store's reload gate runs bundle tests through Checker: no import back
+    from authz.bundle.store import BundleStore
 
 log = logging.getLogger("authz.check")
 
@@ -123,7 +126,8 @@ class Checker:
         except request_mod.MalformedRequest as exc:
             decision = _deny(f"malformed request: {exc}")
         except Exception:  # noqa: BLE001 - fail closed, never crash the servicer
-            log.exception("internal error while deciding %s", decision_id)
+            log.exception("internal error while deciding %s", decision_id,
+                          extra={"decision_id": decision_id, "revision": revision, "reason": "internal error"})
             decision = _deny("internal error")
         if policy_set is not None:
             try:
@@ -136,7 +140,8 @@ class Checker:
             answer = response.encode_check_response(decision, decision_id, revision,
                                                     req.principal if req else "")
         except Exception:  # noqa: BLE001
-            log.exception("internal error while answering %s", decision_id)
+            log.exception("internal error while answering %s", decision_id,
+                          extra={"decision_id": decision_id, "revision": revision, "reason": "internal error"})
             decision = _deny("internal error")
             answer = response.encode_check_response(decision, decision_id, revision, "")
         elapsed = time.perf_counter() - started
@@ -164,7 +169,7 @@ class Checker:
                 self.audit.submit(AuditEntry(time.time(), decision_id, decision, req, revision,
                                              int(elapsed * 1e6), caller))
         except Exception:  # noqa: BLE001
-            log.exception("metrics or audit failed for %s", decision_id)
+            log.exception("metrics or audit failed for %s", decision_id, extra={"decision_id": decision_id})
 
 
 def _deny(reason: str) -> Decision:

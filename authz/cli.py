@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
+import os
 import re
 import sys
 from pathlib import Path
 
 from google.protobuf import json_format
 
-from authz import http_authz, istio_import, lint, testing, tls_server
+from authz import http_authz, istio_import, lint, logging_setup, options, testing, tls_server
 from authz.audit import AuditLog, Sink, check_header_allowlist, sink_for
 from authz.bundle import runtime as bundle_runtime
 from authz.bundle.loader import BundleError
@@ -26,17 +26,27 @@ from authz.metrics import Metrics
 from authz.request import CheckRequest
 from authz.credentials import TokenFile
 from authz.tls import ClientTls
+from authz.version import VERSION
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="authz", description="Envoy ext_authz policy decision service")
+def build_parser() -> argparse.ArgumentParser:
+    """Every subcommand and flag (docs/configuration.md lists them with their variables)."""
+    parser = options.Parser(prog="authz", description="Envoy ext_authz policy decision service; "
+                            "every --flag can also be set as AUTHZ_FLAG (docs/configuration.md)")
+    parser.add_argument("--version", action="version", version=f"authz {VERSION}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the gRPC ext_authz server")
     serve.add_argument("--bundle", help="bundle directory (watched), .tar.gz archive or http(s):// "
                        "bundle server URL (default: the example bundle); docs/bundles-operations.md")
-    serve.add_argument("--grpc-addr", default="0.0.0.0:9191")
-    serve.add_argument("--http-addr", default="0.0.0.0:8181")
+    serve.add_argument("--allow-empty-bundle", action="store_true",
+                       help="serve a bundle without policies (denying every request) instead of "
+                            "refusing it")
+    serve.add_argument("--grpc-addr", type=options.address, default="0.0.0.0:9191",
+                       metavar="HOST:PORT", help="gRPC ext_authz listener (default 0.0.0.0:9191)")
+    serve.add_argument("--http-addr", type=options.address, default="0.0.0.0:8181",
+                       metavar="HOST:PORT", help="HTTP listener: /metrics, /healthz, /readyz, "
+                       "/v1/status (default 0.0.0.0:8181)")
     serve.add_argument("--audit-log", action="append", metavar="TARGET",
                        help="'-' for stdout (default), a file path, or an http(s):// collector URL; "
                             "repeatable (docs/audit.md)")
@@ -48,11 +58,12 @@ def main(argv: list[str] | None = None) -> int:
                             "matches are always recorded")
     serve.add_argument("--audit-log-query", action="store_true",
                        help="keep the query string in the recorded path (dropped by default)")
-    serve.add_argument("--audit-queue-size", type=int, default=10_000, metavar="N",
+    serve.add_argument("--audit-queue-size", type=options.positive_int, default=10_000, metavar="N",
                        help="records the audit queue and each sink's queue hold before dropping")
-    serve.add_argument("--audit-file-max-bytes", type=int, default=100 * 1024 * 1024, metavar="N",
+    serve.add_argument("--audit-file-max-bytes", type=options.non_negative_int,
+                       default=100 * 1024 * 1024, metavar="N",
                        help="rotate an audit file at this size (0: never)")
-    serve.add_argument("--audit-file-backups", type=int, default=5, metavar="N",
+    serve.add_argument("--audit-file-backups", type=options.non_negative_int, default=5, metavar="N",
                        help="rotated audit files kept as FILE.1 .. FILE.N")
     serve.add_argument("--metrics-tenant-label", action="store_true",
                        help="add a tenant label (bundle tenants only) to authz_checks_total")
@@ -73,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                        help="worker processes sharing the ports (default 1); one process uses "
                             "about one core")
     serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
-    serve.add_argument("--log-level", default="INFO")
+    options.add_logging_arguments(serve)
     bundle_runtime.add_serve_arguments(serve)
     http_authz.add_serve_arguments(serve)
 
@@ -98,11 +109,24 @@ def main(argv: list[str] | None = None) -> int:
     istio_import.add_arguments(sub.add_parser(
         "import-istio", help="convert Istio AuthorizationPolicy resources into a bundle directory"))
 
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; a usage error anywhere is one line on stderr and exit status 2."""
     argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0) and EXIT_USAGE
+        try:
+            args = parser.parse_args(options.with_environment(parser, argv, os.environ))
+        except SystemExit as exc:  # --help, --version
+            return int(exc.code or 0) and EXIT_USAGE
+        return _run(args, argv)
+    except options.UsageError as exc:
+        return options.report(exc)
+
+
+def _run(args: argparse.Namespace, argv: list[str]) -> int:
     if args.command == "serve":
         if args.workers > 1 and args.worker_index is None:
             return _supervise(argv, args)
@@ -122,8 +146,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging_setup.configure(args.log_level, args.log_format, args.worker_index)
     metrics = Metrics(tenant_label=args.metrics_tenant_label)
     try:
         listener_tls = tls_server.from_args(args, metrics)
@@ -151,9 +174,9 @@ def _serve(args: argparse.Namespace) -> int:
         asyncio.run(serve(checker, store, metrics, args.grpc_addr, args.http_addr,
                           on_reload=reloader.trigger, worker=args.worker_index, http_authz=http_authz_server,
                           tls=listener_tls, hidden=None if args.status_show_paths else _hidden_paths(args)))
-    except OSError as exc:
-        print(f"authz: {exc}", file=sys.stderr)
-        return 1
+    except OSError as exc:  # a listener cannot bind: the message names the address
+        print(f"authz serve: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     finally:
         reloader.stop()
         audit.close()
@@ -180,8 +203,7 @@ def _parse_check_request(text: str) -> CheckRequest:
 
 
 def _supervise(argv: list[str], args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging_setup.configure(args.log_level, args.log_format)
     for flag, addr in (("--grpc-addr", args.grpc_addr), ("--http-addr", args.http_addr),
                        ("--http-authz-addr", args.http_authz_addr or "")):
         if not addr:

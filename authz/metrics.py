@@ -19,6 +19,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from authz.version import VERSION
+
 # prometheus-client picks file-backed values at import when this is set; so do we.
 MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
@@ -76,6 +78,11 @@ class Metrics:
             "authz_dry_run", "Decisions of dry-run policies, by what they would have done.", ["would"],
             registry=r,
         )
+        self.build_info = Gauge(
+            "authz_build_info", "The version of authz answering (value 1).", ["version"],
+            registry=r, multiprocess_mode="livemax",
+        )
+        self.build_info.labels(VERSION).set(1)
         # TLS (authz/certs.py): label use = grpc, http (our listeners) or client (outbound).
         self.tls_cert_expiry = Gauge(
             "authz_tls_cert_expiry_timestamp_seconds",

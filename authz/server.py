@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import threading
 from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -24,6 +25,7 @@ from authz.http_authz import HttpAuthzServer
 from authz.metrics import CONTENT_TYPE, Metrics
 from authz.redact import hide_paths
 from authz.tls_server import ServerTls, grpc_credentials, handshake_error, http_ssl_context
+from authz.version import VERSION
 
 log = logging.getLogger("authz.server")
 
@@ -96,6 +98,7 @@ class ProbeServer:
                 elif path == "/v1/status":
                     st = store_ref.status()
                     doc = hide_paths(st.as_dict(), hide)
+                    doc["version"] = VERSION
                     if tls is not None:
                         doc["tls"] = tls.status()
                     if worker is not None:
@@ -118,7 +121,10 @@ class ProbeServer:
         host, port = split_addr(addr)
         # Workers of one service share the port (SO_REUSEPORT), as they share the gRPC one.
         server_class = _SharedPortHTTPServer if worker is not None else ThreadingHTTPServer
-        self.httpd = server_class((host, port), Handler)
+        try:
+            self.httpd = server_class((host, port), Handler)
+        except OSError as exc:
+            raise OSError(f"cannot listen on HTTP address {addr}: {exc.strerror or exc}") from None
         self.httpd.daemon_threads = True
         if tls is not None and tls.http is not None:
             # The handshake runs in the request's thread, on first read, not in accept().
@@ -139,7 +145,7 @@ def settle_heap(store: BundleStore) -> Callable[[], None]:
     """Keep the cyclic garbage collector off the serving bundle.
 
     A full collection walks every tracked object: with 100k tenants ~40 ms of held GIL, a
-    stall of every check in flight (measured in benchmarks/bench_envoy.py). The bundle lives
+    stall of every check in flight (docs/performance.md). The bundle lives
     until the next swap, so once it serves: collect what the load left behind and freeze the
     survivors (gc.freeze), and collections walk only the few objects checks create. Before
     freezing a new bundle, the old frozen set is unfrozen so the replaced bundle can go.
@@ -160,6 +166,17 @@ def settle_heap(store: BundleStore) -> Callable[[], None]:
     return store.subscribe(settle)
 
 
+def _bind_problem(addr: str) -> str | None:
+    """Why ``addr`` cannot be bound (None: it can), asked of the OS with a plain socket."""
+    host, port = split_addr(addr)
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.bind((host, port))
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
 class _SharedPortHTTPServer(ThreadingHTTPServer):
     allow_reuse_port = True
 
@@ -177,12 +194,20 @@ async def serve(
     server.add_generic_rpc_handlers((authorization_handler(checker), decision_api.decision_handler(checker)))
     health = health_async.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    if tls is not None and tls.grpc is not None:
-        bound = server.add_secure_port(grpc_addr, grpc_credentials(tls.grpc, tls.require_client_cert))
-    else:
-        bound = server.add_insecure_port(grpc_addr)
+    # Asked of the OS first: grpcio would say only "Failed to bind" (and log a C++ error line).
+    problem = _bind_problem(grpc_addr) if worker is None else None
+    try:
+        if problem:
+            bound = 0
+        elif tls is not None and tls.grpc is not None:
+            bound = server.add_secure_port(grpc_addr, grpc_credentials(tls.grpc, tls.require_client_cert))
+        else:
+            bound = server.add_insecure_port(grpc_addr)
+    except RuntimeError:
+        bound = 0
     if bound == 0:
-        raise OSError(f"cannot bind gRPC address {grpc_addr}")
+        reason = problem or _bind_problem(grpc_addr) or "refused by gRPC"
+        raise OSError(f"cannot listen on gRPC address {grpc_addr}: {reason}")
     probes = ProbeServer(http_addr, store, metrics, worker, checker, tls, hidden)
     serving = health_pb2.HealthCheckResponse.SERVING
     not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -198,14 +223,22 @@ async def serve(
         lambda _status: loop.call_soon_threadsafe(lambda: loop.create_task(update_health())))
     unsettle = settle_heap(store)
     await update_health()
+    if http_authz is not None:
+        # Bound before the gRPC server starts: a port in use stops us before anything runs.
+        try:
+            await http_authz.start()
+        except OSError:
+            probes.httpd.server_close()
+            raise
+        log.info("HTTP ext_authz listening on %s", http_authz.addr, extra={"http_authz_addr": http_authz.addr})
     await server.start()
     probes.start()
-    if http_authz is not None:
-        await http_authz.start()
-        log.info("HTTP ext_authz listening on %s", http_authz.addr)
     if tls is not None:
         tls.start()
-    log.info("authz listening: gRPC %s, HTTP %s", grpc_addr, http_addr)
+    grpc_at = f"{grpc_addr.rpartition(':')[0]}:{bound}"
+    http_at = f"{http_addr.rpartition(':')[0]}:{probes.httpd.server_address[1]}"
+    log.info("authz %s listening: gRPC %s, HTTP %s", VERSION, grpc_at, http_at,
+             extra={"grpc_addr": grpc_at, "http_addr": http_at, "version": VERSION})
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -22,6 +22,7 @@ from authz.bundle.store import BundleStore, check_candidate
 from authz.bundle.watcher import Reloader
 from authz.metrics import Metrics
 from authz.credentials import TokenFile
+from authz.options import positive_float, positive_int
 from authz.tls import ClientTls
 
 log = logging.getLogger("authz")
@@ -44,21 +45,21 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--watch-interval",
-        type=float,
+        type=positive_float,
         default=1.0,
         metavar="SECONDS",
         help="how often a directory or archive is checked for changes (default 1)",
     )
     g.add_argument(
         "--poll-min",
-        type=float,
+        type=positive_float,
         default=10.0,
         metavar="SECONDS",
         help="bundle server: shortest delay between polls (default 10)",
     )
     g.add_argument(
         "--poll-max",
-        type=float,
+        type=positive_float,
         default=30.0,
         metavar="SECONDS",
         help="bundle server: longest delay between polls (default 30); "
@@ -66,14 +67,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--poll-backoff-max",
-        type=float,
+        type=positive_float,
         default=120.0,
         metavar="SECONDS",
         help="bundle server: longest delay after repeated errors (default 120)",
     )
     g.add_argument(
         "--poll-timeout",
-        type=float,
+        type=positive_float,
         default=10.0,
         metavar="SECONDS",
         help="bundle server: timeout of one download (default 10)",
@@ -98,7 +99,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--bundle-max-bytes",
-        type=int,
+        type=positive_int,
         default=archive.DEFAULT_MAX_BYTES,
         metavar="N",
         help="largest bundle accepted, downloaded or unpacked (default 128 MiB)",
@@ -148,6 +149,7 @@ def start_bundles(
         limits=limits,
         source=source.description,
         allow_rollback=args.allow_rollback,
+        allow_empty=args.allow_empty_bundle,
     )
     reloader = Reloader(store, source, interval=args.watch_interval)
     reloader.initial_load()
@@ -156,11 +158,14 @@ def start_bundles(
         store.restore_persisted(f"source {source.description} gave no good bundle: {reason}")
     if store.current is None:
         reason = store.status().last_error or "no bundle"
-        message = (
-            f"authz: no bundle to serve ({reason}); gRPC health is NOT_SERVING, /readyz "
-            f"fails and every check is denied until {source.description} gives a good bundle"
+        # A log record, not a bare line, so that --log-format json keeps stderr all JSON.
+        log.error(
+            "no bundle to serve (%s); gRPC health is NOT_SERVING, /readyz fails and every "
+            "check is denied until %s gives a good bundle",
+            reason,
+            source.description,
+            extra={"source": source.description, "reason": reason},
         )
-        print(message, file=sys.stderr)
     reloader.start()
     return store, reloader
 
