@@ -42,8 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the gRPC ext_authz server")
-    serve.add_argument("--bundle", help="bundle directory (watched), .tar.gz archive or http(s):// "
-                       "bundle server URL (default: the example bundle); docs/bundles-operations.md")
+    serve.add_argument("--bundle", help="bundle directory (watched), .tar.gz archive, http(s):// "
+                       "bundle server URL or oci://REGISTRY/REPO:TAG (default: the example bundle); docs/bundles-operations.md")
     serve.add_argument("--grpc-addr", default="0.0.0.0:9191")
     serve.add_argument("--http-addr", default="0.0.0.0:8181")
     serve.add_argument("--audit-log", action="append", metavar="TARGET",
@@ -88,8 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("schema", help="print the JSON Schema of the bundle files (for editors)")
     build = sub.add_parser("build", help="pack a bundle directory into a verified, optionally signed .tar.gz")
     build.add_argument("directory", type=Path, help="bundle directory")
-    build.add_argument("-o", "--output", type=Path, required=True, metavar="FILE.tar.gz")
+    build.add_argument("-o", "--output", type=Path, metavar="FILE.tar.gz")
     build.add_argument("--signing-key", type=Path, metavar="KEY", help="Ed25519 private key (PEM) to sign the manifest")
+    build.add_argument("--push", metavar="oci://REGISTRY/REPO:TAG",
+                       help="push the archive to an OCI registry as an authz bundle artifact")
+    build.add_argument("--registry-credentials", type=Path, metavar="FILE",
+                       help="registry credentials for --push (Docker config.json)")
+    build.add_argument("--ca-file", type=Path, metavar="PEM",
+                       help="CA certificates trusted for the registry (default: the system's)")
     istio_import.add_arguments(sub.add_parser(
         "import-istio", help="convert Istio AuthorizationPolicy resources into a bundle directory"))
 
@@ -107,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "lint":
         return lint.cli(args)
     if args.command == "build":
-        return bundle_runtime.build(args.directory, args.output, args.signing_key)
+        return bundle_runtime.build(args.directory, args.output, args.signing_key, args.push,
+                                    args.registry_credentials, args.ca_file)
     if args.command == "schema":
         print(json.dumps(BUNDLE_SCHEMA, indent=2))
         return 0

@@ -2,7 +2,8 @@
 
 ``start_bundles`` opens the ``--bundle`` source, makes the first load (falling back to the
 ``--persist`` copy when the source gives no good bundle) and starts the reloader.
-``build`` packs a bundle directory into a verified, optionally signed archive.
+``build`` packs a bundle directory into a verified, optionally signed archive, written to a
+file or pushed to an OCI registry.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
-from authz.bundle import archive, signing
+from authz.bundle import archive, oci, signing
 from authz.bundle.archive import Limits
 from authz.bundle.loader import BundleError
 from authz.bundle.sources import PollPolicy, SourceUnavailable, open_source, read_directory
@@ -76,6 +77,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="bundle server: timeout of one download (default 10)",
     )
     g.add_argument(
+        "--registry-credentials",
+        type=Path,
+        metavar="FILE",
+        help="oci:// bundles: registry credentials in Docker config.json form (auths.HOST.auth)",
+    )
+    g.add_argument(
         "--bundle-max-bytes",
         type=int,
         default=archive.DEFAULT_MAX_BYTES,
@@ -103,7 +110,10 @@ def start_bundles(
             backoff_max=args.poll_backoff_max,
             timeout=args.poll_timeout,
         )
-        source = open_source(args.bundle or default, limits, policy, client_context(args.ca_file))
+        source = open_source(
+            args.bundle or default, limits, policy, client_context(args.ca_file),
+            registry_credentials=args.registry_credentials,
+        )
     except ValueError as exc:
         print(f"authz serve: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -130,8 +140,28 @@ def start_bundles(
     return store, reloader
 
 
-def build(directory: Path, output: Path, signing_key: Path | None) -> int:
-    """`authz build DIR -o FILE.tar.gz [--signing-key KEY]`: 0 written, 2 bundle or key error."""
+def build(
+    directory: Path,
+    output: Path | None,
+    signing_key: Path | None,
+    push: str | None = None,
+    registry_credentials: Path | None = None,
+    ca_file: Path | None = None,
+) -> int:
+    """`authz build DIR [-o FILE.tar.gz] [--push oci://...] [--signing-key KEY]`.
+
+    0 written (and pushed), 1 the registry refused or was unreachable, 2 bundle, key or flag
+    error."""
+    if output is None and push is None:
+        print("authz build: give -o FILE.tar.gz, --push oci://REGISTRY/REPO:TAG or both",
+              file=sys.stderr)
+        return 2
+    if push is not None:
+        try:
+            oci.parse_reference(push)
+        except ValueError as exc:
+            print(f"authz build: {exc}", file=sys.stderr)
+            return 2
     key = None
     if signing_key is not None:
         try:
@@ -150,13 +180,25 @@ def build(directory: Path, output: Path, signing_key: Path | None) -> int:
         print(str(exc), file=sys.stderr)
         return 2
     data = archive.build_archive(files, policy_set.name, policy_set.revision, key)
-    try:
-        archive.write_atomic(output, data)
-    except OSError as exc:
-        print(f"authz build: cannot write {output}: {exc}", file=sys.stderr)
-        return 2
-    print(
-        f"{output}: bundle {policy_set.name} revision {policy_set.revision}, {len(files)} files, "
+    what = (
+        f"bundle {policy_set.name} revision {policy_set.revision}, {len(files)} files, "
         f"{len(data)} bytes, {'signed' if key is not None else 'unsigned'}"
     )
+    if output is not None:
+        try:
+            archive.write_atomic(output, data)
+        except OSError as exc:
+            print(f"authz build: cannot write {output}: {exc}", file=sys.stderr)
+            return 2
+        print(f"{output}: {what}")
+    if push is not None:
+        try:
+            digest = oci.push(
+                push, data, policy_set.name, policy_set.revision,
+                credentials=registry_credentials, ssl_context=client_context(ca_file),
+            )
+        except (ValueError, SourceUnavailable) as exc:
+            print(f"authz build: push to {push} failed: {exc}", file=sys.stderr)
+            return 1
+        print(f"{push}: {what}, manifest {digest}")
     return 0
