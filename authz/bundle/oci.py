@@ -279,11 +279,14 @@ class RegistryClient:
             self._pick_scheme(deadline)
         resp = self._send(method, path, scope, deadline, max_bytes, headers, body)
         if resp.status == 401:
-            self._authenticate(resp.headers.get("WWW-Authenticate"), scope, deadline)
+            with_credentials = self._authenticate(
+                resp.headers.get("WWW-Authenticate"), scope, deadline
+            )
             resp = self._send(method, path, scope, deadline, max_bytes, headers, body)
             if resp.status == 401:
                 raise RegistryError(
                     f"registry {self.registry} refused the credentials for {scope} (HTTP 401)"
+                    if with_credentials else self._no_credentials()
                 )
         if resp.status not in ok:
             raise RegistryError(
@@ -347,7 +350,8 @@ class RegistryClient:
 
     # --- auth ----------------------------------------------------------------------------
 
-    def _authenticate(self, header: str | None, scope: str, deadline: float) -> None:
+    def _authenticate(self, header: str | None, scope: str, deadline: float) -> bool:
+        """Answer the challenge in ``header``; True when credentials were used."""
         challenge = parse_challenge(header)
         if challenge is None:
             raise RegistryError(f"registry {self.registry} answered 401 without a challenge")
@@ -357,7 +361,7 @@ class RegistryClient:
                 raise RegistryError(self._no_credentials())
             self._ensure_safe_transport(self.url("/"))
             self._auth[scope] = (f"Basic {_basic(creds)}", float("inf"))
-            return
+            return True
         if challenge.scheme != "bearer" or "realm" not in challenge.params:
             raise RegistryError(
                 f"registry {self.registry} asks for an unsupported authentication scheme "
@@ -366,7 +370,11 @@ class RegistryClient:
         realm = challenge.params["realm"]
         self._ensure_safe_transport(realm)
         query = [("service", challenge.params["service"])] if "service" in challenge.params else []
-        query.append(("scope", challenge.params.get("scope", scope)))
+        # Our own scope (a push needs pull and push even where the registry's first
+        # challenge, on a HEAD, names pull only) and the one the registry names, if other.
+        query.append(("scope", scope))
+        if challenge.params.get("scope", scope) != scope:
+            query.append(("scope", challenge.params["scope"]))
         sep = "&" if urllib.parse.urlsplit(realm).query else "?"
         req = urllib.request.Request(realm + sep + urllib.parse.urlencode(query), method="GET")
         req.add_header("User-Agent", USER_AGENT)
@@ -392,6 +400,7 @@ class RegistryClient:
             raise RegistryError(f"token service of {self.registry} answered without a token")
         # Renew a little early so a token never expires between resolve and download.
         self._auth[scope] = (f"Bearer {token}", time.monotonic() + max(1.0, lifetime - 5))
+        return creds is not None
 
     def _credentials(self) -> tuple[str, str] | None:
         if self.credentials is None:
