@@ -12,7 +12,7 @@ from pathlib import Path
 
 from google.protobuf import json_format
 
-from authz import istio_import, lint, testing
+from authz import istio_import, lint, testing, tracing
 from authz.audit import AuditLog, Sink, check_header_allowlist, sink_for
 from authz.bundle import runtime as bundle_runtime
 from authz.bundle.loader import BundleError
@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     serve.add_argument("--log-level", default="INFO")
     bundle_runtime.add_serve_arguments(serve)
+    tracing.add_serve_arguments(serve)
 
     check = sub.add_parser("check", help="decide one Envoy CheckRequest (protobuf JSON)")
     check.add_argument("--bundle", type=Path, help="bundle directory (default: the example bundle)")
@@ -133,11 +134,19 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"authz serve: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        store, reloader = bundle_runtime.start_bundles(args, metrics, example_bundle())
+        spans = tracing.from_args(args, metrics)
+    except ValueError as exc:
+        audit.close()
+        print(f"authz serve: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        store, reloader = bundle_runtime.start_bundles(args, metrics, example_bundle(), spans)
     except SystemExit:
         audit.close()
+        if spans is not None:
+            spans.close()
         return EXIT_USAGE
-    checker = Checker(store, metrics, audit)
+    checker = Checker(store, metrics, audit, spans)
     from authz.server import serve
 
     try:
@@ -149,6 +158,8 @@ def _serve(args: argparse.Namespace) -> int:
     finally:
         reloader.stop()
         audit.close()
+        if spans is not None:
+            spans.close()
     return 0
 
 

@@ -75,7 +75,18 @@ class Metrics:
             "authz_dry_run", "Decisions of dry-run policies, by what they would have done.", ["would"],
             registry=r,
         )
+        self.trace_spans_exported = Counter(
+            "authz_trace_spans_exported", "Spans accepted by the OTLP receiver (--otlp-endpoint).",
+            registry=r,
+        )
+        self.trace_spans_dropped = Counter(
+            "authz_trace_spans_dropped",
+            "Spans dropped, by reason (queue_full, export_failed, rejected by the receiver).",
+            ["reason"], registry=r,
+        )
         # Series that alerts and dashboards use exist from the start, at 0.
+        for reason in ("queue_full", "export_failed", "rejected"):
+            self.trace_spans_dropped.labels(reason)
         for result in ("loaded", "rejected", "unchanged", "error"):
             self.bundle_loads.labels(result)
         for would in ("allow", "deny"):

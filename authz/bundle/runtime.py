@@ -12,6 +12,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from authz.bundle import archive, oci, signing
 from authz.bundle.archive import Limits
@@ -21,6 +22,9 @@ from authz.bundle.store import BundleStore, check_candidate
 from authz.bundle.watcher import Reloader
 from authz.metrics import Metrics
 from authz.tls import client_context
+
+if TYPE_CHECKING:
+    from authz.tracing import Tracing
 
 log = logging.getLogger("authz")
 
@@ -92,7 +96,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def start_bundles(
-    args: argparse.Namespace, metrics: Metrics, default: Path
+    args: argparse.Namespace, metrics: Metrics, default: Path, tracing: Tracing | None = None
 ) -> tuple[BundleStore, Reloader]:
     """The store, first load done, and the running reloader. SystemExit(2) on bad flags."""
     key = None
@@ -124,7 +128,7 @@ def start_bundles(
         limits=limits,
         source=source.description,
     )
-    reloader = Reloader(store, source, interval=args.watch_interval)
+    reloader = Reloader(store, source, interval=args.watch_interval, tracing=tracing)
     reloader.initial_load()
     if store.current is None and args.persist is not None:
         reason = store.status().last_error or "the source gave no bundle"
