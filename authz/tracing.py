@@ -87,9 +87,10 @@ class Settings:
     service_name: str = "authz"
 
 
-# A queued check span: trace id (hex), span id, parent id (hex or ""), start and end (ns),
-# then allowed, policy, rule, tenant, reason, revision, decision id.
-_CheckItem = tuple[str, int, str, int, int, bool, str, str, str, str, str, str]
+# A queued check span: trace id (hex; "" for a new trace), parent span id (hex or ""),
+# start and end (ns), the decision, revision and decision id. Ids are drawn and bytes encoded
+# by the exporter thread: the check path only decides sampling and appends this tuple.
+_CheckItem = tuple[str, str, int, int, Decision, str, str]
 # A queued load span: ("load", start, end, source, result, revision, served_from, error).
 _LoadItem = tuple[str, int, int, str, str, str, str, str]
 
@@ -124,6 +125,7 @@ class Tracing:
             _attr("rpc.service", "envoy.service.auth.v3.Authorization"),
             _attr("rpc.method", "Check"),
         ])
+        self._blocks: dict[tuple[bool, str, str, str, str | None, str], bytes] = {}
         self.exported = 0  # spans the receiver accepted (also in the metric)
         self._last_warning = 0.0
         self._thread = threading.Thread(target=self._run, name="authz-otlp-exporter", daemon=True)
@@ -138,15 +140,14 @@ class Tracing:
         if parent is None:
             if not self._all and self._rng.random() >= self.settings.ratio:
                 return
-            trace_id, parent_id = f"{self._rng.getrandbits(128) | 1:032x}", ""
+            trace_id = parent_id = ""
         else:
             trace_id, parent_id, sampled = parent
             if not sampled or (not self._all and int(trace_id[16:], 16) >= self._bound):
                 return
         end = time.time_ns()
-        self._put((trace_id, self._rng.getrandbits(64) | 1, parent_id, end - int(elapsed * 1e9),
-                   end, decision.allowed, decision.policy, decision.rule, decision.tenant or "",
-                   decision.reason, revision, decision_id))
+        self._put((trace_id, parent_id, end - int(elapsed * 1e9), end, decision, revision,
+                   decision_id))
 
     def _put(self, item: _CheckItem | _LoadItem) -> None:
         queue = self._queue
@@ -221,27 +222,42 @@ class Tracing:
         return _field(1, self._resource + _field(2, scope_spans))
 
     def _check_span(self, item: _CheckItem) -> bytes:
-        (trace_id, span_id, parent_id, start, end, allowed, policy, rule, tenant, reason,
-         revision, decision_id) = item
-        out = [
-            b"\x0a\x10" + bytes.fromhex(trace_id),  # trace_id (1), 16 bytes
-            b"\x12\x08" + span_id.to_bytes(8, "big"),  # span_id (2), 8 bytes
-            b"\x22\x08" + bytes.fromhex(parent_id) if parent_id else b"",  # parent_span_id (4)
+        trace_id, parent_id, start, end, decision, revision, decision_id = item
+        return b"".join([
+            # trace_id (1) and span_id (2): 16 and 8 bytes; parent_span_id (4) when remote.
+            b"\x0a\x10" + (bytes.fromhex(trace_id) if trace_id else self._new_trace_id()),
+            b"\x12\x08" + (self._rng.getrandbits(64) | 1).to_bytes(8, "big"),
+            b"\x22\x08" + bytes.fromhex(parent_id) if parent_id else b"",
             self._check_head,
             _fixed64(7, start),
             _fixed64(8, end),
-            self._rpc_attrs,
-            _ALLOW if allowed else _DENY,
-            _POLICY(policy),
-            _RULE(rule),
-            _REASON(reason),
-            _REVISION(revision),
+            self._decision_block(decision, revision),
             _DECISION_ID(decision_id),
-            _TENANT(tenant) if tenant else b"",
-            _status(_ERROR) if reason.startswith("internal error") else _STATUS_UNSET,
             _FLAGS_REMOTE if parent_id else _FLAGS_ROOT,
-        ]
-        return b"".join(out)
+        ])
+
+    def _new_trace_id(self) -> bytes:
+        return (self._rng.getrandbits(128) | 1).to_bytes(16, "big")
+
+    def _decision_block(self, d: Decision, revision: str) -> bytes:
+        """The attributes and status a decision gives a span, encoded once per distinct
+        decision: a service sees few (policy, rule, reason) combinations, over and over."""
+        key = (d.allowed, d.policy, d.rule, d.reason, d.tenant, revision)
+        block = self._blocks.get(key)
+        if block is None:
+            if len(self._blocks) >= 4096:
+                self._blocks.clear()
+            block = self._blocks[key] = b"".join([
+                self._rpc_attrs,
+                _ALLOW if d.allowed else _DENY,
+                _POLICY(d.policy),
+                _RULE(d.rule),
+                _REASON(d.reason),
+                _REVISION(revision),
+                _TENANT(d.tenant) if d.tenant else b"",
+                _status(_ERROR) if d.reason.startswith("internal error") else _STATUS_UNSET,
+            ])
+        return block
 
     def _load_span(self, item: _LoadItem) -> bytes:
         _, start, end, source, result, revision, served_from, error = item
