@@ -89,7 +89,7 @@ class Metrics:
             self.trace_spans_dropped.labels(reason)
         for result in ("loaded", "rejected", "unchanged", "error"):
             self.bundle_loads.labels(result)
-        for would in ("allow", "deny"):
+        for would in ("allow", "deny", "error"):  # error: its condition failed; never enforced
             self.dry_run.labels(would)
         # Children seen on every check are cached so the hot path skips label lookups.
         self._check_children: dict[tuple[bool, str, str, str], Counter] = {}
