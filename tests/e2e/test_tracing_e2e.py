@@ -15,12 +15,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.otlp import OtlpReceiver, attributes
+from support.pki import PKI
 
 from .conftest import EXAMPLE_BUNDLE
 from .harness import ORDERS, AuthzProcess, EnvoyProcess, Mesh, listener_specs
 from .test_fleet import wait_for
-from support.otlp import OtlpReceiver, attributes
-from support.pki import PKI
 
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 PARENT_ID = "b7ad6b7169203331"

@@ -218,7 +218,7 @@ def test_htpasswd_registry_needs_the_credentials_file(tmp_path: Path) -> None:
         assert "nope" not in err
 
         creds = write_credentials(tmp_path / "config.json", reg.host, USER, PASSWORD)
-        code, out, err = build_push("--push", ref, "--registry-credentials", str(creds))
+        code, _, err = build_push("--push", ref, "--registry-credentials", str(creds))
         assert code == 0, err
 
         with pytest.raises(SourceUnavailable, match="requires authentication"):
@@ -251,7 +251,7 @@ def test_token_auth_registry_over_tls_with_a_credentials_file(tmp_path: Path) ->
         assert code == 1 and "CERTIFICATE_VERIFY_FAILED" in err, err
         code, _, err = build_push("--push", ref, "--ca-file", str(pki.ca_cert))
         assert code == 1 and "requires authentication" in err, err
-        code, out, err = build_push(
+        code, _, err = build_push(
             "--push", ref, "--registry-credentials", str(creds), "--ca-file", str(pki.ca_cert)
         )
         assert code == 0, err
