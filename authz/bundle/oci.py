@@ -317,7 +317,9 @@ class RegistryClient:
         for key, value in (headers or {}).items():
             req.add_header(key, value)
         auth = self._auth.get(scope)
-        if auth is not None and auth[1] > time.monotonic():
+        # An upload location may name another host: credentials go to the registry only.
+        same_host = urllib.parse.urlsplit(url).netloc == self.registry
+        if auth is not None and auth[1] > time.monotonic() and same_host:
             req.add_header("Authorization", auth[0])
         return self._open(req, deadline, max_bytes)
 
