@@ -97,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="registry credentials for --push (Docker config.json)")
     build.add_argument("--ca-file", type=Path, metavar="PEM",
                        help="CA certificates trusted for the registry (default: the system's)")
+    build.add_argument("--insecure-registry", action="append", default=[], metavar="HOST[:PORT]",
+                       help="a registry that may be reached over plain http; repeatable")
     istio_import.add_arguments(sub.add_parser(
         "import-istio", help="convert Istio AuthorizationPolicy resources into a bundle directory"))
 
@@ -115,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         return lint.cli(args)
     if args.command == "build":
         return bundle_runtime.build(args.directory, args.output, args.signing_key, args.push,
-                                    args.registry_credentials, args.ca_file)
+                                    args.registry_credentials, args.ca_file,
+                                    args.insecure_registry)
     if args.command == "schema":
         print(json.dumps(BUNDLE_SCHEMA, indent=2))
         return 0

@@ -24,9 +24,11 @@ and password. The credentials file is a Docker ``config.json`` (``auths.HOST.aut
 ``username``/``password``), read when a challenge needs it, so a rotated file is picked up.
 No credential or token ever appears in an error, a log line or the command line.
 
-Transport: https, verified with the ``--ca-file`` context. A registry on a loopback address
-may be plain http, as Docker allows for local registries: https is tried first and plain
-http used when the registry does not speak TLS. Token realms follow the same rule. Redirects
+Transport: https, verified with the ``--ca-file`` context. A registry on a loopback address,
+or one named by ``--insecure-registry`` (Docker's "insecure registries"), may be plain http:
+https is tried first and plain http used only when the registry does not speak TLS (never
+after a certificate error). Credentials go over plain http only to such a registry itself or
+to a loopback token realm. Redirects
 (registries send blob downloads to storage) never carry the Authorization header to another
 host and never go from https to plain http.
 """
@@ -45,7 +47,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from email.message import Message
 from http.client import HTTPMessage
@@ -102,6 +104,10 @@ class Reference:
     @property
     def loopback(self) -> bool:
         return self.host in LOOPBACK_HOSTS
+
+    def plain_http_allowed(self, insecure: Collection[str] = ()) -> bool:
+        """Loopback registries, and those the operator named as insecure (host[:port])."""
+        return self.loopback or self.registry.lower() in {r.lower() for r in insecure}
 
     def __str__(self) -> str:
         at = f"@{self.digest}" if self.digest else f":{self.tag}"
@@ -245,15 +251,15 @@ class RegistryClient:
         self,
         registry: str,
         *,
-        loopback: bool,
+        plain_http: bool,
         credentials: Path | None = None,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.registry = registry
-        self.loopback = loopback
+        self.plain_http = plain_http
         self.credentials = credentials
         self.scheme = "https"
-        self._scheme_known = not loopback
+        self._scheme_known = not plain_http
         self._opener = urllib.request.build_opener(
             urllib.request.HTTPSHandler(context=ssl_context or client_context()), _Redirects()
         )
@@ -296,7 +302,7 @@ class RegistryClient:
         return resp
 
     def _pick_scheme(self, deadline: float) -> None:
-        """A loopback registry: https when it speaks TLS, else plain http (Docker's rule)."""
+        """A loopback or insecure registry: https when it speaks TLS, else plain http."""
         try:
             self._open(urllib.request.Request(self.url("/v2/"), method="GET"), deadline, 65536)
         except RegistryError as exc:
@@ -418,13 +424,15 @@ class RegistryClient:
 
     def _ensure_safe_transport(self, url: str) -> None:
         parts = urllib.parse.urlsplit(url)
-        if parts.scheme == "https" or (
-            parts.scheme == "http" and (parts.hostname or "") in LOOPBACK_HOSTS
-        ):
+        if parts.scheme == "https" or (parts.scheme == "http" and (
+            (parts.hostname or "") in LOOPBACK_HOSTS
+            or (self.plain_http and parts.netloc.lower() == self.registry.lower())
+        )):
             return
         raise RegistryError(
-            f"registry {self.registry}: credentials are sent only over https "
-            f"(or plain http to a loopback address), not to {parts.scheme}://{parts.netloc}"
+            f"registry {self.registry}: credentials are sent only over https (or plain http to "
+            f"a loopback address or the --insecure-registry itself), not to "
+            f"{parts.scheme}://{parts.netloc}"
         )
 
 
@@ -497,6 +505,7 @@ class OciSource:
         policy: PollPolicy = PollPolicy(),
         *,
         credentials: Path | None = None,
+        insecure: Collection[str] = (),
         ssl_context: ssl.SSLContext | None = None,
         rng: random.Random | None = None,
     ) -> None:
@@ -507,8 +516,8 @@ class OciSource:
         self.limits = limits
         self.policy = policy
         self.client = RegistryClient(
-            self.ref.registry, loopback=self.ref.loopback, credentials=credentials,
-            ssl_context=ssl_context,
+            self.ref.registry, plain_http=self.ref.plain_http_allowed(insecure),
+            credentials=credentials, ssl_context=ssl_context,
         )
         self.digest: str | None = None  # manifest digest of the last candidate judged
         self.failures = 0
@@ -692,6 +701,7 @@ def push(
     revision: str,
     *,
     credentials: Path | None = None,
+    insecure: Collection[str] = (),
     ssl_context: ssl.SSLContext | None = None,
     timeout: float = 60.0,
 ) -> str:
@@ -703,7 +713,8 @@ def push(
     if ref.tag is None:
         raise ValueError(f"pushing needs a tag (oci://REGISTRY/REPOSITORY:TAG): {reference!r}")
     client = RegistryClient(
-        ref.registry, loopback=ref.loopback, credentials=credentials, ssl_context=ssl_context
+        ref.registry, plain_http=ref.plain_http_allowed(insecure), credentials=credentials,
+        ssl_context=ssl_context,
     )
     scope = f"repository:{ref.repository}:pull,push"
     deadline = time.monotonic() + timeout

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -87,6 +88,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="oci:// bundles: registry credentials in Docker config.json form (auths.HOST.auth)",
     )
     g.add_argument(
+        "--insecure-registry",
+        action="append",
+        default=[],
+        metavar="HOST[:PORT]",
+        help="oci:// bundles: a registry that may be reached over plain http (loopback ones "
+        "always may); repeatable",
+    )
+    g.add_argument(
         "--bundle-max-bytes",
         type=int,
         default=archive.DEFAULT_MAX_BYTES,
@@ -117,6 +126,7 @@ def start_bundles(
         source = open_source(
             args.bundle or default, limits, policy, client_context(args.ca_file),
             registry_credentials=args.registry_credentials,
+            insecure_registries=args.insecure_registry,
         )
     except ValueError as exc:
         print(f"authz serve: {exc}", file=sys.stderr)
@@ -151,6 +161,7 @@ def build(
     push: str | None = None,
     registry_credentials: Path | None = None,
     ca_file: Path | None = None,
+    insecure_registries: Sequence[str] = (),
 ) -> int:
     """`authz build DIR [-o FILE.tar.gz] [--push oci://...] [--signing-key KEY]`.
 
@@ -199,7 +210,8 @@ def build(
         try:
             digest = oci.push(
                 push, data, policy_set.name, policy_set.revision,
-                credentials=registry_credentials, ssl_context=client_context(ca_file),
+                credentials=registry_credentials, insecure=insecure_registries,
+                ssl_context=client_context(ca_file),
             )
         except (ValueError, SourceUnavailable) as exc:
             print(f"authz build: push to {push} failed: {exc}", file=sys.stderr)

@@ -26,7 +26,7 @@ import time
 import urllib.error
 import urllib.request
 import urllib.response
-from collections.abc import Hashable, Iterator
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from email.message import Message
 from pathlib import Path
@@ -327,6 +327,7 @@ def open_source(
     policy: PollPolicy = PollPolicy(),
     ssl_context: ssl.SSLContext | None = None,
     registry_credentials: Path | None = None,
+    insecure_registries: Sequence[str] = (),
 ) -> Source:
     """The source for a ``--bundle`` value: an oci:// reference, an http(s) URL, a .tar.gz
     file or a directory."""
@@ -335,7 +336,8 @@ def open_source(
         from authz.bundle.oci import OciSource  # oci.py builds on this module
 
         return OciSource(
-            text, limits, policy, credentials=registry_credentials, ssl_context=ssl_context
+            text, limits, policy, credentials=registry_credentials,
+            insecure=insecure_registries, ssl_context=ssl_context,
         )
     if text.startswith(("http://", "https://")):
         return HttpSource(text, limits, policy, ssl_context=ssl_context)

@@ -21,7 +21,7 @@ from support.registry import Registry, write_credentials
 
 from authz.bundle import archive, oci, signing
 
-from .harness import AuthzProcess
+from .harness import REPO_ROOT, AuthzProcess
 from .test_fleet import bundle_files, grpc_probe, http_get, status, wait_for
 
 POLL_MIN, POLL_MAX = 0.5, 1.5
@@ -41,6 +41,13 @@ def push(ref: str, revision: str, allow_probe: bool, key: Ed25519PrivateKey,
          credentials: Path | None = None) -> str:
     layer = archive.build_archive(bundle_files(revision, allow_probe), "fleet", revision, key)
     return oci.push(ref, layer, "fleet", revision, credentials=credentials)
+
+
+def readyz(proc: AuthzProcess) -> tuple[int | None, str]:
+    try:
+        return http_get(proc, "/readyz")
+    except OSError:  # not listening yet
+        return None, ""
 
 
 def digest_of(proc: AuthzProcess) -> str:
@@ -148,7 +155,7 @@ def push_tampered(registry: Registry, revision: str, key: Ed25519PrivateKey) -> 
     """Upload a layer, flip one byte of it in the registry's storage, then tag a manifest
     naming the layer's true digest: the registry now serves bytes that do not match."""
     layer = archive.build_archive(bundle_files(revision, True), "fleet", revision, key)
-    client = oci.RegistryClient(registry.host, loopback=True)
+    client = oci.RegistryClient(registry.host, plain_http=True)
     scope = f"repository:{REPOSITORY}:pull,push"
     deadline = time.monotonic() + 30
     for blob in (oci.EMPTY_BLOB, layer):
@@ -184,14 +191,16 @@ def test_serve_from_a_registry_that_requires_auth(tmp_path: Path) -> None:
         assert grpc_probe(proc).status.code == 0
         assert wait_for(lambda: status(proc)["last_result"] == "unchanged", 5)
 
-        # Without the credentials file: never ready, and the reason says what is missing.
+        # Without the credentials file: not ready, and the reason says what is missing.
         anon = AuthzProcess(ref, tmp_path / "authz-anon",  # type: ignore[arg-type]
-                            extra_args=["--poll-min", "0.3", "--poll-max", "0.6"],
-                            ready_timeout=4)
+                            extra_args=["--poll-min", "0.3", "--poll-max", "0.6"])
+        anon.workdir.mkdir(parents=True)
+        with open(anon.stdout_path, "wb") as out, open(anon.stderr_path, "wb") as err:
+            anon.proc = subprocess.Popen(anon.command(), cwd=REPO_ROOT, stdin=subprocess.DEVNULL,
+                                         stdout=out, stderr=err)
         started.append(anon)
-        with pytest.raises(RuntimeError, match="not ready") as info:
-            anon.start()
-        assert "requires authentication" in str(info.value)
+        assert wait_for(lambda: readyz(anon)[0] == 503, 30, step=0.2), anon.stderr_path.read_text()
+        assert "requires authentication" in readyz(anon)[1]
 
         cmdlines = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
         assert password not in cmdlines

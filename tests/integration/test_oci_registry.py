@@ -142,7 +142,7 @@ def test_tampered_layer_is_rejected_and_not_downloaded_again(registry: Registry)
 def push_tampered(registry: Registry, repository: str, tag: str, layer: bytes) -> str:
     """Upload ``layer``, flip one byte of it in the registry's storage, then tag a manifest
     that names its true digest: the registry now serves bytes that do not match."""
-    client = oci.RegistryClient(registry.host, loopback=True)
+    client = oci.RegistryClient(registry.host, plain_http=True)
     scope = f"repository:{repository}:pull,push"
     deadline = time.monotonic() + 30
     for blob in (oci.EMPTY_BLOB, layer):
@@ -171,7 +171,7 @@ def test_oversized_layer_is_rejected_before_download(registry: Registry) -> None
 
 
 def test_an_artifact_that_is_not_a_bundle_is_rejected(registry: Registry) -> None:
-    client = oci.RegistryClient(registry.host, loopback=True)
+    client = oci.RegistryClient(registry.host, plain_http=True)
     scope = "repository:authz/other:pull,push"
     layer = b"not a bundle"
     for blob in (oci.EMPTY_BLOB, layer):

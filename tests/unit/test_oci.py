@@ -57,6 +57,25 @@ def test_loopback_detection() -> None:
     assert not oci.parse_reference("oci://registry.internal:5000/a:b").loopback
 
 
+def test_plain_http_only_for_loopback_and_configured_insecure_registries() -> None:
+    assert oci.parse_reference("oci://127.0.0.1:5000/a:b").plain_http_allowed()
+    ref = oci.parse_reference("oci://registry.kube-system.svc:5000/a:b")
+    assert not ref.plain_http_allowed()
+    assert not ref.plain_http_allowed(["registry.kube-system.svc"])  # the port is part of it
+    assert ref.plain_http_allowed(["Registry.Kube-System.svc:5000"])
+    source = oci.OciSource("oci://registry.internal/a:b")
+    assert source.client.scheme == "https" and not source.client.plain_http
+    insecure = oci.OciSource("oci://registry.internal/a:b", insecure=["registry.internal"])
+    assert insecure.client.plain_http
+    # Credentials over plain http: to the insecure registry itself or loopback, nowhere else.
+    insecure.client._ensure_safe_transport("http://registry.internal/token")
+    insecure.client._ensure_safe_transport("http://127.0.0.1:9999/token")
+    with pytest.raises(oci.RegistryError, match="only over https"):
+        insecure.client._ensure_safe_transport("http://auth.internal/token")
+    with pytest.raises(oci.RegistryError, match="only over https"):
+        source.client._ensure_safe_transport("http://registry.internal/token")
+
+
 def test_open_source_knows_oci_references() -> None:
     source = open_source("oci://registry.internal/mesh/bundle:prod")
     assert isinstance(source, oci.OciSource) and source.polled
@@ -168,7 +187,7 @@ def test_blob_redirect_to_another_host_drops_the_credentials(tmp_path: Path) -> 
     try:
         f = write(tmp_path / "c.json", {"auths": {f"127.0.0.1:{registry.port}": {
             "username": "u", "password": "p"}}})
-        client = oci.RegistryClient(f"127.0.0.1:{registry.port}", loopback=True, credentials=f)
+        client = oci.RegistryClient(f"127.0.0.1:{registry.port}", plain_http=True, credentials=f)
         client._auth["s"] = ("Basic dTpw", float("inf"))
         resp = client.request("GET", f"/v2/a/blobs/{DIGEST}", scope="s",
                               deadline=time.monotonic() + 10, max_bytes=100)
