@@ -21,20 +21,10 @@ from authz.bundle.store import BundleStore
 from authz.check import Checker
 from authz.engine.compile import load_policy_set
 from authz.engine.explain import Explainer, summary
+from authz.example import EXIT_USAGE, example_bundle
 from authz.metrics import Metrics
 from authz.request import CheckRequest
 from authz.tls import client_context
-
-EXIT_USAGE = 2
-
-
-def example_bundle() -> Path:
-    """The example bundle: inside the installed package, or policies/example in a checkout."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "example_bundle", here.parent / "policies" / "example"):
-        if (candidate / "bundle.yaml").is_file():
-            return candidate
-    raise FileNotFoundError("the example bundle is not installed with this package")
 
 
 def main(argv: list[str] | None = None) -> int:

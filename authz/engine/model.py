@@ -68,10 +68,9 @@ class StringMatch:
         )
 
     def patterns(self) -> list[str]:
-        """The values as written (scheme removed), for explanations and lint."""
-        n = len(self.suffix_floor)
-        out = sorted(e[n:] for e in self.exact)
-        out += [p[n:] + "*" for p in self.prefixes]
+        """The values as compared (principals with their scheme), for explanations and lint."""
+        out = sorted(self.exact)
+        out += [p + "*" for p in self.prefixes]
         out += ["*" + s for s in self.suffixes]
         if self.present:
             out.append("*")
