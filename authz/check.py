@@ -33,6 +33,13 @@ if TYPE_CHECKING:  # the OTLP protos load only when tracing is on
 log = logging.getLogger("authz.check")
 
 
+# Who asked: Envoy over gRPC or HTTP ext_authz, or an application through the decision API.
+CALLER_ENVOY_GRPC = "envoy_grpc"
+CALLER_ENVOY_HTTP = "envoy_http"
+CALLER_API = "api"
+CALLERS = (CALLER_ENVOY_GRPC, CALLER_ENVOY_HTTP, CALLER_API)
+
+
 def new_decision_id() -> str:
     return os.urandom(16).hex()
 
@@ -67,8 +74,13 @@ class Checker:
             return self.run(None).response.SerializeToString()  # type: ignore[no-any-return]
         return self.run(check_request).response.SerializeToString()  # type: ignore[no-any-return]
 
-    def run(self, check_request: external_auth_pb2.CheckRequest | None, tracer: Tracer | None = None) -> Outcome:
-        """Decide one request; ``tracer``, when given, receives each step (``authz check --explain``)."""
+    def run(self, check_request: external_auth_pb2.CheckRequest | None, tracer: Tracer | None = None,
+            caller: str = CALLER_ENVOY_GRPC, *, malformed: str = "not a CheckRequest",
+            tenant_hint: str | None = None) -> Outcome:
+        """Decide one request; ``tracer``, when given, receives each step (``authz check --explain``).
+        ``caller`` is the kind of caller (one of CALLERS), a label of metrics and audit records;
+        ``malformed`` the reason given when ``check_request`` is None; ``tenant_hint`` (decision
+        API) turns an allow for any other tenant into a deny."""
         started = time.perf_counter()
         decision_id = new_decision_id()
         policy_set = self.store.current  # read once: one bundle for the whole check
@@ -76,18 +88,28 @@ class Checker:
         req: request_mod.Request | None = None
         try:
             if check_request is None:
-                decision = _deny("malformed request: not a CheckRequest")
+                decision = _deny(f"malformed request: {malformed}")
             elif policy_set is None:
                 decision = _deny("no policy bundle loaded")
             else:
                 req = request_mod.from_check_request(check_request, policy_set.trust_domains,
                                                    policy_set.path_normalization)
                 decision = policy_set.decide(req, tracer)
+                if tenant_hint is not None and decision.allowed and decision.tenant != tenant_hint:
+                    decision = Decision(False, "tenant mismatch", decision.policy, decision.rule, "DENY",
+                                        decision.tenant, decision.audit, decision.dry_run)
         except request_mod.MalformedRequest as exc:
             decision = _deny(f"malformed request: {exc}")
         except Exception:  # noqa: BLE001 - fail closed, never crash the servicer
             log.exception("internal error while deciding %s", decision_id)
             decision = _deny("internal error")
+        if policy_set is not None:
+            try:
+                if policy_set.shapes:
+                    decision = policy_set.shape(decision, req)
+            except Exception:  # noqa: BLE001
+                log.exception("internal error while shaping %s", decision_id)
+                decision = _deny("internal error")
         try:
             resp = response.to_check_response(decision, decision_id, revision, req.principal if req else "")
         except Exception:  # noqa: BLE001
@@ -95,28 +117,30 @@ class Checker:
             decision = _deny("internal error")
             resp = response.to_check_response(decision, decision_id, revision, "")
         elapsed = time.perf_counter() - started
-        self._observe(decision, decision_id, revision, req, elapsed, policy_set)
+        self._observe(decision, decision_id, revision, req, elapsed, policy_set, caller)
         return Outcome(decision, decision_id, revision, req, resp)
 
     def _observe(self, decision: Decision, decision_id: str, revision: str,
-                 req: request_mod.Request | None, elapsed: float, policy_set: PolicySet | None) -> None:
+                 req: request_mod.Request | None, elapsed: float, policy_set: PolicySet | None,
+                 caller: str) -> None:
         # Side effects only; nothing here may change or delay the answer: counters and one
         # put_nowait onto the audit queue (AuditLog.submit), O(1) and never blocking.
         try:
             # Only a tenant the serving bundle defines may become a metric label value.
             if self.metrics is not None:
                 tenant = decision.tenant if policy_set is not None and decision.tenant in policy_set.tenants else None
-                self.metrics.count_check(decision.allowed, decision.reason, decision.policy, elapsed, tenant)
+                self.metrics.count_check(decision.allowed, decision.reason, decision.policy, elapsed, tenant,
+                                         caller)
                 if decision.condition_error:
                     self.metrics.condition_errors.inc()
                 for entry in decision.dry_run:
                     self.metrics.dry_run.labels(entry.rpartition("=")[2]).inc()
             if self.audit is not None:
                 self.audit.submit(AuditEntry(time.time(), decision_id, decision, req, revision,
-                                             int(elapsed * 1e6)))
+                                             int(elapsed * 1e6), caller))
             if self.tracing is not None:  # one append to a bounded queue, like the audit
                 self.tracing.check(req.headers.get("traceparent") if req else None, decision,
-                                   decision_id, revision, elapsed)
+                                   decision_id, revision, elapsed, caller)
         except Exception:  # noqa: BLE001
             log.exception("metrics or audit failed for %s", decision_id)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from google.protobuf import json_format
 
-from authz import istio_import, lint, testing, tracing
+from authz import http_authz, istio_import, lint, testing, tracing
 from authz.audit import AuditLog, Sink, check_header_allowlist, sink_for
 from authz.bundle import runtime as bundle_runtime
 from authz.bundle.loader import BundleError
@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     serve.add_argument("--log-level", default="INFO")
     bundle_runtime.add_serve_arguments(serve)
+    http_authz.add_serve_arguments(serve)
     tracing.add_serve_arguments(serve)
 
     check = sub.add_parser("check", help="decide one Envoy CheckRequest (protobuf JSON)")
@@ -143,8 +144,15 @@ def _serve(args: argparse.Namespace) -> int:
     from authz.server import serve
 
     try:
+        http_authz_server = http_authz.server_from_args(args, checker)
+    except ValueError as exc:
+        print(f"authz serve: {exc}", file=sys.stderr)
+        reloader.stop()
+        audit.close()
+        return EXIT_USAGE
+    try:
         asyncio.run(serve(checker, store, metrics, args.grpc_addr, args.http_addr,
-                          on_reload=reloader.trigger, worker=args.worker_index))
+                          on_reload=reloader.trigger, worker=args.worker_index, http_authz=http_authz_server))
     except OSError as exc:
         print(f"authz: {exc}", file=sys.stderr)
         return 1
@@ -178,7 +186,10 @@ def _parse_check_request(text: str) -> CheckRequest:
 def _supervise(argv: list[str], args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for flag, addr in (("--grpc-addr", args.grpc_addr), ("--http-addr", args.http_addr)):
+    for flag, addr in (("--grpc-addr", args.grpc_addr), ("--http-addr", args.http_addr),
+                       ("--http-authz-addr", args.http_authz_addr or "")):
+        if not addr:
+            continue
         if addr.rpartition(":")[2] == "0":
             print(f"authz serve: --workers needs a fixed port for {flag}, not {addr}", file=sys.stderr)
             return EXIT_USAGE

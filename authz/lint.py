@@ -18,7 +18,8 @@ Warnings:
 - a rule method that is not an upper-case HTTP token (methods match case-sensitively);
 - a ``*`` inside a value, where it is a literal character (in a ``*suffix`` principal, a regex
   repetition as istiod writes it) and not a wildcard;
-- tenant data no policy reads, and data files no condition reads.
+- tenant data no policy reads, and data files no condition reads;
+- an upstream header that could carry a secret (authz.lint_headers).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from authz import lint_headers
 from authz.bundle.loader import BundleError, BundleFiles, read_bundle
 from authz.bundle.schema import Problem
 from authz.bundle.yamlpos import Document, Position
@@ -89,6 +91,7 @@ def warnings(files: BundleFiles, policy_set: PolicySet | None) -> list[Problem]:
     out += _methods(files)
     out += _stars(files, imported)
     out += _unused_data(files)
+    out += lint_headers.secret_headers(files)
     if policy_set is not None:
         out += _unreachable(policy_set)
         if manifest.get("defaultAction", "DENY") == "ALLOW" and not imported:

@@ -16,8 +16,10 @@ import grpc
 from grpc_health.v1 import _async as health_async
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from authz import decision_api
 from authz.bundle.store import BundleStore
 from authz.check import Checker
+from authz.http_authz import HttpAuthzServer
 from authz.metrics import CONTENT_TYPE, Metrics
 
 log = logging.getLogger("authz.server")
@@ -43,12 +45,29 @@ def split_addr(addr: str) -> tuple[str, int]:
 
 
 class ProbeServer:
-    """/metrics, /healthz, /readyz and /v1/status on a plain HTTP thread."""
+    """/metrics, /healthz, /readyz and /v1/status on a plain HTTP thread; with a checker also
+    the decision API's POST /v1/decide and /v1/explain (authz.decision_api)."""
 
-    def __init__(self, addr: str, store: BundleStore, metrics: Metrics, worker: int | None = None) -> None:
+    def __init__(self, addr: str, store: BundleStore, metrics: Metrics, worker: int | None = None,
+                 checker: Checker | None = None) -> None:
         store_ref, metrics_ref = store, metrics
 
         class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                path = self.path.split("?", 1)[0]
+                if checker is None or path not in decision_api.JSON_PATHS:
+                    self._send(404, b"not found\n", "text/plain")
+                    return
+                length = self.headers.get("content-length", "")
+                if not length.isdigit() or int(length) > decision_api.MAX_JSON_BYTES:
+                    self.close_connection = True
+                    self._send(*decision_api.error_json(411 if not length.isdigit() else 413,
+                               "a body of at most 1 MiB with a content-length is required"),
+                               "application/json")
+                    return
+                status, body = decision_api.handle_json(checker, path, self.rfile.read(int(length)))
+                self._send(status, body, "application/json")
+
             def do_GET(self) -> None:  # noqa: N802
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":
@@ -105,18 +124,18 @@ class _SharedPortHTTPServer(ThreadingHTTPServer):
 async def serve(
     checker: Checker, store: BundleStore, metrics: Metrics, grpc_addr: str, http_addr: str,
     drain_seconds: float = 10.0, on_reload: Callable[[], None] | None = None,
-    worker: int | None = None,
+    worker: int | None = None, http_authz: HttpAuthzServer | None = None,
 ) -> None:
     """Serve until SIGTERM. ``worker`` is this process's index under ``--workers``: only
     then is the port shared with sibling processes (grpcio would otherwise share it silently)."""
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0 if worker is None else 1)])
-    server.add_generic_rpc_handlers((authorization_handler(checker),))
+    server.add_generic_rpc_handlers((authorization_handler(checker), decision_api.decision_handler(checker)))
     health = health_async.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     bound = server.add_insecure_port(grpc_addr)
     if bound == 0:
         raise OSError(f"cannot bind gRPC address {grpc_addr}")
-    probes = ProbeServer(http_addr, store, metrics, worker)
+    probes = ProbeServer(http_addr, store, metrics, worker, checker)
     serving = health_pb2.HealthCheckResponse.SERVING
     not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
     loop = asyncio.get_running_loop()
@@ -132,6 +151,9 @@ async def serve(
     await update_health()
     await server.start()
     probes.start()
+    if http_authz is not None:
+        await http_authz.start()
+        log.info("HTTP ext_authz listening on %s", http_authz.addr)
     log.info("authz listening: gRPC %s, HTTP %s", grpc_addr, http_addr)
 
     stop = asyncio.Event()
@@ -145,4 +167,6 @@ async def serve(
     log.info("draining in-flight checks")
     await health.enter_graceful_shutdown()
     await server.stop(drain_seconds)
+    if http_authz is not None:
+        await http_authz.stop()
     probes.stop()

@@ -1,10 +1,11 @@
 """OpenTelemetry traces of checks and bundle loads, exported with OTLP over gRPC. Off by default.
 
 ``authz serve --otlp-endpoint HOST:PORT`` turns it on. Each check becomes one SERVER span
-named after Envoy's RPC, a child of the request's W3C ``traceparent`` when it has a valid
-one (a new trace otherwise), with the decision as attributes: ``authz.decision``,
-``authz.policy``, ``authz.rule``, ``authz.tenant``, ``authz.reason``,
-``authz.bundle.revision``, ``authz.decision_id``. No header value becomes an attribute.
+(named after Envoy's gRPC method, or ``authz.check`` for HTTP ext_authz and the decision
+API), a child of the request's W3C ``traceparent`` when it has a valid one (a new trace
+otherwise), with the decision as attributes: ``authz.decision``, ``authz.policy``,
+``authz.rule``, ``authz.tenant``, ``authz.reason``, ``authz.bundle.revision``,
+``authz.decision_id``, ``authz.caller``. No header value becomes an attribute.
 Bundle loads (loaded, rejected or failed; not the polls that found nothing new) become
 ``authz.bundle.load`` spans of their own traces.
 
@@ -44,7 +45,8 @@ from authz.metrics import Metrics
 
 log = logging.getLogger("authz.tracing")
 
-CHECK_SPAN = "envoy.service.auth.v3.Authorization/Check"
+CHECK_SPAN = "envoy.service.auth.v3.Authorization/Check"  # a check over gRPC ext_authz
+HTTP_CHECK_SPAN = "authz.check"  # over HTTP ext_authz or the decision API (authz.caller says)
 LOAD_SPAN = "authz.bundle.load"
 SCOPE = "authz"
 _TRACEPARENT = re.compile(
@@ -55,6 +57,7 @@ _ZERO_SPAN = "0" * 16
 _MAX_ERROR = 1024  # characters of a load error kept on its span
 
 _SAMPLED = 0x01  # the W3C trace flag
+_GRPC_CALLER = "envoy_grpc"  # authz.check.CALLER_ENVOY_GRPC; check.py uses this module
 
 
 def parse_traceparent(value: str | None) -> tuple[str, str, bool] | None:
@@ -90,7 +93,7 @@ class Settings:
 # A queued check span: trace id (hex; "" for a new trace), parent span id (hex or ""),
 # start and end (ns), the decision, revision and decision id. Ids are drawn and bytes encoded
 # by the exporter thread: the check path only decides sampling and appends this tuple.
-_CheckItem = tuple[str, str, int, int, Decision, str, str]
+_CheckItem = tuple[str, str, int, int, Decision, str, str, str]
 # A queued load span: ("load", start, end, source, result, revision, served_from, error).
 _LoadItem = tuple[str, int, int, str, str, str, str, str]
 
@@ -119,13 +122,16 @@ class Tracing:
             _attr("process.pid", os.getpid(), 1),
         ]))
         self._scope = _field(1, _field(1, SCOPE.encode()))
-        self._check_head = _field(5, CHECK_SPAN.encode()) + _varint_field(6, _KIND_SERVER)
+        self._check_heads = {
+            _GRPC_CALLER: _field(5, CHECK_SPAN.encode()) + _varint_field(6, _KIND_SERVER),
+            "": _field(5, HTTP_CHECK_SPAN.encode()) + _varint_field(6, _KIND_SERVER),
+        }
         self._rpc_attrs = b"".join([
             _attr("rpc.system", "grpc"),
             _attr("rpc.service", "envoy.service.auth.v3.Authorization"),
             _attr("rpc.method", "Check"),
         ])
-        self._blocks: dict[tuple[bool, str, str, str, str | None, str], bytes] = {}
+        self._blocks: dict[tuple[bool, str, str, str, str | None, str, str], bytes] = {}
         self.exported = 0  # spans the receiver accepted (also in the metric)
         self._last_warning = 0.0
         self._thread = threading.Thread(target=self._run, name="authz-otlp-exporter", daemon=True)
@@ -134,7 +140,7 @@ class Tracing:
     # --- the check path: no I/O, no lock, O(1) ---------------------------------------------
 
     def check(self, traceparent: str | None, decision: Decision, decision_id: str,
-              revision: str, elapsed: float) -> None:
+              revision: str, elapsed: float, caller: str = "envoy_grpc") -> None:
         """Queue the span of one check, if sampled. Never blocks, never raises on bad input."""
         parent = parse_traceparent(traceparent)
         if parent is None:
@@ -147,7 +153,7 @@ class Tracing:
                 return
         end = time.time_ns()
         self._put((trace_id, parent_id, end - int(elapsed * 1e9), end, decision, revision,
-                   decision_id))
+                   decision_id, caller))
 
     def _put(self, item: _CheckItem | _LoadItem) -> None:
         queue = self._queue
@@ -215,23 +221,24 @@ class Tracing:
         """The serialized ExportTraceServiceRequest of queued items (built here, off the check
         path): one ResourceSpans with one ScopeSpans holding every span."""
         spans = b"".join(
-            _field(2, self._load_span(i) if i[0] == "load" else self._check_span(i))  # type: ignore[arg-type]
+            _field(2, self._load_span(i) if i[0] == "load"  # type: ignore[arg-type]
+                   else self._check_span(i))  # type: ignore[arg-type]
             for i in batch
         )
         scope_spans = self._scope + spans
         return _field(1, self._resource + _field(2, scope_spans))
 
     def _check_span(self, item: _CheckItem) -> bytes:
-        trace_id, parent_id, start, end, decision, revision, decision_id = item
+        trace_id, parent_id, start, end, decision, revision, decision_id, caller = item
         return b"".join([
             # trace_id (1) and span_id (2): 16 and 8 bytes; parent_span_id (4) when remote.
             b"\x0a\x10" + (bytes.fromhex(trace_id) if trace_id else self._new_trace_id()),
             b"\x12\x08" + (self._rng.getrandbits(64) | 1).to_bytes(8, "big"),
             b"\x22\x08" + bytes.fromhex(parent_id) if parent_id else b"",
-            self._check_head,
+            self._check_heads.get(caller) or self._check_heads[""],
             _fixed64(7, start),
             _fixed64(8, end),
-            self._decision_block(decision, revision),
+            self._decision_block(decision, revision, caller),
             _DECISION_ID(decision_id),
             _FLAGS_REMOTE if parent_id else _FLAGS_ROOT,
         ])
@@ -239,16 +246,17 @@ class Tracing:
     def _new_trace_id(self) -> bytes:
         return (self._rng.getrandbits(128) | 1).to_bytes(16, "big")
 
-    def _decision_block(self, d: Decision, revision: str) -> bytes:
+    def _decision_block(self, d: Decision, revision: str, caller: str) -> bytes:
         """The attributes and status a decision gives a span, encoded once per distinct
         decision: a service sees few (policy, rule, reason) combinations, over and over."""
-        key = (d.allowed, d.policy, d.rule, d.reason, d.tenant, revision)
+        key = (d.allowed, d.policy, d.rule, d.reason, d.tenant, revision, caller)
         block = self._blocks.get(key)
         if block is None:
             if len(self._blocks) >= 4096:
                 self._blocks.clear()
             block = self._blocks[key] = b"".join([
-                self._rpc_attrs,
+                self._rpc_attrs if caller == _GRPC_CALLER else b"",
+                _CALLER(caller),
                 _ALLOW if d.allowed else _DENY,
                 _POLICY(d.policy),
                 _RULE(d.rule),
@@ -375,8 +383,9 @@ _FLAGS_REMOTE = _varint(16 << 3 | 5) + (_SAMPLED | 0x100 | 0x200).to_bytes(4, "l
 _ALLOW = _attr("authz.decision", "allow")
 _DENY = _attr("authz.decision", "deny")
 _POLICY, _RULE, _REASON = _Key("authz.policy"), _Key("authz.rule"), _Key("authz.reason")
-_REVISION, _DECISION_ID, _TENANT = (
-    _Key("authz.bundle.revision"), _Key("authz.decision_id"), _Key("authz.tenant"))
+_REVISION, _DECISION_ID, _TENANT, _CALLER = (
+    _Key("authz.bundle.revision"), _Key("authz.decision_id"), _Key("authz.tenant"),
+    _Key("authz.caller"))
 _STATUS_UNSET = b"\x7a\x00"  # Span.status, empty
 
 

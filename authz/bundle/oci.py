@@ -1,4 +1,4 @@
-"""Bundles in OCI registries: ``authz build --push oci://...`` and ``authz serve --bundle oci://...``.
+"""Bundles in OCI registries: ``authz build --push oci://...``, ``authz serve --bundle oci://...``.
 
 A bundle travels as an OCI artifact (image-spec 1.1): one layer holding the archive that
 ``authz build`` writes, MANIFEST.json and MANIFEST.sig inside it as for every other source.
@@ -74,7 +74,8 @@ MAX_MANIFEST_BYTES = 4 * 1024 * 1024  # what distribution itself accepts
 USER_AGENT = "authz-bundle-oci"
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 
-_REPOSITORY = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*")
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"  # the distribution spec's path component
+_REPOSITORY = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
 _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 _CHALLENGE_PARAM = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"|(\w+)=([^\s,]+)')
@@ -647,8 +648,9 @@ def _bundle_layer(digest: str, manifest: bytes) -> tuple[int, str]:
         raise _Rejected(digest, f"{digest} is an image index, not an authz bundle")
     layers = doc.get("layers")
     found = [
-        item for item in layers if isinstance(item, dict) and item.get("mediaType") == LAYER_MEDIA_TYPE
-    ] if isinstance(layers, list) else []
+        item for item in (layers if isinstance(layers, list) else [])
+        if isinstance(item, dict) and item.get("mediaType") == LAYER_MEDIA_TYPE
+    ]
     if len(found) != 1:
         what = "no layer" if not found else f"{len(found)} layers"
         raise _Rejected(

@@ -246,7 +246,13 @@ class Decision:
     audit: tuple[str, ...] = ()  # "policy/rule" of matching AUDIT rules
     dry_run: tuple[str, ...] = ()  # "policy/rule=allow|deny|error" a dry-run policy would have decided
     condition_error: bool = False
+    # Policy-shaped responses (authz.engine.shaping): headers the allowing rule sets and
+    # removes upstream; the status and message of a deny (0: the default 403).
+    upstream_headers: tuple[tuple[str, str], ...] = ()
+    remove_headers: tuple[str, ...] = ()
+    deny_status: int = 0
+    deny_message: str = ""
 
     @property
     def http_status(self) -> int:
-        return 200 if self.allowed else 403
+        return 200 if self.allowed else (self.deny_status or 403)

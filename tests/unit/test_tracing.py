@@ -123,6 +123,25 @@ def test_check_spans_are_children_of_the_traceparent_with_the_decision(
     assert exported(metrics) == 2 and dropped(metrics, "queue_full") == 0
 
 
+def test_http_ext_authz_and_api_checks_name_their_caller(tmp_path: Path, receiver: OtlpReceiver) -> None:
+    metrics = Metrics()
+    tracing = make_tracing(receiver.endpoint, metrics)
+    checker = Checker(loaded_store(tmp_path, metrics), metrics, tracing=tracing)
+    try:
+        grpc_check = checker.run(check_request(headers={"traceparent": SAMPLED}))
+        http_check = checker.run(check_request(headers={"traceparent": SAMPLED}), caller="envoy_http")
+        spans = receiver.wait_for_spans(2, 10)
+    finally:
+        tracing.close()
+    by_id = {attributes(s)["authz.decision_id"]: s for s in spans}
+    grpc_span, http_span = by_id[grpc_check.decision_id], by_id[http_check.decision_id]
+    assert (grpc_span.name, attributes(grpc_span)["authz.caller"]) == (CHECK_SPAN, "envoy_grpc")
+    assert attributes(grpc_span)["rpc.method"] == "Check"
+    assert (http_span.name, attributes(http_span)["authz.caller"]) == ("authz.check", "envoy_http")
+    assert "rpc.method" not in attributes(http_span)
+    assert http_span.parent_span_id.hex() == PARENT_ID
+
+
 def test_sampling_follows_the_parent_flag_and_the_ratio(tmp_path: Path, receiver: OtlpReceiver) -> None:
     metrics = Metrics()
     tracing = make_tracing(receiver.endpoint, metrics)
