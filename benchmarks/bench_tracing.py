@@ -106,7 +106,8 @@ def in_process(endpoint: str | None, seconds: float) -> tuple[float, float, str]
     note = f"  cpu {cpu_per_check * 1e6:6.1f} µs/check"
     if tracing is not None:
         dropped, exported = dropped_and_exported(metrics.exposition().decode())
-        note += f"  (spans: {exported:.0f} exported, {dropped:.0f} dropped)"
+        note += (f"  (spans: {exported:.0f} exported, {dropped:.0f} dropped; exporter thread "
+                 f"{tracing.exporter_cpu / max(exported + dropped, 1) * 1e6:.1f} µs/span)")
     return rate, cpu_per_check, note
 
 
