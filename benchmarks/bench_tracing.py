@@ -9,13 +9,15 @@ An OTLP/gRPC receiver (tests/support/otlp.py, the published protos) runs in its 
 on this machine and takes every span; the numbers say how many spans it received and how
 many authz dropped, since a span dropped costs less than one exported.
 
-Two measurements, each alternating off/on for --rounds rounds. The machine is shared, so
-medians are reported, and beside checks/s the CPU time authz spent per check (its whole
-process: check path, gRPC, audit, exporter thread), which the neighbours disturb less:
+Three measurements, each for --rounds rounds. The machine is shared, so medians are
+reported, and beside checks/s the CPU time authz spent per check (its whole process: check
+path, gRPC, audit, exporter thread), which the neighbours disturb less:
 - in process: Checker.check_bytes in a loop, the check path plus the exporter thread that
   shares the interpreter with it;
 - server: a real `authz serve` on the example bundle under h2load (as bench_workers.py),
-  once without and once with --otlp-endpoint.
+  once without and once with --otlp-endpoint, one after the other;
+- side by side: both servers at once, each under its own h2load, so that whatever else runs
+  on the machine disturbs both alike.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -135,39 +138,81 @@ def process_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+class Server:
+    """A real `authz serve` on the example bundle, auditing to a file; with --otlp-endpoint
+    when ``endpoint`` is given."""
+
+    def __init__(self, endpoint: str | None, tmp: str) -> None:
+        self.endpoint = endpoint
+        self.grpc, self.http = free_port(), free_port()
+        extra = ["--otlp-endpoint", endpoint] if endpoint else []
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "authz", "serve", "--grpc-addr", f"127.0.0.1:{self.grpc}",
+             "--http-addr", f"127.0.0.1:{self.http}", "--audit-log",
+             f"{tmp}/audit-{self.grpc}.log", "--log-level", "WARNING", *extra],
+            stdout=subprocess.DEVNULL, cwd=REPO)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{self.http}/readyz", timeout=1).read()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise SystemExit("authz serve did not become ready") from None
+                time.sleep(0.2)
+
+    def cpu(self) -> float:
+        return process_cpu(self.proc.pid)
+
+    def spans(self) -> str:
+        if not self.endpoint:
+            return ""
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.http}/metrics", timeout=5).read()
+        dropped, exported = dropped_and_exported(text.decode())
+        return f"  (spans: {exported:.0f} exported, {dropped:.0f} dropped)"
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=60)
+
+
 def server(endpoint: str | None, seconds: float, connections: int,
            streams: int) -> tuple[float, float, str]:
-    g, h = free_port(), free_port()
     with tempfile.TemporaryDirectory(prefix="authz-bench-") as tmp:
-        extra = ["--otlp-endpoint", endpoint] if endpoint else []
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "authz", "serve", "--grpc-addr", f"127.0.0.1:{g}",
-             "--http-addr", f"127.0.0.1:{h}", "--audit-log", f"{tmp}/audit.log",
-             "--log-level", "WARNING", *extra], stdout=subprocess.DEVNULL, cwd=REPO)
+        srv = Server(endpoint, tmp)
         try:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    urllib.request.urlopen(f"http://127.0.0.1:{h}/readyz", timeout=1).read()
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise SystemExit("authz serve did not become ready") from None
-                    time.sleep(0.2)
             time.sleep(0.5)
-            cpu = process_cpu(proc.pid)
-            rate = h2load(g, seconds, connections, streams, tmp)
+            cpu = srv.cpu()
+            rate = h2load(srv.grpc, seconds, connections, streams, tmp)
             time.sleep(1.5)  # the exporter's last batch
-            cpu_per_check = (process_cpu(proc.pid) - cpu) / (rate * seconds)
-            note = f"  cpu {cpu_per_check * 1e6:6.1f} µs/check"
-            if endpoint:
-                text = urllib.request.urlopen(f"http://127.0.0.1:{h}/metrics", timeout=5).read().decode()
-                dropped, exported = dropped_and_exported(text)
-                note += f"  (spans: {exported:.0f} exported, {dropped:.0f} dropped)"
-            return rate, cpu_per_check, note
+            cpu_per_check = (srv.cpu() - cpu) / (rate * seconds)
+            return rate, cpu_per_check, f"  cpu {cpu_per_check * 1e6:6.1f} µs/check{srv.spans()}"
         finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=60)
+            srv.stop()
+
+
+def side_by_side(endpoint: str, seconds: float, connections: int, streams: int
+                 ) -> tuple[float, float, float, float, str]:
+    """Both servers at once, each under its own h2load with the same load: whatever else
+    runs on the machine disturbs both alike, and the scheduler gives each server a like
+    share of CPU, so the ratio of their checks/s is the ratio of their cost per check."""
+    with tempfile.TemporaryDirectory(prefix="authz-bench-") as tmp:
+        off, on = Server(None, tmp), Server(endpoint, tmp)
+        try:
+            time.sleep(0.5)
+            cpu_off, cpu_on = off.cpu(), on.cpu()
+            with ThreadPoolExecutor(2) as pool:
+                runs = [pool.submit(h2load, srv.grpc, seconds, connections, streams, tmp)
+                        for srv in (off, on)]
+                rate_off, rate_on = (r.result() for r in runs)
+            time.sleep(1.5)
+            per_off = (off.cpu() - cpu_off) / (rate_off * seconds)
+            per_on = (on.cpu() - cpu_on) / (rate_on * seconds)
+            return rate_off, rate_on, per_off, per_on, on.spans()
+        finally:
+            off.stop()
+            on.stop()
 
 
 def main() -> None:
@@ -203,6 +248,19 @@ def main() -> None:
                   f"on/off {on_ / off:.2f} (target >= 0.90); cpu per check off "
                   f"{cpu_off * 1e6:.1f} µs, on {cpu_on * 1e6:.1f} µs, off/on {cpu_off / cpu_on:.2f}",
                   flush=True)
+        if not args.no_server:
+            ratios, cpu_ratios = [], []
+            for r in range(args.rounds):
+                rate_off, rate_on, per_off, per_on, note = side_by_side(
+                    receiver.endpoint, args.seconds, args.connections, args.streams)
+                ratios.append(rate_on / rate_off)
+                cpu_ratios.append(per_off / per_on)
+                print(f"side by side, round {r + 1}: off {rate_off:7.0f} checks/s "
+                      f"(cpu {per_off * 1e6:5.1f} µs/check), on {rate_on:7.0f} checks/s "
+                      f"(cpu {per_on * 1e6:5.1f} µs/check){note}: on/off {rate_on / rate_off:.2f}",
+                      flush=True)
+            print(f"side by side: median on/off {statistics.median(ratios):.2f} (target >= 0.90), "
+                  f"cpu per check off/on {statistics.median(cpu_ratios):.2f}", flush=True)
     finally:
         receiver.close()
 
