@@ -144,23 +144,30 @@ class Server:
 
     def __init__(self, endpoint: str | None, tmp: str) -> None:
         self.endpoint = endpoint
+        for _ in range(5):  # a free port can be taken by a neighbour before authz binds it
+            if self._start(tmp):
+                return
+        raise SystemExit("authz serve did not start")
+
+    def _start(self, tmp: str) -> bool:
         self.grpc, self.http = free_port(), free_port()
-        extra = ["--otlp-endpoint", endpoint] if endpoint else []
+        extra = ["--otlp-endpoint", self.endpoint] if self.endpoint else []
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "authz", "serve", "--grpc-addr", f"127.0.0.1:{self.grpc}",
              "--http-addr", f"127.0.0.1:{self.http}", "--audit-log",
              f"{tmp}/audit-{self.grpc}.log", "--log-level", "WARNING", *extra],
-            stdout=subprocess.DEVNULL, cwd=REPO)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
         deadline = time.monotonic() + 30
-        while True:
+        while time.monotonic() < deadline and self.proc.poll() is None:
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{self.http}/readyz", timeout=1).read()
-                break
+                time.sleep(0.3)
+                if self.proc.poll() is None:
+                    return True
             except OSError:
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise SystemExit("authz serve did not become ready") from None
                 time.sleep(0.2)
+        self.stop()
+        return False
 
     def cpu(self) -> float:
         return process_cpu(self.proc.pid)
@@ -173,7 +180,8 @@ class Server:
         return f"  (spans: {exported:.0f} exported, {dropped:.0f} dropped)"
 
     def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(timeout=60)
 
 
