@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -21,6 +21,8 @@ from authz.bundle.store import BundleStore
 from authz.check import Checker
 from authz.http_authz import HttpAuthzServer
 from authz.metrics import CONTENT_TYPE, Metrics
+from authz.redact import hide_paths
+from authz.tls_server import ServerTls, grpc_credentials, handshake_error, http_ssl_context
 
 log = logging.getLogger("authz.server")
 
@@ -49,8 +51,11 @@ class ProbeServer:
     the decision API's POST /v1/decide and /v1/explain (authz.decision_api)."""
 
     def __init__(self, addr: str, store: BundleStore, metrics: Metrics, worker: int | None = None,
-                 checker: Checker | None = None) -> None:
+                 checker: Checker | None = None, tls: ServerTls | None = None,
+                 hidden: Mapping[str, str] | None = None) -> None:
+        """``hidden`` maps file system paths to the labels /readyz and /v1/status show instead."""
         store_ref, metrics_ref = store, metrics
+        hide = dict(hidden or {})
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802
@@ -76,15 +81,22 @@ class ProbeServer:
                     self._send(200, b"ok\n", "text/plain")
                 elif path == "/readyz":
                     st = store_ref.status()
-                    if st.revision is not None:
+                    expired = tls.expired() if tls is not None else []
+                    if expired:
+                        self._send(503, f"not ready: the {' and '.join(expired)} serving "
+                                   "certificate has expired\n".encode(), "text/plain")
+                    elif st.revision is not None:
                         note = f" (persisted copy: {st.persisted_reason})" if st.serving_persisted else ""
-                        self._send(200, f"ready: revision {st.revision}{note}\n".encode(), "text/plain")
+                        self._send(200, hide_paths(f"ready: revision {st.revision}{note}\n", hide)
+                                   .encode(), "text/plain")
                     else:
-                        reason = st.last_error or "no bundle loaded yet"
+                        reason = hide_paths(st.last_error or "no bundle loaded yet", hide)
                         self._send(503, f"not ready: {reason}\n".encode(), "text/plain")
                 elif path == "/v1/status":
                     st = store_ref.status()
-                    doc = st.as_dict()
+                    doc = hide_paths(st.as_dict(), hide)
+                    if tls is not None:
+                        doc["tls"] = tls.status()
                     if worker is not None:
                         doc["worker"] = {"index": worker, "pid": os.getpid()}
                     body = json.dumps(doc).encode()
@@ -107,6 +119,11 @@ class ProbeServer:
         server_class = _SharedPortHTTPServer if worker is not None else ThreadingHTTPServer
         self.httpd = server_class((host, port), Handler)
         self.httpd.daemon_threads = True
+        if tls is not None and tls.http is not None:
+            # The handshake runs in the request's thread, on first read, not in accept().
+            self.httpd.socket = http_ssl_context(tls.http).wrap_socket(
+                self.httpd.socket, server_side=True, do_handshake_on_connect=False)
+            self.httpd.handle_error = handshake_error  # type: ignore[method-assign]
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="authz-http", daemon=True)
 
     def start(self) -> None:
@@ -124,18 +141,23 @@ class _SharedPortHTTPServer(ThreadingHTTPServer):
 async def serve(
     checker: Checker, store: BundleStore, metrics: Metrics, grpc_addr: str, http_addr: str,
     drain_seconds: float = 10.0, on_reload: Callable[[], None] | None = None,
-    worker: int | None = None, http_authz: HttpAuthzServer | None = None,
+    worker: int | None = None, http_authz: HttpAuthzServer | None = None, tls: ServerTls | None = None,
+    hidden: Mapping[str, str] | None = None,
 ) -> None:
     """Serve until SIGTERM. ``worker`` is this process's index under ``--workers``: only
     then is the port shared with sibling processes (grpcio would otherwise share it silently)."""
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0 if worker is None else 1)])
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0 if worker is None else 1)],
+                             interceptors=tls.interceptors(metrics) if tls is not None else None)
     server.add_generic_rpc_handlers((authorization_handler(checker), decision_api.decision_handler(checker)))
     health = health_async.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    bound = server.add_insecure_port(grpc_addr)
+    if tls is not None and tls.grpc is not None:
+        bound = server.add_secure_port(grpc_addr, grpc_credentials(tls.grpc, tls.require_client_cert))
+    else:
+        bound = server.add_insecure_port(grpc_addr)
     if bound == 0:
         raise OSError(f"cannot bind gRPC address {grpc_addr}")
-    probes = ProbeServer(http_addr, store, metrics, worker, checker)
+    probes = ProbeServer(http_addr, store, metrics, worker, checker, tls, hidden)
     serving = health_pb2.HealthCheckResponse.SERVING
     not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
     loop = asyncio.get_running_loop()
@@ -154,6 +176,8 @@ async def serve(
     if http_authz is not None:
         await http_authz.start()
         log.info("HTTP ext_authz listening on %s", http_authz.addr)
+    if tls is not None:
+        tls.start()
     log.info("authz listening: gRPC %s, HTTP %s", grpc_addr, http_addr)
 
     stop = asyncio.Event()
@@ -170,3 +194,5 @@ async def serve(
     if http_authz is not None:
         await http_authz.stop()
     probes.stop()
+    if tls is not None:
+        tls.stop()

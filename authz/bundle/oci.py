@@ -56,7 +56,7 @@ from typing import IO, Any
 
 from authz.bundle.archive import DEFAULT_LIMITS, Limits, Snapshot, reject, unpack
 from authz.bundle.sources import PollPolicy, SourceUnavailable, poll_delay
-from authz.tls import client_context
+from authz.tls import ClientTls, client_context
 
 log = logging.getLogger("authz.bundle")
 
@@ -261,11 +261,18 @@ class RegistryClient:
         self.credentials = credentials
         self.scheme = "https"
         self._scheme_known = not plain_http
-        self._opener = urllib.request.build_opener(
-            urllib.request.HTTPSHandler(context=ssl_context or client_context()), _Redirects()
-        )
+        self._ssl: ssl.SSLContext | None = None
+        self.use_context(ssl_context or client_context())
         self._auth: dict[str, tuple[str, float]] = {}  # scope -> (Authorization value, expiry)
         self.requests = 0  # made to the registry, for logs and tests
+
+    def use_context(self, ctx: ssl.SSLContext) -> None:
+        """TLS for the next requests (a rotated --client-cert comes as a new context)."""
+        if ctx is not self._ssl:
+            self._ssl = ctx
+            self._opener = urllib.request.build_opener(
+                urllib.request.HTTPSHandler(context=ctx), _Redirects()
+            )
 
     # --- requests ------------------------------------------------------------------------
 
@@ -508,8 +515,11 @@ class OciSource:
         credentials: Path | None = None,
         insecure: Collection[str] = (),
         ssl_context: ssl.SSLContext | None = None,
+        tls: ClientTls | None = None,
         rng: random.Random | None = None,
     ) -> None:
+        """``tls`` (``--ca-file``, ``--client-cert``) gives the context per fetch, so a
+        rotated client certificate is used from the next fetch on; else ``ssl_context``."""
         if policy.min_delay <= 0 or policy.max_delay < policy.min_delay:
             raise ValueError("poll delays must satisfy 0 < min <= max")
         self.ref = parse_reference(reference)
@@ -518,8 +528,10 @@ class OciSource:
         self.policy = policy
         self.client = RegistryClient(
             self.ref.registry, plain_http=self.ref.plain_http_allowed(insecure),
-            credentials=credentials, ssl_context=ssl_context,
+            credentials=credentials,
+            ssl_context=ssl_context or (tls.context() if tls is not None else None),
         )
+        self._tls = tls if ssl_context is None else None
         self.digest: str | None = None  # manifest digest of the last candidate judged
         self.failures = 0
         self._rng = rng or random.Random()
@@ -527,6 +539,8 @@ class OciSource:
 
     def fetch(self, force: bool = False) -> Snapshot | None:
         deadline = time.monotonic() + self.policy.timeout
+        if self._tls is not None:
+            self.client.use_context(self._tls.context())
         try:
             digest, manifest = self._resolve(deadline)
             if digest == self.digest and not force:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,7 +24,8 @@ from authz.bundle.sources import PollPolicy, SourceUnavailable, open_source, rea
 from authz.bundle.store import BundleStore, check_candidate
 from authz.bundle.watcher import Reloader
 from authz.metrics import Metrics
-from authz.tls import client_context
+from authz.credentials import TokenFile
+from authz.tls import ClientTls, client_context
 
 if TYPE_CHECKING:
     from authz.tracing import Tracing
@@ -96,6 +99,24 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "always may); repeatable",
     )
     g.add_argument(
+        "--bundle-token-file",
+        type=Path,
+        metavar="FILE",
+        help="bundle server: send the token in FILE as 'Authorization: Bearer' "
+        "(re-read when it changes)",
+    )
+    g.add_argument(
+        "--allow-redirects",
+        action="store_true",
+        help="bundle server: follow redirects (only to the same scheme, host and port)",
+    )
+    g.add_argument(
+        "--allow-rollback",
+        action="store_true",
+        help="accept a signed bundle whose manifest serial is older than the serving or "
+        "persisted one (refused by default)",
+    )
+    g.add_argument(
         "--bundle-max-bytes",
         type=int,
         default=archive.DEFAULT_MAX_BYTES,
@@ -105,7 +126,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def start_bundles(
-    args: argparse.Namespace, metrics: Metrics, default: Path, tracing: Tracing | None = None
+    args: argparse.Namespace, metrics: Metrics, default: Path, tls: ClientTls | None = None,
+    tracing: Tracing | None = None,
 ) -> tuple[BundleStore, Reloader]:
     """The store, first load done, and the running reloader. SystemExit(2) on bad flags."""
     key = None
@@ -123,8 +145,19 @@ def start_bundles(
             backoff_max=args.poll_backoff_max,
             timeout=args.poll_timeout,
         )
+        spec = str(args.bundle or default)
+        token = None
+        if args.bundle_token_file is not None:
+            if not spec.startswith(("http://", "https://")):
+                raise ValueError("--bundle-token-file is for a bundle server URL (--bundle http(s)://)")
+            token = TokenFile(args.bundle_token_file, "--bundle-token-file")
         source = open_source(
-            args.bundle or default, limits, policy, client_context(args.ca_file),
+            spec,
+            limits,
+            policy,
+            tls=tls if tls is not None else ClientTls(args.ca_file),
+            token=token,
+            allow_redirects=args.allow_redirects,
             registry_credentials=args.registry_credentials,
             insecure_registries=args.insecure_registry,
         )
@@ -137,6 +170,7 @@ def start_bundles(
         persist_dir=args.persist,
         limits=limits,
         source=source.description,
+        allow_rollback=args.allow_rollback,
     )
     reloader = Reloader(store, source, interval=args.watch_interval, tracing=tracing)
     reloader.initial_load()
@@ -154,16 +188,22 @@ def start_bundles(
     return store, reloader
 
 
+def default_serial() -> int:
+    """The build time in Unix seconds (SOURCE_DATE_EPOCH when set, for reproducible builds)."""
+    return int(os.environ.get("SOURCE_DATE_EPOCH") or time.time())
+
+
 def build(
     directory: Path,
     output: Path | None,
     signing_key: Path | None,
+    serial: int | None = None,
     push: str | None = None,
     registry_credentials: Path | None = None,
     ca_file: Path | None = None,
     insecure_registries: Sequence[str] = (),
 ) -> int:
-    """`authz build DIR [-o FILE.tar.gz] [--push oci://...] [--signing-key KEY]`.
+    """`authz build DIR [-o FILE.tar.gz] [--push oci://...] [--signing-key KEY] [--serial N]`.
 
     0 written (and pushed), 1 the registry refused or was unreachable, 2 bundle, key or flag
     error."""
@@ -194,10 +234,11 @@ def build(
     except BundleError as exc:
         print(str(exc), file=sys.stderr)
         return 2
-    data = archive.build_archive(files, policy_set.name, policy_set.revision, key)
+    serial = default_serial() if serial is None else serial
+    data = archive.build_archive(files, policy_set.name, policy_set.revision, key, serial)
     what = (
         f"bundle {policy_set.name} revision {policy_set.revision}, {len(files)} files, "
-        f"{len(data)} bytes, {'signed' if key is not None else 'unsigned'}"
+        f"{len(data)} bytes, serial {serial}, {'signed' if key is not None else 'unsigned'}"
     )
     if output is not None:
         try:

@@ -24,16 +24,20 @@ import random
 import ssl
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import urllib.response
 from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from email.message import Message
+from http.client import HTTPMessage
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from authz.bundle.archive import DEFAULT_LIMITS, Limits, Snapshot, reject, unpack
-from authz.tls import client_context
+from authz.credentials import TokenFile, client_auth
+from authz.redact import redact_url
+from authz.tls import ClientTls, client_context
 
 CONFIGMAP_DATA = "..data"
 
@@ -202,8 +206,40 @@ class PollPolicy:
     timeout: float = 10.0
 
 
+class RedirectRefused(urllib.error.URLError):
+    """A redirect the fetch policy does not follow."""
+
+
+class _RedirectPolicy(urllib.request.HTTPRedirectHandler):
+    """No redirects unless allowed; allowed ones only to the same scheme, host and port, so an
+    https:// bundle URL never downgrades and credentials never go to another server."""
+
+    max_redirections = 5
+
+    def __init__(self, allow: bool) -> None:
+        self.allow = allow
+
+    def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str,
+                         headers: HTTPMessage, newurl: str) -> urllib.request.Request | None:
+        old = urllib.parse.urlsplit(req.full_url)
+        new = urllib.parse.urlsplit(urllib.parse.urljoin(req.full_url, newurl))
+        where = f"bundle server redirected (HTTP {code}) {redact_url(req.full_url)} to {redact_url(newurl)}"
+        if not self.allow:
+            raise RedirectRefused(f"{where}: redirects are not followed without --allow-redirects")
+        if new.scheme != old.scheme:
+            raise RedirectRefused(f"{where}: refused, a redirect never changes the scheme "
+                                  f"({old.scheme} to {new.scheme})")
+        if (new.hostname, new.port) != (old.hostname, old.port) or "@" in new.netloc:
+            raise RedirectRefused(f"{where}: refused, a redirect never leaves the host")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
 class HttpSource:
-    """Polls a bundle server; the body is a bundle archive (what `authz build` writes)."""
+    """Polls a bundle server; the body is a bundle archive (what `authz build` writes).
+
+    ``tls`` gives the client context per fetch (a rotated client certificate is used from
+    the next poll); ``token`` or user info in the URL authenticate; ``description``, used in
+    every message, is the URL without credentials."""
 
     polled = True
 
@@ -214,19 +250,36 @@ class HttpSource:
         policy: PollPolicy = PollPolicy(),
         rng: random.Random | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        *,
+        tls: ClientTls | None = None,
+        token: TokenFile | None = None,
+        allow_redirects: bool = False,
     ) -> None:
         if policy.min_delay <= 0 or policy.max_delay < policy.min_delay:
             raise ValueError("poll delays must satisfy 0 < min <= max")
-        self.url = url
-        self.description = url
+        self.url, self.auth = client_auth(url, token)
+        self.description = redact_url(url)  # '***@' says user info is in use
         self.limits = limits
         self.policy = policy
         self.etag: str | None = None
         self.failures = 0
         self._rng = rng or random.Random()
-        self._opener = urllib.request.build_opener(
-            urllib.request.HTTPSHandler(context=ssl_context or client_context())
+        self._tls = tls
+        self._redirects = allow_redirects
+        self._ssl = ssl_context or (tls.context() if tls is not None else client_context())
+        self._opener = self._build_opener(self._ssl)
+
+    def _build_opener(self, ctx: ssl.SSLContext) -> urllib.request.OpenerDirector:
+        return urllib.request.build_opener(
+            urllib.request.HTTPSHandler(context=ctx), _RedirectPolicy(self._redirects)
         )
+
+    def _current_opener(self) -> urllib.request.OpenerDirector:
+        if self._tls is not None:
+            ctx = self._tls.context()
+            if ctx is not self._ssl:
+                self._ssl, self._opener = ctx, self._build_opener(ctx)
+        return self._opener
 
     def fetch(self, force: bool = False) -> Snapshot | None:
         headers = {
@@ -235,10 +288,14 @@ class HttpSource:
         }
         if self.etag and not force:
             headers["If-None-Match"] = self.etag
-        req = urllib.request.Request(self.url, headers=headers)
         deadline = time.monotonic() + self.policy.timeout
         try:
-            resp = self._opener.open(req, timeout=self.policy.timeout)
+            headers.update(self.auth.headers())
+            req = urllib.request.Request(self.url, headers=headers)
+            resp = self._current_opener().open(req, timeout=self.policy.timeout)
+        except RedirectRefused as exc:
+            self.failures += 1
+            raise SourceUnavailable(str(exc.reason)) from None
         except urllib.error.HTTPError as exc:
             exc.close()
             if exc.code == 304:
@@ -246,12 +303,12 @@ class HttpSource:
                 return None
             self.failures += 1
             raise SourceUnavailable(
-                f"bundle server answered HTTP {exc.code} for {self.url}"
+                f"bundle server answered HTTP {exc.code} for {self.description}"
             ) from None
         except (OSError, ValueError) as exc:
             self.failures += 1
             reason = getattr(exc, "reason", exc)
-            raise SourceUnavailable(f"bundle server {self.url} unreachable: {reason}") from None
+            raise SourceUnavailable(f"bundle server {self.description} unreachable: {reason}") from None
         try:
             with resp:
                 if resp.status == 304:
@@ -266,7 +323,7 @@ class HttpSource:
         # Remember the ETag even if the gate rejects this body: the same bytes would be
         # rejected again, so there is no point downloading them at every poll.
         self.etag = etag
-        return unpack(data, self.url, self.limits)
+        return unpack(data, self.description, self.limits)
 
     def _read_body(self, resp: urllib.response.addinfourl, deadline: float) -> bytes:
         limit = self.limits.max_bytes
@@ -274,7 +331,7 @@ class HttpSource:
         if length is not None and length.isdigit() and int(length) > limit:
             self.etag = _etag(resp.headers)
             raise reject(
-                _name(self.url), f"bundle is {length} bytes, over the size limit of {limit}"
+                _name(self.description), f"bundle is {length} bytes, over the size limit of {limit}"
             )
         chunks: list[bytes] = []
         total = 0
@@ -282,7 +339,7 @@ class HttpSource:
             while True:
                 if time.monotonic() > deadline:
                     raise SourceUnavailable(
-                        f"bundle download from {self.url} took longer than {self.policy.timeout}s"
+                        f"bundle download from {self.description} took longer than {self.policy.timeout}s"
                     )
                 chunk = resp.read(min(65536, limit + 1 - total))
                 if not chunk:
@@ -291,9 +348,9 @@ class HttpSource:
                 total += len(chunk)
                 if total > limit:
                     self.etag = _etag(resp.headers)
-                    raise reject(_name(self.url), f"bundle is over the size limit of {limit} bytes")
+                    raise reject(_name(self.description), f"bundle is over the size limit of {limit} bytes")
         except (OSError, ValueError) as exc:
-            raise SourceUnavailable(f"bundle download from {self.url} failed: {exc}") from None
+            raise SourceUnavailable(f"bundle download from {self.description} failed: {exc}") from None
         return b"".join(chunks)
 
     def fingerprint(self) -> Hashable:
@@ -326,6 +383,10 @@ def open_source(
     limits: Limits = DEFAULT_LIMITS,
     policy: PollPolicy = PollPolicy(),
     ssl_context: ssl.SSLContext | None = None,
+    *,
+    tls: ClientTls | None = None,
+    token: TokenFile | None = None,
+    allow_redirects: bool = False,
     registry_credentials: Path | None = None,
     insecure_registries: Sequence[str] = (),
 ) -> Source:
@@ -337,10 +398,11 @@ def open_source(
 
         return OciSource(
             text, limits, policy, credentials=registry_credentials,
-            insecure=insecure_registries, ssl_context=ssl_context,
+            insecure=insecure_registries, ssl_context=ssl_context, tls=tls,
         )
     if text.startswith(("http://", "https://")):
-        return HttpSource(text, limits, policy, ssl_context=ssl_context)
+        return HttpSource(text, limits, policy, ssl_context=ssl_context, tls=tls, token=token,
+                          allow_redirects=allow_redirects)
     path = Path(text)
     if path.is_dir():
         return DirectorySource(path, limits)
