@@ -73,6 +73,7 @@ DEFAULT_HOST = "httpbin.foo.svc.cluster.local"
 SERVER_SPIFFE = "spiffe://cluster.local/ns/foo/sa/httpbin"
 RBAC_NS = "envoy.filters.http.rbac"
 IO_TIMEOUT = 15.0  # generous: the machine running the tests is shared and loaded
+READY_TIMEOUT = 60.0  # Envoy start, same reason
 
 
 # ---------------------------------------------------------------- certificates
@@ -322,7 +323,7 @@ class Envoy:
         self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT)
         atexit.register(self.stop)
         self._old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + READY_TIMEOUT
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 self.stop()
@@ -337,15 +338,16 @@ class Envoy:
             time.sleep(0.02)
         else:
             self.stop()
-            raise TimeoutError("envoy did not become ready within 20 s")
+            raise TimeoutError(f"envoy did not become ready within {READY_TIMEOUT:.0f} s")
         for p in self.ports:
-            for _ in range(250):
+            accepting = False
+            while not accepting and time.monotonic() < deadline:
                 try:
                     socket.create_connection(("127.0.0.1", p), timeout=0.2).close()
-                    break
+                    accepting = True
                 except OSError:
                     time.sleep(0.02)
-            else:
+            if not accepting:
                 self.stop()
                 raise TimeoutError(f"envoy listener on port {p} not accepting")
         return self
