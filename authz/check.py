@@ -2,6 +2,7 @@
 
     CheckRequest -> Request -> PolicySet.decide -> Decision -> CheckResponse
                                                      ├─> audit (queued)
+                                                     ├─> trace span (queued, when on)
                                                      └─> metrics
 
 ``Checker.check`` never raises: a malformed request, a missing bundle or any internal
@@ -26,8 +27,9 @@ from authz.engine.decide import PolicySet, Tracer
 from authz.engine.model import Decision
 from authz.metrics import Metrics
 
-if TYPE_CHECKING:  # the store's reload gate runs bundle tests through Checker: no import back
-    from authz.bundle.store import BundleStore
+if TYPE_CHECKING:
+    from authz.bundle.store import BundleStore  # its reload gate runs bundle tests: no import back
+    from authz.tracing import Tracing  # the OTLP protos load only when tracing is on
 
 log = logging.getLogger("authz.check")
 
@@ -72,11 +74,13 @@ class Outcome:
 
 
 class Checker:
-    def __init__(self, store: BundleStore, metrics: Metrics | None, audit: AuditLog | None = None) -> None:
+    def __init__(self, store: BundleStore, metrics: Metrics | None, audit: AuditLog | None = None,
+                 tracing: Tracing | None = None) -> None:
         """``metrics`` None: count nothing (bundle tests must not show up as served checks)."""
         self.store = store
         self.metrics = metrics
         self.audit = audit
+        self.tracing = tracing
 
     def check(self, check_request: external_auth_pb2.CheckRequest) -> external_auth_pb2.CheckResponse:
         return self.run(check_request).response
@@ -168,6 +172,9 @@ class Checker:
             if self.audit is not None:
                 self.audit.submit(AuditEntry(time.time(), decision_id, decision, req, revision,
                                              int(elapsed * 1e6), caller))
+            if self.tracing is not None:  # one append to a bounded queue, like the audit
+                self.tracing.check(req.headers.get("traceparent") if req else None, decision,
+                                   decision_id, revision, elapsed, caller)
         except Exception:  # noqa: BLE001
             log.exception("metrics or audit failed for %s", decision_id, extra={"decision_id": decision_id})
 

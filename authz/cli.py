@@ -12,7 +12,7 @@ from pathlib import Path
 
 from google.protobuf import json_format
 
-from authz import http_authz, istio_import, lint, logging_setup, options, testing, tls_server
+from authz import http_authz, istio_import, lint, logging_setup, options, testing, tls_server, tracing
 from authz.audit import AuditLog, Sink, check_header_allowlist, sink_for
 from authz.bundle import runtime as bundle_runtime
 from authz.bundle.loader import BundleError
@@ -37,8 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the gRPC ext_authz server")
-    serve.add_argument("--bundle", help="bundle directory (watched), .tar.gz archive or http(s):// "
-                       "bundle server URL (default: the example bundle); docs/bundles-operations.md")
+    serve.add_argument("--bundle", help="bundle directory (watched), .tar.gz archive, http(s):// "
+                       "bundle server URL or oci://REGISTRY/REPO:TAG (default: the example bundle); "
+                       "docs/bundles-operations.md")
     serve.add_argument("--allow-empty-bundle", action="store_true",
                        help="serve a bundle without policies (denying every request) instead of "
                             "refusing it")
@@ -87,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     options.add_logging_arguments(serve)
     bundle_runtime.add_serve_arguments(serve)
     http_authz.add_serve_arguments(serve)
+    tracing.add_serve_arguments(serve)
 
     check = sub.add_parser("check", help="decide one Envoy CheckRequest (protobuf JSON)")
     check.add_argument("--bundle", type=Path, help="bundle directory (default: the example bundle)")
@@ -101,11 +103,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("schema", help="print the JSON Schema of the bundle files (for editors)")
     build = sub.add_parser("build", help="pack a bundle directory into a verified, optionally signed .tar.gz")
     build.add_argument("directory", type=Path, help="bundle directory")
-    build.add_argument("-o", "--output", type=Path, required=True, metavar="FILE.tar.gz")
+    build.add_argument("-o", "--output", type=Path, metavar="FILE.tar.gz")
     build.add_argument("--signing-key", type=Path, metavar="KEY", help="Ed25519 private key (PEM) to sign the manifest")
     build.add_argument("--serial", type=int, metavar="N",
                        help="the manifest serial, which must grow from one bundle to the next "
                             "(default: the build time in Unix seconds)")
+    build.add_argument("--push", metavar="oci://REGISTRY/REPO:TAG",
+                       help="push the archive to an OCI registry as an authz bundle artifact")
+    build.add_argument("--registry-credentials", type=Path, metavar="FILE",
+                       help="registry credentials for --push (Docker config.json)")
+    build.add_argument("--ca-file", type=Path, metavar="PEM",
+                       help="CA certificates trusted for the registry (default: the system's)")
+    build.add_argument("--insecure-registry", action="append", default=[], metavar="HOST[:PORT]",
+                       help="a registry that may be reached over plain http; repeatable")
     istio_import.add_arguments(sub.add_parser(
         "import-istio", help="convert Istio AuthorizationPolicy resources into a bundle directory"))
 
@@ -136,7 +146,9 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     if args.command == "lint":
         return lint.cli(args)
     if args.command == "build":
-        return bundle_runtime.build(args.directory, args.output, args.signing_key, args.serial)
+        return bundle_runtime.build(args.directory, args.output, args.signing_key, args.serial,
+                                    args.push, args.registry_credentials, args.ca_file,
+                                    args.insecure_registry)
     if args.command == "schema":
         print(json.dumps(BUNDLE_SCHEMA, indent=2))
         return 0
@@ -156,11 +168,19 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"authz serve: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        store, reloader = bundle_runtime.start_bundles(args, metrics, example_bundle(), client_tls)
+        spans = tracing.from_args(args, metrics)
+    except ValueError as exc:
+        audit.close()
+        print(f"authz serve: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        store, reloader = bundle_runtime.start_bundles(args, metrics, example_bundle(), client_tls, spans)
     except SystemExit:
         audit.close()
+        if spans is not None:
+            spans.close()
         return EXIT_USAGE
-    checker = Checker(store, metrics, audit)
+    checker = Checker(store, metrics, audit, spans)
     from authz.server import serve
 
     try:
@@ -169,6 +189,8 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"authz serve: {exc}", file=sys.stderr)
         reloader.stop()
         audit.close()
+        if spans is not None:
+            spans.close()
         return EXIT_USAGE
     try:
         asyncio.run(serve(checker, store, metrics, args.grpc_addr, args.http_addr,
@@ -180,6 +202,8 @@ def _serve(args: argparse.Namespace) -> int:
     finally:
         reloader.stop()
         audit.close()
+        if spans is not None:
+            spans.close()
     return 0
 
 
@@ -253,7 +277,7 @@ def _hidden_paths(args: argparse.Namespace) -> dict[str, str]:
     """The configured paths that /readyz and /v1/status show only by label."""
     hidden: dict[str, str] = {}
     bundle = str(args.bundle or example_bundle())
-    if not bundle.startswith(("http://", "https://")):
+    if not bundle.startswith(("http://", "https://", "oci://")):  # URLs are not machine paths
         hidden[bundle] = "<bundle>"
         hidden[str(Path(bundle).resolve())] = "<bundle>"
     if args.persist is not None:

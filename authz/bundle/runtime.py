@@ -2,7 +2,8 @@
 
 ``start_bundles`` opens the ``--bundle`` source, makes the first load (falling back to the
 ``--persist`` copy when the source gives no good bundle) and starts the reloader.
-``build`` packs a bundle directory into a verified, optionally signed archive.
+``build`` packs a bundle directory into a verified, optionally signed archive, written to a
+file or pushed to an OCI registry.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from authz.bundle import archive, signing
+from authz.bundle import archive, oci, signing
 from authz.bundle.archive import Limits
 from authz.bundle.loader import BundleError
 from authz.bundle.sources import PollPolicy, SourceUnavailable, open_source, read_directory
@@ -23,7 +26,10 @@ from authz.bundle.watcher import Reloader
 from authz.metrics import Metrics
 from authz.credentials import TokenFile
 from authz.options import positive_float, positive_int
-from authz.tls import ClientTls
+from authz.tls import ClientTls, client_context
+
+if TYPE_CHECKING:
+    from authz.tracing import Tracing
 
 log = logging.getLogger("authz")
 
@@ -80,6 +86,20 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="bundle server: timeout of one download (default 10)",
     )
     g.add_argument(
+        "--registry-credentials",
+        type=Path,
+        metavar="FILE",
+        help="oci:// bundles: registry credentials in Docker config.json form (auths.HOST.auth)",
+    )
+    g.add_argument(
+        "--insecure-registry",
+        action="append",
+        default=[],
+        metavar="HOST[:PORT]",
+        help="oci:// bundles: a registry that may be reached over plain http (loopback ones "
+        "always may); repeatable",
+    )
+    g.add_argument(
         "--bundle-token-file",
         type=Path,
         metavar="FILE",
@@ -107,7 +127,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def start_bundles(
-    args: argparse.Namespace, metrics: Metrics, default: Path, tls: ClientTls | None = None
+    args: argparse.Namespace, metrics: Metrics, default: Path, tls: ClientTls | None = None,
+    tracing: Tracing | None = None,
 ) -> tuple[BundleStore, Reloader]:
     """The store, first load done, and the running reloader. SystemExit(2) on bad flags."""
     key = None
@@ -138,6 +159,8 @@ def start_bundles(
             tls=tls if tls is not None else ClientTls(args.ca_file),
             token=token,
             allow_redirects=args.allow_redirects,
+            registry_credentials=args.registry_credentials,
+            insecure_registries=args.insecure_registry,
         )
     except ValueError as exc:
         print(f"authz serve: {exc}", file=sys.stderr)
@@ -151,7 +174,7 @@ def start_bundles(
         allow_rollback=args.allow_rollback,
         allow_empty=args.allow_empty_bundle,
     )
-    reloader = Reloader(store, source, interval=args.watch_interval)
+    reloader = Reloader(store, source, interval=args.watch_interval, tracing=tracing)
     reloader.initial_load()
     if store.current is None and args.persist is not None:
         reason = store.status().last_error or "the source gave no bundle"
@@ -176,9 +199,29 @@ def default_serial() -> int:
 
 
 def build(
-    directory: Path, output: Path, signing_key: Path | None, serial: int | None = None
+    directory: Path,
+    output: Path | None,
+    signing_key: Path | None,
+    serial: int | None = None,
+    push: str | None = None,
+    registry_credentials: Path | None = None,
+    ca_file: Path | None = None,
+    insecure_registries: Sequence[str] = (),
 ) -> int:
-    """`authz build DIR -o FILE.tar.gz [--signing-key KEY] [--serial N]`: 0 written, 2 error."""
+    """`authz build DIR [-o FILE.tar.gz] [--push oci://...] [--signing-key KEY] [--serial N]`.
+
+    0 written (and pushed), 1 the registry refused or was unreachable, 2 bundle, key or flag
+    error."""
+    if output is None and push is None:
+        print("authz build: give -o FILE.tar.gz, --push oci://REGISTRY/REPO:TAG or both",
+              file=sys.stderr)
+        return 2
+    if push is not None:
+        try:
+            oci.parse_reference(push)
+        except ValueError as exc:
+            print(f"authz build: {exc}", file=sys.stderr)
+            return 2
     key = None
     if signing_key is not None:
         try:
@@ -198,13 +241,26 @@ def build(
         return 2
     serial = default_serial() if serial is None else serial
     data = archive.build_archive(files, policy_set.name, policy_set.revision, key, serial)
-    try:
-        archive.write_atomic(output, data)
-    except OSError as exc:
-        print(f"authz build: cannot write {output}: {exc}", file=sys.stderr)
-        return 2
-    print(
-        f"{output}: bundle {policy_set.name} revision {policy_set.revision}, {len(files)} files, "
+    what = (
+        f"bundle {policy_set.name} revision {policy_set.revision}, {len(files)} files, "
         f"{len(data)} bytes, serial {serial}, {'signed' if key is not None else 'unsigned'}"
     )
+    if output is not None:
+        try:
+            archive.write_atomic(output, data)
+        except OSError as exc:
+            print(f"authz build: cannot write {output}: {exc}", file=sys.stderr)
+            return 2
+        print(f"{output}: {what}")
+    if push is not None:
+        try:
+            digest = oci.push(
+                push, data, policy_set.name, policy_set.revision,
+                credentials=registry_credentials, insecure=insecure_registries,
+                ssl_context=client_context(ca_file),
+            )
+        except (ValueError, SourceUnavailable) as exc:
+            print(f"authz build: push to {push} failed: {exc}", file=sys.stderr)
+            return 1
+        print(f"{push}: {what}, manifest {digest}")
     return 0

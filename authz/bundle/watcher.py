@@ -19,9 +19,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Hashable
+from typing import TYPE_CHECKING
 
 from authz.bundle.sources import Source
-from authz.bundle.store import ERROR, BundleStore
+from authz.bundle.store import ERROR, LOADED, UNCHANGED, BundleStore
+
+if TYPE_CHECKING:
+    from authz.tracing import Tracing
 
 log = logging.getLogger("authz.bundle")
 
@@ -35,9 +39,11 @@ class Reloader:
         interval: float = 1.0,
         settle: float | None = None,
         clock: Callable[[], float] = time.monotonic,
+        tracing: Tracing | None = None,
     ) -> None:
         self.store = store
         self.source = source
+        self.tracing = tracing
         self.interval = interval
         self.settle = interval if settle is None else settle
         self.loads = 0  # load attempts made by this reloader (for tests and logs)
@@ -79,8 +85,14 @@ class Reloader:
 
     def _load(self, force: bool) -> str:
         self.loads += 1
+        started = time.time_ns()
         result = self.store.fetch_and_load(self.source, force=force)
         self._last_ok = result != ERROR
+        if self.tracing is not None and result != UNCHANGED:  # a span per load, not per poll
+            st = self.store.status()
+            self.tracing.bundle_load(self.source.description, result, st.revision,
+                                     st.served_from, st.last_error if result != LOADED else None,
+                                     started)
         return result
 
     def _take_forced(self) -> bool:
