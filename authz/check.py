@@ -23,6 +23,7 @@ from authz.audit import AuditEntry, AuditLog
 from authz.bundle.store import BundleStore
 from authz.engine.decide import PolicySet, Tracer
 from authz.engine.model import Decision
+from authz.limits import RequestLimits
 from authz.metrics import Metrics
 
 log = logging.getLogger("authz.check")
@@ -42,34 +43,45 @@ class Outcome:
 
 
 class Checker:
-    def __init__(self, store: BundleStore, metrics: Metrics | None, audit: AuditLog | None = None) -> None:
+    def __init__(self, store: BundleStore, metrics: Metrics | None, audit: AuditLog | None = None,
+                 limits: RequestLimits = RequestLimits()) -> None:
         """``metrics`` None: count nothing (bundle tests must not show up as served checks)."""
         self.store = store
         self.metrics = metrics
         self.audit = audit
+        self.limits = limits
 
     def check(self, check_request: external_auth_pb2.CheckRequest) -> external_auth_pb2.CheckResponse:
         return self.run(check_request).response
 
     def check_bytes(self, data: bytes) -> bytes:
         """The wire form of a check: bytes in, bytes out. A request that does not even parse
-        is denied like any other malformed request, with a reason and a decision id."""
+        is denied like any other malformed request, with a reason and a decision id; one over
+        the size limit is denied before it is parsed."""
+        if len(data) > self.limits.max_request_bytes:
+            return self.run(None, too_large=self.limits.too_large).response.SerializeToString()  # type: ignore[no-any-return]
         try:
             check_request = external_auth_pb2.CheckRequest.FromString(data)
         except Exception:  # noqa: BLE001 - protobuf raises DecodeError, but any failure denies
             return self.run(None).response.SerializeToString()  # type: ignore[no-any-return]
-        return self.run(check_request).response.SerializeToString()  # type: ignore[no-any-return]
+        return self.run(check_request, size=len(data)).response.SerializeToString()  # type: ignore[no-any-return]
 
-    def run(self, check_request: external_auth_pb2.CheckRequest | None, tracer: Tracer | None = None) -> Outcome:
-        """Decide one request; ``tracer``, when given, receives each step (``authz check --explain``)."""
+    def run(self, check_request: external_auth_pb2.CheckRequest | None, tracer: Tracer | None = None,
+            *, size: int | None = None, too_large: str | None = None) -> Outcome:
+        """Decide one request; ``tracer``, when given, receives each step (``authz check --explain``).
+        ``size`` is its size on the wire when known; ``too_large`` the reason it was not parsed."""
         started = time.perf_counter()
         decision_id = new_decision_id()
         policy_set = self.store.current  # read once: one bundle for the whole check
         revision = policy_set.revision if policy_set is not None else ""
         req: request_mod.Request | None = None
         try:
-            if check_request is None:
+            if too_large is not None:
+                decision = _deny(too_large)
+            elif check_request is None:
                 decision = _deny("malformed request: not a CheckRequest")
+            elif (over := self.limits.violation(check_request, size)) is not None:
+                decision = _deny(over)  # before any normalising or matching
             elif policy_set is None:
                 decision = _deny("no policy bundle loaded")
             else:

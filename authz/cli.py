@@ -8,16 +8,18 @@ import json
 import logging
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from google.protobuf import json_format
 
-from authz import istio_import, lint, testing
+from authz import istio_import, limits, lint, testing
 from authz.audit import AuditLog, Sink, check_header_allowlist, sink_for
 from authz.bundle import runtime as bundle_runtime
 from authz.bundle.loader import BundleError
 from authz.bundle.schema import BUNDLE_SCHEMA
 from authz.bundle.store import BundleStore
+from authz.bundle.watcher import Reloader
 from authz.check import Checker
 from authz.engine.compile import load_policy_set
 from authz.engine.explain import Explainer, summary
@@ -74,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     serve.add_argument("--log-level", default="INFO")
     bundle_runtime.add_serve_arguments(serve)
+    limits.add_serve_arguments(serve)
 
     check = sub.add_parser("check", help="decide one Envoy CheckRequest (protobuf JSON)")
     check.add_argument("--bundle", type=Path, help="bundle directory (default: the example bundle)")
@@ -126,16 +129,20 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"authz serve: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        store, reloader = bundle_runtime.start_bundles(args, metrics, example_bundle())
+        store, reloader = bundle_runtime.open_bundles(args, metrics, example_bundle())
     except SystemExit:
         audit.close()
         return EXIT_USAGE
-    checker = Checker(store, metrics, audit)
+    checker = Checker(store, metrics, audit, limits.request_limits(args))
     from authz.server import serve
+
+    def first_load() -> None:  # in the reloader thread, once the ports are open
+        bundle_runtime.first_load(store, reloader, args.persist)
 
     try:
         asyncio.run(serve(checker, store, metrics, args.grpc_addr, args.http_addr,
-                          on_reload=reloader.trigger, worker=args.worker_index))
+                          options=limits.serve_limits(args), on_reload=reloader.trigger,
+                          worker=args.worker_index, on_started=lambda: _start(reloader, first_load)))
     except OSError as exc:
         print(f"authz: {exc}", file=sys.stderr)
         return 1
@@ -143,6 +150,10 @@ def _serve(args: argparse.Namespace) -> int:
         reloader.stop()
         audit.close()
     return 0
+
+
+def _start(reloader: Reloader, first: Callable[[], None]) -> None:
+    reloader.start(first)
 
 
 _UNKNOWN_FIELD = re.compile(r'has no field named "([^"]+)" at "([^"]+)"')

@@ -75,6 +75,25 @@ class Metrics:
             "authz_dry_run", "Decisions of dry-run policies, by what they would have done.", ["would"],
             registry=r,
         )
+        self.checks_rejected = Counter(
+            "authz_checks_rejected",
+            "Check calls refused or dropped before any work, by reason (admission control).",
+            ["reason"], registry=r,
+        )
+        self.checks_in_flight = Gauge(
+            "authz_checks_in_flight", "Check calls in the server (received, queued or being decided).",
+            registry=r, multiprocess_mode="livesum",
+        )
+        self.audit_oldest_queued = Gauge(
+            "authz_audit_oldest_queued_seconds",
+            "Age of the oldest record waiting for a sink (0 when none waits): a stuck sink shows here "
+            "before its queue overflows.",
+            ["sink"], registry=r, multiprocess_mode="livemax",
+        )
+        self.audit_queued_bytes = Gauge(
+            "authz_audit_queued_bytes", "Bytes of audit records waiting for a sink.", ["sink"],
+            registry=r, multiprocess_mode="livesum",
+        )
         # Series that alerts and dashboards use exist from the start, at 0.
         for result in ("loaded", "rejected", "unchanged", "error"):
             self.bundle_loads.labels(result)

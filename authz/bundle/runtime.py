@@ -1,7 +1,9 @@
 """What `authz serve` and `authz build` do with bundles, kept out of cli.py.
 
-``start_bundles`` opens the ``--bundle`` source, makes the first load (falling back to the
-``--persist`` copy when the source gives no good bundle) and starts the reloader.
+``open_bundles`` opens the ``--bundle`` source; ``first_load`` makes the first load (falling
+back to the ``--persist`` copy when the source gives no good bundle within its timeout).
+`authz serve` runs the first load in the reloader thread once its ports are open, so that
+/healthz answers (and Kubernetes does not kill the pod) while a slow source is read.
 ``build`` packs a bundle directory into a verified, optionally signed archive.
 """
 
@@ -84,10 +86,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def start_bundles(
+def open_bundles(
     args: argparse.Namespace, metrics: Metrics, default: Path
 ) -> tuple[BundleStore, Reloader]:
-    """The store, first load done, and the running reloader. SystemExit(2) on bad flags."""
+    """The empty store and the reloader, not started. SystemExit(2) on bad flags."""
     key = None
     if args.verification_key is not None:
         try:
@@ -114,9 +116,14 @@ def start_bundles(
         limits=limits,
         source=source.description,
     )
-    reloader = Reloader(store, source, interval=args.watch_interval)
+    return store, Reloader(store, source, interval=args.watch_interval)
+
+
+def first_load(store: BundleStore, reloader: Reloader, persist: Path | None) -> None:
+    """Load from the source once; serve the --persist copy if that gave no good bundle."""
+    source = reloader.source
     reloader.initial_load()
-    if store.current is None and args.persist is not None:
+    if store.current is None and persist is not None:
         reason = store.status().last_error or "the source gave no bundle"
         store.restore_persisted(f"source {source.description} gave no good bundle: {reason}")
     if store.current is None:
@@ -126,8 +133,6 @@ def start_bundles(
             f"fails and every check is denied until {source.description} gives a good bundle"
         )
         print(message, file=sys.stderr)
-    reloader.start()
-    return store, reloader
 
 
 def build(directory: Path, output: Path, signing_key: Path | None) -> int:

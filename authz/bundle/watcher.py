@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 
 from authz.bundle.sources import Source
 from authz.bundle.store import ERROR, BundleStore
@@ -46,6 +46,7 @@ class Reloader:
         self._thread: threading.Thread | None = None
         self._loaded_fp: Hashable = None
         self._last_ok = True
+        self._first: Callable[[], object] | None = None
 
     # --- control -------------------------------------------------------------------------
 
@@ -54,7 +55,10 @@ class Reloader:
         self._loaded_fp = self.source.fingerprint()
         return self._load(force=False)
 
-    def start(self) -> Reloader:
+    def start(self, first: Callable[[], object] | None = None) -> Reloader:
+        """Run the loop in its thread; ``first``, when given, runs there before it (the first
+        load, so the ports can open and /healthz answer while it is in flight)."""
+        self._first = first
         self._thread = threading.Thread(target=self._run, name="authz-bundle-reloader", daemon=True)
         self._thread.start()
         return self
@@ -88,6 +92,8 @@ class Reloader:
 
     def _run(self) -> None:
         try:
+            if self._first is not None:
+                self._first()
             if self.source.polled:
                 self._poll_loop()
             else:
