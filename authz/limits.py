@@ -56,7 +56,7 @@ class ServeLimits:
     drain_grace: float = 5.0  # after SIGTERM: NOT_SERVING but still answering
     drain_timeout: float = 15.0  # then: new streams refused, in-flight checks finish within this
     max_concurrent_checks: int = 512
-    max_streams_per_connection: int = 100
+    max_streams_per_connection: int = 1000
     max_message_bytes: int = 4 * 1024 * 1024  # gRPC's own cap; RequestLimits denies below it
     keepalive_seconds: float = 30.0  # ping a connection this often...
     keepalive_timeout_seconds: float = 10.0  # ...and close it when the ping is not answered
@@ -73,8 +73,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                    help="then refuse new streams and let in-flight checks finish within this (default 15)")
     g.add_argument("--max-concurrent-checks", type=_positive_int, default=512, metavar="N",
                    help="checks in the server at once; more are refused with RESOURCE_EXHAUSTED (default 512)")
-    g.add_argument("--max-streams-per-connection", type=_positive_int, default=100, metavar="N",
-                   help="concurrent HTTP/2 streams one client connection may open (default 100)")
+    g.add_argument("--max-streams-per-connection", type=_positive_int, default=1000, metavar="N",
+                   help="concurrent HTTP/2 streams one client connection may open (default 1000)")
     g.add_argument("--max-request-bytes", type=_positive_int, default=1024 * 1024, metavar="N",
                    help="largest CheckRequest decided; larger ones are denied (default 1 MiB)")
     g.add_argument("--max-path-bytes", type=_positive_int, default=16 * 1024, metavar="N",
