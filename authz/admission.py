@@ -6,8 +6,9 @@ behind the ones before it until all of them miss their deadline. So:
 - at most ``max_concurrent`` Check calls are in the server at once (received, queued on the
   event loop or being decided); the next one is refused at once with RESOURCE_EXHAUSTED,
   before its message is even read, which costs a fraction of a check;
-- a call whose deadline has passed, or whose client went away, while it waited is dropped
-  before any work (its answer could no longer be used);
+- a call whose deadline has passed (or is closer than ``min_remaining``), or whose client
+  went away, while it waited is dropped before any work: its answer could no longer be
+  used, and deciding it would only make the calls behind it late too;
 - a call still unanswered after ``stall_seconds`` (a half-open stream whose message never
   comes) is cancelled, so it cannot hold a slot for ever.
 
@@ -42,11 +43,12 @@ class CheckGate(grpc.GenericRpcHandler):  # type: ignore[misc]
     """The generic handler of one unary method (``/service/method``), behind the gate."""
 
     def __init__(self, method: str, check: CheckFunc, metrics: Metrics, *, max_concurrent: int,
-                 stall_seconds: float = 30.0) -> None:
+                 stall_seconds: float = 30.0, min_remaining: float = 0.005) -> None:
         self.method = method
         self.check = check
         self.max_concurrent = max(1, max_concurrent)
         self.stall_seconds = stall_seconds
+        self.min_remaining = min_remaining
         self.in_flight: dict[asyncio.Task[object], float] = {}
         self._rejected = {r: metrics.checks_rejected.labels(r) for r in REJECT_REASONS}
         self._in_flight_gauge = metrics.checks_in_flight
@@ -71,9 +73,9 @@ class CheckGate(grpc.GenericRpcHandler):  # type: ignore[misc]
 
     async def _serve(self, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
         remaining = context.time_remaining()
-        if remaining is not None and remaining <= 0:
+        if remaining is not None and remaining < self.min_remaining:
             return await self._reject(context, REJECT_DEADLINE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                                      "deadline passed before the check started")
+                                      "deadline too close when the check could start")
         if context.cancelled():
             return await self._reject(context, REJECT_CANCELLED, grpc.StatusCode.CANCELLED,
                                       "cancelled before the check started")
@@ -86,8 +88,13 @@ class CheckGate(grpc.GenericRpcHandler):  # type: ignore[misc]
     async def _reject(self, context: grpc.aio.ServicerContext, reason: str, code: grpc.StatusCode,
                       details: str) -> bytes:
         self._rejected[reason].inc()
-        await context.abort(code, details)
-        raise AssertionError("abort returned")  # pragma: no cover - abort always raises
+        try:
+            await context.abort(code, details)
+        except grpc.aio.AbortError:
+            raise
+        except Exception:  # noqa: BLE001 - the call is already gone: nobody to tell
+            pass
+        raise asyncio.CancelledError
 
     # --- the sweeper: stalled calls and the in-flight gauge ------------------------------
 

@@ -99,11 +99,12 @@ class Checker:
             decision = _deny("internal error")
             resp = response.to_check_response(decision, decision_id, revision, "")
         elapsed = time.perf_counter() - started
-        self._observe(decision, decision_id, revision, req, elapsed, policy_set)
+        self._observe(decision, decision_id, revision, req, elapsed, policy_set, size or 0)
         return Outcome(decision, decision_id, revision, req, resp)
 
     def _observe(self, decision: Decision, decision_id: str, revision: str,
-                 req: request_mod.Request | None, elapsed: float, policy_set: PolicySet | None) -> None:
+                 req: request_mod.Request | None, elapsed: float, policy_set: PolicySet | None,
+                 size: int) -> None:
         # Side effects only; nothing here may change or delay the answer: counters and one
         # put_nowait onto the audit queue (AuditLog.submit), O(1) and never blocking.
         try:
@@ -117,7 +118,7 @@ class Checker:
                     self.metrics.dry_run.labels("allow" if entry.endswith("=allow") else "deny").inc()
             if self.audit is not None:
                 self.audit.submit(AuditEntry(time.time(), decision_id, decision, req, revision,
-                                             int(elapsed * 1e6)))
+                                             int(elapsed * 1e6)), 2 * size if req is not None else 0)
         except Exception:  # noqa: BLE001
             log.exception("metrics or audit failed for %s", decision_id)
 

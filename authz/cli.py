@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
                        help="keep the query string in the recorded path (dropped by default)")
     serve.add_argument("--audit-queue-size", type=int, default=10_000, metavar="N",
                        help="records the audit queue and each sink's queue hold before dropping")
+    serve.add_argument("--audit-queue-bytes", type=int, default=64 * 1024 * 1024, metavar="N",
+                       help="bytes the audit queue and each sink's queue hold before dropping "
+                            "(default 64 MiB)")
     serve.add_argument("--audit-file-max-bytes", type=int, default=100 * 1024 * 1024, metavar="N",
                        help="rotate an audit file at this size (0: never)")
     serve.add_argument("--audit-file-backups", type=int, default=5, metavar="N",
@@ -231,7 +234,8 @@ def _audit_log(args: argparse.Namespace, metrics: Metrics) -> AuditLog:
         sinks.append(sink_for(target, file_max_bytes=args.audit_file_max_bytes,
                               file_backups=args.audit_file_backups, ssl_context=tls))
     return AuditLog(sinks, metrics, queue_size=args.audit_queue_size,
-                    sink_queue_size=args.audit_queue_size, header_allowlist=header_allowlist,
+                    sink_queue_size=args.audit_queue_size, queue_bytes=args.audit_queue_bytes,
+                    sink_queue_bytes=args.audit_queue_bytes, header_allowlist=header_allowlist,
                     log_query=args.audit_log_query, allow_sample_rate=args.audit_allow_sample_rate)
 
 

@@ -149,6 +149,24 @@ def wait_ready(http_port: int) -> None:
             time.sleep(0.2)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` and its children (the workers), from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    pids = [pid]
+    try:
+        pids += [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        pass
+    for p in pids:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
 def rejected(http_port: int) -> dict[str, float]:
     text = urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=5).read().decode()
     out = {}
@@ -172,13 +190,18 @@ def run(workers: int, args: argparse.Namespace) -> list[dict[str, object]]:
         try:
             wait_ready(h)
             time.sleep(1.5)
+            cpu0 = cpu_seconds(server.pid)
             cap = capacity(g, args.clients, args.seconds)
-            print(f"\n--workers {workers}: capacity {cap:.0f} checks/s (closed loop, {args.clients} clients x 32 outstanding)")
+            cap_cpu = (cpu_seconds(server.pid) - cpu0) / args.seconds
+            print(f"\n--workers {workers}: capacity {cap:.0f} checks/s (closed loop, {args.clients} clients x 32 "
+                  f"outstanding), server using {cap_cpu:.2f} CPUs: {cap / max(cap_cpu, 1e-9):.0f} checks per CPU-second")
             print(f"{'load':>5} {'asked/s':>8} {'offered/s':>9} {'goodput/s':>9} {'of cap':>7} "
-                  f"{'refused':>8} {'expired':>8} {'other':>6}")
+                  f"{'refused':>8} {'expired':>8} {'other':>6} {'srv CPUs':>8} {'good/CPU-s':>10}")
             for mult in args.multiples:
                 before = rejected(h)
+                cpu0 = cpu_seconds(server.pid)
                 r = offer(g, cap * mult, args.clients, args.seconds, args.deadline)
+                cpus = (cpu_seconds(server.pid) - cpu0) / float(r["seconds"])
                 after = rejected(h)
                 secs = float(r["seconds"])
                 good = float(r.get("decided", 0)) / secs
@@ -188,12 +211,14 @@ def run(workers: int, args: argparse.Namespace) -> list[dict[str, object]]:
                 row = {"workers": workers, "multiple": mult, "capacity": round(cap), "asked": round(cap * mult),
                        "offered": round(float(r["sent"]) / secs), "goodput": round(good),
                        "goodput_of_capacity": round(good / cap, 3), "refused": int(refused),
-                       "expired": int(expired), "other": int(other),
+                       "expired": int(expired), "other": int(other), "server_cpus": round(cpus, 2),
                        "server_rejected": {k: after.get(k, 0) - before.get(k, 0) for k in after}}
                 rows.append(row)
                 print(f"{mult:>4}x {cap * mult:>8.0f} {float(r['sent']) / secs:>9.0f} {good:>9.0f} "
-                      f"{good / cap:>6.0%} {int(refused):>8} {int(expired):>8} {int(other):>6}   "
-                      f"server dropped: {row['server_rejected']}")
+                      f"{good / cap:>6.0%} {int(refused):>8} {int(expired):>8} {int(other):>6} "
+                      f"{cpus:>8.2f} {good / max(cpus, 1e-9):>10.0f}   "
+                      f"other: { {k: int(v) for k, v in r.items() if k not in ('sent', 'seconds', 'decided', 'RESOURCE_EXHAUSTED', 'DEADLINE_EXCEEDED')} } "
+                      f"server dropped: { {k: int(v) for k, v in row['server_rejected'].items() if v} }")
                 time.sleep(1.0)
         finally:
             server.send_signal(signal.SIGTERM)
