@@ -28,13 +28,14 @@ from collections.abc import Callable
 
 import grpc
 
-from authz.metrics import Metrics
-
-REJECT_OVERLOADED = "overloaded"  # max_concurrent calls already in the server
-REJECT_DEADLINE = "deadline_exceeded"  # the deadline passed while the call waited
-REJECT_CANCELLED = "cancelled"  # the client went away while the call waited
-REJECT_STALLED = "stalled"  # unanswered after stall_seconds (a half-open stream)
-REJECT_REASONS = (REJECT_OVERLOADED, REJECT_DEADLINE, REJECT_CANCELLED, REJECT_STALLED)
+from authz.metrics import (
+    REJECT_CANCELLED,
+    REJECT_DEADLINE,
+    REJECT_OVERLOADED,
+    REJECT_REASONS,
+    REJECT_STALLED,
+    Metrics,
+)
 
 CheckFunc = Callable[[bytes], bytes]
 

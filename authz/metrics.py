@@ -30,6 +30,13 @@ DURATION_BUCKETS = (
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
+# Reasons of authz_checks_rejected_total (authz/admission.py says when each applies).
+REJECT_OVERLOADED = "overloaded"
+REJECT_DEADLINE = "deadline_exceeded"
+REJECT_CANCELLED = "cancelled"
+REJECT_STALLED = "stalled"
+REJECT_REASONS = (REJECT_OVERLOADED, REJECT_DEADLINE, REJECT_CANCELLED, REJECT_STALLED)
+
 
 class Metrics:
     def __init__(self, tenant_label: bool = False) -> None:
@@ -99,6 +106,8 @@ class Metrics:
             self.bundle_loads.labels(result)
         for would in ("allow", "deny"):
             self.dry_run.labels(would)
+        for reason in REJECT_REASONS:
+            self.checks_rejected.labels(reason)
         # Children seen on every check are cached so the hot path skips label lookups.
         self._check_children: dict[tuple[bool, str, str, str], Counter] = {}
         self._serving: tuple[str, str] | None = None

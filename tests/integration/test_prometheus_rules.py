@@ -34,7 +34,7 @@ def run(*args: str, cwd: Path = PROM) -> subprocess.CompletedProcess[str]:
 def test_promtool_check_rules() -> None:
     result = run("check", "rules", "alerts.yml")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 6 rules found" in result.stdout
+    assert "SUCCESS: 8 rules found" in result.stdout
 
 
 def test_promtool_test_rules() -> None:
@@ -67,6 +67,8 @@ def test_alerts_cover_the_required_conditions() -> None:
     assert "authz_bundle_last_success_timestamp_seconds" in by_name["AuthzBundleStale"]
     assert "authz_audit_dropped_total" in by_name["AuthzAuditRecordsDropped"]
     assert "histogram_quantile(0.99" in by_name["AuthzCheckLatencyHigh"]
+    assert "authz_audit_oldest_queued_seconds" in by_name["AuthzAuditSinkStuck"]
+    assert "authz_checks_rejected_total" in by_name["AuthzChecksShed"]
 
 
 class _NullSink:
