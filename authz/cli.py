@@ -187,7 +187,7 @@ def _supervise(argv: list[str], args: argparse.Namespace) -> int:
             return EXIT_USAGE
     from authz import supervisor
 
-    return supervisor.run(_without_workers(argv), args.workers)
+    return supervisor.run(_without_workers(argv), args.workers, [args.grpc_addr, args.http_addr])
 
 
 def _without_workers(argv: list[str]) -> list[str]:

@@ -6,15 +6,23 @@ binding the same ports with SO_REUSEPORT (the kernel spreads connections over th
 loading and watching the bundle itself. Metrics go to files in PROMETHEUS_MULTIPROC_DIR so
 /metrics, whichever worker answers, adds up all of them. The supervisor forwards SIGHUP,
 restarts a worker that dies, and on SIGTERM drains every worker and exits 0.
+
+Only the workers of one supervisor may share the ports: before starting any, the supervisor
+binds each port once without SO_REUSEPORT, which fails when anything (another `authz serve
+--workers`, whose workers would otherwise silently split the traffic with ours) listens
+there. Workers start with SIGHUP ignored until each can reload (so a HUP forwarded to a
+starting worker cannot kill it, and restart it, and so on).
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -33,14 +41,44 @@ START_GRACE_SECONDS = 3.0
 STOP_TIMEOUT_SECONDS = 30.0
 
 
-def _die_with_parent() -> Callable[[], None] | None:
+def _worker_preexec() -> Callable[[], None]:
+    """In the worker before exec: die with the supervisor (Linux), and ignore SIGHUP until
+    `authz serve` takes it over (an ignored signal stays ignored across exec)."""
+    prctl = None
     try:
-        libc = ctypes.CDLL(None)
-        prctl = libc.prctl
+        prctl = ctypes.CDLL(None).prctl
     except (OSError, AttributeError):  # not Linux
-        return None
+        pass
     pr_set_pdeathsig = 1
-    return lambda: prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+    def preexec() -> None:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        if prctl is not None:
+            prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+    return preexec
+
+
+class PortInUse(Exception):
+    pass
+
+
+def check_ports_free(addrs: list[str]) -> None:
+    """Raise PortInUse when anything listens on one of ``addrs`` (host:port)."""
+    for addr in addrs:
+        host, _, port = addr.rpartition(":")
+        host = host.strip("[]") or "0.0.0.0"
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is not "in use"
+            try:
+                s.bind((host, int(port)))
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise PortInUse(
+                        f"{addr} is already in use (another `authz serve`?); only the workers "
+                        "of one `authz serve --workers` share their ports") from None
+                raise
 
 
 class Supervisor:
@@ -59,7 +97,7 @@ class Supervisor:
 
     def start(self, index: int) -> None:
         argv = [sys.executable, "-m", "authz", *self.serve_argv, "--worker-index", str(index)]
-        proc = subprocess.Popen(argv, env=self.env, preexec_fn=_die_with_parent())  # noqa: PLW1509
+        proc = subprocess.Popen(argv, env=self.env, preexec_fn=_worker_preexec())  # noqa: PLW1509
         self.children[index] = (proc, time.monotonic())
         log.info("worker %d started (pid %d)", index, proc.pid)
 
@@ -116,5 +154,10 @@ class Supervisor:
                 log.error("worker %d exited with code %d", index, code)
 
 
-def run(serve_argv: list[str], workers: int) -> int:
+def run(serve_argv: list[str], workers: int, addrs: list[str]) -> int:
+    try:
+        check_ports_free(addrs)
+    except (PortInUse, OSError) as exc:
+        print(f"authz serve: {exc}", file=sys.stderr)
+        return 1
     return Supervisor(serve_argv, workers).run()
