@@ -178,7 +178,10 @@ async def serve(
     server.add_generic_rpc_handlers((gate,))
     health = health_async.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    bound = server.add_insecure_port(grpc_addr)
+    try:
+        bound = server.add_insecure_port(grpc_addr)
+    except RuntimeError:  # grpcio raises where it used to return 0
+        bound = 0
     if bound == 0:
         raise OSError(f"cannot bind gRPC address {grpc_addr} (in use by another process?)")
     probes = ProbeServer(http_addr, store, metrics, worker)
