@@ -85,7 +85,8 @@ class Checker:
             elif policy_set is None:
                 decision = _deny("no policy bundle loaded")
             else:
-                req = request_mod.from_check_request(check_request, policy_set.trust_domains)
+                req = request_mod.from_check_request(check_request, policy_set.trust_domains,
+                                                   policy_set.path_normalization)
                 decision = policy_set.decide(req, tracer)
         except request_mod.MalformedRequest as exc:
             decision = _deny(f"malformed request: {exc}")
@@ -115,7 +116,7 @@ class Checker:
                 if decision.condition_error:
                     self.metrics.condition_errors.inc()
                 for entry in decision.dry_run:
-                    self.metrics.dry_run.labels("allow" if entry.endswith("=allow") else "deny").inc()
+                    self.metrics.dry_run.labels(entry.rpartition("=")[2]).inc()
             if self.audit is not None:
                 self.audit.submit(AuditEntry(time.time(), decision_id, decision, req, revision,
                                              int(elapsed * 1e6)), 2 * size if req is not None else 0)

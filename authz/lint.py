@@ -29,7 +29,7 @@ from authz.bundle.schema import Problem
 from authz.bundle.yamlpos import Document, Position
 from authz.engine.compile import compile_bundle
 from authz.engine.decide import PolicySet
-from authz.engine.model import IpMatch, Operation, PathMatch, Policy, Rule, Source, StringMatch
+from authz.engine.model import IpMatch, Operation, PathMatch, Policy, RegexMatch, Rule, Source, StringMatch
 from authz.spiffe import SCHEME
 
 WARNING = "warning"
@@ -302,11 +302,26 @@ def _subnet(a: ipaddress.IPv4Network | ipaddress.IPv6Network, b: ipaddress.IPv4N
     return a.version == b.version and a.subnet_of(b)  # type: ignore[arg-type]
 
 
+def _regex_covers(d: RegexMatch | None, r: RegexMatch | None) -> bool:
+    return d is None or (r is not None and set(r.sources) <= set(d.sources))
+
+
+def _not_regex_covers(d_not: RegexMatch | None, r_not: RegexMatch | None) -> bool:
+    return d_not is None or (r_not is not None and set(d_not.sources) <= set(r_not.sources))
+
+
+def _same_or_unset(d: object, r: object, unset: object = None) -> bool:
+    """For fields without a containment test: D constrains nothing, or exactly what R does."""
+    return d == unset or d == r
+
+
 def _source_covers(d: Source, r: Source) -> bool:
     return (_strings_cover(d.principals, r.principals) and _not_covers(d.not_principals, r.not_principals)
-            and _strings_cover(d.namespaces, r.namespaces) and _not_covers(d.not_namespaces, r.not_namespaces)
-            and _strings_cover(d.service_accounts, r.service_accounts)
-            and _not_covers(d.not_service_accounts, r.not_service_accounts)
+            and _same_or_unset(d.trust_domains, r.trust_domains)
+            and _same_or_unset(d.not_trust_domains, r.not_trust_domains)
+            and _regex_covers(d.namespaces, r.namespaces) and _not_regex_covers(d.not_namespaces, r.not_namespaces)
+            and _regex_covers(d.service_accounts, r.service_accounts)
+            and _not_regex_covers(d.not_service_accounts, r.not_service_accounts)
             and _ips_cover(d.ip_blocks, r.ip_blocks) and _not_ips_cover(d.not_ip_blocks, r.not_ip_blocks)
             and _ips_cover(d.remote_ip_blocks, r.remote_ip_blocks)
             and _not_ips_cover(d.not_remote_ip_blocks, r.not_remote_ip_blocks))
@@ -318,7 +333,11 @@ def _operation_covers(d: Operation, r: Operation) -> bool:
     not_paths_ok = d.not_paths is None or (r.not_paths is not None and _paths_cover(r.not_paths, d.not_paths))
     return (_strings_cover(d.methods, r.methods) and _not_covers(d.not_methods, r.not_methods)
             and _strings_cover(d.hosts, r.hosts) and _not_covers(d.not_hosts, r.not_hosts)
-            and ports_ok and not_ports_ok and _paths_cover(d.paths, r.paths) and not_paths_ok)
+            and ports_ok and not_ports_ok and _paths_cover(d.paths, r.paths) and not_paths_ok
+            and _same_or_unset(d.headers, r.headers, ()) and _same_or_unset(d.not_headers, r.not_headers, ())
+            and _same_or_unset(d.sni, r.sni) and _same_or_unset(d.not_sni, r.not_sni)
+            and _same_or_unset(d.destination_ip_blocks, r.destination_ip_blocks)
+            and _same_or_unset(d.not_destination_ip_blocks, r.not_destination_ip_blocks))
 
 
 def _rule_covers(d: Rule, r: Rule) -> bool:

@@ -104,7 +104,7 @@ class Metrics:
         # Series that alerts and dashboards use exist from the start, at 0.
         for result in ("loaded", "rejected", "unchanged", "error"):
             self.bundle_loads.labels(result)
-        for would in ("allow", "deny"):
+        for would in ("allow", "deny", "error"):  # error: its condition failed; never enforced
             self.dry_run.labels(would)
         for reason in REJECT_REASONS:
             self.checks_rejected.labels(reason)

@@ -1,22 +1,36 @@
-"""Request paths: normalisation as Envoy does it, and path templates.
+"""Request paths: the form the proxy forwards, the other forms an upstream may read, templates.
 
-Normalisation decodes percent-escapes once, removes dot segments and merges slashes
-(Envoy's ``normalize_path`` plus ``merge_slashes``). Anything that would still let two
-parsers disagree about which resource is meant is refused with a reason instead of
-guessed at: encoded separators, NUL and control characters, a fragment, a leftover
-escape after the one decoding, and ``..;``-style segments that servlet containers fold.
+Istio matches a path as the sidecar forwards it, and what the sidecar does to a path is
+the mesh's ``pathNormalization`` (default ``BASE``: RFC 3986 dot segments removed, unreserved
+``%XX`` decoded, ``\\`` taken as ``/``; repeated slashes and ``%2F`` kept). That form is the
+*proxy form*: ALLOW rules are matched against it exactly as Istio's RBAC filter would.
+
+An upstream may read the same bytes more aggressively (merge ``//``, decode ``%2F``, drop
+``;params``, resolve dot segments the proxy left alone). Each such form is a *reading*. A DENY
+rule matches when any reading matches and an ALLOW rule only when every reading matches, so
+no spelling of a path slips past a DENY or into an ALLOW that covers another resource.
+
+What no reading can settle is refused with a reason: a fragment, control characters and
+NUL (encoded or not), malformed or doubled percent-encoding, invalid UTF-8 (overlong forms
+included), ``..;``-style segments, and characters that NFKC folds into separators or dots
+(fullwidth ``．`` and ``／``).
 """
 
 from __future__ import annotations
 
+import enum
 import re
 import unicodedata
 from dataclasses import dataclass
 
-_ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
-_LEFTOVER_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
-# Percent-escapes that would turn into a separator or terminator after decoding.
-_FORBIDDEN_DECODED = {"/", "\\", "\x00"}
+
+class Normalization(enum.StrEnum):
+    """Istio meshConfig ``pathNormalization``: what the proxy in front of authz does to paths."""
+
+    NONE = "NONE"
+    BASE = "BASE"
+    MERGE_SLASHES = "MERGE_SLASHES"
+    DECODE_AND_MERGE_SLASHES = "DECODE_AND_MERGE_SLASHES"
 
 
 class PathError(ValueError):
@@ -25,108 +39,179 @@ class PathError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class NormalizedPath:
-    path: str  # decoded, normalised, without query
+    path: str  # as the proxy forwards it, without query
     query: str  # raw query string, without '?'
+    readings: tuple[str, ...] = ()  # other forms an upstream may read; empty for ordinary paths
 
 
-# Paths with none of these need no decoding or dot-segment work (the common case).
-_NEEDS_WORK = re.compile(r"[%\\#\x00-\x1f\x7f]|/\.|//")
+_ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_SEPARATOR_ESCAPE = re.compile(r"%(2[Ff]|5[Cc])")
+# What an upstream may decode into structure: '/', '\' and the ';' that starts parameters.
+_STRUCTURE_ESCAPE = re.compile(r"%(2[Ff]|5[Cc]|3[Bb])")
+_PARAMS = re.compile(r";[^/]*")
+# A path with none of these reads the same to every parser: no work beyond the split.
+_NEEDS_WORK = re.compile(r"[%\\#;\x00-\x1f\x7f]|/\.|//")
+# Characters whose NFKC form would change the structure an upstream sees.
+_STRUCTURAL = "/.\\%?#;"
+MAX_READINGS = 32
 
 
-def normalize(raw: str) -> NormalizedPath:
+def normalize(raw: str, mode: Normalization = Normalization.BASE) -> NormalizedPath:
     path, _, query = raw.partition("?")
-    if path.startswith("/") and not _NEEDS_WORK.search(path) and "#" not in query:
+    if path.startswith("/") and path.isascii() and not _NEEDS_WORK.search(path) and "#" not in query:
         return NormalizedPath(path, query)
-    return _normalize_slow(raw)
+    return _normalize_slow(raw, mode)
 
 
-def _normalize_slow(raw: str) -> NormalizedPath:
-    if not raw:
-        raise PathError("empty path")
+def _normalize_slow(raw: str, mode: Normalization) -> NormalizedPath:
     if "#" in raw:
         raise PathError("path contains a fragment")
     path, _, query = raw.partition("?")
     if not path:
         raise PathError("empty path")
-    # As Envoy's canonicaliser does: a relative path is taken from the root, and a literal
-    # backslash is a separator (an encoded one stays refused below).
-    path = "/" + path.replace("\\", "/") if not path.startswith("/") else path.replace("\\", "/")
-    decoded = _decode_once(path)
-    if _LEFTOVER_ESCAPE.search(decoded):
+    _refuse_unreadable(path)
+    if not path.startswith("/"):
+        path = "/" + path  # as Envoy's canonicaliser: a relative path is taken from the root
+    if mode is Normalization.NONE:
+        forwarded = path
+    else:
+        if mode is Normalization.DECODE_AND_MERGE_SLASHES:
+            path = _decode_separators(path)
+        forwarded = _rfc3986(path)
+        if mode is not Normalization.BASE:
+            forwarded = _merge_slashes(forwarded)
+    return NormalizedPath(forwarded, query, _readings(forwarded))
+
+
+def _refuse_unreadable(path: str) -> None:
+    if _BAD_ESCAPE.search(path):
+        raise PathError("path contains a malformed percent-escape")
+    decoded = _decode_all(path)
+    if "\x00" in decoded:
+        raise PathError("path contains an encoded NUL")
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in decoded):
+        raise PathError("path contains a control character")
+    if _ESCAPE.search(decoded):
         raise PathError("path is percent-encoded more than once")
-    for ch in decoded:
-        if ord(ch) < 0x20 or ord(ch) == 0x7F:
-            raise PathError("path contains a control character")
-    if not decoded.isascii() and _compat_structure(decoded) != _compat_structure(
-        unicodedata.normalize("NFKC", decoded)
-    ):
-        # Fullwidth '．' or '／' become '.' and '/' in servers that NFKC-normalise: the
-        # upstream would see other segments than the ones we matched.
-        raise PathError("path contains characters that normalise to separators or dots")
-    return NormalizedPath(_remove_dot_segments(decoded), query)
+    if not decoded.isascii():
+        folded = unicodedata.normalize("NFKC", decoded)
+        if any(decoded.count(c) != folded.count(c) for c in _STRUCTURAL):
+            # Fullwidth '．' or '／' become '.' and '/' in servers that NFKC-normalise: the
+            # upstream would see other segments than the ones we matched.
+            raise PathError("path contains characters that normalise to separators or dots")
+    for seg in decoded.replace("\\", "/").split("/"):
+        base = seg.split(";", 1)[0]
+        if seg != base and base in (".", ".."):
+            raise PathError("path contains a dot segment with parameters")
 
 
-def _compat_structure(path: str) -> tuple[int, int, int, int]:
-    return (path.count("/"), path.count("."), path.count("\\"), path.count("%"))
-
-
-def _decode_once(path: str) -> str:
+def _decode_all(path: str) -> str:
     if "%" not in path:
         return path
-    raw = bytearray()
+    out = bytearray()
     i = 0
-    n = len(path)
-    while i < n:
-        ch = path[i]
-        if ch == "%":
-            m = _ESCAPE.match(path, i)
-            if m is None:
-                raise PathError("path contains a malformed percent-escape")
-            byte = int(m.group(1), 16)
-            if chr(byte) in _FORBIDDEN_DECODED:
-                raise PathError("path contains an encoded '/', '\\' or NUL")
-            raw.append(byte)
+    while i < len(path):
+        if path[i] == "%":
+            out.append(int(path[i + 1:i + 3], 16))
             i += 3
         else:
-            raw.extend(ch.encode("utf-8"))
+            out.extend(path[i].encode("utf-8"))
             i += 1
     try:
-        return raw.decode("utf-8")
+        return out.decode("utf-8")
     except UnicodeDecodeError:
         raise PathError("path is not valid UTF-8 after decoding") from None
 
 
+def _decode_unreserved(path: str) -> str:
+    if "%" not in path:
+        return path
+
+    def one(m: re.Match[str]) -> str:
+        ch = chr(int(m.group(1), 16))
+        return ch if ch in _UNRESERVED else m.group(0)
+
+    return _ESCAPE.sub(one, path)
+
+
+def canonical_pattern(value: str) -> str:
+    """A policy path in the proxy's spelling: unreserved ``%XX`` decoded, other escapes kept.
+
+    Only for matchers where matching more is stricter: Envoy decodes unreserved escapes in
+    every request, so in Istio a policy path that keeps one matches nothing.
+    """
+    return _decode_unreserved(value)
+
+
+def _decode_separators(path: str) -> str:
+    return _SEPARATOR_ESCAPE.sub(lambda m: "/" if m.group(1) in ("2F", "2f") else "\\", path)
+
+
+def _decode_structure(path: str) -> str:
+    return _STRUCTURE_ESCAPE.sub(lambda m: {"2": "/", "5": "\\", "3": ";"}[m.group(1)[0]], path)
+
+
+def _rfc3986(path: str) -> str:
+    """Envoy's ``normalize_path``: '\\' is '/', unreserved escapes decoded, dot segments removed."""
+    return _remove_dot_segments(_decode_unreserved(path.replace("\\", "/")))
+
+
+def _merge_slashes(path: str) -> str:
+    while "//" in path:
+        path = path.replace("//", "/")
+    return path
+
+
 def _remove_dot_segments(path: str) -> str:
+    # RFC 3986 5.2.4 over whole segments; empty segments are kept ('//' is not merged), so
+    # '/admin//../x' is '/admin/x', as Envoy forwards it.
     out: list[str] = []
     segments = path.split("/")[1:]
-    trailing = False
-    for seg in segments:
-        trailing = False
-        if seg == "":
-            trailing = True  # merged slash; remembers a trailing '/'
-            continue
-        base = seg.split(";", 1)[0]
-        if seg != base and base in (".", ".."):
-            raise PathError("path contains a dot segment with parameters")
+    for i, seg in enumerate(segments):
+        last = i == len(segments) - 1
         if seg == ".":
-            trailing = True
+            if last:
+                out.append("")
             continue
         if seg == "..":
             if out:
                 out.pop()
-            trailing = True
+            if last:
+                out.append("")
             continue
         out.append(seg)
-    result = "/" + "/".join(out)
-    if trailing and out:
-        result += "/"
-    return result
+    return "/" + "/".join(out)
+
+
+def _readings(forwarded: str) -> tuple[str, ...]:
+    """Every other form of the forwarded path an upstream may act on, up to MAX_READINGS."""
+    if forwarded.isascii() and not _NEEDS_WORK.search(forwarded):
+        return ()
+    seen = {forwarded}
+    todo = [forwarded]
+    while todo:
+        p = todo.pop()
+        for q in (_rfc3986(p), _rfc3986(_merge_slashes(p)), _rfc3986(_decode_structure(p)),
+                  _rfc3986(_PARAMS.sub("", p))):
+            if q not in seen:
+                if len(seen) > MAX_READINGS:
+                    raise PathError("path has too many readings to decide safely")
+                seen.add(q)
+                todo.append(q)
+    seen.discard(forwarded)
+    return tuple(sorted(seen))
 
 
 # --- templates ----------------------------------------------------------------------
 
 _VAR = re.compile(r"\{([^{}]*)\}")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Envoy's URI template matcher (envoy.path.match.uri_template): a segment is one or more
+# pchars without '=' and '*'; '{**}' is any run of them and '/' (possibly empty).
+_SEGMENT = r"[A-Za-z0-9\-._~%!$&'()+,;:@]+"
+_REST = r"[A-Za-z0-9\-._~%!$&'()+,;:@/]*"
 
 
 class TemplateError(ValueError):
@@ -137,8 +222,10 @@ class TemplateError(ValueError):
 class PathTemplate:
     """``/v1/tenants/{tenant}/orders/{**}`` compiled to one anchored regex.
 
-    ``{*}`` and ``{name}`` match exactly one non-empty segment, ``{**}`` one or more
-    segments and must come last. Literal text matches itself.
+    ``{*}`` and ``{name}`` match exactly one non-empty segment of URI path characters,
+    ``{**}`` the rest of the path (zero or more segments, trailing '/' included) and must
+    come last, as in Envoy's URI template matcher that Istio generates. Literal text
+    matches itself.
     """
 
     source: str
@@ -156,9 +243,12 @@ def is_template(pattern: str) -> bool:
     return "{" in pattern or "}" in pattern
 
 
-def compile_template(pattern: str) -> PathTemplate:
+def compile_template(pattern: str, decode: bool = False) -> PathTemplate:
+    """``decode``: take ``%7E`` in literal text as ``~`` (see canonical_pattern)."""
     if not pattern.startswith("/"):
         raise TemplateError("a path template must start with '/'")
+    if decode:
+        pattern = canonical_pattern(pattern)
     parts: list[str] = []
     captures: list[str] = []
     pos = 0
@@ -174,15 +264,15 @@ def compile_template(pattern: str) -> PathTemplate:
         if not literal.endswith("/") or (m.end() < len(pattern) and pattern[m.end()] != "/"):
             raise TemplateError(f"'{{{name}}}' must span a whole path segment")
         if name == "*":
-            parts.append(r"[^/]+")
+            parts.append(_SEGMENT)
         elif name == "**":
-            parts.append(r"[^/]+(?:/[^/]+)*")
+            parts.append(_REST)
             seen_rest = True
         elif _NAME.match(name):
             if name in captures:
                 raise TemplateError(f"capture '{{{name}}}' is used twice")
             captures.append(name)
-            parts.append(f"(?P<{name}>[^/]+)")
+            parts.append(f"(?P<{name}>{_SEGMENT})")
         else:
             raise TemplateError(
                 f"'{{{name}}}' is not a template operator: use {{*}}, {{**}} or {{name}}"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import urllib.parse
 from dataclasses import dataclass, field
 
+from cryptography import x509
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 
 from authz import paths, spiffe
@@ -17,15 +19,15 @@ class MalformedRequest(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Request:
-    method: str
-    path: str  # decoded and normalised, without query
+    method: str  # as received: Istio compares methods case-sensitively
+    path: str  # as the proxy forwards it (see authz.paths), without query
     query: str
     host: str  # lower-cased authority, port kept
     scheme: str = ""
     protocol: str = ""
     request_id: str = ""
     headers: dict[str, str] = field(default_factory=dict)  # lower-cased names
-    principal: str = ""  # canonical SPIFFE URI of the caller, or ''
+    principal: str = ""  # the caller's principal as received (URI SAN), or ''
     source: spiffe.SpiffeId | None = None
     source_address: str = ""
     source_port: int = 0
@@ -35,6 +37,16 @@ class Request:
     destination_port: int = 0
     context_extensions: dict[str, str] = field(default_factory=dict)
     raw_path: str = ""
+    sni: str = ""
+    # Other forms of ``path`` an upstream may act on (merged slashes, decoded %2F, ...):
+    # DENY rules match if any does, ALLOW rules only if all do. Empty for ordinary paths.
+    path_readings: tuple[str, ...] = ()
+
+    @property
+    def method_readings(self) -> tuple[str, ...]:
+        """The method and, when it differs, its upper case: what a lenient upstream runs."""
+        upper = self.method.upper()
+        return (self.method,) if upper == self.method else (self.method, upper)
 
     @property
     def host_without_port(self) -> str:
@@ -46,8 +58,15 @@ class Request:
         return name if sep and port.isdigit() else host
 
 
-def from_check_request(check: external_auth_pb2.CheckRequest, trust_domains: spiffe.TrustDomains) -> Request:
-    """Build a Request; raises MalformedRequest with a reason when it cannot be judged."""
+def from_check_request(
+    check: external_auth_pb2.CheckRequest,
+    trust_domains: spiffe.TrustDomains,
+    path_mode: paths.Normalization = paths.Normalization.BASE,
+) -> Request:
+    """Build a Request; raises MalformedRequest with a reason when it cannot be judged.
+
+    ``path_mode`` is what the proxy in front does to paths (the bundle's pathNormalization).
+    """
     attrs = check.attributes
     if not attrs.HasField("request") or not attrs.request.HasField("http"):
         raise MalformedRequest("check request carries no HTTP attributes")
@@ -60,20 +79,25 @@ def from_check_request(check: external_auth_pb2.CheckRequest, trust_domains: spi
     if http.fragment:
         raise MalformedRequest("path contains a fragment")
     try:
-        normalized = paths.normalize(http.path)
+        normalized = paths.normalize(http.path, path_mode)
     except paths.PathError as exc:
         raise MalformedRequest(str(exc)) from None
     query = normalized.query or http.query
 
-    # A principal that is not a SPIFFE ID is kept verbatim: it can still match an exact
-    # principal, but never a namespace, service account or tenant segment.
     principal, source = trust_domains.resolve(attrs.source.principal)
-    dest_principal = trust_domains.resolve(attrs.destination.principal)[0]
+    if attrs.source.certificate and not _is_uri_san(attrs.source.certificate, principal):
+        # Envoy reports a certificate's DNS SAN or subject when it has no URI SAN; only a
+        # URI SAN is a SPIFFE identity, and a permissive CA may sign 'spiffe://...' as DNS.
+        raise MalformedRequest("caller principal is not the client certificate's URI SAN")
+    dest_principal = attrs.destination.principal
+    method = http.method
+    if any(c in _NOT_TOKEN for c in method):
+        raise MalformedRequest("method is not an HTTP token")
 
     src_sock = attrs.source.address.socket_address
     dst_sock = attrs.destination.address.socket_address
     return Request(
-        method=http.method.upper(),
+        method=method,
         path=normalized.path,
         query=query,
         host=(http.host or headers.get(":authority", "")).lower(),
@@ -91,7 +115,30 @@ def from_check_request(check: external_auth_pb2.CheckRequest, trust_domains: spi
         destination_port=dst_sock.port_value,
         context_extensions=dict(attrs.context_extensions),
         raw_path=http.path,
+        sni=attrs.tls_session.sni,
+        path_readings=normalized.readings,
     )
+
+
+# RFC 9110 token characters are visible ASCII except delimiters.
+_NOT_TOKEN = frozenset('"(),/:;<=>?@[\\]{} \t') | frozenset(chr(i) for i in range(0x20)) | {"\x7f"}
+_SAN_CACHE: dict[str, frozenset[str]] = {}
+
+
+def _is_uri_san(certificate: str, principal: str) -> bool:
+    """The principal is a URI SAN of the forwarded (URL-encoded PEM) peer certificate."""
+    sans = _SAN_CACHE.get(certificate)
+    if sans is None:
+        try:
+            cert = x509.load_pem_x509_certificate(urllib.parse.unquote(certificate).encode())
+            ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+            sans = frozenset(ext.value.get_values_for_type(x509.UniformResourceIdentifier))
+        except (ValueError, x509.ExtensionNotFound):
+            sans = frozenset()
+        if len(_SAN_CACHE) >= 1_000:
+            _SAN_CACHE.clear()
+        _SAN_CACHE[certificate] = sans
+    return bool(principal) and principal in sans
 
 
 def _header_map(http: attribute_context_pb2.AttributeContext.HttpRequest) -> dict[str, str]:

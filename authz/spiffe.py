@@ -1,10 +1,11 @@
-"""SPIFFE IDs: parsing, trust domains and their aliases.
+"""SPIFFE IDs: parsing, trust domains and their aliases, as Istio treats them.
 
 A principal arrives from Envoy as the URI SAN of the client certificate
-(``spiffe://<trust-domain>/<path>``). Istio writes principals without the scheme
-(``cluster.local/ns/prod/sa/web``); both spellings name the same identity, so every
-principal is canonicalised to the full URI with the bundle's own trust domain in place
-of any alias before it is compared.
+(``spiffe://<trust-domain>/<path>``) and is compared as received: the caller is never
+rewritten. Trust-domain aliases work the way istiod applies them, on the *policy* side: a
+policy principal ``td/ns/x/sa/y`` whose trust domain is the bundle's, an alias, or
+``cluster.local`` (a pointer to the local trust domain) stands for the same identity in
+every trust domain of the bundle.
 """
 
 from __future__ import annotations
@@ -13,9 +14,7 @@ import re
 from dataclasses import dataclass, field
 
 SCHEME = "spiffe://"
-# SPIFFE spec: trust domain is lower-case letters, digits, '.', '-', '_'.
-_TRUST_DOMAIN = re.compile(r"^[a-z0-9._-]+$")
-_PATH_SEGMENT = re.compile(r"^[A-Za-z0-9._-]+$")
+LOCAL_POINTER = "cluster.local"
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,19 +48,29 @@ class SpiffeId:
 
 
 def parse(value: str) -> SpiffeId | None:
-    """Parse a SPIFFE ID; None when it is not a valid one."""
+    """Split ``spiffe://td/path``; None for anything else.
+
+    Deliberately lenient about the characters of the path (Istio accepts non-strict IDs
+    such as ``spiffe://td/ns/a[1]/sa/b:c``): matching never depends on this parse, only the
+    attributes derived from it (namespace, tenant segments) do.
+    """
     if not value.startswith(SCHEME):
         return None
-    rest = value[len(SCHEME):]
-    td, sep, path = rest.partition("/")
-    if not td or not _TRUST_DOMAIN.match(td):
+    td, sep, path = value[len(SCHEME):].partition("/")
+    if not td or any(c.isspace() for c in td):
         return None
-    if sep:
-        path = "/" + path
-        for seg in path.split("/")[1:]:
-            if not seg or seg in (".", "..") or not _PATH_SEGMENT.match(seg):
-                return None
-    return SpiffeId(td, path)
+    return SpiffeId(td, sep + path)
+
+
+def trust_domain_of(principal: str) -> str:
+    """The trust-domain part of a principal, or '' when it is not a SPIFFE URI."""
+    if not principal.startswith(SCHEME):
+        return ""
+    return principal[len(SCHEME):].partition("/")[0]
+
+
+def strip_scheme(value: str) -> str:
+    return value[len(SCHEME):] if value.startswith(SCHEME) else value
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,39 +79,93 @@ class TrustDomains:
 
     primary: str
     aliases: frozenset[str] = frozenset()
-    # A mesh has few distinct callers; resolving each once keeps parsing off the hot path.
-    _resolved: dict[str, tuple[str, SpiffeId | None]] = field(
-        default_factory=dict, compare=False, hash=False, repr=False
-    )
+    # A mesh has few distinct callers; parsing each once keeps it off the hot path.
+    _parsed: dict[str, SpiffeId | None] = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    @property
+    def all(self) -> tuple[str, ...]:
+        return (self.primary, *sorted(self.aliases))
 
     def known(self, td: str) -> bool:
         return td == self.primary or td in self.aliases
 
     def canonical(self, principal: str) -> str:
-        """Full-URI form of a principal or principal pattern, aliases replaced.
+        """Full-URI form of a principal (pattern), an alias named by the trust domain.
 
-        Patterns keep their wildcard: ``*`` stays ``*`` and ``*suffix`` stays a suffix.
+        For tools that reason about bundles (lint, import); matching never rewrites.
         """
-        if principal == "*" or principal.startswith("*"):
+        if principal.startswith("*"):
             return principal
-        body = principal[len(SCHEME):] if principal.startswith(SCHEME) else principal
-        td, sep, path = body.partition("/")
+        td, sep, path = strip_scheme(principal).partition("/")
         if td in self.aliases:
             td = self.primary
         return f"{SCHEME}{td}{sep}{path}"
 
+    def expand_principal(self, value: str) -> list[str]:
+        """istiod's ReplaceTrustDomainAliases for one policy principal (scheme removed).
+
+        Only a 5-part ``td/ns/x/sa/y`` with a trust domain other than ``*`` is expanded, and
+        only when that trust domain is the bundle's, an alias or ``cluster.local``; anything
+        else (a wildcard trust domain such as ``*-td``, a foreign one) is kept as written.
+        """
+        value = strip_scheme(value)
+        parts = value.split("/")
+        if len(parts) != 5 or parts[0] == "*":
+            return [value]
+        td = parts[0]
+        if not (self.known(td) or td == LOCAL_POINTER):
+            return [value]
+        out: list[str] = []
+        for domain in self.all:
+            candidate = "/".join([domain, *parts[1:]])
+            if candidate not in out:
+                out.append(candidate)
+        return out
+
+    def expand_trust_domains(self, values: list[str]) -> list[str]:
+        """istiod's ExpandTrustDomainAliases: a known trust domain stands for all of them."""
+        out: list[str] = []
+        for v in values:
+            for d in (self.all if self.known(v) else (v,)):
+                if d not in out:
+                    out.append(d)
+        return out
+
+    def caller_forms(self, principal: str) -> list[str]:
+        """A tenant's caller in full-URI form, expanded like a policy principal."""
+        return [SCHEME + p for p in self.expand_principal(principal)]
+
     def resolve(self, principal: str) -> tuple[str, SpiffeId | None]:
-        """(canonical principal, parsed SPIFFE ID) of a caller; non-SPIFFE values stay verbatim."""
-        hit = self._resolved.get(principal)
-        if hit is not None:
-            return hit
+        """(principal as received, its SPIFFE parse); non-SPIFFE values stay verbatim."""
+        try:
+            return principal, self._parsed[principal]
+        except KeyError:
+            pass
         sid = parse(principal)
-        if sid is not None:
-            canonical = self.canonical(sid.uri)
-            result = (canonical, parse(canonical))
-        else:
-            result = (principal, None)
-        if len(self._resolved) >= 10_000:
-            self._resolved.clear()
-        self._resolved[principal] = result
-        return result
+        if len(self._parsed) >= 10_000:
+            self._parsed.clear()
+        self._parsed[principal] = sid
+        return principal, sid
+
+
+def namespace_regex(values: list[str]) -> re.Pattern[str]:
+    """Istio's ``.*/ns/<ns>/.*`` over the whole principal; '*' in a value is '.*'."""
+    return re.compile("|".join(f".*/ns/{_istio_regex(v, star=True)}/.*" for v in values))
+
+
+def service_account_regex(values: list[str], namespace: str) -> re.Pattern[str]:
+    """Istio's ``spiffe://.+/ns/<ns>/(.+/|)sa/<sa>(/.+)?``; a bare name is in ``namespace``."""
+    alts = []
+    for v in values:
+        ns, sep, sa = v.partition("/")
+        if not sep:
+            ns, sa = namespace, v
+        alts.append(f"spiffe://.+/ns/{_istio_regex(ns)}/(.+/|)sa/{_istio_regex(sa)}(/.+)?")
+    return re.compile("|".join(alts))
+
+
+def _istio_regex(value: str, star: bool = False) -> str:
+    # istiod pastes the value into an RE2 pattern unescaped ('.' is any character, '[1]' a
+    # class), so the same text is a pattern here too: matching exactly what Istio's does, in
+    # ALLOW and DENY alike. A value that is no valid pattern fails to compile: a load error.
+    return value.replace("*", ".*") if star else value

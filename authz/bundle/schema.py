@@ -32,11 +32,17 @@ SOURCE: dict[str, Any] = {
     "description": "Who sends the request. All fields given must match; within a field any value.",
     "additionalProperties": False,
     "properties": {
-        "principals": _strings("SPIFFE IDs of the caller." + _MATCH_NOTE),
+        "principals": _strings(
+            "SPIFFE IDs of the caller, with or without 'spiffe://'; 'td/ns/x/sa/y' in the bundle's trust "
+            "domain, an alias or cluster.local stands for every trust domain of the bundle." + _MATCH_NOTE),
         "notPrincipals": _strings("The caller must match none of these." + _MATCH_NOTE),
-        "namespaces": _strings("Namespace of the caller (from /ns/<name>/)." + _MATCH_NOTE),
+        "trustDomains": _strings("Trust domain of the caller's SPIFFE ID." + _MATCH_NOTE),
+        "notTrustDomains": _strings("Trust domains the caller must not be in." + _MATCH_NOTE),
+        "namespaces": _strings("Namespace of the caller: its principal contains '/ns/<name>/' ('*' in a "
+                               "value matches any characters)."),
         "notNamespaces": _strings("Namespaces the caller must not be in."),
-        "serviceAccounts": _strings("Service accounts as '<namespace>/<name>'."),
+        "serviceAccounts": _strings("Service accounts as '<namespace>/<name>', or '<name>' in the policy's "
+                                    "namespace."),
         "notServiceAccounts": _strings("Service accounts the caller must not be."),
         "ipBlocks": _strings("Peer addresses or CIDR blocks of the caller."),
         "notIpBlocks": _strings("Peer addresses or CIDR blocks the caller must not be in."),
@@ -50,7 +56,7 @@ OPERATION: dict[str, Any] = {
     "description": "What the request does. All fields given must match; within a field any value.",
     "additionalProperties": False,
     "properties": {
-        "methods": _strings("HTTP methods, exact (upper case)."),
+        "methods": _strings("HTTP methods, exact and case-sensitive (write them upper case)." + _MATCH_NOTE),
         "notMethods": _strings("HTTP methods that must not match."),
         "paths": _strings(
             "Paths (query excluded, normalised). Exact, 'prefix*', '*suffix', '*', or a "
@@ -61,6 +67,15 @@ OPERATION: dict[str, Any] = {
         "notHosts": _strings("Hosts that must not match."),
         "ports": _strings("Destination ports, as strings."),
         "notPorts": _strings("Destination ports that must not match."),
+        "headers": {"type": "object", "additionalProperties": _STRINGS,
+                    "description": "Request headers (name -> values); every header named must match one of "
+                                   "its values; '*' matches a header that is present, even empty."},
+        "notHeaders": {"type": "object", "additionalProperties": _STRINGS,
+                       "description": "Request headers that must not match any of the values given."},
+        "sni": _strings("TLS server name (SNI) of the connection." + _MATCH_NOTE),
+        "notSni": _strings("SNI values that must not match."),
+        "destinationIpBlocks": _strings("Destination addresses or CIDR blocks."),
+        "notDestinationIpBlocks": _strings("Destination addresses or CIDR blocks that must not match."),
     },
 }
 
@@ -115,6 +130,9 @@ POLICY: dict[str, Any] = {
         "name": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9._-]*$"},
         "description": {"type": "string"},
         "action": {"enum": ["ALLOW", "DENY", "AUDIT"]},
+        "namespace": {"type": "string", "minLength": 1,
+                      "description": "The policy's namespace (Istio metadata.namespace): what a service account "
+                                     "without '<namespace>/' is in."},
         "dryRun": {"type": "boolean", "description": "Evaluate and record, never enforce."},
         "target": {
             "type": "object",
@@ -123,6 +141,7 @@ POLICY: dict[str, Any] = {
             "properties": {
                 "principals": _strings("Destination SPIFFE IDs." + _MATCH_NOTE),
                 "hosts": _strings("Request hosts." + _MATCH_NOTE),
+                "ports": _strings("Destination ports, as strings."),
                 "contextExtensions": {"type": "object", "additionalProperties": {"type": "string"},
                                       "description": "Envoy context_extensions that must all be equal."},
             },
@@ -147,6 +166,11 @@ MANIFEST: dict[str, Any] = {
         "trustDomain": {"type": "string", "pattern": r"^[a-z0-9._-]+$"},
         "trustDomainAliases": {"type": "array", "items": {"type": "string", "pattern": r"^[a-z0-9._-]+$"}},
         "defaultAction": {"enum": ["ALLOW", "DENY"], "description": "When no ALLOW policy applies. Default DENY."},
+        "pathNormalization": {
+            "enum": ["NONE", "BASE", "MERGE_SLASHES", "DECODE_AND_MERGE_SLASHES"],
+            "description": "What the proxy in front of authz does to paths (Istio meshConfig pathNormalization). "
+                           "Default BASE.",
+        },
     },
 }
 

@@ -31,6 +31,7 @@ VARIABLES: dict[str, Any] = {
     "request.headers": _STR_MAP,
     "request.path_params": _STR_MAP,
     "request.context_extensions": _STR_MAP,
+    "connection.sni": _T.STRING,
     "source.principal": _T.STRING,
     "source.trust_domain": _T.STRING,
     "source.namespace": _T.STRING,

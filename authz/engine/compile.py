@@ -12,6 +12,7 @@ import datetime
 import ipaddress
 import json
 import pickle
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -23,10 +24,12 @@ from authz.bundle.yamlpos import Document, Position
 from authz.engine.cel import CelCompileError, Condition, compile_condition
 from authz.engine.decide import TENANT_ID, PolicySet
 from authz.engine.model import (
+    HeaderMatch,
     IpMatch,
     Operation,
     PathMatch,
     Policy,
+    RegexMatch,
     Rule,
     Source,
     StringMatch,
@@ -80,6 +83,8 @@ class _Compiler:
     def __init__(self, files: BundleFiles) -> None:
         self.files = files
         self.problems: list[Problem] = []
+        self.namespace = ""  # of the policy being compiled
+        self.action = "ALLOW"  # of the policy being compiled
         m = files.manifest.value
         self.trust = spiffe.TrustDomains(m["trustDomain"], frozenset(m.get("trustDomainAliases", [])))
 
@@ -123,6 +128,8 @@ class _Compiler:
             revision=str(m["revision"]),
             trust_domains=self.trust,
             default_allow=m.get("defaultAction", "DENY") == "ALLOW",
+            path_normalization=paths.Normalization(m.get("pathNormalization", "BASE")),
+            targets_principals=any(p.target.principals is not None for p in policies),
             policies=tuple(policies),
             tenants=tenants,
             data=data,
@@ -160,7 +167,7 @@ class _Compiler:
                 where[tid] = doc.at(path, key=True)
                 body = body or {}
                 callers = frozenset(
-                    strings.setdefault(c, c) for c in (self.trust.canonical(v) for v in body.get("callers", []))
+                    strings.setdefault(c, c) for v in body.get("callers", []) for c in self.trust.caller_forms(v)
                 )
                 callers = caller_sets.setdefault(callers, callers)
                 plan = str(body.get("plan", ""))
@@ -182,8 +189,9 @@ class _Compiler:
         name = v["name"]
         target_v = v.get("target", {})
         target = Target(
-            principals=self.principals(target_v.get("principals")),
+            principals=self.principals(target_v.get("principals"), doc, ("target", "principals")),
             hosts=_strings(target_v.get("hosts"), fold_case=True),
+            ports=self.ports(doc, ("target", "ports"), target_v.get("ports")),
             context_extensions=tuple(sorted((target_v.get("contextExtensions") or {}).items())),
         )
         tenant: TenantSource | None = None
@@ -196,6 +204,8 @@ class _Compiler:
         rules: list[Rule] = []
         rule_names: set[str] = set()
         captures_seen: set[str] = set()
+        self.namespace = v.get("namespace", "")
+        self.action = v["action"]
         for i, rv in enumerate(v.get("rules", [])):
             rule = self.rule(doc, ("rules", i), rv, i, tenant, captures_seen)
             if rule.name in rule_names:
@@ -215,6 +225,7 @@ class _Compiler:
             tenant=tenant,
             dry_run=bool(v.get("dryRun", False)),
             location=str(doc.at(())),
+            namespace=self.namespace,
         )
 
     def rule(
@@ -260,19 +271,55 @@ class _Compiler:
                 pos, f"invalid CEL at column {exc.column} of the expression: {exc.message}"))
             return None
 
-    def principals(self, values: list[str] | None) -> StringMatch | None:
+    def principals(self, values: list[str] | None, doc: Document | None = None, path: YPath = ()
+                   ) -> StringMatch | None:
         if values is None:
             return None
-        return StringMatch.of([self.trust.canonical(v) for v in values])
+        expanded = [p for v in values for p in self.trust.expand_principal(v)]
+        try:
+            return StringMatch.of(expanded, scheme=spiffe.SCHEME)
+        except re.error as exc:
+            if doc is not None:
+                self.error(doc, path, f"a '*suffix' principal is a regular expression in Istio, and this one "
+                           f"is invalid: {exc}")
+            return StringMatch()
+
+    def trust_domains(self, values: list[str] | None) -> StringMatch | None:
+        return None if values is None else StringMatch.of(self.trust.expand_trust_domains(values))
+
+    def service_accounts(self, doc: Document, path: YPath, values: list[str] | None) -> RegexMatch | None:
+        if values is None:
+            return None
+        for i, value in enumerate(values):
+            if "/" not in value and not self.namespace:
+                self.error(doc, (*path, i), f"service account {value!r} names no namespace and the policy "
+                           "has no 'namespace:'; write '<namespace>/<name>'")
+        try:
+            return RegexMatch(tuple(values), spiffe.service_account_regex(values, self.namespace))
+        except re.error as exc:
+            self.error(doc, path, f"service accounts are regular expressions in Istio, and these are invalid: {exc}")
+            return None
+
+    def namespaces(self, doc: Document, path: YPath, values: list[str] | None) -> RegexMatch | None:
+        if values is None:
+            return None
+        try:
+            return RegexMatch(tuple(values), spiffe.namespace_regex(values))
+        except re.error as exc:
+            self.error(doc, path, f"namespaces are regular expressions in Istio, and these are invalid: {exc}")
+            return None
 
     def source(self, doc: Document, path: YPath, sv: dict[str, Any]) -> Source:
         return Source(
-            principals=self.principals(sv.get("principals")),
-            not_principals=self.principals(sv.get("notPrincipals")),
-            namespaces=_strings(sv.get("namespaces")),
-            not_namespaces=_strings(sv.get("notNamespaces")),
-            service_accounts=_strings(sv.get("serviceAccounts")),
-            not_service_accounts=_strings(sv.get("notServiceAccounts")),
+            principals=self.principals(sv.get("principals"), doc, (*path, "principals")),
+            not_principals=self.principals(sv.get("notPrincipals"), doc, (*path, "notPrincipals")),
+            trust_domains=self.trust_domains(sv.get("trustDomains")),
+            not_trust_domains=self.trust_domains(sv.get("notTrustDomains")),
+            namespaces=self.namespaces(doc, (*path, "namespaces"), sv.get("namespaces")),
+            not_namespaces=self.namespaces(doc, (*path, "notNamespaces"), sv.get("notNamespaces")),
+            service_accounts=self.service_accounts(doc, (*path, "serviceAccounts"), sv.get("serviceAccounts")),
+            not_service_accounts=self.service_accounts(doc, (*path, "notServiceAccounts"),
+                                                       sv.get("notServiceAccounts")),
             ip_blocks=self.ips(doc, (*path, "ipBlocks"), sv.get("ipBlocks")),
             not_ip_blocks=self.ips(doc, (*path, "notIpBlocks"), sv.get("notIpBlocks")),
             remote_ip_blocks=self.ips(doc, (*path, "remoteIpBlocks"), sv.get("remoteIpBlocks")),
@@ -283,15 +330,26 @@ class _Compiler:
         return Operation(
             methods=_strings(ov.get("methods")),
             not_methods=_strings(ov.get("notMethods")),
-            paths=self.paths(doc, (*path, "paths"), ov.get("paths"), captures_seen),
-            not_paths=self.paths(doc, (*path, "notPaths"), ov.get("notPaths"), set()),
+            paths=self.paths(doc, (*path, "paths"), ov.get("paths"), captures_seen, widen=self.action != "ALLOW"),
+            not_paths=self.paths(doc, (*path, "notPaths"), ov.get("notPaths"), set(), widen=self.action == "ALLOW"),
             hosts=_strings(ov.get("hosts"), fold_case=True),
             not_hosts=_strings(ov.get("notHosts"), fold_case=True),
             ports=self.ports(doc, (*path, "ports"), ov.get("ports")),
             not_ports=self.ports(doc, (*path, "notPorts"), ov.get("notPorts")),
+            headers=_headers(ov.get("headers")),
+            not_headers=_headers(ov.get("notHeaders")),
+            sni=_strings(ov.get("sni")),
+            not_sni=_strings(ov.get("notSni")),
+            destination_ip_blocks=self.ips(doc, (*path, "destinationIpBlocks"), ov.get("destinationIpBlocks")),
+            not_destination_ip_blocks=self.ips(doc, (*path, "notDestinationIpBlocks"),
+                                               ov.get("notDestinationIpBlocks")),
         )
 
-    def paths(self, doc: Document, path: YPath, values: list[str] | None, captures_seen: set[str]) -> PathMatch | None:
+    def paths(self, doc: Document, path: YPath, values: list[str] | None, captures_seen: set[str],
+              widen: bool) -> PathMatch | None:
+        """``widen``: matching more only makes the rule stricter (a DENY's paths, an ALLOW's
+        notPaths), so an encoded unreserved character may stand for itself. Elsewhere it
+        keeps Istio's meaning: the proxy decodes it in every request, so it matches nothing."""
         if values is None:
             return None
         plain: list[str] = []
@@ -299,7 +357,7 @@ class _Compiler:
         for i, value in enumerate(values):
             if paths.is_template(value):
                 try:
-                    t = paths.compile_template(value)
+                    t = paths.compile_template(value, decode=widen)
                 except paths.TemplateError as exc:
                     self.error(doc, (*path, i), f"invalid path template {value!r}: {exc}")
                     continue
@@ -308,7 +366,7 @@ class _Compiler:
             else:
                 if not (value.startswith("/") or value.startswith("*")):
                     self.error(doc, (*path, i), f"path {value!r} must start with '/' (or '*' for a suffix)")
-                plain.append(value)
+                plain.append(paths.canonical_pattern(value) if widen else value)
         return PathMatch(StringMatch.of(plain), tuple(templates))
 
     def ips(self, doc: Document, path: YPath, values: list[str] | None) -> IpMatch | None:
@@ -336,6 +394,10 @@ class _Compiler:
 
 def _strings(values: list[str] | None, fold_case: bool = False) -> StringMatch | None:
     return None if values is None else StringMatch.of(values, fold_case)
+
+
+def _headers(values: dict[str, list[str]] | None) -> tuple[HeaderMatch, ...]:
+    return tuple(HeaderMatch(name.lower(), StringMatch.of(v)) for name, v in (values or {}).items())
 
 
 def _json_safe(value: Any) -> Any:

@@ -3,16 +3,25 @@
 Order, as in Istio: any matching DENY rule denies; AUDIT rules only mark the decision;
 if ALLOW policies apply to the target, a matching ALLOW rule allows and anything else is
 denied; with no ALLOW policy for the target the bundle default decides. Tenant errors
-and condition errors deny at once: a check fails closed.
+and condition errors deny at once: a check fails closed. A dry-run policy is evaluated
+and reported, never enforced, not even when its condition fails.
+
+Where a request can be read more than one way (a method in another case, a path an
+upstream may merge, decode or strip; see ``authz.paths``), a DENY or AUDIT rule matches if
+it matches any reading, and an ALLOW only stands if every path reading is allowed too:
+never looser than Istio, and stricter exactly where an upstream could act on something
+else than what was matched.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from authz import paths, spiffe
 from authz.engine import explain
 from authz.engine.cel import CelEvalError, evaluate
 from authz.engine.model import Decision, Operation, Policy, Rule, Source, Tenant
@@ -53,6 +62,10 @@ class PolicySet:
     # Policies indexed by exact destination principal; the rest are checked one by one.
     by_principal: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     general: tuple[int, ...] = ()
+    path_normalization: paths.Normalization = paths.Normalization.BASE
+    # Some policy names its destination by principal: a request without one (plaintext,
+    # Istio PERMISSIVE) cannot be told apart from a request to that destination.
+    targets_principals: bool = False
 
     def applicable(self, req: Request) -> list[Policy]:
         chosen = sorted((*self.by_principal.get(req.destination_principal, ()), *self.general))
@@ -65,35 +78,47 @@ class PolicySet:
                 if p not in policies:
                     tracer.step("target", False, explain.describe_target(p, req), p.name)
             tracer.step("target", True, f"{len(policies)} policies apply: " + ", ".join(p.name for p in policies))
+        if (self.targets_principals and not req.destination_principal
+                and not any(p.target.identifies_without_principal for p in policies)):
+            reason = "destination not identified"
+            if tracer is not None:
+                tracer.step("target", False, "the request names no destination principal (plaintext?) and no "
+                            "policy targets its destination by host or port")
+            return Decision(False, reason, "default", "default", "DENY")
         audit: list[str] = []
         dry_run: list[str] = []
-        base: dict[str, Any] = {}
+        views = _readings(req)
+        bases = _Bases()
         try:
             for policy in policies:
-                if policy.action == "DENY":
-                    hit = self._first_match(policy, req, base, tracer)
-                    if policy.dry_run:
-                        if hit is not None:
-                            dry_run.append(f"{policy.name}/{hit[0].name}=deny")
-                        continue
-                    if hit is not None:
-                        return Decision(False, "denied by policy", policy.name, hit[0].name, "DENY",
-                                        hit[1], tuple(audit), tuple(dry_run))
+                if policy.action != "DENY":
+                    continue
+                if policy.dry_run:
+                    dry_run.extend(self._dry_run(policy, views, "deny", tracer, bases))
+                    continue
+                hit = self._first_match_any(policy, views, tracer, bases)
+                if hit is not None:
+                    return Decision(False, "denied by policy", policy.name, hit[0].name, "DENY",
+                                    hit[1], tuple(audit), tuple(dry_run))
             for policy in policies:
                 if policy.action == "AUDIT":
-                    hit = self._first_match(policy, req, base, tracer)
+                    hit = self._first_match_any(policy, views, tracer, bases)
                     if hit is not None:
                         audit.append(f"{policy.name}/{hit[0].name}")
             allow_applies = False
             for policy in policies:
                 if policy.action != "ALLOW":
                     continue
-                hit = self._first_match(policy, req, base, tracer)
                 if policy.dry_run:
-                    dry_run.append(f"{policy.name}/{hit[0].name}=allow" if hit else f"{policy.name}=deny")
+                    dry_run.extend(self._dry_run(policy, (req,), "allow", tracer, bases))
                     continue
                 allow_applies = True
+                hit = self._first_match(policy, req, bases(req), tracer, allow=True)
                 if hit is not None:
+                    unmatched = self._unallowed_reading(policies, req, hit[1], tracer, bases)
+                    if unmatched is not None:
+                        return Decision(False, "ambiguous path", policy.name, hit[0].name, "DENY",
+                                        hit[1], tuple(audit), tuple(dry_run))
                     return Decision(True, "allowed by policy", policy.name, hit[0].name, "ALLOW",
                                     hit[1], tuple(audit), tuple(dry_run))
         except _TenantDenied as exc:
@@ -114,10 +139,53 @@ class PolicySet:
             tracer.step("default", allowed, reason)
         return Decision(allowed, reason, "default", "default", "default", None, tuple(audit), tuple(dry_run))
 
+    def _dry_run(self, policy: Policy, views: tuple[Request, ...], verdict: str,
+                 tracer: Tracer | None, bases: _Bases) -> list[str]:
+        """What a dry-run policy would have said; its errors are recorded, never enforced."""
+        try:
+            if verdict == "deny":
+                hit = self._first_match_any(policy, views, tracer, bases)
+                return [f"{policy.name}/{hit[0].name}=deny"] if hit is not None else []
+            hit = self._first_match(policy, views[0], bases(views[0]), tracer, allow=True)
+        except _ConditionFailed as exc:
+            return [f"{policy.name}/{exc.args[1]}=error"]
+        except _TenantDenied:
+            return [f"{policy.name}/tenant=error"]
+        return [f"{policy.name}/{hit[0].name}=allow" if hit else f"{policy.name}=deny"]
+
+    def _first_match_any(self, policy: Policy, views: tuple[Request, ...], tracer: Tracer | None,
+                         bases: _Bases) -> tuple[Rule, str | None] | None:
+        """A DENY or AUDIT rule matches when it matches any reading of the request."""
+        for i, view in enumerate(views):
+            if i and tracer is not None:
+                tracer.step("reading", None, f"also read as {view.method} {view.path}", policy.name)
+            hit = self._first_match(policy, view, bases(view), tracer, allow=False)
+            if hit is not None:
+                return hit
+        return None
+
+    def _unallowed_reading(self, policies: list[Policy], req: Request, tenant: str | None,
+                           tracer: Tracer | None, bases: _Bases) -> str | None:
+        """A path reading that no ALLOW rule allows (or allows for another tenant), if any."""
+        for view in [dataclasses.replace(req, path=r, path_readings=()) for r in req.path_readings]:
+            reading = view.path
+            if tracer is not None:
+                tracer.step("reading", None, f"the path may also be read as {reading!r}")
+            for policy in policies:
+                if policy.action == "ALLOW" and not policy.dry_run:
+                    hit = self._first_match(policy, view, bases(view), tracer, allow=True)
+                    if hit is not None and hit[1] == tenant:
+                        break
+            else:
+                if tracer is not None:
+                    tracer.step("reading", False, f"no allow rule matches the reading {reading!r}")
+                return reading
+        return None
+
     # --- matching ----------------------------------------------------------------------
 
     def _first_match(
-        self, policy: Policy, req: Request, base: dict[str, Any], tracer: Tracer | None
+        self, policy: Policy, req: Request, base: dict[str, Any], tracer: Tracer | None, allow: bool
     ) -> tuple[Rule, str | None] | None:
         fixed_tenant: Tenant | None = None
         if policy.tenant is not None and policy.tenant.kind != "pathCapture":
@@ -131,13 +199,15 @@ class PolicySet:
                         f"{len(policy.rules)} rule{'' if len(policy.rules) == 1 else 's'}"
                         + ("" if policy.rules else ": matches nothing"), policy.name)
         for rule in policy.rules:
-            captures = _operations_match(rule.operations, req)
+            captures = _operations_match(rule.operations, req, allow)
             if captures is None:
                 if tracer is not None:
-                    tracer.step("to", False, explain.describe_operations(rule.operations, req), policy.name, rule.name)
+                    tracer.step("to", False, explain.describe_operations(rule.operations, req, allow), policy.name,
+                                rule.name)
                 continue
             if tracer is not None and rule.operations:
-                tracer.step("to", True, explain.describe_operations(rule.operations, req), policy.name, rule.name)
+                tracer.step("to", True, explain.describe_operations(rule.operations, req, allow), policy.name,
+                            rule.name)
             tenant = fixed_tenant
             if policy.tenant is not None and policy.tenant.kind == "pathCapture":
                 tenant = self._tenant(captures.get(policy.tenant.key), policy, tracer)
@@ -214,11 +284,42 @@ class PolicySet:
         return True
 
 
+class _Bases:
+    """The CEL variables of each reading of one request, built once and only if needed."""
+
+    __slots__ = ("_by_id",)
+
+    def __init__(self) -> None:
+        self._by_id: dict[int, tuple[Request, dict[str, Any]]] = {}
+
+    def __call__(self, req: Request) -> dict[str, Any]:
+        # Holding the request keeps its id from being reused while this decision runs.
+        hit = self._by_id.get(id(req))
+        if hit is None or hit[0] is not req:
+            hit = self._by_id[id(req)] = (req, {})
+        return hit[1]
+
+
+def _readings(req: Request) -> tuple[Request, ...]:
+    """The request and every other (method, path) reading of it, for DENY and AUDIT rules."""
+    methods = req.method_readings
+    if len(methods) == 1 and not req.path_readings:
+        return (req,)
+    views = [req]
+    for method in methods:
+        for path in (req.path, *req.path_readings):
+            if method != req.method or path != req.path:
+                views.append(dataclasses.replace(req, method=method, path=path, path_readings=()))
+    return tuple(views)
+
+
 def _target_matches(policy: Policy, req: Request) -> bool:
     t = policy.target
     if t.principals is not None and not t.principals(req.destination_principal):
         return False
     if t.hosts is not None and not (t.hosts(req.host) or t.hosts(req.host_without_port)):
+        return False
+    if t.ports is not None and req.destination_port not in t.ports:
         return False
     for key, value in t.context_extensions:
         if req.context_extensions.get(key) != value:
@@ -226,20 +327,43 @@ def _target_matches(policy: Policy, req: Request) -> bool:
     return True
 
 
-def _operations_match(ops: tuple[Operation, ...], req: Request) -> dict[str, str] | None:
+def _operations_match(ops: tuple[Operation, ...], req: Request, allow: bool) -> dict[str, str] | None:
     if not ops:
         return {}
     for op in ops:
-        captures = _operation_match(op, req)
+        captures = _operation_match(op, req, allow)
         if captures is not None:
             return captures
     return None
 
 
-def _operation_match(op: Operation, req: Request) -> dict[str, str] | None:
+def _operation_match(op: Operation, req: Request, allow: bool) -> dict[str, str] | None:
+    """One ``to`` entry. ``allow``: the rule allows, so every field takes its strict reading.
+
+    An ALLOW's not-forms exclude a method in any case and a header when any element of a
+    merged value matches; a DENY's header values match any element ('a,b' is how two
+    header lines reach ext_authz). Methods and paths of a DENY are read every way by the
+    caller (``_readings``).
+    """
     if op.methods is not None and not op.methods(req.method):
         return None
-    if op.not_methods is not None and op.not_methods(req.method):
+    if op.not_methods is not None and (
+        op.not_methods(req.method) or (allow and op.not_methods(req.method.upper()))
+    ):
+        return None
+    for h in op.headers:
+        if not h(req.headers, not allow):
+            return None
+    for h in op.not_headers:
+        if h(req.headers, allow):
+            return None
+    if op.sni is not None and not op.sni(req.sni):
+        return None
+    if op.not_sni is not None and op.not_sni(req.sni):
+        return None
+    if op.destination_ip_blocks is not None and not op.destination_ip_blocks(req.destination_address):
+        return None
+    if op.not_destination_ip_blocks is not None and op.not_destination_ip_blocks(req.destination_address):
         return None
     if op.hosts is not None and not (op.hosts(req.host) or op.hosts(req.host_without_port)):
         return None
@@ -262,20 +386,18 @@ def _source_matches(s: Source, req: Request) -> bool:
         return False
     if s.not_principals is not None and s.not_principals(p):
         return False
-    if s.namespaces is not None or s.not_namespaces is not None:
-        ns = req.source.namespace if req.source is not None else ""
-        if s.namespaces is not None and not s.namespaces(ns):
-            return False
-        if s.not_namespaces is not None and s.not_namespaces(ns):
-            return False
-    if s.service_accounts is not None or s.not_service_accounts is not None:
-        sa = ""
-        if req.source is not None and req.source.namespace and req.source.service_account:
-            sa = f"{req.source.namespace}/{req.source.service_account}"
-        if s.service_accounts is not None and not s.service_accounts(sa):
-            return False
-        if s.not_service_accounts is not None and s.not_service_accounts(sa):
-            return False
+    if s.trust_domains is not None and not s.trust_domains(spiffe.trust_domain_of(p)):
+        return False
+    if s.not_trust_domains is not None and s.not_trust_domains(spiffe.trust_domain_of(p)):
+        return False
+    if s.namespaces is not None and not s.namespaces(p):
+        return False
+    if s.not_namespaces is not None and s.not_namespaces(p):
+        return False
+    if s.service_accounts is not None and not s.service_accounts(p):
+        return False
+    if s.not_service_accounts is not None and s.not_service_accounts(p):
+        return False
     if s.ip_blocks is not None and not s.ip_blocks(req.source_address):
         return False
     if s.not_ip_blocks is not None and s.not_ip_blocks(req.source_address):
@@ -300,6 +422,7 @@ def _request_vars(req: Request, data: Mapping[str, Any]) -> dict[str, Any]:
         "request.headers": req.headers,
         "request.path_params": {},
         "request.context_extensions": req.context_extensions,
+        "connection.sni": req.sni,
         "source.principal": req.principal,
         "source.trust_domain": src.trust_domain if src else "",
         "source.namespace": src.namespace if src else "",

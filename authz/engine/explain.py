@@ -13,7 +13,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from authz.engine.model import Decision, IpMatch, Operation, PathMatch, Policy, Source, StringMatch
+from authz import spiffe
+from authz.engine.model import Decision, HeaderMatch, IpMatch, Operation, PathMatch, Policy, RegexMatch, Source, StringMatch
 from authz.request import Request
 
 
@@ -77,13 +78,8 @@ def summary(d: Decision) -> str:
 # --- slow-path descriptions -------------------------------------------------------------
 
 
-def patterns(sm: StringMatch) -> list[str]:
-    out = sorted(sm.exact)
-    out += [p + "*" for p in sm.prefixes]
-    out += ["*" + s for s in sm.suffixes]
-    if sm.present:
-        out.append("*")
-    return out
+def patterns(sm: StringMatch | RegexMatch) -> list[str]:
+    return sm.patterns()
 
 
 def _path_patterns(pm: PathMatch) -> list[str]:
@@ -103,7 +99,7 @@ def _field(name: str, value: str, shown: list[str], hit: bool, negative: bool) -
     return hit, f"{name}: {v} {'matches' if hit else 'does not match'} {_list(shown)}"
 
 
-def _strings(name: str, sm: StringMatch | None, values: tuple[str, ...], negative: bool = False
+def _strings(name: str, sm: StringMatch | RegexMatch | None, values: tuple[str, ...], negative: bool = False
              ) -> tuple[bool, str] | None:
     if sm is None:
         return None
@@ -123,13 +119,26 @@ def _join(checks: list[tuple[bool, str] | None]) -> tuple[bool, str]:
     return ok, "; ".join(("" if c[0] else "FAILED ") + c[1] for c in present) or "any"
 
 
-def describe_operation(op: Operation, req: Request) -> tuple[bool, str]:
+def _headers(name: str, hs: tuple[HeaderMatch, ...], req: Request, elements: bool, negative: bool
+             ) -> list[tuple[bool, str] | None]:
+    return [_field(f"{name}[{h.name}]", req.headers.get(h.name, ""), h.values.patterns(),
+                   h(req.headers, elements), negative) for h in hs]
+
+
+def describe_operation(op: Operation, req: Request, allow: bool = True) -> tuple[bool, str]:
     hosts = (req.host, req.host_without_port)
+    not_methods = (req.method, req.method.upper()) if allow else (req.method,)
     checks: list[tuple[bool, str] | None] = [
         _strings("methods", op.methods, (req.method,)),
-        _strings("notMethods", op.not_methods, (req.method,), True),
+        _strings("notMethods", op.not_methods, not_methods, True),
         _strings("hosts", op.hosts, hosts),
         _strings("notHosts", op.not_hosts, hosts, True),
+        *_headers("headers", op.headers, req, not allow, False),
+        *_headers("notHeaders", op.not_headers, req, allow, True),
+        _strings("sni", op.sni, (req.sni,)),
+        _strings("notSni", op.not_sni, (req.sni,), True),
+        _ips("destinationIpBlocks", op.destination_ip_blocks, req.destination_address),
+        _ips("notDestinationIpBlocks", op.not_destination_ip_blocks, req.destination_address, True),
     ]
     if op.ports is not None:
         checks.append(_field("ports", str(req.destination_port or ""), sorted(map(str, op.ports)),
@@ -150,17 +159,17 @@ def describe_operation(op: Operation, req: Request) -> tuple[bool, str]:
 
 
 def describe_source(s: Source, req: Request) -> tuple[bool, str]:
-    ns = req.source.namespace if req.source is not None else ""
-    sa = ""
-    if req.source is not None and req.source.namespace and req.source.service_account:
-        sa = f"{req.source.namespace}/{req.source.service_account}"
+    p = (req.principal,)
+    td = (spiffe.trust_domain_of(req.principal),)
     return _join([
-        _strings("principals", s.principals, (req.principal,)),
-        _strings("notPrincipals", s.not_principals, (req.principal,), True),
-        _strings("namespaces", s.namespaces, (ns,)),
-        _strings("notNamespaces", s.not_namespaces, (ns,), True),
-        _strings("serviceAccounts", s.service_accounts, (sa,)),
-        _strings("notServiceAccounts", s.not_service_accounts, (sa,), True),
+        _strings("principals", s.principals, p),
+        _strings("notPrincipals", s.not_principals, p, True),
+        _strings("trustDomains", s.trust_domains, td),
+        _strings("notTrustDomains", s.not_trust_domains, td, True),
+        _strings("namespaces", s.namespaces, p),
+        _strings("notNamespaces", s.not_namespaces, p, True),
+        _strings("serviceAccounts", s.service_accounts, p),
+        _strings("notServiceAccounts", s.not_service_accounts, p, True),
         _ips("ipBlocks", s.ip_blocks, req.source_address),
         _ips("notIpBlocks", s.not_ip_blocks, req.source_address, True),
         _ips("remoteIpBlocks", s.remote_ip_blocks, req.remote_address),
@@ -168,8 +177,8 @@ def describe_source(s: Source, req: Request) -> tuple[bool, str]:
     ])
 
 
-def describe_operations(ops: tuple[Operation, ...], req: Request) -> str:
-    return " | ".join(f"to[{i}] {describe_operation(op, req)[1]}" for i, op in enumerate(ops))
+def describe_operations(ops: tuple[Operation, ...], req: Request, allow: bool = True) -> str:
+    return " | ".join(f"to[{i}] {describe_operation(op, req, allow)[1]}" for i, op in enumerate(ops))
 
 
 def describe_sources(sources: tuple[Source, ...], req: Request) -> str:
@@ -182,6 +191,8 @@ def describe_target(policy: Policy, req: Request) -> str:
     ok, text = _join([
         _strings("principals", t.principals, (req.destination_principal,)),
         _strings("hosts", t.hosts, hosts),
+        None if t.ports is None else _field("ports", str(req.destination_port or ""), sorted(map(str, t.ports)),
+                                            req.destination_port in t.ports, False),
         *[_field(f"contextExtensions[{k}]", req.context_extensions.get(k, ""), [v],
                  req.context_extensions.get(k) == v, False) for k, v in t.context_extensions],
     ])

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -22,9 +24,14 @@ class StringMatch:
     suffixes: tuple[str, ...] = ()
     present: bool = False  # '*': any non-empty value
     fold_case: bool = False
+    # Principals: istiod writes '*suffix' as the RE2 pattern 'spiffe://.*suffix' with the
+    # suffix pasted in unescaped ('.' is any character, '[1]' a class); so is it here.
+    suffix_floor: str = ""
+    suffix_regex: re.Pattern[str] | None = None
 
     @classmethod
-    def of(cls, patterns: list[str], fold_case: bool = False) -> StringMatch:
+    def of(cls, patterns: list[str], fold_case: bool = False, scheme: str = "") -> StringMatch:
+        """Istio's string forms; with ``scheme``, exact and prefix values get it prepended."""
         exact: set[str] = set()
         prefixes: list[str] = []
         suffixes: list[str] = []
@@ -34,13 +41,17 @@ class StringMatch:
                 p = p.lower()
             if p == "*":
                 present = True
-            elif p.endswith("*"):
-                prefixes.append(p[:-1])
             elif p.startswith("*"):
                 suffixes.append(p[1:])
+            elif p.endswith("*"):
+                prefixes.append(scheme + p[:-1])
             else:
-                exact.add(p)
-        return cls(frozenset(exact), tuple(prefixes), tuple(suffixes), present, fold_case)
+                exact.add(scheme + p)
+        regex = None
+        if scheme and suffixes:
+            # re.error for a suffix that is no valid pattern: a load error, as istiod's config is
+            regex = re.compile("|".join(f"(?:{re.escape(scheme)}.*{s})" for s in suffixes))
+        return cls(frozenset(exact), tuple(prefixes), tuple(suffixes), present, fold_case, scheme, regex)
 
     def __call__(self, value: str) -> bool:
         if not value:
@@ -51,8 +62,55 @@ class StringMatch:
             self.present
             or value in self.exact
             or (bool(self.prefixes) and value.startswith(self.prefixes))
-            or (bool(self.suffixes) and value.endswith(self.suffixes))
+            or (bool(self.suffixes) and (
+                value.endswith(self.suffixes) if self.suffix_regex is None
+                else self.suffix_regex.fullmatch(value) is not None))
         )
+
+    def patterns(self) -> list[str]:
+        """The values as written (scheme removed), for explanations and lint."""
+        n = len(self.suffix_floor)
+        out = sorted(e[n:] for e in self.exact)
+        out += [p[n:] + "*" for p in self.prefixes]
+        out += ["*" + s for s in self.suffixes]
+        if self.present:
+            out.append("*")
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class RegexMatch:
+    """Istio's regex-shaped principal matchers (namespaces, service accounts), compiled once."""
+
+    sources: tuple[str, ...]  # the values as written
+    regex: re.Pattern[str]
+
+    def __call__(self, value: str) -> bool:
+        return bool(value) and self.regex.fullmatch(value) is not None
+
+    def patterns(self) -> list[str]:
+        return list(self.sources)
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderMatch:
+    """One request header against Istio string forms; '*' means present, even empty.
+
+    ext_authz sees repeated headers merged as 'a,b'. ``elements`` also tries each
+    comma-separated element, the reading a DENY rule (and an ALLOW rule's not-values) must
+    take to be never looser than Istio, which matches each header line on its own.
+    """
+
+    name: str  # lower case
+    values: StringMatch
+
+    def __call__(self, headers: Mapping[str, str], elements: bool) -> bool:
+        value = headers.get(self.name)
+        if value is None:
+            return False
+        if self.values.present or self.values(value):
+            return True
+        return elements and "," in value and any(self.values(v.strip()) for v in value.split(","))
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,10 +150,12 @@ class Source:
 
     principals: StringMatch | None = None
     not_principals: StringMatch | None = None
-    namespaces: StringMatch | None = None
-    not_namespaces: StringMatch | None = None
-    service_accounts: StringMatch | None = None
-    not_service_accounts: StringMatch | None = None
+    trust_domains: StringMatch | None = None  # on the trust-domain part of the principal
+    not_trust_domains: StringMatch | None = None
+    namespaces: RegexMatch | None = None
+    not_namespaces: RegexMatch | None = None
+    service_accounts: RegexMatch | None = None
+    not_service_accounts: RegexMatch | None = None
     ip_blocks: IpMatch | None = None
     not_ip_blocks: IpMatch | None = None
     remote_ip_blocks: IpMatch | None = None
@@ -114,6 +174,12 @@ class Operation:
     not_hosts: StringMatch | None = None
     ports: frozenset[int] | None = None
     not_ports: frozenset[int] | None = None
+    headers: tuple[HeaderMatch, ...] = ()  # all must match
+    not_headers: tuple[HeaderMatch, ...] = ()  # none may match
+    sni: StringMatch | None = None
+    not_sni: StringMatch | None = None
+    destination_ip_blocks: IpMatch | None = None
+    not_destination_ip_blocks: IpMatch | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +204,13 @@ class TenantSource:
 class Target:
     principals: StringMatch | None = None
     hosts: StringMatch | None = None
+    ports: frozenset[int] | None = None
     context_extensions: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def identifies_without_principal(self) -> bool:
+        """Names its destination by something a plaintext request still carries."""
+        return self.principals is None and bool(self.hosts or self.ports or self.context_extensions)
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +222,7 @@ class Policy:
     tenant: TenantSource | None
     dry_run: bool
     location: str
+    namespace: str = ""  # Istio's metadata.namespace, when the policy came from one
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,7 +245,7 @@ class Decision:
     action: str  # ALLOW / DENY / AUDIT / default
     tenant: str | None = None
     audit: tuple[str, ...] = ()  # "policy/rule" of matching AUDIT rules
-    dry_run: tuple[str, ...] = ()  # "policy/rule=allow|deny" a dry-run policy would have decided
+    dry_run: tuple[str, ...] = ()  # "policy/rule=allow|deny|error" a dry-run policy would have decided
     condition_error: bool = False
 
     @property

@@ -55,6 +55,9 @@ def check_request(
     source_ip: str = "10.0.0.1",
     port: int = 8080,
     context_extensions: dict[str, str] | None = None,
+    sni: str = "",
+    certificate: str = "",
+    destination_ip: str = "",
 ) -> external_auth_pb2.CheckRequest:
     cr = external_auth_pb2.CheckRequest()
     a = cr.attributes
@@ -62,6 +65,9 @@ def check_request(
     a.source.address.socket_address.address = source_ip
     a.destination.principal = destination
     a.destination.address.socket_address.port_value = port
+    a.destination.address.socket_address.address = destination_ip
+    a.tls_session.sni = sni
+    a.source.certificate = certificate
     http = a.request.http
     http.method = method
     http.path = path

@@ -29,7 +29,8 @@ def test_unknown_field_points_at_key(tmp_path: Path) -> None:
     text = HEADER + "name: p\naction: ALLOW\nrules:\n  - to:\n      - operation:\n          method: [GET]\n"
     assert problems(bundle_with(tmp_path, text)) == [
         "policies/p.yaml:8:11: error: unknown field 'method' in rules/0/to/0/operation "
-        "(known: methods, notMethods, paths, notPaths, hosts, notHosts, ports, notPorts)"
+        "(known: methods, notMethods, paths, notPaths, hosts, notHosts, ports, notPorts, headers, "
+            "notHeaders, sni, notSni, destinationIpBlocks, notDestinationIpBlocks)"
     ]
 
 

@@ -26,14 +26,26 @@ def test_normalized_paths_are_canonical(raw: str) -> None:
         n = paths.normalize(raw)
     except paths.PathError:
         return
-    p = n.path
-    assert p.startswith("/")
-    assert "//" not in p
-    segments = p.split("/")[1:]
-    assert all(s not in (".", "..") for s in segments)
-    assert "\\" not in p and "\x00" not in p and "#" not in p
-    # decoding once more changes nothing: no escapes are left to decode
-    assert not re.search("%[0-9A-Fa-f]{2}", p)
+    for p in (n.path, *n.readings):
+        assert p.startswith("/")
+        assert all(s not in (".", "..") for s in p.split("/")[1:]), p
+        assert "\\" not in p and "\x00" not in p and "#" not in p
+        # no unreserved character is left encoded
+        assert not re.search("%(2[Ee]|4[1-9A-Fa-f]|5[0-9Aa]|6[1-9A-Fa-f]|7[0-9Aa]|3[0-9]|2[Dd]|5[Ff]|7[Ee])", p)
+    # the proxy form is a fixed point: normalising what was forwarded changes nothing
+    assert paths.normalize(n.path).path == n.path
+    assert n.path not in n.readings
+
+
+@settings(max_examples=3000, deadline=None)
+@given(RAW)
+def test_merging_modes_leave_no_repeated_slash(raw: str) -> None:
+    for mode in (paths.Normalization.MERGE_SLASHES, paths.Normalization.DECODE_AND_MERGE_SLASHES):
+        try:
+            n = paths.normalize(raw, mode)
+        except paths.PathError:
+            return
+        assert "//" not in n.path
 
 
 @settings(max_examples=3000, deadline=None)
@@ -48,5 +60,5 @@ def test_tenant_capture_is_a_plain_segment(raw: str) -> None:
     if m is not None and TENANT_ID.match(m["tenant"]):
         tenant = m["tenant"]
         assert "/" not in tenant and "%" not in tenant and tenant not in (".", "..")
-        # the captured tenant is exactly the segment an upstream sees after the same decoding
+        # the captured tenant is exactly the segment the proxy forwards
         assert n.path.split("/")[3] == tenant
