@@ -59,6 +59,33 @@ def _worker_preexec() -> Callable[[], None]:
     return preexec
 
 
+METRICS_DIR_PREFIX = "authz-metrics-"
+
+
+def _remove_orphaned_metrics_dirs() -> None:
+    """Metrics directories of supervisors that were killed (SIGKILL leaves no chance to clean
+    up): named after their supervisor's pid, removed when that process is gone."""
+    tmp = tempfile.gettempdir()
+    try:
+        names = os.listdir(tmp)
+    except OSError:
+        return
+    for name in names:
+        if not name.startswith(METRICS_DIR_PREFIX):
+            continue
+        pid_text = name[len(METRICS_DIR_PREFIX):].split("-", 1)[0]
+        if not pid_text.isdigit():
+            continue
+        try:
+            os.kill(int(pid_text), 0)
+            continue  # still running
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # someone else's, alive
+        shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
+
+
 class PortInUse(Exception):
     pass
 
@@ -91,7 +118,8 @@ class Supervisor:
         self.env = dict(os.environ)
         self.own_metrics_dir: str | None = None
         if not self.env.get("PROMETHEUS_MULTIPROC_DIR"):
-            self.own_metrics_dir = tempfile.mkdtemp(prefix="authz-metrics-")
+            _remove_orphaned_metrics_dirs()
+            self.own_metrics_dir = tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-")
             self.env["PROMETHEUS_MULTIPROC_DIR"] = self.own_metrics_dir
         self.metrics_dir = self.env["PROMETHEUS_MULTIPROC_DIR"]
 

@@ -377,3 +377,38 @@ def test_idle_probe_connections_neither_pile_up_threads_nor_block_probes() -> No
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=60)
+
+
+def test_metrics_directory_of_a_killed_supervisor_is_removed_by_the_next(tmp_path: Path) -> None:
+    import tempfile
+
+    g, h = free_port(), free_port()
+    cmd = [sys.executable, "-m", "authz", "serve", "--workers", "2", "--grpc-addr", f"127.0.0.1:{g}",
+           "--http-addr", f"127.0.0.1:{h}", "--audit-log", str(tmp_path / "a.log"), "--drain-grace", "0"]
+    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_for(lambda: http_get(h, "/readyz")[0] == 200, 30)
+        mine = [n for n in os.listdir(tempfile.gettempdir()) if n.startswith(f"authz-metrics-{first.pid}-")]
+        assert len(mine) == 1
+    finally:
+        first.kill()  # no clean-up possible; its workers die with it
+        first.wait(30)
+    assert os.path.isdir(os.path.join(tempfile.gettempdir(), mine[0]))
+    assert wait_for(lambda: _port_free(g) and _port_free(h), 30)
+    second = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_for(lambda: http_get(h, "/readyz")[0] == 200, 30)
+        assert not os.path.exists(os.path.join(tempfile.gettempdir(), mine[0]))
+    finally:
+        second.send_signal(signal.SIGTERM)
+        second.wait(90)
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is not in use
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
