@@ -349,6 +349,7 @@ class AuditEntry(NamedTuple):
     request: Request | None
     revision: str
     latency_us: int
+    caller: str = "envoy_grpc"  # envoy_grpc, envoy_http or api (authz.check.CALLERS)
 
 
 def action_of(decision: Decision) -> str:
@@ -408,6 +409,7 @@ def build_record(e: AuditEntry, header_allowlist: tuple[str, ...] = (),
         "tenant": d.tenant,
         "revision": e.revision,
         "latency_us": e.latency_us,
+        "caller": e.caller,
         "source_principal": None,
         "destination_principal": None,
         "source_address": None,
@@ -479,7 +481,8 @@ class RecordFormatter:
             self._second_text = time.strftime('{"time":"%Y-%m-%dT%H:%M:%S', time.gmtime(sec))
         micro = min(999_999, int((when - sec) * 1_000_000))
         head = (f'{self._second_text}.{micro:06d}Z","decision_id":{_str(e.decision_id)},'
-                f'{self._decision_part(e.decision, e.revision)},"latency_us":{int(e.latency_us)},')
+                f'{self._decision_part(e.decision, e.revision)},"latency_us":{int(e.latency_us)},'
+                f'"caller":{_str(e.caller)},')
         r = e.request
         if r is None:
             return head + ('"source_principal":null,"destination_principal":null,'

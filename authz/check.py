@@ -29,6 +29,13 @@ from authz.metrics import Metrics
 log = logging.getLogger("authz.check")
 
 
+# Who asked: Envoy over gRPC or HTTP ext_authz, or an application through the decision API.
+CALLER_ENVOY_GRPC = "envoy_grpc"
+CALLER_ENVOY_HTTP = "envoy_http"
+CALLER_API = "api"
+CALLERS = (CALLER_ENVOY_GRPC, CALLER_ENVOY_HTTP, CALLER_API)
+
+
 def new_decision_id() -> str:
     return os.urandom(16).hex()
 
@@ -67,9 +74,14 @@ class Checker:
         return self.run(check_request, size=len(data)).response.SerializeToString()  # type: ignore[no-any-return]
 
     def run(self, check_request: external_auth_pb2.CheckRequest | None, tracer: Tracer | None = None,
-            *, size: int | None = None, too_large: str | None = None) -> Outcome:
+            caller: str = CALLER_ENVOY_GRPC, *, malformed: str = "not a CheckRequest",
+            tenant_hint: str | None = None, size: int | None = None,
+            too_large: str | None = None) -> Outcome:
         """Decide one request; ``tracer``, when given, receives each step (``authz check --explain``).
-        ``size`` is its size on the wire when known; ``too_large`` the reason it was not parsed."""
+        ``caller`` is the kind of caller (one of CALLERS), a label of metrics and audit records;
+        ``malformed`` the reason given when ``check_request`` is None; ``tenant_hint`` (decision
+        API) turns an allow for any other tenant into a deny. ``size`` is the request's size on
+        the wire when known; ``too_large`` the reason it was not even parsed (limits.py)."""
         started = time.perf_counter()
         decision_id = new_decision_id()
         policy_set = self.store.current  # read once: one bundle for the whole check
@@ -79,7 +91,7 @@ class Checker:
             if too_large is not None:
                 decision = _deny(too_large)
             elif check_request is None:
-                decision = _deny("malformed request: not a CheckRequest")
+                decision = _deny(f"malformed request: {malformed}")
             elif (over := self.limits.violation(check_request, size)) is not None:
                 decision = _deny(over)  # before any normalising or matching
             elif policy_set is None:
@@ -88,11 +100,21 @@ class Checker:
                 req = request_mod.from_check_request(check_request, policy_set.trust_domains,
                                                    policy_set.path_normalization)
                 decision = policy_set.decide(req, tracer)
+                if tenant_hint is not None and decision.allowed and decision.tenant != tenant_hint:
+                    decision = Decision(False, "tenant mismatch", decision.policy, decision.rule, "DENY",
+                                        decision.tenant, decision.audit, decision.dry_run)
         except request_mod.MalformedRequest as exc:
             decision = _deny(f"malformed request: {exc}")
         except Exception:  # noqa: BLE001 - fail closed, never crash the servicer
             log.exception("internal error while deciding %s", decision_id)
             decision = _deny("internal error")
+        if policy_set is not None:
+            try:
+                if policy_set.shapes:
+                    decision = policy_set.shape(decision, req)
+            except Exception:  # noqa: BLE001
+                log.exception("internal error while shaping %s", decision_id)
+                decision = _deny("internal error")
         try:
             resp = response.to_check_response(decision, decision_id, revision, req.principal if req else "")
         except Exception:  # noqa: BLE001
@@ -100,26 +122,27 @@ class Checker:
             decision = _deny("internal error")
             resp = response.to_check_response(decision, decision_id, revision, "")
         elapsed = time.perf_counter() - started
-        self._observe(decision, decision_id, revision, req, elapsed, policy_set, size or 0)
+        self._observe(decision, decision_id, revision, req, elapsed, policy_set, caller, size or 0)
         return Outcome(decision, decision_id, revision, req, resp)
 
     def _observe(self, decision: Decision, decision_id: str, revision: str,
                  req: request_mod.Request | None, elapsed: float, policy_set: PolicySet | None,
-                 size: int) -> None:
+                 caller: str, size: int) -> None:
         # Side effects only; nothing here may change or delay the answer: counters and one
         # put_nowait onto the audit queue (AuditLog.submit), O(1) and never blocking.
         try:
             # Only a tenant the serving bundle defines may become a metric label value.
             if self.metrics is not None:
                 tenant = decision.tenant if policy_set is not None and decision.tenant in policy_set.tenants else None
-                self.metrics.count_check(decision.allowed, decision.reason, decision.policy, elapsed, tenant)
+                self.metrics.count_check(decision.allowed, decision.reason, decision.policy, elapsed, tenant,
+                                         caller)
                 if decision.condition_error:
                     self.metrics.condition_errors.inc()
                 for entry in decision.dry_run:
                     self.metrics.dry_run.labels(entry.rpartition("=")[2]).inc()
             if self.audit is not None:
                 self.audit.submit(AuditEntry(time.time(), decision_id, decision, req, revision,
-                                             int(elapsed * 1e6)), 2 * size if req is not None else 0)
+                                             int(elapsed * 1e6), caller), 2 * size if req is not None else 0)
         except Exception:  # noqa: BLE001
             log.exception("metrics or audit failed for %s", decision_id)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from google.protobuf import json_format
 
-from authz import istio_import, limits, lint, testing
+from authz import http_authz, istio_import, limits, lint, testing
 from authz.audit import AuditLog, Sink, check_header_allowlist, sink_for
 from authz.bundle import runtime as bundle_runtime
 from authz.bundle.loader import BundleError
@@ -23,20 +23,10 @@ from authz.bundle.watcher import Reloader
 from authz.check import Checker
 from authz.engine.compile import load_policy_set
 from authz.engine.explain import Explainer, summary
+from authz.example import EXIT_USAGE, example_bundle
 from authz.metrics import Metrics
 from authz.request import CheckRequest
 from authz.tls import client_context
-
-EXIT_USAGE = 2
-
-
-def example_bundle() -> Path:
-    """The example bundle: inside the installed package, or policies/example in a checkout."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "example_bundle", here.parent / "policies" / "example"):
-        if (candidate / "bundle.yaml").is_file():
-            return candidate
-    raise FileNotFoundError("the example bundle is not installed with this package")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--log-level", default="INFO")
     bundle_runtime.add_serve_arguments(serve)
     limits.add_serve_arguments(serve)
+    http_authz.add_serve_arguments(serve)
 
     check = sub.add_parser("check", help="decide one Envoy CheckRequest (protobuf JSON)")
     check.add_argument("--bundle", type=Path, help="bundle directory (default: the example bundle)")
@@ -143,9 +134,17 @@ def _serve(args: argparse.Namespace) -> int:
         bundle_runtime.first_load(store, reloader, args.persist)
 
     try:
+        http_authz_server = http_authz.server_from_args(args, checker)
+    except ValueError as exc:
+        print(f"authz serve: {exc}", file=sys.stderr)
+        reloader.stop()
+        audit.close()
+        return EXIT_USAGE
+    try:
         asyncio.run(serve(checker, store, metrics, args.grpc_addr, args.http_addr,
                           options=limits.serve_limits(args), on_reload=reloader.trigger,
-                          worker=args.worker_index, on_started=lambda: _start(reloader, first_load)))
+                          worker=args.worker_index, http_authz=http_authz_server,
+                          on_started=lambda: _start(reloader, first_load)))
     except OSError as exc:
         print(f"authz: {exc}", file=sys.stderr)
         return 1
@@ -181,13 +180,17 @@ def _parse_check_request(text: str) -> CheckRequest:
 def _supervise(argv: list[str], args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for flag, addr in (("--grpc-addr", args.grpc_addr), ("--http-addr", args.http_addr)):
+    for flag, addr in (("--grpc-addr", args.grpc_addr), ("--http-addr", args.http_addr),
+                       ("--http-authz-addr", args.http_authz_addr or "")):
+        if not addr:
+            continue
         if addr.rpartition(":")[2] == "0":
             print(f"authz serve: --workers needs a fixed port for {flag}, not {addr}", file=sys.stderr)
             return EXIT_USAGE
     from authz import supervisor
 
-    return supervisor.run(_without_workers(argv), args.workers, [args.grpc_addr, args.http_addr])
+    addrs = [a for a in (args.grpc_addr, args.http_addr, args.http_authz_addr) if a]
+    return supervisor.run(_without_workers(argv), args.workers, addrs)
 
 
 def _without_workers(argv: list[str]) -> list[str]:

@@ -1,6 +1,7 @@
 """`authz import-istio`: Istio AuthorizationPolicy resources -> a bundle directory.
 
-Semantics kept from Istio (security.istio.io v1 and v1beta1):
+Semantics kept from Istio (security.istio.io v1 and v1beta1), field by field as istiod
+translates them into Envoy RBAC:
 
 - DENY before ALLOW; a workload with no ALLOW policy allows what no DENY denies, which is
   why the generated manifest says ``defaultAction: ALLOW`` (``--default-deny`` changes it);
@@ -8,24 +9,31 @@ Semantics kept from Istio (security.istio.io v1 and v1beta1):
 - A policy with no rules matches nothing (an ALLOW one then denies everything it selects);
   an empty rule ``{}`` matches everything.
 - Within a rule ``from``, ``to`` and ``when`` are ANDed; the entries of ``from`` and ``to``
-  are ORed; the values of a field are ORed; ``notX`` means "none of"; conditions with both
-  ``values`` and ``notValues`` need both.
-- Principals are written without ``spiffe://`` in Istio; the bundle compiler adds it.
-- Paths with ``{*}`` or ``{**}`` are Envoy URI templates (``{*}`` one segment, ``{**}`` any
-  rest, possibly empty); any other path is matched as a string (exact, ``prefix*``,
-  ``*suffix``, ``*``), braces included. Hosts are matched case-insensitively against the
-  whole authority, port included, as Istio does.
+  are ORed; the values of a field are ORed; ``notX`` means "none of".
+- Source and operation fields are copied as written: the bundle's fields mean what Istio's
+  mean (principals as written, the engine expands trust-domain aliases as istiod does;
+  ``serviceAccounts`` without a namespace use the policy's ``namespace:``; methods are
+  case-sensitive). ``when`` conditions become the same native fields, ANDed into every
+  ``from`` entry (source keys) or every ``to`` entry (operation keys).
+- Two readings differ from the bundle's and are kept exact with CEL: Istio compares
+  ``hosts`` with the whole authority, port included (the bundle's field also accepts the host
+  without its port), and Istio's braces outside ``{*}``/``{**}`` are literal (the bundle's are
+  captures).
 
 Scope: a policy's namespace and selector decide the workloads it protects. authz knows a
-workload by its SPIFFE principal, so each selectable workload is declared with
-``--workload LABELS=PRINCIPAL`` (``app=orders,version=v1=spiffe://cluster.local/ns/prod/sa/orders``).
-A policy without a selector protects every workload of its namespace (target principals
-``spiffe://<trust domain>/ns/<namespace>/sa/*``); one in the root namespace (istio-system
-unless ``--root-namespace``) protects every workload of the mesh.
+workload by its SPIFFE principal, or, for plaintext traffic that carries none, by the host or
+destination port it is called on, so each selectable workload is declared with
+``--workload LABELS=PRINCIPAL``, ``LABELS=host:HOST`` or ``LABELS=port:PORT@NAMESPACE``.
+A policy without a selector protects every workload of its namespace; one in the root
+namespace (istio-system unless ``--root-namespace``) protects every workload of the mesh.
+
+The trust domain comes from ``--trust-domain``, else Istio's mesh config when it is among the
+inputs (the ``istio`` ConfigMap), else the ``--workload`` principals, else the policies'
+principals; the command says which on stderr, and never picks one silently.
 
 Whatever cannot be translated exactly is an error naming the field and its file:line:column:
 CUSTOM actions, ``targetRef(s)``, JWT attributes (``requestPrincipals``, ``request.auth.*``),
-``connection.sni``, ``experimental.*``, CIDR ``destination.ip``, unknown fields and keys.
+``experimental.*``, values Istio reads differently from the bundle, unknown fields and keys.
 Nothing is dropped silently.
 """
 
@@ -36,19 +44,23 @@ import copy
 import ipaddress
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from authz.bundle.schema import Problem
 from authz.bundle.yamlpos import Document, Position, YamlError, load_documents
-from authz.spiffe import SCHEME, TrustDomains
+from authz.spiffe import SCHEME
 
 API_VERSIONS = ("security.istio.io/v1", "security.istio.io/v1beta1")
 DRY_RUN_ANNOTATION = "istio.io/dry-run"
+# The manifest description of every imported bundle starts with this: `authz lint` reads it
+# and then recommends nothing that would make the bundle decide differently from Istio.
+IMPORTED_MARK = "Imported from Istio AuthorizationPolicy resources by authz import-istio."
+ISTIO_DEFAULT_TRUST_DOMAIN = "cluster.local"
 
 SPEC_FIELDS = {"action", "rules", "selector", "targetRef", "targetRefs", "provider"}
 RULE_FIELDS = {"from", "to", "when"}
@@ -59,14 +71,28 @@ SOURCE_FIELDS = {
 }
 OPERATION_FIELDS = {"hosts", "notHosts", "ports", "notPorts", "methods", "notMethods", "paths", "notPaths"}
 CONDITION_FIELDS = {"key", "values", "notValues"}
-# Source fields copied as they are: the bundle's fields mean what Istio's mean.
-_NATIVE_SOURCE = ("principals", "notPrincipals", "namespaces", "notNamespaces", "ipBlocks", "notIpBlocks",
-                  "remoteIpBlocks", "notRemoteIpBlocks", "serviceAccounts", "notServiceAccounts")
+_IP_FIELDS = ("ipBlocks", "notIpBlocks", "remoteIpBlocks", "notRemoteIpBlocks")
+_PRINCIPAL_FIELDS = ("principals", "notPrincipals")
 
 _HEADER_KEY = re.compile(r"^request\.headers\[([^\[\]]+)\]$")
 _TEMPLATE_OP = re.compile(r"\{\*\*?\}")
+# Envoy's URI template literal characters (RFC 3986 pchar without '*'; '=' since Envoy 1.26):
+# what {*} and {**} accept, and all a literal segment of a template may hold.
+_ENVOY_PCHAR = "a-zA-Z0-9\\-._~%!$&'()+,;:@="
+_ENVOY_LITERAL = re.compile(f"^[{_ENVOY_PCHAR}]+$")
+_K8S_SERVICE_HOST = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?\.([a-z0-9]([-a-z0-9]*[a-z0-9])?)\.svc(\.|:|$)")
+_TRUST_DOMAIN = re.compile(r"^[a-z0-9._-]+$")  # as the manifest's trustDomain
+_PATH_NORMALIZATION = {"DEFAULT": "BASE", "NONE": "NONE", "BASE": "BASE", "MERGE_SLASHES": "MERGE_SLASHES",
+                       "DECODE_AND_MERGE_SLASHES": "DECODE_AND_MERGE_SLASHES"}
 
 YPath = tuple[str | int, ...]
+WorkloadKind = Literal["principal", "host", "port"]
+_TARGET_FIELD: dict[WorkloadKind, str] = {"principal": "principals", "host": "hosts", "port": "ports"}
+_SPLIT_SUFFIX = {"hosts": ".by-host", "ports": ".by-port"}
+
+
+class UsageError(ValueError):
+    """The command line does not say enough (exit 2)."""
 
 
 class IstioImportError(Exception):
@@ -77,21 +103,17 @@ class IstioImportError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Workload:
-    labels: dict[str, str]
-    principal: str  # canonical spiffe:// URI
+    """A workload a selector may pick, and how authz tells it apart (target field and value)."""
 
-    @property
-    def namespace(self) -> str:
-        parts = self.principal[len(SCHEME):].split("/")
-        for i in range(1, len(parts) - 1):
-            if parts[i] == "ns":
-                return parts[i + 1]
-        return ""
+    labels: dict[str, str]
+    kind: WorkloadKind
+    value: str  # spiffe:// principal, host (lower case) or port number
+    namespace: str
 
 
 @dataclass(slots=True)
 class Options:
-    trust_domain: str = "cluster.local"
+    trust_domain: str | None = None  # None: from the input, see resolve_trust_domain
     trust_domain_aliases: tuple[str, ...] = ()
     root_namespace: str = "istio-system"
     default_namespace: str = "default"
@@ -100,26 +122,51 @@ class Options:
     name: str = "istio-import"
     revision: str = "1"
 
-    @property
-    def trust(self) -> TrustDomains:
-        return TrustDomains(self.trust_domain, frozenset(self.trust_domain_aliases))
 
-
-def parse_workload(text: str, trust: TrustDomains) -> Workload:
-    """``app=orders,version=v1=spiffe://td/ns/prod/sa/orders`` -> Workload; ValueError if malformed."""
-    labels_text, sep, principal = text.rpartition("=")
-    if not sep or not labels_text or not principal:
-        raise ValueError(f"--workload {text!r}: expected LABEL=VALUE[,LABEL=VALUE...]=PRINCIPAL")
+def parse_workload(text: str) -> Workload:
+    """``app=orders,version=v1=spiffe://td/ns/prod/sa/orders``, ``app=orders=host:orders.prod.svc``
+    or ``app=orders=port:8080@prod`` -> Workload; ValueError if malformed."""
+    usage = "expected LABEL=VALUE[,LABEL=VALUE...]=PRINCIPAL, ...=host:HOST[@NAMESPACE] or ...=port:PORT@NAMESPACE"
+    labels_text, sep, target = text.rpartition("=")
+    if not sep or not labels_text or not target.strip():
+        raise ValueError(f"--workload {text!r}: {usage}")
     labels: dict[str, str] = {}
     for item in labels_text.split(","):
         key, eq, value = item.partition("=")
-        if not eq or not key:
+        if not eq or not key.strip():
             raise ValueError(f"--workload {text!r}: {item!r} is not LABEL=VALUE")
         labels[key.strip()] = value.strip()
-    w = Workload(labels, trust.canonical(principal.strip()))
-    if not w.namespace:
+    target = target.strip()
+    if target.startswith(("host:", "port:")):
+        kind: WorkloadKind = "host" if target.startswith("host:") else "port"
+        value, at, ns = target[5:].partition("@")
+        value = value.strip().lower()
+        if not value:
+            raise ValueError(f"--workload {text!r}: {usage}")
+        if kind == "port" and not (value.isdigit() and 0 < int(value) < 65536):
+            raise ValueError(f"--workload {text!r}: port {value!r} must be a number from 1 to 65535")
+        if not at:
+            service = _K8S_SERVICE_HOST.match(value) if kind == "host" else None
+            if service is None:
+                raise ValueError(f"--workload {text!r}: name the workload's namespace ({kind}:{value}@NAMESPACE); "
+                                 "only a Kubernetes service host (<service>.<namespace>.svc...) names its own")
+            ns = service.group(2)
+        if not ns.strip():
+            raise ValueError(f"--workload {text!r}: empty namespace after '@'")
+        return Workload(labels, kind, value, ns.strip())
+    principal = target if target.startswith(SCHEME) else SCHEME + target
+    ns = _principal_namespace(principal)
+    if not ns:
         raise ValueError(f"--workload {text!r}: principal has no /ns/<namespace>/ segment")
-    return w
+    return Workload(labels, "principal", principal, ns)
+
+
+def _principal_namespace(principal: str) -> str:
+    parts = principal[len(SCHEME):].split("/") if principal.startswith(SCHEME) else principal.split("/")
+    for i in range(1, len(parts) - 1):
+        if parts[i] == "ns":
+            return parts[i + 1]
+    return ""
 
 
 # --- reading ----------------------------------------------------------------------------
@@ -135,13 +182,18 @@ class _Resource:
         return self.doc.at((*self.base, *path), key=key)
 
 
+def _read_text(path: Path) -> str:
+    return sys.stdin.read() if str(path) == "-" else path.read_text(encoding="utf-8")
+
+
 def read_resources(paths: list[Path]) -> list[_Resource]:
+    """Every resource of every file ('-': standard input); empty documents are skipped."""
     problems: list[Problem] = []
     out: list[_Resource] = []
     for path in paths:
-        name = str(path)
+        name = "<stdin>" if str(path) == "-" else str(path)
         try:
-            docs = load_documents(path.read_text(encoding="utf-8"), name)
+            docs = load_documents(_read_text(path), name)
         except OSError as exc:
             problems.append(Problem(Position(name, 1, 1), f"cannot read file: {exc}"))
             continue
@@ -149,11 +201,15 @@ def read_resources(paths: list[Path]) -> list[_Resource]:
             problems.append(Problem(exc.position, exc.message))
             continue
         for doc in docs:
+            if doc.value is None:  # an empty document: a trailing '---', a comment alone
+                continue
             if not isinstance(doc.value, dict):
                 problems.append(Problem(doc.at(()), "expected a Kubernetes resource (a mapping)"))
                 continue
             if str(doc.value.get("kind", "")).endswith("List") and isinstance(doc.value.get("items"), list):
                 for i, item in enumerate(doc.value["items"]):
+                    if item is None:
+                        continue
                     if isinstance(item, dict):
                         out.append(_Resource(doc, ("items", i), item))
                     else:
@@ -165,13 +221,198 @@ def read_resources(paths: list[Path]) -> list[_Resource]:
     return out
 
 
+# --- the mesh: trust domain, aliases, path normalisation ----------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Mesh:
+    trust_domain: str
+    aliases: tuple[str, ...]
+    path_normalization: str | None  # None: not known from the input (the bundle's default, BASE, is Istio's)
+    note: str  # where the trust domain came from, for stderr
+
+
+def _is_mesh_config(res: _Resource) -> bool:
+    v = res.value
+    return v.get("kind") == "ConfigMap" and isinstance((v.get("data") or {}).get("mesh"), str)
+
+
+def _mesh_config(res: _Resource) -> tuple[dict[str, Any], list[Problem]]:
+    try:
+        mesh = yaml.safe_load(res.value["data"]["mesh"]) or {}
+    except yaml.YAMLError as exc:
+        return {}, [Problem(res.at(("data", "mesh")), f"data.mesh: invalid YAML: {exc}")]
+    if not isinstance(mesh, dict):
+        return {}, [Problem(res.at(("data", "mesh")), "data.mesh: expected Istio's MeshConfig (a mapping)")]
+    return mesh, []
+
+
+def _items(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _fields(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _policy_principals(resources: list[_Resource]) -> Iterator[str]:
+    """Source principals written in the policies (fields and source.principal conditions);
+    malformed parts are skipped here and reported by the conversion."""
+    for res in resources:
+        if res.value.get("kind") != "AuthorizationPolicy":
+            continue
+        for rule in _items(_fields(res.value.get("spec")).get("rules")):
+            for entry in _items(_fields(rule).get("from")):
+                source = _fields(_fields(entry).get("source"))
+                for key in _PRINCIPAL_FIELDS:
+                    yield from (v for v in _items(source.get(key)) if isinstance(v, str))
+            for cond in _items(_fields(rule).get("when")):
+                if _fields(cond).get("key") == "source.principal":
+                    for key in ("values", "notValues"):
+                        yield from (v for v in _items(cond.get(key)) if isinstance(v, str))
+
+
+def _named_trust_domain(principal: str) -> str | None:
+    """The trust domain a principal names: None for a pattern on it, or Istio's 'cluster.local',
+    which istiod reads as "this mesh" whatever its trust domain."""
+    td, sep, _ = principal.removeprefix(SCHEME).partition("/")
+    if not sep or not _TRUST_DOMAIN.match(td) or td == ISTIO_DEFAULT_TRUST_DOMAIN:
+        return None
+    return td
+
+
+def resolve_mesh(resources: list[_Resource], opts: Options) -> Mesh:
+    """The bundle's trust domain, aliases and path normalisation, and where they came from."""
+    problems: list[Problem] = []
+    mesh: dict[str, Any] = {}
+    mesh_at: Position | None = None
+    for res in resources:
+        if not _is_mesh_config(res):
+            continue
+        found, errs = _mesh_config(res)
+        problems += errs
+        if found and mesh and found != mesh:
+            problems.append(Problem(res.at(()), "a second, different Istio mesh config; give one"))
+        elif found:
+            mesh, mesh_at = found, res.at(())
+    normalization = None
+    mesh_aliases: list[str] = []
+    if mesh_at is not None:
+        raw = str(_fields(mesh.get("pathNormalization")).get("normalization", "DEFAULT")).upper()
+        normalization = _PATH_NORMALIZATION.get(raw) if "pathNormalization" in mesh else None
+        if "pathNormalization" in mesh and normalization is None:
+            problems.append(Problem(mesh_at, f"data.mesh: pathNormalization {raw!r} is not one of "
+                                    f"{', '.join(_PATH_NORMALIZATION)}"))
+        mesh_aliases = [str(a) for a in _items(mesh.get("trustDomainAliases"))]
+        for td in [str(mesh.get("trustDomain") or ISTIO_DEFAULT_TRUST_DOMAIN), *mesh_aliases]:
+            if not _TRUST_DOMAIN.match(td):
+                problems.append(Problem(mesh_at, f"data.mesh: {td!r} is not a trust domain"))
+    if problems:
+        raise IstioImportError(problems)
+    for td in (opts.trust_domain or ISTIO_DEFAULT_TRUST_DOMAIN, *opts.trust_domain_aliases):
+        if not _TRUST_DOMAIN.match(td):
+            raise UsageError(f"{td!r} is not a trust domain (lower-case letters, digits, '.', '-', '_')")
+    aliases = tuple(opts.trust_domain_aliases) or tuple(mesh_aliases)
+    if opts.trust_domain:
+        return Mesh(opts.trust_domain, aliases, normalization, f"trust domain {opts.trust_domain} (--trust-domain)")
+    if mesh.get("trustDomain"):
+        td = str(mesh["trustDomain"])
+        return Mesh(td, aliases, normalization, f"trust domain {td} from the Istio mesh config at {mesh_at}")
+    workload_tds = sorted({td for w in opts.workloads if w.kind == "principal"
+                           and _TRUST_DOMAIN.match(td := w.value[len(SCHEME):].partition("/")[0])})
+    if len(workload_tds) == 1:
+        return Mesh(workload_tds[0], aliases, normalization,
+                    f"trust domain {workload_tds[0]} from the --workload principals")
+    if len(workload_tds) > 1:
+        raise UsageError(f"the --workload principals are in several trust domains ({', '.join(workload_tds)}): "
+                         "pass --trust-domain, and --trust-domain-alias for the others")
+    named = sorted({name for p in _policy_principals(resources) if (name := _named_trust_domain(p))})
+    if len(named) == 1:
+        return Mesh(named[0], aliases, normalization,
+                    f"trust domain {named[0]}, the only one the policies' principals name")
+    if len(named) > 1:
+        raise UsageError(f"the policies' principals name several trust domains ({', '.join(named)}) and nothing "
+                         "says which is this mesh's: pass --trust-domain (and --trust-domain-alias), or the istio "
+                         "ConfigMap (kubectl -n istio-system get configmap istio -o yaml)")
+    return Mesh(ISTIO_DEFAULT_TRUST_DOMAIN, aliases, normalization,
+                f"trust domain {ISTIO_DEFAULT_TRUST_DOMAIN}: Istio's default, as nothing in the input names "
+                "another; pass --trust-domain (or the istio ConfigMap) if the mesh uses its own")
+
+
 # --- converting -------------------------------------------------------------------------
 
 
+class _Never(Exception):
+    """ANDing two value lists leaves nothing: that source or operation matches no request."""
+
+
+class _Inexact(Exception):
+    """ANDing two value lists has no exact form in one bundle field."""
+
+
+def _and_strings(old: list[str], new: list[str]) -> list[str]:
+    if set(old) == set(new):
+        return old
+    if any("*" in v for v in (*old, *new)):
+        raise _Inexact
+    both = [v for v in old if v in new]
+    if not both:
+        raise _Never
+    return both
+
+
+def _and_ips(old: list[str], new: list[str]) -> list[str]:
+    """CIDR blocks in both lists."""
+    out: list[str] = []
+    for x in old:
+        nx = ipaddress.ip_network(x, strict=False)
+        for y in new:
+            ny = ipaddress.ip_network(y, strict=False)
+            if nx.version != ny.version:
+                continue
+            if nx.subnet_of(ny):  # type: ignore[arg-type]
+                out.append(x)
+            elif ny.subnet_of(nx):  # type: ignore[arg-type]
+                out.append(y)
+    if not out:
+        raise _Never
+    return list(dict.fromkeys(out))
+
+
+def _and_ports(old: list[str], new: list[str]) -> list[str]:
+    both = [p for p in old if int(p) in {int(q) for q in new}]
+    if not both:
+        raise _Never
+    return both
+
+
+def _and(field_name: str, old: list[str], new: list[str]) -> list[str]:
+    if field_name.lower().endswith("ipblocks"):
+        return _and_ips(old, new)
+    if field_name == "ports":
+        return _and_ports(old, new)
+    return _and_strings(old, new)
+
+
+def _negative(field_name: str) -> str:
+    return "not" + field_name[0].upper() + field_name[1:]
+
+
+@dataclass(slots=True)
+class _Condition:
+    """One `when` entry as the native field it becomes, in sources or in operations."""
+
+    where: Literal["source", "operation"]
+    field_name: str
+    values: list[str]
+    not_values: list[str]
+    header: str | None = None  # request.headers[name]: the field is a map by header name
+
+
 class _Converter:
-    def __init__(self, opts: Options) -> None:
+    def __init__(self, opts: Options, mesh: Mesh) -> None:
         self.opts = opts
-        self.trust = opts.trust
+        self.mesh = mesh
         self.problems: list[Problem] = []
 
     def error(self, res: _Resource, path: YPath, message: str, key: bool = False) -> None:
@@ -189,36 +430,130 @@ class _Converter:
                 ok = False
         return ok
 
+    def listed(self, res: _Resource, path: YPath, value: Any) -> list[Any]:
+        """A list field's items; not set is empty, anything else an error."""
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            self.error(res, path, "must be a list")
+            return []
+        return value
+
+    def mapping(self, res: _Resource, path: YPath, value: Any) -> dict[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            self.error(res, path, "must be a mapping")
+            return {}
+        return value
+
     def strings(self, res: _Resource, path: YPath, value: Any) -> list[str] | None:
         if value is None:
             return None
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            self.error(res, path, "must be a list of strings")
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            self.error(res, path, "must be a list of non-empty strings")
             return None
         return list(value)
 
+    # -- checks shared by fields and conditions ----------------------------------------------
+
+    def check_patterns(self, res: _Resource, path: YPath, values: list[str]) -> bool:
+        """Istio reads '*x*' (and '**') as a suffix match on 'x*'; the bundle as a prefix match."""
+        ok = True
+        for k, value in enumerate(values):
+            if len(value) > 1 and value.startswith("*") and value.endswith("*"):
+                self.error(res, (*path, k), f"{value!r}: Istio reads a value with '*' at both ends as a suffix "
+                           f"match on {value[1:]!r} (it is not 'contains'), which no bundle field says; write "
+                           "the value you mean")
+                ok = False
+        return ok
+
+    def check_principals(self, res: _Resource, path: YPath, values: list[str]) -> bool:
+        ok = True
+        for k, value in enumerate(values):
+            if value.startswith(SCHEME):
+                self.error(res, (*path, k), f"{value!r}: Istio adds 'spiffe://' to principals itself, so this "
+                           "one never matches there; write it without the scheme")
+                ok = False
+            elif value.startswith("*") and not value.endswith("*"):  # both ends: reported below
+                try:  # istiod (and the engine) read the suffix as a regex, unescaped
+                    re.compile(value[1:])
+                except re.error as exc:
+                    self.error(res, (*path, k), f"{value!r}: istiod pastes a '*suffix' principal into a regex "
+                               f"unescaped, and this one is no regex ({exc}): Envoy rejects the policy")
+                    ok = False
+        return self.check_patterns(res, path, values) and ok
+
+    def check_ips(self, res: _Resource, path: YPath, values: list[str]) -> bool:
+        ok = True
+        for k, value in enumerate(values):
+            try:
+                if "/" in value:
+                    ipaddress.ip_network(value, strict=False)
+                else:
+                    ipaddress.ip_address(value)
+            except ValueError:
+                self.error(res, (*path, k), f"{value!r} is not an IP address or CIDR block")
+                ok = False
+        return ok
+
+    def check_ports(self, res: _Resource, path: YPath, values: list[str]) -> bool:
+        ok = True
+        for k, value in enumerate(values):
+            if not value.isdigit() or int(value) > 65535:
+                self.error(res, (*path, k), f"port {value!r} must be a number from 0 to 65535")
+                ok = False
+            elif int(value) == 0:
+                self.error(res, (*path, k), "port 0 matches no request in Istio, and the bundle refuses it: "
+                           "remove it")
+                ok = False
+        return ok
+
+    def check_regex_values(self, res: _Resource, path: YPath, values: list[str], what: str) -> bool:
+        """istiod pastes namespaces and service accounts into a regex unescaped, and so does the
+        engine; one that is no regex would be refused by Envoy."""
+        ok = True
+        for k, value in enumerate(values):
+            try:
+                re.compile(value.replace("*", ".*") if what == "namespace" else value)
+            except re.error as exc:
+                self.error(res, (*path, k), f"{value!r}: istiod pastes a {what} into a regex unescaped, and this "
+                           f"one is no regex ({exc}): Envoy rejects the policy")
+                ok = False
+        return ok
+
+    def check_service_accounts(self, res: _Resource, path: YPath, values: list[str]) -> bool:
+        ok = self.check_regex_values(res, path, values, "service account")
+        for k, value in enumerate(values):
+            ns, slash, name = value.rpartition("/")
+            if "*" in value or value.count("/") > 1 or not name or (slash and not ns):
+                self.error(res, (*path, k), f"{value!r}: a service account is '<name>' or '<namespace>/<name>' "
+                           "without wildcards (Istio rejects anything else)")
+                ok = False
+        return ok
+
     # -- one policy -------------------------------------------------------------------------
 
-    def policy(self, res: _Resource) -> dict[str, Any] | None:
+    def policies(self, res: _Resource) -> list[dict[str, Any]]:
         v = res.value
         before = len(self.problems)
         if v.get("apiVersion") not in API_VERSIONS:
             self.error(res, ("apiVersion",), f"{v.get('apiVersion')!r} is not one of {', '.join(API_VERSIONS)}")
-            return None
+            return []
         if v.get("kind") != "AuthorizationPolicy":
             self.error(res, ("kind",), f"{v.get('kind')!r} is not an AuthorizationPolicy")
-            return None
-        meta = v.get("metadata") or {}
+            return []
+        meta = self.mapping(res, ("metadata",), v.get("metadata"))
         name = meta.get("name")
         if not isinstance(name, str) or not name:
             self.error(res, ("metadata",), "metadata.name is required")
-            return None
+            return []
         ns = str(meta.get("namespace") or self.opts.default_namespace)
-        annotations = meta.get("annotations") or {}
+        annotations = self.mapping(res, ("metadata", "annotations"), meta.get("annotations"))
         dry_run = str(annotations.get(DRY_RUN_ANNOTATION, "false")).lower() == "true"
-        spec = v.get("spec") or {}
+        spec: Any = {} if v.get("spec") is None else v["spec"]
         if not self.unknown_fields(res, ("spec",), spec, SPEC_FIELDS, "an AuthorizationPolicy spec"):
-            return None
+            return []
         action = spec.get("action", "ALLOW")
         if action == "CUSTOM" or "provider" in spec:
             self.error(res, ("spec", "action" if action == "CUSTOM" else "provider"),
@@ -229,57 +564,70 @@ class _Converter:
             if ref in spec:
                 self.error(res, ("spec", ref), "policies attached to a Gateway by reference cannot be "
                            "translated; use a selector and --workload", key=True)
-        target = self.target(res, ns, spec.get("selector"))
+        targets = self.targets(res, ns, spec.get("selector"))
         rules: list[dict[str, Any]] = []
-        raw_rules = spec.get("rules")
-        if raw_rules is not None and not isinstance(raw_rules, list):
-            self.error(res, ("spec", "rules"), "must be a list")
-            raw_rules = []
-        for i, rv in enumerate(raw_rules or []):
+        for i, rv in enumerate(self.listed(res, ("spec", "rules"), spec.get("rules"))):
             rules += self.rule(res, ("spec", "rules", i), rv or {}, i)
         if len(self.problems) != before:
-            return None
+            return []
         loc = res.at(())
-        out: dict[str, Any] = {
-            "apiVersion": "authz/v1",
-            "kind": "Policy",
-            "name": f"{ns}.{name}",
-            "description": f"Imported from Istio AuthorizationPolicy {ns}/{name} ({loc.file}:{loc.line}).",
-            "action": action,
-        }
-        if dry_run:
-            out["dryRun"] = True
-        if target is not None:
-            out["target"] = {"principals": target}
-        out["rules"] = rules
+        out = []
+        for k, target in enumerate(targets):
+            suffix = "" if k == 0 or target is None else _SPLIT_SUFFIX[next(iter(target))]
+            policy: dict[str, Any] = {
+                "apiVersion": "authz/v1",
+                "kind": "Policy",
+                "name": f"{ns}.{name}{suffix}",
+                "namespace": ns,
+                "description": f"Imported from Istio AuthorizationPolicy {ns}/{name} ({loc.file}:{loc.line}).",
+                "action": action,
+            }
+            if dry_run:
+                policy["dryRun"] = True
+            if target is not None:
+                policy["target"] = target
+            policy["rules"] = copy.deepcopy(rules)
+            out.append(policy)
         return out
 
-    def target(self, res: _Resource, ns: str, selector: Any) -> list[str] | None:
-        td = self.opts.trust_domain
+    def targets(self, res: _Resource, ns: str, selector: Any) -> list[dict[str, list[str]] | None]:
+        """One target per way the selected workloads are known: a target ANDs its fields, and
+        policies are ORed, so principals, hosts and ports each get their own policy."""
         labels: dict[str, str] = {}
         if selector is not None:
             if not self.unknown_fields(res, ("spec", "selector"), selector, {"matchLabels"}, "a selector"):
                 return []
-            labels = {str(k): str(val) for k, val in (selector.get("matchLabels") or {}).items()}
+            match = self.mapping(res, ("spec", "selector", "matchLabels"), selector.get("matchLabels"))
+            labels = {str(k): str(val) for k, val in match.items()}
+        root = ns == self.opts.root_namespace
+        eligible = [w for w in self.opts.workloads if root or w.namespace == ns]
+        found: dict[WorkloadKind, list[str]] = {}
         if not labels:
-            return None if ns == self.opts.root_namespace else [f"{SCHEME}{td}/ns/{ns}/sa/*"]
-        eligible = [w for w in self.opts.workloads if ns == self.opts.root_namespace or w.namespace == ns]
-        chosen = [w for w in eligible if labels.items() <= w.labels.items()]
-        shown = ", ".join(f"{k}={val}" for k, val in sorted(labels.items()))
-        if not chosen:
-            self.error(res, ("spec", "selector", "matchLabels"),
-                       f"selects workloads by labels ({shown}) but no --workload with those labels "
-                       f"{'exists' if ns == self.opts.root_namespace else 'is in namespace ' + repr(ns)}: "
-                       "declare each one as --workload LABELS=PRINCIPAL")
-            return []
-        principals = sorted({w.principal for w in chosen})
-        for w in eligible:
-            if w.principal in principals and w not in chosen:
+            if root:
+                return [None]
+            # Every workload of the namespace, whatever trust domain its certificate names.
+            found["principal"] = [f"{SCHEME}{td}/ns/{ns}/sa/*" for td in (self.mesh.trust_domain, *self.mesh.aliases)]
+            chosen = [w for w in eligible if w.kind != "principal"]
+        else:
+            chosen = [w for w in eligible if labels.items() <= w.labels.items()]
+            if not chosen:
+                shown = ", ".join(f"{k}={val}" for k, val in sorted(labels.items()))
                 self.error(res, ("spec", "selector", "matchLabels"),
-                           f"selects some workloads with principal {w.principal} but not the one labelled "
-                           f"{w.labels}: authz tells workloads apart only by principal")
+                           f"selects workloads by labels ({shown}) but no --workload with those labels "
+                           f"{'exists' if root else 'is in namespace ' + repr(ns)}: declare each one as "
+                           "--workload LABELS=PRINCIPAL (or LABELS=host:HOST, LABELS=port:PORT@NAMESPACE)")
                 return []
-        return principals
+            for w in eligible:
+                if w not in chosen and any(c.kind == w.kind and c.value == w.value for c in chosen):
+                    self.error(res, ("spec", "selector", "matchLabels"),
+                               f"selects some workloads with {w.kind} {w.value} but not the one labelled "
+                               f"{w.labels}: authz tells workloads apart only by principal, host or port")
+                    return []
+        for w in sorted(chosen, key=lambda w: w.value):
+            values = found.setdefault(w.kind, [])
+            if w.value not in values:
+                values.append(w.value)
+        return [{_TARGET_FIELD[kind]: found[kind]} for kind in _TARGET_FIELD if kind in found]
 
     # -- rules ------------------------------------------------------------------------------
 
@@ -287,7 +635,7 @@ class _Converter:
         if not self.unknown_fields(res, path, rv, RULE_FIELDS, "a rule"):
             return []
         sources: list[dict[str, Any]] = []
-        for j, entry in enumerate(rv.get("from") or []):
+        for j, entry in enumerate(self.listed(res, (*path, "from"), rv.get("from"))):
             p = (*path, "from", j)
             if not self.unknown_fields(res, p, entry or {}, {"source"}, "a from entry"):
                 continue
@@ -295,24 +643,65 @@ class _Converter:
             if s is not None:
                 sources.append(s)
         operations: list[tuple[dict[str, Any], list[str]]] = []
-        for j, entry in enumerate(rv.get("to") or []):
+        for j, entry in enumerate(self.listed(res, (*path, "to"), rv.get("to"))):
             p = (*path, "to", j)
             if not self.unknown_fields(res, p, entry or {}, {"operation"}, "a to entry"):
                 continue
             op = self.operation(res, (*p, "operation"), (entry or {}).get("operation") or {})
             if op is not None:
                 operations.append(op)
-        conditions: list[str] = []
-        for j, cv in enumerate(rv.get("when") or []):
-            self.condition(res, (*path, "when", j), cv, sources, conditions)
+        for j, cv in enumerate(self.listed(res, (*path, "when"), rv.get("when"))):
+            cond = self.condition(res, (*path, "when", j), cv)
+            if cond is None:
+                continue
+            if cond.where == "source":
+                sources = sources or [{}]
+                kept = self.push(res, (*path, "when", j), cond, sources)
+                sources = [e for e, keep in zip(sources, kept, strict=True) if keep]
+            else:
+                operations = operations or [({}, [])]
+                kept = self.push(res, (*path, "when", j), cond, [op for op, _ in operations])
+                operations = [e for e, keep in zip(operations, kept, strict=True) if keep]
+            if not (sources if cond.where == "source" else operations):
+                return []  # every entry ANDed with the condition matches nothing: so does the rule
         name = f"rule-{index + 1}"
         if any(cel for _, cel in operations) and len(operations) > 1:
             # A CEL part of one `to` entry cannot be ORed with the others inside one rule:
             # one bundle rule per entry keeps "any entry" semantics exactly.
-            return [self._rule(f"{name}.{k + 1}", sources, [op], conditions + cel)
-                    for k, (op, cel) in enumerate(operations)]
-        extra = [c for _, cel in operations for c in cel]
-        return [self._rule(name, sources, [op for op, _ in operations], conditions + extra)]
+            return [self._rule(f"{name}.{k + 1}", sources, [op], cel) for k, (op, cel) in enumerate(operations)]
+        return [self._rule(name, sources, [op for op, _ in operations], [c for _, cel in operations for c in cel])]
+
+    def push(self, res: _Resource, path: YPath, cond: _Condition, entries: list[dict[str, Any]]) -> list[bool]:
+        """AND a condition into every entry; False for an entry that then matches nothing."""
+        keep = []
+        label = f"{cond.field_name}[{cond.header}]" if cond.header is not None else cond.field_name
+        for entry in entries:
+            for field_name, values, negative in ((cond.field_name, cond.values, False),
+                                                 (_negative(cond.field_name), cond.not_values, True)):
+                if not values:
+                    continue
+                holder = entry.setdefault(field_name, {}) if cond.header is not None else entry
+                key = cond.header if cond.header is not None else field_name
+                if key not in holder:
+                    holder[key] = list(values)
+                elif negative:  # "none of A" and "none of B" is "none of A or B"
+                    holder[key] = list(dict.fromkeys([*holder[key], *values]))
+                else:
+                    try:
+                        holder[key] = _and(cond.field_name, holder[key], values)
+                    except _Never:
+                        break
+                    except _Inexact:
+                        self.error(res, path, f"{label}: the condition and the {cond.where}'s own values are "
+                                   "both patterns, and their AND has no exact form in one field; write the "
+                                   f"values the rule needs in the {cond.where}")
+                    except ValueError:
+                        pass  # an invalid address or port of the entry, already reported
+            else:
+                keep.append(True)
+                continue
+            keep.append(False)
+        return keep
 
     @staticmethod
     def _rule(name: str, sources: list[dict[str, Any]], ops: list[dict[str, Any]], when: list[str]) -> dict[str, Any]:
@@ -320,9 +709,9 @@ class _Converter:
         if sources:
             out["from"] = [{"source": copy.deepcopy(s)} for s in sources]
         if ops:
-            out["to"] = [{"operation": op} for op in ops]
+            out["to"] = [{"operation": copy.deepcopy(op)} for op in ops]
         if when:
-            out["when"] = when
+            out["when"] = list(when)
         return out
 
     def source(self, res: _Resource, path: YPath, sv: Any) -> dict[str, Any] | None:
@@ -333,31 +722,26 @@ class _Converter:
             if sv.get(key):
                 self.error(res, (*path, key), "JWT request principals need RequestAuthentication, and authz "
                            "does not validate JWTs", key=True)
-        for key in _NATIVE_SOURCE:
+        for key in sorted(SOURCE_FIELDS - {"requestPrincipals", "notRequestPrincipals"}, key=_source_order):
             values = self.strings(res, (*path, key), sv.get(key))
             if not values:  # an empty list is "not set" in Istio (proto3)
                 continue
-            if key in ("ipBlocks", "notIpBlocks", "remoteIpBlocks", "notRemoteIpBlocks"):
-                for k, value in enumerate(values):
-                    try:
-                        ipaddress.ip_network(value, strict=False)
-                    except ValueError:
-                        self.error(res, (*path, key, k), f"{value!r} is not an IP address or CIDR block")
-            if key in ("serviceAccounts", "notServiceAccounts"):
-                for k, value in enumerate(values):
-                    if value.count("/") != 1 or "*" in value:
-                        self.error(res, (*path, key, k), f"{value!r}: only '<namespace>/<name>' service "
-                                   "accounts can be translated exactly")
+            if key in _IP_FIELDS:
+                self.check_ips(res, (*path, key), values)
+            elif key in ("serviceAccounts", "notServiceAccounts"):
+                self.check_service_accounts(res, (*path, key), values)
+            elif key in _PRINCIPAL_FIELDS:
+                self.check_principals(res, (*path, key), values)
+            elif key in ("namespaces", "notNamespaces"):
+                self.check_regex_values(res, (*path, key), values, "namespace")
+            else:
+                self.check_patterns(res, (*path, key), values)
             out[key] = values
-        for key, target in (("trustDomains", "principals"), ("notTrustDomains", "notPrincipals")):
-            values = self.strings(res, (*path, key), sv.get(key))
-            if not values:
-                continue
-            if target in out:
-                self.error(res, (*path, key), f"cannot be combined with {target} in one source: both would "
-                           "have to match the same principal field", key=True)
-                continue
-            out[target] = ["*" if v == "*" else f"{SCHEME}{v}/*" for v in values]
+        accounts = [k for k in ("serviceAccounts", "notServiceAccounts") if k in out]
+        others = [k for k in ("principals", "notPrincipals", "namespaces", "notNamespaces") if k in out]
+        if accounts and others:
+            self.error(res, (*path, accounts[0]), f"Istio rejects {accounts[0]} next to {others[0]} in one "
+                       "source, so this policy never applied there", key=True)
         return out
 
     def operation(self, res: _Resource, path: YPath, ov: Any) -> tuple[dict[str, Any], list[str]] | None:
@@ -368,25 +752,28 @@ class _Converter:
         for key in ("methods", "notMethods"):
             values = self.strings(res, (*path, key), ov.get(key))
             if values:
-                out[key] = values
+                self.check_patterns(res, (*path, key), values)
+                out[key] = values  # exactly as written: Istio compares methods case-sensitively
         for key in ("ports", "notPorts"):
             values = self.strings(res, (*path, key), ov.get(key))
-            if not values:
-                continue
-            for k, value in enumerate(values):
-                if not value.isdigit() or not 0 < int(value) < 65536:
-                    self.error(res, (*path, key, k), f"port {value!r} must be a number from 1 to 65535")
-            out[key] = values
+            if values:
+                self.check_ports(res, (*path, key), values)
+                out[key] = values
         for key in ("hosts", "notHosts"):
             values = self.strings(res, (*path, key), ov.get(key))
-            if values:
-                # Istio compares the whole authority (port included), ignoring case; the bundle's
+            if not values or not self.check_patterns(res, (*path, key), values):
+                continue
+            if all(v == "*" or not v.startswith("*") and v.endswith("*") for v in values):
+                # A prefix of the authority is a prefix of the host too: the field means the same.
+                out[key] = values
+            else:
+                # Istio compares the whole authority, port included, ignoring case; the bundle's
                 # hosts field also accepts the host without its port, so say it in CEL.
                 expr = _any_of("request.host", [v.lower() for v in values])
                 cel.append(expr if key == "hosts" else f"!({expr})")
         for key in ("paths", "notPaths"):
             values = self.strings(res, (*path, key), ov.get(key))
-            if not values:
+            if not values or not self.check_patterns(res, (*path, key), values):
                 continue
             kinds = [self.path_kind(res, (*path, key, k), value) for k, value in enumerate(values)]
             if any(kind is None for kind in kinds):
@@ -394,169 +781,120 @@ class _Converter:
             if all(kind == "native" for kind in kinds):
                 out[key] = values
                 continue
-            # One value needs a regex, so the whole field (its values are ORed) becomes CEL.
-            strings = [v for v in values if not _TEMPLATE_OP.search(v) and "{" not in v and "}" not in v
-                       and v.startswith(("/", "*"))]
-            parts = [_any_of("request.path", strings)] if strings else []
-            parts += [f"request.path.matches({_cel_str(self.regex(v))})" for v in values if v not in strings]
-            expr = " || ".join(parts)
+            # One value needs CEL, so the whole field (its values are ORed) becomes CEL.
+            expr = " || ".join(f"request.path.matches({_cel_str(_template_regex(v))})" if _TEMPLATE_OP.search(v)
+                               else _any_of("request.path", [v]) for v in values)
             cel.append(expr if key == "paths" else f"!({expr})")
         return out, cel
 
     def path_kind(self, res: _Resource, path: YPath, value: str) -> str | None:
-        """'native' when the bundle's paths field means the same, 'regex' when only CEL can, None: error."""
+        """'native' when the bundle's paths field means the same, 'cel' when only CEL says it, None: an error."""
         if _TEMPLATE_OP.search(value):
             return self.template(res, path, value)
         if "{" in value or "}" in value:
-            return "regex"  # not a template for Istio: its braces are literal
+            return "cel"  # not a template for Istio: its braces are literal
         if not value.startswith(("/", "*")):
-            return "regex"  # Istio accepts it (it matches no request path); the bundle's field refuses it
+            return "cel"  # Istio accepts it (it matches no request path); the bundle's field refuses it
         return "native"
 
-    @staticmethod
-    def regex(value: str) -> str:
-        """An RE2 regex matching what Istio's path value matches (a valid value, see path_kind)."""
-        if _TEMPLATE_OP.search(value):
-            # Envoy's URI template: {*} one non-empty segment, {**} anything, '/' included, even nothing.
-            return "^" + "".join("/" + {"{*}": "[^/]+", "{**}": ".*"}.get(s, re.escape(s))
-                                 for s in value.split("/")[1:]) + "$"
-        if value == "*":
-            return "^.+$"
-        if value.endswith("*"):
-            return "^" + re.escape(value[:-1]) + ".*$"
-        if value.startswith("*"):
-            return "^.*" + re.escape(value[1:]) + "$"
-        return "^" + re.escape(value) + "$"
-
     def template(self, res: _Resource, path: YPath, value: str) -> str | None:
+        """Istio's checks on a {*}/{**} template, then Envoy's (Istio hands it to Envoy's URI template matcher)."""
         if not value.startswith("/"):
             self.error(res, path, f"path template {value!r} must start with '/'")
             return None
+        seen_any = False
         segments = value.split("/")[1:]
-        ops = [s for s in segments if s in ("{*}", "{**}")]
-        for s in segments:
-            if s not in ("{*}", "{**}") and ("*" in s or "{" in s or "}" in s):
+        for s in value.strip("/").split("/"):
+            if s in ("{*}", "{**}"):
+                if seen_any:
+                    self.error(res, path, f"path template {value!r}: '{{**}}' must be the last operator")
+                    return None
+                seen_any = s == "{**}"
+            elif "{" in s or "}" in s or "*" in s:
                 self.error(res, path, f"path template {value!r}: segment {s!r} mixes an operator with other "
                            "text, which Istio rejects")
                 return None
-        if "{**}" in ops and ops.index("{**}") != len(ops) - 1:
-            self.error(res, path, f"path template {value!r}: '{{**}}' must be the last operator")
-            return None
-        # {*} is one segment in both Istio and the bundle; Istio's {**} may also match nothing.
-        return "native" if "{**}" not in ops else "regex"
+            elif not _ENVOY_LITERAL.match(s):
+                self.error(res, path, f"path template {value!r}: segment {s!r} holds characters Envoy's URI "
+                           "template matcher rejects (only RFC 3986 path characters without '*')")
+                return None
+        # The bundle's {**} must end the template; Envoy's may be followed by literal segments.
+        return "native" if "{**}" not in segments or segments[-1] == "{**}" else "cel"
 
     # -- conditions -------------------------------------------------------------------------
 
-    def condition(self, res: _Resource, path: YPath, cv: Any, sources: list[dict[str, Any]],
-                  out: list[str]) -> None:
+    def condition(self, res: _Resource, path: YPath, cv: Any) -> _Condition | None:
         if not self.unknown_fields(res, path, cv, CONDITION_FIELDS, "a condition"):
-            return
+            return None
         key = cv.get("key")
         values = self.strings(res, (*path, "values"), cv.get("values")) or []
         not_values = self.strings(res, (*path, "notValues"), cv.get("notValues")) or []
         if not isinstance(key, str) or not key:
             self.error(res, path, "a condition needs a key")
-            return
+            return None
         if not values and not not_values:
             self.error(res, path, f"condition {key!r} needs values or notValues")
-            return
+            return None
         kpath = (*path, "key")
+        listed = [((*path, "values"), values), ((*path, "notValues"), not_values)]
         header = _HEADER_KEY.match(key)
+        ok = True
         if header:
+            for p, vs in listed:
+                ok = self.check_patterns(res, p, vs) and ok
             name = header.group(1).strip().lower()
-            var = f"request.headers[{_cel_str(name)}]"
-
-            def header_test(vs: list[str]) -> str:
-                return f"({_cel_str(name)} in request.headers && ({_any_of(var, vs)}))"
-
-            self._cel(values, not_values, header_test, out)
-        elif key == "source.namespace":
-            self._cel(values, not_values, lambda vs: f"({_any_of('source.namespace', vs)})", out)
-        elif key == "source.principal":
-            canon = [[self.trust.canonical(v) for v in vs] for vs in (values, not_values)]
-            self._cel(canon[0], canon[1], lambda vs: f"({_any_of('source.principal', vs)})", out)
-        elif key in ("source.ip", "remote.ip"):
-            field_name = "ipBlocks" if key == "source.ip" else "remoteIpBlocks"
-            ok = True
-            for name_, vs in (("values", values), ("notValues", not_values)):
-                for k, value in enumerate(vs):
-                    try:
-                        ipaddress.ip_network(value, strict=False)
-                    except ValueError:
-                        self.error(res, (*path, name_, k), f"{value!r} is not an IP address or CIDR block")
-                        ok = False
-            if ok:
-                _push_ips(sources, field_name, values, not_values)
-        elif key == "destination.port":
-            ports: list[list[str]] = [values, not_values]
-            for name_, vs in (("values", values), ("notValues", not_values)):
-                for k, value in enumerate(vs):
-                    if not value.isdigit() or int(value) > 65535:
-                        self.error(res, (*path, name_, k), f"port {value!r} must be a number from 0 to 65535")
-                        return
-            self._cel(ports[0], ports[1], lambda vs: "(" + " || ".join(f"destination.port == {int(v)}" for v in vs) + ")",
-                      out)
-        elif key == "destination.ip":
-            addrs: list[list[str]] = []
-            for name_, vs in (("values", values), ("notValues", not_values)):
-                one: list[str] = []
-                for k, value in enumerate(vs):
-                    try:
-                        net = ipaddress.ip_network(value, strict=False)
-                    except ValueError:
-                        self.error(res, (*path, name_, k), f"{value!r} is not an IP address or CIDR block")
-                        return
-                    if net.num_addresses != 1:
-                        self.error(res, (*path, name_, k), f"CIDR block {value!r}: authz conditions compare "
-                                   "destination.address as a string, so only single addresses translate")
-                        return
-                    one.append(str(net.network_address))
-                addrs.append(one)
-            self._cel(addrs[0], addrs[1], lambda vs: "(" + " || ".join(f"destination.address == {_cel_str(v)}" for v in vs) + ")",
-                      out)
-        elif key.startswith("request.auth."):
+            return _Condition("operation", "headers", values, not_values, header=name) if ok else None
+        simple: dict[str, tuple[Literal["source", "operation"], str]] = {
+            "connection.sni": ("operation", "sni"),
+            "destination.ip": ("operation", "destinationIpBlocks"),
+            "destination.port": ("operation", "ports"),
+            "source.ip": ("source", "ipBlocks"),
+            "remote.ip": ("source", "remoteIpBlocks"),
+            "source.namespace": ("source", "namespaces"),
+            "source.principal": ("source", "principals"),
+            "source.serviceAccount": ("source", "serviceAccounts"),
+        }
+        if key in simple:
+            where, field_name = simple[key]
+            for p, vs in listed:
+                if key in ("destination.ip", "source.ip", "remote.ip"):
+                    ok = self.check_ips(res, p, vs) and ok
+                elif key == "destination.port":
+                    ok = self.check_ports(res, p, vs) and ok
+                elif key == "source.serviceAccount":
+                    ok = self.check_service_accounts(res, p, vs) and ok
+                elif key == "source.principal":
+                    ok = self.check_principals(res, p, vs) and ok
+                elif key == "source.namespace":
+                    ok = self.check_regex_values(res, p, vs, "namespace") and ok
+                else:
+                    ok = self.check_patterns(res, p, vs) and ok
+            return _Condition(where, field_name, values, not_values) if ok else None
+        if key.startswith("request.auth."):
             self.error(res, kpath, f"{key!r} reads a JWT, and authz does not validate JWTs")
-        elif key == "connection.sni":
-            self.error(res, kpath, "'connection.sni' is not part of the request authz decides on")
         elif key.startswith("experimental."):
             self.error(res, kpath, f"{key!r} is an experimental Envoy metadata match authz cannot see")
+        elif key.startswith("destination.labels") or key == "destination.namespace":
+            self.error(res, kpath, f"{key!r} is replaced by the selector and metadata.namespace in Istio, "
+                       "which rejects it")
         else:
             self.error(res, kpath, f"unknown condition key {key!r} (see Istio's authorization policy conditions)")
-
-    @staticmethod
-    def _cel(values: list[str], not_values: list[str], test: Callable[[list[str]], str], out: list[str]) -> None:
-        if values:
-            out.append(test(values))
-        if not_values:
-            out.append(f"!{test(not_values)}")
+        return None
 
 
-def _push_ips(sources: list[dict[str, Any]], field_name: str, values: list[str], not_values: list[str]) -> None:
-    """A rule-wide source.ip / remote.ip condition, moved into every `from` entry (AND)."""
-    if not sources:
-        sources.append({})
-    neg = "not" + field_name[0].upper() + field_name[1:]
-    for s in sources:
-        if values:
-            s[field_name] = _intersect(s[field_name], values) if field_name in s else list(values)
-        if not_values:
-            s[neg] = list(dict.fromkeys([*s.get(neg, []), *not_values]))
+_SOURCE_ORDER = ("principals", "notPrincipals", "trustDomains", "notTrustDomains", "namespaces", "notNamespaces",
+                 "serviceAccounts", "notServiceAccounts", "ipBlocks", "notIpBlocks", "remoteIpBlocks",
+                 "notRemoteIpBlocks")
 
 
-def _intersect(a: list[str], b: list[str]) -> list[str]:
-    """CIDR blocks in both lists; [] (matching nothing) when they do not overlap."""
-    out: list[str] = []
-    for x in a:
-        nx = ipaddress.ip_network(x, strict=False)
-        for y in b:
-            ny = ipaddress.ip_network(y, strict=False)
-            if nx.version != ny.version:
-                continue
-            if nx.subnet_of(ny):  # type: ignore[arg-type]
-                out.append(str(nx))
-            elif ny.subnet_of(nx):  # type: ignore[arg-type]
-                out.append(str(ny))
-    return list(dict.fromkeys(out))
+def _source_order(key: str) -> int:
+    return _SOURCE_ORDER.index(key)
+
+
+def _template_regex(value: str) -> str:
+    """RE2 for an Istio {*}/{**} template as Envoy's URI template matcher builds it."""
+    one, rest = f"[{_ENVOY_PCHAR}]+", f"[{_ENVOY_PCHAR}/]*"
+    return "^" + "/".join({"{*}": one, "{**}": rest}.get(s, re.escape(s)) for s in value.split("/")) + "$"
 
 
 def _cel_str(s: str) -> str:
@@ -569,10 +907,10 @@ def _any_of(var: str, patterns: list[str]) -> str:
     for p in patterns:
         if p == "*":
             parts.append(f'{var} != ""')
-        elif p.endswith("*"):
-            parts.append(f"{var}.startsWith({_cel_str(p[:-1])})")
         elif p.startswith("*"):
             parts.append(f"{var}.endsWith({_cel_str(p[1:])})")
+        elif p.endswith("*"):
+            parts.append(f"{var}.startsWith({_cel_str(p[:-1])})")
         else:
             parts.append(f"{var} == {_cel_str(p)}")
     return " || ".join(parts)
@@ -588,20 +926,32 @@ def _dotted(path: YPath) -> str:
 # --- the whole import -------------------------------------------------------------------
 
 
-def convert(resources: list[_Resource], opts: Options) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(manifest, policies); raises IstioImportError listing every problem."""
-    conv = _Converter(opts)
+@dataclass(frozen=True, slots=True)
+class Imported:
+    manifest: dict[str, Any]
+    policies: list[dict[str, Any]]
+    notes: list[str]  # what the command chose on its own, for stderr
+
+
+def convert(resources: list[_Resource], opts: Options) -> Imported:
+    """The bundle for ``resources``; raises IstioImportError listing every problem."""
+    mesh = resolve_mesh(resources, opts)
+    conv = _Converter(opts, mesh)
     policies: list[dict[str, Any]] = []
     seen: set[str] = set()
     for res in resources:
-        policy = conv.policy(res)
-        if policy is None:
+        if _is_mesh_config(res):
             continue
-        if policy["name"] in seen:
-            conv.error(res, ("metadata", "name"), f"policy {policy['name']} is defined twice")
-            continue
-        seen.add(policy["name"])
-        policies.append(policy)
+        for policy in conv.policies(res):
+            if policy["name"] in seen:
+                conv.error(res, ("metadata", "name"), f"policy {policy['name']} is defined twice")
+                continue
+            seen.add(policy["name"])
+            policies.append(policy)
+    if not conv.problems and not policies:
+        conv.problems.append(Problem(resources[0].at(()) if resources else Position("input", 1, 1),
+                                     "no AuthorizationPolicy in the input: a bundle without policies "
+                                     "would deny everything"))
     if conv.problems:
         raise IstioImportError(conv.problems)
     manifest: dict[str, Any] = {
@@ -610,34 +960,36 @@ def convert(resources: list[_Resource], opts: Options) -> tuple[dict[str, Any], 
         "name": opts.name,
         "revision": opts.revision,
         "description": (
-            "Imported from Istio AuthorizationPolicy resources by authz import-istio. "
+            IMPORTED_MARK + " "
             + ("defaultAction DENY was asked for (--default-deny): a workload no ALLOW policy selects "
                "is denied, unlike in Istio." if opts.default_deny else
                "defaultAction ALLOW keeps Istio's rule: a workload that no ALLOW policy selects "
                "accepts every request no DENY policy denies.")
         ),
-        "trustDomain": opts.trust_domain,
+        "trustDomain": mesh.trust_domain,
     }
-    if opts.trust_domain_aliases:
-        manifest["trustDomainAliases"] = list(opts.trust_domain_aliases)
+    if mesh.aliases:
+        manifest["trustDomainAliases"] = list(mesh.aliases)
     manifest["defaultAction"] = "DENY" if opts.default_deny else "ALLOW"
-    return manifest, policies
+    if mesh.path_normalization is not None:
+        manifest["pathNormalization"] = mesh.path_normalization
+    return Imported(manifest, policies, [mesh.note])
 
 
-def import_files(paths: list[Path], out_dir: Path, opts: Options, force: bool = False) -> list[Path]:
-    """Convert ``paths`` and write the bundle into ``out_dir``; returns the files written."""
-    manifest, policies = convert(read_resources(paths), opts)
+def import_files(paths: list[Path], out_dir: Path, opts: Options, force: bool = False) -> tuple[list[Path], list[str]]:
+    """Convert ``paths`` and write the bundle into ``out_dir``; (files written, notes for the user)."""
+    result = convert(read_resources(paths), opts)
     if (out_dir / "bundle.yaml").exists() and not force:
         raise IstioImportError([Problem(Position(str(out_dir / "bundle.yaml"), 1, 1),
                                         "a bundle is already there (use --force to replace it)")])
     (out_dir / "policies").mkdir(parents=True, exist_ok=True)
     written = [out_dir / "bundle.yaml"]
-    written[0].write_text(_dump(manifest), encoding="utf-8")
-    for policy in policies:
+    written[0].write_text(_dump(result.manifest), encoding="utf-8")
+    for policy in result.policies:
         path = out_dir / "policies" / f"{policy['name']}.yaml"
         path.write_text(_dump(policy), encoding="utf-8")
         written.append(path)
-    return written
+    return written, result.notes
 
 
 def _dump(value: dict[str, Any]) -> str:
@@ -649,12 +1001,17 @@ def _dump(value: dict[str, Any]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("files", nargs="+", type=Path, metavar="FILE",
-                        help="YAML files with AuthorizationPolicy resources (lists and multi-document files too)")
+                        help="YAML files with AuthorizationPolicy resources (lists and multi-document files too; "
+                             "'-' reads standard input); Istio's 'istio' ConfigMap among them gives the trust "
+                             "domain, its aliases and the path normalisation")
     parser.add_argument("-o", "--output", type=Path, required=True, metavar="DIR", help="bundle directory to write")
-    parser.add_argument("--workload", action="append", default=[], metavar="LABELS=PRINCIPAL",
-                        help="a workload selectors may pick: 'app=orders,version=v1=spiffe://cluster.local/ns/prod/sa/orders'; "
-                             "repeatable")
-    parser.add_argument("--trust-domain", default="cluster.local")
+    parser.add_argument("--workload", action="append", default=[], metavar="LABELS=TARGET",
+                        help="a workload selectors may pick, known by its principal "
+                             "('app=orders,version=v1=spiffe://cluster.local/ns/prod/sa/orders'), or, for plaintext "
+                             "traffic, by host ('app=orders=host:orders.prod.svc.cluster.local', "
+                             "'...=host:HOST@NAMESPACE') or destination port ('app=orders=port:8080@prod'); repeatable")
+    parser.add_argument("--trust-domain", default=None,
+                        help="the mesh's trust domain (default: from the input, see the docs; said on stderr)")
     parser.add_argument("--trust-domain-alias", action="append", default=[], metavar="TD")
     parser.add_argument("--root-namespace", default="istio-system",
                         help="Istio's root namespace: its policies apply mesh-wide (default istio-system)")
@@ -676,17 +1033,22 @@ def cli(args: argparse.Namespace) -> int:
                    root_namespace=args.root_namespace, default_namespace=args.default_namespace,
                    default_deny=args.default_deny, name=args.name, revision=args.revision)
     try:
-        opts.workloads = [parse_workload(w, opts.trust) for w in args.workload]
+        opts.workloads = [parse_workload(w) for w in args.workload]
     except ValueError as exc:
         print(f"authz import-istio: {exc}", file=sys.stderr)
         return 2
     try:
-        written = import_files(args.files, args.output, opts, force=args.force)
+        written, notes = import_files(args.files, args.output, opts, force=args.force)
+    except UsageError as exc:
+        print(f"authz import-istio: {exc}", file=sys.stderr)
+        return 2
     except IstioImportError as exc:
         for p in exc.problems:
             print(p, file=sys.stderr)
         print(f"authz import-istio: {len(exc.problems)} problem(s); nothing written", file=sys.stderr)
         return 1
+    for note in notes:
+        print(f"authz import-istio: {note}", file=sys.stderr)
     try:
         ps = load_policy_set(args.output)
     except BundleError as exc:  # a bug here, not in the input: say so loudly
@@ -695,4 +1057,3 @@ def cli(args: argparse.Namespace) -> int:
     print(f"wrote {len(written)} files to {args.output}: bundle {ps.name} with {len(ps.policies)} policies, "
           f"defaultAction {'ALLOW' if ps.default_allow else 'DENY'}")
     return 0
-

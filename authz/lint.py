@@ -5,13 +5,21 @@ Errors (the bundle would be rejected): unknown fields, invalid CEL (with the col
 the expression), invalid path templates, unknown tenant sources, tenant data or data files
 a policy needs but the bundle lacks, and the rest of what ``compile_bundle`` reports.
 
+Errors that load: a pattern whose ``*`` can never match (``*`` at both ends, ``**``, a ``*``
+inside a trust domain or host, a path template mixing ``*`` with ``{}``).
+
 Warnings:
 - a wildcard principal in an ALLOW rule;
 - a rule that an earlier DENY rule makes unreachable (the DENY matches all it matches);
 - with ``defaultAction: ALLOW``, a namespace whose workloads have ALLOW policies but no
-  namespace-wide ALLOW policy, so its other workloads accept everything;
+  namespace-wide ALLOW policy, so its other workloads accept everything (not for a bundle
+  ``authz import-istio`` wrote: Istio decides so, and the bundle keeps Istio's decisions);
 - a principal whose trust domain is neither the bundle's nor one of its aliases;
-- tenant data no policy reads, and data files no condition reads.
+- a rule method that is not an upper-case HTTP token (methods match case-sensitively);
+- a ``*`` inside a value, where it is a literal character (in a ``*suffix`` principal, a regex
+  repetition as istiod writes it) and not a wildcard;
+- tenant data no policy reads, and data files no condition reads;
+- an upstream header that could carry a secret (authz.lint_headers).
 """
 
 from __future__ import annotations
@@ -24,12 +32,24 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from authz import lint_headers
 from authz.bundle.loader import BundleError, BundleFiles, read_bundle
 from authz.bundle.schema import Problem
 from authz.bundle.yamlpos import Document, Position
 from authz.engine.compile import compile_bundle
 from authz.engine.decide import PolicySet
-from authz.engine.model import IpMatch, Operation, PathMatch, Policy, RegexMatch, Rule, Source, StringMatch
+from authz.engine.model import (
+    IpMatch,
+    Operation,
+    PathMatch,
+    Policy,
+    RegexMatch,
+    Rule,
+    Source,
+    StringMatch,
+)
+from authz.example import example_bundle
+from authz.istio_import import IMPORTED_MARK
 from authz.spiffe import SCHEME
 
 WARNING = "warning"
@@ -63,12 +83,18 @@ def warnings(files: BundleFiles, policy_set: PolicySet | None) -> list[Problem]:
     manifest = files.manifest.value
     td = manifest["trustDomain"]
     aliases = set(manifest.get("trustDomainAliases", []))
+    # A bundle `authz import-istio` wrote decides as the Istio it came from, on purpose: lint
+    # reports what it sees there but asks for no change that would make it decide otherwise.
+    imported = str(manifest.get("description", "")).startswith(IMPORTED_MARK)
     out += _wildcard_principals(files)
     out += _foreign_trust_domains(files, td, aliases)
+    out += _methods(files)
+    out += _stars(files, imported)
     out += _unused_data(files)
+    out += lint_headers.secret_headers(files)
     if policy_set is not None:
         out += _unreachable(policy_set)
-        if manifest.get("defaultAction", "DENY") == "ALLOW":
+        if manifest.get("defaultAction", "DENY") == "ALLOW" and not imported:
             out += _namespaces_without_default_deny(files, policy_set, td)
     return out
 
@@ -87,6 +113,40 @@ def _sources(v: dict[str, Any]) -> Iterator[tuple[int, dict[str, Any], int, dict
     for i, rule in enumerate(v.get("rules") or []):
         for j, entry in enumerate(rule.get("from") or []):
             yield i, rule, j, entry.get("source") or {}
+
+
+def _operations(v: dict[str, Any]) -> Iterator[tuple[int, dict[str, Any], int, dict[str, Any]]]:
+    for i, rule in enumerate(v.get("rules") or []):
+        for j, entry in enumerate(rule.get("to") or []):
+            yield i, rule, j, entry.get("operation") or {}
+
+
+YPath = tuple[str | int, ...]
+
+
+def _values(doc: Document, v: dict[str, Any]) -> Iterator[tuple[YPath, str, str]]:
+    """(position path, field kind, value) of every string pattern of a policy."""
+    kinds = {"principals": "principal", "notPrincipals": "principal", "trustDomains": "trust domain",
+             "notTrustDomains": "trust domain", "namespaces": "namespace", "notNamespaces": "namespace",
+             "serviceAccounts": "service account", "notServiceAccounts": "service account",
+             "methods": "method", "notMethods": "method", "hosts": "host", "notHosts": "host",
+             "paths": "path", "notPaths": "path", "sni": "SNI", "notSni": "SNI"}
+    target = v.get("target") or {}
+    for key in ("principals", "hosts"):
+        for k, value in enumerate(target.get(key) or []):
+            yield ("target", key, k), kinds[key], value
+    for where, entries in (("from", _sources(v)), ("to", _operations(v))):
+        part = "source" if where == "from" else "operation"
+        for i, _rule, j, body in entries:
+            for key, values in body.items():
+                base: YPath = ("rules", i, where, j, part, key)
+                if key in ("headers", "notHeaders") and isinstance(values, dict):
+                    for name, header_values in values.items():
+                        for k, value in enumerate(header_values or []):
+                            yield (*base, name, k), "header", value
+                elif key in kinds and isinstance(values, list):
+                    for k, value in enumerate(values):
+                        yield (*base, k), kinds[key], value
 
 
 # --- wildcard principals ------------------------------------------------------------------
@@ -114,12 +174,16 @@ def _wildcard_principals(files: BundleFiles) -> list[Problem]:
 
 
 def _trust_domain(principal: str) -> str | None:
-    """The trust domain a principal or principal pattern names, None for a pattern that names none."""
+    """The trust domain a principal or principal pattern names, None for a pattern that names none
+    and for Istio's 'cluster.local' in a 5-part principal, which means the local trust domain."""
     if principal.startswith("*"):
         return None
     body = principal.removeprefix(SCHEME)
-    td, sep, _ = body.partition("/")
+    td, sep, rest = body.partition("/")
     if "*" in td or (not sep and principal.endswith("*")):
+        return None
+    parts = rest.split("/")
+    if td == "cluster.local" and len(parts) == 4 and parts[0] == "ns" and parts[2] == "sa":
         return None
     return td
 
@@ -130,9 +194,11 @@ def _foreign_trust_domains(files: BundleFiles, td: str, aliases: set[str]) -> li
         for k, value in enumerate((v.get("target") or {}).get("principals") or []):
             places.append((doc, ("target", "principals", k), value))
         for i, _rule, j, source in _sources(v):
-            for key in ("principals", "notPrincipals"):
+            for key in ("principals", "notPrincipals", "trustDomains", "notTrustDomains"):
                 for k, value in enumerate(source.get(key) or []):
-                    places.append((doc, ("rules", i, "from", j, "source", key, k), value))
+                    # A trust domain pattern is a principal pattern on its first part.
+                    as_principal = value + "/" if key.endswith("rustDomains") and not value.endswith("*") else value
+                    places.append((doc, ("rules", i, "from", j, "source", key, k), as_principal))
     for doc in files.tenants:
         for tid, body in (doc.value.get("tenants") or {}).items():
             for k, value in enumerate((body or {}).get("callers") or []):
@@ -142,8 +208,86 @@ def _foreign_trust_domains(files: BundleFiles, td: str, aliases: set[str]) -> li
         found = _trust_domain(value)
         if found is not None and found != td and found not in aliases:
             known = ", ".join([td, *sorted(aliases)])
-            out.append(_warn(doc.at(path), f"principal {value!r} is in trust domain '{found}', which is "
-                             f"neither the bundle's nor an alias ({known})"))
+            what = f"trust domain {found!r} is" if path[-2] in ("trustDomains", "notTrustDomains") else \
+                f"principal {value!r} is in trust domain '{found}', which is"
+            out.append(_warn(doc.at(path), f"{what} neither the bundle's nor an alias ({known})"))
+    return out
+
+
+# --- methods ----------------------------------------------------------------------------
+
+# RFC 9110 token characters, without lower-case letters.
+_UPPER_TOKEN = re.compile(r"^[A-Z0-9!#$%&'*+.^_`|~-]+$")
+
+
+def _methods(files: BundleFiles) -> list[Problem]:
+    out = []
+    for doc, v in _policy_docs(files):
+        for path, kind, value in _values(doc, v):
+            if kind == "method" and isinstance(value, str) and not _UPPER_TOKEN.match(value):
+                token = re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", value) is not None
+                why = ("methods match case-sensitively, as in Istio, so it matches only a request whose method "
+                       f"is exactly {value!r}" if token else "no request method can hold those characters")
+                out.append(_warn(doc.at(path), f"method {value!r} is not an upper-case HTTP token: {why}"))
+    return out
+
+
+# --- patterns whose '*' does not do what it seems to ----------------------------------------
+
+# Characters a trust domain, a host and an SNI may hold: a '*' inside them never matches.
+_NO_STAR_INSIDE = ("trust domain", "host", "SNI")
+
+
+def _star_problem(kind: str, value: str) -> tuple[str, str] | None:
+    """(severity, message) for a value whose '*' is no wildcard, None when it is fine."""
+    if "*" not in value or value == "*" or kind == "namespace":  # namespaces: '*' is '.*' anywhere
+        return None
+    if kind == "service account":
+        return "error", f"service account {value!r} has a '*': service accounts take no wildcards"
+    if kind == "path" and ("{" in value or "}" in value):
+        if value.replace("{**}", "").replace("{*}", "").count("*"):
+            return "error", (f"path {value!r} mixes a '*' wildcard with a '{{}}' template: a template takes "
+                             "'*' only as {*} or {**}, so this never matches as written")
+        return None
+    if len(value) > 1 and value.startswith("*") and value.endswith("*"):
+        return "error", (f"{kind} {value!r} has '*' at both ends: that is no 'contains' match (authz reads "
+                         f"a prefix match on {value[:-1]!r}, Istio a suffix match on {value[1:]!r}), so it "
+                         "never matches what it seems to")
+    inner = value[1:] if value.startswith("*") else value.removesuffix("*")
+    if "*" not in inner:
+        return None
+    if kind == "principal":
+        body = inner.removeprefix(SCHEME)
+        td = body.partition("/")[0] if not value.startswith("*") else ""
+        if "*" in td:
+            return "error", (f"principal {value!r} has a '*' inside its trust domain, which only letters, "
+                             "digits, '.', '-' and '_' make up: it can never match (write 'prefix*' or "
+                             "'*suffix', or use trustDomains)")
+    if kind == "principal" and value.startswith("*"):
+        return "warning", (f"principal {value!r}: after a leading '*' the rest is a regular expression, as "
+                           "istiod writes it, so this inner '*' repeats the character before it; it is no "
+                           "wildcard")
+    if kind in _NO_STAR_INSIDE:
+        return "error", (f"{kind} {value!r} has a '*' inside: only a leading or trailing '*' is a wildcard, "
+                         f"and no {kind} holds a '*', so it can never match")
+    return "warning", (f"{kind} {value!r} has a '*' inside: only a leading or trailing '*' is a wildcard, "
+                       "this one is a literal character")
+
+
+def _stars(files: BundleFiles, imported: bool) -> list[Problem]:
+    out = []
+    for doc, v in _policy_docs(files):
+        for path, kind, value in _values(doc, v):
+            if isinstance(value, str) and (found := _star_problem(kind, value)):
+                severity, message = found
+                if imported:  # dead in Istio too: said, not to be "fixed" into matching
+                    severity, message = WARNING, message.split(" (write ")[0] + ", as in the Istio policy it came from"
+                out.append(Problem(doc.at(path), message, severity))
+    for doc in files.tenants:
+        for tid, body in (doc.value.get("tenants") or {}).items():
+            for k, value in enumerate((body or {}).get("callers") or []):
+                if isinstance(value, str) and (found := _star_problem("principal", value)):
+                    out.append(Problem(doc.at(("tenants", tid, "callers", k)), found[1], found[0]))
     return out
 
 
@@ -191,7 +335,7 @@ def _namespaces_without_default_deny(files: BundleFiles, ps: PolicySet, td: str)
         whole = f"{SCHEME}{td}/ns/{ns}/sa/"
         for p in allows:
             t = p.target
-            if t.principals is None and t.hosts is None and not t.context_extensions:
+            if t.principals is None and t.hosts is None and t.ports is None and not t.context_extensions:
                 return True
             if t.principals is not None and (t.principals.present or any(whole.startswith(pre) for pre in t.principals.prefixes)):
                 return True
@@ -354,6 +498,7 @@ def _rule_covers(d: Rule, r: Rule) -> bool:
 def _target_covers(d: Policy, r: Policy) -> bool:
     return (_strings_cover(d.target.principals, r.target.principals)
             and _strings_cover(d.target.hosts, r.target.hosts)
+            and (d.target.ports is None or (r.target.ports is not None and r.target.ports <= d.target.ports))
             and set(d.target.context_extensions) <= set(r.target.context_extensions))
 
 
@@ -367,8 +512,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cli(args: argparse.Namespace) -> int:
     """`authz lint`: exit 1 when there is an error, 0 otherwise (warnings alone do not fail)."""
-    from authz.cli import example_bundle
-
     root = args.bundle or example_bundle()
     problems = lint_bundle(root)
     errors = sum(1 for p in problems if p.severity != WARNING)

@@ -42,9 +42,10 @@ class Metrics:
     def __init__(self, tenant_label: bool = False) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.tenant_label = tenant_label
-        check_labels = ["decision", "reason", "policy"] + (["tenant"] if tenant_label else [])
+        check_labels = ["decision", "reason", "policy", "caller"] + (["tenant"] if tenant_label else [])
         self.checks = Counter(
-            "authz_checks", "Authorization checks answered, by decision, reason and deciding policy.",
+            "authz_checks", "Authorization checks answered, by decision, reason, deciding policy and caller kind "
+            "(envoy_grpc, envoy_http, api).",
             check_labels, registry=r,
         )
         self.check_duration = Histogram(
@@ -109,16 +110,17 @@ class Metrics:
         for reason in REJECT_REASONS:
             self.checks_rejected.labels(reason)
         # Children seen on every check are cached so the hot path skips label lookups.
-        self._check_children: dict[tuple[bool, str, str, str], Counter] = {}
+        self._check_children: dict[tuple[bool, str, str, str, str], Counter] = {}
         self._serving: tuple[str, str] | None = None
 
     def count_check(self, allowed: bool, reason: str, policy: str, seconds: float,
-                    tenant: str | None = None) -> None:
-        """Count one check. ``tenant`` must be a tenant of the serving bundle, or None."""
-        key = (allowed, reason, policy, (tenant or "") if self.tenant_label else "")
+                    tenant: str | None = None, caller: str = "envoy_grpc") -> None:
+        """Count one check. ``tenant`` must be a tenant of the serving bundle, or None;
+        ``caller`` one of the fixed caller kinds of authz.check.CALLERS."""
+        key = (allowed, reason, policy, (tenant or "") if self.tenant_label else "", caller)
         child = self._check_children.get(key)
         if child is None:
-            labels = ["allow" if allowed else "deny", reason, policy]
+            labels = ["allow" if allowed else "deny", reason, policy, caller]
             if self.tenant_label:
                 labels.append(key[3])
             child = self.checks.labels(*labels)

@@ -2,8 +2,10 @@
 
 Allowed: OK with the x-authz-* upstream headers, overwriting whatever the client sent
 under those names (and removing x-authz-tenant when there is no tenant), so an upstream
-can trust them. Denied: PERMISSION_DENIED, HTTP 403, a small JSON body with the decision
-id and a public reason. Dynamic metadata names the policy, rule and bundle revision for
+can trust them, plus the headers the allowing rule sets and removes (authz.engine.shaping;
+they can never name x-authz-*). Denied: PERMISSION_DENIED, HTTP 403 or the status the
+policy or bundle sets, a small JSON body with the decision id, a public reason and the
+policy's message if any. Dynamic metadata names the policy, rule and bundle revision for
 Envoy's access log; the client never sees those.
 """
 
@@ -28,6 +30,12 @@ _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _OK_STATUS = status_pb2.Status(code=code_pb2.OK)
 _DENIED_STATUS = status_pb2.Status(code=code_pb2.PERMISSION_DENIED)
 _FORBIDDEN = http_status_pb2.HttpStatus(code=http_status_pb2.Forbidden)
+_DENY_STATUSES = {
+    401: http_status_pb2.HttpStatus(code=http_status_pb2.Unauthorized),
+    403: _FORBIDDEN,
+    404: http_status_pb2.HttpStatus(code=http_status_pb2.NotFound),
+    429: http_status_pb2.HttpStatus(code=http_status_pb2.TooManyRequests),
+}
 _JSON = base_pb2.HeaderValueOption(
     header=base_pb2.HeaderValue(key="content-type", value="application/json"), append_action=_OVERWRITE
 )
@@ -58,7 +66,7 @@ def to_check_response(
     md = _metadata(decision, decision_id, revision)
     if decision.allowed:
         headers = [_header(HEADER_PRINCIPAL, principal), _header(HEADER_DECISION_ID, decision_id)]
-        remove: list[str] = []
+        remove: list[str] = list(decision.remove_headers)
         if decision.tenant:
             headers.append(_header(HEADER_TENANT, decision.tenant))
         else:
@@ -66,16 +74,23 @@ def to_check_response(
         if not principal:
             headers.pop(0)
             remove.append(HEADER_PRINCIPAL)
+        # The policy's headers first: Envoy applies them in order, so ours have the last word
+        # (their names are refused at load anyway).
+        headers[:0] = [_header(k, v) for k, v in decision.upstream_headers]
         return external_auth_pb2.CheckResponse(
             status=_OK_STATUS,
             ok_response=external_auth_pb2.OkHttpResponse(headers=headers, headers_to_remove=remove),
             dynamic_metadata=md,
         )
-    body = json.dumps({"decision_id": decision_id, "reason": decision.reason}, separators=(",", ":"))
+    doc = {"decision_id": decision_id, "reason": decision.reason}
+    if decision.deny_message:
+        doc["message"] = decision.deny_message
+    body = json.dumps(doc, separators=(",", ":"))
     return external_auth_pb2.CheckResponse(
         status=_DENIED_STATUS,
         denied_response=external_auth_pb2.DeniedHttpResponse(
-            status=_FORBIDDEN, headers=[_JSON, _header(HEADER_DECISION_ID, decision_id)], body=body
+            status=_DENY_STATUSES.get(decision.http_status, _FORBIDDEN),
+            headers=[_JSON, _header(HEADER_DECISION_ID, decision_id)], body=body,
         ),
         dynamic_metadata=md,
     )

@@ -17,9 +17,11 @@ import grpc
 from grpc_health.v1 import _async as health_async
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from authz import decision_api
 from authz.admission import CheckGate
 from authz.bundle.store import BundleStore
 from authz.check import Checker
+from authz.http_authz import HttpAuthzServer
 from authz.limits import ServeLimits
 from authz.metrics import CONTENT_TYPE, Metrics
 
@@ -53,7 +55,8 @@ def split_addr(addr: str) -> tuple[str, int]:
 
 
 class ProbeServer:
-    """/metrics, /healthz, /readyz and /v1/status over plain HTTP.
+    """/metrics, /healthz, /readyz and /v1/status over plain HTTP; with a checker also the
+    decision API's POST /v1/decide and /v1/explain (authz.decision_api).
 
     A small bounded pool answers: at most ``pool_size`` connections are served at once and
     ``backlog`` wait; past that a connection is closed at once. A connection that sends
@@ -61,13 +64,29 @@ class ProbeServer:
     """
 
     def __init__(self, addr: str, store: BundleStore, metrics: Metrics, worker: int | None = None,
-                 *, pool_size: int = 8, backlog: int = 64, idle_timeout: float = 10.0) -> None:
+                 checker: Checker | None = None, *, pool_size: int = 8, backlog: int = 64,
+                 idle_timeout: float = 10.0) -> None:
         store_ref, metrics_ref = store, metrics
         self.draining = False
         probe = self
 
         class Handler(BaseHTTPRequestHandler):
             timeout = idle_timeout  # socket timeout: an idle or slow client is dropped
+
+            def do_POST(self) -> None:  # noqa: N802
+                path = self.path.split("?", 1)[0]
+                if checker is None or path not in decision_api.JSON_PATHS:
+                    self._send(404, b"not found\n", "text/plain")
+                    return
+                length = self.headers.get("content-length", "")
+                if not length.isdigit() or int(length) > decision_api.MAX_JSON_BYTES:
+                    self.close_connection = True
+                    self._send(*decision_api.error_json(411 if not length.isdigit() else 413,
+                               "a body of at most 1 MiB with a content-length is required"),
+                               "application/json")
+                    return
+                status, body = decision_api.handle_json(checker, path, self.rfile.read(int(length)))
+                self._send(status, body, "application/json")
 
             def do_GET(self) -> None:  # noqa: N802
                 path = self.path.split("?", 1)[0]
@@ -164,6 +183,7 @@ async def serve(
     checker: Checker, store: BundleStore, metrics: Metrics, grpc_addr: str, http_addr: str,
     options: ServeLimits = ServeLimits(), on_reload: Callable[[], None] | None = None,
     worker: int | None = None, on_started: Callable[[], None] | None = None,
+    http_authz: HttpAuthzServer | None = None,
 ) -> None:
     """Serve until SIGTERM, then drain (docs/operations.md): health NOT_SERVING at once, checks
     answered for ``drain_grace`` seconds while load balancers take this endpoint out, then new
@@ -175,7 +195,7 @@ async def serve(
     server = grpc.aio.server(options=grpc_options(options, worker))
     gate = CheckGate(CHECK_METHOD, checker.check_bytes, metrics,
                      max_concurrent=options.max_concurrent_checks, stall_seconds=options.stall_seconds)
-    server.add_generic_rpc_handlers((gate,))
+    server.add_generic_rpc_handlers((gate, decision_api.decision_handler(checker)))
     health = health_async.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     try:
@@ -184,7 +204,7 @@ async def serve(
         bound = 0
     if bound == 0:
         raise OSError(f"cannot bind gRPC address {grpc_addr} (in use by another process?)")
-    probes = ProbeServer(http_addr, store, metrics, worker)
+    probes = ProbeServer(http_addr, store, metrics, worker, checker)
     serving = health_pb2.HealthCheckResponse.SERVING
     not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
     loop = asyncio.get_running_loop()
@@ -201,6 +221,9 @@ async def serve(
     await server.start()
     probes.start()
     gate.start()
+    if http_authz is not None:
+        await http_authz.start()
+        log.info("HTTP ext_authz listening on %s", http_authz.addr)
     log.info("authz listening: gRPC %s, HTTP %s", grpc_addr, http_addr)
 
     stop = asyncio.Event()
@@ -225,4 +248,6 @@ async def serve(
         pass
     await server.stop(options.drain_timeout)
     gate.stop()
+    if http_authz is not None:
+        await http_authz.stop()
     probes.stop()

@@ -282,8 +282,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def cli(args: argparse.Namespace) -> int:
     """`authz test`: 0 when every case passes, 1 on a failure, 2 for a bundle or usage error."""
     from authz.bundle.loader import BundleError, read_bundle
-    from authz.cli import EXIT_USAGE, example_bundle
     from authz.engine.compile import compile_bundle
+    from authz.example import EXIT_USAGE, example_bundle
 
     root = args.bundle or example_bundle()
     try:

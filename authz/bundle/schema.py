@@ -102,6 +102,26 @@ RULE: dict[str, Any] = {
             "description": "CEL conditions; all must be true. An error denies the request.",
             "items": {"type": "string", "minLength": 1},
         },
+        "upstreamHeaders": {
+            "type": "object",
+            "description": "ALLOW rules: headers added to the request the upstream receives, each a CEL "
+                           "expression giving a string over request.*, source.*, tenant.*, data "
+                           "(e.g. x-tenant-plan: tenant.plan). Lower-case names; never x-authz-* or "
+                           "x-envoy-*; at most 16; a failing expression denies.",
+            "additionalProperties": {"type": "string", "minLength": 1},
+        },
+        "removeHeaders": _strings("ALLOW rules: request headers removed before the upstream sees them "
+                                  "(e.g. cookie); at most 32."),
+    },
+}
+
+DENY_RESPONSE: dict[str, Any] = {
+    "type": "object",
+    "description": "How a deny looks to the client: status and a short public message.",
+    "additionalProperties": False,
+    "properties": {
+        "status": {"enum": [401, 403, 404, 429], "description": "HTTP status (default 403)."},
+        "message": {"type": "string", "description": "Public text in the JSON body (at most 256 characters)."},
     },
 }
 
@@ -148,6 +168,8 @@ POLICY: dict[str, Any] = {
         },
         "tenant": TENANT_SOURCE,
         "rules": {"type": "array", "items": RULE},
+        "denyResponse": {**DENY_RESPONSE, "description": "DENY policies: the response when one of "
+                                                         "their rules denies."},
     },
 }
 
@@ -171,6 +193,8 @@ MANIFEST: dict[str, Any] = {
             "description": "What the proxy in front of authz does to paths (Istio meshConfig pathNormalization). "
                            "Default BASE.",
         },
+        "denyResponse": {**DENY_RESPONSE, "description": "Every deny without a DENY policy's own "
+                                                         "denyResponse: status and message."},
     },
 }
 

@@ -204,3 +204,38 @@ def _compile_error(text: str) -> CelCompileError:
             message = m.group(3).removesuffix(" [INVALID_ARGUMENT]")
             return CelCompileError(message, int(m.group(1)), int(m.group(2)))
     return CelCompileError(text.strip(), 1, 1)
+
+
+# --- string expressions (policy-set upstream headers) -------------------------------------
+
+
+def compile_string(expression: str) -> Condition:
+    """An expression whose result must be a string (type-checked here, at load): the value
+    of an upstream header a rule sets. Raises CelCompileError."""
+    variables = tuple(sorted(set(_NAME_RE.findall(expression))))
+    try:
+        program = _ENV.compile(expression)
+    except RuntimeError as exc:
+        raise _compile_error(str(exc)) from None
+    rtype = program.return_type()
+    if rtype != _T.STRING:
+        raise CelCompileError(f"a header value must be a string, this expression is {rtype.name()} "
+                              "(convert it with string(...))", 1, 1)
+    return Condition(expression, variables, any(v.startswith("tenant.") for v in variables), program)
+
+
+def evaluate_string(expression: Condition, ctx: Mapping[str, Any]) -> str:
+    """The string result; raises CelEvalError for an error or any other type."""
+    try:
+        result = expression.program.eval(data={name: ctx[name] for name in expression.variables})
+    except KeyError as exc:
+        raise CelEvalError(f"no value for {exc.args[0]}") from None
+    except RuntimeError as exc:
+        raise CelEvalError(str(exc)) from None
+    value = result.value()
+    rtype = result.type()
+    if rtype == _T.ERROR:  # an error's value is its message, a str: test the type first
+        raise CelEvalError(str(value))
+    if rtype == _T.STRING and isinstance(value, str):
+        return value
+    raise CelEvalError(f"expression gave {rtype.name()}, not a string")

@@ -21,6 +21,7 @@ from authz import paths, spiffe
 from authz.bundle.loader import BundleError, BundleFiles, read_bundle
 from authz.bundle.schema import Problem
 from authz.bundle.yamlpos import Document, Position
+from authz.engine import shaping
 from authz.engine.cel import CelCompileError, Condition, compile_condition
 from authz.engine.decide import TENANT_ID, PolicySet
 from authz.engine.model import (
@@ -103,6 +104,7 @@ class _Compiler:
         m = self.files.manifest.value
         data = {name: _json_safe(doc.value) for name, doc in self.files.data.items()}
         policies: list[Policy] = []
+        policy_docs: list[Document] = []
         seen: dict[str, Position] = {}
         for doc in self.files.policies:
             policy = self.policy(doc, bool(self.files.tenants))
@@ -113,6 +115,7 @@ class _Compiler:
                 continue
             seen[policy.name] = doc.at(("name",))
             policies.append(policy)
+            policy_docs.append(doc)
         # Tenant callers as a CEL map only when some condition reads them through CEL; the
         # common `source.principal in tenant.callers` is answered from the frozenset.
         cel_callers = any(
@@ -120,6 +123,7 @@ class _Compiler:
             for p in policies for r in p.rules for c in r.conditions
         )
         tenants = self.tenants(cel_callers)
+        shapes = shaping.compile_shapes(list(zip(policy_docs, policies)), self.files.manifest, self.error)
         if self.problems:
             raise BundleError(self.problems, self.files.revision)
         by_principal: dict[str, list[int]] = defaultdict(list)
@@ -143,6 +147,7 @@ class _Compiler:
             data=data,
             by_principal={k: tuple(v) for k, v in by_principal.items()},
             general=tuple(general),
+            shapes=shapes,
         )
 
     # --- tenants -----------------------------------------------------------------------

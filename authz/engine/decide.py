@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from authz import paths, spiffe
-from authz.engine import explain
+from authz.engine import explain, shaping
 from authz.engine.cel import CelBudgetError, CelEvalError, evaluate
 from authz.engine.model import Decision, Operation, Policy, Rule, Source, Tenant
 from authz.request import Request
@@ -66,6 +66,20 @@ class PolicySet:
     # Some policy names its destination by principal: a request without one (plaintext,
     # Istio PERMISSIVE) cannot be told apart from a request to that destination.
     targets_principals: bool = False
+    # Upstream headers of ALLOW rules and deny statuses (authz.engine.shaping).
+    shapes: shaping.Shapes = shaping.NO_SHAPES
+
+    def shape(self, decision: Decision, req: Request | None) -> Decision:
+        """``decision`` with the headers its rule sets or the status and message of its deny."""
+        def variables() -> dict[str, Any]:
+            assert req is not None  # an allow always has a request
+            return _request_vars(req, self.data)
+
+        def captures(rule: Rule) -> dict[str, str]:
+            assert req is not None
+            return _operations_match(rule.operations, req, True) or {}
+
+        return shaping.shape(decision, self.shapes, self.tenants, variables, captures)
 
     def applicable(self, req: Request) -> list[Policy]:
         chosen = sorted((*self.by_principal.get(req.destination_principal, ()), *self.general))

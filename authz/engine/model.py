@@ -68,10 +68,9 @@ class StringMatch:
         )
 
     def patterns(self) -> list[str]:
-        """The values as written (scheme removed), for explanations and lint."""
-        n = len(self.suffix_floor)
-        out = sorted(e[n:] for e in self.exact)
-        out += [p[n:] + "*" for p in self.prefixes]
+        """The values as compared (principals with their scheme), for explanations and lint."""
+        out = sorted(self.exact)
+        out += [p + "*" for p in self.prefixes]
         out += ["*" + s for s in self.suffixes]
         if self.present:
             out.append("*")
@@ -247,7 +246,13 @@ class Decision:
     audit: tuple[str, ...] = ()  # "policy/rule" of matching AUDIT rules
     dry_run: tuple[str, ...] = ()  # "policy/rule=allow|deny|error" a dry-run policy would have decided
     condition_error: bool = False
+    # Policy-shaped responses (authz.engine.shaping): headers the allowing rule sets and
+    # removes upstream; the status and message of a deny (0: the default 403).
+    upstream_headers: tuple[tuple[str, str], ...] = ()
+    remove_headers: tuple[str, ...] = ()
+    deny_status: int = 0
+    deny_message: str = ""
 
     @property
     def http_status(self) -> int:
-        return 200 if self.allowed else 403
+        return 200 if self.allowed else (self.deny_status or 403)

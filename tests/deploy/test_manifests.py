@@ -66,6 +66,21 @@ def test_custom_provider_points_at_the_authz_service() -> None:
     assert grpc.get("failOpen", False) is False
 
 
+def test_http_provider_points_at_the_http_authz_port() -> None:
+    (operator,) = docs(DEPLOY / "istio" / "mesh-config-http.yaml")
+    (provider,) = operator["spec"]["meshConfig"]["extensionProviders"]
+    http = provider["envoyExtAuthzHttp"]
+    policies = docs(DEPLOY / "istio" / "authorization-policies-http.yaml")
+    assert policies and all(p["spec"]["provider"]["name"] == provider["name"] for p in policies)
+    manifests = {d["kind"]: d for d in docs(DEPLOY / "kubernetes" / "authz.yaml")}
+    args = manifests["Deployment"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert int(args[args.index("--http-authz-addr") + 1].rsplit(":", 1)[1]) == http["port"]
+    assert http["port"] in {p["port"] for p in manifests["Service"]["spec"]["ports"]}
+    assert args[args.index("--http-authz-path-prefix") + 1] == http["pathPrefix"]
+    assert "x-forwarded-client-cert" in http["includeRequestHeadersInCheck"]
+    assert "x-authz-*" in http["headersToUpstreamOnAllow"] and http.get("failOpen", False) is False
+
+
 def test_kubernetes_deployment_matches_the_cli() -> None:
     manifests = {d["kind"]: d for d in docs(DEPLOY / "kubernetes" / "authz.yaml")}
     container = manifests["Deployment"]["spec"]["template"]["spec"]["containers"][0]
@@ -77,7 +92,8 @@ def test_kubernetes_deployment_matches_the_cli() -> None:
         assert flag in help_text, flag
     grpc_port = int(args[args.index("--grpc-addr") + 1].rsplit(":", 1)[1])
     http_port = int(args[args.index("--http-addr") + 1].rsplit(":", 1)[1])
-    assert {p["containerPort"] for p in container["ports"]} == {grpc_port, http_port}
+    authz_port = int(args[args.index("--http-authz-addr") + 1].rsplit(":", 1)[1])
+    assert {p["containerPort"] for p in container["ports"]} == {grpc_port, http_port, authz_port}
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": http_port}
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": http_port}
     assert manifests["Service"]["spec"]["selector"] == manifests["Deployment"]["spec"]["selector"]["matchLabels"]
@@ -96,3 +112,20 @@ def test_envoy_sidecar_config_is_valid(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout[-2000:]
     assert "OK" in proc.stdout + proc.stderr
+
+
+def test_envoy_http_ext_authz_config_is_valid(tmp_path: Path) -> None:
+    pki = generate_pki(tmp_path / "pki", clients={"proxy": "spiffe://cluster.local/ns/mesh/sa/envoy"})
+    server, proxy = pki.servers["orders-api"], pki.clients["proxy"]
+    text = (DEPLOY / "envoy" / "envoy-http.yaml").read_text()
+    assert "http_service" in text and "grpc_service" not in text
+    files = {"server.pem": server.cert, "server-key.pem": server.key, "proxy.pem": proxy.cert,
+             "proxy-key.pem": proxy.key, "ca.pem": pki.ca_cert}
+    for name, path in files.items():
+        text = text.replace(f"/etc/envoy/tls/{name}", str(path))
+    config = tmp_path / "envoy-http.yaml"
+    config.write_text(text)
+    envoy = Path(sys.executable).parent / "envoy"
+    proc = subprocess.run([str(envoy), "--mode", "validate", "-c", str(config), "--disable-hot-restart"],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout[-2000:]

@@ -142,8 +142,14 @@ class BlockingSink:
 
 
 def sample(metrics: Metrics, metric: str, **labels: str) -> float:
-    value = metrics.registry.get_sample_value(metric, labels)
-    return 0.0 if value is None else value
+    """The sum of the samples of ``metric`` whose labels include ``labels`` (labels not named,
+    such as ``caller``, are summed over)."""
+    total = 0.0
+    for family in metrics.registry.collect():
+        for s in family.samples:
+            if s.name == metric and all(s.labels.get(k) == v for k, v in labels.items()):
+                total += s.value
+    return total
 
 
 class Collector:

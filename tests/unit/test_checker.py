@@ -119,8 +119,8 @@ def test_metrics_count_decisions(tmp_path: Path) -> None:
     for method in ["GET", "GET", "POST"]:
         c.check(check_request(method=method))
     text = c.metrics.exposition().decode()
-    assert 'authz_checks_total{decision="allow",policy="p",reason="allowed by policy"} 2.0' in text
-    assert 'authz_checks_total{decision="deny",policy="default",reason="no allow rule matched"} 1.0' in text
+    assert 'authz_checks_total{caller="envoy_grpc",decision="allow",policy="p",reason="allowed by policy"} 2.0' in text
+    assert 'authz_checks_total{caller="envoy_grpc",decision="deny",policy="default",reason="no allow rule matched"} 1.0' in text
     assert "authz_check_duration_seconds_count 3.0" in text
 
 

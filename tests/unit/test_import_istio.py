@@ -22,9 +22,15 @@ from authz.cli import main
 from authz.engine.compile import load_policy_set
 from authz.engine.decide import PolicySet
 from authz.engine.model import Decision
-from authz.istio_import import IstioImportError, Options, import_files, parse_workload
+from authz.istio_import import (
+    IMPORTED_MARK,
+    IstioImportError,
+    Options,
+    UsageError,
+    import_files,
+    parse_workload,
+)
 from authz.request import from_check_request
-from authz.spiffe import TrustDomains
 
 TD = "cluster.local"
 
@@ -38,22 +44,40 @@ HTTPBIN_BAR = sa("bar", "httpbin")
 SLEEP = sa("default", "sleep")
 
 
-def imported(tmp_path: Path, text: str, workloads: tuple[str, ...] = (), **opts: Any) -> PolicySet:
+def write_bundle(tmp_path: Path, text: str, workloads: tuple[str, ...] = (), **opts: Any) -> tuple[Path, list[str]]:
+    """Import ``text``; (bundle directory, notes the command would print)."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     src = tmp_path / "policies.yaml"
     src.write_text(textwrap.dedent(text))
-    o = Options(workloads=[parse_workload(w, TrustDomains(TD)) for w in workloads], **opts)
+    o = Options(workloads=[parse_workload(w) for w in workloads], **opts)
     out = tmp_path / "out"
-    import_files([src], out, o)
-    return load_policy_set(out)
+    _, notes = import_files([src], out, o)
+    return out, notes
+
+
+def imported(tmp_path: Path, text: str, workloads: tuple[str, ...] = (), **opts: Any) -> PolicySet:
+    return load_policy_set(write_bundle(tmp_path, text, workloads, **opts)[0])
+
+
+def produced(tmp_path: Path, text: str, workloads: tuple[str, ...] = (), **opts: Any) -> dict[str, Any]:
+    """The written bundle as data: {"bundle.yaml": manifest, "<policy name>": policy}."""
+    out, _ = write_bundle(tmp_path, text, workloads, **opts)
+    files = {"bundle.yaml": yaml.safe_load((out / "bundle.yaml").read_text())}
+    for path in sorted((out / "policies").glob("*.yaml")):
+        policy = yaml.safe_load(path.read_text())
+        assert path.name == f"{policy['name']}.yaml"
+        files[policy["name"]] = policy
+    return files
 
 
 def decide(ps: PolicySet, dest: str = HTTPBIN_FOO, principal: str = "", method: str = "GET", path: str = "/",
            host: str = "httpbin.foo", headers: dict[str, str] | None = None, source_ip: str = "10.0.0.1",
-           port: int = 8000, dest_ip: str = "") -> Decision:
+           port: int = 8000, dest_ip: str = "", sni: str = "") -> Decision:
     cr = check_request(principal, method, path, host, headers, dest, source_ip, port)
     if dest_ip:
         cr.attributes.destination.address.socket_address.address = dest_ip
+    if sni:
+        cr.attributes.tls_session.sni = sni
     return ps.decide(from_check_request(cr, ps.trust_domains))
 
 
@@ -63,7 +87,7 @@ def allowed(ps: PolicySet, **kw: Any) -> bool:
 
 def import_errors(tmp_path: Path, text: str, workloads: tuple[str, ...] = ()) -> list[str]:
     with pytest.raises(IstioImportError) as err:
-        imported(tmp_path, text, workloads)
+        write_bundle(tmp_path, text, workloads)
     return [str(p) for p in err.value.problems]
 
 
@@ -537,9 +561,9 @@ def test_conditions(tmp_path: Path, change: dict[str, Any], expected: bool) -> N
 @pytest.mark.parametrize(("key", "field_"), [
     ("request.auth.claims[iss]", "request.auth.claims[iss]"),
     ("request.auth.principal", "request.auth.principal"),
-    ("connection.sni", "connection.sni"),
     ("experimental.envoy.filters.network.mysql_proxy[db.table]", "experimental"),
-    ("destination.labels[version]", "unknown condition key"),
+    ("destination.labels[version]", "replaced by the selector"),
+    ("destination.name", "unknown condition key"),
 ])
 def test_untranslatable_conditions_are_errors(tmp_path: Path, key: str, field_: str) -> None:
     """Istio's own docs warn that unsupported keys are ignored; here each one is an error naming it."""
@@ -620,7 +644,8 @@ def test_v1beta1_and_v1_import_the_same(tmp_path: Path) -> None:
     imported(tmp_path / "b", HTTPBIN_EXAMPLE.replace("security.istio.io/v1", "security.istio.io/v1beta1"))
     a, b = (yaml.safe_load((tmp_path / d / "out" / "policies" / "foo.httpbin.yaml").read_text()) for d in "ab")
     assert "a/policies.yaml:1" in a.pop("description") and "b/policies.yaml:1" in b.pop("description")
-    assert a == b and a["rules"][0]["when"] == ['("x-env" in request.headers && (request.headers["x-env"] == "prod"))']
+    assert a == b and "when" not in a["rules"][0]
+    assert [t["operation"]["headers"] for t in a["rules"][0]["to"]] == [{"x-env": ["prod"]}] * 2
 
 
 # --- the command --------------------------------------------------------------------------
@@ -658,3 +683,618 @@ def test_cli_reports_errors_and_writes_nothing(tmp_path: Path, capsys: pytest.Ca
     assert "spec.action: CUSTOM" in capsys.readouterr().err
     assert not out.exists()
     assert main(["import-istio", str(src), "-o", str(out), "--workload", "nonsense"]) == 2
+
+
+# --- what the importer writes: FORMAT-8 native fields ----------------------------------------
+# These read the written YAML; the decide-level tests above run the same bundles through the engine.
+
+AP = textwrap.dedent("""\
+    apiVersion: security.istio.io/v1
+    kind: AuthorizationPolicy
+    metadata: {name: p, namespace: foo}
+    spec:
+    """)
+
+
+def one_policy(tmp_path: Path, spec: str, workloads: tuple[str, ...] = (), **opts: Any) -> dict[str, Any]:
+    files = produced(tmp_path, AP + textwrap.indent(textwrap.dedent(spec), "  "), workloads, **opts)
+    return files["foo.p"]
+
+
+@pytest.mark.parametrize("text", [
+    "---\n{ap}---\n",  # a leading and a trailing '---'
+    "{ap}---\n# nothing but a comment\n---\n",
+    "{ap}--- null\n",
+    "---\n---\n{ap}",
+    "apiVersion: v1\nkind: List\nitems:\n- null\n- {flow}\n",  # a List with an empty item
+])
+def test_empty_documents_are_skipped(tmp_path: Path, text: str) -> None:
+    """kubectl and editors leave empty documents (a trailing '---'); they are no resource."""
+    ap = textwrap.dedent(AP) + "  rules: [{}]\n"
+    flow = yaml.safe_dump(yaml.safe_load(ap), default_flow_style=True, width=1000).strip()
+    files = produced(tmp_path, text.format(ap=ap, flow=flow))
+    assert sorted(files) == ["bundle.yaml", "foo.p"]
+
+
+def test_empty_documents_from_stdin_and_an_empty_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    import io
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("---\n")
+    monkeypatch.setattr("sys.stdin", io.StringIO(textwrap.dedent(AP) + "  rules: [{}]\n---\n"))
+    out = tmp_path / "b"
+    assert main(["import-istio", "-", str(empty), "-o", str(out)]) == 0
+    assert "<stdin>:1" in yaml.safe_load((out / "policies" / "foo.p.yaml").read_text())["description"]
+
+
+def test_only_empty_documents_is_an_error(tmp_path: Path) -> None:
+    errors = import_errors(tmp_path, "---\n---\n")
+    assert len(errors) == 1 and "no AuthorizationPolicy in the input" in errors[0]
+
+
+def test_trust_domains_are_native(tmp_path: Path) -> None:
+    """trustDomains/notTrustDomains are copied as patterns on the trust-domain part, not principal prefixes."""
+    p = one_policy(tmp_path, """\
+        rules:
+        - from:
+          - source: {trustDomains: ["bad*", "td1"], notTrustDomains: ["*-td2"], principals: ["*/sa/admin"]}
+        """)
+    source = p["rules"][0]["from"][0]["source"]
+    assert source == {"principals": ["*/sa/admin"], "trustDomains": ["bad*", "td1"], "notTrustDomains": ["*-td2"]}
+
+
+def test_principals_are_copied_as_written(tmp_path: Path) -> None:
+    """No spiffe:// added, aliases not rewritten, cluster.local kept: the engine expands as istiod does."""
+    p = one_policy(tmp_path, """\
+        rules:
+        - from:
+          - source:
+              principals: ["cluster.local/ns/default/sa/sleep", "old.td/ns/a/sa/b", "*bar/ns/foo/sa/p1"]
+              notPrincipals: ["new.td/ns/x/sa/y"]
+        """, trust_domain="new.td", trust_domain_aliases=("old.td",))
+    assert p["rules"][0]["from"][0]["source"] == {
+        "principals": ["cluster.local/ns/default/sa/sleep", "old.td/ns/a/sa/b", "*bar/ns/foo/sa/p1"],
+        "notPrincipals": ["new.td/ns/x/sa/y"]}
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("spiffe://cluster.local/ns/a/sa/b", "Istio adds 'spiffe://' to principals itself"),
+    ("*admin*", "suffix match on 'admin*'"),
+    ("**", "suffix match on '*'"),
+])
+def test_principals_istio_reads_differently_are_errors(tmp_path: Path, value: str, message: str) -> None:
+    errors = import_errors(tmp_path, AP + f"  rules: [{{from: [{{source: {{principals: ['{value}']}}}}]}}]\n")
+    assert len(errors) == 1 and "spec.rules[0].from[0].source.principals[0]: " in errors[0] and message in errors[0]
+
+
+def test_service_accounts_with_and_without_namespace(tmp_path: Path) -> None:
+    """serviceAccounts: '<name>' is in the policy's namespace, which the policy now says (namespace:)."""
+    p = one_policy(tmp_path, """\
+        rules:
+        - from: [{source: {serviceAccounts: ["reader", "ns1/writer"], notServiceAccounts: ["ns1/bad"]}}]
+        """)
+    assert p["namespace"] == "foo"
+    assert p["rules"][0]["from"][0]["source"] == {"serviceAccounts": ["reader", "ns1/writer"],
+                                                  "notServiceAccounts": ["ns1/bad"]}
+
+
+@pytest.mark.parametrize(("source", "message"), [
+    ("{serviceAccounts: ['a/b/c']}", "a service account is '<name>' or '<namespace>/<name>'"),
+    ("{serviceAccounts: ['ns/*']}", "without wildcards"),
+    ("{serviceAccounts: ['/x']}", "a service account is"),
+    ("{serviceAccounts: [a], principals: ['td/ns/x/sa/y']}", "Istio rejects serviceAccounts next to principals"),
+])
+def test_invalid_service_accounts_are_errors(tmp_path: Path, source: str, message: str) -> None:
+    errors = import_errors(tmp_path, AP + f"  rules: [{{from: [{{source: {source}}}]}}]\n")
+    assert len(errors) == 1 and message in errors[0]
+
+
+def test_header_conditions_go_into_every_operation(tmp_path: Path) -> None:
+    """request.headers[...] conditions become headers/notHeaders (name lower-cased), ANDed into each `to`."""
+    p = one_policy(tmp_path, """\
+        rules:
+        - to:
+          - operation: {methods: ["GET"]}
+          - operation: {paths: ["/data"]}
+          when:
+          - {key: "request.headers[X-Env]", values: ["prod", "stage*"]}
+          - {key: "request.headers[x-tier]", notValues: ["free"]}
+          - {key: "request.headers[x-tier]", notValues: ["trial", "*"]}
+        """)
+    rule = p["rules"][0]
+    assert "when" not in rule
+    ops = [t["operation"] for t in rule["to"]]
+    assert ops == [
+        {"methods": ["GET"], "headers": {"x-env": ["prod", "stage*"]}, "notHeaders": {"x-tier": ["free", "trial", "*"]}},
+        {"paths": ["/data"], "headers": {"x-env": ["prod", "stage*"]}, "notHeaders": {"x-tier": ["free", "trial", "*"]}},
+    ]
+
+
+def test_header_condition_without_to_makes_one_operation(tmp_path: Path) -> None:
+    p = one_policy(tmp_path, """\
+        rules:
+        - when: [{key: "request.headers[x-a]", values: ["*"]}]
+        """)
+    assert p["rules"][0] == {"name": "rule-1", "to": [{"operation": {"headers": {"x-a": ["*"]}}}]}
+
+
+def test_two_header_conditions_on_one_name_are_anded(tmp_path: Path) -> None:
+    """Exact values: their intersection; none in common: the rule matches nothing and is left out."""
+    p = one_policy(tmp_path, """\
+        rules:
+        - when:
+          - {key: "request.headers[x-a]", values: ["1", "2"]}
+          - {key: "request.headers[x-a]", values: ["2", "3"]}
+        - when:
+          - {key: "request.headers[x-a]", values: ["1"]}
+          - {key: "request.headers[x-a]", values: ["2"]}
+        """)
+    assert [r["name"] for r in p["rules"]] == ["rule-1"]
+    assert p["rules"][0]["to"][0]["operation"]["headers"] == {"x-a": ["2"]}
+    errors = import_errors(tmp_path / "e", AP + """\
+      rules:
+      - when:
+        - {key: "request.headers[x-a]", values: ["a*"]}
+        - {key: "request.headers[x-a]", values: ["*b"]}
+    """)
+    assert len(errors) == 1 and "headers[x-a]: the condition and the operation's own values are both patterns" in errors[0]
+
+
+def test_sni_destination_ip_and_port_conditions_are_native(tmp_path: Path) -> None:
+    """connection.sni -> sni/notSni, destination.ip (CIDR, IPv4 and IPv6) -> destinationIpBlocks,
+    destination.port -> ports/notPorts, ANDed with the operation's own ports."""
+    p = one_policy(tmp_path, """\
+        rules:
+        - to: [{operation: {ports: ["80", "443", "8080"]}}]
+          when:
+          - {key: connection.sni, values: ["*.example.com"], notValues: ["admin.example.com"]}
+          - {key: destination.ip, values: ["10.0.0.0/8", "fd00::/8"], notValues: ["10.9.9.9"]}
+          - {key: destination.port, values: ["443", "8080"], notValues: ["8080"]}
+        """)
+    rule = p["rules"][0]
+    assert "when" not in rule
+    assert rule["to"][0]["operation"] == {
+        "ports": ["443", "8080"], "sni": ["*.example.com"], "notSni": ["admin.example.com"],
+        "destinationIpBlocks": ["10.0.0.0/8", "fd00::/8"], "notDestinationIpBlocks": ["10.9.9.9"],
+        "notPorts": ["8080"]}
+
+
+def test_disjoint_ports_leave_the_rule_out(tmp_path: Path) -> None:
+    p = one_policy(tmp_path, """\
+        action: DENY
+        rules:
+        - to: [{operation: {ports: ["80"]}}, {operation: {ports: ["81"]}}]
+          when: [{key: destination.port, values: ["81"]}]
+        - to: [{operation: {ports: ["80"]}}]
+          when: [{key: destination.port, values: ["81"]}]
+        """)
+    assert [r["name"] for r in p["rules"]] == ["rule-1"]
+    assert p["rules"][0]["to"] == [{"operation": {"ports": ["81"]}}]
+
+
+def test_source_conditions_are_native(tmp_path: Path) -> None:
+    """source.ip / remote.ip (IPv4 and IPv6 CIDR), source.namespace, source.principal and
+    source.serviceAccount become the source's own fields, in every `from` entry."""
+    p = one_policy(tmp_path, """\
+        rules:
+        - from:
+          - source: {ipBlocks: ["10.0.0.0/8"]}
+          - source: {namespaces: ["a", "b"]}
+          when:
+          - {key: source.ip, values: ["10.1.0.0/16", "2001:db8::/32"]}
+          - {key: remote.ip, notValues: ["2001:db8:1::/48"]}
+          - {key: source.namespace, values: ["b", "c"]}
+          - {key: source.principal, values: ["cluster.local/ns/b/sa/x"], notValues: ["*/sa/bad"]}
+        - when:
+          - {key: source.serviceAccount, values: ["reader", "ns1/writer"]}
+        """)
+    first, second = p["rules"]
+    assert "when" not in first and "when" not in second
+    common = {"remoteIpBlocks": None, "notRemoteIpBlocks": ["2001:db8:1::/48"], "principals": ["cluster.local/ns/b/sa/x"],
+              "notPrincipals": ["*/sa/bad"]}
+    common.pop("remoteIpBlocks")
+    assert first["from"] == [
+        {"source": {"ipBlocks": ["10.1.0.0/16"], "namespaces": ["b", "c"], **common}},
+        {"source": {"namespaces": ["b"], "ipBlocks": ["10.1.0.0/16", "2001:db8::/32"], **common}},
+    ]
+    assert second["from"] == [{"source": {"serviceAccounts": ["reader", "ns1/writer"]}}]
+
+
+def test_source_condition_with_patterns_on_both_sides_is_an_error(tmp_path: Path) -> None:
+    errors = import_errors(tmp_path, AP + """\
+      rules:
+      - from: [{source: {principals: ["*/sa/a"]}}]
+        when: [{key: source.principal, values: ["td/*"]}]
+    """)
+    assert len(errors) == 1 and "spec.rules[0].when[0]: principals: the condition and the source's own" in errors[0]
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("destination.ip", "10.0.0.0/33", "is not an IP address or CIDR block"),
+    ("source.ip", "fd00::zz", "is not an IP address or CIDR block"),
+    ("destination.port", "65536", "must be a number from 0 to 65535"),
+    ("connection.sni", "*x*", "suffix match"),
+])
+def test_invalid_condition_values_are_errors(tmp_path: Path, key: str, value: str, message: str) -> None:
+    errors = import_errors(tmp_path, AP + f"  rules: [{{when: [{{key: {key}, values: ['{value}']}}]}}]\n")
+    assert len(errors) == 1 and "spec.rules[0].when[0].values[0]: " in errors[0] and message in errors[0]
+
+
+def test_methods_stay_as_written(tmp_path: Path) -> None:
+    """Istio compares methods case-sensitively: 'get' stays 'get' (lint warns about it)."""
+    p = one_policy(tmp_path, "rules: [{to: [{operation: {methods: [get, GET], notMethods: [Delete]}}]}]\n")
+    assert p["rules"][0]["to"][0]["operation"] == {"methods": ["get", "GET"], "notMethods": ["Delete"]}
+
+
+def test_hosts_native_only_where_the_engine_reads_them_as_istio(tmp_path: Path) -> None:
+    """A prefix of the authority ('api.*') or '*' means the same in the bundle's field; an exact or
+    suffix host does not (Istio compares the whole authority, port included): CEL."""
+    p = one_policy(tmp_path, """\
+        rules:
+        - to: [{operation: {hosts: ["api.*", "*"], notHosts: ["api.internal*"]}}]
+        - to: [{operation: {hosts: ["API.example.com", "*.example.org"]}}]
+        """)
+    first, second = p["rules"]
+    assert first["to"][0]["operation"] == {"hosts": ["api.*", "*"], "notHosts": ["api.internal*"]}
+    assert "when" not in first
+    assert "hosts" not in second["to"][0]["operation"]
+    assert second["when"] == ['request.host == "api.example.com" || request.host.endsWith(".example.org")']
+
+
+def test_path_templates_are_native(tmp_path: Path) -> None:
+    """{*} and {**} follow Envoy's URI template matcher in the engine as in Istio: copied as written."""
+    p = one_policy(tmp_path, """\
+        rules: [{to: [{operation: {paths: ["/foo/{*}", "/v2/{*}/bar/{**}", "/x*"], notPaths: ["/{**}"]}}]}]
+        """)
+    assert p["rules"][0]["to"][0]["operation"] == {"paths": ["/foo/{*}", "/v2/{*}/bar/{**}", "/x*"],
+                                                   "notPaths": ["/{**}"]}
+    assert "when" not in p["rules"][0]
+
+
+def test_literal_braces_stay_exact_in_cel(tmp_path: Path) -> None:
+    """Without {*} or {**}, Istio's braces are literal; the bundle's would be a capture: CEL, the whole field."""
+    p = one_policy(tmp_path, 'rules: [{to: [{operation: {paths: ["/a/{literal}", "/b/{*}", "/c*"]}}]}]\n')
+    rule = p["rules"][0]
+    assert "paths" not in rule["to"][0]["operation"]
+    expected = ('request.path == "/a/{literal}" || request.path.matches('
+                '"^/b/[a-zA-Z0-9\\\\-._~%!$&\'()+,;:@=]+$") || request.path.startsWith("/c")')
+    assert rule["when"] == [expected]
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("/a/{*}.txt", "mixes an operator with other text"),
+    ("/{**}/{*}", "'{**}' must be the last operator"),
+    ("/a[b]/{*}", "characters Envoy's URI template matcher rejects"),
+    ("*admin*", "suffix match on 'admin*'"),
+])
+def test_paths_istio_or_envoy_reject_are_errors(tmp_path: Path, value: str, message: str) -> None:
+    errors = import_errors(tmp_path, AP + f"  rules: [{{to: [{{operation: {{paths: ['{value}']}}}}]}}]\n")
+    assert len(errors) == 1 and "spec.rules[0].to[0].operation.paths[0]: " in errors[0] and message in errors[0]
+
+
+# --- workloads: principal, host, port ---------------------------------------------------------
+
+
+def test_parse_workload_forms() -> None:
+    w = parse_workload("app=orders,version=v1=cluster.local/ns/prod/sa/orders")
+    assert (w.labels, w.kind, w.value, w.namespace) == (
+        {"app": "orders", "version": "v1"}, "principal", "spiffe://cluster.local/ns/prod/sa/orders", "prod")
+    w = parse_workload("app=orders=host:Orders.Prod.svc.cluster.local:8080")
+    assert (w.kind, w.value, w.namespace) == ("host", "orders.prod.svc.cluster.local:8080", "prod")
+    w = parse_workload("app=orders=host:orders.example.com@shop")
+    assert (w.kind, w.value, w.namespace) == ("host", "orders.example.com", "shop")
+    w = parse_workload("app=orders=port:8080@prod")
+    assert (w.kind, w.value, w.namespace) == ("port", "8080", "prod")
+    for bad in ("app=orders=port:8080", "app=orders=host:orders.example.com", "app=orders=port:99999@p",
+                "app=orders=port:x@p", "app=orders=host:@p", "orders=spiffe://td/sa/x", "nolabels",
+                "app=orders=host:h@"):
+        with pytest.raises(ValueError):
+            parse_workload(bad)
+
+
+WORKLOADS = ("app=httpbin=spiffe://cluster.local/ns/foo/sa/httpbin", "app=httpbin=host:httpbin.foo.svc",
+             "app=httpbin,v=2=port:8000@foo", "app=other=port:9000@foo", "app=httpbin=port:7000@bar")
+
+
+def test_selector_maps_to_principals_hosts_and_ports(tmp_path: Path) -> None:
+    """A target ANDs its fields, so each way of knowing the selected workloads is its own policy."""
+    files = produced(tmp_path, AP + "  selector: {matchLabels: {app: httpbin}}\n  rules: [{}]\n", WORKLOADS)
+    assert files["foo.p"]["target"] == {"principals": ["spiffe://cluster.local/ns/foo/sa/httpbin"]}
+    assert files["foo.p.by-host"]["target"] == {"hosts": ["httpbin.foo.svc"]}
+    assert files["foo.p.by-port"]["target"] == {"ports": ["8000"]}  # not 7000: namespace bar
+    assert files["foo.p"]["rules"] == files["foo.p.by-host"]["rules"] == files["foo.p.by-port"]["rules"]
+    assert len(files) == 4
+
+
+def test_namespace_wide_policy_also_targets_hosts_and_ports_of_the_namespace(tmp_path: Path) -> None:
+    """Plaintext traffic to a workload of the namespace carries no principal: its host and port say it."""
+    files = produced(tmp_path, AP + "  action: DENY\n  rules: [{}]\n", WORKLOADS, trust_domain="td",
+                     trust_domain_aliases=("old",))
+    assert files["foo.p"]["target"] == {"principals": ["spiffe://td/ns/foo/sa/*", "spiffe://old/ns/foo/sa/*"]}
+    assert files["foo.p.by-host"]["target"] == {"hosts": ["httpbin.foo.svc"]}
+    assert files["foo.p.by-port"]["target"] == {"ports": ["8000", "9000"]}
+
+
+def test_only_host_workloads_selected(tmp_path: Path) -> None:
+    files = produced(tmp_path, AP + "  selector: {matchLabels: {app: web}}\n  rules: [{}]\n",
+                     ("app=web=host:web.example.com@foo",))
+    assert files["foo.p"]["target"] == {"hosts": ["web.example.com"]} and len(files) == 2
+
+
+def test_selector_splitting_a_shared_port_is_an_error(tmp_path: Path) -> None:
+    errors = import_errors(tmp_path, AP + "  selector: {matchLabels: {v: '2'}}\n", WORKLOADS[:3] +
+                           ("app=httpbin,v=3=port:8000@foo",))
+    assert len(errors) == 1 and "with port 8000 but not the one labelled" in errors[0]
+
+
+# --- trust domain: from the input, said on stderr -----------------------------------------------
+
+MESH_CONFIG = textwrap.dedent("""\
+    apiVersion: v1
+    kind: ConfigMap
+    metadata: {name: istio, namespace: istio-system}
+    data:
+      mesh: |-
+        trustDomain: example.org
+        trustDomainAliases: [old.example.org]
+        pathNormalization:
+          normalization: MERGE_SLASHES
+    ---
+    """)
+
+
+def test_trust_domain_from_the_mesh_config(tmp_path: Path) -> None:
+    out, notes = write_bundle(tmp_path, MESH_CONFIG + textwrap.dedent(AP) + "  rules: [{}]\n")
+    manifest = yaml.safe_load((out / "bundle.yaml").read_text())
+    assert (manifest["trustDomain"], manifest["trustDomainAliases"], manifest["pathNormalization"]) == (
+        "example.org", ["old.example.org"], "MERGE_SLASHES")
+    assert notes == [f"trust domain example.org from the Istio mesh config at {tmp_path}/policies.yaml:1:1"]
+    assert sorted(p.name for p in (out / "policies").iterdir()) == ["foo.p.yaml"]
+
+
+def test_trust_domain_flag_wins(tmp_path: Path) -> None:
+    out, notes = write_bundle(tmp_path, MESH_CONFIG + textwrap.dedent(AP), trust_domain="flag.td")
+    assert yaml.safe_load((out / "bundle.yaml").read_text())["trustDomain"] == "flag.td"
+    assert notes == ["trust domain flag.td (--trust-domain)"]
+
+
+def test_trust_domain_from_workloads_then_policies(tmp_path: Path) -> None:
+    text = AP + "  rules: [{from: [{source: {principals: ['pol.td/ns/a/sa/b', 'cluster.local/ns/c/sa/d', 'x*']}}]}]\n"
+    _, notes = write_bundle(tmp_path / "a", text, ("app=a=wl.td/ns/foo/sa/a",))
+    assert notes == ["trust domain wl.td from the --workload principals"]
+    out, notes = write_bundle(tmp_path / "b", text)
+    assert notes == ["trust domain pol.td, the only one the policies' principals name"]
+    assert yaml.safe_load((out / "bundle.yaml").read_text())["trustDomain"] == "pol.td"
+
+
+def test_trust_domain_default_is_said_and_ambiguity_is_refused(tmp_path: Path) -> None:
+    out, notes = write_bundle(tmp_path / "a", AP + "  rules: [{from: [{source: {principals: ['cluster.local/ns/a/sa/b']}}]}]\n")
+    assert yaml.safe_load((out / "bundle.yaml").read_text())["trustDomain"] == "cluster.local"
+    assert "Istio's default, as nothing in the input names another" in notes[0]
+    with pytest.raises(UsageError, match=r"several trust domains \(a.td, b.td\)"):
+        write_bundle(tmp_path / "b", AP + "  rules: [{from: [{source: {principals: ['a.td/ns/a/sa/b', 'b.td/x']}}]}]\n")
+    with pytest.raises(UsageError, match=r"--workload principals are in several trust domains"):
+        write_bundle(tmp_path / "c", AP, ("a=1=a.td/ns/foo/sa/a", "a=2=b.td/ns/foo/sa/b"))
+
+
+def test_cli_says_where_the_trust_domain_came_from(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "ap.yaml"
+    src.write_text(textwrap.dedent(AP) + "  rules: [{from: [{source: {principals: ['a.td/ns/a/sa/b', 'b.td/x']}}]}]\n")
+    assert main(["import-istio", str(src), "-o", str(tmp_path / "x")]) == 2
+    assert "several trust domains" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_manifest_marks_the_bundle_as_imported(tmp_path: Path) -> None:
+    files = produced(tmp_path, AP + "  rules: [{}]\n")
+    assert files["bundle.yaml"]["description"].startswith(IMPORTED_MARK)
+    assert files["bundle.yaml"]["defaultAction"] == "ALLOW" and "pathNormalization" not in files["bundle.yaml"]
+
+
+# --- imported bundles decide as Istio: the FORMAT-8 translations through the engine -------------
+
+
+def td_sa(td: str, ns: str, name: str) -> str:
+    return f"spiffe://{td}/ns/{ns}/sa/{name}"
+
+
+@pytest.mark.parametrize(("caller", "expected"), [
+    (td_sa("bad-td", "a", "b"), False), (td_sa("bad", "a", "b"), False),  # trustDomains: ["bad*"]
+    (td_sa("x-td1", "a", "b"), False),  # notTrustDomains would exclude it, but the principal pattern matches
+    (td_sa("good", "a", "b"), True),
+    (td_sa("foobar", "foo", "p1"), False), (td_sa("foobar", "foo", "p2"), True),  # '*bar/ns/foo/sa/p1'
+])
+def test_trust_domain_patterns_decide(tmp_path: Path, caller: str, expected: bool) -> None:
+    """A DENY on a wildcard trust domain fires (it used to hold a literal '*' and never match)."""
+    ps = imported(tmp_path, AP + """\
+      action: DENY
+      rules:
+      - from: [{source: {trustDomains: ["bad*"]}}]
+      - from: [{source: {principals: ["*-td1/ns/a/sa/b", "*bar/ns/foo/sa/p1"]}}]
+    """)
+    assert allowed(ps, principal=caller) is expected
+
+
+@pytest.mark.parametrize(("caller", "expected"), [
+    (td_sa("new.td", "a", "b"), True), (td_sa("old.td", "a", "b"), True),  # either name of the trust domain
+    (td_sa("other.td", "a", "b"), False), (td_sa("new.td", "a", "c"), False),
+    (td_sa("new.td", "c", "d"), True),  # 'cluster.local' in a policy is this mesh
+])
+def test_principals_decide_with_aliases(tmp_path: Path, caller: str, expected: bool) -> None:
+    ps = imported(tmp_path, AP + """\
+      rules:
+      - from: [{source: {principals: ["old.td/ns/a/sa/b", "cluster.local/ns/c/sa/d"]}}]
+    """, trust_domain="new.td", trust_domain_aliases=("old.td",))
+    assert allowed(ps, dest=td_sa("new.td", "foo", "httpbin"), principal=caller) is expected
+
+
+@pytest.mark.parametrize(("caller", "expected"), [
+    (sa("foo", "reader"), True), (sa("bar", "reader"), False), (sa("ns1", "writer"), True)])
+def test_service_account_without_namespace_is_the_policys(tmp_path: Path, caller: str, expected: bool) -> None:
+    ps = imported(tmp_path, AP + "  rules: [{from: [{source: {serviceAccounts: [reader, ns1/writer]}}]}]\n")
+    assert allowed(ps, principal=caller) is expected
+
+
+@pytest.mark.parametrize(("headers", "expected"), [
+    ({"x-a": "1"}, False), ({"x-a": "2"}, True), ({}, True),
+    ({"x-a": "2", "x-b": ""}, False),  # '*' matches a header that is present, even empty
+])
+def test_header_conditions_decide(tmp_path: Path, headers: dict[str, str], expected: bool) -> None:
+    ps = imported(tmp_path, AP + """\
+      action: DENY
+      rules:
+      - when: [{key: "request.headers[X-A]", values: ["1"]}]
+      - when: [{key: "request.headers[x-b]", values: ["*"]}]
+    """)
+    assert allowed(ps, headers=headers) is expected
+
+
+@pytest.mark.parametrize(("sni", "dest_ip", "port", "expected"), [
+    ("api.example.com", "10.1.2.3", 443, True),
+    ("api.example.org", "10.1.2.3", 443, False),  # connection.sni
+    ("", "10.1.2.3", 443, False),
+    ("api.example.com", "192.168.1.1", 443, False),  # destination.ip 10.0.0.0/8
+    ("api.example.com", "fd00::7", 443, True),  # destination.ip fd00::/8
+    ("api.example.com", "10.1.2.3", 8443, False),  # destination.port
+])
+def test_sni_destination_ip_and_port_decide(tmp_path: Path, sni: str, dest_ip: str, port: int,
+                                            expected: bool) -> None:
+    ps = imported(tmp_path, AP + """\
+      rules:
+      - when:
+        - {key: connection.sni, values: ["*.example.com"]}
+        - {key: destination.ip, values: ["10.0.0.0/8", "fd00::/8"]}
+        - {key: destination.port, values: ["443"]}
+    """)
+    assert allowed(ps, sni=sni, dest_ip=dest_ip, port=port) is expected
+
+
+@pytest.mark.parametrize(("source_ip", "xff", "expected"), [
+    ("2001:db8::5", "", True), ("2001:db9::1", "", False), ("10.0.0.1", "", False),
+    ("2001:db8::5", "2001:db8:1::9", False),  # remote.ip notValues
+])
+def test_ipv6_source_conditions_decide(tmp_path: Path, source_ip: str, xff: str, expected: bool) -> None:
+    ps = imported(tmp_path, AP + """\
+      rules:
+      - when:
+        - {key: source.ip, values: ["2001:db8::/32"]}
+        - {key: remote.ip, notValues: ["2001:db8:1::/48"]}
+    """)
+    headers = {"x-forwarded-for": xff} if xff else {}
+    assert allowed(ps, source_ip=source_ip, headers=headers) is expected
+
+
+@pytest.mark.parametrize(("method", "expected"), [("GET", True), ("get", False), ("Get", False), ("post", True)])
+def test_methods_are_case_sensitive(tmp_path: Path, method: str, expected: bool) -> None:
+    """Istio matches methods exactly: an ALLOW for GET does not admit 'get'; one for 'post' admits only 'post'."""
+    ps = imported(tmp_path, AP + "  rules: [{to: [{operation: {methods: [GET, post]}}]}]\n")
+    assert allowed(ps, method=method) is expected
+
+
+@pytest.mark.parametrize(("host", "expected"), [
+    ("api.example.com", True), ("API.example.com", True), ("api.example.com:8000", False),  # whole authority
+    ("www.example.org", True), ("www.example.org:80", False), ("other.example", False)])
+def test_hosts_decide_on_the_whole_authority(tmp_path: Path, host: str, expected: bool) -> None:
+    ps = imported(tmp_path, AP + "  rules: [{to: [{operation: {hosts: [api.example.com, '*.example.org']}}]}]\n")
+    assert allowed(ps, host=host) is expected
+
+
+def test_plaintext_requests_are_targeted_by_host_and_port(tmp_path: Path) -> None:
+    """No destination principal (PERMISSIVE mTLS): the by-host / by-port policies still apply."""
+    ps = imported(tmp_path, AP + """\
+      selector: {matchLabels: {app: httpbin}}
+      action: DENY
+      rules: [{to: [{operation: {paths: ["/admin*"]}}]}]
+    """, ("app=httpbin=spiffe://cluster.local/ns/foo/sa/httpbin", "app=httpbin=host:httpbin.foo.svc.cluster.local",
+          "app=httpbin=port:8000@foo"))
+    assert not allowed(ps, dest=HTTPBIN_FOO, path="/admin/x")
+    assert not allowed(ps, dest="", host="httpbin.foo.svc.cluster.local", port=9999, path="/admin/x")
+    assert not allowed(ps, dest="", host="elsewhere", port=8000, path="/admin/x")
+    assert allowed(ps, dest="", host="httpbin.foo.svc.cluster.local", port=9999, path="/public")
+
+
+def test_cli_import_decides_after_empty_documents(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "ap.yaml"
+    src.write_text("---\n" + AP + "  action: DENY\n  rules: [{to: [{operation: {methods: [POST]}}]}]\n---\n")
+    out = tmp_path / "b"
+    assert main(["import-istio", str(src), "-o", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "authz import-istio: trust domain cluster.local: Istio's default" in captured.err
+    ps = load_policy_set(out)
+    assert not allowed(ps, method="POST") and allowed(ps, method="GET")
+
+
+# --- what the engine reads otherwise than istiod: exact in CEL, or an error ----------------------
+
+
+def test_suffix_principal_with_regex_characters_stays_native(tmp_path: Path) -> None:
+    """istiod writes '*suffix' as the regex 'spiffe://.*<suffix>', unescaped, and the engine reads it so too."""
+    p = one_policy(tmp_path, 'rules: [{from: [{source: {principals: ["*/ns/foo/sa/w[1]", "*/sa/a.b"]}}]}]\n')
+    assert p["rules"][0] == {"name": "rule-1", "from": [{"source": {"principals": ["*/ns/foo/sa/w[1]", "*/sa/a.b"]}}]}
+
+
+@pytest.mark.parametrize(("caller", "expected"), [
+    (td_sa("td1", "foo", "w1"), True), (td_sa("td1", "foo", "w[1]"), False),  # '[1]' is a character class
+    (td_sa("td1", "foo", "aXb"), False), (td_sa("td1", "foo", "a.b"), False),  # DENY: '.' is any character
+    (td_sa("td1", "foo", "ok"), True),
+])
+def test_suffix_principal_regex_decides_as_istio(tmp_path: Path, caller: str, expected: bool) -> None:
+    allow = AP + '  rules: [{from: [{source: {principals: ["*/ns/foo/sa/w[1]", "*/sa/ok", "*/sa/aXb", "*/sa/a.b"]}}]}]\n'
+    deny = AP.replace("name: p", "name: d") + (
+        '  action: DENY\n  rules: [{when: [{key: source.principal, values: ["*/ns/foo/sa/a.b"]}]}]\n')
+    ps = imported(tmp_path, allow + "---\n" + deny, trust_domain="td1")
+    assert allowed(ps, dest=td_sa("td1", "foo", "httpbin"), principal=caller) is expected
+
+
+def test_invalid_regexes_and_port_0_are_errors(tmp_path: Path) -> None:
+    """istiod pastes '*suffix' principals, namespaces and service accounts into regexes unescaped."""
+    errors = import_errors(tmp_path, AP + """\
+      rules:
+      - from:
+        - source: {principals: ["*/sa/w[1"]}
+        - source: {namespaces: ["te(st"]}
+        - source: {serviceAccounts: ["ns/a+(b"]}
+        to: [{operation: {ports: ["0"]}}]
+    """)
+    text = "\n".join(errors)
+    assert "source.principals[0]: '*/sa/w[1': istiod pastes a '*suffix' principal into a regex" in text
+    assert "source.namespaces[0]: 'te(st': istiod pastes a namespace into a regex unescaped" in text
+    assert "source.serviceAccounts[0]: 'ns/a+(b': istiod pastes a service account into a regex" in text
+    assert "operation.ports[0]: port 0 matches no request in Istio" in text
+    assert len(errors) == 4
+
+
+@pytest.mark.parametrize(("caller", "expected"), [
+    (sa("te.st", "x"), True), (sa("teXst", "x"), True), (sa("test", "x"), False),  # '.' is any character
+    (sa("ns1", "a1"), True), (sa("ns1", "a11"), False)])  # '[1]' is a class
+def test_namespace_and_service_account_regexes_decide_as_istio(tmp_path: Path, caller: str, expected: bool) -> None:
+    ps = imported(tmp_path, AP + "  rules: [{from: [{source: {namespaces: [te.st]}}, {source: {serviceAccounts: ['ns1/a[1]']}}]}]\n")
+    assert allowed(ps, principal=caller) is expected
+
+
+def test_namespace_wildcards_stay_native(tmp_path: Path) -> None:
+    """Istio's namespaces are regexes with '*' as '.*' anywhere, and so are the bundle's: '*x*' is fine there."""
+    p = one_policy(tmp_path, "rules: [{from: [{source: {namespaces: ['*team*', 'a.b']}}]}]\n")
+    assert p["rules"][0]["from"][0]["source"] == {"namespaces": ["*team*", "a.b"]}
+
+
+@pytest.mark.parametrize(("path", "expected"), [
+    ("/v1/a/b/x", True), ("/v1/a/x", True), ("/v1/x", False), ("/v1/a/x/y", False), ("/v2/a/x", False)])
+def test_any_segments_followed_by_literals_is_envoys_template(tmp_path: Path, path: str, expected: bool) -> None:
+    """Envoy's '**' may be followed by literal segments ('/v1/{**}/x'); the bundle's {**} ends a template: CEL."""
+    p = one_policy(tmp_path / "a", "rules: [{to: [{operation: {paths: ['/v1/{**}/x']}}]}]\n")
+    assert p["rules"][0]["when"] == ['request.path.matches("^/v1/[a-zA-Z0-9\\\\-._~%!$&\'()+,;:@=/]*/x$")']
+    ps = imported(tmp_path / "b", AP + "  rules: [{to: [{operation: {paths: ['/v1/{**}/x']}}]}]\n")
+    assert allowed(ps, path=path) is expected
+
+
+def test_cli_usage_errors_are_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "ap.yaml"
+    src.write_text(AP + "  rules: [{}]\n")
+    for extra, message in ((["--workload", "app=a=port:8080"], "name the workload's namespace"),
+                           (["--workload", "app=a=host:a.example.com"], "name the workload's namespace"),
+                           (["--trust-domain", "Bad_TD!"], "'Bad_TD!' is not a trust domain")):
+        assert main(["import-istio", str(src), "-o", str(tmp_path / "out"), *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

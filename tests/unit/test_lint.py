@@ -245,3 +245,197 @@ def test_no_false_warnings(tmp_path: Path) -> None:
               - request.headers["x-break-glass"] in data.blocklist
         """, "defaultAction: ALLOW\n", data__blocklist_yaml="[]\n")
     assert lint(root) == []
+
+
+# --- methods ------------------------------------------------------------------------------
+
+METHODS = """\
+apiVersion: authz/v1
+kind: Policy
+name: api
+action: ALLOW
+rules:
+  - name: r
+    to:
+      - operation:
+          methods: [GET, get, Post, "GET ", PURGE, M-SEARCH, "*"]
+          notMethods: [delete]
+"""
+
+
+def test_methods_not_upper_case_tokens(tmp_path: Path) -> None:
+    """Methods match case-sensitively (as in Istio): 'get' matches only a request sent as 'get'."""
+    problems = lint(bundle(tmp_path, METHODS))
+    assert has(problems, "policies/p.yaml:9:26: warning: method 'get' is not an upper-case HTTP token: methods "
+               "match case-sensitively, as in Istio, so it matches only a request whose method is exactly 'get'", "")
+    assert has(problems, "policies/p.yaml:9:31: warning: method 'Post' is not an upper-case HTTP token", "")
+    assert has(problems, "policies/p.yaml:9:37: warning: method 'GET ' is not an upper-case HTTP token: "
+               "no request method can hold those characters", "")
+    assert has(problems, "policies/p.yaml:10:24: warning: method 'delete' is not an upper-case HTTP token", "")
+    assert len(problems) == 4  # GET, PURGE, M-SEARCH and '*' are fine
+
+
+# --- patterns whose '*' never matches -----------------------------------------------------
+
+STARS = """\
+apiVersion: authz/v1
+kind: Policy
+name: api
+target:
+  hosts: ["api*example.com"]
+action: DENY
+rules:
+  - name: r
+    from:
+      - source:
+          principals: ["bad*x/ns/a/sa/b", "*admin*", "cluster.local/ns/*/sa/x", "*-td1/ns/a/sa/b", "td*", "*/ns/*/sa/x"]
+          namespaces: ["team-*-prod", "*"]
+          notServiceAccounts: ["ns/*"]
+    to:
+      - operation:
+          paths: ["/a*b", "**", "/x/{id}/*", "/v1/{*}/y", "/ok*", "*.json"]
+          hosts: ["*.example.com"]
+"""
+
+
+def test_stars_that_never_match(tmp_path: Path) -> None:
+    problems = lint(bundle(tmp_path, STARS))
+    assert has(problems, "policies/p.yaml:5:11: error: host 'api*example.com' has a '*' inside: only a leading or "
+               "trailing '*' is a wildcard, and no host holds a '*', so it can never match", "")
+    assert has(problems, "policies/p.yaml:11:24: error: principal 'bad*x/ns/a/sa/b' has a '*' inside its trust "
+               "domain", "it can never match")
+    assert has(problems, "policies/p.yaml:11:43: error: principal '*admin*' has '*' at both ends: that is no "
+               "'contains' match", "authz reads a prefix match on '*admin', Istio a suffix match on 'admin*'")
+    assert has(problems, "policies/p.yaml:11:54: warning: principal 'cluster.local/ns/*/sa/x' has a '*' inside",
+               "this one is a literal character")
+    assert has(problems, "policies/p.yaml:11:107: warning: principal '*/ns/*/sa/x': after a leading '*' the rest "
+               "is a regular expression", "this inner '*' repeats the character before it")
+    assert has(problems, "policies/p.yaml:13:32: error: service account 'ns/*' has a '*'", "")
+    assert has(problems, "policies/p.yaml:16:19: warning: path '/a*b' has a '*' inside", "")
+    assert has(problems, "policies/p.yaml:16:27: error: path '**' has '*' at both ends", "")
+    assert has(problems, "policies/p.yaml:16:33: error: path '/x/{id}/*' mixes a '*' wildcard with a '{}' template", "")
+    # '*-td1' and 'td*' are trust domain patterns, namespaces take '*' anywhere, '/v1/{*}/y' is a template.
+    assert len(problems) == 9, problems
+
+
+def test_stars_in_tenant_callers(tmp_path: Path) -> None:
+    root = bundle(tmp_path, "apiVersion: authz/v1\nkind: Policy\nname: p\naction: ALLOW\ntenant: {header: x-t}\n",
+                  tenants__t_yaml="tenants:\n  acme:\n    callers: ['spiffe://c*l/ns/a/sa/b']\n")
+    assert has(lint(root), "tenants/t.yaml:3:15: error: principal 'spiffe://c*l/ns/a/sa/b' has a '*' inside its "
+               "trust domain", "")
+
+
+# --- imported bundles keep Istio's decisions -----------------------------------------------
+
+NS_POLICY = """\
+apiVersion: authz/v1
+kind: Policy
+name: api
+target:
+  principals: ["spiffe://cluster.local/ns/prod/sa/api"]
+action: ALLOW
+rules: [{}]
+"""
+
+
+def test_imported_bundle_gets_no_default_deny_advice(tmp_path: Path) -> None:
+    """Istio allows what no policy selects: lint must not tell an imported bundle to decide otherwise."""
+    from authz.istio_import import IMPORTED_MARK
+
+    plain = lint(bundle(tmp_path / "a", NS_POLICY, "defaultAction: ALLOW\n"))
+    assert has(plain, "policies/p.yaml:5:16: warning: namespace 'prod' has ALLOW policies but no default deny", "")
+    imported = lint(bundle(tmp_path / "b", NS_POLICY, f"defaultAction: ALLOW\ndescription: '{IMPORTED_MARK} x'\n"))
+    assert imported == []
+
+
+def test_cluster_local_principal_is_the_local_trust_domain(tmp_path: Path) -> None:
+    """Istio's 'cluster.local' in a td/ns/x/sa/y principal names the local trust domain, whatever it is."""
+    root = bundle(tmp_path, """\
+        apiVersion: authz/v1
+        kind: Policy
+        name: api
+        action: DENY
+        rules:
+          - from:
+              - source:
+                  principals: ["cluster.local/ns/a/sa/b", "cluster.local/other"]
+        """)
+    (root / "bundle.yaml").write_text(MANIFEST.replace("cluster.local", "example.org"))
+    problems = lint(root)
+    assert problems == [("policies/p.yaml:8:51: warning: principal 'cluster.local/other' is in trust domain "
+                         "'cluster.local', which is neither the bundle's nor an alias (example.org)")]
+
+
+def test_stars_in_the_new_fields(tmp_path: Path) -> None:
+    """trustDomains, headers and SNI patterns are checked like every other pattern."""
+    root = bundle(tmp_path, """\
+        apiVersion: authz/v1
+        kind: Policy
+        name: api
+        action: DENY
+        rules:
+          - from:
+              - source:
+                  trustDomains: ["bad*td", "*-td1", "td*"]
+            to:
+              - operation:
+                  headers: {x-a: ["a*b", "*x*"]}
+                  notSni: ["api.*.example.com"]
+        """)
+    problems = lint(root)
+    assert has(problems, "policies/p.yaml:8:26: error: trust domain 'bad*td' has a '*' inside", "can never match")
+    assert has(problems, "policies/p.yaml:11:27: warning: header 'a*b' has a '*' inside", "literal character")
+    assert has(problems, "policies/p.yaml:11:34: error: header '*x*' has '*' at both ends", "")
+    assert has(problems, "policies/p.yaml:12:20: error: SNI 'api.*.example.com' has a '*' inside", "")
+    assert len(problems) == 4, problems
+
+
+def test_port_targets_in_lint(tmp_path: Path) -> None:
+    """A DENY for one destination port does not shadow rules of other destinations, and an ALLOW
+    targeting a port is no namespace-wide default deny."""
+    root = bundle(tmp_path, """\
+        apiVersion: authz/v1
+        kind: Policy
+        name: api
+        target:
+          principals: ["spiffe://cluster.local/ns/prod/sa/api"]
+        action: ALLOW
+        rules: [{name: r, to: [{operation: {paths: ["/admin/x"]}}]}]
+        ---
+        apiVersion: authz/v1
+        kind: Policy
+        name: by-port
+        target: {ports: ["8080"]}
+        action: ALLOW
+        rules: [{name: r}]
+        ---
+        apiVersion: authz/v1
+        kind: Policy
+        name: block-admin
+        target: {ports: ["9090"]}
+        action: DENY
+        rules: [{name: admin, to: [{operation: {paths: ["/admin*"]}}]}]
+        """, "defaultAction: ALLOW\n")
+    problems = lint(root)
+    assert not any("unreachable" in p for p in problems), problems
+    assert has(problems, "policies/p.yaml:5:16: warning: namespace 'prod' has ALLOW policies but no default deny", "")
+    assert len(problems) == 1
+
+
+def test_imported_bundle_dead_patterns_are_warnings_without_advice(tmp_path: Path) -> None:
+    """A pattern that never matches never matched in Istio either: lint says so, but does not ask for a change."""
+    from authz.istio_import import IMPORTED_MARK
+
+    policy = """\
+        apiVersion: authz/v1
+        kind: Policy
+        name: api
+        action: DENY
+        rules: [{from: [{source: {principals: ["bad*x/ns/a/sa/b"]}}]}]
+        """
+    plain = lint(bundle(tmp_path / "a", policy))
+    assert len(plain) == 1 and ": error: " in plain[0] and "(write 'prefix*'" in plain[0]
+    imported = lint(bundle(tmp_path / "b", policy, f"description: '{IMPORTED_MARK}'\n"))
+    assert imported == [("policies/p.yaml:5:40: warning: principal 'bad*x/ns/a/sa/b' has a '*' inside its trust "
+                         "domain, which only letters, digits, '.', '-' and '_' make up: it can never match, as in "
+                         "the Istio policy it came from")]

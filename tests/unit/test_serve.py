@@ -72,7 +72,7 @@ def test_serves_example_bundle_and_stops_on_sigterm() -> None:
                                 timeout=5)
             assert denied.status.code == 7 and denied.denied_response.status.code == 403
         status, metrics = http_get(h, "/metrics")
-        assert status == 200 and 'authz_checks_total{decision="allow"' in metrics
+        assert status == 200 and 'authz_checks_total{caller="envoy_grpc",decision="allow"' in metrics
         assert 'authz_bundle_info{name="example",revision="2026-11-25.1"} 1.0' in metrics
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -65,7 +65,7 @@ def test_two_workers_share_the_ports_and_add_up(tmp_path: Path) -> None:
         # (the bundle tests the gate ran at load are not served checks).
         for _ in range(4):
             text = http_get(h, "/metrics")[1]
-            assert f'authz_checks_total{{decision="allow",policy="payment-service",reason="allowed by policy"}} {sent}.0' in text
+            assert f'authz_checks_total{{caller="envoy_grpc",decision="allow",policy="payment-service",reason="allowed by policy"}} {sent}.0' in text
             assert f"authz_check_duration_seconds_count {sent}.0" in text
             assert 'authz_bundle_info{name="example",revision="2026-11-25.1"} 1.0' in text
         files = sorted(p.name for p in tmp_path.iterdir())

@@ -1,0 +1,510 @@
+"""Envoy's HTTP ext_authz protocol (``http_service``), decided by the same Checker.
+
+Envoy sends the original request's method and path (behind the configured ``path_prefix``)
+with the headers it is configured to include and no body. We answer 200 to allow: the
+headers Envoy's ``allowed_upstream_headers`` admit go upstream, and
+``x-envoy-auth-headers-to-remove`` lists request headers Envoy strips. Any other status
+denies; Envoy hands our status, headers and body to the client.
+
+    HTTP/1.1 request ─▶ to_check_request (path_prefix, XFCC from a trusted proxy only)
+        ─▶ Checker.run(caller="envoy_http") ─▶ CheckResponse ─▶ to_http ─▶ HTTP/1.1 answer
+
+The caller's identity is not on the wire as it is in a gRPC CheckRequest: it comes from
+``x-forwarded-client-cert``, which anyone can write. So it is believed only when the
+connection comes from a trusted proxy (``--trusted-proxy``: an address or CIDR, or the SPIFFE
+ID of the proxy's client certificate when this listener has TLS); from anyone else the
+header is dropped and the request has no principal.
+
+The server runs on the event loop of the gRPC server: a decision is tens of microseconds
+of CPU, so a thread per request would only add switches. It is bounded in connections,
+header bytes, body bytes and idle time; beyond a bound it answers and closes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import logging
+import socket
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+from envoy.service.auth.v3 import external_auth_pb2
+
+from authz.check import CALLER_ENVOY_HTTP, Checker
+from authz.engine.decide import PolicySet
+
+log = logging.getLogger("authz.http_authz")
+
+XFCC = "x-forwarded-client-cert"
+HEADERS_TO_REMOVE = "x-envoy-auth-headers-to-remove"
+# Headers about this hop, not the original request.
+_HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer",
+                         "transfer-encoding", "upgrade", "content-length"})
+
+MAX_HEADER_BYTES = 64 * 1024
+MAX_HEADERS = 200
+MAX_BODY_BYTES = 1024 * 1024
+_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+            413: "Content Too Large", 429: "Too Many Requests", 431: "Request Header Fields Too Large",
+            503: "Service Unavailable"}
+
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, slots=True)
+class TrustedProxies:
+    """Who may vouch for the caller: addresses/CIDRs, and SPIFFE IDs (exact or ``prefix*``)."""
+
+    networks: tuple[IpNetwork, ...] = ()
+    ids: frozenset[str] = frozenset()
+    id_prefixes: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, patterns: list[str]) -> TrustedProxies:
+        """ValueError names a pattern that is neither a SPIFFE ID pattern nor an address/CIDR."""
+        networks: list[IpNetwork] = []
+        ids: set[str] = set()
+        prefixes: list[str] = []
+        for p in patterns:
+            p = p.strip()
+            if p.startswith("spiffe://"):
+                if p.endswith("*"):
+                    if len(p) <= len("spiffe://") + 1:
+                        raise ValueError(f"trusted proxy {p!r} trusts every SPIFFE ID")
+                    prefixes.append(p[:-1])
+                else:
+                    ids.add(p)
+                continue
+            try:
+                networks.append(ipaddress.ip_network(p, strict=False))
+            except ValueError:
+                raise ValueError(f"trusted proxy {p!r} is neither spiffe://... nor an address or CIDR") from None
+        return cls(tuple(networks), frozenset(ids), tuple(prefixes))
+
+    def trusts(self, address: str, spiffe_id: str) -> bool:
+        if spiffe_id and (spiffe_id in self.ids or (bool(self.id_prefixes) and spiffe_id.startswith(self.id_prefixes))):
+            return True
+        if address and self.networks:
+            try:
+                ip = ipaddress.ip_address(address.split("%", 1)[0])
+            except ValueError:
+                return False
+            if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+                ip = ip.ipv4_mapped
+            return any(ip in n for n in self.networks)
+        return False
+
+
+class XfccError(ValueError):
+    pass
+
+
+def _split(text: str, sep: str) -> list[str]:
+    """Split on ``sep`` outside double quotes (XFCC quotes values holding , ; or =)."""
+    out: list[str] = []
+    cur: list[str] = []
+    quoted = escaped = False
+    for ch in text:
+        if escaped:
+            cur.append(ch)
+            escaped = False
+        elif ch == "\\" and quoted:
+            cur.append(ch)
+            escaped = True
+        elif ch == '"':
+            cur.append(ch)
+            quoted = not quoted
+        elif ch == sep and not quoted:
+            out.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    if quoted:
+        raise XfccError("unbalanced quotes")
+    out.append("".join(cur))
+    return out
+
+
+def parse_xfcc(value: str) -> tuple[str, str]:
+    """(URI, By) of the LAST element: the one the nearest proxy (the trusted one) appended;
+    elements to its left were written by whoever sent the request. More than one URI SAN in
+    that element is ambiguous and refused (an X509-SVID has exactly one)."""
+    last = _split(value, ",")[-1].strip()
+    uris: list[str] = []
+    by = ""
+    for pair in _split(last, ";"):
+        key, sep, val = pair.strip().partition("=")
+        if not sep:
+            raise XfccError(f"element without '=': {pair.strip()[:40]!r}")
+        val = val.strip()
+        if len(val) >= 2 and val[0] == val[-1] == '"':
+            val = val[1:-1].replace('\\"', '"')
+        key = key.strip().lower()
+        if key == "uri":
+            uris.append(val)
+        elif key == "by":
+            by = val
+    if len(set(uris)) > 1:
+        raise XfccError("more than one URI SAN in the client certificate")
+    return (uris[0] if uris else ""), by
+
+
+# CEL variables HTTP ext_authz cannot fill: Envoy's HTTP protocol carries no socket addresses,
+# destination port or SNI.
+_CONNECTION_VARS = frozenset({"source.address", "source.port", "destination.address", "destination.port",
+                              "connection.sni"})
+UNCARRIED = "the bundle has DENY rules on connection attributes HTTP ext_authz does not carry"
+
+
+def connection_dependent(policy_set: PolicySet) -> str | None:
+    """The first enforcing DENY policy that reads the source address, the destination address
+    or port, or the SNI. Over HTTP those are unknown, so such a rule could never fire: looser
+    than the gRPC path. Every HTTP check is denied instead while such a bundle serves."""
+    for p in policy_set.policies:
+        if p.action != "DENY" or p.dry_run:
+            continue
+        if p.target.ports is not None:
+            return p.name
+        for r in p.rules:
+            if any(s.ip_blocks is not None for s in r.sources):
+                return p.name
+            if any(o.ports is not None or o.sni is not None or o.destination_ip_blocks is not None
+                   for o in r.operations):
+                return p.name
+            if any(_CONNECTION_VARS.intersection(c.variables) for c in r.conditions):
+                return p.name
+    return None
+
+
+def strip_prefix(target: str, prefix: str) -> str | None:
+    """The original path behind Envoy's ``path_prefix``; None when the target lacks it."""
+    if not prefix:
+        return target
+    if not target.startswith(prefix):
+        return None
+    rest = target[len(prefix):]
+    if not rest.startswith(("/", "?")) and not prefix.endswith("/"):
+        return None  # "/authzfoo" is not under "/authz"
+    if prefix.endswith("/"):
+        rest = "/" + rest
+    return rest if rest.startswith("/") else "/" + rest
+
+
+def to_check_request(method: str, path: str, headers: dict[str, str], trusted: bool
+                     ) -> external_auth_pb2.CheckRequest:
+    """The CheckRequest an Envoy gRPC check would have carried. Raises XfccError."""
+    cr = external_auth_pb2.CheckRequest()
+    attrs = cr.attributes
+    http = attrs.request.http
+    http.method = method
+    http.path = path
+    http.host = headers.get("host", "")
+    http.protocol = "HTTP/1.1"
+    xfcc = headers.pop(XFCC, None)
+    if trusted and xfcc is not None:
+        principal, by = parse_xfcc(xfcc)
+        attrs.source.principal = principal
+        attrs.destination.principal = by
+        headers[XFCC] = xfcc
+    # Framing headers describe this request to authz, not the original request.
+    http.headers.update({k: v for k, v in headers.items() if k not in _HOP_BY_HOP})
+    return cr
+
+
+def to_http(resp: external_auth_pb2.CheckResponse) -> tuple[int, list[tuple[str, str]], bytes]:
+    """A CheckResponse as an HTTP ext_authz answer: status, headers, body."""
+    if resp.HasField("ok_response"):
+        ok = resp.ok_response
+        headers = [(h.header.key, h.header.value) for h in ok.headers]
+        if ok.headers_to_remove:
+            headers.append((HEADERS_TO_REMOVE, ", ".join(ok.headers_to_remove)))
+        return 200, headers, b""
+    denied = resp.denied_response
+    status = int(denied.status.code) or 403
+    if status == 200:  # never an allow by accident
+        status = 403
+    return status, [(h.header.key, h.header.value) for h in denied.headers], denied.body.encode()
+
+
+def _render(status: int, headers: list[tuple[str, str]], body: bytes, close: bool) -> bytes:
+    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Forbidden')}"]
+    for k, v in headers:
+        if "\r" in k or "\n" in k or "\r" in v or "\n" in v:
+            continue  # never let a value split the response
+        lines.append(f"{k}: {v}")
+    lines.append(f"content-length: {len(body)}")
+    if close:
+        lines.append("connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace") + body
+
+
+class _Malformed(Exception):
+    def __init__(self, reason: str, status: int = 400) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+
+
+class HttpAuthzServer:
+    """The HTTP ext_authz listener. ``start``/``stop`` on a running event loop."""
+
+    def __init__(
+        self, checker: Checker, addr: str, trusted: TrustedProxies, *, path_prefix: str = "",
+        ssl_context: ssl.SSLContext | None = None, max_connections: int = 1024,
+        idle_timeout: float = 60.0, reuse_port: bool = False,
+    ) -> None:
+        self.checker = checker
+        self.addr = addr
+        self.trusted = trusted
+        self.path_prefix = path_prefix
+        self.ssl_context = ssl_context
+        self.max_connections = max_connections
+        self.idle_timeout = idle_timeout
+        self.reuse_port = reuse_port
+        self.connections = 0
+        self._server: asyncio.base_events.Server | None = None
+        self._checked: tuple[PolicySet | None, bool] = (None, False)
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def start(self) -> None:
+        host, _, port = self.addr.rpartition(":")
+        self._server = await asyncio.start_server(
+            self._connection, host.strip("[]") or "0.0.0.0", int(port), ssl=self.ssl_context,
+            limit=MAX_HEADER_BYTES, reuse_port=self.reuse_port or None, backlog=1024)
+
+    async def stop(self) -> None:
+        """Stop listening and close every connection (idle keep-alive ones would otherwise hold
+        wait_closed for the idle timeout on newer Pythons)."""
+        if self._server is not None:
+            self._server.close()
+            for writer in list(self._writers):
+                writer.close()
+            try:
+                await asyncio.wait_for(self._server.wait_closed(), 5.0)
+            except TimeoutError:
+                log.warning("HTTP ext_authz connections still open after 5 s at shutdown")
+
+    # --- one connection --------------------------------------------------------------
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self._writers.add(writer)
+        try:
+            sock = writer.get_extra_info("socket")
+            if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.connections > self.max_connections:
+                writer.write(_render(503, [], b"", close=True))
+                await writer.drain()
+                await _linger(reader, writer)
+                return
+            peer = writer.get_extra_info("peername")
+            address = peer[0] if isinstance(peer, tuple) and peer else ""
+            trusted = self.trusted.trusts(address, _peer_spiffe_id(writer))
+            while await self._one(reader, writer, trusted):
+                pass
+        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError, ssl.SSLError):
+            pass
+        except Exception:  # noqa: BLE001 - a connection's failure never reaches the loop
+            log.exception("HTTP ext_authz connection failed")
+        finally:
+            self.connections -= 1
+            self._writers.discard(writer)
+            try:
+                writer.close()
+            except Exception:  # noqa: BLE001
+                pass
+
+    async def _one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, trusted: bool) -> bool:
+        """Answer one request; False when the connection should close."""
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.idle_timeout)
+        except asyncio.IncompleteReadError as exc:
+            if exc.partial.strip():
+                await self._deny(reader, writer, "incomplete request head", 400)
+            return False
+        except asyncio.LimitOverrunError:
+            await self._deny(reader, writer, "request head too large", 431)
+            return False
+        try:
+            method, target, headers, close = _parse_head(head)
+            length = headers.get("content-length")
+            if "transfer-encoding" in headers:
+                raise _Malformed("chunked request bodies are not accepted", 400)
+            if length:
+                if not length.isdigit() or int(length) > MAX_BODY_BYTES:
+                    raise _Malformed("request body too large or bad content-length", 413)
+                await reader.readexactly(int(length))  # the body is not decided on
+            path = strip_prefix(target, self.path_prefix)
+            if path is None:
+                raise _Malformed(f"path does not start with the configured prefix {self.path_prefix!r}", 403)
+            check_request = to_check_request(method, path, headers, trusted)
+        except _Malformed as exc:
+            await self._deny(reader, writer, exc.reason, exc.status)
+            return False
+        except XfccError as exc:
+            outcome = self.checker.run(None, caller=CALLER_ENVOY_HTTP,
+                                       malformed=f"bad x-forwarded-client-cert: {exc}")
+            await self._answer(writer, *to_http(outcome.response), close)
+            return not close
+        if self._uncarried():
+            outcome = self.checker.run(None, caller=CALLER_ENVOY_HTTP, malformed=UNCARRIED)
+        else:
+            outcome = self.checker.run(check_request, caller=CALLER_ENVOY_HTTP)
+        await self._answer(writer, *to_http(outcome.response), close)
+        return not close
+
+    def _uncarried(self) -> bool:
+        """Whether the serving bundle has rules HTTP checks cannot honour (once per bundle)."""
+        current = self.checker.store.current
+        checked, result = self._checked
+        if current is checked or current is None:
+            return result and current is not None
+        name = connection_dependent(current)
+        if name is not None:
+            log.warning("bundle %s: DENY policy %s reads connection attributes that HTTP ext_authz does not "
+                        "carry; every HTTP ext_authz check is denied while it serves", current.revision, name)
+        self._checked = (current, name is not None)
+        return name is not None
+
+    async def _deny(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reason: str,
+                    status: int) -> None:
+        # Audited and counted like any malformed check; the status says what was wrong.
+        outcome = self.checker.run(None, caller=CALLER_ENVOY_HTTP, malformed=reason)
+        _, headers, body = to_http(outcome.response)
+        await self._answer(writer, status, headers, body, True)
+        await _linger(reader, writer)
+
+    @staticmethod
+    async def _answer(writer: asyncio.StreamWriter, status: int, headers: list[tuple[str, str]],
+                      body: bytes, close: bool) -> None:
+        writer.write(_render(status, headers, body, close))
+        await writer.drain()
+
+
+async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Half-close, then read and drop what the client is still sending (bounded in bytes and
+    time) before closing: closing with unread data would reset the connection and could
+    destroy the answer before the client reads it."""
+    try:
+        if writer.can_write_eof():
+            writer.write_eof()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 1.0
+        dropped = 0
+        while dropped < 2 * MAX_BODY_BYTES and loop.time() < deadline:
+            chunk = await asyncio.wait_for(reader.read(65536), max(0.01, deadline - loop.time()))
+            if not chunk:
+                return
+            dropped += len(chunk)
+    except Exception:  # noqa: BLE001 - best effort; the answer is already sent
+        return
+
+
+def _parse_head(head: bytes) -> tuple[str, str, dict[str, str], bool]:
+    """Request line and headers: (method, target, lower-cased headers, close after)."""
+    try:
+        text = head.decode("latin-1")
+    except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes any byte
+        raise _Malformed("undecodable request head") from None
+    lines = text.split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not parts[0] or not parts[1].startswith("/") or not parts[2].startswith("HTTP/1."):
+        raise _Malformed("bad request line")
+    method, target, version = parts
+    headers: dict[str, str] = {}
+    count = 0
+    for line in lines[1:]:
+        if not line:
+            continue
+        name, sep, value = line.partition(":")
+        if not sep or not name or name != name.strip() or " " in name:
+            raise _Malformed("bad header line")
+        count += 1
+        if count > MAX_HEADERS:
+            raise _Malformed("too many headers", 431)
+        key = name.lower()
+        value = value.strip(" \t")
+        headers[key] = f"{headers[key]},{value}" if key in headers else value
+    conn = headers.get("connection", "").lower()
+    close = "close" in conn or (version == "HTTP/1.0" and "keep-alive" not in conn)
+    if "host" not in headers:
+        raise _Malformed("request has no host header")
+    return method, target, headers, close
+
+
+def _peer_spiffe_id(writer: asyncio.StreamWriter) -> str:
+    """The URI SAN of a verified TLS client certificate, or ''."""
+    ssl_object = writer.get_extra_info("ssl_object")
+    if ssl_object is None:
+        return ""
+    cert = ssl_object.getpeercert()
+    if not cert:
+        return ""
+    uris = [v for k, v in cert.get("subjectAltName", ()) if k == "URI"]
+    return uris[0] if len(uris) == 1 else ""
+
+
+# --- `authz serve` flags ------------------------------------------------------------------
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("HTTP ext_authz (Envoy http_service; docs/http-ext-authz.md)")
+    g.add_argument("--http-authz-addr", metavar="H:P",
+                   help="also answer Envoy's HTTP ext_authz protocol on this address (off by default)")
+    g.add_argument("--trusted-proxy", action="append", default=[], metavar="PATTERN",
+                   help="a proxy whose x-forwarded-client-cert is believed: an address or CIDR, or a "
+                        "SPIFFE ID (exact or prefix*) of its TLS client certificate; repeatable. "
+                        "From anyone else the header is ignored and the caller has no principal")
+    g.add_argument("--http-authz-path-prefix", default="", metavar="PREFIX",
+                   help="Envoy's http_service path_prefix, removed from every path (default none)")
+    g.add_argument("--http-authz-tls-cert", type=Path, metavar="PEM",
+                   help="serve HTTP ext_authz over TLS with this certificate chain")
+    g.add_argument("--http-authz-tls-key", type=Path, metavar="PEM", help="its private key")
+    g.add_argument("--http-authz-client-ca", type=Path, metavar="PEM",
+                   help="require client certificates from this CA (mTLS): needed to trust a proxy "
+                        "by SPIFFE ID")
+    g.add_argument("--http-authz-max-connections", type=int, default=1024, metavar="N",
+                   help="open connections accepted before new ones are answered 503 (default 1024)")
+
+
+def server_from_args(args: argparse.Namespace, checker: Checker) -> HttpAuthzServer | None:
+    """The server the flags ask for, or None; ValueError names a bad flag."""
+    if not args.http_authz_addr:
+        if args.trusted_proxy:
+            raise ValueError("--trusted-proxy needs --http-authz-addr")
+        return None
+    trusted = TrustedProxies.parse(args.trusted_proxy)
+    prefix = args.http_authz_path_prefix
+    if prefix and not prefix.startswith("/"):
+        raise ValueError(f"--http-authz-path-prefix must start with '/', not {prefix!r}")
+    context = None
+    if args.http_authz_tls_cert or args.http_authz_tls_key:
+        if not (args.http_authz_tls_cert and args.http_authz_tls_key):
+            raise ValueError("--http-authz-tls-cert and --http-authz-tls-key go together")
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            context.load_cert_chain(args.http_authz_tls_cert, args.http_authz_tls_key)
+            if args.http_authz_client_ca:
+                context.load_verify_locations(cafile=str(args.http_authz_client_ca))
+                context.verify_mode = ssl.CERT_REQUIRED
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"cannot use the HTTP ext_authz TLS files: {exc}") from None
+    elif args.http_authz_client_ca:
+        raise ValueError("--http-authz-client-ca needs --http-authz-tls-cert and --http-authz-tls-key")
+    if (trusted.ids or trusted.id_prefixes) and not (context and args.http_authz_client_ca):
+        raise ValueError("a SPIFFE ID in --trusted-proxy needs mTLS on the HTTP ext_authz listener "
+                         "(--http-authz-tls-cert, --http-authz-tls-key, --http-authz-client-ca)")
+    if args.http_authz_max_connections < 1:
+        raise ValueError("--http-authz-max-connections must be at least 1")
+    return HttpAuthzServer(checker, args.http_authz_addr, trusted, path_prefix=prefix,
+                           ssl_context=context, max_connections=args.http_authz_max_connections,
+                           reuse_port=args.worker_index is not None)

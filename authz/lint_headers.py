@@ -1,0 +1,38 @@
+"""`authz lint` warning for policy-set upstream headers that could carry a secret.
+
+An ALLOW rule's ``upstreamHeaders`` copy request or tenant data to the upstream. A header
+whose name or expression mentions a credential (authorization, cookie, token, secret,
+password, API key, session, private key) would hand that secret to the upstream and to
+whatever it logs; the author should confirm that is meant. lint.py calls ``secret_headers``.
+"""
+
+from __future__ import annotations
+
+import re
+
+from authz.bundle.loader import BundleFiles
+from authz.bundle.schema import Problem
+
+_SECRET = re.compile(
+    r"authorization|cookie|token|secret|passw(?:or)?d|api[-_]?key|credential|session|private[-_]?key",
+    re.IGNORECASE)
+
+
+def secret_headers(files: BundleFiles) -> list[Problem]:
+    out: list[Problem] = []
+    for doc in files.policies:
+        if not isinstance(doc.value, dict):
+            continue
+        for i, rule in enumerate(doc.value.get("rules") or []):
+            headers = rule.get("upstreamHeaders") if isinstance(rule, dict) else None
+            if not isinstance(headers, dict):
+                continue
+            for name, expression in headers.items():
+                hit = _SECRET.search(str(name)) or _SECRET.search(str(expression))
+                if hit is None:
+                    continue
+                out.append(Problem(doc.at(("rules", i, "upstreamHeaders", name)),
+                                   f"upstream header {name!r} may carry a secret ({hit.group(0)!r} in "
+                                   f"{'its name' if _SECRET.search(str(name)) else 'its expression'}): "
+                                   "the upstream and its logs would see it", "warning"))
+    return out

@@ -1,0 +1,247 @@
+"""The decision API (proto/authz/v1/decision.proto) over gRPC and JSON, and authz.client,
+against `authz serve` serving the example bundle: same engine, audit records and metrics
+(caller="api") as Envoy checks; malformed input is INVALID_ARGUMENT / 400, never an allow."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from served import Served, free_port, serve, wait_for
+
+from authz.client import AsyncClient, Client, DecisionError
+from authz.v1 import decision_pb2, decision_pb2_grpc
+
+TD = "spiffe://cluster.local"
+ORDERS = f"{TD}/ns/prod/sa/orders-api"
+CHECKOUT = f"{TD}/ns/prod/sa/checkout-api"
+STRANGER = f"{TD}/ns/dev/sa/stranger"
+REVISION = "2026-11-25.1"
+
+
+@pytest.fixture(scope="module")
+def authz(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    served = serve(tmp_path_factory.mktemp("decision-api"))
+    try:
+        yield served
+    finally:
+        served.stop()
+
+
+def tenant_request(**over: object) -> decision_pb2.DecideRequest:
+    fields: dict[str, object] = dict(principal=CHECKOUT, destination_principal=ORDERS, method="POST",
+                                     path="/v1/tenants/acme/orders", host="orders.prod")
+    fields.update(over)
+    return decision_pb2.DecideRequest(**fields)  # type: ignore[arg-type]
+
+
+def stub(authz: Served) -> tuple[grpc.Channel, decision_pb2_grpc.DecisionServiceStub]:
+    channel = grpc.insecure_channel(f"127.0.0.1:{authz.grpc_port}")
+    return channel, decision_pb2_grpc.DecisionServiceStub(channel)
+
+
+def post(authz: Served, path: str, body: bytes) -> tuple[int, dict[str, object]]:
+    req = urllib.request.Request(f"http://127.0.0.1:{authz.http_port}{path}", data=body, method="POST",
+                                 headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+# --- gRPC -------------------------------------------------------------------------------
+
+
+def test_grpc_decide_allow_deny_and_tenant_hint(authz: Served) -> None:
+    channel, s = stub(authz)
+    with channel:
+        ok = s.Decide(tenant_request(), timeout=10)
+        assert (ok.allowed, ok.reason, ok.policy, ok.rule, ok.tenant) == (
+            True, "allowed by policy", "orders-api", "tenant-callers", "acme")
+        assert ok.revision == REVISION and ok.http_status == 200 and len(ok.decision_id) == 32
+        assert ok.upstream_headers["x-authz-tenant"] == "acme"
+        assert ok.upstream_headers["x-authz-principal"] == CHECKOUT
+
+        no = s.Decide(tenant_request(principal=STRANGER), timeout=10)
+        assert (no.allowed, no.reason, no.http_status) == (False, "no allow rule matched", 403)
+        assert not no.upstream_headers
+
+        # The application says the request is for globex; the bundle decided for acme.
+        hint = s.Decide(tenant_request(tenant="globex"), timeout=10)
+        assert (hint.allowed, hint.reason, hint.tenant) == (False, "tenant mismatch", "acme")
+        assert s.Decide(tenant_request(tenant="acme"), timeout=10).allowed
+
+
+def test_grpc_malformed_is_invalid_argument(authz: Served) -> None:
+    channel, s = stub(authz)
+    with channel:
+        raw = channel.unary_unary("/authz.v1.DecisionService/Decide",
+                                  request_serializer=None, response_deserializer=None)
+        with pytest.raises(grpc.RpcError) as err:
+            raw(b"\xff\xff\xff not a protobuf", timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not a DecideRequest" in err.value.details()
+
+        with pytest.raises(grpc.RpcError) as err:
+            s.Decide(tenant_request(method=""), timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "request has no method" in err.value.details()
+
+        with pytest.raises(grpc.RpcError) as err:
+            s.Explain(tenant_request(path=""), timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_grpc_explain_is_the_check_trace(authz: Served) -> None:
+    channel, s = stub(authz)
+    with channel:
+        ex = s.Explain(tenant_request(), timeout=10)
+    assert ex.decision.allowed and ex.decision.rule == "tenant-callers"
+    assert ex.text.startswith("ALLOW (HTTP 200) by orders-api/tenant-callers: allowed by policy, tenant acme")
+    rules = [(st.step, st.policy, st.rule, st.ok) for st in ex.steps if st.step == "rule"]
+    assert rules == [("rule", "orders-api", "tenant-callers", True)]
+    info = [st for st in ex.steps if st.step == "policy"]
+    assert info and not info[0].HasField("ok")  # neither matched nor failed
+
+
+# --- JSON over HTTP -----------------------------------------------------------------------
+
+
+def test_json_decide_uses_the_proto_json_mapping(authz: Served) -> None:
+    body = {"principal": CHECKOUT, "destinationPrincipal": ORDERS, "method": "POST",
+            "path": "/v1/tenants/acme/orders", "tenant": "acme"}
+    status, answer = post(authz, "/v1/decide", json.dumps(body).encode())
+    assert status == 200, answer
+    assert answer["allowed"] is True and answer["tenant"] == "acme" and answer["rule"] == "tenant-callers"
+    assert answer["httpStatus"] == 200 and answer["revision"] == REVISION
+    assert isinstance(answer["decisionId"], str) and len(answer["decisionId"]) == 32
+    # Field names as written in the proto are accepted too (proto3 JSON mapping).
+    body = {"principal": STRANGER, "destination_principal": ORDERS, "method": "GET", "path": "/v1/orders/1"}
+    status, answer = post(authz, "/v1/decide", json.dumps(body).encode())
+    assert status == 200 and answer["allowed"] is False and answer["reason"] == "no allow rule matched"
+
+
+@pytest.mark.parametrize("body", [
+    b"{", b"[]", b"\xff\xfe", b'{"methd": "GET", "path": "/"}', b'{"method": 7, "path": "/"}',
+    b"{}", b'{"method": "GET", "path": ""}', b'{"method": "GET", "path": "/a#frag"}',
+])
+def test_json_malformed_body_is_400_never_an_allow(authz: Served, body: bytes) -> None:
+    status, answer = post(authz, "/v1/decide", body)
+    assert status == 400, answer
+    assert answer["code"] == 3 and "malformed request" in str(answer["message"])
+    assert "allowed" not in answer
+
+
+def test_json_explain_and_unknown_paths(authz: Served) -> None:
+    body = {"principal": CHECKOUT, "destinationPrincipal": ORDERS, "method": "POST",
+            "path": "/v1/tenants/acme/orders"}
+    status, answer = post(authz, "/v1/explain", json.dumps(body).encode())
+    assert status == 200
+    assert answer["decision"]["allowed"] is True  # type: ignore[index]
+    assert str(answer["text"]).startswith("ALLOW (HTTP 200) by orders-api/tenant-callers")
+    assert any(s["step"] == "rule" and s["ok"] is True for s in answer["steps"])  # type: ignore[attr-defined]
+    req = urllib.request.Request(f"http://127.0.0.1:{authz.http_port}/v1/decidex", data=b"{}", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=10)
+    assert err.value.code == 404
+
+
+def test_decisions_are_audited_and_counted_as_api(authz: Served) -> None:
+    channel, s = stub(authz)
+    with channel:
+        ok = s.Decide(tenant_request(), timeout=10)
+    records = wait_for("the audit record", lambda: [
+        json.loads(line) for line in authz.audit_records() if ok.decision_id in line])
+    assert records[0]["caller"] == "api" and records[0]["allowed"] is True
+    assert records[0]["source_principal"] == CHECKOUT and records[0]["tenant"] == "acme"
+    text = authz.metrics()
+    assert ('authz_checks_total{caller="api",decision="allow",policy="orders-api",'
+            'reason="allowed by policy"}') in text
+    assert 'authz_checks_total{caller="api",decision="deny",policy="default",reason="malformed request' in text
+
+
+# --- authz.client -------------------------------------------------------------------------
+
+
+def test_client_sync(authz: Served) -> None:
+    with Client(f"127.0.0.1:{authz.grpc_port}", timeout=10) as c:
+        r = c.decide(principal=CHECKOUT, destination_principal=ORDERS, method="POST",
+                     path="/v1/tenants/acme/orders", tenant="acme")
+        assert r.allowed and r.tenant == "acme" and r.error == "" and r.revision == REVISION
+        r = c.decide(principal=STRANGER, destination_principal=ORDERS, method="POST",
+                     path="/v1/tenants/acme/orders")
+        assert not r.allowed and r.reason == "no allow rule matched" and r.error == ""
+        bad = c.decide(principal=CHECKOUT, destination_principal=ORDERS, method="", path="/x")
+        assert not bad.allowed and bad.error.startswith("INVALID_ARGUMENT")
+        ex = c.explain(principal=CHECKOUT, destination_principal=ORDERS, method="POST",
+                       path="/v1/tenants/acme/orders")
+        assert ex.result.allowed and "tenant-callers" in ex.text
+        assert any(st["step"] == "rule" and st["ok"] for st in ex.steps)
+
+
+def test_client_async(authz: Served) -> None:
+    async def run() -> tuple[bool, bool, str]:
+        async with AsyncClient(f"127.0.0.1:{authz.grpc_port}", timeout=10) as c:
+            yes = await c.decide(principal=CHECKOUT, destination_principal=ORDERS, method="POST",
+                                 path="/v1/tenants/acme/orders")
+            no = await c.decide(principal=CHECKOUT, destination_principal=ORDERS, method="POST",
+                                path="/v1/tenants/acme/orders", tenant="globex")
+            ex = await c.explain(principal=CHECKOUT, destination_principal=ORDERS, method="POST",
+                                 path="/v1/tenants/acme/orders")
+            return yes.allowed, no.allowed, ex.text
+
+    yes, no, text = asyncio.run(run())
+    assert yes and not no and text.startswith("ALLOW")
+
+
+def test_client_fails_closed(tmp_path: Path) -> None:
+    dead = f"127.0.0.1:{free_port()}"  # nothing listens there
+    with Client(dead, timeout=2) as c:
+        r = c.decide(principal=CHECKOUT, method="GET", path="/")
+        assert not r.allowed and r.http_status == 403 and r.error.startswith(("UNAVAILABLE", "DEADLINE"))
+        assert c.explain(method="GET", path="/").result.allowed is False
+    with Client(dead, timeout=2, raise_errors=True) as c, pytest.raises(DecisionError):
+        c.decide(method="GET", path="/")
+
+    async def run() -> bool:
+        async with AsyncClient(dead, timeout=2) as c:
+            return (await c.decide(method="GET", path="/")).allowed
+
+    assert asyncio.run(run()) is False
+
+
+def test_client_timeout_is_a_deny() -> None:
+    """A server that would allow, but only after the client's timeout: the client denies."""
+    import threading
+    from concurrent import futures
+
+    release = threading.Event()
+
+    def slow_allow(data: bytes, context: grpc.ServicerContext) -> bytes:
+        release.wait(30)
+        return decision_pb2.DecideResponse(allowed=True, reason="allowed by policy").SerializeToString()
+
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "authz.v1.DecisionService", {"Decide": grpc.unary_unary_rpc_method_handler(slow_allow)}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=0.5) as c:
+            r = c.decide(principal=CHECKOUT, method="POST", path="/v1/tenants/acme/orders")
+        assert not r.allowed and r.error.startswith("DEADLINE_EXCEEDED"), r
+    finally:
+        release.set()
+        server.stop(None)
+
+
+def test_json_body_over_1_mib_is_refused(authz: Served) -> None:
+    status, answer = post(authz, "/v1/decide", b" " * (1024 * 1024 + 1))
+    assert status == 413 and answer["code"] == 3 and "allowed" not in answer
