@@ -190,9 +190,13 @@ def run(workers: int, args: argparse.Namespace) -> list[dict[str, object]]:
         try:
             wait_ready(h)
             time.sleep(1.5)
-            cpu0 = cpu_seconds(server.pid)
-            cap = capacity(g, args.clients, args.seconds)
-            cap_cpu = (cpu_seconds(server.pid) - cpu0) / args.seconds
+            # The best of two closed-loop runs: on a shared machine one run can be starved.
+            runs = []
+            for _ in range(2):
+                cpu0 = cpu_seconds(server.pid)
+                rate = capacity(g, args.clients, args.seconds)
+                runs.append((rate, (cpu_seconds(server.pid) - cpu0) / args.seconds))
+            cap, cap_cpu = max(runs)
             print(f"\n--workers {workers}: capacity {cap:.0f} checks/s (closed loop, {args.clients} clients x 32 "
                   f"outstanding), server using {cap_cpu:.2f} CPUs: {cap / max(cap_cpu, 1e-9):.0f} checks per CPU-second")
             print(f"{'load':>5} {'asked/s':>8} {'offered/s':>9} {'goodput/s':>9} {'of cap':>7} "
@@ -236,7 +240,8 @@ def main() -> None:
     p.add_argument("--json", action="store_true", help="also print the rows as JSON")
     p.add_argument("serve_args", nargs="*", help="extra `authz serve` flags (after --)")
     args = p.parse_args()
-    print(f"machine: {os.cpu_count()} CPUs; deadline {args.deadline}s; {args.seconds}s per load level")
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; deadline "
+          f"{args.deadline}s; {args.seconds}s per load level")
     rows = [row for w in args.workers for row in run(w, args)]
     if args.json:
         print(json.dumps(rows, indent=1))
