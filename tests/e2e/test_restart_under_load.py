@@ -32,15 +32,17 @@ class TwoAuthzEnvoy(EnvoyProcess):
             {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": p}}}}
             for p in self.authz_ports
         ]
+        # Two failed checks take an instance out (0.5 s, well inside its 2 s grace); one slow
+        # answer on a loaded machine does not. Should both ever look unhealthy, Envoy's panic
+        # mode sends to both, and a draining instance still answers during its grace.
         cluster["health_checks"] = [{
-            "timeout": "1s",
+            "timeout": "2s",
             "interval": HEALTH_INTERVAL,
             "no_traffic_interval": HEALTH_INTERVAL,
-            "unhealthy_threshold": 1,
+            "unhealthy_threshold": 2,
             "healthy_threshold": 1,
             "grpc_health_check": {"service_name": "envoy.service.auth.v3.Authorization"},
         }]
-        cluster["common_lb_config"] = {"healthy_panic_threshold": {"value": 0}}
         return doc
 
 
