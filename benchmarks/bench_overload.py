@@ -7,7 +7,9 @@ Prints numbers; asserts nothing (not a test). For each configuration a real `aut
 closed loop (a fixed number of calls always outstanding, no deadline); then open-loop load
 is offered at each multiple of it for --seconds, every call with the deadline Envoy would
 give it, and goodput is what came back decided (allowed or denied) before its deadline.
-Refusals (RESOURCE_EXHAUSTED) and expired calls are counted apart.
+Refusals (RESOURCE_EXHAUSTED) and expired calls are counted apart. With --breaker F the
+clients behave like Envoy with a circuit breaker on the authz cluster (max_requests = F x
+capacity x deadline): calls over it fail at once on the client, the server never sees them.
 
 The load comes from --clients processes (grpc's C core does the HTTP/2 work); they share
 the machine with the server, so on a small machine the offered rate that can really be
@@ -71,12 +73,16 @@ def _closed_loop(port: int, seconds: float, outstanding: int, out: mp.Queue) -> 
     out.put(done)
 
 
-def _open_loop(port: int, rate: float, seconds: float, deadline: float, out: mp.Queue) -> None:  # type: ignore[type-arg]
+def _open_loop(port: int, rate: float, seconds: float, deadline: float, limit: int,
+               out: mp.Queue) -> None:  # type: ignore[type-arg]
+    """``limit`` > 0: at most that many calls outstanding; the next ones fail at once, as
+    with an Envoy circuit breaker (max_requests) on the authz cluster."""
     import grpc
 
     counts: dict[str, int] = {}
     lock = threading.Lock()
     sent = 0
+    outstanding = [0]
     with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
         grpc.channel_ready_future(ch).result(timeout=10)
         call = ch.unary_unary(METHOD)
@@ -87,6 +93,7 @@ def _open_loop(port: int, rate: float, seconds: float, deadline: float, out: mp.
             key = "decided" if exc is None else exc.code().name  # type: ignore[union-attr]
             with lock:
                 counts[key] = counts.get(key, 0) + 1
+                outstanding[0] -= 1
 
         start = time.monotonic()
         interval = 1.0 / rate
@@ -96,6 +103,12 @@ def _open_loop(port: int, rate: float, seconds: float, deadline: float, out: mp.
                 break
             due = int((now - start) / interval) + 1
             while sent < due:  # catch up in bursts when the generator fell behind
+                with lock:
+                    if limit and outstanding[0] >= limit:
+                        counts["client_shed"] = counts.get("client_shed", 0) + 1
+                        sent += 1
+                        continue
+                    outstanding[0] += 1
                 f = call.future(REQUEST, timeout=deadline)
                 f.add_done_callback(finished)
                 pending.append(f)
@@ -121,9 +134,11 @@ def capacity(port: int, clients: int, seconds: float) -> float:
     return total / seconds
 
 
-def offer(port: int, rate: float, clients: int, seconds: float, deadline: float) -> dict[str, float]:
+def offer(port: int, rate: float, clients: int, seconds: float, deadline: float,
+          limit: int = 0) -> dict[str, float]:
     q: mp.Queue = mp.Queue()  # type: ignore[type-arg]
-    procs = [mp.Process(target=_open_loop, args=(port, rate / clients, seconds, deadline, q)) for _ in range(clients)]
+    procs = [mp.Process(target=_open_loop, args=(port, rate / clients, seconds, deadline, limit // clients, q))
+             for _ in range(clients)]
     for p in procs:
         p.start()
     results = [q.get(timeout=seconds + 60) for _ in procs]
@@ -204,24 +219,28 @@ def run(workers: int, args: argparse.Namespace) -> list[dict[str, object]]:
             for mult in args.multiples:
                 before = rejected(h)
                 cpu0 = cpu_seconds(server.pid)
-                r = offer(g, cap * mult, args.clients, args.seconds, args.deadline)
+                limit = int(cap * args.deadline * args.breaker) if args.breaker else 0
+                r = offer(g, cap * mult, args.clients, args.seconds, args.deadline, limit)
                 cpus = (cpu_seconds(server.pid) - cpu0) / float(r["seconds"])
                 after = rejected(h)
                 secs = float(r["seconds"])
                 good = float(r.get("decided", 0)) / secs
                 refused = r.get("RESOURCE_EXHAUSTED", 0)
                 expired = r.get("DEADLINE_EXCEEDED", 0)
-                other = float(r["sent"]) - float(r.get("decided", 0)) - refused - expired
+                other = float(r["sent"]) - float(r.get("decided", 0)) - refused - expired - r.get("client_shed", 0)
                 row = {"workers": workers, "multiple": mult, "capacity": round(cap), "asked": round(cap * mult),
                        "offered": round(float(r["sent"]) / secs), "goodput": round(good),
                        "goodput_of_capacity": round(good / cap, 3), "refused": int(refused),
                        "expired": int(expired), "other": int(other), "server_cpus": round(cpus, 2),
+                       "client_shed": int(r.get("client_shed", 0)),
                        "server_rejected": {k: after.get(k, 0) - before.get(k, 0) for k in after}}
                 rows.append(row)
                 print(f"{mult:>4}x {cap * mult:>8.0f} {float(r['sent']) / secs:>9.0f} {good:>9.0f} "
                       f"{good / cap:>6.0%} {int(refused):>8} {int(expired):>8} {int(other):>6} "
                       f"{cpus:>8.2f} {good / max(cpus, 1e-9):>10.0f}   "
-                      f"other: { {k: int(v) for k, v in r.items() if k not in ('sent', 'seconds', 'decided', 'RESOURCE_EXHAUSTED', 'DEADLINE_EXCEEDED')} } "
+                      f"other: { {k: int(v) for k, v in r.items() if k not in ('sent', 'seconds', 'decided', 'RESOURCE_EXHAUSTED', 'DEADLINE_EXCEEDED', 'client_shed')} } "
+                      + (f"client breaker shed {int(r.get('client_shed', 0))} " if args.breaker else "")
+                      + 
                       f"server dropped: { {k: int(v) for k, v in row['server_rejected'].items() if v} }")
                 time.sleep(1.0)
         finally:
@@ -237,6 +256,9 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=2, help="load generator processes")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--multiples", type=float, nargs="+", default=[0.5, 1, 2, 5])
+    p.add_argument("--breaker", type=float, default=0.0, metavar="F",
+                   help="emulate an Envoy circuit breaker on the client: at most F x capacity x "
+                        "deadline calls outstanding, the next ones failed at once (0: none)")
     p.add_argument("--json", action="store_true", help="also print the rows as JSON")
     p.add_argument("serve_args", nargs="*", help="extra `authz serve` flags (after --)")
     args = p.parse_args()
