@@ -42,7 +42,9 @@ from typing import IO, Any, NamedTuple, Protocol
 from authz.engine.model import Decision
 from authz.metrics import Metrics
 from authz.request import Request
-from authz.tls import client_context
+from authz.credentials import TokenFile, client_auth
+from authz.redact import redact_url
+from authz.tls import ClientTls, client_context
 
 log = logging.getLogger("authz.audit")
 
@@ -247,10 +249,13 @@ class HttpSink:
         rng: Callable[[], float] = random.random,
         name: str = "http",
         ssl_context: ssl.SSLContext | None = None,
+        tls: ClientTls | None = None,
+        token: TokenFile | None = None,
     ) -> None:
+        url, self._auth = client_auth(url, token)  # user info becomes Basic authentication
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"not an http(s) collector URL: {url!r}")
+            raise ValueError(f"not an http(s) collector URL: {redact_url(url)!r}")
         self.name = name
         self.max_batch = max(1, max_batch)
         self.max_delay = max(0.0, max_delay)
@@ -264,6 +269,7 @@ class HttpSink:
         self._port = parts.port
         self._target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         self._ssl = (ssl_context or client_context()) if self._https else None
+        self._tls = tls if ssl_context is None else None
         self._interrupt = threading.Event()
         self.uploads = 0  # batches the collector accepted
         self.failures = 0  # attempts that failed
@@ -297,8 +303,9 @@ class HttpSink:
     def _post(self, body: bytes) -> int:
         conn: http.client.HTTPConnection
         if self._https:
+            ctx = self._tls.context() if self._tls is not None else self._ssl
             conn = http.client.HTTPSConnection(self._host, self._port, timeout=self.timeout,
-                                               context=self._ssl)
+                                               context=ctx)
         else:
             conn = http.client.HTTPConnection(self._host, self._port, timeout=self.timeout)
         try:
@@ -306,6 +313,7 @@ class HttpSink:
                 "Content-Type": "application/json",
                 "Content-Encoding": "gzip",
                 "User-Agent": "authz-audit",
+                **self._auth.headers(),
             })
             resp = conn.getresponse()
             resp.read()
@@ -327,13 +335,14 @@ def stdout_sink() -> StreamSink:
 
 def sink_for(target: str, *, file_max_bytes: int = 100 * 1024 * 1024, file_backups: int = 5,
              http_max_batch: int = 500, http_max_delay: float = 1.0,
-             ssl_context: ssl.SSLContext | None = None) -> Sink:
+             ssl_context: ssl.SSLContext | None = None, tls: ClientTls | None = None,
+             token: TokenFile | None = None) -> Sink:
     """``-`` is stdout, ``http(s)://...`` a collector, anything else a file path."""
     if target == "-":
         return stdout_sink()
     if target.startswith(("http://", "https://")):
         return HttpSink(target, max_batch=http_max_batch, max_delay=http_max_delay,
-                        ssl_context=ssl_context)
+                        ssl_context=ssl_context, tls=tls, token=token)
     return FileSink(Path(target), max_bytes=file_max_bytes, backups=file_backups)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from google.protobuf import json_format
 
-from authz import http_authz, istio_import, limits, lint, testing
+from authz import http_authz, istio_import, limits, lint, testing, tls_server
 from authz.audit import AuditLog, Sink, check_header_allowlist, sink_for
 from authz.bundle import runtime as bundle_runtime
 from authz.bundle.loader import BundleError
@@ -26,7 +26,8 @@ from authz.engine.explain import Explainer, summary
 from authz.example import EXIT_USAGE, example_bundle
 from authz.metrics import Metrics
 from authz.request import CheckRequest
-from authz.tls import client_context
+from authz.credentials import TokenFile
+from authz.tls import ClientTls
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,6 +64,16 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--ca-file", type=Path, metavar="PEM",
                        help="CA certificates trusted for https:// bundle servers and audit "
                             "collectors (default: the system's)")
+    serve.add_argument("--client-cert", type=Path, metavar="PEM",
+                       help="client certificate presented to https:// bundle servers and audit "
+                            "collectors (mTLS; re-read when it changes)")
+    serve.add_argument("--client-key", type=Path, metavar="PEM", help="the private key of --client-cert")
+    serve.add_argument("--audit-token-file", type=Path, metavar="FILE",
+                       help="send the token in FILE as 'Authorization: Bearer' to http(s):// "
+                            "audit collectors (re-read when it changes)")
+    serve.add_argument("--status-show-paths", action="store_true",
+                       help="show file system paths in /readyz and /v1/status (hidden by default)")
+    tls_server.add_arguments(serve)
     serve.add_argument("--workers", type=_workers, default=1, metavar="N",
                        help="worker processes sharing the ports (default 1); one process uses "
                             "about one core")
@@ -87,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("directory", type=Path, help="bundle directory")
     build.add_argument("-o", "--output", type=Path, required=True, metavar="FILE.tar.gz")
     build.add_argument("--signing-key", type=Path, metavar="KEY", help="Ed25519 private key (PEM) to sign the manifest")
+    build.add_argument("--serial", type=int, metavar="N",
+                       help="the manifest serial, which must grow from one bundle to the next "
+                            "(default: the build time in Unix seconds)")
     istio_import.add_arguments(sub.add_parser(
         "import-istio", help="convert Istio AuthorizationPolicy resources into a bundle directory"))
 
@@ -104,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "lint":
         return lint.cli(args)
     if args.command == "build":
-        return bundle_runtime.build(args.directory, args.output, args.signing_key)
+        return bundle_runtime.build(args.directory, args.output, args.signing_key, args.serial)
     if args.command == "schema":
         print(json.dumps(BUNDLE_SCHEMA, indent=2))
         return 0
@@ -118,12 +132,14 @@ def _serve(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     metrics = Metrics(tenant_label=args.metrics_tenant_label)
     try:
-        audit = _audit_log(args, metrics)
-    except (OSError, ValueError) as exc:
+        listener_tls = tls_server.from_args(args, metrics)
+        client_tls = ClientTls(args.ca_file, args.client_cert, args.client_key, metrics)
+        audit = _audit_log(args, metrics, client_tls)
+    except (OSError, ValueError) as exc:  # bad TLS or credential files are ValueErrors
         print(f"authz serve: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        store, reloader = bundle_runtime.open_bundles(args, metrics, example_bundle())
+        store, reloader = bundle_runtime.open_bundles(args, metrics, example_bundle(), client_tls)
     except SystemExit:
         audit.close()
         return EXIT_USAGE
@@ -144,7 +160,8 @@ def _serve(args: argparse.Namespace) -> int:
         asyncio.run(serve(checker, store, metrics, args.grpc_addr, args.http_addr,
                           options=limits.serve_limits(args), on_reload=reloader.trigger,
                           worker=args.worker_index, http_authz=http_authz_server,
-                          on_started=lambda: _start(reloader, first_load)))
+                          on_started=lambda: _start(reloader, first_load), tls=listener_tls,
+                          hidden=None if args.status_show_paths else _hidden_paths(args)))
     except OSError as exc:
         print(f"authz: {exc}", file=sys.stderr)
         return 1
@@ -226,16 +243,33 @@ def _sample_rate(text: str) -> float:
     return rate
 
 
-def _audit_log(args: argparse.Namespace, metrics: Metrics) -> AuditLog:
+def _hidden_paths(args: argparse.Namespace) -> dict[str, str]:
+    """The configured paths that /readyz and /v1/status show only by label."""
+    hidden: dict[str, str] = {}
+    bundle = str(args.bundle or example_bundle())
+    if not bundle.startswith(("http://", "https://")):
+        hidden[bundle] = "<bundle>"
+        hidden[str(Path(bundle).resolve())] = "<bundle>"
+    if args.persist is not None:
+        hidden[str(args.persist)] = "<persist dir>"
+        hidden[str(Path(args.persist).resolve())] = "<persist dir>"
+    return hidden
+
+
+def _audit_log(args: argparse.Namespace, metrics: Metrics, tls: ClientTls) -> AuditLog:
     """The sinks of --audit-log (stdout by default) behind one AuditLog; see docs/audit.md."""
     header_allowlist = check_header_allowlist(args.audit_header)  # refuses credential headers
     sinks: list[Sink] = []
-    tls = client_context(args.ca_file)
+    token = None
+    if args.audit_token_file is not None:
+        if not any(t.startswith(("http://", "https://")) for t in args.audit_log or []):
+            raise ValueError("--audit-token-file is for http(s):// audit collectors (--audit-log URL)")
+        token = TokenFile(args.audit_token_file, "--audit-token-file")
     for target in args.audit_log or ["-"]:
         if args.worker_index is not None and target != "-" and not target.startswith(("http://", "https://")):
             target = f"{target}.w{args.worker_index}"  # one file per worker: each rotates its own
         sinks.append(sink_for(target, file_max_bytes=args.audit_file_max_bytes,
-                              file_backups=args.audit_file_backups, ssl_context=tls))
+                              file_backups=args.audit_file_backups, tls=tls, token=token))
     return AuditLog(sinks, metrics, queue_size=args.audit_queue_size,
                     sink_queue_size=args.audit_queue_size, queue_bytes=args.audit_queue_bytes,
                     sink_queue_bytes=args.audit_queue_bytes, header_allowlist=header_allowlist,

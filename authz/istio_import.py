@@ -51,6 +51,7 @@ from typing import Any, Literal
 
 import yaml
 
+from authz import paths
 from authz.bundle.schema import Problem
 from authz.bundle.yamlpos import Document, Position, YamlError, load_documents
 from authz.spiffe import SCHEME
@@ -818,8 +819,9 @@ class _Converter:
                 self.error(res, path, f"path template {value!r}: segment {s!r} holds characters Envoy's URI "
                            "template matcher rejects (only RFC 3986 path characters without '*')")
                 return None
-        # The bundle's {**} must end the template; Envoy's may be followed by literal segments.
-        return "native" if "{**}" not in segments or segments[-1] == "{**}" else "cel"
+        # The bundle's templates are Envoy's: literal segments may follow {**}.
+        del segments
+        return "native"
 
     # -- conditions -------------------------------------------------------------------------
 
@@ -893,7 +895,7 @@ def _source_order(key: str) -> int:
 
 def _template_regex(value: str) -> str:
     """RE2 for an Istio {*}/{**} template as Envoy's URI template matcher builds it."""
-    one, rest = f"[{_ENVOY_PCHAR}]+", f"[{_ENVOY_PCHAR}/]*"
+    one, rest = f"[{paths.SEGMENT_CHARS}]+", f"[{paths.SEGMENT_CHARS}/]*"
     return "^" + "/".join({"{*}": one, "{**}": rest}.get(s, re.escape(s)) for s in value.split("/")) + "$"
 
 

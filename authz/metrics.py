@@ -102,6 +102,36 @@ class Metrics:
             "authz_audit_queued_bytes", "Bytes of audit records waiting for a sink.", ["sink"],
             registry=r, multiprocess_mode="livesum",
         )
+        # TLS (authz/certs.py): label use = grpc, http (our listeners) or client (outbound).
+        self.tls_cert_expiry = Gauge(
+            "authz_tls_cert_expiry_timestamp_seconds",
+            "When the certificate in use expires (Unix seconds), by use.",
+            ["use"], registry=r, multiprocess_mode="livemin",
+        )
+        self.tls_ca_expiry = Gauge(
+            "authz_tls_ca_expiry_timestamp_seconds",
+            "When the first certificate of the CA bundle in use expires (Unix seconds), by use.",
+            ["use"], registry=r, multiprocess_mode="livemin",
+        )
+        self.tls_rotations = Counter(
+            "authz_tls_rotations", "Certificates rotated from changed files, by use.", ["use"],
+            registry=r,
+        )
+        self.tls_rotation_failures = Counter(
+            "authz_tls_rotation_failures",
+            "Changed certificate files that could not serve (the old ones kept serving), by use.",
+            ["use"], registry=r,
+        )
+        self.tls_rotation_failing = Gauge(
+            "authz_tls_rotation_failing",
+            "1 while the certificate files on disk cannot serve and older ones do, by use.",
+            ["use"], registry=r, multiprocess_mode="livemax",
+        )
+        self.callers_refused = Counter(
+            "authz_callers_refused",
+            "gRPC calls refused before any decision (PERMISSION_DENIED), by reason.",
+            ["reason"], registry=r,
+        )
         # Series that alerts and dashboards use exist from the start, at 0.
         for result in ("loaded", "rejected", "unchanged", "error"):
             self.bundle_loads.labels(result)

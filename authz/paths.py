@@ -209,9 +209,11 @@ def _readings(forwarded: str) -> tuple[str, ...]:
 _VAR = re.compile(r"\{([^{}]*)\}")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Envoy's URI template matcher (envoy.path.match.uri_template): a segment is one or more
-# pchars without '=' and '*'; '{**}' is any run of them and '/' (possibly empty).
-_SEGMENT = r"[A-Za-z0-9\-._~%!$&'()+,;:@]+"
-_REST = r"[A-Za-z0-9\-._~%!$&'()+,;:@/]*"
+# RFC 3986 pchars (unreserved, %XX, sub-delims, ':' and '@'; measured against Envoy 1.40:
+# '*' and '=' match too, '[' and ']' do not); '{**}' is any run of them and '/', possibly empty.
+SEGMENT_CHARS = r"A-Za-z0-9\-._~%!$&'()*+,;=:@"
+_SEGMENT = f"[{SEGMENT_CHARS}]+"
+_REST = f"[{SEGMENT_CHARS}/]*"
 
 
 class TemplateError(ValueError):
@@ -223,8 +225,8 @@ class PathTemplate:
     """``/v1/tenants/{tenant}/orders/{**}`` compiled to one anchored regex.
 
     ``{*}`` and ``{name}`` match exactly one non-empty segment of URI path characters,
-    ``{**}`` the rest of the path (zero or more segments, trailing '/' included) and must
-    come last, as in Envoy's URI template matcher that Istio generates. Literal text
+    ``{**}`` any run of segments (zero or more, '/' included) and may only be followed by
+    literal text, as in Envoy's URI template matcher that Istio generates. Literal text
     matches itself.
     """
 
@@ -257,8 +259,8 @@ def compile_template(pattern: str, decode: bool = False) -> PathTemplate:
         literal = pattern[pos:m.start()]
         if "{" in literal or "}" in literal:
             raise TemplateError("unbalanced '{' or '}'")
-        if seen_rest and (literal or m.start() != len(pattern)):
-            raise TemplateError("'{**}' must be the last part of a template")
+        if seen_rest:
+            raise TemplateError("no operator may follow '{**}'")
         parts.append(re.escape(literal))
         name = m.group(1)
         if not literal.endswith("/") or (m.end() < len(pattern) and pattern[m.end()] != "/"):
@@ -281,7 +283,5 @@ def compile_template(pattern: str, decode: bool = False) -> PathTemplate:
     tail = pattern[pos:]
     if "{" in tail or "}" in tail:
         raise TemplateError("unbalanced '{' or '}'")
-    if seen_rest and tail:
-        raise TemplateError("'{**}' must be the last part of a template")
     parts.append(re.escape(tail))
     return PathTemplate(pattern, re.compile("".join(parts) + r"\Z"), tuple(captures))

@@ -115,7 +115,7 @@ def from_check_request(
         destination_port=dst_sock.port_value,
         context_extensions=dict(attrs.context_extensions),
         raw_path=http.path,
-        sni=attrs.tls_session.sni,
+        sni=attrs.tls_session.sni.lower(),  # Envoy's RBAC sees the server name lower-cased
         path_readings=normalized.readings,
     )
 

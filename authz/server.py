@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
@@ -24,6 +24,8 @@ from authz.check import Checker
 from authz.http_authz import HttpAuthzServer
 from authz.limits import ServeLimits
 from authz.metrics import CONTENT_TYPE, Metrics
+from authz.redact import hide_paths
+from authz.tls_server import ServerTls, grpc_credentials, handshake_error, http_ssl_context
 
 log = logging.getLogger("authz.server")
 
@@ -64,9 +66,12 @@ class ProbeServer:
     """
 
     def __init__(self, addr: str, store: BundleStore, metrics: Metrics, worker: int | None = None,
-                 checker: Checker | None = None, *, pool_size: int = 8, backlog: int = 64,
+                 checker: Checker | None = None, tls: ServerTls | None = None,
+                 hidden: Mapping[str, str] | None = None, *, pool_size: int = 8, backlog: int = 64,
                  idle_timeout: float = 10.0) -> None:
+        """``hidden`` maps file system paths to the labels /readyz and /v1/status show instead."""
         store_ref, metrics_ref = store, metrics
+        hide = dict(hidden or {})
         self.draining = False
         probe = self
 
@@ -96,17 +101,24 @@ class ProbeServer:
                     self._send(200, b"ok\n", "text/plain")
                 elif path == "/readyz":
                     st = store_ref.status()
+                    expired = tls.expired() if tls is not None else []
                     if probe.draining:
                         self._send(503, b"not ready: shutting down\n", "text/plain")
+                    elif expired:
+                        self._send(503, f"not ready: the {' and '.join(expired)} serving "
+                                   "certificate has expired\n".encode(), "text/plain")
                     elif st.revision is not None:
                         note = f" (persisted copy: {st.persisted_reason})" if st.serving_persisted else ""
-                        self._send(200, f"ready: revision {st.revision}{note}\n".encode(), "text/plain")
+                        self._send(200, hide_paths(f"ready: revision {st.revision}{note}\n", hide)
+                                   .encode(), "text/plain")
                     else:
-                        reason = st.last_error or "no bundle loaded yet"
+                        reason = hide_paths(st.last_error or "no bundle loaded yet", hide)
                         self._send(503, f"not ready: {reason}\n".encode(), "text/plain")
                 elif path == "/v1/status":
                     st = store_ref.status()
-                    doc = st.as_dict()
+                    doc = hide_paths(st.as_dict(), hide)
+                    if tls is not None:
+                        doc["tls"] = tls.status()
                     if worker is not None:
                         doc["worker"] = {"index": worker, "pid": os.getpid()}
                     body = json.dumps(doc).encode()
@@ -127,6 +139,11 @@ class ProbeServer:
         host, port = split_addr(addr)
         self.httpd = _PooledHTTPServer((host, port), Handler, pool_size=pool_size, backlog=backlog,
                                        reuse_port=worker is not None)
+        if tls is not None and tls.http is not None:
+            # The handshake runs in the pool's thread, on first read, not in accept().
+            self.httpd.socket = http_ssl_context(tls.http).wrap_socket(
+                self.httpd.socket, server_side=True, do_handshake_on_connect=False)
+            self.httpd.handle_error = handshake_error  # type: ignore[method-assign]
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="authz-http", daemon=True)
 
     def start(self) -> None:
@@ -183,7 +200,8 @@ async def serve(
     checker: Checker, store: BundleStore, metrics: Metrics, grpc_addr: str, http_addr: str,
     options: ServeLimits = ServeLimits(), on_reload: Callable[[], None] | None = None,
     worker: int | None = None, on_started: Callable[[], None] | None = None,
-    http_authz: HttpAuthzServer | None = None,
+    http_authz: HttpAuthzServer | None = None, tls: ServerTls | None = None,
+    hidden: Mapping[str, str] | None = None,
 ) -> None:
     """Serve until SIGTERM, then drain (docs/operations.md): health NOT_SERVING at once, checks
     answered for ``drain_grace`` seconds while load balancers take this endpoint out, then new
@@ -192,19 +210,23 @@ async def serve(
     ``worker`` is this process's index under ``--workers``: only then is the port shared with
     sibling processes. ``on_started`` runs once the ports are open (the first bundle load
     starts then, so /healthz answers while it is in flight)."""
-    server = grpc.aio.server(options=grpc_options(options, worker))
+    server = grpc.aio.server(options=grpc_options(options, worker),
+                             interceptors=tls.interceptors(metrics) if tls is not None else None)
     gate = CheckGate(CHECK_METHOD, checker.check_bytes, metrics,
                      max_concurrent=options.max_concurrent_checks, stall_seconds=options.stall_seconds)
     server.add_generic_rpc_handlers((gate, decision_api.decision_handler(checker)))
     health = health_async.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     try:
-        bound = server.add_insecure_port(grpc_addr)
+        if tls is not None and tls.grpc is not None:
+            bound = server.add_secure_port(grpc_addr, grpc_credentials(tls.grpc, tls.require_client_cert))
+        else:
+            bound = server.add_insecure_port(grpc_addr)
     except RuntimeError:  # grpcio raises where it used to return 0
         bound = 0
     if bound == 0:
         raise OSError(f"cannot bind gRPC address {grpc_addr} (in use by another process?)")
-    probes = ProbeServer(http_addr, store, metrics, worker, checker)
+    probes = ProbeServer(http_addr, store, metrics, worker, checker, tls, hidden)
     serving = health_pb2.HealthCheckResponse.SERVING
     not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
     loop = asyncio.get_running_loop()
@@ -224,6 +246,8 @@ async def serve(
     if http_authz is not None:
         await http_authz.start()
         log.info("HTTP ext_authz listening on %s", http_authz.addr)
+    if tls is not None:
+        tls.start()
     log.info("authz listening: gRPC %s, HTTP %s", grpc_addr, http_addr)
 
     stop = asyncio.Event()
@@ -251,3 +275,5 @@ async def serve(
     if http_authz is not None:
         await http_authz.stop()
     probes.stop()
+    if tls is not None:
+        tls.stop()

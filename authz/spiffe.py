@@ -62,6 +62,19 @@ def parse(value: str) -> SpiffeId | None:
     return SpiffeId(td, sep + path)
 
 
+def _prefix_match(a: str, pattern: str) -> bool:
+    return pattern.endswith("*") and a.startswith(pattern[:-1])
+
+
+def _suffix_match(a: str, pattern: str) -> bool:
+    return pattern.startswith("*") and a.endswith(pattern[1:])
+
+
+def _td_match(a: str, b: str) -> bool:
+    """istiod's trust-domain stringMatch: equal, or either side a prefix or suffix pattern of the other."""
+    return a == b or _prefix_match(a, b) or _prefix_match(b, a) or _suffix_match(a, b) or _suffix_match(b, a)
+
+
 def trust_domain_of(principal: str) -> str:
     """The trust-domain part of a principal, or '' when it is not a SPIFFE URI."""
     if not principal.startswith(SCHEME):
@@ -104,20 +117,22 @@ class TrustDomains:
     def expand_principal(self, value: str) -> list[str]:
         """istiod's ReplaceTrustDomainAliases for one policy principal (scheme removed).
 
-        Only a 5-part ``td/ns/x/sa/y`` with a trust domain other than ``*`` is expanded, and
-        only when that trust domain is the bundle's, an alias or ``cluster.local``; anything
-        else (a wildcard trust domain such as ``*-td``, a foreign one) is kept as written.
+        Only a 5-part ``td/ns/x/sa/y`` whose trust domain is not ``*`` is expanded, and only
+        when that trust domain matches the bundle's or an alias (either side may be a
+        ``prefix*`` / ``*suffix`` pattern) or is ``cluster.local``. Each trust domain of the
+        bundle then gets the principal with its own name, except one that a ``*suffix``
+        trust domain already covers: there the principal stays as written.
         """
         value = strip_scheme(value)
         parts = value.split("/")
         if len(parts) != 5 or parts[0] == "*":
             return [value]
         td = parts[0]
-        if not (self.known(td) or td == LOCAL_POINTER):
+        if not (td == LOCAL_POINTER or any(_td_match(td, d) for d in self.all)):
             return [value]
         out: list[str] = []
         for domain in self.all:
-            candidate = "/".join([domain, *parts[1:]])
+            candidate = value if _suffix_match(domain, td) else "/".join([domain, *parts[1:]])
             if candidate not in out:
                 out.append(candidate)
         return out

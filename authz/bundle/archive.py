@@ -8,12 +8,14 @@ meanwhile.
 A bundle archive (``authz build``) is a gzip-compressed tar with the bundle's files and
 
     MANIFEST.json   {"apiVersion": "authz/v1", "kind": "BundleManifest", "name", "revision",
-                     "files": {"<path>": {"sha256": "<hex>", "size": <bytes>}, ...}}
+                     "serial": <int>, "files": {"<path>": {"sha256": "<hex>", "size": <bytes>}}}
     MANIFEST.sig    base64 Ed25519 signature of MANIFEST.json's exact bytes (when signed)
 
 When a snapshot carries a manifest, every file must be listed with its digest and every
 listed file must be present; with a verification key the signature must verify as well,
-and a bundle without one is refused. Hidden paths (a part starting with '.') are never
+and a bundle without one is refused. ``serial`` (written by `authz build`, the build time in
+Unix seconds unless ``--serial`` says otherwise) only ever grows: being inside the signed
+manifest, it lets the server refuse an older signed bundle replayed to it (rollback). Hidden paths (a part starting with '.') are never
 part of a snapshot, as the loader ignores them too.
 """
 
@@ -194,7 +196,9 @@ def pack(files: Mapping[str, bytes]) -> bytes:
 # --- manifest ------------------------------------------------------------------------
 
 
-def make_manifest(files: Mapping[str, bytes], name: str, revision: str) -> bytes:
+def make_manifest(
+    files: Mapping[str, bytes], name: str, revision: str, serial: int | None = None
+) -> bytes:
     listed = {
         path: {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
         for path, data in sorted(files.items())
@@ -205,6 +209,7 @@ def make_manifest(files: Mapping[str, bytes], name: str, revision: str) -> bytes
         "kind": "BundleManifest",
         "name": name,
         "revision": revision,
+        **({"serial": serial} if serial is not None else {}),
         "files": listed,
     }
     return (json.dumps(doc, indent=2, sort_keys=False) + "\n").encode()
@@ -215,10 +220,11 @@ def build_archive(
     name: str,
     revision: str,
     signing_key: Ed25519PrivateKey | None = None,
+    serial: int | None = None,
 ) -> bytes:
     """The archive `authz build` writes: the files, MANIFEST.json and, with a key, MANIFEST.sig."""
     content = {k: v for k, v in files.items() if k not in META_FILES}
-    manifest = make_manifest(content, name, revision)
+    manifest = make_manifest(content, name, revision, serial)
     content[MANIFEST_JSON] = manifest
     if signing_key is not None:
         content[MANIFEST_SIG] = signing.sign(manifest, signing_key)
@@ -284,6 +290,24 @@ def verify(snap: Snapshot, key: Ed25519PublicKey | None) -> dict[str, Any] | Non
     if problems:
         raise BundleError(problems, revision)
     return dict(manifest)
+
+
+def manifest_serial(snap: Snapshot) -> int | None:
+    """The manifest's ``serial``, None when there is none; BundleError when it is not a whole
+    number. Trust it only once the signature verified (``verify``)."""
+    data = snap.files.get(MANIFEST_JSON)
+    if data is None:
+        return None
+    try:
+        manifest = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None  # verify() reports it with its position
+    serial = manifest.get("serial") if isinstance(manifest, dict) else None
+    if serial is None:
+        return None
+    if isinstance(serial, bool) or not isinstance(serial, int) or serial < 0:
+        raise reject(MANIFEST_JSON, f"serial must be a whole number from 0, not {serial!r}")
+    return serial
 
 
 # --- on disk ---------------------------------------------------------------------------

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import time
 from pathlib import Path
 
 from authz.bundle import archive, signing
@@ -21,7 +23,8 @@ from authz.bundle.sources import PollPolicy, SourceUnavailable, open_source, rea
 from authz.bundle.store import BundleStore, check_candidate
 from authz.bundle.watcher import Reloader
 from authz.metrics import Metrics
-from authz.tls import client_context
+from authz.credentials import TokenFile
+from authz.tls import ClientTls
 
 log = logging.getLogger("authz")
 
@@ -78,6 +81,24 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="bundle server: timeout of one download (default 10)",
     )
     g.add_argument(
+        "--bundle-token-file",
+        type=Path,
+        metavar="FILE",
+        help="bundle server: send the token in FILE as 'Authorization: Bearer' "
+        "(re-read when it changes)",
+    )
+    g.add_argument(
+        "--allow-redirects",
+        action="store_true",
+        help="bundle server: follow redirects (only to the same scheme, host and port)",
+    )
+    g.add_argument(
+        "--allow-rollback",
+        action="store_true",
+        help="accept a signed bundle whose manifest serial is older than the serving or "
+        "persisted one (refused by default)",
+    )
+    g.add_argument(
         "--bundle-max-bytes",
         type=int,
         default=archive.DEFAULT_MAX_BYTES,
@@ -87,7 +108,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def open_bundles(
-    args: argparse.Namespace, metrics: Metrics, default: Path
+    args: argparse.Namespace, metrics: Metrics, default: Path, tls: ClientTls | None = None
 ) -> tuple[BundleStore, Reloader]:
     """The empty store and the reloader, not started. SystemExit(2) on bad flags."""
     key = None
@@ -105,7 +126,20 @@ def open_bundles(
             backoff_max=args.poll_backoff_max,
             timeout=args.poll_timeout,
         )
-        source = open_source(args.bundle or default, limits, policy, client_context(args.ca_file))
+        spec = str(args.bundle or default)
+        token = None
+        if args.bundle_token_file is not None:
+            if not spec.startswith(("http://", "https://")):
+                raise ValueError("--bundle-token-file is for a bundle server URL (--bundle http(s)://)")
+            token = TokenFile(args.bundle_token_file, "--bundle-token-file")
+        source = open_source(
+            spec,
+            limits,
+            policy,
+            tls=tls if tls is not None else ClientTls(args.ca_file),
+            token=token,
+            allow_redirects=args.allow_redirects,
+        )
     except ValueError as exc:
         print(f"authz serve: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -115,6 +149,7 @@ def open_bundles(
         persist_dir=args.persist,
         limits=limits,
         source=source.description,
+        allow_rollback=args.allow_rollback,
     )
     return store, Reloader(store, source, interval=args.watch_interval)
 
@@ -135,8 +170,15 @@ def first_load(store: BundleStore, reloader: Reloader, persist: Path | None) -> 
         print(message, file=sys.stderr)
 
 
-def build(directory: Path, output: Path, signing_key: Path | None) -> int:
-    """`authz build DIR -o FILE.tar.gz [--signing-key KEY]`: 0 written, 2 bundle or key error."""
+def default_serial() -> int:
+    """The build time in Unix seconds (SOURCE_DATE_EPOCH when set, for reproducible builds)."""
+    return int(os.environ.get("SOURCE_DATE_EPOCH") or time.time())
+
+
+def build(
+    directory: Path, output: Path, signing_key: Path | None, serial: int | None = None
+) -> int:
+    """`authz build DIR -o FILE.tar.gz [--signing-key KEY] [--serial N]`: 0 written, 2 error."""
     key = None
     if signing_key is not None:
         try:
@@ -154,7 +196,8 @@ def build(directory: Path, output: Path, signing_key: Path | None) -> int:
     except BundleError as exc:
         print(str(exc), file=sys.stderr)
         return 2
-    data = archive.build_archive(files, policy_set.name, policy_set.revision, key)
+    serial = default_serial() if serial is None else serial
+    data = archive.build_archive(files, policy_set.name, policy_set.revision, key, serial)
     try:
         archive.write_atomic(output, data)
     except OSError as exc:
@@ -162,6 +205,6 @@ def build(directory: Path, output: Path, signing_key: Path | None) -> int:
         return 2
     print(
         f"{output}: bundle {policy_set.name} revision {policy_set.revision}, {len(files)} files, "
-        f"{len(data)} bytes, {'signed' if key is not None else 'unsigned'}"
+        f"{len(data)} bytes, serial {serial}, {'signed' if key is not None else 'unsigned'}"
     )
     return 0

@@ -27,16 +27,20 @@ import ssl
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import urllib.response
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
 from email.message import Message
+from http.client import HTTPMessage
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from authz.bundle.archive import DEFAULT_LIMITS, Limits, Snapshot, reject, unpack
-from authz.tls import client_context
+from authz.credentials import TokenFile, client_auth
+from authz.redact import redact_url
+from authz.tls import ClientTls, client_context
 
 CONFIGMAP_DATA = "..data"
 
@@ -224,8 +228,40 @@ class PollPolicy:
     timeout: float = 10.0
 
 
+class RedirectRefused(urllib.error.URLError):
+    """A redirect the fetch policy does not follow."""
+
+
+class _RedirectPolicy(urllib.request.HTTPRedirectHandler):
+    """No redirects unless allowed; allowed ones only to the same scheme, host and port, so an
+    https:// bundle URL never downgrades and credentials never go to another server."""
+
+    max_redirections = 5
+
+    def __init__(self, allow: bool) -> None:
+        self.allow = allow
+
+    def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str,
+                         headers: HTTPMessage, newurl: str) -> urllib.request.Request | None:
+        old = urllib.parse.urlsplit(req.full_url)
+        new = urllib.parse.urlsplit(urllib.parse.urljoin(req.full_url, newurl))
+        where = f"bundle server redirected (HTTP {code}) {redact_url(req.full_url)} to {redact_url(newurl)}"
+        if not self.allow:
+            raise RedirectRefused(f"{where}: redirects are not followed without --allow-redirects")
+        if new.scheme != old.scheme:
+            raise RedirectRefused(f"{where}: refused, a redirect never changes the scheme "
+                                  f"({old.scheme} to {new.scheme})")
+        if (new.hostname, new.port) != (old.hostname, old.port) or "@" in new.netloc:
+            raise RedirectRefused(f"{where}: refused, a redirect never leaves the host")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
 class HttpSource:
-    """Polls a bundle server; the body is a bundle archive (what `authz build` writes)."""
+    """Polls a bundle server; the body is a bundle archive (what `authz build` writes).
+
+    ``tls`` gives the client context per fetch (a rotated client certificate is used from
+    the next poll); ``token`` or user info in the URL authenticate; ``description``, used in
+    every message, is the URL without credentials."""
 
     polled = True
 
@@ -236,21 +272,39 @@ class HttpSource:
         policy: PollPolicy = PollPolicy(),
         rng: random.Random | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        *,
+        tls: ClientTls | None = None,
+        token: TokenFile | None = None,
+        allow_redirects: bool = False,
     ) -> None:
         if policy.min_delay <= 0 or policy.max_delay < policy.min_delay:
             raise ValueError("poll delays must satisfy 0 < min <= max")
-        self.url = url
-        self.description = url
+        self.url, self.auth = client_auth(url, token)
+        self.description = redact_url(url)  # '***@' says user info is in use
         self.limits = limits
         self.policy = policy
         self.etag: str | None = None
         self.failures = 0
         self._rng = rng or random.Random()
+        self._tls = tls
+        self._redirects = allow_redirects
         self._watch = _Watchdog()
-        self._opener = urllib.request.build_opener(
+        self._ssl = ssl_context or (tls.context() if tls is not None else client_context())
+        self._opener = self._build_opener(self._ssl)
+
+    def _build_opener(self, ctx: ssl.SSLContext) -> urllib.request.OpenerDirector:
+        return urllib.request.build_opener(
             _WatchedHTTPHandler(self._watch),
-            _WatchedHTTPSHandler(self._watch, context=ssl_context or client_context()),
+            _WatchedHTTPSHandler(self._watch, context=ctx),
+            _RedirectPolicy(self._redirects),
         )
+
+    def _current_opener(self) -> urllib.request.OpenerDirector:
+        if self._tls is not None:
+            ctx = self._tls.context()
+            if ctx is not self._ssl:
+                self._ssl, self._opener = ctx, self._build_opener(ctx)
+        return self._opener
 
     def fetch(self, force: bool = False) -> Snapshot | None:
         headers = {
@@ -259,16 +313,20 @@ class HttpSource:
         }
         if self.etag and not force:
             headers["If-None-Match"] = self.etag
-        req = urllib.request.Request(self.url, headers=headers)
         deadline = time.monotonic() + self.policy.timeout
         # The socket timeout bounds each read; the watchdog bounds the whole download (a
         # server dripping a byte a second never trips the first).
         with self._watch.armed(self.policy.timeout):
-            return self._fetch(req, deadline)
+            return self._fetch(headers, deadline)
 
-    def _fetch(self, req: urllib.request.Request, deadline: float) -> Snapshot | None:
+    def _fetch(self, headers: dict[str, str], deadline: float) -> Snapshot | None:
         try:
-            resp = self._opener.open(req, timeout=self.policy.timeout)
+            headers.update(self.auth.headers())
+            req = urllib.request.Request(self.url, headers=headers)
+            resp = self._current_opener().open(req, timeout=self.policy.timeout)
+        except RedirectRefused as exc:
+            self.failures += 1
+            raise SourceUnavailable(str(exc.reason)) from None
         except urllib.error.HTTPError as exc:
             exc.close()
             if exc.code == 304:
@@ -276,14 +334,14 @@ class HttpSource:
                 return None
             self.failures += 1
             raise SourceUnavailable(
-                f"bundle server answered HTTP {exc.code} for {self.url}"
+                f"bundle server answered HTTP {exc.code} for {self.description}"
             ) from None
         except (OSError, ValueError, http.client.HTTPException) as exc:
             self.failures += 1
             if self._watch.fired:
                 raise SourceUnavailable(self._too_slow()) from None
             reason = getattr(exc, "reason", exc)
-            raise SourceUnavailable(f"bundle server {self.url} unreachable: {reason}") from None
+            raise SourceUnavailable(f"bundle server {self.description} unreachable: {reason}") from None
         try:
             with resp:
                 if resp.status == 304:
@@ -298,7 +356,7 @@ class HttpSource:
         # Remember the ETag even if the gate rejects this body: the same bytes would be
         # rejected again, so there is no point downloading them at every poll.
         self.etag = etag
-        return unpack(data, self.url, self.limits)
+        return unpack(data, self.description, self.limits)
 
     def _read_body(self, resp: urllib.response.addinfourl, deadline: float) -> bytes:
         limit = self.limits.max_bytes
@@ -306,7 +364,7 @@ class HttpSource:
         if length is not None and length.isdigit() and int(length) > limit:
             self.etag = _etag(resp.headers)
             raise reject(
-                _name(self.url), f"bundle is {length} bytes, over the size limit of {limit}"
+                _name(self.description), f"bundle is {length} bytes, over the size limit of {limit}"
             )
         chunks: list[bytes] = []
         total = 0
@@ -321,21 +379,22 @@ class HttpSource:
                 total += len(chunk)
                 if total > limit:
                     self.etag = _etag(resp.headers)
-                    raise reject(_name(self.url), f"bundle is over the size limit of {limit} bytes")
+                    raise reject(_name(self.description), f"bundle is over the size limit of {limit} bytes")
         except (OSError, ValueError, http.client.HTTPException) as exc:
             if self._watch.fired:
                 raise SourceUnavailable(self._too_slow()) from None
-            raise SourceUnavailable(f"bundle download from {self.url} failed: {exc}") from None
+            raise SourceUnavailable(f"bundle download from {self.description} failed: {exc}") from None
         if self._watch.fired:  # the shut-down socket reads as a clean end of the body
             raise SourceUnavailable(self._too_slow())
         if length is not None and length.isdigit() and total < int(length):
             raise SourceUnavailable(
-                f"bundle download from {self.url} ended after {total} of {length} bytes"
+                f"bundle download from {self.description} ended after {total} of {length} bytes"
             )
         return b"".join(chunks)
 
     def _too_slow(self) -> str:
-        return f"bundle download from {self.url} took longer than {self.policy.timeout}s (--poll-timeout)"
+        return (f"bundle download from {self.description} took longer than {self.policy.timeout}s "
+                "(--poll-timeout)")
 
     def fingerprint(self) -> Hashable:
         return None
@@ -439,11 +498,16 @@ def open_source(
     limits: Limits = DEFAULT_LIMITS,
     policy: PollPolicy = PollPolicy(),
     ssl_context: ssl.SSLContext | None = None,
+    *,
+    tls: ClientTls | None = None,
+    token: TokenFile | None = None,
+    allow_redirects: bool = False,
 ) -> Source:
     """The source for a ``--bundle`` value: an http(s) URL, a .tar.gz file or a directory."""
     text = str(spec)
     if text.startswith(("http://", "https://")):
-        return HttpSource(text, limits, policy, ssl_context=ssl_context)
+        return HttpSource(text, limits, policy, ssl_context=ssl_context, tls=tls, token=token,
+                          allow_redirects=allow_redirects)
     path = Path(text)
     if path.is_dir():
         return DirectorySource(path, limits)

@@ -10,7 +10,9 @@ The gate, in one place (``BundleStore.load_snapshot``), for every source alike:
 
 A candidate that fails any step is logged with its revision and file:line reasons,
 counted as ``authz_bundle_loads_total{result="rejected"}``, and the current bundle keeps
-serving. Loads are serialised by a lock (never taken by a check), so at most the serving
+serving. With a verification key, a signed bundle whose manifest ``serial`` is lower than the
+serving one's, or the persisted one's, is refused as a rollback unless ``allow_rollback``.
+Loads are serialised by a lock (never taken by a check), so at most the serving
 bundle and one candidate exist at any time; the store keeps no reference to a replaced
 PolicySet.
 """
@@ -179,6 +181,7 @@ class BundleStore:
         limits: Limits = DEFAULT_LIMITS,
         run_tests: bool = True,
         source: str | None = None,
+        allow_rollback: bool = False,
     ) -> None:
         self.metrics = metrics
         self.verification_key = verification_key
@@ -200,6 +203,52 @@ class BundleStore:
         self._persisted_reason: str | None = None
         self._listeners: list[Callable[[Status], object]] = []
         self._lock = threading.RLock()  # serialises loads, never taken by a check
+        self.allow_rollback = allow_rollback
+        self._serial: int | None = None  # manifest serial of the serving signed bundle
+        self._floor = self._persisted_serial()  # (serial, what it belongs to) not to go below
+
+    # --- rollback --------------------------------------------------------------------
+
+    def _persisted_serial(self) -> tuple[int, str] | None:
+        if self.verification_key is None or self.persist_dir is None:
+            return None
+        try:
+            saved = persist.load(self.persist_dir, self.limits)
+            if saved is None:
+                return None
+            archive.verify(saved.snapshot, self.verification_key)
+            serial = archive.manifest_serial(saved.snapshot)
+        except BundleError as exc:
+            log.warning("persisted bundle gives no rollback floor: %s", exc)
+            return None
+        if serial is None:
+            return None
+        return serial, f"the persisted bundle (revision {saved.meta.get('revision', '?')})"
+
+    def _rollback(self, snap: Snapshot) -> BundleError | None:
+        """The refusal of a signed candidate older than what serves or was persisted."""
+        if self.verification_key is None:
+            return None
+        serial = archive.manifest_serial(snap)  # BundleError for a malformed serial
+        floors = [f for f in (self._floor,) if f is not None]
+        cur = self.current
+        if self._serial is not None and cur is not None:
+            floors.append((self._serial, f"the serving bundle (revision {cur.revision})"))
+        if not floors:
+            return None
+        floor, what = max(floors)
+        if serial is not None and serial >= floor:
+            return None
+        got = "carries no serial" if serial is None else f"has serial {serial}"
+        if self.allow_rollback:
+            log.warning("bundle from %s %s, older than %s with serial %d: accepted as a rollback "
+                        "(--allow-rollback)", snap.origin, got, what, floor)
+            return None
+        return archive.reject(
+            archive.MANIFEST_JSON,
+            f"rollback refused: the signed manifest {got}, older than {what} with serial "
+            f"{floor}; authz serve --allow-rollback accepts older bundles",
+        )
 
     # --- loading -----------------------------------------------------------------------
 
@@ -256,6 +305,10 @@ class BundleStore:
     def _gate_and_swap(self, snap: Snapshot, persisted_reason: str | None) -> str:
         """Verify, compile and test ``snap``; swap it in if it passes (under self._lock)."""
         try:
+            refusal = self._rollback(snap)
+            if refusal is not None:
+                raise refusal
+            serial = archive.manifest_serial(snap)
             candidate = check_candidate(snap, self.verification_key, self.run_tests)
         except BundleError as exc:
             return self._reject(snap.origin, exc)
@@ -280,6 +333,7 @@ class BundleStore:
         gc.freeze()
         now = time.time()
         self._digest = snap.digest
+        self._serial = serial if self.verification_key is not None else None
         self._served_from = snap.origin
         self._loaded_at = now
         self._last_result = LOADED

@@ -323,6 +323,40 @@ def envoy_binary() -> Path:
 
 
 @dataclass(frozen=True)
+class AuthzUpstreamTls:
+    """mTLS from Envoy to authz: Envoy's own SPIFFE certificate, and the SPIFFE ID that
+    authz's serving certificate must carry."""
+
+    client: CertKey
+    ca_cert: Path
+    authz_spiffe_id: str
+
+    def transport_socket(self) -> dict[str, Any]:
+        return {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/"
+                "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "common_tls_context": {
+                    "alpn_protocols": ["h2"],
+                    "tls_certificates": [
+                        {
+                            "certificate_chain": {"filename": str(self.client.cert)},
+                            "private_key": {"filename": str(self.client.key)},
+                        }
+                    ],
+                    "validation_context": {
+                        "trusted_ca": {"filename": str(self.ca_cert)},
+                        "match_typed_subject_alt_names": [
+                            {"san_type": "URI", "matcher": {"exact": self.authz_spiffe_id}}
+                        ],
+                    },
+                },
+            },
+        }
+
+
+@dataclass(frozen=True)
 class ListenerSpec:
     """One downstream mTLS listener standing in for a destination workload."""
 
@@ -344,7 +378,9 @@ class EnvoyProcess:
         authz_grpc_port: int,
         upstream_port: int,
         ready_timeout: float = 30.0,
+        authz_tls: AuthzUpstreamTls | None = None,
     ) -> None:
+        self.authz_tls = authz_tls
         self.workdir = workdir
         self.pki = pki
         self.listener_specs = listeners
@@ -489,6 +525,9 @@ class EnvoyProcess:
         return cluster
 
     def bootstrap(self) -> dict[str, Any]:
+        authz = self._static_cluster("authz", self.authz_grpc_port, http2=True)
+        if self.authz_tls is not None:
+            authz["transport_socket"] = self.authz_tls.transport_socket()
         return {
             "node": {"id": "authz-e2e", "cluster": "authz-e2e"},
             "admin": {
@@ -497,7 +536,7 @@ class EnvoyProcess:
             "static_resources": {
                 "listeners": [self._listener(spec) for spec in self.listener_specs],
                 "clusters": [
-                    self._static_cluster("authz", self.authz_grpc_port, http2=True),
+                    authz,
                     self._static_cluster("upstream", self.upstream_port, http2=False),
                 ],
             },

@@ -34,7 +34,7 @@ def run(*args: str, cwd: Path = PROM) -> subprocess.CompletedProcess[str]:
 def test_promtool_check_rules() -> None:
     result = run("check", "rules", "alerts.yml")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 8 rules found" in result.stdout
+    assert "SUCCESS: 11 rules found" in result.stdout
 
 
 def test_promtool_test_rules() -> None:
@@ -54,6 +54,17 @@ def test_promtool_test_rules_fails_when_a_threshold_is_broken(tmp_path: Path) ->
     assert "AuthzDenyRateSpike" in result.stdout + result.stderr
 
 
+def test_promtool_test_rules_catch_a_broken_certificate_threshold(tmp_path: Path) -> None:
+    shutil.copy(PROM / "alerts_test.yml", tmp_path / "alerts_test.yml")
+    text = (PROM / "alerts.yml").read_text()
+    old = "(authz_tls_cert_expiry_timestamp_seconds) - time() < 86400"
+    assert old in text
+    (tmp_path / "alerts.yml").write_text(text.replace(old, old.replace("86400", "3600")))
+    result = run("test", "rules", "alerts_test.yml", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "AuthzCertificateExpiresSoon" in result.stdout + result.stderr
+
+
 def test_example_prometheus_config_is_valid() -> None:
     result = run("check", "config", "prometheus.yml")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -69,6 +80,9 @@ def test_alerts_cover_the_required_conditions() -> None:
     assert "histogram_quantile(0.99" in by_name["AuthzCheckLatencyHigh"]
     assert "authz_audit_oldest_queued_seconds" in by_name["AuthzAuditSinkStuck"]
     assert "authz_checks_rejected_total" in by_name["AuthzChecksShed"]
+    assert "authz_tls_cert_expiry_timestamp_seconds" in by_name["AuthzCertificateExpiresSoon"]
+    assert "authz_tls_ca_expiry_timestamp_seconds" in by_name["AuthzCABundleExpiresSoon"]
+    assert "authz_tls_rotation_failing" in by_name["AuthzCertificateRotationFailing"]
 
 
 class _NullSink:
@@ -86,6 +100,9 @@ def exported_names() -> set[str]:
     AuditLog([_NullSink()], metrics, start=False)
     metrics.count_check(True, "allowed by policy", "p", 0.0001)
     metrics.bundle_loaded("b", "r", 1.0)
+    for gauge in (metrics.tls_cert_expiry, metrics.tls_ca_expiry, metrics.tls_rotation_failing):
+        gauge.labels("grpc").set(1)
+    metrics.tls_rotation_failures.labels("grpc").inc()
     return {m.group(1) for m in re.finditer(r"^([a-z_]+)(?:\{| )", metrics.exposition().decode(), re.MULTILINE)}
 
 

@@ -87,9 +87,9 @@ def _write_cert(cert: x509.Certificate, path: Path) -> None:
     path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
-def _validity() -> tuple[dt.datetime, dt.datetime]:
+def _validity(lifetime: dt.timedelta | None = None) -> tuple[dt.datetime, dt.datetime]:
     now = dt.datetime.now(dt.timezone.utc)
-    return now - dt.timedelta(minutes=5), now + dt.timedelta(days=1)
+    return now - dt.timedelta(minutes=5), now + (lifetime or dt.timedelta(days=1))
 
 
 def _make_ca(common_name: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
@@ -136,6 +136,7 @@ def _make_leaf(
     spiffe: str,
     *,
     server: bool,
+    lifetime: dt.timedelta | None = None,
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = _new_key()
     sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(spiffe)]
@@ -144,7 +145,7 @@ def _make_leaf(
         usages = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
     else:
         usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
-    not_before, not_after = _validity()
+    not_before, not_after = _validity(lifetime)
     cert = (
         x509.CertificateBuilder()
         # X509-SVIDs identify the workload by the URI SAN only; the subject is incidental.
@@ -243,3 +244,25 @@ def generate_pki(
         clients=issued_clients,
         rogue_client=rogue,
     )
+
+
+def issue(
+    pki: PKI,
+    directory: Path,
+    name: str,
+    spiffe: str,
+    *,
+    server: bool,
+    lifetime: dt.timedelta | None = None,
+) -> CertKey:
+    """One more leaf from ``pki``'s CA (written as ``directory/name.crt`` and ``.key``),
+    valid from five minutes ago for ``lifetime`` (default one day)."""
+    ca_cert = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes())
+    ca_key = serialization.load_pem_private_key(pki.ca_key.read_bytes(), password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    cert, key = _make_leaf(ca_cert, ca_key, spiffe, server=server, lifetime=lifetime)
+    directory.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
+    _write_cert(cert, cert_path)
+    _write_key(key, key_path)
+    return CertKey(name=name, spiffe_id=spiffe, cert=cert_path, key=key_path)

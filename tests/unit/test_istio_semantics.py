@@ -336,6 +336,10 @@ def test_sni_and_destination_ip_blocks(tmp_path: Path) -> None:
     assert decide(ps, sni="a.example.com", destination_ip="2001:db8::7").allowed
     assert not decide(ps, sni="a.example.org", destination_ip="10.1.2.3").allowed
     assert not decide(ps, sni="a.example.com", destination_ip="192.168.1.1").allowed
+    # Envoy's RBAC sees the server name lower-cased; so does authz
+    assert decide(ps, sni="A.Example.COM", destination_ip="10.1.2.3").allowed
+    deny_ps = policy_set(tmp_path / "d", [deny(sni=["blocked.example.org"]), ALLOW_ALL])
+    assert not decide(deny_ps, sni="BLOCKED.example.org").allowed
 
 
 # --- tenants cannot be crossed by any reading --------------------------------------------------

@@ -69,7 +69,7 @@ rules:
   - name: bad-template
     to:
       - operation:
-          paths: ["/v1/{**}/x"]
+          paths: ["/v1/{**}/{*}"]
 """
 
 
@@ -81,7 +81,8 @@ def test_compile_errors_at_their_positions(tmp_path: Path, capsys: pytest.Captur
                "undeclared reference to 'request.methd'")
     assert has(problems, "policies/p.yaml:15:34: error: invalid CEL at column 25 of the expression", "Syntax error")
     # invalid template
-    assert has(problems, "policies/p.yaml:19:19: error: invalid path template '/v1/{**}/x'", "last part")
+    assert has(problems, "policies/p.yaml:19:19: error: invalid path template '/v1/{**}/{*}'",
+               "no operator may follow")
     # data the policy needs but the bundle lacks: tenant data, and a data file
     assert has(problems, "policies/p.yaml:5:1: error: policy reads a tenant but the bundle has no tenant data", "")
     assert has(problems, "policies/p.yaml:13:9: error: condition reads data.blocklist", "no data/blocklist.yaml")

@@ -32,6 +32,17 @@ def test_aliases_expand_policy_principals_like_istiod() -> None:
     assert td.expand_trust_domains(["old-td", "x"]) == ["td1", "old-td", "x"]
 
 
+def test_wildcard_trust_domains_expand_like_istiod() -> None:
+    td = spiffe.TrustDomains("td1", frozenset({"old-td1", "cluster.local"}))
+    # '*-td1' covers old-td1 (kept as written there); the others get their own name
+    assert sorted(td.expand_principal("*-td1/ns/foo/sa/p2")) == sorted(
+        ["td1/ns/foo/sa/p2", "cluster.local/ns/foo/sa/p2", "*-td1/ns/foo/sa/p2"])
+    # a prefix pattern that matches is replaced by every trust domain
+    assert sorted(td.expand_principal("old*/ns/foo/sa/p")) == sorted(
+        ["td1/ns/foo/sa/p", "cluster.local/ns/foo/sa/p", "old-td1/ns/foo/sa/p"])
+    assert td.expand_principal("*-other/ns/foo/sa/p") == ["*-other/ns/foo/sa/p"]
+
+
 def test_canonical_adds_scheme_and_replaces_aliases() -> None:
     td = spiffe.TrustDomains("cluster.local", frozenset({"old.example"}))
     assert td.canonical("cluster.local/ns/a/sa/b") == "spiffe://cluster.local/ns/a/sa/b"

@@ -1,0 +1,83 @@
+"""The comparison of the differential test counts what it should: a request authz allows and
+the oracle denies is always a failure; a stricter answer passes only for a documented kind."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .harness import (
+    STRICTNESS_KINDS,
+    compare,
+    documented_entries,
+    path_is_ambiguous,
+    shipped_path_options,
+)
+
+pytestmark = pytest.mark.differential
+
+ALL_KINDS = [e for k in STRICTNESS_KINDS for e in k.doc_entries[:1]]
+
+
+def res(status: int, reason: str = "", path: str = "/") -> dict[str, Any]:
+    body = json.dumps({"local_body": json.dumps({"reason": reason}) if reason else ""})
+    return {"status": status, "body": body, "envoy_saw": {"path": path}}
+
+
+def req(**kw: Any) -> dict[str, Any]:
+    return {"principal": "spiffe://cluster.local/ns/foo/sa/sleep", "method": "GET", "path": "/", **kw}
+
+
+def test_looser_always_fails_even_when_every_kind_is_documented() -> None:
+    row = compare("p", [req(method="get")], [res(403)], [res(200)], ALL_KINDS)
+    assert (row.looser, row.agree, row.failed) == (1, 0, True)
+
+
+def test_stricter_passes_only_for_a_documented_kind() -> None:
+    reqs = [req(method="get"), req(path="//admin/x"), req(principal="")]
+    authz = [res(403, "denied by policy"), res(403, "denied by policy"), res(403, "destination not identified")]
+    oracle = [res(200)] * 3
+    documented = compare("p", reqs, oracle, authz, ALL_KINDS)
+    assert (documented.stricter_documented, documented.failed) == (3, False)
+    undocumented = compare("p", reqs, oracle, authz, [])
+    assert (undocumented.stricter_undocumented, undocumented.failed) == (3, True)
+
+
+def test_stricter_without_a_matching_kind_fails() -> None:
+    row = compare("p", [req(path="/plain")], [res(200)], [res(403, "no allow rule matched", "/plain")], ALL_KINDS)
+    assert (row.stricter_undocumented, row.failed) == (1, True)
+
+
+def test_plaintext_counts_as_unidentified_only_with_that_reason() -> None:
+    row = compare("p", [req(principal="")], [res(200)], [res(403, "no allow rule matched")], ALL_KINDS)
+    assert row.stricter_undocumented == 1
+
+
+def test_skipped_and_agreeing_requests() -> None:
+    row = compare("p", [req(), req(), req()], [res(200), res(403), {"skipped": "port"}],
+                  [res(200), res(403), res(200)], [])
+    assert (row.agree, row.skipped, row.failed) == (2, 1, False)
+
+
+@pytest.mark.parametrize("path,ambiguous", [
+    ("/a/b", False), ("/a//b", True), ("/a%2Fb", True), ("/a%5cb", True), ("/a;x/b", True),
+    ("/a%3Bb", True), ("/a%252Fb", True), ("/a/%EF%BC%8E%EF%BC%8E/b", True), ("/caf%C3%A9", False),
+    ("/a?x=//y", False),
+])
+def test_ambiguous_paths(path: str, ambiguous: bool) -> None:
+    assert path_is_ambiguous(path) is ambiguous
+
+
+def test_documented_entries_read_headings_and_table_rows(tmp_path: Path) -> None:
+    doc = tmp_path / "d.md"
+    doc.write_text("# T\n## Differences from Istio\ntext\n### Methods\nx\n| class | a |\n|---|---|\n"
+                   "| repeated headers | b |\n## Next\n### Paths\n")
+    assert documented_entries(doc) == ["Methods", "repeated headers"]
+
+
+def test_shipped_settings_are_read_from_the_deploy_kit() -> None:
+    options = shipped_path_options()
+    assert set(options) == {"normalize_path", "merge_slashes", "path_with_escaped_slashes_action"}
