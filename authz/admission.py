@@ -93,7 +93,7 @@ class CheckGate(grpc.GenericRpcHandler):  # type: ignore[misc]
             await context.abort(code, details)
         except grpc.aio.AbortError:
             raise
-        except Exception:  # noqa: BLE001 - the call is already gone: nobody to tell
+        except Exception:  # noqa: BLE001,S110 - the call is already gone: nobody to tell
             pass
         raise asyncio.CancelledError
 

@@ -39,11 +39,11 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any, NamedTuple, Protocol
 
+from authz.credentials import TokenFile, client_auth
 from authz.engine.model import Decision
 from authz.metrics import Metrics
-from authz.request import Request
-from authz.credentials import TokenFile, client_auth
 from authz.redact import redact_url
+from authz.request import Request
 from authz.tls import ClientTls, client_context
 
 log = logging.getLogger("authz.audit")

@@ -189,7 +189,7 @@ class _PooledHTTPServer(HTTPServer):
                 self._open -= 1
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        log.debug("probe connection from %s failed", client_address, exc_info=True)
+        log.debug("probe connection from %s failed", client_address)
 
     def server_close(self) -> None:
         super().server_close()
@@ -198,7 +198,7 @@ class _PooledHTTPServer(HTTPServer):
 
 async def serve(
     checker: Checker, store: BundleStore, metrics: Metrics, grpc_addr: str, http_addr: str,
-    options: ServeLimits = ServeLimits(), on_reload: Callable[[], None] | None = None,
+    options: ServeLimits | None = None, on_reload: Callable[[], None] | None = None,
     worker: int | None = None, on_started: Callable[[], None] | None = None,
     http_authz: HttpAuthzServer | None = None, tls: ServerTls | None = None,
     hidden: Mapping[str, str] | None = None,
@@ -210,6 +210,7 @@ async def serve(
     ``worker`` is this process's index under ``--workers``: only then is the port shared with
     sibling processes. ``on_started`` runs once the ports are open (the first bundle load
     starts then, so /healthz answers while it is in flight)."""
+    options = options or ServeLimits()
     server = grpc.aio.server(options=grpc_options(options, worker),
                              interceptors=tls.interceptors(metrics) if tls is not None else None)
     gate = CheckGate(CHECK_METHOD, checker.check_bytes, metrics,
@@ -268,7 +269,7 @@ async def serve(
              options.drain_grace, options.drain_timeout)
     try:  # a second SIGTERM or SIGINT cuts the grace short
         await asyncio.wait_for(stop.wait(), options.drain_grace)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         pass
     await server.stop(options.drain_timeout)
     gate.stop()

@@ -19,11 +19,10 @@ PolicySet.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
-import contextlib
 import gc
-
 import logging
 import threading
 import time

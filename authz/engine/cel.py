@@ -170,10 +170,9 @@ def _check_input(name: str, value: Any) -> None:
     if isinstance(value, str):
         if len(value) > MAX_INPUT_CHARS:
             raise CelBudgetError(f"condition input {name} is over {MAX_INPUT_CHARS} characters")
-    elif name in _REQUEST_MAPS and value:
-        size = sum(map(len, value)) + sum(map(len, value.values()))
-        if size > MAX_MAP_INPUT_CHARS:
-            raise CelBudgetError(f"condition input {name} is over {MAX_MAP_INPUT_CHARS} characters")
+    elif (name in _REQUEST_MAPS and value
+          and sum(map(len, value)) + sum(map(len, value.values())) > MAX_MAP_INPUT_CHARS):
+        raise CelBudgetError(f"condition input {name} is over {MAX_MAP_INPUT_CHARS} characters")
 
 
 def _comprehension_depth(expression: str) -> tuple[int, int]:
@@ -191,9 +190,8 @@ def _comprehension_depth(expression: str) -> tuple[int, int]:
                 depth += 1
                 if depth > best:
                     best, column = depth, i + 1
-        elif ch == ")" and stack:
-            if stack.pop():
-                depth -= 1
+        elif ch == ")" and stack and stack.pop():  # a macro's own parenthesis closes
+            depth -= 1
     return best, column
 
 
