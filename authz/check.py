@@ -2,6 +2,7 @@
 
     CheckRequest -> Request -> PolicySet.decide -> Decision -> CheckResponse
                                                      ├─> audit (queued)
+                                                     ├─> trace span (queued, when on)
                                                      └─> metrics
 
 ``Checker.check`` never raises: a malformed request, a missing bundle or any internal
@@ -14,17 +15,21 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from envoy.service.auth.v3 import external_auth_pb2
 
 from authz import request as request_mod
 from authz import response
 from authz.audit import AuditEntry, AuditLog
-from authz.bundle.store import BundleStore
 from authz.engine.decide import PolicySet, Tracer
 from authz.engine.model import Decision
 from authz.limits import RequestLimits
 from authz.metrics import Metrics
+
+if TYPE_CHECKING:
+    from authz.bundle.store import BundleStore  # its reload gate runs bundle tests: no import back
+    from authz.tracing import Tracing  # the OTLP protos load only when tracing is on
 
 log = logging.getLogger("authz.check")
 
@@ -51,11 +56,12 @@ class Outcome:
 
 class Checker:
     def __init__(self, store: BundleStore, metrics: Metrics | None, audit: AuditLog | None = None,
-                 limits: RequestLimits = RequestLimits()) -> None:
+                 tracing: Tracing | None = None, limits: RequestLimits = RequestLimits()) -> None:
         """``metrics`` None: count nothing (bundle tests must not show up as served checks)."""
         self.store = store
         self.metrics = metrics
         self.audit = audit
+        self.tracing = tracing
         self.limits = limits
 
     def check(self, check_request: external_auth_pb2.CheckRequest) -> external_auth_pb2.CheckResponse:
@@ -106,7 +112,8 @@ class Checker:
         except request_mod.MalformedRequest as exc:
             decision = _deny(f"malformed request: {exc}")
         except Exception:  # noqa: BLE001 - fail closed, never crash the servicer
-            log.exception("internal error while deciding %s", decision_id)
+            log.exception("internal error while deciding %s", decision_id,
+                          extra={"decision_id": decision_id, "revision": revision, "reason": "internal error"})
             decision = _deny("internal error")
         if policy_set is not None:
             try:
@@ -118,7 +125,8 @@ class Checker:
         try:
             resp = response.to_check_response(decision, decision_id, revision, req.principal if req else "")
         except Exception:  # noqa: BLE001
-            log.exception("internal error while answering %s", decision_id)
+            log.exception("internal error while answering %s", decision_id,
+                          extra={"decision_id": decision_id, "revision": revision, "reason": "internal error"})
             decision = _deny("internal error")
             resp = response.to_check_response(decision, decision_id, revision, "")
         elapsed = time.perf_counter() - started
@@ -143,8 +151,11 @@ class Checker:
             if self.audit is not None:
                 self.audit.submit(AuditEntry(time.time(), decision_id, decision, req, revision,
                                              int(elapsed * 1e6), caller), 2 * size if req is not None else 0)
+            if self.tracing is not None:  # one append to a bounded queue, like the audit
+                self.tracing.check(req.headers.get("traceparent") if req else None, decision,
+                                   decision_id, revision, elapsed, caller)
         except Exception:  # noqa: BLE001
-            log.exception("metrics or audit failed for %s", decision_id)
+            log.exception("metrics or audit failed for %s", decision_id, extra={"decision_id": decision_id})
 
 
 def _deny(reason: str) -> Decision:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -13,7 +13,17 @@ from pathlib import Path
 
 from google.protobuf import json_format
 
-from authz import http_authz, istio_import, limits, lint, testing, tls_server
+from authz import (
+    http_authz,
+    istio_import,
+    limits,
+    lint,
+    logging_setup,
+    options,
+    testing,
+    tls_server,
+    tracing,
+)
 from authz.audit import AuditLog, Sink, check_header_allowlist, sink_for
 from authz.bundle import runtime as bundle_runtime
 from authz.bundle.loader import BundleError
@@ -28,17 +38,28 @@ from authz.metrics import Metrics
 from authz.request import CheckRequest
 from authz.credentials import TokenFile
 from authz.tls import ClientTls
+from authz.version import VERSION
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="authz", description="Envoy ext_authz policy decision service")
+def build_parser() -> argparse.ArgumentParser:
+    """Every subcommand and flag (docs/configuration.md lists them with their variables)."""
+    parser = options.Parser(prog="authz", description="Envoy ext_authz policy decision service; "
+                            "every --flag can also be set as AUTHZ_FLAG (docs/configuration.md)")
+    parser.add_argument("--version", action="version", version=f"authz {VERSION}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the gRPC ext_authz server")
-    serve.add_argument("--bundle", help="bundle directory (watched), .tar.gz archive or http(s):// "
-                       "bundle server URL (default: the example bundle); docs/bundles-operations.md")
-    serve.add_argument("--grpc-addr", default="0.0.0.0:9191")
-    serve.add_argument("--http-addr", default="0.0.0.0:8181")
+    serve.add_argument("--bundle", help="bundle directory (watched), .tar.gz archive, http(s):// "
+                       "bundle server URL or oci://REGISTRY/REPO:TAG (default: the example bundle); "
+                       "docs/bundles-operations.md")
+    serve.add_argument("--allow-empty-bundle", action="store_true",
+                       help="serve a bundle without policies (denying every request) instead of "
+                            "refusing it")
+    serve.add_argument("--grpc-addr", type=options.address, default="0.0.0.0:9191",
+                       metavar="HOST:PORT", help="gRPC ext_authz listener (default 0.0.0.0:9191)")
+    serve.add_argument("--http-addr", type=options.address, default="0.0.0.0:8181",
+                       metavar="HOST:PORT", help="HTTP listener: /metrics, /healthz, /readyz, "
+                       "/v1/status (default 0.0.0.0:8181)")
     serve.add_argument("--audit-log", action="append", metavar="TARGET",
                        help="'-' for stdout (default), a file path, or an http(s):// collector URL; "
                             "repeatable (docs/audit.md)")
@@ -50,14 +71,15 @@ def main(argv: list[str] | None = None) -> int:
                             "matches are always recorded")
     serve.add_argument("--audit-log-query", action="store_true",
                        help="keep the query string in the recorded path (dropped by default)")
-    serve.add_argument("--audit-queue-size", type=int, default=10_000, metavar="N",
+    serve.add_argument("--audit-queue-size", type=options.positive_int, default=10_000, metavar="N",
                        help="records the audit queue and each sink's queue hold before dropping")
-    serve.add_argument("--audit-queue-bytes", type=int, default=64 * 1024 * 1024, metavar="N",
-                       help="bytes the audit queue and each sink's queue hold before dropping "
-                            "(default 64 MiB)")
-    serve.add_argument("--audit-file-max-bytes", type=int, default=100 * 1024 * 1024, metavar="N",
+    serve.add_argument("--audit-queue-bytes", type=options.positive_int, default=64 * 1024 * 1024,
+                       metavar="N", help="bytes the audit queue and each sink's queue hold before "
+                       "dropping (default 64 MiB)")
+    serve.add_argument("--audit-file-max-bytes", type=options.non_negative_int,
+                       default=100 * 1024 * 1024, metavar="N",
                        help="rotate an audit file at this size (0: never)")
-    serve.add_argument("--audit-file-backups", type=int, default=5, metavar="N",
+    serve.add_argument("--audit-file-backups", type=options.non_negative_int, default=5, metavar="N",
                        help="rotated audit files kept as FILE.1 .. FILE.N")
     serve.add_argument("--metrics-tenant-label", action="store_true",
                        help="add a tenant label (bundle tenants only) to authz_checks_total")
@@ -78,10 +100,11 @@ def main(argv: list[str] | None = None) -> int:
                        help="worker processes sharing the ports (default 1); one process uses "
                             "about one core")
     serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
-    serve.add_argument("--log-level", default="INFO")
+    options.add_logging_arguments(serve)
     bundle_runtime.add_serve_arguments(serve)
     limits.add_serve_arguments(serve)
     http_authz.add_serve_arguments(serve)
+    tracing.add_serve_arguments(serve)
 
     check = sub.add_parser("check", help="decide one Envoy CheckRequest (protobuf JSON)")
     check.add_argument("--bundle", type=Path, help="bundle directory (default: the example bundle)")
@@ -96,19 +119,40 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("schema", help="print the JSON Schema of the bundle files (for editors)")
     build = sub.add_parser("build", help="pack a bundle directory into a verified, optionally signed .tar.gz")
     build.add_argument("directory", type=Path, help="bundle directory")
-    build.add_argument("-o", "--output", type=Path, required=True, metavar="FILE.tar.gz")
+    build.add_argument("-o", "--output", type=Path, metavar="FILE.tar.gz")
     build.add_argument("--signing-key", type=Path, metavar="KEY", help="Ed25519 private key (PEM) to sign the manifest")
     build.add_argument("--serial", type=int, metavar="N",
                        help="the manifest serial, which must grow from one bundle to the next "
                             "(default: the build time in Unix seconds)")
+    build.add_argument("--push", metavar="oci://REGISTRY/REPO:TAG",
+                       help="push the archive to an OCI registry as an authz bundle artifact")
+    build.add_argument("--registry-credentials", type=Path, metavar="FILE",
+                       help="registry credentials for --push (Docker config.json)")
+    build.add_argument("--ca-file", type=Path, metavar="PEM",
+                       help="CA certificates trusted for the registry (default: the system's)")
+    build.add_argument("--insecure-registry", action="append", default=[], metavar="HOST[:PORT]",
+                       help="a registry that may be reached over plain http; repeatable")
     istio_import.add_arguments(sub.add_parser(
         "import-istio", help="convert Istio AuthorizationPolicy resources into a bundle directory"))
 
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; a usage error anywhere is one line on stderr and exit status 2."""
     argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0) and EXIT_USAGE
+        try:
+            args = parser.parse_args(options.with_environment(parser, argv, os.environ))
+        except SystemExit as exc:  # --help, --version
+            return int(exc.code or 0) and EXIT_USAGE
+        return _run(args, argv)
+    except options.UsageError as exc:
+        return options.report(exc)
+
+
+def _run(args: argparse.Namespace, argv: list[str]) -> int:
     if args.command == "serve":
         if args.workers > 1 and args.worker_index is None:
             return _supervise(argv, args)
@@ -118,7 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "lint":
         return lint.cli(args)
     if args.command == "build":
-        return bundle_runtime.build(args.directory, args.output, args.signing_key, args.serial)
+        return bundle_runtime.build(args.directory, args.output, args.signing_key, args.serial,
+                                    args.push, args.registry_credentials, args.ca_file,
+                                    args.insecure_registry)
     if args.command == "schema":
         print(json.dumps(BUNDLE_SCHEMA, indent=2))
         return 0
@@ -128,8 +174,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging_setup.configure(args.log_level, args.log_format, args.worker_index)
     metrics = Metrics(tenant_label=args.metrics_tenant_label)
     try:
         listener_tls = tls_server.from_args(args, metrics)
@@ -139,11 +184,19 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"authz serve: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        store, reloader = bundle_runtime.open_bundles(args, metrics, example_bundle(), client_tls)
+        spans = tracing.from_args(args, metrics)
+    except ValueError as exc:
+        audit.close()
+        print(f"authz serve: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        store, reloader = bundle_runtime.open_bundles(args, metrics, example_bundle(), client_tls, spans)
     except SystemExit:
         audit.close()
+        if spans is not None:
+            spans.close()
         return EXIT_USAGE
-    checker = Checker(store, metrics, audit, limits.request_limits(args))
+    checker = Checker(store, metrics, audit, spans, limits.request_limits(args))
     from authz.server import serve
 
     def first_load() -> None:  # in the reloader thread, once the ports are open
@@ -155,6 +208,8 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"authz serve: {exc}", file=sys.stderr)
         reloader.stop()
         audit.close()
+        if spans is not None:
+            spans.close()
         return EXIT_USAGE
     try:
         asyncio.run(serve(checker, store, metrics, args.grpc_addr, args.http_addr,
@@ -162,12 +217,14 @@ def _serve(args: argparse.Namespace) -> int:
                           worker=args.worker_index, http_authz=http_authz_server,
                           on_started=lambda: _start(reloader, first_load), tls=listener_tls,
                           hidden=None if args.status_show_paths else _hidden_paths(args)))
-    except OSError as exc:
-        print(f"authz: {exc}", file=sys.stderr)
-        return 1
+    except OSError as exc:  # a listener cannot bind: the message names the address
+        print(f"authz serve: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     finally:
         reloader.stop()
         audit.close()
+        if spans is not None:
+            spans.close()
     return 0
 
 
@@ -195,8 +252,7 @@ def _parse_check_request(text: str) -> CheckRequest:
 
 
 def _supervise(argv: list[str], args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging_setup.configure(args.log_level, args.log_format)
     for flag, addr in (("--grpc-addr", args.grpc_addr), ("--http-addr", args.http_addr),
                        ("--http-authz-addr", args.http_authz_addr or "")):
         if not addr:
@@ -247,7 +303,7 @@ def _hidden_paths(args: argparse.Namespace) -> dict[str, str]:
     """The configured paths that /readyz and /v1/status show only by label."""
     hidden: dict[str, str] = {}
     bundle = str(args.bundle or example_bundle())
-    if not bundle.startswith(("http://", "https://")):
+    if not bundle.startswith(("http://", "https://", "oci://")):  # URLs are not machine paths
         hidden[bundle] = "<bundle>"
         hidden[str(Path(bundle).resolve())] = "<bundle>"
     if args.persist is not None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
+import os
 import logging
 import socket
 import ssl
@@ -35,6 +36,7 @@ from envoy.service.auth.v3 import external_auth_pb2
 
 from authz.check import CALLER_ENVOY_HTTP, Checker
 from authz.engine.decide import PolicySet
+from authz.options import address
 
 log = logging.getLogger("authz.http_authz")
 
@@ -276,9 +278,13 @@ class HttpAuthzServer:
 
     async def start(self) -> None:
         host, _, port = self.addr.rpartition(":")
-        self._server = await asyncio.start_server(
-            self._connection, host.strip("[]") or "0.0.0.0", int(port), ssl=self.ssl_context,
-            limit=MAX_HEADER_BYTES, reuse_port=self.reuse_port or None, backlog=1024)
+        try:
+            self._server = await asyncio.start_server(
+                self._connection, host.strip("[]") or "0.0.0.0", int(port), ssl=self.ssl_context,
+                limit=MAX_HEADER_BYTES, reuse_port=self.reuse_port or None, backlog=1024)
+        except OSError as exc:  # one line naming the address (authz serve exits 2)
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise OSError(f"cannot listen on HTTP ext_authz address {self.addr}: {reason}") from None
 
     async def stop(self) -> None:
         """Stop listening and close every connection (idle keep-alive ones would otherwise hold
@@ -458,7 +464,7 @@ def _peer_spiffe_id(writer: asyncio.StreamWriter) -> str:
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("HTTP ext_authz (Envoy http_service; docs/http-ext-authz.md)")
-    g.add_argument("--http-authz-addr", metavar="H:P",
+    g.add_argument("--http-authz-addr", type=address, metavar="H:P",
                    help="also answer Envoy's HTTP ext_authz protocol on this address (off by default)")
     g.add_argument("--trusted-proxy", action="append", default=[], metavar="PATTERN",
                    help="a proxy whose x-forwarded-client-cert is believed: an address or CIDR, or a "

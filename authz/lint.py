@@ -61,7 +61,7 @@ _DATA_DYNAMIC = re.compile(r"(?<![\w.])data\s*\[\s*[^'\"\s]")
 def lint_bundle(root: Path) -> list[Problem]:
     """Errors and warnings for the bundle at ``root``, sorted by position."""
     try:
-        files = read_bundle(root)
+        files = read_bundle(root, require_policies=True)
     except BundleError as exc:
         return _sorted(exc.problems)
     problems: list[Problem] = []

@@ -19,6 +19,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from authz.version import VERSION
+
 # prometheus-client picks file-backed values at import when this is set; so do we.
 MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
@@ -102,6 +104,20 @@ class Metrics:
             "authz_audit_queued_bytes", "Bytes of audit records waiting for a sink.", ["sink"],
             registry=r, multiprocess_mode="livesum",
         )
+        self.build_info = Gauge(
+            "authz_build_info", "The version of authz answering (value 1).", ["version"],
+            registry=r, multiprocess_mode="livemax",
+        )
+        self.build_info.labels(VERSION).set(1)
+        self.trace_spans_exported = Counter(
+            "authz_trace_spans_exported", "Spans accepted by the OTLP receiver (--otlp-endpoint).",
+            registry=r,
+        )
+        self.trace_spans_dropped = Counter(
+            "authz_trace_spans_dropped",
+            "Spans dropped, by reason (queue_full, export_failed, rejected by the receiver).",
+            ["reason"], registry=r,
+        )
         # TLS (authz/certs.py): label use = grpc, http (our listeners) or client (outbound).
         self.tls_cert_expiry = Gauge(
             "authz_tls_cert_expiry_timestamp_seconds",
@@ -133,6 +149,8 @@ class Metrics:
             ["reason"], registry=r,
         )
         # Series that alerts and dashboards use exist from the start, at 0.
+        for reason in ("queue_full", "export_failed", "rejected"):
+            self.trace_spans_dropped.labels(reason)
         for result in ("loaded", "rejected", "unchanged", "error"):
             self.bundle_loads.labels(result)
         for would in ("allow", "deny", "error"):  # error: its condition failed; never enforced

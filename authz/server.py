@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,7 @@ from authz.limits import ServeLimits
 from authz.metrics import CONTENT_TYPE, Metrics
 from authz.redact import hide_paths
 from authz.tls_server import ServerTls, grpc_credentials, handshake_error, http_ssl_context
+from authz.version import VERSION
 
 log = logging.getLogger("authz.server")
 
@@ -117,6 +119,7 @@ class ProbeServer:
                 elif path == "/v1/status":
                     st = store_ref.status()
                     doc = hide_paths(st.as_dict(), hide)
+                    doc["version"] = VERSION
                     if tls is not None:
                         doc["tls"] = tls.status()
                     if worker is not None:
@@ -137,8 +140,11 @@ class ProbeServer:
                 pass
 
         host, port = split_addr(addr)
-        self.httpd = _PooledHTTPServer((host, port), Handler, pool_size=pool_size, backlog=backlog,
-                                       reuse_port=worker is not None)
+        try:
+            self.httpd = _PooledHTTPServer((host, port), Handler, pool_size=pool_size, backlog=backlog,
+                                           reuse_port=worker is not None)
+        except OSError as exc:
+            raise OSError(f"cannot listen on HTTP address {addr}: {exc.strerror or exc}") from None
         if tls is not None and tls.http is not None:
             # The handshake runs in the pool's thread, on first read, not in accept().
             self.httpd.socket = http_ssl_context(tls.http).wrap_socket(
@@ -196,6 +202,17 @@ class _PooledHTTPServer(HTTPServer):
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
+def _bind_problem(addr: str) -> str | None:
+    """Why ``addr`` cannot be bound (None: it can), asked of the OS with a plain socket."""
+    host, port = split_addr(addr)
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.bind((host, port))
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
 async def serve(
     checker: Checker, store: BundleStore, metrics: Metrics, grpc_addr: str, http_addr: str,
     options: ServeLimits | None = None, on_reload: Callable[[], None] | None = None,
@@ -218,15 +235,20 @@ async def serve(
     server.add_generic_rpc_handlers((gate, decision_api.decision_handler(checker)))
     health = health_async.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    # Asked of the OS first: grpcio would say only "Failed to bind" (and log a C++ error line).
+    problem = _bind_problem(grpc_addr) if worker is None else None
     try:
-        if tls is not None and tls.grpc is not None:
+        if problem:
+            bound = 0
+        elif tls is not None and tls.grpc is not None:
             bound = server.add_secure_port(grpc_addr, grpc_credentials(tls.grpc, tls.require_client_cert))
         else:
             bound = server.add_insecure_port(grpc_addr)
-    except RuntimeError:  # grpcio raises where it used to return 0
+    except RuntimeError:
         bound = 0
     if bound == 0:
-        raise OSError(f"cannot bind gRPC address {grpc_addr} (in use by another process?)")
+        reason = problem or _bind_problem(grpc_addr) or "refused by gRPC"
+        raise OSError(f"cannot listen on gRPC address {grpc_addr}: {reason}")
     probes = ProbeServer(http_addr, store, metrics, worker, checker, tls, hidden)
     serving = health_pb2.HealthCheckResponse.SERVING
     not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -241,15 +263,23 @@ async def serve(
     unsubscribe = store.subscribe(
         lambda _status: loop.call_soon_threadsafe(lambda: loop.create_task(update_health())))
     await update_health()
+    if http_authz is not None:
+        # Bound before the gRPC server starts: a port in use stops us before anything runs.
+        try:
+            await http_authz.start()
+        except OSError:
+            probes.httpd.server_close()
+            raise
+        log.info("HTTP ext_authz listening on %s", http_authz.addr, extra={"http_authz_addr": http_authz.addr})
     await server.start()
     probes.start()
     gate.start()
-    if http_authz is not None:
-        await http_authz.start()
-        log.info("HTTP ext_authz listening on %s", http_authz.addr)
     if tls is not None:
         tls.start()
-    log.info("authz listening: gRPC %s, HTTP %s", grpc_addr, http_addr)
+    grpc_at = f"{grpc_addr.rpartition(':')[0]}:{bound}"
+    http_at = f"{http_addr.rpartition(':')[0]}:{probes.httpd.server_address[1]}"
+    log.info("authz %s listening: gRPC %s, HTTP %s", VERSION, grpc_at, http_at,
+             extra={"grpc_addr": grpc_at, "http_addr": http_at, "version": VERSION})
 
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

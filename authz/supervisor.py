@@ -187,5 +187,5 @@ def run(serve_argv: list[str], workers: int, addrs: list[str]) -> int:
         check_ports_free(addrs)
     except (PortInUse, OSError) as exc:
         print(f"authz serve: {exc}", file=sys.stderr)
-        return 1
+        return 2  # as for any listener that cannot bind (cli.EXIT_USAGE)
     return Supervisor(serve_argv, workers).run()

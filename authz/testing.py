@@ -1,226 +1,17 @@
-"""Bundle tests: the cases in a bundle's tests/*.yaml, run through the real check path.
-
-Each case is a request (short form, or an Envoy CheckRequest in protobuf JSON) and what
-must come back. A case goes through ``authz.check.Checker`` exactly like a served check
-(request normalisation, decision, response shaping), with an ``Explainer`` attached so a
-failing case shows why and so coverage knows which rules matched.
-
-``run_cases`` is the interface the CLI (``authz test``) and the bundle store's reload
-gate use; it never raises for a bad case, it reports it as failed.
-"""
+"""`authz test`: run a bundle's tests/*.yaml and report them as text or JUnit XML, with rule
+coverage. The cases themselves run in authz/bundle/cases.py, shared with the reload gate."""
 
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import sys
-from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
 from xml.etree import ElementTree as ET
 
-from envoy.config.core.v3 import address_pb2
-from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
-from google.protobuf import json_format
-
-from authz.bundle.yamlpos import Document
-from authz.engine.decide import PolicySet
-from authz.engine.explain import Explainer, summary
-
-if TYPE_CHECKING:  # the bundle store imports this module for its reload gate
-    from authz.bundle.store import BundleStore
-    from authz.check import Checker, Outcome
-
-_EXPECT_FIELDS = ("allowed", "status", "policy", "rule", "reason", "tenant")
-
-
-@dataclass(frozen=True, slots=True)
-class CaseResult:
-    name: str  # "<test name>/<case name>"
-    location: str  # "file:line" of the case
-    passed: bool
-    message: str  # why it failed ('' when it passed)
-    explanation: tuple[str, ...] = ()  # the decision trace, for failures
-
-
-@dataclass(frozen=True, slots=True)
-class RuleRef:
-    name: str  # "policy/rule"
-    location: str  # file:line:column of the rule
-
-
-@dataclass(frozen=True, slots=True)
-class Coverage:
-    rules: tuple[RuleRef, ...]  # every rule of the bundle, in bundle order
-    exercised: frozenset[str]  # "policy/rule" matched by at least one case
-
-    @property
-    def uncovered(self) -> list[RuleRef]:
-        return [r for r in self.rules if r.name not in self.exercised]
-
-    @property
-    def complete(self) -> bool:
-        return not self.uncovered
-
-
-@dataclass(slots=True)
-class TestReport:
-    results: list[CaseResult] = field(default_factory=list)
-    coverage: Coverage = field(default_factory=lambda: Coverage((), frozenset()))
-
-    __test__ = False  # not a pytest class
-
-    @property
-    def failed(self) -> list[CaseResult]:
-        return [r for r in self.results if not r.passed]
-
-    @property
-    def passed(self) -> list[CaseResult]:
-        return [r for r in self.results if r.passed]
-
-    @property
-    def ok(self) -> bool:
-        return not self.failed
-
-    def summary(self) -> str:
-        return f"{len(self.passed)} passed, {len(self.failed)} failed"
-
-
-# --- running ----------------------------------------------------------------------------
-
-
-def run_cases(policy_set: PolicySet, documents: Iterable[Document], pattern: str | None = None) -> TestReport:
-    """Run every case of ``documents`` (BundleFiles.tests) against ``policy_set``.
-
-    ``pattern`` keeps the cases whose "<test name>/<case name>" contains it (case-insensitive),
-    or matches it as a glob when it has '*', '?' or '['.
-    """
-    from authz.check import Checker
-
-    checker = Checker(cast("BundleStore", _Fixed(policy_set)), None)
-    report = TestReport()
-    exercised: set[str] = set()
-    for doc in documents:
-        value = doc.value if isinstance(doc.value, dict) else {}
-        test_name = str(value.get("name", doc.file))
-        for i, case in enumerate(value.get("cases") or []):
-            if not isinstance(case, dict):
-                continue
-            name = f"{test_name}/{case.get('name', f'case-{i + 1}')}"
-            if pattern and not _selected(name, pattern):
-                continue
-            pos = doc.at(("cases", i))
-            location = f"{pos.file}:{pos.line}"
-            report.results.append(_run_case(checker, name, location, case, exercised))
-    report.coverage = Coverage(
-        tuple(RuleRef(f"{p.name}/{r.name}", r.location) for p in policy_set.policies for r in p.rules),
-        frozenset(exercised),
-    )
-    return report
-
-
-class _Fixed:
-    """Serves one PolicySet, as a BundleStore would, without loading anything."""
-
-    def __init__(self, policy_set: PolicySet) -> None:
-        self.current = policy_set
-
-
-def _selected(name: str, pattern: str) -> bool:
-    if any(c in pattern for c in "*?["):
-        return fnmatch.fnmatchcase(name.lower(), pattern.lower())
-    return pattern.lower() in name.lower()
-
-
-def _run_case(checker: Checker, name: str, location: str, case: dict[str, Any], exercised: set[str]) -> CaseResult:
-    try:
-        check_request = build_check_request(case)
-    except ValueError as exc:
-        return CaseResult(name, location, False, f"{name} ({location}): {exc}")
-    tracer = Explainer()
-    outcome = checker.run(check_request, tracer)
-    exercised.update(tracer.matched_rules())
-    actual = observed(outcome)
-    problems = compare(case.get("expect") or {}, actual)
-    if not problems:
-        return CaseResult(name, location, True, "")
-    lines = [f"{name} ({location}): {len(problems)} expectation{'s' if len(problems) > 1 else ''} failed"]
-    lines += [f"  {p}" for p in problems]
-    lines.append(f"  decision: {summary(outcome.decision)}")
-    return CaseResult(name, location, False, "\n".join(lines), tuple(tracer.lines()))
-
-
-def build_check_request(case: dict[str, Any]) -> external_auth_pb2.CheckRequest:
-    """The Envoy CheckRequest of a case; ValueError when the case does not describe one."""
-    has_short, has_full = "request" in case, "checkRequest" in case
-    if has_short == has_full:
-        raise ValueError("a case needs exactly one of 'request' or 'checkRequest'")
-    if has_full:
-        try:
-            return json_format.ParseDict(case["checkRequest"], external_auth_pb2.CheckRequest())
-        except json_format.ParseError as exc:
-            raise ValueError(f"checkRequest is not an Envoy CheckRequest: {exc}") from None
-    r = case["request"] or {}
-    ctx = attribute_context_pb2.AttributeContext
-    http = ctx.HttpRequest(
-        method=str(r.get("method", "GET")),
-        path=str(r.get("path", "/")),
-        host=str(r.get("host", "")),
-        headers={str(k).lower(): str(v) for k, v in (r.get("headers") or {}).items()},
-        protocol="HTTP/1.1",
-        scheme="http",
-    )
-    source = ctx.Peer(principal=str(r.get("principal", "")))
-    if r.get("sourceAddress"):
-        source.address.CopyFrom(_address(str(r["sourceAddress"]), 0))
-    destination = ctx.Peer(principal=str(r.get("destination", "")))
-    if r.get("destinationAddress") or r.get("port"):
-        destination.address.CopyFrom(_address(str(r.get("destinationAddress", "")), int(r.get("port", 0))))
-    attrs = ctx(source=source, destination=destination, request=ctx.Request(http=http),
-                context_extensions={str(k): str(v) for k, v in (r.get("contextExtensions") or {}).items()})
-    return external_auth_pb2.CheckRequest(attributes=attrs)
-
-
-def _address(ip: str, port: int) -> address_pb2.Address:
-    return address_pb2.Address(socket_address=address_pb2.SocketAddress(address=ip, port_value=port))
-
-
-def observed(outcome: Outcome) -> dict[str, Any]:
-    """What a case can assert on, read from the decision and the Envoy response."""
-    d, resp = outcome.decision, outcome.response
-    headers: dict[str, str] = {}
-    if resp.HasField("ok_response"):
-        status = 200
-        headers = {h.header.key.lower(): h.header.value for h in resp.ok_response.headers}
-    else:
-        status = int(resp.denied_response.status.code) or 403
-    return {"allowed": d.allowed, "status": status, "policy": d.policy, "rule": d.rule,
-            "reason": d.reason, "tenant": d.tenant, "headers": headers}
-
-
-def compare(expect: dict[str, Any], actual: dict[str, Any]) -> list[str]:
-    """One line per expectation that does not hold: 'field: expected X, got Y'."""
-    problems = []
-    for key in _EXPECT_FIELDS:
-        if key in expect and expect[key] != actual[key]:
-            problems.append(f"{key}: expected {_show(expect[key])}, got {_show(actual[key])}")
-    for header, want in (expect.get("headers") or {}).items():
-        got = actual["headers"].get(str(header).lower())
-        if want != got:
-            problems.append(f"header {header}: expected {_show(want, absent=True)}, got {_show(got, absent=True)}")
-    return problems
-
-
-def _show(value: Any, absent: bool = False) -> str:
-    if value is None:
-        return "(absent)" if absent else "null"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, str):
-        return repr(value)
-    return str(value)
-
+from authz.bundle.cases import TestReport, run_cases
+from authz.bundle.loader import BundleError, read_bundle
+from authz.engine.compile import compile_bundle
+from authz.example import EXIT_USAGE, example_bundle
 
 # --- output -----------------------------------------------------------------------------
 
@@ -281,10 +72,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cli(args: argparse.Namespace) -> int:
     """`authz test`: 0 when every case passes, 1 on a failure, 2 for a bundle or usage error."""
-    from authz.bundle.loader import BundleError, read_bundle
-    from authz.engine.compile import compile_bundle
-    from authz.example import EXIT_USAGE, example_bundle
-
     root = args.bundle or example_bundle()
     try:
         files = read_bundle(root)

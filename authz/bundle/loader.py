@@ -52,7 +52,12 @@ class BundleFiles:
         return str(value.get("revision", "")) if isinstance(value, dict) else ""
 
 
-def read_bundle(root: Path) -> BundleFiles:
+def read_bundle(root: Path, *, require_policies: bool = False) -> BundleFiles:
+    """The bundle at ``root``, validated; BundleError lists every problem found.
+
+    ``require_policies``: a bundle without a single policy is an error too (the serving
+    gate and lint ask for this; authz serve --allow-empty-bundle turns it off).
+    """
     root = Path(root)
     problems: list[Problem] = []
     if not root.is_dir():
@@ -81,9 +86,26 @@ def read_bundle(root: Path) -> BundleFiles:
         for doc in _read(root, path, problems):
             problems += schema.validate(doc, schema.BUNDLE_TEST)
             files.tests.append(doc)
+    if require_policies and not problems:
+        problems += missing_policies(files)
     if problems:
         raise BundleError(problems, files.revision)
     return files
+
+
+def missing_policies(files: BundleFiles) -> list[Problem]:
+    """An error when the bundle holds no policy at all: it would deny every request, and it
+    is what a ConfigMap mounted without ``items:`` gives (only bundle.yaml; its policies/,
+    tenants/ and tests/ subdirectories are not projected)."""
+    if files.policies:
+        return []
+    found = "no policy in its policies/ files" if (files.root / "policies").is_dir() else "no policies/ directory"
+    return [Problem(
+        files.manifest.at(()),
+        f"the bundle has no policies ({found}); it would deny every request. A ConfigMap needs "
+        "items: projecting policies/*.yaml (deploy/kubernetes/). To serve it anyway: "
+        "authz serve --allow-empty-bundle",
+    )]
 
 
 def _files(directory: Path, suffixes: tuple[str, ...]) -> list[Path]:

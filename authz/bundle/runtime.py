@@ -4,7 +4,8 @@
 back to the ``--persist`` copy when the source gives no good bundle within its timeout).
 `authz serve` runs the first load in the reloader thread once its ports are open, so that
 /healthz answers (and Kubernetes does not kill the pod) while a slow source is read.
-``build`` packs a bundle directory into a verified, optionally signed archive.
+``build`` packs a bundle directory into a verified, optionally signed archive, written to a
+file or pushed to an OCI registry.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from authz.bundle import archive, signing
+from authz.bundle import archive, oci, signing
 from authz.bundle.archive import Limits
 from authz.bundle.loader import BundleError
 from authz.bundle.sources import PollPolicy, SourceUnavailable, open_source, read_directory
@@ -24,7 +27,11 @@ from authz.bundle.store import BundleStore, check_candidate
 from authz.bundle.watcher import Reloader
 from authz.metrics import Metrics
 from authz.credentials import TokenFile
-from authz.tls import ClientTls
+from authz.options import positive_float, positive_int
+from authz.tls import ClientTls, client_context
+
+if TYPE_CHECKING:
+    from authz.tracing import Tracing
 
 log = logging.getLogger("authz")
 
@@ -46,21 +53,21 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--watch-interval",
-        type=float,
+        type=positive_float,
         default=1.0,
         metavar="SECONDS",
         help="how often a directory or archive is checked for changes (default 1)",
     )
     g.add_argument(
         "--poll-min",
-        type=float,
+        type=positive_float,
         default=10.0,
         metavar="SECONDS",
         help="bundle server: shortest delay between polls (default 10)",
     )
     g.add_argument(
         "--poll-max",
-        type=float,
+        type=positive_float,
         default=30.0,
         metavar="SECONDS",
         help="bundle server: longest delay between polls (default 30); "
@@ -68,17 +75,31 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--poll-backoff-max",
-        type=float,
+        type=positive_float,
         default=120.0,
         metavar="SECONDS",
         help="bundle server: longest delay after repeated errors (default 120)",
     )
     g.add_argument(
         "--poll-timeout",
-        type=float,
+        type=positive_float,
         default=10.0,
         metavar="SECONDS",
         help="bundle server: timeout of one download (default 10)",
+    )
+    g.add_argument(
+        "--registry-credentials",
+        type=Path,
+        metavar="FILE",
+        help="oci:// bundles: registry credentials in Docker config.json form (auths.HOST.auth)",
+    )
+    g.add_argument(
+        "--insecure-registry",
+        action="append",
+        default=[],
+        metavar="HOST[:PORT]",
+        help="oci:// bundles: a registry that may be reached over plain http (loopback ones "
+        "always may); repeatable",
     )
     g.add_argument(
         "--bundle-token-file",
@@ -100,7 +121,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--bundle-max-bytes",
-        type=int,
+        type=positive_int,
         default=archive.DEFAULT_MAX_BYTES,
         metavar="N",
         help="largest bundle accepted, downloaded or unpacked (default 128 MiB)",
@@ -108,7 +129,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def open_bundles(
-    args: argparse.Namespace, metrics: Metrics, default: Path, tls: ClientTls | None = None
+    args: argparse.Namespace, metrics: Metrics, default: Path, tls: ClientTls | None = None,
+    tracing: Tracing | None = None,
 ) -> tuple[BundleStore, Reloader]:
     """The empty store and the reloader, not started. SystemExit(2) on bad flags."""
     key = None
@@ -139,6 +161,8 @@ def open_bundles(
             tls=tls if tls is not None else ClientTls(args.ca_file),
             token=token,
             allow_redirects=args.allow_redirects,
+            registry_credentials=args.registry_credentials,
+            insecure_registries=args.insecure_registry,
         )
     except ValueError as exc:
         print(f"authz serve: {exc}", file=sys.stderr)
@@ -150,8 +174,9 @@ def open_bundles(
         limits=limits,
         source=source.description,
         allow_rollback=args.allow_rollback,
+        allow_empty=args.allow_empty_bundle,
     )
-    return store, Reloader(store, source, interval=args.watch_interval)
+    return store, Reloader(store, source, interval=args.watch_interval, tracing=tracing)
 
 
 def first_load(store: BundleStore, reloader: Reloader, persist: Path | None) -> None:
@@ -163,11 +188,14 @@ def first_load(store: BundleStore, reloader: Reloader, persist: Path | None) -> 
         store.restore_persisted(f"source {source.description} gave no good bundle: {reason}")
     if store.current is None:
         reason = store.status().last_error or "no bundle"
-        message = (
-            f"authz: no bundle to serve ({reason}); gRPC health is NOT_SERVING, /readyz "
-            f"fails and every check is denied until {source.description} gives a good bundle"
+        # A log record, not a bare line, so that --log-format json keeps stderr all JSON.
+        log.error(
+            "no bundle to serve (%s); gRPC health is NOT_SERVING, /readyz fails and every "
+            "check is denied until %s gives a good bundle",
+            reason,
+            source.description,
+            extra={"source": source.description, "reason": reason},
         )
-        print(message, file=sys.stderr)
 
 
 def default_serial() -> int:
@@ -176,9 +204,29 @@ def default_serial() -> int:
 
 
 def build(
-    directory: Path, output: Path, signing_key: Path | None, serial: int | None = None
+    directory: Path,
+    output: Path | None,
+    signing_key: Path | None,
+    serial: int | None = None,
+    push: str | None = None,
+    registry_credentials: Path | None = None,
+    ca_file: Path | None = None,
+    insecure_registries: Sequence[str] = (),
 ) -> int:
-    """`authz build DIR -o FILE.tar.gz [--signing-key KEY] [--serial N]`: 0 written, 2 error."""
+    """`authz build DIR [-o FILE.tar.gz] [--push oci://...] [--signing-key KEY] [--serial N]`.
+
+    0 written (and pushed), 1 the registry refused or was unreachable, 2 bundle, key or flag
+    error."""
+    if output is None and push is None:
+        print("authz build: give -o FILE.tar.gz, --push oci://REGISTRY/REPO:TAG or both",
+              file=sys.stderr)
+        return 2
+    if push is not None:
+        try:
+            oci.parse_reference(push)
+        except ValueError as exc:
+            print(f"authz build: {exc}", file=sys.stderr)
+            return 2
     key = None
     if signing_key is not None:
         try:
@@ -198,13 +246,26 @@ def build(
         return 2
     serial = default_serial() if serial is None else serial
     data = archive.build_archive(files, policy_set.name, policy_set.revision, key, serial)
-    try:
-        archive.write_atomic(output, data)
-    except OSError as exc:
-        print(f"authz build: cannot write {output}: {exc}", file=sys.stderr)
-        return 2
-    print(
-        f"{output}: bundle {policy_set.name} revision {policy_set.revision}, {len(files)} files, "
+    what = (
+        f"bundle {policy_set.name} revision {policy_set.revision}, {len(files)} files, "
         f"{len(data)} bytes, serial {serial}, {'signed' if key is not None else 'unsigned'}"
     )
+    if output is not None:
+        try:
+            archive.write_atomic(output, data)
+        except OSError as exc:
+            print(f"authz build: cannot write {output}: {exc}", file=sys.stderr)
+            return 2
+        print(f"{output}: {what}")
+    if push is not None:
+        try:
+            digest = oci.push(
+                push, data, policy_set.name, policy_set.revision,
+                credentials=registry_credentials, insecure=insecure_registries,
+                ssl_context=client_context(ca_file),
+            )
+        except (ValueError, SourceUnavailable) as exc:
+            print(f"authz build: push to {push} failed: {exc}", file=sys.stderr)
+            return 1
+        print(f"{push}: {what}, manifest {digest}")
     return 0

@@ -8,6 +8,7 @@ gate in store.py. Sources never compile or swap anything.
   kubelet) is read through the resolved ``..data`` target, and re-read if the target
   changed while reading, so a snapshot never mixes two versions.
 - ArchiveSource reads a bundle archive from a file.
+- OciSource (oci.py) polls a tag in an OCI registry, with the same rules as HttpSource.
 - HttpSource polls a URL with ``If-None-Match``, a deadline on the whole download (a server
   that drips one byte a second fails at the deadline, not never) and a size limit; the delay
   between polls is drawn between a minimum and a maximum (jitter), and grows
@@ -30,7 +31,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import urllib.response
-from collections.abc import Hashable, Iterator
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from email.message import Message
 from http.client import HTTPMessage
@@ -400,13 +401,16 @@ class HttpSource:
         return None
 
     def next_delay(self, ok: bool) -> float:
-        """Seconds until the next poll: jittered between min and max, backing off on errors."""
-        p = self.policy
-        if ok or self.failures == 0:
-            return self._rng.uniform(p.min_delay, p.max_delay)
-        ceiling = min(p.backoff_max, p.min_delay * (2 ** min(self.failures, 30)))
-        ceiling = max(ceiling, p.min_delay)
-        return self._rng.uniform(ceiling / 2, ceiling)
+        return poll_delay(self.policy, self._rng, self.failures, ok)
+
+
+def poll_delay(p: PollPolicy, rng: random.Random, failures: int, ok: bool) -> float:
+    """Seconds until the next poll: jittered between min and max, backing off on errors."""
+    if ok or failures == 0:
+        return rng.uniform(p.min_delay, p.max_delay)
+    ceiling = min(p.backoff_max, p.min_delay * (2 ** min(failures, 30)))
+    ceiling = max(ceiling, p.min_delay)
+    return rng.uniform(ceiling / 2, ceiling)
 
 
 class _Watchdog:
@@ -502,9 +506,19 @@ def open_source(
     tls: ClientTls | None = None,
     token: TokenFile | None = None,
     allow_redirects: bool = False,
+    registry_credentials: Path | None = None,
+    insecure_registries: Sequence[str] = (),
 ) -> Source:
-    """The source for a ``--bundle`` value: an http(s) URL, a .tar.gz file or a directory."""
+    """The source for a ``--bundle`` value: an oci:// reference, an http(s) URL, a .tar.gz
+    file or a directory."""
     text = str(spec)
+    if text.startswith("oci://"):
+        from authz.bundle.oci import OciSource  # oci.py builds on this module
+
+        return OciSource(
+            text, limits, policy, credentials=registry_credentials,
+            insecure=insecure_registries, ssl_context=ssl_context, tls=tls,
+        )
     if text.startswith(("http://", "https://")):
         return HttpSource(text, limits, policy, ssl_context=ssl_context, tls=tls, token=token,
                           allow_redirects=allow_redirects)

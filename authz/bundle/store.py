@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from authz.bundle import archive, persist
 from authz.bundle.archive import DEFAULT_LIMITS, Limits, Snapshot
+from authz.bundle.cases import run_cases
 from authz.bundle.loader import BundleError, BundleFiles, read_bundle
 from authz.bundle.schema import Problem
 from authz.bundle.sources import Source, SourceUnavailable, read_directory
@@ -76,12 +77,18 @@ class Status:
 
 
 def check_candidate(
-    snap: Snapshot, key: Ed25519PublicKey | None = None, run_tests: bool = True
+    snap: Snapshot,
+    key: Ed25519PublicKey | None = None,
+    run_tests: bool = True,
+    allow_empty: bool = False,
 ) -> PolicySet:
-    """The gate without the swap: verify, read, compile and test ``snap``; raises BundleError."""
+    """The gate without the swap: verify, read, compile and test ``snap``; raises BundleError.
+
+    A bundle without policies is refused unless ``allow_empty`` (--allow-empty-bundle).
+    """
     manifest = archive.verify(snap, key)
     with archive.materialize(snap) as root:
-        files = read_bundle(root)
+        files = read_bundle(root, require_policies=not allow_empty)
     if manifest is not None:
         for field in ("revision", "name"):
             want = str(manifest.get(field, ""))
@@ -106,8 +113,6 @@ def check_candidate(
 
 def run_bundle_tests(policy_set: PolicySet, files: BundleFiles) -> None:
     """Run the bundle's tests/*.yaml against the compiled candidate; raise if any case fails."""
-    from authz.testing import run_cases  # the authoring tools' runner (authz test)
-
     report = run_cases(policy_set, files.tests)
     if report.failed:
         raise BundleError(
@@ -181,12 +186,14 @@ class BundleStore:
         run_tests: bool = True,
         source: str | None = None,
         allow_rollback: bool = False,
+        allow_empty: bool = False,
     ) -> None:
         self.metrics = metrics
         self.verification_key = verification_key
         self.persist_dir = Path(persist_dir) if persist_dir is not None else None
         self.limits = limits
         self.run_tests = run_tests
+        self.allow_empty = allow_empty
         self.current: PolicySet | None = None
         self._source = source
         self._digest: str | None = None  # content digest of the serving bundle
@@ -308,7 +315,9 @@ class BundleStore:
             if refusal is not None:
                 raise refusal
             serial = archive.manifest_serial(snap)
-            candidate = check_candidate(snap, self.verification_key, self.run_tests)
+            candidate = check_candidate(
+                snap, self.verification_key, self.run_tests, self.allow_empty
+            )
         except BundleError as exc:
             return self._reject(snap.origin, exc)
         except Exception as exc:  # noqa: BLE001 - a bug in a step must not take the server down
@@ -346,6 +355,7 @@ class BundleStore:
             len(candidate.policies),
             len(candidate.tenants),
             f" [persisted copy: {persisted_reason}]" if persisted_reason else "",
+            extra={"bundle": candidate.name, "revision": candidate.revision, "source": snap.origin},
         )
         if self.persist_dir is not None and persisted_reason is None:
             try:
@@ -395,6 +405,12 @@ class BundleStore:
             origin,
             exc,
             f"\n  still serving revision {cur.revision}" if cur is not None else "",
+            extra={
+                "source": origin,
+                "rejected_revision": exc.revision or None,
+                "revision": cur.revision if cur is not None else None,
+                "reason": [str(p) for p in exc.problems],
+            },
         )
         self._notify()
         return REJECTED
@@ -410,7 +426,10 @@ class BundleStore:
         self.metrics.bundle_loads.labels(ERROR).inc()
         cur = self.current
         log.warning(
-            "%s%s", reason, f"; still serving revision {cur.revision}" if cur is not None else ""
+            "%s%s",
+            reason,
+            f"; still serving revision {cur.revision}" if cur is not None else "",
+            extra={"source": origin, "reason": reason, "revision": cur.revision if cur else None},
         )
         self._notify()
         return ERROR

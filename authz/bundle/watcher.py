@@ -19,9 +19,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Hashable
+from typing import TYPE_CHECKING
 
 from authz.bundle.sources import Source
-from authz.bundle.store import ERROR, BundleStore
+from authz.bundle.store import ERROR, LOADED, UNCHANGED, BundleStore
+
+if TYPE_CHECKING:
+    from authz.tracing import Tracing
 
 log = logging.getLogger("authz.bundle")
 
@@ -34,9 +38,12 @@ class Reloader:
         *,
         interval: float = 1.0,
         settle: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        tracing: Tracing | None = None,
     ) -> None:
         self.store = store
         self.source = source
+        self.tracing = tracing
         self.interval = interval
         self.settle = interval if settle is None else settle
         self.loads = 0  # load attempts made by this reloader (for tests and logs)
@@ -47,12 +54,16 @@ class Reloader:
         self._loaded_fp: Hashable = None
         self._last_ok = True
         self._first: Callable[[], object] | None = None
+        self._clock = clock  # tests drive it to step through settling deterministically
+        self._seen: Hashable = None  # the fingerprint at the last look
+        self._changed_at = 0.0  # when it last changed
 
     # --- control -------------------------------------------------------------------------
 
     def initial_load(self) -> str:
         """The first load, in the caller's thread; later changes are picked up by the thread."""
-        self._loaded_fp = self.source.fingerprint()
+        self._loaded_fp = self._seen = self.source.fingerprint()
+        self._changed_at = self._clock()
         return self._load(force=False)
 
     def start(self, first: Callable[[], object] | None = None) -> Reloader:
@@ -78,8 +89,14 @@ class Reloader:
 
     def _load(self, force: bool) -> str:
         self.loads += 1
+        started = time.time_ns()
         result = self.store.fetch_and_load(self.source, force=force)
         self._last_ok = result != ERROR
+        if self.tracing is not None and result != UNCHANGED:  # a span per load, not per poll
+            st = self.store.status()
+            self.tracing.bundle_load(self.source.description, result, st.revision,
+                                     st.served_from, st.last_error if result != LOADED else None,
+                                     started)
         return result
 
     def _take_forced(self) -> bool:
@@ -112,23 +129,28 @@ class Reloader:
             self._load(force=forced)
 
     def _watch_loop(self) -> None:
-        seen = self._loaded_fp
-        changed_at = time.monotonic()
         while not self._stop.is_set():
             self._wake.wait(self.interval)
             if self._stop.is_set():
                 return
-            if self._take_forced():
-                log.info("reloading %s now (signal)", self.source.description)
-                fp = self.source.fingerprint()
-                self._load(force=True)
-                self._loaded_fp = seen = fp
-                continue
+            self.watch_once()
+
+    def watch_once(self) -> None:
+        """One look at a file source: load a change once it has settled, or now if triggered.
+
+        The thread calls this every ``interval``; a test calls it directly with its own clock.
+        """
+        if self._take_forced():
+            log.info("reloading %s now (signal)", self.source.description)
             fp = self.source.fingerprint()
-            now = time.monotonic()
-            if fp != seen:
-                seen, changed_at = fp, now  # still changing: wait for it to settle
-                continue
-            if fp != self._loaded_fp and now - changed_at >= self.settle:
-                self._loaded_fp = fp
-                self._load(force=False)
+            self._load(force=True)
+            self._loaded_fp = self._seen = fp
+            return
+        fp = self.source.fingerprint()
+        now = self._clock()
+        if fp != self._seen:
+            self._seen, self._changed_at = fp, now  # still changing: wait for it to settle
+            return
+        if fp != self._loaded_fp and now - self._changed_at >= self.settle:
+            self._loaded_fp = fp
+            self._load(force=False)

@@ -368,7 +368,8 @@ def test_bad_candidates_are_rejected_without_a_single_failed_check(
                     f"{name} was not rejected"
                 )
                 st = status(authz)
-                assert st["revision"] == "good" and st["last_result"] == "rejected", (name, st)
+                # The poller may already have asked again (a 304: "unchanged") by now.
+                assert st["revision"] == "good" and st["last_result"] in ("rejected", "unchanged"), (name, st)
                 assert re.search(pattern, st["last_error"]), (name, st["last_error"])
                 before = traffic.count()
                 assert wait_for(lambda b=before: traffic.count() >= b + 10, 5)

@@ -1,4 +1,4 @@
-"""`authz test` and authz.testing.run_cases: bundle tests through the real check path."""
+"""`authz test` and authz.bundle.cases.run_cases: bundle tests through the real check path."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import yaml
 from authz.bundle.loader import BundleError, read_bundle
 from authz.cli import main
 from authz.engine.compile import compile_bundle
-from authz.testing import run_cases
+from authz.bundle.cases import run_cases
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "policies" / "example"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -106,30 +107,56 @@ def test_configmap_symlink_swap_is_picked_up_exactly_once(tmp_path: Path) -> Non
 
 
 def test_edits_are_debounced_and_hidden_files_ignored(tmp_path: Path) -> None:
+    # The watcher's clock is driven by the test and each look is made by hand, so the
+    # outcome does not depend on how fast a loaded machine runs the thread.
     root = write_bundle(tmp_path / "b", [POLICY], revision="r1")
-    store, reloader = store_and_reloader(DirectorySource(root), interval=0.05, settle=0.3)
+    now = [1000.0]
+    store, reloader = store_and_reloader(DirectorySource(root), settle=0.3, clock=lambda: now[0])
+
+    def look_at(t: float) -> None:
+        now[0] = t
+        reloader.watch_once()
+
+    mtime = [(root / "bundle.yaml").stat().st_mtime_ns]
+
+    def edit(path: Path, text: str) -> None:
+        # Explicit, distinct mtimes: two writes inside one kernel clock tick would otherwise
+        # look the same to a size+mtime fingerprint.
+        path.write_text(text)
+        mtime[0] += 1_000_000_000
+        os.utime(path, ns=(mtime[0], mtime[0]))
+
+    edit(root / ".swap", "editor junk")
+    for t in (1000.1, 1000.5, 1001.0):
+        look_at(t)
+    assert reloader.loads == 1  # a hidden file is no change
+    # A burst of edits, each under the settle time after the one before, loads once, after it.
+    t = 1001.0
+    for i in range(5):
+        edit(root / "bundle.yaml", yaml.safe_dump({"apiVersion": "authz/v1", "kind": "Bundle", "name": "t",
+                                                   "revision": f"r2-{i}", "trustDomain": "cluster.local"}))
+        t += 0.1
+        look_at(t)
+        t += 0.1
+        look_at(t)
+        assert reloader.loads == 1, f"loaded during the burst, after edit {i}"
+    look_at(t + 0.1)  # settled for 0.2 s, under the 0.3 s settle time
+    assert reloader.loads == 1
+    look_at(t + 0.35)
+    assert reloader.loads == 2
+    assert store.current is not None and store.current.revision == "r2-4"
+    for dt in (1.0, 2.0, 3.0):
+        look_at(t + dt)
+    assert reloader.loads == 2  # nothing changed since: no more loads
+
+
+def test_watcher_thread_picks_up_an_edit(tmp_path: Path) -> None:
+    root = write_bundle(tmp_path / "b", [POLICY], revision="r1")
+    store, reloader = store_and_reloader(DirectorySource(root), interval=0.05, settle=0.1)
     reloader.start()
     try:
-        (root / ".swap").write_text("editor junk")
-        time.sleep(0.3)
-        assert reloader.loads == 1
-        # A burst of edits (each under the settle time apart) loads once, after the burst.
-        for i in range(5):
-            (root / "bundle.yaml").write_text(
-                yaml.safe_dump(
-                    {
-                        "apiVersion": "authz/v1",
-                        "kind": "Bundle",
-                        "name": "t",
-                        "revision": f"r2-{i}",
-                        "trustDomain": "cluster.local",
-                    }
-                )
-            )
-            time.sleep(0.1)
-        assert wait_for(lambda: store.current is not None and store.current.revision == "r2-4")
-        time.sleep(0.4)
-        assert reloader.loads == 2
+        write_bundle(root, [POLICY], revision="r2")
+        assert wait_for(lambda: store.current is not None and store.current.revision == "r2", 30)
     finally:
         reloader.stop()
 
