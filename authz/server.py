@@ -168,12 +168,13 @@ class _PooledHTTPServer(HTTPServer):
         # Workers of one service share the port (SO_REUSEPORT), as they share the gRPC one.
         self.allow_reuse_port = reuse_port
         self.request_queue_size = backlog
-        super().__init__(addr, handler)
+        # Before binding: a failed bind calls server_close(), which shuts the pool down.
         self._pool = ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix="authz-http")
         self._limit = pool_size + backlog
         self._open = 0
         self._lock = threading.Lock()
         self.refused = 0  # connections closed at once because the pool was full
+        super().__init__(addr, handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         with self._lock:
