@@ -148,9 +148,9 @@ def test_hung_collector_with_large_records_keeps_memory_bounded_and_visible(tmp_
                 stub.Check(check_request(**big), timeout=10)
             time.sleep(1.0)
             before = rss_kb(proc.pid)
-            # ~225 MB of requests, in batches under the 1000 streams a connection may have;
+            # ~380 MB of requests, in batches under the 1000 streams a connection may have;
             # every record is queued for the stuck collector
-            for _ in range(6):
+            for _ in range(10):
                 futures = [stub.Check.future(check_request(**big), timeout=60) for _ in range(500)]
                 assert all(f.result().status.code in (0, 7) for f in futures)
         assert wait_for(lambda: metric(http_get(h, "/metrics")[1],
@@ -165,9 +165,11 @@ def test_hung_collector_with_large_records_keeps_memory_bounded_and_visible(tmp_
         collector.close()
     assert 0 < queued <= bound
     assert blocked > 0  # what did not fit was dropped and counted
-    # 3000 records of ~3 KB each (fields truncated) would be 9 MB; the queue holds <= 2 MiB
+    # Unbounded, with whole paths, the records alone would hold 5000 x 17 KB = 85 MB; fields
+    # truncated and the queue bounded in bytes, it holds <= 2 MiB. 50 MB leaves room for the
+    # allocator and gRPC's buffers on a loaded machine.
     growth_mb = (after - before) / 1024
-    assert growth_mb < 40, growth_mb
+    assert growth_mb < 50, growth_mb
 
 
 # --- audit files rotated by someone else ----------------------------------------------------
