@@ -39,11 +39,11 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any, NamedTuple, Protocol
 
+from authz.credentials import TokenFile, client_auth
 from authz.engine.model import Decision
 from authz.metrics import Metrics
-from authz.request import Request
-from authz.credentials import TokenFile, client_auth
 from authz.redact import redact_url
+from authz.request import Request
 from authz.tls import ClientTls, client_context
 
 log = logging.getLogger("authz.audit")
@@ -57,12 +57,26 @@ DROP_SINK_BLOCKED = "sink_blocked"  # a sink's own queue was full: that sink is 
 DROP_SINK_ERROR = "sink_error"  # a sink raised (disk full, collector gave up after retries)
 DROP_FORMAT_ERROR = "format_error"  # a record could not be turned into JSON
 DROP_SHUTDOWN = "shutdown"  # still queued for a stuck sink when the service stopped
+# What a queued entry costs besides its request's bytes (the tuple, the decision, the id).
+ENTRY_OVERHEAD = 512
+REPORT_INTERVAL = 1.0  # seconds between updates of the queue age and size gauges
+
 DROP_REASONS = (DROP_QUEUE_FULL, DROP_SINK_BLOCKED, DROP_SINK_ERROR, DROP_FORMAT_ERROR, DROP_SHUTDOWN)
 
 # W3C trace context: version-traceid-parentid-flags (future versions may append fields).
 _TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}(-[ -~]*)?\Z")
 _MAX_REQUEST_ID = 128
 _MAX_HEADER_VALUE = 1024
+# Longer request fields (path, host, principals...) keep this many characters and say how
+# many more there were: a record stays a few KiB whatever the request carried.
+MAX_FIELD = 2048
+
+
+def truncate(value: str, limit: int = MAX_FIELD) -> str:
+    """``value`` cut to ``limit`` characters, marked with how much was cut."""
+    if len(value) <= limit:
+        return value
+    return f"{value[:limit]}...[truncated {len(value) - limit} chars]"
 
 
 class Sink(Protocol):
@@ -127,7 +141,9 @@ class FileSink:
 
     Writes are unbuffered appends, so a failed write (disk full) leaves nothing queued in
     memory; a line cut short by a failure is terminated before the next write so the
-    following records still parse line by line.
+    following records still parse line by line. Before each batch the path is checked
+    (one stat): a file removed or replaced by someone else (logrotate, an operator) is
+    reopened at the path, so records never go on into a file nobody can see.
     """
 
     max_batch = 512
@@ -139,13 +155,32 @@ class FileSink:
         self.name = name
         self.max_bytes = max_bytes
         self.backups = backups
+        self._identity: tuple[int, int] | None = None
         self._fh = self._open()
         self._torn = False
+        self.reopened = 0  # times the file was found removed or replaced
 
     def _open(self) -> Any:
-        return open(self.path, "ab", buffering=0)
+        fh = open(self.path, "ab", buffering=0)
+        st = os.fstat(fh.fileno())
+        self._identity = (st.st_dev, st.st_ino)
+        return fh
+
+    def _reopen_if_moved(self) -> None:
+        try:
+            st = os.stat(self.path)
+            moved = (st.st_dev, st.st_ino) != self._identity
+        except FileNotFoundError:
+            moved = True
+        if moved:
+            log.warning("audit log %s was removed or replaced; reopening it", self.path)
+            self._fh.close()
+            self._fh = self._open()
+            self._torn = False
+            self.reopened += 1
 
     def write(self, lines: list[str]) -> None:
+        self._reopen_if_moved()
         data = "".join(line + "\n" for line in lines).encode()
         if self._torn:
             data = b"\n" + data
@@ -395,12 +430,12 @@ def build_record(e: AuditEntry, header_allowlist: tuple[str, ...] = (),
         "headers": {},
     }
     if r is not None:
-        rec["source_principal"] = r.principal or None
-        rec["destination_principal"] = r.destination_principal or None
-        rec["source_address"] = r.source_address or None
-        rec["method"] = r.method
-        rec["host"] = r.host
-        rec["path"] = r.path + ("?" + r.query if log_query and r.query else "")
+        rec["source_principal"] = truncate(r.principal) or None
+        rec["destination_principal"] = truncate(r.destination_principal) or None
+        rec["source_address"] = truncate(r.source_address) or None
+        rec["method"] = truncate(r.method)
+        rec["host"] = truncate(r.host)
+        rec["path"] = truncate(r.path + ("?" + r.query if log_query and r.query else ""))
         rec["request_id"] = _request_id(r)
         rec["traceparent"] = _traceparent(r)
         rec["headers"] = {h: r.headers[h][:_MAX_HEADER_VALUE]
@@ -462,16 +497,16 @@ class RecordFormatter:
             return head + ('"source_principal":null,"destination_principal":null,'
                            '"source_address":null,"method":null,"host":null,"path":null,'
                            '"request_id":null,"traceparent":null,"headers":{}}')
-        path = r.path + ("?" + r.query if self.log_query and r.query else "")
+        path = truncate(r.path + ("?" + r.query if self.log_query and r.query else ""))
         headers = "{}"
         if self.header_allowlist:
             kept = {h: r.headers[h][:_MAX_HEADER_VALUE] for h in self.header_allowlist if h in r.headers}
             if kept:
                 headers = json.dumps(kept, separators=(",", ":"))
-        return (f'{head}"source_principal":{_opt(r.principal)},'
-                f'"destination_principal":{_opt(r.destination_principal)},'
-                f'"source_address":{_opt(r.source_address)},"method":{_str(r.method)},'
-                f'"host":{_str(r.host)},"path":{_str(path)},'
+        return (f'{head}"source_principal":{_opt(truncate(r.principal))},'
+                f'"destination_principal":{_opt(truncate(r.destination_principal))},'
+                f'"source_address":{_opt(truncate(r.source_address))},"method":{_str(truncate(r.method))},'
+                f'"host":{_str(truncate(r.host))},"path":{_str(path)},'
                 f'"request_id":{_opt(_request_id(r))},'
                 f'"traceparent":{_opt(_traceparent(r))},"headers":{headers}}}')
 
@@ -480,34 +515,65 @@ class RecordFormatter:
 
 
 class _SinkWorker:
-    """One sink's bounded queue (in records) and the thread that drains it.
+    """One sink's queue, bounded in records and in bytes, and the thread that drains it.
 
     The dispatcher is the only producer and this thread the only consumer, so the deque
-    needs no lock. The thread polls every ``poll_interval`` seconds instead of being woken
-    per batch: under load that is a handful of thread switches a second, not hundreds.
+    needs no lock; the byte count is two counters, each written by one side only. The
+    thread polls every ``poll_interval`` seconds instead of being woken per batch: under
+    load that is a handful of thread switches a second, not hundreds. Each queued line
+    carries the time it was queued, so a stuck sink shows in ``age()`` (and the
+    authz_audit_oldest_queued_seconds gauge) long before its queue overflows.
     """
 
-    def __init__(self, sink: Sink, metrics: Metrics, capacity: int, poll_interval: float) -> None:
+    def __init__(self, sink: Sink, metrics: Metrics, capacity: int, poll_interval: float,
+                 max_bytes: int = 64 * 1024 * 1024) -> None:
         self.sink = sink
         self.capacity = max(1, capacity)
+        self.max_bytes = max(1, max_bytes)
         self.max_batch = max(1, int(getattr(sink, "max_batch", 512)))
         self.max_delay = max(0.0, float(getattr(sink, "max_delay", 0.0)))
         self.poll_interval = poll_interval
-        self._queue: collections.deque[str] = collections.deque()
+        self._queue: collections.deque[tuple[float, str]] = collections.deque()
+        self._bytes_in = 0  # written by the dispatcher only
+        self._bytes_out = 0  # written by this sink's thread only
+        self._writing_since: float | None = None  # the batch being written, if any
         self._stop = threading.Event()
         self._written = metrics.audit_records.labels(sink.name)
         self._blocked = metrics.audit_dropped.labels(DROP_SINK_BLOCKED)
         self._errors = metrics.audit_dropped.labels(DROP_SINK_ERROR)
         self._shutdown = metrics.audit_dropped.labels(DROP_SHUTDOWN)
+        self._age_gauge = metrics.audit_oldest_queued.labels(sink.name)
+        self._bytes_gauge = metrics.audit_queued_bytes.labels(sink.name)
         self._last_error_log = 0.0
         self.thread = threading.Thread(target=self._run, name=f"authz-audit-{sink.name}", daemon=True)
 
-    def offer(self, lines: list[str]) -> None:
+    @property
+    def queued_bytes(self) -> int:
+        return self._bytes_in - self._bytes_out
+
+    def offer(self, lines: list[str], now: float) -> None:
         """Queue a batch, or drop and count it when the sink is that far behind."""
-        if len(self._queue) + len(lines) > self.capacity:
+        size = sum(len(line) for line in lines)
+        if len(self._queue) + len(lines) > self.capacity or self.queued_bytes + size > self.max_bytes:
             self._blocked.inc(len(lines))
         else:
-            self._queue.extend(lines)
+            self._queue.extend((now, line) for line in lines)
+            self._bytes_in += size
+
+    def age(self, now: float) -> float:
+        """Seconds the oldest record not yet written has waited (0 when none waits)."""
+        oldest = self._writing_since
+        try:
+            head = self._queue[0][0]
+        except IndexError:
+            head = None
+        if head is not None and (oldest is None or head < oldest):
+            oldest = head
+        return max(0.0, now - oldest) if oldest is not None else 0.0
+
+    def report(self, now: float) -> None:
+        self._age_gauge.set(self.age(now))
+        self._bytes_gauge.set(self.queued_bytes)
 
     def stop(self) -> None:
         self._stop.set()
@@ -515,16 +581,23 @@ class _SinkWorker:
     def _run(self) -> None:
         q = self._queue
         pending: list[str] = []
+        first_at = 0.0
         oldest = 0.0
         while True:
             stopping = self._stop.is_set()
             if q and not pending:
-                oldest = time.monotonic()
+                first_at = time.monotonic()
+                oldest = q[0][0]
             while q and len(pending) < self.max_batch:
-                pending.append(q.popleft())
+                pending.append(q.popleft()[1])
             if pending and (stopping or len(pending) >= self.max_batch
-                            or time.monotonic() - oldest >= self.max_delay):
-                self._write(pending)
+                            or time.monotonic() - first_at >= self.max_delay):
+                self._writing_since = oldest
+                try:
+                    self._write(pending)
+                finally:
+                    self._writing_since = None
+                    self._bytes_out += sum(len(line) for line in pending)
                 pending = []
                 continue
             if stopping and not q and not pending:
@@ -547,6 +620,7 @@ class _SinkWorker:
         """Count what a stuck sink still holds at shutdown as dropped."""
         dropped = len(self._queue)
         self._queue.clear()
+        self._bytes_out = self._bytes_in
         if dropped:
             self._shutdown.inc(dropped)
         return dropped
@@ -560,6 +634,11 @@ class AuditLog:
     [0, 1) and is injectable so sampling is testable. ``start=False`` leaves the threads
     unstarted (tests of the shared queue); call ``start()`` later. A sink with a
     ``queue_size`` attribute gets a queue of that many records instead of ``sink_queue_size``.
+
+    Every queue is bounded in bytes as well as in records (``queue_bytes`` for the shared
+    queue, by the size the caller gives each entry; ``sink_queue_bytes`` for each sink's,
+    by formatted length), so large requests cannot make a stuck sink hold more memory
+    than that.
 
     The shared queue is a deque whose length is checked before each append: no lock and
     no wake-up per record on the hot path. The dispatcher polls it every ``poll_interval``
@@ -576,6 +655,8 @@ class AuditLog:
         *,
         queue_size: int = 10_000,
         sink_queue_size: int = 10_000,
+        queue_bytes: int = 64 * 1024 * 1024,
+        sink_queue_bytes: int = 64 * 1024 * 1024,
         header_allowlist: Iterable[str] = (),
         log_query: bool = False,
         allow_sample_rate: float = 1.0,
@@ -591,12 +672,15 @@ class AuditLog:
         self.log_query = log_query
         self.allow_sample_rate = allow_sample_rate
         self.queue_size = max(1, queue_size)
+        self.queue_bytes = max(1, queue_bytes)
         self.poll_interval = poll_interval
         self.format = RecordFormatter(self.header_allowlist, log_query)
         self._rng = rng
-        self._queue: collections.deque[AuditEntry] = collections.deque()
+        self._queue: collections.deque[tuple[AuditEntry, int]] = collections.deque()
+        self._bytes_in = 0  # written by submit (the event loop) only
+        self._bytes_out = 0  # written by the dispatcher only
         self._workers = [_SinkWorker(s, metrics, int(getattr(s, "queue_size", 0) or sink_queue_size),
-                                     poll_interval) for s in self.sinks]
+                                     poll_interval, sink_queue_bytes) for s in self.sinks]
         for reason in DROP_REASONS:  # every series exists from the start, at 0
             metrics.audit_dropped.labels(reason)
         self._queue_full = metrics.audit_dropped.labels(DROP_QUEUE_FULL)
@@ -619,17 +703,20 @@ class AuditLog:
 
     # The hot path ------------------------------------------------------------------------
 
-    def submit(self, entry: AuditEntry) -> None:
-        """O(1) and never blocks: sample, then append to the bounded queue or count a drop."""
+    def submit(self, entry: AuditEntry, size: int = 0) -> None:
+        """O(1) and never blocks: sample, then append to the bounded queue or count a drop.
+        ``size`` is about how many bytes the entry holds (its request's size on the wire)."""
         d = entry.decision
         rate = self.allow_sample_rate
         if d.allowed and rate < 1.0 and not d.audit and (rate <= 0.0 or self._rng() >= rate):
             self._sampled_out.inc()
             return
-        if len(self._queue) >= self.queue_size:
+        size += ENTRY_OVERHEAD
+        if len(self._queue) >= self.queue_size or self._bytes_in - self._bytes_out + size > self.queue_bytes:
             self._queue_full.inc()
             return
-        self._queue.append(entry)
+        self._queue.append((entry, size))
+        self._bytes_in += size
 
     # Off the hot path -------------------------------------------------------------------
 
@@ -638,24 +725,33 @@ class AuditLog:
 
     def _dispatch(self) -> None:
         q = self._queue
+        reported = 0.0
         while True:
             stopping = self._stopping.is_set()
+            now = time.monotonic()
+            if now - reported >= REPORT_INTERVAL:  # this thread is never stuck in a sink
+                reported = now
+                for w in self._workers:
+                    w.report(now)
             if not q:
                 if stopping:
                     return
                 self._stopping.wait(self.poll_interval)
                 continue
             lines: list[str] = []
+            taken = 0
             while q and len(lines) < self.DISPATCH_BATCH:
-                e = q.popleft()
+                e, size = q.popleft()
+                taken += size
                 try:
                     lines.append(self.format(e))
                 except Exception:
                     self._format_error.inc()
                     log.exception("cannot format audit record %s", e.decision_id)
+            self._bytes_out += taken
             if lines:
                 for w in self._workers:
-                    w.offer(lines)
+                    w.offer(lines, now)
 
     def close(self, timeout: float = 5.0) -> None:
         """Flush what the sinks can take within ``timeout`` seconds, then stop.

@@ -25,6 +25,7 @@ from authz import response
 from authz.audit import AuditEntry, AuditLog
 from authz.engine.decide import PolicySet, Tracer
 from authz.engine.model import Decision
+from authz.limits import RequestLimits
 from authz.metrics import Metrics
 
 if TYPE_CHECKING:
@@ -75,49 +76,63 @@ class Outcome:
 
 class Checker:
     def __init__(self, store: BundleStore, metrics: Metrics | None, audit: AuditLog | None = None,
-                 tracing: Tracing | None = None) -> None:
+                 tracing: Tracing | None = None, limits: RequestLimits = RequestLimits()) -> None:
         """``metrics`` None: count nothing (bundle tests must not show up as served checks)."""
         self.store = store
         self.metrics = metrics
         self.audit = audit
         self.tracing = tracing
+        self.limits = limits
 
     def check(self, check_request: external_auth_pb2.CheckRequest) -> external_auth_pb2.CheckResponse:
         return self.run(check_request).response
 
     def check_bytes(self, data: bytes) -> bytes:
         """The wire form of a check: bytes in, bytes out. A request that does not even parse
-        is denied like any other malformed request, with a reason and a decision id."""
+        is denied like any other malformed request, with a reason and a decision id; one over
+        the size limit is denied before it is parsed."""
         started = time.perf_counter()
+        if len(data) > self.limits.max_request_bytes:
+            return self._check(started, None, None, CALLER_ENVOY_GRPC, "", None, False,
+                               too_large=self.limits.too_large)[1]
         try:
             check_request: external_auth_pb2.CheckRequest | None = external_auth_pb2.CheckRequest.FromString(data)
         except Exception:  # noqa: BLE001 - protobuf raises DecodeError, but any failure denies
             check_request = None
-        return self._check(started, check_request, None, CALLER_ENVOY_GRPC, "not a CheckRequest", None, False)[1]
+        return self._check(started, check_request, None, CALLER_ENVOY_GRPC, "not a CheckRequest", None, False,
+                           size=len(data))[1]
 
     def run(self, check_request: external_auth_pb2.CheckRequest | None, tracer: Tracer | None = None,
             caller: str = CALLER_ENVOY_GRPC, *, malformed: str = "not a CheckRequest",
-            tenant_hint: str | None = None) -> Outcome:
+            tenant_hint: str | None = None, size: int | None = None,
+            too_large: str | None = None) -> Outcome:
         """Decide one request; ``tracer``, when given, receives each step (``authz check --explain``).
         ``caller`` is the kind of caller (one of CALLERS), a label of metrics and audit records;
         ``malformed`` the reason given when ``check_request`` is None; ``tenant_hint`` (decision
-        API) turns an allow for any other tenant into a deny."""
+        API) turns an allow for any other tenant into a deny. ``size`` is the request's size on
+        the wire when known; ``too_large`` the reason it was not even parsed (limits.py)."""
         started = time.perf_counter()
-        outcome, _ = self._check(started, check_request, tracer, caller, malformed, tenant_hint, True)
+        outcome, _ = self._check(started, check_request, tracer, caller, malformed, tenant_hint, True,
+                                 size=size, too_large=too_large)
         assert outcome is not None
         return outcome
 
     def _check(self, started: float, check_request: external_auth_pb2.CheckRequest | None,
                tracer: Tracer | None, caller: str, malformed: str,
-               tenant_hint: str | None, outcome: bool) -> tuple[Outcome | None, bytes]:
+               tenant_hint: str | None, outcome: bool, *, size: int | None = None,
+               too_large: str | None = None) -> tuple[Outcome | None, bytes]:
         """The answer's bytes and, if ``outcome``, the whole Outcome (the gRPC path needs only bytes)."""
         decision_id = new_decision_id()
         policy_set = self.store.current  # read once: one bundle for the whole check
         revision = policy_set.revision if policy_set is not None else ""
         req: request_mod.Request | None = None
         try:
-            if check_request is None:
+            if too_large is not None:
+                decision = _deny(too_large)
+            elif check_request is None:
                 decision = _deny(f"malformed request: {malformed}")
+            elif (over := self.limits.violation(check_request, size)) is not None:
+                decision = _deny(over)  # before any normalising or matching
             elif policy_set is None:
                 decision = _deny("no policy bundle loaded")
             else:
@@ -149,14 +164,14 @@ class Checker:
             decision = _deny("internal error")
             answer = response.encode_check_response(decision, decision_id, revision, "")
         elapsed = time.perf_counter() - started
-        self._observe(decision, decision_id, revision, req, elapsed, policy_set, caller)
+        self._observe(decision, decision_id, revision, req, elapsed, policy_set, caller, size or 0)
         if not outcome:
             return None, answer
         return Outcome(decision, decision_id, revision, req, response.CheckResponse.FromString(answer)), answer
 
     def _observe(self, decision: Decision, decision_id: str, revision: str,
                  req: request_mod.Request | None, elapsed: float, policy_set: PolicySet | None,
-                 caller: str) -> None:
+                 caller: str, size: int) -> None:
         # Side effects only; nothing here may change or delay the answer: counters and one
         # put_nowait onto the audit queue (AuditLog.submit), O(1) and never blocking.
         try:
@@ -171,7 +186,7 @@ class Checker:
                     self.metrics.dry_run.labels(entry.rpartition("=")[2]).inc()
             if self.audit is not None:
                 self.audit.submit(AuditEntry(time.time(), decision_id, decision, req, revision,
-                                             int(elapsed * 1e6), caller))
+                                             int(elapsed * 1e6), caller), 2 * size if req is not None else 0)
             if self.tracing is not None:  # one append to a bounded queue, like the audit
                 self.tracing.check(req.headers.get("traceparent") if req else None, decision,
                                    decision_id, revision, elapsed, caller)

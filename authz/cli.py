@@ -8,16 +8,28 @@ import json
 import os
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from google.protobuf import json_format
 
-from authz import http_authz, istio_import, lint, logging_setup, options, testing, tls_server, tracing
+from authz import (
+    http_authz,
+    istio_import,
+    limits,
+    lint,
+    logging_setup,
+    options,
+    testing,
+    tls_server,
+    tracing,
+)
 from authz.audit import AuditLog, Sink, check_header_allowlist, sink_for
 from authz.bundle import runtime as bundle_runtime
 from authz.bundle.loader import BundleError
 from authz.bundle.schema import BUNDLE_SCHEMA
 from authz.bundle.store import BundleStore
+from authz.bundle.watcher import Reloader
 from authz.check import Checker
 from authz.engine.compile import load_policy_set
 from authz.engine.explain import Explainer, summary
@@ -61,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep the query string in the recorded path (dropped by default)")
     serve.add_argument("--audit-queue-size", type=options.positive_int, default=10_000, metavar="N",
                        help="records the audit queue and each sink's queue hold before dropping")
+    serve.add_argument("--audit-queue-bytes", type=options.positive_int, default=64 * 1024 * 1024,
+                       metavar="N", help="bytes the audit queue and each sink's queue hold before "
+                       "dropping (default 64 MiB)")
     serve.add_argument("--audit-file-max-bytes", type=options.non_negative_int,
                        default=100 * 1024 * 1024, metavar="N",
                        help="rotate an audit file at this size (0: never)")
@@ -87,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     options.add_logging_arguments(serve)
     bundle_runtime.add_serve_arguments(serve)
+    limits.add_serve_arguments(serve)
     http_authz.add_serve_arguments(serve)
     tracing.add_serve_arguments(serve)
 
@@ -174,14 +190,17 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"authz serve: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        store, reloader = bundle_runtime.start_bundles(args, metrics, example_bundle(), client_tls, spans)
+        store, reloader = bundle_runtime.open_bundles(args, metrics, example_bundle(), client_tls, spans)
     except SystemExit:
         audit.close()
         if spans is not None:
             spans.close()
         return EXIT_USAGE
-    checker = Checker(store, metrics, audit, spans)
+    checker = Checker(store, metrics, audit, spans, limits.request_limits(args))
     from authz.server import serve
+
+    def first_load() -> None:  # in the reloader thread, once the ports are open
+        bundle_runtime.first_load(store, reloader, args.persist)
 
     try:
         http_authz_server = http_authz.server_from_args(args, checker)
@@ -194,8 +213,10 @@ def _serve(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     try:
         asyncio.run(serve(checker, store, metrics, args.grpc_addr, args.http_addr,
-                          on_reload=reloader.trigger, worker=args.worker_index, http_authz=http_authz_server,
-                          tls=listener_tls, hidden=None if args.status_show_paths else _hidden_paths(args)))
+                          options=limits.serve_limits(args), on_reload=reloader.trigger,
+                          worker=args.worker_index, http_authz=http_authz_server,
+                          on_started=lambda: _start(reloader, first_load), tls=listener_tls,
+                          hidden=None if args.status_show_paths else _hidden_paths(args)))
     except OSError as exc:  # a listener cannot bind: the message names the address
         print(f"authz serve: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -205,6 +226,10 @@ def _serve(args: argparse.Namespace) -> int:
         if spans is not None:
             spans.close()
     return 0
+
+
+def _start(reloader: Reloader, first: Callable[[], None]) -> None:
+    reloader.start(first)
 
 
 _UNKNOWN_FIELD = re.compile(r'has no field named "([^"]+)" at "([^"]+)"')
@@ -237,7 +262,8 @@ def _supervise(argv: list[str], args: argparse.Namespace) -> int:
             return EXIT_USAGE
     from authz import supervisor
 
-    return supervisor.run(_without_workers(argv), args.workers)
+    addrs = [a for a in (args.grpc_addr, args.http_addr, args.http_authz_addr) if a]
+    return supervisor.run(_without_workers(argv), args.workers, addrs)
 
 
 def _without_workers(argv: list[str]) -> list[str]:
@@ -301,7 +327,8 @@ def _audit_log(args: argparse.Namespace, metrics: Metrics, tls: ClientTls) -> Au
         sinks.append(sink_for(target, file_max_bytes=args.audit_file_max_bytes,
                               file_backups=args.audit_file_backups, tls=tls, token=token))
     return AuditLog(sinks, metrics, queue_size=args.audit_queue_size,
-                    sink_queue_size=args.audit_queue_size, header_allowlist=header_allowlist,
+                    sink_queue_size=args.audit_queue_size, queue_bytes=args.audit_queue_bytes,
+                    sink_queue_bytes=args.audit_queue_bytes, header_allowlist=header_allowlist,
                     log_query=args.audit_log_query, allow_sample_rate=args.audit_allow_sample_rate)
 
 

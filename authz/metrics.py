@@ -32,6 +32,13 @@ DURATION_BUCKETS = (
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
+# Reasons of authz_checks_rejected_total (authz/admission.py says when each applies).
+REJECT_OVERLOADED = "overloaded"
+REJECT_DEADLINE = "deadline_exceeded"
+REJECT_CANCELLED = "cancelled"
+REJECT_STALLED = "stalled"
+REJECT_REASONS = (REJECT_OVERLOADED, REJECT_DEADLINE, REJECT_CANCELLED, REJECT_STALLED)
+
 
 class Metrics:
     def __init__(self, tenant_label: bool = False) -> None:
@@ -77,6 +84,25 @@ class Metrics:
         self.dry_run = Counter(
             "authz_dry_run", "Decisions of dry-run policies, by what they would have done.", ["would"],
             registry=r,
+        )
+        self.checks_rejected = Counter(
+            "authz_checks_rejected",
+            "Check calls refused or dropped before any work, by reason (admission control).",
+            ["reason"], registry=r,
+        )
+        self.checks_in_flight = Gauge(
+            "authz_checks_in_flight", "Check calls in the server (received, queued or being decided).",
+            registry=r, multiprocess_mode="livesum",
+        )
+        self.audit_oldest_queued = Gauge(
+            "authz_audit_oldest_queued_seconds",
+            "Age of the oldest record waiting for a sink (0 when none waits): a stuck sink shows here "
+            "before its queue overflows.",
+            ["sink"], registry=r, multiprocess_mode="livemax",
+        )
+        self.audit_queued_bytes = Gauge(
+            "authz_audit_queued_bytes", "Bytes of audit records waiting for a sink.", ["sink"],
+            registry=r, multiprocess_mode="livesum",
         )
         self.build_info = Gauge(
             "authz_build_info", "The version of authz answering (value 1).", ["version"],
@@ -129,6 +155,8 @@ class Metrics:
             self.bundle_loads.labels(result)
         for would in ("allow", "deny", "error"):  # error: its condition failed; never enforced
             self.dry_run.labels(would)
+        for reason in REJECT_REASONS:
+            self.checks_rejected.labels(reason)
         # Children seen on every check are cached so the hot path skips label lookups.
         self._check_children: dict[tuple[bool, str, str, str, str], Counter] = {}
         self._serving: tuple[str, str] | None = None

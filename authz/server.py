@@ -11,7 +11,8 @@ import signal
 import socket
 import threading
 from collections.abc import Callable, Mapping
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
 import grpc
@@ -19,9 +20,11 @@ from grpc_health.v1 import _async as health_async
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from authz import decision_api
+from authz.admission import CheckGate
 from authz.bundle.store import BundleStore
 from authz.check import Checker
 from authz.http_authz import HttpAuthzServer
+from authz.limits import ServeLimits
 from authz.metrics import CONTENT_TYPE, Metrics
 from authz.redact import hide_paths
 from authz.tls_server import ServerTls, grpc_credentials, handshake_error, http_ssl_context
@@ -32,16 +35,23 @@ log = logging.getLogger("authz.server")
 AUTH_SERVICE = "envoy.service.auth.v3.Authorization"
 
 
-def authorization_handler(checker: Checker) -> grpc.GenericRpcHandler:
-    """Envoy's Check method, taking raw bytes so that even a request that does not parse
-    is answered by the checker (a deny with a reason) instead of a gRPC error."""
+CHECK_METHOD = f"/{AUTH_SERVICE}/Check"
 
-    async def check(data: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        return checker.check_bytes(data)
 
-    return grpc.method_handlers_generic_handler(
-        AUTH_SERVICE, {"Check": grpc.unary_unary_rpc_method_handler(check)}
-    )
+def grpc_options(opts: ServeLimits, worker: int | None) -> list[tuple[str, int]]:
+    # grpcio would otherwise share a port in use silently: only workers of one supervisor may.
+    return [
+        ("grpc.so_reuseport", 0 if worker is None else 1),
+        ("grpc.max_concurrent_streams", opts.max_streams_per_connection),
+        ("grpc.max_receive_message_length", opts.max_message_bytes),
+        ("grpc.keepalive_time_ms", int(opts.keepalive_seconds * 1000)),
+        ("grpc.keepalive_timeout_ms", int(opts.keepalive_timeout_seconds * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.max_connection_idle_ms", int(opts.max_connection_idle_seconds * 1000)),
+        # Envoy may ping; more often than this is abuse and closes the connection.
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
+        ("grpc.http2.max_ping_strikes", 2),
+    ]
 
 
 def split_addr(addr: str) -> tuple[str, int]:
@@ -50,17 +60,27 @@ def split_addr(addr: str) -> tuple[str, int]:
 
 
 class ProbeServer:
-    """/metrics, /healthz, /readyz and /v1/status on a plain HTTP thread; with a checker also
-    the decision API's POST /v1/decide and /v1/explain (authz.decision_api)."""
+    """/metrics, /healthz, /readyz and /v1/status over plain HTTP; with a checker also the
+    decision API's POST /v1/decide and /v1/explain (authz.decision_api).
+
+    A small bounded pool answers: at most ``pool_size`` connections are served at once and
+    ``backlog`` wait; past that a connection is closed at once. A connection that sends
+    nothing for ``idle_timeout`` seconds is closed, so idle clients cannot hold the pool.
+    """
 
     def __init__(self, addr: str, store: BundleStore, metrics: Metrics, worker: int | None = None,
                  checker: Checker | None = None, tls: ServerTls | None = None,
-                 hidden: Mapping[str, str] | None = None) -> None:
+                 hidden: Mapping[str, str] | None = None, *, pool_size: int = 8, backlog: int = 64,
+                 idle_timeout: float = 10.0) -> None:
         """``hidden`` maps file system paths to the labels /readyz and /v1/status show instead."""
         store_ref, metrics_ref = store, metrics
         hide = dict(hidden or {})
+        self.draining = False
+        probe = self
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = idle_timeout  # socket timeout: an idle or slow client is dropped
+
             def do_POST(self) -> None:  # noqa: N802
                 path = self.path.split("?", 1)[0]
                 if checker is None or path not in decision_api.JSON_PATHS:
@@ -85,7 +105,9 @@ class ProbeServer:
                 elif path == "/readyz":
                     st = store_ref.status()
                     expired = tls.expired() if tls is not None else []
-                    if expired:
+                    if probe.draining:
+                        self._send(503, b"not ready: shutting down\n", "text/plain")
+                    elif expired:
                         self._send(503, f"not ready: the {' and '.join(expired)} serving "
                                    "certificate has expired\n".encode(), "text/plain")
                     elif st.revision is not None:
@@ -119,15 +141,13 @@ class ProbeServer:
                 pass
 
         host, port = split_addr(addr)
-        # Workers of one service share the port (SO_REUSEPORT), as they share the gRPC one.
-        server_class = _SharedPortHTTPServer if worker is not None else ThreadingHTTPServer
         try:
-            self.httpd = server_class((host, port), Handler)
+            self.httpd = _PooledHTTPServer((host, port), Handler, pool_size=pool_size, backlog=backlog,
+                                           reuse_port=worker is not None)
         except OSError as exc:
             raise OSError(f"cannot listen on HTTP address {addr}: {exc.strerror or exc}") from None
-        self.httpd.daemon_threads = True
         if tls is not None and tls.http is not None:
-            # The handshake runs in the request's thread, on first read, not in accept().
+            # The handshake runs in the pool's thread, on first read, not in accept().
             self.httpd.socket = http_ssl_context(tls.http).wrap_socket(
                 self.httpd.socket, server_side=True, do_handshake_on_connect=False)
             self.httpd.handle_error = handshake_error  # type: ignore[method-assign]
@@ -166,6 +186,49 @@ def settle_heap(store: BundleStore) -> Callable[[], None]:
     return store.subscribe(settle)
 
 
+class _PooledHTTPServer(HTTPServer):
+    """An HTTPServer whose connections are served by a fixed pool of threads."""
+
+    def __init__(self, addr: tuple[str, int], handler: type[BaseHTTPRequestHandler], *,
+                 pool_size: int, backlog: int, reuse_port: bool) -> None:
+        # Workers of one service share the port (SO_REUSEPORT), as they share the gRPC one.
+        self.allow_reuse_port = reuse_port
+        self.request_queue_size = backlog
+        # Before binding: a failed bind calls server_close(), which shuts the pool down.
+        self._pool = ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix="authz-http")
+        self._limit = pool_size + backlog
+        self._open = 0
+        self._lock = threading.Lock()
+        self.refused = 0  # connections closed at once because the pool was full
+        super().__init__(addr, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._lock:
+            if self._open >= self._limit:
+                self.refused += 1
+                self.shutdown_request(request)
+                return
+            self._open += 1
+        self._pool.submit(self._serve_one, request, client_address)
+
+    def _serve_one(self, request: Any, client_address: Any) -> None:
+        try:
+            self.finish_request(request, client_address)
+        except Exception:  # noqa: BLE001 - one broken connection must not end the pool
+            self.handle_error(request, client_address)
+        finally:
+            self.shutdown_request(request)
+            with self._lock:
+                self._open -= 1
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.debug("probe connection from %s failed", client_address)
+
+    def server_close(self) -> None:
+        super().server_close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
 def _bind_problem(addr: str) -> str | None:
     """Why ``addr`` cannot be bound (None: it can), asked of the OS with a plain socket."""
     host, port = split_addr(addr)
@@ -177,21 +240,26 @@ def _bind_problem(addr: str) -> str | None:
     return None
 
 
-class _SharedPortHTTPServer(ThreadingHTTPServer):
-    allow_reuse_port = True
-
-
 async def serve(
     checker: Checker, store: BundleStore, metrics: Metrics, grpc_addr: str, http_addr: str,
-    drain_seconds: float = 10.0, on_reload: Callable[[], None] | None = None,
-    worker: int | None = None, http_authz: HttpAuthzServer | None = None, tls: ServerTls | None = None,
+    options: ServeLimits | None = None, on_reload: Callable[[], None] | None = None,
+    worker: int | None = None, on_started: Callable[[], None] | None = None,
+    http_authz: HttpAuthzServer | None = None, tls: ServerTls | None = None,
     hidden: Mapping[str, str] | None = None,
 ) -> None:
-    """Serve until SIGTERM. ``worker`` is this process's index under ``--workers``: only
-    then is the port shared with sibling processes (grpcio would otherwise share it silently)."""
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0 if worker is None else 1)],
+    """Serve until SIGTERM, then drain (docs/operations.md): health NOT_SERVING at once, checks
+    answered for ``drain_grace`` seconds while load balancers take this endpoint out, then new
+    streams refused and in-flight checks given ``drain_timeout`` seconds to finish.
+
+    ``worker`` is this process's index under ``--workers``: only then is the port shared with
+    sibling processes. ``on_started`` runs once the ports are open (the first bundle load
+    starts then, so /healthz answers while it is in flight)."""
+    options = options or ServeLimits()
+    server = grpc.aio.server(options=grpc_options(options, worker),
                              interceptors=tls.interceptors(metrics) if tls is not None else None)
-    server.add_generic_rpc_handlers((authorization_handler(checker), decision_api.decision_handler(checker)))
+    gate = CheckGate(CHECK_METHOD, checker.check_bytes, metrics,
+                     max_concurrent=options.max_concurrent_checks, stall_seconds=options.stall_seconds)
+    server.add_generic_rpc_handlers((gate, decision_api.decision_handler(checker)))
     health = health_async.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     # Asked of the OS first: grpcio would say only "Failed to bind" (and log a C++ error line).
@@ -233,6 +301,7 @@ async def serve(
         log.info("HTTP ext_authz listening on %s", http_authz.addr, extra={"http_authz_addr": http_authz.addr})
     await server.start()
     probes.start()
+    gate.start()
     if tls is not None:
         tls.start()
     grpc_at = f"{grpc_addr.rpartition(':')[0]}:{bound}"
@@ -241,17 +310,28 @@ async def serve(
              extra={"grpc_addr": grpc_at, "http_addr": http_at, "version": VERSION})
 
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if on_reload is not None:
         loop.add_signal_handler(signal.SIGHUP, on_reload)
+    if on_started is not None:
+        on_started()
     await stop.wait()
+    stop.clear()
     unsubscribe()
     unsettle()
-    log.info("draining in-flight checks")
+    # Not ready at once, still answering: Envoy's health checks and Kubernetes' endpoint
+    # controller take this instance out while it keeps deciding what still arrives.
+    probes.draining = True
     await health.enter_graceful_shutdown()
-    await server.stop(drain_seconds)
+    log.info("SIGTERM: NOT_SERVING; answering checks for %.1fs, then draining for up to %.1fs",
+             options.drain_grace, options.drain_timeout)
+    try:  # a second SIGTERM or SIGINT cuts the grace short
+        await asyncio.wait_for(stop.wait(), options.drain_grace)
+    except TimeoutError:
+        pass
+    await server.stop(options.drain_timeout)
+    gate.stop()
     if http_authz is not None:
         await http_authz.stop()
     probes.stop()

@@ -6,15 +6,23 @@ binding the same ports with SO_REUSEPORT (the kernel spreads connections over th
 loading and watching the bundle itself. Metrics go to files in PROMETHEUS_MULTIPROC_DIR so
 /metrics, whichever worker answers, adds up all of them. The supervisor forwards SIGHUP,
 restarts a worker that dies, and on SIGTERM drains every worker and exits 0.
+
+Only the workers of one supervisor may share the ports: before starting any, the supervisor
+binds each port once without SO_REUSEPORT, which fails when anything (another `authz serve
+--workers`, whose workers would otherwise silently split the traffic with ours) listens
+there. Workers start with SIGHUP ignored until each can reload (so a HUP forwarded to a
+starting worker cannot kill it, and restart it, and so on).
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -33,14 +41,71 @@ START_GRACE_SECONDS = 3.0
 STOP_TIMEOUT_SECONDS = 30.0
 
 
-def _die_with_parent() -> Callable[[], None] | None:
+def _worker_preexec() -> Callable[[], None]:
+    """In the worker before exec: die with the supervisor (Linux), and ignore SIGHUP until
+    `authz serve` takes it over (an ignored signal stays ignored across exec)."""
+    prctl = None
     try:
-        libc = ctypes.CDLL(None)
-        prctl = libc.prctl
+        prctl = ctypes.CDLL(None).prctl
     except (OSError, AttributeError):  # not Linux
-        return None
+        pass
     pr_set_pdeathsig = 1
-    return lambda: prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+    def preexec() -> None:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        if prctl is not None:
+            prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+    return preexec
+
+
+METRICS_DIR_PREFIX = "authz-metrics-"
+
+
+def _remove_orphaned_metrics_dirs() -> None:
+    """Metrics directories of supervisors that were killed (SIGKILL leaves no chance to clean
+    up): named after their supervisor's pid, removed when that process is gone."""
+    tmp = tempfile.gettempdir()
+    try:
+        names = os.listdir(tmp)
+    except OSError:
+        return
+    for name in names:
+        if not name.startswith(METRICS_DIR_PREFIX):
+            continue
+        pid_text = name[len(METRICS_DIR_PREFIX):].split("-", 1)[0]
+        if not pid_text.isdigit():
+            continue
+        try:
+            os.kill(int(pid_text), 0)
+            continue  # still running
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # someone else's, alive
+        shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
+
+
+class PortInUse(Exception):
+    pass
+
+
+def check_ports_free(addrs: list[str]) -> None:
+    """Raise PortInUse when anything listens on one of ``addrs`` (host:port)."""
+    for addr in addrs:
+        host, _, port = addr.rpartition(":")
+        host = host.strip("[]") or "0.0.0.0"
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is not "in use"
+            try:
+                s.bind((host, int(port)))
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise PortInUse(
+                        f"{addr} is already in use (another `authz serve`?); only the workers "
+                        "of one `authz serve --workers` share their ports") from None
+                raise
 
 
 class Supervisor:
@@ -53,13 +118,14 @@ class Supervisor:
         self.env = dict(os.environ)
         self.own_metrics_dir: str | None = None
         if not self.env.get("PROMETHEUS_MULTIPROC_DIR"):
-            self.own_metrics_dir = tempfile.mkdtemp(prefix="authz-metrics-")
+            _remove_orphaned_metrics_dirs()
+            self.own_metrics_dir = tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-")
             self.env["PROMETHEUS_MULTIPROC_DIR"] = self.own_metrics_dir
         self.metrics_dir = self.env["PROMETHEUS_MULTIPROC_DIR"]
 
     def start(self, index: int) -> None:
         argv = [sys.executable, "-m", "authz", *self.serve_argv, "--worker-index", str(index)]
-        proc = subprocess.Popen(argv, env=self.env, preexec_fn=_die_with_parent())  # noqa: PLW1509
+        proc = subprocess.Popen(argv, env=self.env, preexec_fn=_worker_preexec())  # noqa: PLW1509
         self.children[index] = (proc, time.monotonic())
         log.info("worker %d started (pid %d)", index, proc.pid)
 
@@ -116,5 +182,10 @@ class Supervisor:
                 log.error("worker %d exited with code %d", index, code)
 
 
-def run(serve_argv: list[str], workers: int) -> int:
+def run(serve_argv: list[str], workers: int, addrs: list[str]) -> int:
+    try:
+        check_ports_free(addrs)
+    except (PortInUse, OSError) as exc:
+        print(f"authz serve: {exc}", file=sys.stderr)
+        return 2  # as for any listener that cannot bind (cli.EXIT_USAGE)
     return Supervisor(serve_argv, workers).run()

@@ -1,7 +1,9 @@
 """What `authz serve` and `authz build` do with bundles, kept out of cli.py.
 
-``start_bundles`` opens the ``--bundle`` source, makes the first load (falling back to the
-``--persist`` copy when the source gives no good bundle) and starts the reloader.
+``open_bundles`` opens the ``--bundle`` source; ``first_load`` makes the first load (falling
+back to the ``--persist`` copy when the source gives no good bundle within its timeout).
+`authz serve` runs the first load in the reloader thread once its ports are open, so that
+/healthz answers (and Kubernetes does not kill the pod) while a slow source is read.
 ``build`` packs a bundle directory into a verified, optionally signed archive, written to a
 file or pushed to an OCI registry.
 """
@@ -126,11 +128,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def start_bundles(
+def open_bundles(
     args: argparse.Namespace, metrics: Metrics, default: Path, tls: ClientTls | None = None,
     tracing: Tracing | None = None,
 ) -> tuple[BundleStore, Reloader]:
-    """The store, first load done, and the running reloader. SystemExit(2) on bad flags."""
+    """The empty store and the reloader, not started. SystemExit(2) on bad flags."""
     key = None
     if args.verification_key is not None:
         try:
@@ -174,9 +176,14 @@ def start_bundles(
         allow_rollback=args.allow_rollback,
         allow_empty=args.allow_empty_bundle,
     )
-    reloader = Reloader(store, source, interval=args.watch_interval, tracing=tracing)
+    return store, Reloader(store, source, interval=args.watch_interval, tracing=tracing)
+
+
+def first_load(store: BundleStore, reloader: Reloader, persist: Path | None) -> None:
+    """Load from the source once; serve the --persist copy if that gave no good bundle."""
+    source = reloader.source
     reloader.initial_load()
-    if store.current is None and args.persist is not None:
+    if store.current is None and persist is not None:
         reason = store.status().last_error or "the source gave no bundle"
         store.restore_persisted(f"source {source.description} gave no good bundle: {reason}")
     if store.current is None:
@@ -189,8 +196,6 @@ def start_bundles(
             source.description,
             extra={"source": source.description, "reason": reason},
         )
-    reloader.start()
-    return store, reloader
 
 
 def default_serial() -> int:

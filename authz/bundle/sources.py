@@ -9,7 +9,8 @@ gate in store.py. Sources never compile or swap anything.
   changed while reading, so a snapshot never mixes two versions.
 - ArchiveSource reads a bundle archive from a file.
 - OciSource (oci.py) polls a tag in an OCI registry, with the same rules as HttpSource.
-- HttpSource polls a URL with ``If-None-Match``, a timeout and a size limit; the delay
+- HttpSource polls a URL with ``If-None-Match``, a deadline on the whole download (a server
+  that drips one byte a second fails at the deadline, not never) and a size limit; the delay
   between polls is drawn between a minimum and a maximum (jitter), and grows
   exponentially after errors (backoff).
 
@@ -19,9 +20,12 @@ watcher compares to notice changes without reading the files.
 
 from __future__ import annotations
 
+import http.client
 import os
 import random
+import socket
 import ssl
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -75,11 +79,30 @@ def directory_base(root: Path) -> Path:
 
 
 def _walk(base: Path, max_files: int) -> Iterator[tuple[str, Path]]:
-    """(relative posix path, path) of the non-hidden regular files under ``base``, sorted."""
+    """(relative posix path, path) of the non-hidden regular files under ``base``, sorted.
+
+    Symbolic links are followed (a ConfigMap mount is made of them), but a directory reached
+    twice, through a link back to an ancestor (``self -> .``) or a second link to it, is
+    rejected instead of being read again and again.
+    """
     found = 0
+    st = os.stat(base)
+    seen = {(st.st_dev, st.st_ino)}
     for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         rel_dir = os.path.relpath(dirpath, base)
+        keep = []
+        for d in sorted(d for d in dirnames if not d.startswith(".")):
+            rel = d if rel_dir == "." else f"{Path(rel_dir).as_posix()}/{d}"
+            try:
+                dst = os.stat(os.path.join(dirpath, d))
+            except OSError:
+                continue  # a dangling link: nothing to read
+            key = (dst.st_dev, dst.st_ino)
+            if key in seen:
+                raise reject(rel, "directory reached twice through a symbolic link (a link loop?)")
+            seen.add(key)
+            keep.append(d)
+        dirnames[:] = keep
         for name in sorted(filenames):
             if name.startswith("."):
                 continue
@@ -266,12 +289,15 @@ class HttpSource:
         self._rng = rng or random.Random()
         self._tls = tls
         self._redirects = allow_redirects
+        self._watch = _Watchdog()
         self._ssl = ssl_context or (tls.context() if tls is not None else client_context())
         self._opener = self._build_opener(self._ssl)
 
     def _build_opener(self, ctx: ssl.SSLContext) -> urllib.request.OpenerDirector:
         return urllib.request.build_opener(
-            urllib.request.HTTPSHandler(context=ctx), _RedirectPolicy(self._redirects)
+            _WatchedHTTPHandler(self._watch),
+            _WatchedHTTPSHandler(self._watch, context=ctx),
+            _RedirectPolicy(self._redirects),
         )
 
     def _current_opener(self) -> urllib.request.OpenerDirector:
@@ -289,6 +315,12 @@ class HttpSource:
         if self.etag and not force:
             headers["If-None-Match"] = self.etag
         deadline = time.monotonic() + self.policy.timeout
+        # The socket timeout bounds each read; the watchdog bounds the whole download (a
+        # server dripping a byte a second never trips the first).
+        with self._watch.armed(self.policy.timeout):
+            return self._fetch(headers, deadline)
+
+    def _fetch(self, headers: dict[str, str], deadline: float) -> Snapshot | None:
         try:
             headers.update(self.auth.headers())
             req = urllib.request.Request(self.url, headers=headers)
@@ -305,8 +337,10 @@ class HttpSource:
             raise SourceUnavailable(
                 f"bundle server answered HTTP {exc.code} for {self.description}"
             ) from None
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, http.client.HTTPException) as exc:
             self.failures += 1
+            if self._watch.fired:
+                raise SourceUnavailable(self._too_slow()) from None
             reason = getattr(exc, "reason", exc)
             raise SourceUnavailable(f"bundle server {self.description} unreachable: {reason}") from None
         try:
@@ -337,11 +371,9 @@ class HttpSource:
         total = 0
         try:
             while True:
-                if time.monotonic() > deadline:
-                    raise SourceUnavailable(
-                        f"bundle download from {self.description} took longer than {self.policy.timeout}s"
-                    )
-                chunk = resp.read(min(65536, limit + 1 - total))
+                if time.monotonic() > deadline or self._watch.fired:
+                    raise SourceUnavailable(self._too_slow())
+                chunk = resp.read1(min(65536, limit + 1 - total))
                 if not chunk:
                     break
                 chunks.append(chunk)
@@ -349,9 +381,21 @@ class HttpSource:
                 if total > limit:
                     self.etag = _etag(resp.headers)
                     raise reject(_name(self.description), f"bundle is over the size limit of {limit} bytes")
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, http.client.HTTPException) as exc:
+            if self._watch.fired:
+                raise SourceUnavailable(self._too_slow()) from None
             raise SourceUnavailable(f"bundle download from {self.description} failed: {exc}") from None
+        if self._watch.fired:  # the shut-down socket reads as a clean end of the body
+            raise SourceUnavailable(self._too_slow())
+        if length is not None and length.isdigit() and total < int(length):
+            raise SourceUnavailable(
+                f"bundle download from {self.description} ended after {total} of {length} bytes"
+            )
         return b"".join(chunks)
+
+    def _too_slow(self) -> str:
+        return (f"bundle download from {self.description} took longer than {self.policy.timeout}s "
+                "(--poll-timeout)")
 
     def fingerprint(self) -> Hashable:
         return None
@@ -367,6 +411,81 @@ def poll_delay(p: PollPolicy, rng: random.Random, failures: int, ok: bool) -> fl
     ceiling = min(p.backoff_max, p.min_delay * (2 ** min(failures, 30)))
     ceiling = max(ceiling, p.min_delay)
     return rng.uniform(ceiling / 2, ceiling)
+
+
+class _Watchdog:
+    """Shuts the socket of the download in progress down once its deadline passes, which
+    wakes a read blocked on it. One download at a time (the reloader thread)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self._timer: threading.Timer | None = None
+        self.fired = False
+
+    def armed(self, seconds: float) -> _Watchdog:
+        self._seconds = seconds
+        return self
+
+    def __enter__(self) -> None:
+        with self._lock:
+            self.fired = False
+            self._sock = None
+            self._timer = threading.Timer(self._seconds, self._fire)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = None
+            self._sock = None
+
+    def attach(self, sock: socket.socket | None) -> None:
+        with self._lock:
+            self._sock = sock
+            if self.fired:
+                self._shutdown()
+
+    def _fire(self) -> None:
+        with self._lock:
+            self.fired = True
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def _watched(base: type[http.client.HTTPConnection], watch: _Watchdog) -> type[http.client.HTTPConnection]:
+    class Watched(base):  # type: ignore[valid-type,misc]
+        def connect(self) -> None:
+            super().connect()
+            watch.attach(self.sock)
+
+    return Watched
+
+
+class _WatchedHTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, watch: _Watchdog) -> None:
+        super().__init__()
+        self._conn = _watched(http.client.HTTPConnection, watch)
+
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(self._conn, req)
+
+
+class _WatchedHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, watch: _Watchdog, context: ssl.SSLContext) -> None:
+        super().__init__(context=context)
+        self._conn = _watched(http.client.HTTPSConnection, watch)
+
+    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(self._conn, req, context=self._context)  # type: ignore[attr-defined]
 
 
 def _etag(headers: Message) -> str | None:

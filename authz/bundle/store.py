@@ -19,13 +19,14 @@ PolicySet.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
-
+import gc
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -133,6 +134,26 @@ def _trim() -> Callable[[], object] | None:
 
 
 _MALLOC_TRIM = _trim()
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """No cyclic garbage collection while a candidate is parsed and compiled.
+
+    A load allocates millions of short-lived objects; each of them counts towards the
+    collector's thresholds, and every full collection it triggers walks the whole heap with
+    the GIL held: 0.1 s to 2.4 s pauses of every check while a 100k-tenant or 10k-rule
+    candidate loads. Loads create no reference cycles (measured: a full collection after
+    one finds nothing unreachable), so nothing is lost by not collecting meanwhile; reference
+    counting still frees everything as usual.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _return_freed_memory() -> None:
@@ -276,61 +297,72 @@ class BundleStore:
                 self._last_candidate = snap.digest
             if self.current is not None and snap.digest == self._digest and not force:
                 return self._unchanged(snap.origin, keep_persisted=persisted_reason is not None)
-            try:
-                refusal = self._rollback(snap)
-                if refusal is not None:
-                    raise refusal
-                serial = archive.manifest_serial(snap)
-                candidate = check_candidate(
-                    snap, self.verification_key, self.run_tests, self.allow_empty
-                )
-            except BundleError as exc:
-                return self._reject(snap.origin, exc)
-            except Exception as exc:  # noqa: BLE001 - a bug in a step must not take the server down
-                log.exception("bundle from %s: unexpected error in the gate", snap.origin)
-                return self._reject(
-                    snap.origin,
-                    BundleError(
-                        [
-                            Problem(
-                                Position(snap.origin, 1, 1),
-                                f"internal error while loading: {exc!r}",
-                            )
-                        ]
-                    ),
-                )
-            self.current = candidate  # the swap: one assignment
-            now = time.time()
-            self._digest = snap.digest
-            self._serial = serial if self.verification_key is not None else None
-            self._served_from = snap.origin
-            self._loaded_at = now
-            self._last_result = LOADED
-            self._persisted_reason = persisted_reason
-            self.metrics.bundle_loaded(candidate.name, candidate.revision, now)
-            log.info(
-                "serving bundle %s revision %s from %s (%d policies, %d tenants)%s",
-                candidate.name,
-                candidate.revision,
-                snap.origin,
-                len(candidate.policies),
-                len(candidate.tenants),
-                f" [persisted copy: {persisted_reason}]" if persisted_reason else "",
-                extra={"bundle": candidate.name, "revision": candidate.revision, "source": snap.origin},
-            )
-            if self.persist_dir is not None and persisted_reason is None:
-                try:
-                    persist.save(self.persist_dir, snap, candidate.name, candidate.revision)
-                except OSError as exc:
-                    log.error(
-                        "cannot persist bundle revision %s to %s: %s",
-                        candidate.revision,
-                        self.persist_dir,
-                        exc,
-                    )
-            del candidate, snap
+            with _collector_paused():
+                result = self._gate_and_swap(snap, persisted_reason)
+            if result != LOADED:
+                del snap
+                _return_freed_memory()  # a rejected candidate leaves nothing resident either
+                return result
+            del snap
         self._notify()
         _return_freed_memory()
+        return LOADED
+
+    def _gate_and_swap(self, snap: Snapshot, persisted_reason: str | None) -> str:
+        """Verify, compile and test ``snap``; swap it in if it passes (under self._lock)."""
+        try:
+            refusal = self._rollback(snap)
+            if refusal is not None:
+                raise refusal
+            serial = archive.manifest_serial(snap)
+            candidate = check_candidate(
+                snap, self.verification_key, self.run_tests, self.allow_empty
+            )
+        except BundleError as exc:
+            return self._reject(snap.origin, exc)
+        except Exception as exc:  # noqa: BLE001 - a bug in a step must not take the server down
+            log.exception("bundle from %s: unexpected error in the gate", snap.origin)
+            return self._reject(
+                snap.origin,
+                BundleError(
+                    [
+                        Problem(
+                            Position(snap.origin, 1, 1),
+                            f"internal error while loading: {exc!r}",
+                        )
+                    ]
+                ),
+            )
+        self.current = candidate  # the swap: one assignment (server.settle_heap then freezes it
+        # out of later collections, after unfreezing the bundle it replaces)
+        now = time.time()
+        self._digest = snap.digest
+        self._serial = serial if self.verification_key is not None else None
+        self._served_from = snap.origin
+        self._loaded_at = now
+        self._last_result = LOADED
+        self._persisted_reason = persisted_reason
+        self.metrics.bundle_loaded(candidate.name, candidate.revision, now)
+        log.info(
+            "serving bundle %s revision %s from %s (%d policies, %d tenants)%s",
+            candidate.name,
+            candidate.revision,
+            snap.origin,
+            len(candidate.policies),
+            len(candidate.tenants),
+            f" [persisted copy: {persisted_reason}]" if persisted_reason else "",
+            extra={"bundle": candidate.name, "revision": candidate.revision, "source": snap.origin},
+        )
+        if self.persist_dir is not None and persisted_reason is None:
+            try:
+                persist.save(self.persist_dir, snap, candidate.name, candidate.revision)
+            except OSError as exc:
+                log.error(
+                    "cannot persist bundle revision %s to %s: %s",
+                    candidate.revision,
+                    self.persist_dir,
+                    exc,
+                )
         return LOADED
 
     def restore_persisted(self, reason: str) -> bool:

@@ -53,6 +53,7 @@ class Reloader:
         self._thread: threading.Thread | None = None
         self._loaded_fp: Hashable = None
         self._last_ok = True
+        self._first: Callable[[], object] | None = None
         self._clock = clock  # tests drive it to step through settling deterministically
         self._seen: Hashable = None  # the fingerprint at the last look
         self._changed_at = 0.0  # when it last changed
@@ -65,7 +66,10 @@ class Reloader:
         self._changed_at = self._clock()
         return self._load(force=False)
 
-    def start(self) -> Reloader:
+    def start(self, first: Callable[[], object] | None = None) -> Reloader:
+        """Run the loop in its thread; ``first``, when given, runs there before it (the first
+        load, so the ports can open and /healthz answer while it is in flight)."""
+        self._first = first
         self._thread = threading.Thread(target=self._run, name="authz-bundle-reloader", daemon=True)
         self._thread.start()
         return self
@@ -105,6 +109,8 @@ class Reloader:
 
     def _run(self) -> None:
         try:
+            if self._first is not None:
+                self._first()
             if self.source.polled:
                 self._poll_loop()
             else:

@@ -9,6 +9,7 @@ converting whole nested maps on every request.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -75,6 +76,27 @@ class CelEvalError(RuntimeError):
     """A condition could not be evaluated; the decision fails closed."""
 
 
+class CelBudgetError(CelEvalError):
+    """A condition over its cost budget (inputs too large, or too slow): denied."""
+
+
+# Cost bounds: what one condition may cost a check (docs/bundle-format.md). The CEL runtime
+# offers no cost limit of its own, so the bound is made of three parts:
+# - compile time: at most MAX_NESTED_COMPREHENSIONS macros (all, exists, exists_one, map,
+#   filter) inside each other, so no condition is worse than quadratic in its inputs;
+# - inputs: a string from the request longer than MAX_INPUT_CHARS, or a request map with
+#   more than MAX_MAP_INPUT_CHARS of keys and values, is not handed to CEL at all;
+# - run time: the runtime stops a comprehension after 10,000 iterations, and an evaluation
+#   that took longer than EVAL_BUDGET_SECONDS is denied all the same (the bounds above keep
+#   that rare and short; it cannot be interrupted once started).
+MAX_NESTED_COMPREHENSIONS = 2
+MAX_INPUT_CHARS = 4096
+MAX_MAP_INPUT_CHARS = 16384
+EVAL_BUDGET_SECONDS = 0.05
+_REQUEST_MAPS = frozenset({"request.headers", "request.path_params", "request.context_extensions"})
+_MACRO = re.compile(r"\.\s*(all|exists_one|exists|map|filter)\s*\(")
+
+
 _DATA_REF = re.compile(r"(?<![\w.])data\s*(?:\.\s*([A-Za-z_]\w*)|\[\s*(?:'([^']*)'|\"([^\"]*)\")\s*\])")
 
 
@@ -101,6 +123,12 @@ def compile_condition(expression: str) -> Condition:
         program = _ENV.compile(expression)
     except RuntimeError as exc:
         raise _compile_error(str(exc)) from None
+    depth, column = _comprehension_depth(expression)
+    if depth > MAX_NESTED_COMPREHENSIONS:
+        raise CelCompileError(
+            f"condition too expensive: {depth} comprehensions nested (at most "
+            f"{MAX_NESTED_COMPREHENSIONS}); its cost would grow as its input to the power {depth}",
+            1, column)
     rtype = program.return_type()
     if rtype != _T.BOOL and rtype != _T.DYN:
         raise CelCompileError(f"condition must be a bool, this one is {rtype.name()}", 1, 1)
@@ -116,17 +144,55 @@ def evaluate(condition: Condition, ctx: Mapping[str, Any]) -> bool:
     if condition.native is not None:
         return condition.native(ctx)
     try:
-        result = condition.program.eval(data={name: ctx[name] for name in condition.variables})
+        data = {name: ctx[name] for name in condition.variables}
     except KeyError as exc:
         raise CelEvalError(f"no value for {exc.args[0]}") from None
+    for name, value in data.items():
+        _check_input(name, value)
+    started = time.perf_counter()
+    try:
+        result = condition.program.eval(data=data)
     except RuntimeError as exc:
+        if "budget exceeded" in str(exc):  # the runtime's own bound: 10,000 iterations
+            raise CelBudgetError(f"condition over its budget: {exc}") from None
         raise CelEvalError(str(exc)) from None
     value = result.value()
+    if time.perf_counter() - started > EVAL_BUDGET_SECONDS:
+        raise CelBudgetError(f"condition took over its budget of {EVAL_BUDGET_SECONDS * 1000:.0f} ms")
     if value is True or value is False:
         return value
     if result.type() == _T.ERROR:
         raise CelEvalError(str(value))
     raise CelEvalError(f"condition gave {result.type().name()}, not a bool")
+
+
+def _check_input(name: str, value: Any) -> None:
+    if isinstance(value, str):
+        if len(value) > MAX_INPUT_CHARS:
+            raise CelBudgetError(f"condition input {name} is over {MAX_INPUT_CHARS} characters")
+    elif (name in _REQUEST_MAPS and value
+          and sum(map(len, value)) + sum(map(len, value.values())) > MAX_MAP_INPUT_CHARS):
+        raise CelBudgetError(f"condition input {name} is over {MAX_MAP_INPUT_CHARS} characters")
+
+
+def _comprehension_depth(expression: str) -> tuple[int, int]:
+    """The deepest nesting of comprehension macros, and the 1-based column of the deepest."""
+    text = re.sub(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"", lambda m: " " * len(m.group()), expression)
+    opens = {m.end() - 1 for m in _MACRO.finditer(text)}
+    stack: list[bool] = []
+    depth = best = 0
+    column = 1
+    for i, ch in enumerate(text):
+        if ch == "(":
+            macro = i in opens
+            stack.append(macro)
+            if macro:
+                depth += 1
+                if depth > best:
+                    best, column = depth, i + 1
+        elif ch == ")" and stack and stack.pop():  # a macro's own parenthesis closes
+            depth -= 1
+    return best, column
 
 
 def _compile_error(text: str) -> CelCompileError:

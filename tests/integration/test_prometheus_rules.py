@@ -34,7 +34,7 @@ def run(*args: str, cwd: Path = PROM) -> subprocess.CompletedProcess[str]:
 def test_promtool_check_rules() -> None:
     result = run("check", "rules", "alerts.yml")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 9 rules found" in result.stdout
+    assert "SUCCESS: 11 rules found" in result.stdout
 
 
 def test_promtool_test_rules() -> None:
@@ -78,6 +78,8 @@ def test_alerts_cover_the_required_conditions() -> None:
     assert "authz_bundle_last_success_timestamp_seconds" in by_name["AuthzBundleStale"]
     assert "authz_audit_dropped_total" in by_name["AuthzAuditRecordsDropped"]
     assert "histogram_quantile(0.99" in by_name["AuthzCheckLatencyHigh"]
+    assert "authz_audit_oldest_queued_seconds" in by_name["AuthzAuditSinkStuck"]
+    assert "authz_checks_rejected_total" in by_name["AuthzChecksShed"]
     assert "authz_tls_cert_expiry_timestamp_seconds" in by_name["AuthzCertificateExpiresSoon"]
     assert "authz_tls_ca_expiry_timestamp_seconds" in by_name["AuthzCABundleExpiresSoon"]
     assert "authz_tls_rotation_failing" in by_name["AuthzCertificateRotationFailing"]

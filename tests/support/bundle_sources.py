@@ -57,6 +57,8 @@ class BundleServer:
         self.delay = 0.0
         self.status = 200
         self.send_length = True
+        self.drip = 0.0  # seconds between the bytes of the answer (a slow server)
+        self.drip_from = 0  # bytes of the answer sent at once before the drip (0: drip the headers too)
         self._lock = threading.Lock()
         outer = self
 
@@ -79,6 +81,19 @@ class BundleServer:
                     self.send_response(304)
                     self.send_header("ETag", etag)
                     self.end_headers()
+                    return
+                if outer.drip:
+                    head = (f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\nETag: {etag}\r\n\r\n").encode()
+                    answer = head + body
+                    try:
+                        self.wfile.write(answer[:outer.drip_from])
+                        for i in range(outer.drip_from, len(answer)):
+                            self.wfile.write(answer[i:i + 1])
+                            self.wfile.flush()
+                            time.sleep(outer.drip)
+                    except OSError:
+                        pass  # the client gave up
+                    self.close_connection = True
                     return
                 self.send_response(200)
                 self.send_header("Content-Type", "application/gzip")

@@ -154,9 +154,11 @@ def test_variables_fill_flags_and_flags_win() -> None:
 def test_a_flag_added_later_gets_its_variable() -> None:
     # Other branches add flags (e.g. --drain-grace): the layer reads the parser, not a list.
     parser = build_parser()
-    options.subcommands(parser)["serve"].add_argument("--drain-grace", type=float, default=5.0)
-    args = parser.parse_args(options.with_environment(parser, ["serve"], {"AUTHZ_DRAIN_GRACE": "7"}))
-    assert args.drain_grace == 7.0
+    options.subcommands(parser)["serve"].add_argument("--added-later", type=float, default=5.0)
+    args = parser.parse_args(options.with_environment(
+        parser, ["serve"], {"AUTHZ_ADDED_LATER": "7", "AUTHZ_DRAIN_GRACE": "3"}))
+    assert args.added_later == 7.0
+    assert args.drain_grace == 3.0  # one that did arrive from another branch
 
 
 def test_serve_listens_where_the_variables_say() -> None:

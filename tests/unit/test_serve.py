@@ -33,12 +33,14 @@ def start(*args: str) -> tuple[subprocess.Popen[str], int, int]:
     )
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        try:
+        try:  # up, and the first load done (it runs once the ports are open)
             urllib.request.urlopen(f"http://127.0.0.1:{h}/healthz", timeout=1).read()
-            return proc, g, h
+            code, body = http_get(h, "/readyz")
+            if code == 200 or "no bundle loaded yet" not in body:
+                return proc, g, h
         except (urllib.error.URLError, ConnectionError):
             assert proc.poll() is None, proc.communicate()[1]
-            time.sleep(0.1)
+        time.sleep(0.1)
     proc.kill()
     raise AssertionError("authz serve did not come up")
 

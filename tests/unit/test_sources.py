@@ -247,6 +247,41 @@ def test_http_source_errors_and_timeout(tmp_path: Path, server: BundleServer) ->
         HttpSource(url, policy=PollPolicy(timeout=1)).fetch()
 
 
+@pytest.mark.parametrize("part", ["body", "headers"])
+def test_a_dripping_server_fails_at_the_poll_timeout(tmp_path: Path, server: BundleServer, part: str) -> None:
+    """One byte every 0.2 s: each read succeeds long before a socket timeout, but the whole
+    download is cut at --poll-timeout (it would take minutes otherwise)."""
+    body = archive.build_archive(bundle_bytes(tmp_path, "r1"), "t", "r1")
+    server.publish(body, '"r1"')
+    server.drip = 0.2
+    server.drip_from = 120 if part == "body" else 0  # past the status line and headers, or not
+    source = HttpSource(server.url, policy=PollPolicy(timeout=2.0))
+    started = time.monotonic()
+    with pytest.raises(SourceUnavailable, match=r"took longer than 2.0s \(--poll-timeout\)"):
+        source.fetch()
+    elapsed = time.monotonic() - started
+    assert 1.9 <= elapsed < 10.0, elapsed
+    assert len(body) * 0.2 > 60  # not a download that merely finished early
+    server.drip = 0.0
+    assert source.fetch() is not None  # the next poll, at normal speed, works
+
+
+def test_a_symlink_loop_in_a_bundle_directory_is_rejected(tmp_path: Path) -> None:
+    root = tmp_path / "b"
+    write_bundle(root, [])
+    (root / "policies" / "self").symlink_to(".")
+    with pytest.raises(BundleError) as err:
+        DirectorySource(root).fetch()
+    assert "policies/self" in str(err.value) and "symbolic link" in str(err.value)
+    # also through a link to an ancestor higher up
+    (root / "policies" / "self").unlink()
+    (root / "policies" / "up").symlink_to("..")
+    with pytest.raises(BundleError, match="policies/up"):
+        DirectorySource(root).fetch()
+    (root / "policies" / "up").unlink()
+    assert DirectorySource(root).fetch().files  # without the loop it reads fine
+
+
 def test_poll_delays_jitter_and_back_off() -> None:
     source = HttpSource(
         "http://127.0.0.1:9/b.tar.gz",

@@ -1,0 +1,120 @@
+"""Bounds on what one caller can make the service hold or do, and their `authz serve` flags.
+
+Request limits are checked by check.py before a request is parsed further, normalised or
+matched: a request over any of them is denied with a fixed reason (one metric label value
+per limit) and a decision id, at the cost of a few length reads. Their defaults are above
+Envoy's own defaults (60 KiB of request headers, 100 headers), so a request Envoy lets
+through with its defaults is never refused here for its size.
+
+Serving limits bound the gRPC listener (docs/operations.md): concurrent checks, streams per
+connection, keepalive and idle connections, and the drain at SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from envoy.service.auth.v3 import external_auth_pb2
+
+
+@dataclass(frozen=True, slots=True)
+class RequestLimits:
+    max_request_bytes: int = 1024 * 1024  # the whole serialized CheckRequest
+    max_path_bytes: int = 16 * 1024
+    max_headers: int = 200
+    max_header_bytes: int = 96 * 1024  # names and values added up
+
+    @property
+    def too_large(self) -> str:
+        return f"request too large: over {self.max_request_bytes} bytes"
+
+    def violation(self, check: external_auth_pb2.CheckRequest, message_bytes: int | None = None) -> str | None:
+        """The deny reason of the first limit ``check`` breaks, or None. ``message_bytes``, the
+        size on the wire when known, spares adding up the headers of a small request."""
+        http = check.attributes.request.http
+        if len(http.path) > self.max_path_bytes:
+            return f"request too large: path over {self.max_path_bytes} bytes"
+        count = len(http.headers) or len(http.header_map.headers)
+        if count > self.max_headers:
+            return f"request too large: over {self.max_headers} headers"
+        if message_bytes is not None and message_bytes <= self.max_header_bytes:
+            return None
+        if http.headers:
+            size = sum(len(k) + len(v) for k, v in http.headers.items())
+        else:
+            size = sum(len(h.key) + len(h.value) + len(h.raw_value) for h in http.header_map.headers)
+        if size > self.max_header_bytes:
+            return f"request too large: headers over {self.max_header_bytes} bytes"
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class ServeLimits:
+    """How the gRPC listener behaves under load and at shutdown (docs/operations.md)."""
+
+    drain_grace: float = 5.0  # after SIGTERM: NOT_SERVING but still answering
+    drain_timeout: float = 15.0  # then: new streams refused, in-flight checks finish within this
+    max_concurrent_checks: int = 512
+    max_streams_per_connection: int = 1000
+    max_message_bytes: int = 4 * 1024 * 1024  # gRPC's own cap; RequestLimits denies below it
+    keepalive_seconds: float = 30.0  # ping a connection this often...
+    keepalive_timeout_seconds: float = 10.0  # ...and close it when the ping is not answered
+    max_connection_idle_seconds: float = 300.0  # close a connection with no call for this long
+    stall_seconds: float = 30.0  # cancel a call still unanswered after this (half-open stream)
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("limits (docs/operations.md)")
+    g.add_argument("--drain-grace", type=_non_negative, default=5.0, metavar="SECONDS",
+                   help="after SIGTERM, keep answering checks this long while health says "
+                        "NOT_SERVING (default 5)")
+    g.add_argument("--drain-timeout", type=_non_negative, default=15.0, metavar="SECONDS",
+                   help="then refuse new streams and let in-flight checks finish within this (default 15)")
+    g.add_argument("--max-concurrent-checks", type=_positive_int, default=512, metavar="N",
+                   help="checks in the server at once; more are refused with RESOURCE_EXHAUSTED (default 512)")
+    g.add_argument("--max-streams-per-connection", type=_positive_int, default=1000, metavar="N",
+                   help="concurrent HTTP/2 streams one client connection may open (default 1000)")
+    g.add_argument("--max-request-bytes", type=_positive_int, default=1024 * 1024, metavar="N",
+                   help="largest CheckRequest decided; larger ones are denied (default 1 MiB)")
+    g.add_argument("--max-path-bytes", type=_positive_int, default=16 * 1024, metavar="N",
+                   help="longest request path decided; longer ones are denied (default 16 KiB)")
+    g.add_argument("--max-headers", type=_positive_int, default=200, metavar="N",
+                   help="most request headers decided; more are denied (default 200)")
+    g.add_argument("--max-header-bytes", type=_positive_int, default=96 * 1024, metavar="N",
+                   help="request header names and values added up; more are denied (default 96 KiB)")
+
+
+def request_limits(args: argparse.Namespace) -> RequestLimits:
+    return RequestLimits(max_request_bytes=args.max_request_bytes, max_path_bytes=args.max_path_bytes,
+                         max_headers=args.max_headers, max_header_bytes=args.max_header_bytes)
+
+
+def serve_limits(args: argparse.Namespace) -> ServeLimits:
+    return ServeLimits(
+        drain_grace=args.drain_grace, drain_timeout=args.drain_timeout,
+        max_concurrent_checks=args.max_concurrent_checks,
+        max_streams_per_connection=args.max_streams_per_connection,
+        # gRPC refuses (without a decision) only far above what we deny with a reason.
+        max_message_bytes=max(4 * 1024 * 1024, 2 * args.max_request_bytes),
+    )
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds from 0, not {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1, not {text!r}")
+    return value
