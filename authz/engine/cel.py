@@ -143,27 +143,35 @@ def evaluate(condition: Condition, ctx: Mapping[str, Any]) -> bool:
     """True or False; raises CelEvalError for an error or a non-bool result."""
     if condition.native is not None:
         return condition.native(ctx)
+    value, rtype = _run(condition, ctx, "condition")
+    if value is True or value is False:
+        return value
+    raise CelEvalError(f"condition gave {rtype.name()}, not a bool")
+
+
+def _run(expression: Condition, ctx: Mapping[str, Any], what: str) -> tuple[Any, Any]:
+    """(value, type) of a compiled expression within the cost bounds; CelEvalError for an
+    error value, CelBudgetError past a bound."""
     try:
-        data = {name: ctx[name] for name in condition.variables}
+        data = {name: ctx[name] for name in expression.variables}
     except KeyError as exc:
         raise CelEvalError(f"no value for {exc.args[0]}") from None
     for name, value in data.items():
         _check_input(name, value)
     started = time.perf_counter()
     try:
-        result = condition.program.eval(data=data)
+        result = expression.program.eval(data=data)
     except RuntimeError as exc:
         if "budget exceeded" in str(exc):  # the runtime's own bound: 10,000 iterations
-            raise CelBudgetError(f"condition over its budget: {exc}") from None
+            raise CelBudgetError(f"{what} over its budget: {exc}") from None
         raise CelEvalError(str(exc)) from None
     value = result.value()
     if time.perf_counter() - started > EVAL_BUDGET_SECONDS:
-        raise CelBudgetError(f"condition took over its budget of {EVAL_BUDGET_SECONDS * 1000:.0f} ms")
-    if value is True or value is False:
-        return value
-    if result.type() == _T.ERROR:
+        raise CelBudgetError(f"{what} took over its budget of {EVAL_BUDGET_SECONDS * 1000:.0f} ms")
+    rtype = result.type()
+    if rtype == _T.ERROR:  # an error's value is its message, a str: test the type first
         raise CelEvalError(str(value))
-    raise CelEvalError(f"condition gave {result.type().name()}, not a bool")
+    return value, rtype
 
 
 def _check_input(name: str, value: Any) -> None:
@@ -224,16 +232,7 @@ def compile_string(expression: str) -> Condition:
 
 def evaluate_string(expression: Condition, ctx: Mapping[str, Any]) -> str:
     """The string result; raises CelEvalError for an error or any other type."""
-    try:
-        result = expression.program.eval(data={name: ctx[name] for name in expression.variables})
-    except KeyError as exc:
-        raise CelEvalError(f"no value for {exc.args[0]}") from None
-    except RuntimeError as exc:
-        raise CelEvalError(str(exc)) from None
-    value = result.value()
-    rtype = result.type()
-    if rtype == _T.ERROR:  # an error's value is its message, a str: test the type first
-        raise CelEvalError(str(value))
+    value, rtype = _run(expression, ctx, "expression")
     if rtype == _T.STRING and isinstance(value, str):
         return value
     raise CelEvalError(f"expression gave {rtype.name()}, not a string")
