@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--audit-header", action="append", default=[], metavar="NAME",
                        help="a request header whose value audit records may keep; repeatable "
                             "(never authorization, proxy-authorization, cookie, set-cookie)")
-    serve.add_argument("--audit-allow-sample-rate", type=_sample_rate, default=1.0, metavar="RATE",
+    serve.add_argument("--audit-allow-sample-rate", type=options.fraction, default=1.0, metavar="RATE",
                        help="share of allows recorded, 0..1 (default 1); denies and AUDIT "
                             "matches are always recorded")
     serve.add_argument("--audit-log-query", action="store_true",
@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--status-show-paths", action="store_true",
                        help="show file system paths in /readyz and /v1/status (hidden by default)")
     tls_server.add_arguments(serve)
-    serve.add_argument("--workers", type=_workers, default=1, metavar="N",
+    serve.add_argument("--workers", type=options.positive_int, default=1, metavar="N",
                        help="worker processes sharing the ports (default 1); one process uses "
                             "about one core")
     serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
@@ -277,26 +277,6 @@ def _without_workers(argv: list[str]) -> list[str]:
         elif not arg.startswith("--workers="):
             out.append(arg)
     return out
-
-
-def _workers(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number from 1, not {text!r}")
-    return n
-
-
-def _sample_rate(text: str) -> float:
-    try:
-        rate = float(text)
-    except ValueError:
-        rate = -1.0
-    if not 0.0 <= rate <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be a number from 0 to 1, not {text!r}")
-    return rate
 
 
 def _hidden_paths(args: argparse.Namespace) -> dict[str, str]:

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 from envoy.service.auth.v3 import external_auth_pb2
 
+from authz import options
+
 
 @dataclass(frozen=True, slots=True)
 class RequestLimits:
@@ -66,22 +68,22 @@ class ServeLimits:
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("limits (docs/operations.md)")
-    g.add_argument("--drain-grace", type=_non_negative, default=5.0, metavar="SECONDS",
+    g.add_argument("--drain-grace", type=options.non_negative_float, default=5.0, metavar="SECONDS",
                    help="after SIGTERM, keep answering checks this long while health says "
                         "NOT_SERVING (default 5)")
-    g.add_argument("--drain-timeout", type=_non_negative, default=15.0, metavar="SECONDS",
+    g.add_argument("--drain-timeout", type=options.non_negative_float, default=15.0, metavar="SECONDS",
                    help="then refuse new streams and let in-flight checks finish within this (default 15)")
-    g.add_argument("--max-concurrent-checks", type=_positive_int, default=512, metavar="N",
+    g.add_argument("--max-concurrent-checks", type=options.positive_int, default=512, metavar="N",
                    help="checks in the server at once; more are refused with RESOURCE_EXHAUSTED (default 512)")
-    g.add_argument("--max-streams-per-connection", type=_positive_int, default=1000, metavar="N",
+    g.add_argument("--max-streams-per-connection", type=options.positive_int, default=1000, metavar="N",
                    help="concurrent HTTP/2 streams one client connection may open (default 1000)")
-    g.add_argument("--max-request-bytes", type=_positive_int, default=1024 * 1024, metavar="N",
+    g.add_argument("--max-request-bytes", type=options.positive_int, default=1024 * 1024, metavar="N",
                    help="largest CheckRequest decided; larger ones are denied (default 1 MiB)")
-    g.add_argument("--max-path-bytes", type=_positive_int, default=16 * 1024, metavar="N",
+    g.add_argument("--max-path-bytes", type=options.positive_int, default=16 * 1024, metavar="N",
                    help="longest request path decided; longer ones are denied (default 16 KiB)")
-    g.add_argument("--max-headers", type=_positive_int, default=200, metavar="N",
+    g.add_argument("--max-headers", type=options.positive_int, default=200, metavar="N",
                    help="most request headers decided; more are denied (default 200)")
-    g.add_argument("--max-header-bytes", type=_positive_int, default=96 * 1024, metavar="N",
+    g.add_argument("--max-header-bytes", type=options.positive_int, default=96 * 1024, metavar="N",
                    help="request header names and values added up; more are denied (default 96 KiB)")
 
 
@@ -98,23 +100,3 @@ def serve_limits(args: argparse.Namespace) -> ServeLimits:
         # gRPC refuses (without a decision) only far above what we deny with a reason.
         max_message_bytes=max(4 * 1024 * 1024, 2 * args.max_request_bytes),
     )
-
-
-def _non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds from 0, not {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number from 1, not {text!r}")
-    return value

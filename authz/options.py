@@ -97,6 +97,20 @@ def non_negative_int(text: str) -> int:
     return int(_number(text, int, 0, "a whole number from 0"))
 
 
+def non_negative_float(text: str) -> float:
+    value = _number(text, float, 0, "a number of seconds from 0")
+    if value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds from 0, not {text!r}")
+    return value
+
+
+def fraction(text: str) -> float:
+    value = _number(text, float, 0, "a number from 0 to 1")
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, not {text!r}")
+    return value
+
+
 def positive_float(text: str) -> float:
     value = _number(text, float, 0, "a number of seconds above 0")
     if value == 0 or value == float("inf"):
