@@ -3,28 +3,36 @@
 Past its capacity a server that queues everything answers nothing in time: every call waits
 behind the ones before it until all of them miss their deadline. So:
 
-- at most ``max_concurrent`` Check calls are in the server at once (received, queued on the
-  event loop or being decided); the next one is refused at once with RESOURCE_EXHAUSTED,
-  before its message is even read, which costs a fraction of a check;
+- at most ``max_concurrent_checks`` calls are in the server at once (waiting for a serving
+  thread, reading their message or being decided): grpcio's threaded server is built with
+  ``maximum_concurrent_rpcs`` and refuses the next one with RESOURCE_EXHAUSTED on its polling
+  thread, before the call reaches a serving thread or any of our code but ``service()``.
+  Measured, that is about half the cost of refusing it in a handler of ours (a thread
+  hand-off and an abort), and refusals are what a server past capacity mostly does;
 - a call whose deadline has passed (or is closer than ``min_remaining``), or whose client
-  went away, while it waited is dropped before any work: its answer could no longer be
-  used, and deciding it would only make the calls behind it late too;
-- a call still unanswered after ``stall_seconds`` (a half-open stream whose message never
-  comes) is cancelled, so it cannot hold a slot for ever.
+  went away, while it waited for a thread is dropped before any work: its answer could no
+  longer be used, and deciding it would only make the calls behind it late too;
+- a call whose message has not come ``stall_seconds`` after it got a thread (a half-open
+  stream) is cancelled, so it cannot hold that thread for ever.
 
 Each refusal is counted in ``authz_checks_rejected_total{reason}``. Envoy, with
 ``failure_mode_allow: false``, turns a refusal into a 403 like a deny: nothing is let through.
 
-The gate sits in ``service()`` of a generic handler, which grpc.aio calls inside the task of
-each new call: the task's completion (whatever ends it) releases the slot, so a slot can
-never leak.
+The gate is a generic handler of the threaded server. grpcio calls ``service()`` on its
+polling thread as each call arrives, under the lock with which it has just compared its
+count of calls in flight with the bound; the gate reads the same two numbers there to count
+the refusal that follows. The Check method is served as stream-unary (on the wire the same
+as unary) so that the handler has the call's context before its message comes: that is what
+lets it drop an expired call without reading it and cancel a stalled one.
 """
 
 from __future__ import annotations
 
-import asyncio
+import logging
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import grpc
 
@@ -37,88 +45,95 @@ from authz.metrics import (
     Metrics,
 )
 
+log = logging.getLogger("authz.admission")
+
 CheckFunc = Callable[[bytes], bytes]
 
 
 class CheckGate(grpc.GenericRpcHandler):  # type: ignore[misc]
-    """The generic handler of one unary method (``/service/method``), behind the gate."""
+    """The generic handler of one unary method (``/service/method``) of ``server``, a
+    ``grpc.server`` built with ``maximum_concurrent_rpcs``."""
 
-    def __init__(self, method: str, check: CheckFunc, metrics: Metrics, *, max_concurrent: int,
-                 stall_seconds: float = 30.0, min_remaining: float = 0.005) -> None:
+    def __init__(self, method: str, check: CheckFunc, metrics: Metrics, server: grpc.Server, *,
+                 stall_seconds: float = 5.0, min_remaining: float = 0.005) -> None:
         self.method = method
         self.check = check
-        self.max_concurrent = max(1, max_concurrent)
         self.stall_seconds = stall_seconds
         self.min_remaining = min_remaining
-        self.in_flight: dict[asyncio.Task[object], float] = {}
+        # grpcio's own count and bound (grpc._server._ServerState); without them refusals
+        # still happen, only uncounted, which the unit tests would show.
+        self._server_state: Any = getattr(server, "_state", None)
+        if getattr(self._server_state, "maximum_concurrent_rpcs", None) is None:
+            log.warning("cannot count refused checks: grpcio's server state has changed")
+            self._server_state = None
+        # Calls reading their message, by id(context): (since, context), for the sweeper.
+        self.reading: dict[int, tuple[float, grpc.ServicerContext]] = {}
         self._rejected = {r: metrics.checks_rejected.labels(r) for r in REJECT_REASONS}
         self._in_flight_gauge = metrics.checks_in_flight
-        self._handler = grpc.unary_unary_rpc_method_handler(self._serve)
-        self._refuse = grpc.unary_unary_rpc_method_handler(self._overloaded)
-        self._sweeper: asyncio.Task[None] | None = None
+        self._handler = grpc.stream_unary_rpc_method_handler(self._serve)
+        self._stop = threading.Event()
+        self._sweeper = threading.Thread(target=self._sweep, name="authz-gate-sweeper", daemon=True)
 
-    # grpc.aio calls this at the start of each call's task, before reading its message.
+    def in_flight(self) -> int:
+        """Calls in the server now (all methods, as grpcio bounds them)."""
+        state = self._server_state
+        return int(state.active_rpc_count) if state is not None else 0
+
+    # On grpcio's polling thread, as each call arrives, before anything of it is read.
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         if handler_call_details.method != self.method:
             return None
-        if len(self.in_flight) >= self.max_concurrent:
-            return self._refuse
-        task = asyncio.current_task()
-        if task is not None:
-            self.in_flight[task] = time.monotonic()
-            task.add_done_callback(self._release)
+        state = self._server_state
+        if state is not None and state.active_rpc_count >= state.maximum_concurrent_rpcs:
+            self._rejected[REJECT_OVERLOADED].inc()  # grpcio refuses it next
         return self._handler
 
-    def _release(self, task: asyncio.Task[object]) -> None:
-        self.in_flight.pop(task, None)
-
-    async def _serve(self, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        remaining = context.time_remaining()
-        if remaining is not None and remaining < self.min_remaining:
-            return await self._reject(context, REJECT_DEADLINE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                                      "deadline too close when the check could start")
-        if context.cancelled():
-            return await self._reject(context, REJECT_CANCELLED, grpc.StatusCode.CANCELLED,
-                                      "cancelled before the check started")
-        return self.check(data)
-
-    async def _overloaded(self, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        return await self._reject(context, REJECT_OVERLOADED, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                  f"overloaded: {self.max_concurrent} checks in flight")
-
-    async def _reject(self, context: grpc.aio.ServicerContext, reason: str, code: grpc.StatusCode,
-                      details: str) -> bytes:
-        self._rejected[reason].inc()
+    def _serve(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        if context.time_remaining() < self.min_remaining:
+            self._reject(context, REJECT_DEADLINE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                         "deadline too close when the check could start")
+        if not context.is_active():
+            self._reject(context, REJECT_CANCELLED, grpc.StatusCode.CANCELLED,
+                         "cancelled before the check started")
+        key = id(context)
+        self.reading[key] = (time.monotonic(), context)
         try:
-            await context.abort(code, details)
-        except grpc.aio.AbortError:
-            raise
-        except Exception:  # noqa: BLE001,S110 - the call is already gone: nobody to tell
-            pass
-        raise asyncio.CancelledError
+            data = next(requests, None)
+        except grpc.RpcError:  # cancelled while its message was awaited (by the sweeper or the client)
+            data = None
+        swept = self.reading.pop(key, None) is None  # the sweeper took it: counted as stalled
+        if data is None:
+            if swept:
+                context.abort(grpc.StatusCode.CANCELLED, "stalled: no request message")
+            self._reject(context, REJECT_CANCELLED, grpc.StatusCode.CANCELLED, "no request message")
+        return self.check(data)  # type: ignore[arg-type]
+
+    def _reject(self, context: grpc.ServicerContext, reason: str, code: grpc.StatusCode, details: str) -> None:
+        self._rejected[reason].inc()
+        context.abort(code, details)  # raises: grpcio sends the status
 
     # --- the sweeper: stalled calls and the in-flight gauge ------------------------------
 
     def start(self) -> None:
-        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        self._sweeper.start()
 
     def stop(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        self._stop.set()
 
-    async def _sweep(self) -> None:
-        while True:
-            await asyncio.sleep(1.0)
+    def _sweep(self) -> None:
+        while not self._stop.wait(0.5):
             self.sweep_once()
 
     def sweep_once(self) -> int:
-        """Cancel calls older than stall_seconds; returns how many."""
-        self._in_flight_gauge.set(len(self.in_flight))
+        """Cancel calls whose message has not come within stall_seconds; returns how many."""
+        self._in_flight_gauge.set(self.in_flight())
         too_old = time.monotonic() - self.stall_seconds
-        stalled = [t for t, since in self.in_flight.items() if since < too_old and not t.done()]
-        for task in stalled:
-            task.cancel()
-        if stalled:
-            self._rejected[REJECT_STALLED].inc(len(stalled))
-        return len(stalled)
-
+        cancelled = 0
+        for key in [key for key, (since, _) in list(self.reading.items()) if since < too_old]:
+            entry = self.reading.pop(key, None)
+            if entry is not None:
+                entry[1].cancel()
+                cancelled += 1
+        if cancelled:
+            self._rejected[REJECT_STALLED].inc(cancelled)
+        return cancelled

@@ -263,7 +263,8 @@ def _supervise(argv: list[str], args: argparse.Namespace) -> int:
     from authz import supervisor
 
     addrs = [a for a in (args.grpc_addr, args.http_addr, args.http_authz_addr) if a]
-    return supervisor.run(_without_workers(argv), args.workers, addrs)
+    supervisor.exec_supervisor(_without_workers(argv), args.workers, addrs, args.log_level, args.log_format)
+    return EXIT_USAGE  # not reached: exec replaced this process
 
 
 def _without_workers(argv: list[str]) -> list[str]:

@@ -87,14 +87,14 @@ def decision_handler(checker: Checker) -> grpc.GenericRpcHandler:
     parse is answered with INVALID_ARGUMENT (and audited), not a generic deserialisation error."""
 
     def method(explain: bool) -> grpc.RpcMethodHandler:
-        async def call(data: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        def call(data: bytes, context: grpc.ServicerContext) -> bytes:
             try:
                 req: decision_pb2.DecideRequest | None = decision_pb2.DecideRequest.FromString(data)
             except Exception:  # noqa: BLE001 - DecodeError; any failure is a bad argument
                 req = None
             answer, error = decide(checker, req, explain)
             if error is not None:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error)
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, error)
             return answer.SerializeToString()
 
         return grpc.unary_unary_rpc_method_handler(call)

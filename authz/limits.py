@@ -57,13 +57,16 @@ class ServeLimits:
 
     drain_grace: float = 5.0  # after SIGTERM: NOT_SERVING but still answering
     drain_timeout: float = 15.0  # then: new streams refused, in-flight checks finish within this
-    max_concurrent_checks: int = 512
+    max_concurrent_checks: int = 256
+    grpc_threads: int = 8  # serving threads (docs/performance.md, "Serving stack")
     max_streams_per_connection: int = 1000
     max_message_bytes: int = 4 * 1024 * 1024  # gRPC's own cap; RequestLimits denies below it
     keepalive_seconds: float = 30.0  # ping a connection this often...
     keepalive_timeout_seconds: float = 10.0  # ...and close it when the ping is not answered
     max_connection_idle_seconds: float = 300.0  # close a connection with no call for this long
-    stall_seconds: float = 30.0  # cancel a call still unanswered after this (half-open stream)
+    # Cancel a call whose message has not come after this (a half-open stream): it holds a
+    # serving thread meanwhile. Envoy and gRPC clients send the message with the headers.
+    stall_seconds: float = 5.0
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,8 +76,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         "NOT_SERVING (default 5)")
     g.add_argument("--drain-timeout", type=options.non_negative_float, default=15.0, metavar="SECONDS",
                    help="then refuse new streams and let in-flight checks finish within this (default 15)")
-    g.add_argument("--max-concurrent-checks", type=options.positive_int, default=512, metavar="N",
-                   help="checks in the server at once; more are refused with RESOURCE_EXHAUSTED (default 512)")
+    g.add_argument("--max-concurrent-checks", type=options.positive_int, default=256, metavar="N",
+                   help="gRPC calls in the server at once, queued or being decided; more are refused "
+                        "with RESOURCE_EXHAUSTED (default 256)")
+    g.add_argument("--grpc-threads", type=options.positive_int, default=8, metavar="N",
+                   help="threads serving gRPC calls, each one call at a time from its first byte "
+                        "to its answer (default 8)")
     g.add_argument("--max-streams-per-connection", type=options.positive_int, default=1000, metavar="N",
                    help="concurrent HTTP/2 streams one client connection may open (default 1000)")
     g.add_argument("--max-request-bytes", type=options.positive_int, default=1024 * 1024, metavar="N",
@@ -96,6 +103,7 @@ def serve_limits(args: argparse.Namespace) -> ServeLimits:
     return ServeLimits(
         drain_grace=args.drain_grace, drain_timeout=args.drain_timeout,
         max_concurrent_checks=args.max_concurrent_checks,
+        grpc_threads=args.grpc_threads,
         max_streams_per_connection=args.max_streams_per_connection,
         # gRPC refuses (without a decision) only far above what we deny with a reason.
         max_message_bytes=max(4 * 1024 * 1024, 2 * args.max_request_bytes),

@@ -16,8 +16,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
 import grpc
-from grpc_health.v1 import _async as health_async
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from authz import decision_api
 from authz.admission import CheckGate
@@ -255,13 +254,19 @@ async def serve(
     sibling processes. ``on_started`` runs once the ports are open (the first bundle load
     starts then, so /healthz answers while it is in flight)."""
     options = options or ServeLimits()
-    server = grpc.aio.server(options=grpc_options(options, worker),
-                             interceptors=tls.interceptors(metrics) if tls is not None else None)
-    gate = CheckGate(CHECK_METHOD, checker.check_bytes, metrics,
-                     max_concurrent=options.max_concurrent_checks, stall_seconds=options.stall_seconds)
+    # grpcio's threaded server, chosen by measurement (docs/performance.md, "Serving stack"):
+    # its polling thread takes new calls and refuses those over max_concurrent_checks before
+    # any Python work of ours, so past capacity the checks served are still answered in time.
+    # The asyncio loop here only waits for signals and serves HTTP ext_authz. The Checker is
+    # safe to call from several threads at once.
+    pool = ThreadPoolExecutor(max_workers=options.grpc_threads, thread_name_prefix="authz-grpc")
+    server = grpc.server(pool, options=grpc_options(options, worker),
+                         interceptors=tls.interceptors(metrics) if tls is not None else None,
+                         maximum_concurrent_rpcs=options.max_concurrent_checks)
+    gate = CheckGate(CHECK_METHOD, checker.check_bytes, metrics, server, stall_seconds=options.stall_seconds)
     server.add_generic_rpc_handlers((gate, decision_api.decision_handler(checker)))
-    health = health_async.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     # Asked of the OS first: grpcio would say only "Failed to bind" (and log a C++ error line).
     problem = _bind_problem(grpc_addr) if worker is None else None
     try:
@@ -281,16 +286,15 @@ async def serve(
     not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
     loop = asyncio.get_running_loop()
 
-    async def update_health() -> None:
-        # Loads finish in the reloader thread; health follows store.current from the loop.
+    def update_health(_status: object = None) -> None:
+        # Loads finish in the reloader thread; health follows store.current.
         state = serving if store.current is not None else not_serving
         for name in ("", AUTH_SERVICE):
-            await health.set(name, state)
+            health_servicer.set(name, state)
 
-    unsubscribe = store.subscribe(
-        lambda _status: loop.call_soon_threadsafe(lambda: loop.create_task(update_health())))
+    unsubscribe = store.subscribe(update_health)
     unsettle = settle_heap(store)
-    await update_health()
+    update_health()
     if http_authz is not None:
         # Bound before the gRPC server starts: a port in use stops us before anything runs.
         try:
@@ -299,7 +303,7 @@ async def serve(
             probes.httpd.server_close()
             raise
         log.info("HTTP ext_authz listening on %s", http_authz.addr, extra={"http_authz_addr": http_authz.addr})
-    await server.start()
+    server.start()
     probes.start()
     gate.start()
     if tls is not None:
@@ -323,15 +327,17 @@ async def serve(
     # Not ready at once, still answering: Envoy's health checks and Kubernetes' endpoint
     # controller take this instance out while it keeps deciding what still arrives.
     probes.draining = True
-    await health.enter_graceful_shutdown()
+    health_servicer.enter_graceful_shutdown()
     log.info("SIGTERM: NOT_SERVING; answering checks for %.1fs, then draining for up to %.1fs",
              options.drain_grace, options.drain_timeout)
     try:  # a second SIGTERM or SIGINT cuts the grace short
         await asyncio.wait_for(stop.wait(), options.drain_grace)
     except TimeoutError:
         pass
-    await server.stop(options.drain_timeout)
+    stopped = server.stop(options.drain_timeout)
+    await loop.run_in_executor(None, stopped.wait)
     gate.stop()
+    pool.shutdown(wait=False)
     if http_authz is not None:
         await http_authz.stop()
     probes.stop()

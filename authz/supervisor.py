@@ -12,10 +12,16 @@ binds each port once without SO_REUSEPORT, which fails when anything (another `a
 --workers`, whose workers would otherwise silently split the traffic with ours) listens
 there. Workers start with SIGHUP ignored until each can reload (so a HUP forwarded to a
 starting worker cannot kill it, and restart it, and so on).
+
+`authz serve --workers N` checks its flags, then replaces itself (exec, same pid) with
+``python -m authz.supervisor``: a process that holds only what supervising takes (the
+standard library and prometheus-client's multiprocess helpers, ~25 MB) instead of gRPC,
+protobuf, the Envoy messages and the engine the command had imported (~60 MB more).
 """
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import errno
 import logging
@@ -31,6 +37,8 @@ from collections.abc import Callable
 from types import FrameType
 
 from prometheus_client import multiprocess
+
+from authz import logging_setup
 
 log = logging.getLogger("authz.supervisor")
 
@@ -189,3 +197,33 @@ def run(serve_argv: list[str], workers: int, addrs: list[str]) -> int:
         print(f"authz serve: {exc}", file=sys.stderr)
         return 2  # as for any listener that cannot bind (cli.EXIT_USAGE)
     return Supervisor(serve_argv, workers).run()
+
+
+def exec_supervisor(serve_argv: list[str], workers: int, addrs: list[str], log_level: str,
+                    log_format: str) -> None:
+    """Become the supervisor: exec ``python -m authz.supervisor`` (does not return)."""
+    argv = [sys.executable, "-m", "authz.supervisor", "--workers", str(workers),
+            "--log-level", log_level, "--log-format", log_format]
+    for addr in addrs:
+        argv += ["--addr", addr]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [*argv, "--", *serve_argv])
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m authz.supervisor",
+                                     description="run by `authz serve --workers N`; not meant to be run by hand")
+    parser.add_argument("--workers", type=int, required=True)
+    parser.add_argument("--addr", action="append", default=[])
+    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-format", default="text")
+    parser.add_argument("serve_argv", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    serve_argv = args.serve_argv[1:] if args.serve_argv[:1] == ["--"] else args.serve_argv
+    logging_setup.configure(args.log_level, args.log_format)
+    return run(serve_argv, args.workers, args.addr)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -25,7 +25,7 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,7 +70,7 @@ class CallerPolicy:
         return spiffe_id in self._exact or any(p.matches(spiffe_id) for p in self.patterns)
 
 
-def peer_spiffe_id(context: grpc.aio.ServicerContext) -> tuple[str | None, str]:
+def peer_spiffe_id(context: grpc.ServicerContext) -> tuple[str | None, str]:
     """(the caller's SPIFFE ID, '') or (None, why there is none)."""
     auth = context.auth_context()
     uris = [u.decode(errors="replace") for u in auth.get("peer_uri", [])]
@@ -108,7 +108,7 @@ class _RefusalLog:
                     method, who, reason, f"; {more} more refused since the last line" if more else "")
 
 
-class CallerGate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class CallerGate(grpc.ServerInterceptor):  # type: ignore[misc]
     """PERMISSION_DENIED for every call whose peer is not an allowed SPIFFE ID."""
 
     def __init__(self, policy: CallerPolicy, metrics: Metrics) -> None:
@@ -120,7 +120,7 @@ class CallerGate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         # Wrapped handlers by method: grpc hands out the same handler for a method each time.
         self._wrapped: dict[str, tuple[Any, Any]] = {}
 
-    def refusal(self, context: grpc.aio.ServicerContext, method: str) -> str | None:
+    def refusal(self, context: grpc.ServicerContext, method: str) -> str | None:
         spiffe_id, reason = peer_spiffe_id(context)
         if spiffe_id is not None and self.policy.allows(spiffe_id):
             return None
@@ -131,10 +131,8 @@ class CallerGate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self._log.refused(who, reason.replace("_", " "), method)
         return f"caller {who} is not allowed to call authz ({reason.replace('_', ' ')})"
 
-    async def intercept_service(
-        self, continuation: Callable[[Any], Awaitable[Any]], details: Any
-    ) -> Any:
-        handler = await continuation(details)
+    def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
+        handler = continuation(details)
         if handler is None:
             return None
         method = details.method
@@ -147,43 +145,24 @@ class CallerGate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return wrapped
 
     def _wrap(self, handler: Any, method: str) -> Any:
-        gate = self
+        """The same handler, its behaviour preceded by the caller check (run on the serving
+        thread, before the request is used). A behaviour's own thread pool is kept."""
+        kinds = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
+        kind = next(k for k in kinds if getattr(handler, k) is not None)
+        inner = getattr(handler, kind)
 
-        if handler.unary_unary is not None:
-            inner_uu = handler.unary_unary
+        def behaviour(request: Any, context: grpc.ServicerContext) -> Any:
+            message = self.refusal(context, method)
+            if message is not None:
+                context.abort(grpc.StatusCode.PERMISSION_DENIED, message)
+            return inner(request, context)
 
-            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                message = gate.refusal(context, method)
-                if message is not None:
-                    await context.abort(grpc.StatusCode.PERMISSION_DENIED, message)
-                return await inner_uu(request, context)
-
-            return grpc.unary_unary_rpc_method_handler(
-                unary_unary, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
-        if handler.unary_stream is not None:
-            inner_us = handler.unary_stream
-
-            async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> None:
-                message = gate.refusal(context, method)
-                if message is not None:
-                    await context.abort(grpc.StatusCode.PERMISSION_DENIED, message)
-                result = inner_us(request, context)
-                if hasattr(result, "__aiter__"):
-                    async for item in result:
-                        await context.write(item)
-                else:
-                    await result
-
-            return grpc.unary_stream_rpc_method_handler(
-                unary_stream, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
-
-        # Streaming requests: none of our services has one; refuse rather than pass unchecked.
-        async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "method not served over mTLS")
-
-        return grpc.unary_unary_rpc_method_handler(refuse)
+        pool = getattr(inner, "experimental_thread_pool", None)
+        if pool is not None:
+            behaviour.experimental_thread_pool = pool  # type: ignore[attr-defined]
+        make = getattr(grpc, f"{kind}_rpc_method_handler")
+        return make(behaviour, request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer)
 
 
 # --- credentials ---------------------------------------------------------------------------

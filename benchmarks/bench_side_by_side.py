@@ -12,8 +12,10 @@ neighbour hits both alike):
               (utime+stime of the server's process tree from /proc over the run)
   one stream  h2load, 1 connection x 1 stream: p50 / p99 ms from h2load's per-request log
 
-and prints per-round ratios authz/floor and their medians. ``--stack sync`` adds the floor and
-authz on grpcio's threaded server (the serving-stack comparison in docs/performance.md).
+and prints per-round ratios authz/floor and their medians. Rows named "authz aio" are `authz serve`
+itself (grpcio's threaded server since the serving-stack switch) against the grpc.aio floor;
+``--stack sync`` adds a threaded floor and authz's Checker on that floor's server, and
+``--baseline-src`` an older checkout's `authz serve` (docs/performance.md, "Serving stack").
 Everything is on 127.0.0.1 and bounded in time.
 """
 

@@ -121,3 +121,15 @@ def test_envoy_http_ext_authz_config_is_valid_as_shipped(tmp_path: Path) -> None
         (tls / name).write_bytes(Path(path).read_bytes())
     proc = envoy_validate(config, tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout[-2000:]
+
+
+@pytest.mark.parametrize("name", ["envoy.yaml", "envoy-mtls.yaml", "envoy-http.yaml"])
+def test_envoy_configs_refuse_overload_before_it_reaches_authz(name: str) -> None:
+    """docs/operations.md ("Overload"): a refusal by authz costs a third of a check, so the
+    shipped Envoy configs bound the checks in flight to authz with a circuit breaker."""
+    config = yaml.safe_load((DEPLOY / "envoy" / name).read_text())
+    cluster = next(c for c in config["static_resources"]["clusters"] if c["name"] == "authz")
+    thresholds = cluster["circuit_breakers"]["thresholds"]
+    assert len(thresholds) == 1 and thresholds[0].get("priority", "DEFAULT") == "DEFAULT"
+    assert 0 < thresholds[0]["max_requests"] <= 1024  # Envoy's default is 1024: we must be tighter
+    assert thresholds[0]["max_retries"] == 0  # a retry of a refused check is more overload

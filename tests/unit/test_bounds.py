@@ -148,10 +148,10 @@ def test_hung_collector_with_large_records_keeps_memory_bounded_and_visible(tmp_
                 stub.Check(check_request(**big), timeout=10)
             time.sleep(1.0)
             before = rss_kb(proc.pid)
-            # ~380 MB of requests, in batches under the 1000 streams a connection may have;
-            # every record is queued for the stuck collector
-            for _ in range(10):
-                futures = [stub.Check.future(check_request(**big), timeout=60) for _ in range(500)]
+            # ~380 MB of requests, in batches under the 256 calls authz admits at once
+            # (--max-concurrent-checks); every record is queued for the stuck collector
+            for _ in range(25):
+                futures = [stub.Check.future(check_request(**big), timeout=60) for _ in range(200)]
                 assert all(f.result().status.code in (0, 7) for f in futures)
         assert wait_for(lambda: metric(http_get(h, "/metrics")[1],
                                        'authz_audit_oldest_queued_seconds{sink="http"}') > 2, 20)

@@ -56,6 +56,10 @@ def test_two_workers_share_the_ports_and_add_up(tmp_path: Path) -> None:
     try:
         assert wait_for(lambda: http_get(h, "/readyz")[0] == 200, 30), proc.stderr
         assert wait_for(lambda: len(workers_seen(h, 10)) == 2, 20)  # both answer on one port
+        # The supervisor (same pid, exec'd) holds only what supervising takes: not gRPC.
+        cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
+        assert b"authz.supervisor" in cmdline
+        assert "cygrpc" not in Path(f"/proc/{proc.pid}/maps").read_text()
         sent = 60
         for _ in range(sent):  # a new connection each time, so both workers get some
             with grpc.insecure_channel(f"127.0.0.1:{g}") as ch:
