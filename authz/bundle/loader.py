@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from authz import gradual
 from authz.bundle import schema
 from authz.bundle.schema import Problem
 from authz.bundle.yamlpos import Document, Position, YamlError, load_documents
@@ -135,7 +136,7 @@ def _read(root: Path, path: Path, problems: list[Problem]) -> list[Document]:
         return []
     if path.suffix == ".json":
         try:
-            value: Any = json.loads(text)
+            value: Any = gradual.loads(text)  # json.loads in steps: checks go on meanwhile
         except json.JSONDecodeError as exc:
             problems.append(Problem(Position(name, exc.lineno, exc.colno), f"invalid JSON: {exc.msg}"))
             return []

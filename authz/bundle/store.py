@@ -33,6 +33,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from authz import gradual
 from authz.bundle import archive, persist
 from authz.bundle.archive import DEFAULT_LIMITS, Limits, Snapshot
 from authz.bundle.cases import run_cases
@@ -106,7 +107,10 @@ def check_candidate(
     policy_set = compile_bundle(files)
     if run_tests and files.tests:
         run_bundle_tests(policy_set, files)
-    del files  # the parsed documents: their memory can now be reused and returned
+    # The parsed documents, piece by piece (checks go on meanwhile): their memory can now be
+    # reused and returned.
+    gradual.release(files)
+    del files
     policy_set, table = detach_tenants(policy_set)
     return attach_tenants(policy_set, table)
 
@@ -299,12 +303,17 @@ class BundleStore:
                 return self._unchanged(snap.origin, keep_persisted=persisted_reason is not None)
             with _collector_paused():
                 result = self._gate_and_swap(snap, persisted_reason)
+                if result == LOADED:
+                    del snap
+                    # Listeners (server.settle_heap: one full collection, then a freeze) run
+                    # before the collector is back on: re-enabled first, its thresholds,
+                    # counted over the whole load, would start a second full collection at
+                    # the next allocation, a second pause of every check.
+                    self._notify()
             if result != LOADED:
                 del snap
                 _return_freed_memory()  # a rejected candidate leaves nothing resident either
                 return result
-            del snap
-        self._notify()
         _return_freed_memory()
         return LOADED
 

