@@ -40,3 +40,21 @@ def test_settle_heap_freezes_the_serving_bundle_and_frees_a_replaced_one(tmp_pat
     finally:
         unsubscribe()
         gc.unfreeze()
+
+
+def test_listeners_run_before_the_collector_and_the_switch_interval_are_restored(tmp_path: Path) -> None:
+    """While a candidate loads (and while listeners such as settle_heap run) the collector is
+    off and the GIL is handed over every 0.5 ms; both are as before once the load returns."""
+    import sys
+
+    from authz.bundle.store import LOAD_SWITCH_INTERVAL
+
+    root = write_bundle(tmp_path / "b", [{"name": "p", "action": "ALLOW", "rules": [{"name": "r"}]}])
+    store = BundleStore(Metrics())
+    seen: list[tuple[bool, float]] = []
+    store.subscribe(lambda _status: seen.append((gc.isenabled(), sys.getswitchinterval())))
+    before = sys.getswitchinterval()
+    assert gc.isenabled() and before > LOAD_SWITCH_INTERVAL
+    assert store.load(root)
+    assert seen and seen[-1] == (False, LOAD_SWITCH_INTERVAL)
+    assert gc.isenabled() and sys.getswitchinterval() == before
