@@ -25,17 +25,18 @@ def loads(text: str) -> Any:
     """``json.loads(text)``, decoding objects and arrays of the top ``_SPLIT_DEPTH`` levels
     entry by entry (the values below in one call each). The same value, the same
     ``json.JSONDecodeError`` (positions in ``text``) for a bad document."""
-    value, end = _value(text, _SPACE.match(text, 0).end(), 0)  # type: ignore[union-attr]
+    value, end = _value(text, _SPACE.match(text, 0).end(), 0, {})  # type: ignore[union-attr]
     end = _SPACE.match(text, end).end()  # type: ignore[union-attr]
     if end != len(text):
         raise json.JSONDecodeError("Extra data", text, end)
     return value
 
 
-def _value(text: str, i: int, depth: int) -> tuple[Any, int]:
+def _value(text: str, i: int, depth: int, keys: dict[str, str]) -> tuple[Any, int]:
     opening = text[i:i + 1]
     if depth >= _SPLIT_DEPTH or opening not in ("{", "["):
-        return _DECODER.raw_decode(text, i)
+        value, end = _DECODER.raw_decode(text, i)
+        return _same_keys(value, keys), end
     closing = "}" if opening == "{" else "]"
     out: Any = {} if opening == "{" else []
     i = _SPACE.match(text, i + 1).end()  # type: ignore[union-attr]
@@ -50,9 +51,9 @@ def _value(text: str, i: int, depth: int) -> tuple[Any, int]:
             if text[i:i + 1] != ":":
                 raise json.JSONDecodeError("Expecting ':' delimiter", text, i)
             i = _SPACE.match(text, i + 1).end()  # type: ignore[union-attr]
-            out[key], i = _value(text, i, depth + 1)
+            out[keys.setdefault(key, key)], i = _value(text, i, depth + 1, keys)
         else:
-            item, i = _value(text, i, depth + 1)
+            item, i = _value(text, i, depth + 1, keys)
             out.append(item)
         i = _SPACE.match(text, i).end()  # type: ignore[union-attr]
         sep = text[i:i + 1]
@@ -61,6 +62,17 @@ def _value(text: str, i: int, depth: int) -> tuple[Any, int]:
         if sep != ",":
             raise json.JSONDecodeError("Expecting ',' delimiter", text, i)
         i = _SPACE.match(text, i + 1).end()  # type: ignore[union-attr]
+
+
+def _same_keys(value: Any, keys: dict[str, str]) -> Any:
+    """``value`` with one string object per distinct key, as one json.loads call would share
+    them: decoded a tenant at a time, every tenant would otherwise hold its own "callers",
+    "plan" (measured: +26 MB at 100k tenants)."""
+    if isinstance(value, dict):
+        return {keys.setdefault(k, k): _same_keys(v, keys) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_same_keys(v, keys) for v in value] if any(isinstance(v, (dict, list)) for v in value) else value
+    return value
 
 
 def release(*objects: Any) -> None:

@@ -106,3 +106,13 @@ def test_release_takes_apart_a_yaml_node_tree_it_alone_holds() -> None:
     gradual.release(nodes)
     assert nodes == [] and first.value is not None  # first is held by this test: left whole
     assert [n.value for n in kept.value][0] == "1"
+
+
+def test_keys_repeated_across_tenants_are_one_string_as_with_json_loads() -> None:
+    """Decoded a tenant at a time, each tenant would hold its own copy of "callers", "plan"...
+    (+26 MB at 100k tenants); one json.loads call shares them, and so must loads()."""
+    text = json.dumps({"tenants": {f"t{i}": {"callers": [f"c{i}"], "flags": {"beta": True}} for i in range(3)}})
+    tenants = gradual.loads(text)["tenants"]
+    first, second = (list(tenants[t]) for t in ("t0", "t1"))
+    assert first[0] is second[0] and first[1] is second[1]
+    assert next(iter(tenants["t0"]["flags"])) is next(iter(tenants["t2"]["flags"]))
