@@ -57,11 +57,15 @@ DROP_SINK_BLOCKED = "sink_blocked"  # a sink's own queue was full: that sink is 
 DROP_SINK_ERROR = "sink_error"  # a sink raised (disk full, collector gave up after retries)
 DROP_FORMAT_ERROR = "format_error"  # a record could not be turned into JSON
 DROP_SHUTDOWN = "shutdown"  # still queued for a stuck sink when the service stopped
+# queued in a worker of `authz serve --workers` that was killed (SIGKILL, a crash): counted
+# by the supervisor from the worker's last report of its queues
+DROP_WORKER_KILLED = "worker_killed"
 # What a queued entry costs besides its request's bytes (the tuple, the decision, the id).
 ENTRY_OVERHEAD = 512
 REPORT_INTERVAL = 1.0  # seconds between updates of the queue age and size gauges
 
-DROP_REASONS = (DROP_QUEUE_FULL, DROP_SINK_BLOCKED, DROP_SINK_ERROR, DROP_FORMAT_ERROR, DROP_SHUTDOWN)
+DROP_REASONS = (DROP_QUEUE_FULL, DROP_SINK_BLOCKED, DROP_SINK_ERROR, DROP_FORMAT_ERROR, DROP_SHUTDOWN,
+                DROP_WORKER_KILLED)
 
 # W3C trace context: version-traceid-parentid-flags (future versions may append fields).
 _TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}(-[ -~]*)?\Z")
@@ -544,6 +548,8 @@ class _SinkWorker:
         self._shutdown = metrics.audit_dropped.labels(DROP_SHUTDOWN)
         self._age_gauge = metrics.audit_oldest_queued.labels(sink.name)
         self._bytes_gauge = metrics.audit_queued_bytes.labels(sink.name)
+        self._records_gauge = metrics.audit_queued_records.labels(sink.name)
+        self._writing = 0  # records in the batch being written
         self._last_error_log = 0.0
         self.thread = threading.Thread(target=self._run, name=f"authz-audit-{sink.name}", daemon=True)
 
@@ -571,9 +577,11 @@ class _SinkWorker:
             oldest = head
         return max(0.0, now - oldest) if oldest is not None else 0.0
 
-    def report(self, now: float) -> None:
+    def report(self, now: float, upstream: int = 0) -> None:
+        """Publish this sink's queue; ``upstream``: records not yet dispatched, bound for it too."""
         self._age_gauge.set(self.age(now))
         self._bytes_gauge.set(self.queued_bytes)
+        self._records_gauge.set(len(self._queue) + self._writing + upstream)
 
     def stop(self) -> None:
         self._stop.set()
@@ -593,10 +601,12 @@ class _SinkWorker:
             if pending and (stopping or len(pending) >= self.max_batch
                             or time.monotonic() - first_at >= self.max_delay):
                 self._writing_since = oldest
+                self._writing = len(pending)
                 try:
                     self._write(pending)
                 finally:
                     self._writing_since = None
+                    self._writing = 0
                     self._bytes_out += sum(len(line) for line in pending)
                 pending = []
                 continue
@@ -732,7 +742,7 @@ class AuditLog:
             if now - reported >= REPORT_INTERVAL:  # this thread is never stuck in a sink
                 reported = now
                 for w in self._workers:
-                    w.report(now)
+                    w.report(now, len(q))
             if not q:
                 if stopping:
                     return

@@ -104,6 +104,11 @@ class Metrics:
             "authz_audit_queued_bytes", "Bytes of audit records waiting for a sink.", ["sink"],
             registry=r, multiprocess_mode="livesum",
         )
+        # The supervisor of --workers reads a killed worker's last value: what it lost.
+        self.audit_queued_records = Gauge(
+            "authz_audit_queued_records", "Audit records waiting for a sink (updated every second).",
+            ["sink"], registry=r, multiprocess_mode="livesum",
+        )
         self.build_info = Gauge(
             "authz_build_info", "The version of authz answering (value 1).", ["version"],
             registry=r, multiprocess_mode="livemax",

@@ -7,6 +7,13 @@ loading and watching the bundle itself. Metrics go to files in PROMETHEUS_MULTIP
 /metrics, whichever worker answers, adds up all of them. The supervisor forwards SIGHUP,
 restarts a worker that dies, and on SIGTERM drains every worker and exits 0.
 
+A worker killed outright (SIGKILL, a crash) loses the audit records it still held. Every
+worker publishes how many it holds (authz_audit_queued_records, once a second); before the
+dead worker's metric files go, the supervisor reads that last figure and counts it in
+authz_audit_dropped_total{reason="worker_killed"}, a counter file of its own beside the
+workers' (so /metrics adds it up like theirs). Records queued after the last report are
+not in it: the count is what the worker held up to a second before it died.
+
 Only the workers of one supervisor may share the ports: before starting any, the supervisor
 binds each port once without SO_REUSEPORT, which fails when anything (another `authz serve
 --workers`, whose workers would otherwise silently split the traffic with ours) listens
@@ -24,6 +31,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import errno
+import json
 import logging
 import os
 import shutil
@@ -37,6 +45,7 @@ from collections.abc import Callable
 from types import FrameType
 
 from prometheus_client import multiprocess
+from prometheus_client.mmap_dict import MmapedDict, mmap_key
 
 from authz import logging_setup
 
@@ -94,6 +103,28 @@ def _remove_orphaned_metrics_dirs() -> None:
         shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
 
 
+# As authz.audit and authz.metrics name them; not imported, to keep this process small.
+AUDIT_LOST_REASON = "worker_killed"
+AUDIT_DROPPED_HELP = "Audit records dropped, by reason."
+AUDIT_HELD_METRIC = "authz_audit_queued_records"
+
+
+def audit_records_held(metrics_dir: str, pid: int) -> int:
+    """The audit records worker ``pid`` last reported holding, over all its sinks."""
+    path = os.path.join(metrics_dir, f"gauge_livesum_{pid}.db")
+    if not os.path.exists(path):
+        return 0
+    held = 0.0
+    try:
+        for entry in MmapedDict.read_all_values_from_file(path):  # type: ignore[no-untyped-call]
+            if json.loads(entry[0])[1] == AUDIT_HELD_METRIC:
+                held += entry[1]
+    except (OSError, ValueError, RuntimeError, IndexError) as exc:  # a torn file: say so, count nothing
+        log.warning("cannot read the metrics of dead worker pid %d: %s", pid, exc)
+        return 0
+    return int(held)
+
+
 class PortInUse(Exception):
     pass
 
@@ -130,6 +161,7 @@ class Supervisor:
             self.own_metrics_dir = tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-")
             self.env["PROMETHEUS_MULTIPROC_DIR"] = self.own_metrics_dir
         self.metrics_dir = self.env["PROMETHEUS_MULTIPROC_DIR"]
+        self.audit_lost = 0.0  # records lost with killed workers, all told
 
     def start(self, index: int) -> None:
         argv = [sys.executable, "-m", "authz", *self.serve_argv, "--worker-index", str(index)]
@@ -158,6 +190,8 @@ class Supervisor:
             code = proc.poll()
             if code is None or self.stopping:
                 continue
+            if code < 0:  # killed by a signal; a worker that exits closes its audit and counts itself
+                self._count_lost_audit(index, proc.pid)
             multiprocess.mark_process_dead(proc.pid, self.metrics_dir)  # type: ignore[no-untyped-call]
             if code > 0 and time.monotonic() - started < START_GRACE_SECONDS:
                 log.error("worker %d exited with code %d while starting; stopping", index, code)
@@ -166,6 +200,22 @@ class Supervisor:
                 return
             log.error("worker %d (pid %d) exited with code %d; restarting it", index, proc.pid, code)
             self.start(index)
+
+    def _count_lost_audit(self, index: int, pid: int) -> None:
+        lost = audit_records_held(self.metrics_dir, pid)
+        if not lost:
+            return
+        self.audit_lost += lost
+        path = os.path.join(self.metrics_dir, f"counter_{os.getpid()}.db")
+        counter = MmapedDict(path)  # type: ignore[no-untyped-call]
+        try:
+            counter.write_value(  # type: ignore[no-untyped-call]
+                mmap_key("authz_audit_dropped", "authz_audit_dropped_total", ["reason"], [AUDIT_LOST_REASON],
+                         AUDIT_DROPPED_HELP), self.audit_lost, time.time())
+        finally:
+            counter.close()  # type: ignore[no-untyped-call]
+        log.error("worker %d (pid %d) died holding %d audit records; they are lost "
+                  "(authz_audit_dropped_total{reason=\"%s\"})", index, pid, lost, AUDIT_LOST_REASON)
 
     def _stop(self, signum: int, frame: FrameType | None) -> None:
         self.stopping = True

@@ -93,6 +93,47 @@ def test_two_workers_share_the_ports_and_add_up(tmp_path: Path) -> None:
     assert all(r["allowed"] for r in records)
 
 
+def metric(text: str, series: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(series + " "))
+
+
+def test_audit_records_a_killed_worker_held_are_counted_as_lost() -> None:
+    """A worker SIGKILLed with records queued for a stuck collector: the supervisor counts
+    what it last reported holding as dropped (worker_killed); with no check sent meanwhile,
+    lost + what the other worker still holds == what both held before."""
+    from test_bounds import HungCollector
+
+    collector = HungCollector()
+    g, h = free_port(), free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "authz", "serve", "--workers", "2", "--grpc-addr", f"127.0.0.1:{g}",
+         "--http-addr", f"127.0.0.1:{h}", "--audit-log", collector.url],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    held_series = 'authz_audit_queued_records{sink="http"}'
+    lost_series = 'authz_audit_dropped_total{reason="worker_killed"}'
+    try:
+        assert wait_for(lambda: http_get(h, "/readyz")[0] == 200, 30)
+        assert wait_for(lambda: len(workers_seen(h, 10)) == 2, 20)
+        for _ in range(60):  # a new connection each time: both workers get some
+            with grpc.insecure_channel(f"127.0.0.1:{g}") as ch:
+                external_auth_pb2_grpc.AuthorizationStub(ch).Check(check_request(**CHARGE), timeout=5)
+        # every record waits for the collector that never answers; the gauges catch up within 1 s
+        assert wait_for(lambda: metric(http_get(h, "/metrics")[1], held_series) == 60, 10)
+        assert metric(http_get(h, "/metrics")[1], lost_series) == 0
+        before = workers_seen(h)
+        os.kill(before[1], signal.SIGKILL)
+        assert wait_for(lambda: metric(http_get(h, "/metrics")[1], lost_series) > 0, 20)
+        text = http_get(h, "/metrics")[1]
+        lost, still_held = metric(text, lost_series), metric(text, held_series)
+        assert 0 < lost < 60
+        assert lost + still_held == 60
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        collector.close()
+    assert f"died holding {int(lost)} audit records" in err
+
+
 def test_workers_need_fixed_ports() -> None:
     proc = subprocess.run([sys.executable, "-m", "authz", "serve", "--workers", "2",
                            "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"],
