@@ -229,10 +229,14 @@ class _PooledHTTPServer(HTTPServer):
 
 
 def _bind_problem(addr: str) -> str | None:
-    """Why ``addr`` cannot be bound (None: it can), asked of the OS with a plain socket."""
+    """Why ``addr`` cannot be bound (None: it can), asked of the OS with a plain socket.
+
+    With SO_REUSEADDR, as gRPC binds: connections of a previous instance lingering in
+    TIME_WAIT do not make the port "in use" (a restart on the same port must come up)."""
     host, port = split_addr(addr)
     try:
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind((host, port))
     except OSError as exc:
         return exc.strerror or str(exc)

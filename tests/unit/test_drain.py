@@ -4,6 +4,7 @@ checks finished, exit 0; also under --workers."""
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -127,3 +128,40 @@ def test_second_sigterm_cuts_the_grace_short() -> None:
     assert proc.returncode == 0 and time.monotonic() - t0 < 30
 
 
+
+
+def test_a_restart_on_the_same_ports_comes_up_while_old_connections_linger() -> None:
+    """The stopped instance closed its clients' connections first, so they linger in TIME_WAIT
+    on its port: that is not "in use" (gRPC binds with SO_REUSEADDR); the next instance on
+    the same ports must start, as it must when Kubernetes or an operator restarts it."""
+    proc, g, h = start("--drain-grace", "0")
+    client = socket.create_connection(("127.0.0.1", g))
+    client.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")  # preface, SETTINGS
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    client.settimeout(2)
+    try:  # read what the server sent (GOAWAY), then close: a clean FIN, the server side in TIME_WAIT
+        while client.recv(65536):
+            pass
+    except OSError:
+        pass
+    client.close()
+    time.sleep(0.2)
+    lingering = [line for line in subprocess.run(["ss", "-tan"], capture_output=True, text=True, check=False)
+                 .stdout.splitlines() if f":{g} " in line]
+    assert any(line.startswith("TIME-WAIT") for line in lingering), lingering
+    again = subprocess.Popen(
+        [sys.executable, "-m", "authz", "serve", "--grpc-addr", f"127.0.0.1:{g}",
+         "--http-addr", f"127.0.0.1:{h}", "--drain-grace", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_for(lambda: again.poll() is not None or http_get(h, "/readyz")[0] == 200, 30)
+        assert again.poll() is None, again.communicate()[1]
+        with grpc.insecure_channel(f"127.0.0.1:{g}") as ch:
+            stub = external_auth_pb2_grpc.AuthorizationStub(ch)
+            assert stub.Check(check_request(**CHARGE), timeout=10).status.code == 0
+    finally:
+        if again.poll() is None:
+            again.send_signal(signal.SIGTERM)
+        again.communicate(timeout=60)
