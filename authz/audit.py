@@ -41,7 +41,7 @@ from typing import IO, Any, NamedTuple, Protocol
 
 from authz.credentials import TokenFile, client_auth
 from authz.engine.model import Decision
-from authz.metrics import Metrics
+from authz.metrics import DROP_WORKER_KILLED, Metrics
 from authz.redact import redact_url
 from authz.request import Request
 from authz.tls import ClientTls, client_context
@@ -57,9 +57,8 @@ DROP_SINK_BLOCKED = "sink_blocked"  # a sink's own queue was full: that sink is 
 DROP_SINK_ERROR = "sink_error"  # a sink raised (disk full, collector gave up after retries)
 DROP_FORMAT_ERROR = "format_error"  # a record could not be turned into JSON
 DROP_SHUTDOWN = "shutdown"  # still queued for a stuck sink when the service stopped
-# queued in a worker of `authz serve --workers` that was killed (SIGKILL, a crash): counted
-# by the supervisor from the worker's last report of its queues
-DROP_WORKER_KILLED = "worker_killed"
+# DROP_WORKER_KILLED (authz.metrics): queued in a worker of `authz serve --workers` that was
+# killed (SIGKILL, a crash), counted by the supervisor from the worker's last report
 # What a queued entry costs besides its request's bytes (the tuple, the decision, the id).
 ENTRY_OVERHEAD = 512
 REPORT_INTERVAL = 1.0  # seconds between updates of the queue age and size gauges

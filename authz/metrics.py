@@ -24,6 +24,12 @@ from authz.version import VERSION
 # prometheus-client picks file-backed values at import when this is set; so do we.
 MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
+# The supervisor of --workers reads the second from a killed worker's metric files and counts
+# it in the first (authz.supervisor); named once here, a module it can import without the rest.
+AUDIT_DROPPED = ("authz_audit_dropped", "Audit records dropped, by reason.")
+AUDIT_QUEUED_RECORDS = ("authz_audit_queued_records", "Audit records waiting for a sink (updated every second).")
+DROP_WORKER_KILLED = "worker_killed"  # a reason of AUDIT_DROPPED
+
 # From 10 µs: a decision is microseconds, a check through gRPC a few hundred.
 DURATION_BUCKETS = (
     0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
@@ -61,9 +67,7 @@ class Metrics:
         self.audit_records = Counter(
             "authz_audit_records", "Audit records written, by sink.", ["sink"], registry=r,
         )
-        self.audit_dropped = Counter(
-            "authz_audit_dropped", "Audit records dropped, by reason.", ["reason"], registry=r,
-        )
+        self.audit_dropped = Counter(*AUDIT_DROPPED, ["reason"], registry=r)
         self.audit_sampled_out = Counter(
             "authz_audit_sampled_out",
             "Allow decisions left out of the audit log by --audit-allow-sample-rate (not drops).",
@@ -104,11 +108,7 @@ class Metrics:
             "authz_audit_queued_bytes", "Bytes of audit records waiting for a sink.", ["sink"],
             registry=r, multiprocess_mode="livesum",
         )
-        # The supervisor of --workers reads a killed worker's last value: what it lost.
-        self.audit_queued_records = Gauge(
-            "authz_audit_queued_records", "Audit records waiting for a sink (updated every second).",
-            ["sink"], registry=r, multiprocess_mode="livesum",
-        )
+        self.audit_queued_records = Gauge(*AUDIT_QUEUED_RECORDS, ["sink"], registry=r, multiprocess_mode="livesum")
         self.build_info = Gauge(
             "authz_build_info", "The version of authz answering (value 1).", ["version"],
             registry=r, multiprocess_mode="livemax",

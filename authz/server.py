@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +24,7 @@ from authz.check import Checker
 from authz.http_authz import HttpAuthzServer
 from authz.limits import ServeLimits
 from authz.metrics import CONTENT_TYPE, Metrics
+from authz.ports import bind_error, split_addr
 from authz.redact import hide_paths
 from authz.tls_server import ServerTls, grpc_credentials, handshake_error, http_ssl_context
 from authz.version import VERSION
@@ -51,11 +51,6 @@ def grpc_options(opts: ServeLimits, worker: int | None) -> list[tuple[str, int]]
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
         ("grpc.http2.max_ping_strikes", 2),
     ]
-
-
-def split_addr(addr: str) -> tuple[str, int]:
-    host, _, port = addr.rpartition(":")
-    return host.strip("[]") or "0.0.0.0", int(port)
 
 
 class ProbeServer:
@@ -229,18 +224,8 @@ class _PooledHTTPServer(HTTPServer):
 
 
 def _bind_problem(addr: str) -> str | None:
-    """Why ``addr`` cannot be bound (None: it can), asked of the OS with a plain socket.
-
-    With SO_REUSEADDR, as gRPC binds: connections of a previous instance lingering in
-    TIME_WAIT do not make the port "in use" (a restart on the same port must come up)."""
-    host, port = split_addr(addr)
-    try:
-        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind((host, port))
-    except OSError as exc:
-        return exc.strerror or str(exc)
-    return None
+    exc = bind_error(addr)
+    return None if exc is None else exc.strerror or str(exc)
 
 
 async def serve(

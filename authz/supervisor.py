@@ -36,7 +36,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -48,6 +47,8 @@ from prometheus_client import multiprocess
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 
 from authz import logging_setup
+from authz.metrics import AUDIT_DROPPED, AUDIT_QUEUED_RECORDS, DROP_WORKER_KILLED
+from authz.ports import bind_error
 
 log = logging.getLogger("authz.supervisor")
 
@@ -103,12 +104,6 @@ def _remove_orphaned_metrics_dirs() -> None:
         shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
 
 
-# As authz.audit and authz.metrics name them; not imported, to keep this process small.
-AUDIT_LOST_REASON = "worker_killed"
-AUDIT_DROPPED_HELP = "Audit records dropped, by reason."
-AUDIT_HELD_METRIC = "authz_audit_queued_records"
-
-
 def audit_records_held(metrics_dir: str, pid: int) -> int:
     """The audit records worker ``pid`` last reported holding, over all its sinks."""
     path = os.path.join(metrics_dir, f"gauge_livesum_{pid}.db")
@@ -117,7 +112,7 @@ def audit_records_held(metrics_dir: str, pid: int) -> int:
     held = 0.0
     try:
         for entry in MmapedDict.read_all_values_from_file(path):  # type: ignore[no-untyped-call]
-            if json.loads(entry[0])[1] == AUDIT_HELD_METRIC:
+            if json.loads(entry[0])[1] == AUDIT_QUEUED_RECORDS[0]:
                 held += entry[1]
     except (OSError, ValueError, RuntimeError, IndexError) as exc:  # a torn file: say so, count nothing
         log.warning("cannot read the metrics of dead worker pid %d: %s", pid, exc)
@@ -132,19 +127,14 @@ class PortInUse(Exception):
 def check_ports_free(addrs: list[str]) -> None:
     """Raise PortInUse when anything listens on one of ``addrs`` (host:port)."""
     for addr in addrs:
-        host, _, port = addr.rpartition(":")
-        host = host.strip("[]") or "0.0.0.0"
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_STREAM) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is not "in use"
-            try:
-                s.bind((host, int(port)))
-            except OSError as exc:
-                if exc.errno == errno.EADDRINUSE:
-                    raise PortInUse(
-                        f"{addr} is already in use (another `authz serve`?); only the workers "
-                        "of one `authz serve --workers` share their ports") from None
-                raise
+        exc = bind_error(addr)
+        if exc is None:
+            continue
+        if exc.errno == errno.EADDRINUSE:
+            raise PortInUse(
+                f"{addr} is already in use (another `authz serve`?); only the workers "
+                "of one `authz serve --workers` share their ports") from None
+        raise exc
 
 
 class Supervisor:
@@ -210,12 +200,12 @@ class Supervisor:
         counter = MmapedDict(path)  # type: ignore[no-untyped-call]
         try:
             counter.write_value(  # type: ignore[no-untyped-call]
-                mmap_key("authz_audit_dropped", "authz_audit_dropped_total", ["reason"], [AUDIT_LOST_REASON],
-                         AUDIT_DROPPED_HELP), self.audit_lost, time.time())
+                mmap_key(AUDIT_DROPPED[0], f"{AUDIT_DROPPED[0]}_total", ["reason"], [DROP_WORKER_KILLED],
+                         AUDIT_DROPPED[1]), self.audit_lost, time.time())
         finally:
             counter.close()  # type: ignore[no-untyped-call]
         log.error("worker %d (pid %d) died holding %d audit records; they are lost "
-                  "(authz_audit_dropped_total{reason=\"%s\"})", index, pid, lost, AUDIT_LOST_REASON)
+                  "(authz_audit_dropped_total{reason=\"%s\"})", index, pid, lost, DROP_WORKER_KILLED)
 
     def _stop(self, signum: int, frame: FrameType | None) -> None:
         self.stopping = True

@@ -93,15 +93,11 @@ def test_two_workers_share_the_ports_and_add_up(tmp_path: Path) -> None:
     assert all(r["allowed"] for r in records)
 
 
-def metric(text: str, series: str) -> float:
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(series + " "))
-
-
 def test_audit_records_a_killed_worker_held_are_counted_as_lost() -> None:
     """A worker SIGKILLed with records queued for a stuck collector: the supervisor counts
     what it last reported holding as dropped (worker_killed); with no check sent meanwhile,
     lost + what the other worker still holds == what both held before."""
-    from test_bounds import HungCollector
+    from test_bounds import HungCollector, metric
 
     collector = HungCollector()
     g, h = free_port(), free_port()
