@@ -59,7 +59,18 @@ def read_bundle(root: Path, *, require_policies: bool = False) -> BundleFiles:
     ``require_policies``: a bundle without a single policy is an error too (the serving
     gate and lint ask for this; authz serve --allow-empty-bundle turns it off).
     """
-    root = Path(root)
+    files, problems = _read_bundle(Path(root), require_policies)
+    if problems:
+        revision = files.revision
+        # Piece by piece, checks going on: raised with it, the documents would be dropped
+        # whole with the traceback, a 30 ms pause of every check at 100k tenants.
+        gradual.release(files)
+        del files
+        raise BundleError(problems, revision)
+    return files
+
+
+def _read_bundle(root: Path, require_policies: bool) -> tuple[BundleFiles, list[Problem]]:
     problems: list[Problem] = []
     if not root.is_dir():
         raise BundleError([Problem(Position(str(root), 1, 1), "bundle directory does not exist")])
@@ -89,9 +100,7 @@ def read_bundle(root: Path, *, require_policies: bool = False) -> BundleFiles:
             files.tests.append(doc)
     if require_policies and not problems:
         problems += missing_policies(files)
-    if problems:
-        raise BundleError(problems, files.revision)
-    return files
+    return files, problems
 
 
 def missing_policies(files: BundleFiles) -> list[Problem]:
@@ -128,7 +137,7 @@ def _read(root: Path, path: Path, problems: list[Problem]) -> list[Document]:
         if path.stat().st_size > MAX_FILE_BYTES:
             problems.append(Problem(Position(name, 1, 1), f"file is larger than {MAX_FILE_BYTES} bytes"))
             return []
-        text = path.read_text(encoding="utf-8")
+        text = gradual.read_text(path)
     except FileNotFoundError:
         return []
     except (OSError, UnicodeDecodeError) as exc:

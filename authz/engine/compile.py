@@ -65,14 +65,19 @@ def detach_tenants(policy_set: PolicySet) -> tuple[PolicySet, list[bytes] | None
     Compiled tenants are allocated while the parsed documents still exist, in between them;
     once the documents are freed the tenants alone keep those pages resident (measured: 100k
     tenants kept ~80 MB for ~17 MB of data). So, with the documents already dropped: take
-    the table out (the caller rebinds its variable, which frees the table), let its pages go
-    back to the OS, and rebuild it in fresh, packed memory with attach_tenants.
+    the table out, let its pages go back to the OS, and rebuild it in fresh, packed memory
+    with attach_tenants. The table is emptied in place, a chunk at a time, from the end
+    (attach_tenants puts the order back): dropped whole, 100k tenants pause checks 20 ms.
+    ``policy_set`` is left without tenants; callers rebind it to the returned one.
     """
-    if len(policy_set.tenants) < COMPACT_TENANTS:
+    tenants = policy_set.tenants
+    if len(tenants) < COMPACT_TENANTS:
         return policy_set, None
-    items = list(policy_set.tenants.items())
-    table = [pickle.dumps(items[i:i + PACK_CHUNK], protocol=pickle.HIGHEST_PROTOCOL)
-             for i in range(0, len(items), PACK_CHUNK)]
+    table = []
+    while tenants:
+        chunk = [tenants.popitem() for _ in range(min(PACK_CHUNK, len(tenants)))]
+        table.append(pickle.dumps(chunk, protocol=pickle.HIGHEST_PROTOCOL))
+        del chunk
     return dataclasses.replace(policy_set, tenants={}), table
 
 
@@ -80,8 +85,8 @@ def attach_tenants(policy_set: PolicySet, table: list[bytes] | None) -> PolicySe
     if table is None:
         return policy_set
     tenants: dict[str, Any] = {}
-    for chunk in table:
-        tenants.update(pickle.loads(chunk))
+    for chunk in reversed(table):
+        tenants.update(reversed(pickle.loads(chunk)))
     return dataclasses.replace(policy_set, tenants=tenants)
 
 

@@ -95,8 +95,58 @@ def test_release_takes_apart_only_what_nobody_else_holds() -> None:
     # (1) and its positions (1)
     assert Spy.popped == 8
     assert shared == {"callers": ["a", "b"]}  # held by this test: whole
-    assert frozen.items == ["x"]  # frozen: whole
+    assert frozen.items == ["x"]  # held by this test: whole
     assert held.value == {"k": "v"}
+
+
+@dataclass(frozen=True, slots=True)
+class Compiled:
+    rules: tuple  # type: ignore[type-arg]
+    index: object = None
+
+
+def test_release_takes_apart_a_replaced_bundle_even_where_its_parts_share_a_field() -> None:
+    """A compiled bundle: frozen dataclasses, and a rules tuple that both a policy and its
+    index hold. Nothing else holds them, so every rule is taken apart, but not a rule the
+    test still holds."""
+    kept = Spy(k="v")
+    rules = (Spy(a=1), Spy(b=2), kept, Spy(c=3))
+    bundle = Compiled(rules=(Compiled(rules=rules, index=Compiled(rules=rules)),))
+    del rules
+    Spy.popped = 0
+    gradual.release(bundle)
+    assert Spy.popped == 3
+    assert kept == {"k": "v"}
+    assert bundle.rules is None  # the root, which the caller hands over
+
+
+def test_release_leaves_a_frozen_dataclass_someone_else_holds_whole() -> None:
+    rule = Spy(a=1)
+    policy = Compiled(rules=(rule,))
+    held_elsewhere = [policy]
+    del rule
+    Spy.popped = 0
+    gradual.release([held_elsewhere[0]])
+    assert Spy.popped == 0 and policy.rules[0] == {"a": 1}
+
+
+@pytest.mark.parametrize("text", ["plain ascii " * 5, "é€😀 mixed ñ" * 7, "", "x😀"])
+def test_read_text_decodes_in_chunks_as_read_text_does(tmp_path, monkeypatch, text: str) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(gradual, "_DECODE_CHUNK", 3)  # chunk ends fall inside characters
+    path = tmp_path / "f.json"
+    path.write_text(text, encoding="utf-8")
+    assert gradual.read_text(path) == path.read_text(encoding="utf-8") == text
+
+
+def test_read_text_fails_as_read_text_does_with_the_position_in_the_file(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(gradual, "_DECODE_CHUNK", 4)
+    path = tmp_path / "f.json"
+    path.write_bytes("abcdéfgh".encode() + b"\xff tail")
+    with pytest.raises(UnicodeDecodeError) as ours:
+        gradual.read_text(path)
+    with pytest.raises(UnicodeDecodeError) as theirs:
+        path.read_text(encoding="utf-8")
+    assert str(ours.value) == str(theirs.value) and ours.value.start == 9
 
 
 def test_release_takes_apart_a_yaml_node_tree_it_alone_holds() -> None:
