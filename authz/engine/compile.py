@@ -70,9 +70,9 @@ def detach_tenants(policy_set: PolicySet) -> tuple[PolicySet, list[bytes] | None
     (attach_tenants puts the order back): dropped whole, 100k tenants pause checks 20 ms.
     ``policy_set`` is left without tenants; callers rebind it to the returned one.
     """
-    tenants = policy_set.tenants
-    if len(tenants) < COMPACT_TENANTS:
+    if len(policy_set.tenants) < COMPACT_TENANTS:
         return policy_set, None
+    tenants = policy_set.tenants if isinstance(policy_set.tenants, dict) else dict(policy_set.tenants)
     table = []
     while tenants:
         chunk = [tenants.popitem() for _ in range(min(PACK_CHUNK, len(tenants)))]
