@@ -1,5 +1,6 @@
 """What `authz serve` and `authz build` do with bundles, kept out of cli.py.
 
+``open_source`` is the source a ``--bundle`` value names (sources.py, oci.py);
 ``open_bundles`` opens the ``--bundle`` source; ``first_load`` makes the first load (falling
 back to the ``--persist`` copy when the source gives no good bundle within its timeout).
 `authz serve` runs the first load in the reloader thread once its ports are open, so that
@@ -13,16 +14,17 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import ssl
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from authz.bundle import archive, oci, signing
-from authz.bundle.archive import Limits
+from authz.bundle import archive, oci, signing, sources
+from authz.bundle.archive import DEFAULT_LIMITS, Limits
 from authz.bundle.loader import BundleError
-from authz.bundle.sources import PollPolicy, SourceUnavailable, open_source, read_directory
+from authz.bundle.sources import PollPolicy, Source, SourceUnavailable, read_directory
 from authz.bundle.store import BundleStore, check_candidate
 from authz.bundle.watcher import Reloader
 from authz.metrics import Metrics
@@ -34,6 +36,37 @@ if TYPE_CHECKING:
     from authz.tracing import Tracing
 
 log = logging.getLogger("authz")
+
+
+def open_source(
+    spec: str | Path,
+    limits: Limits = DEFAULT_LIMITS,
+    policy: PollPolicy = PollPolicy(),
+    ssl_context: ssl.SSLContext | None = None,
+    *,
+    tls: ClientTls | None = None,
+    token: TokenFile | None = None,
+    allow_redirects: bool = False,
+    registry_credentials: Path | None = None,
+    insecure_registries: Sequence[str] = (),
+) -> Source:
+    """The source for a ``--bundle`` value: an oci:// reference, an http(s) URL, a .tar.gz
+    file or a directory."""
+    text = str(spec)
+    if text.startswith("oci://"):
+        return oci.OciSource(
+            text, limits, policy, credentials=registry_credentials,
+            insecure=insecure_registries, ssl_context=ssl_context, tls=tls,
+        )
+    if text.startswith(("http://", "https://")):
+        return sources.HttpSource(text, limits, policy, ssl_context=ssl_context, tls=tls, token=token,
+                                  allow_redirects=allow_redirects)
+    path = Path(text)
+    if path.is_dir():
+        return sources.DirectorySource(path, limits)
+    if text.endswith((".tar.gz", ".tgz")) or path.is_file():
+        return sources.ArchiveSource(path, limits)
+    return sources.DirectorySource(path, limits)  # does not exist yet: watched until it appears
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:

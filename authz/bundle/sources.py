@@ -31,7 +31,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import urllib.response
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
 from email.message import Message
 from http.client import HTTPMessage
@@ -495,36 +495,3 @@ def _etag(headers: Message) -> str | None:
 
 def _name(url: str) -> str:
     return url.rstrip("/").rsplit("/", 1)[-1] or url
-
-
-def open_source(
-    spec: str | Path,
-    limits: Limits = DEFAULT_LIMITS,
-    policy: PollPolicy = PollPolicy(),
-    ssl_context: ssl.SSLContext | None = None,
-    *,
-    tls: ClientTls | None = None,
-    token: TokenFile | None = None,
-    allow_redirects: bool = False,
-    registry_credentials: Path | None = None,
-    insecure_registries: Sequence[str] = (),
-) -> Source:
-    """The source for a ``--bundle`` value: an oci:// reference, an http(s) URL, a .tar.gz
-    file or a directory."""
-    text = str(spec)
-    if text.startswith("oci://"):
-        from authz.bundle.oci import OciSource  # oci.py builds on this module
-
-        return OciSource(
-            text, limits, policy, credentials=registry_credentials,
-            insecure=insecure_registries, ssl_context=ssl_context, tls=tls,
-        )
-    if text.startswith(("http://", "https://")):
-        return HttpSource(text, limits, policy, ssl_context=ssl_context, tls=tls, token=token,
-                          allow_redirects=allow_redirects)
-    path = Path(text)
-    if path.is_dir():
-        return DirectorySource(path, limits)
-    if text.endswith((".tar.gz", ".tgz")) or path.is_file():
-        return ArchiveSource(path, limits)
-    return DirectorySource(path, limits)  # does not exist yet: watched until it appears

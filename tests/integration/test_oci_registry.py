@@ -21,7 +21,8 @@ from support.registry import Registry, TokenServer, write_credentials
 
 from authz.bundle import archive, oci
 from authz.bundle.loader import BundleError
-from authz.bundle.sources import PollPolicy, SourceUnavailable, open_source
+from authz.bundle.runtime import open_source
+from authz.bundle.sources import PollPolicy, SourceUnavailable
 from authz.bundle.store import LOADED, REJECTED, UNCHANGED, BundleStore
 from authz.cli import main
 from authz.metrics import Metrics

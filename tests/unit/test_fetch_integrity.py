@@ -17,7 +17,8 @@ from test_sources import bundle_bytes
 
 from authz.bundle import archive, signing
 from authz.bundle.archive import Snapshot
-from authz.bundle.sources import PollPolicy, SourceUnavailable, open_source, read_directory
+from authz.bundle.runtime import open_source
+from authz.bundle.sources import PollPolicy, SourceUnavailable, read_directory
 from authz.bundle.store import LOADED, REJECTED, BundleStore
 from authz.metrics import Metrics
 from authz.tls import ClientTls

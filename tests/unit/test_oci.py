@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 
 from authz.bundle import oci
-from authz.bundle.sources import PollPolicy, SourceUnavailable, open_source
+from authz.bundle.runtime import open_source
+from authz.bundle.sources import PollPolicy, SourceUnavailable
 from authz.cli import main
 
 DIGEST = "sha256:" + "ab" * 32

@@ -17,7 +17,8 @@ from support.tls_serve import AUTHZ_ID, REPO, Serve, check, metric, wait_for
 from test_sources import bundle_bytes
 
 from authz.bundle import archive
-from authz.bundle.sources import PollPolicy, SourceUnavailable, open_source
+from authz.bundle.runtime import open_source
+from authz.bundle.sources import PollPolicy, SourceUnavailable
 from authz.tls import ClientTls
 
 PASSWORD = "pa55-w0rd-xyzzy"

@@ -20,7 +20,8 @@ from support.pki import PKI, generate_pki
 
 from authz.audit import HttpSink, UploadError
 from authz.bundle import archive
-from authz.bundle.sources import SourceUnavailable, open_source, read_directory
+from authz.bundle.runtime import open_source
+from authz.bundle.sources import SourceUnavailable, read_directory
 from authz.tls import client_context
 
 

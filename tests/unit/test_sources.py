@@ -17,13 +17,13 @@ from support.bundle_sources import BundleServer, ConfigMapDir
 from authz.bundle import archive
 from authz.bundle.archive import Limits
 from authz.bundle.loader import BundleError
+from authz.bundle.runtime import open_source
 from authz.bundle.sources import (
     ArchiveSource,
     DirectorySource,
     HttpSource,
     PollPolicy,
     SourceUnavailable,
-    open_source,
     read_directory,
 )
 from authz.bundle.store import LOADED, UNCHANGED, BundleStore
