@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from support.registry import Registry, write_credentials
 
@@ -26,15 +24,6 @@ from .test_fleet import bundle_files, grpc_probe, http_get, status, wait_for
 
 POLL_MIN, POLL_MAX = 0.5, 1.5
 REPOSITORY = "mesh/authz-bundle"
-
-
-@pytest.fixture
-def registry(tmp_path: Path) -> Iterator[Registry]:
-    reg = Registry(tmp_path / "registry")
-    try:
-        yield reg
-    finally:
-        reg.close()
 
 
 def push(ref: str, revision: str, allow_probe: bool, key: Ed25519PrivateKey,
@@ -109,7 +98,8 @@ def test_fleet_follows_a_tag_in_a_real_registry(tmp_path: Path, registry: Regist
             assert grpc_probe(proc).status.code == 0  # o2 allows it
 
         # A tampered layer: the registry serves bytes that do not match the manifest.
-        tampered = push_tampered(registry, "o3", key)
+        layer = archive.build_archive(bundle_files("o3", True), "fleet", "o3", key)
+        tampered = registry.push_tampered(REPOSITORY, "prod", layer, "fleet", "o3")
         assert wait_for(
             lambda: all(tampered in (status(p)["last_error"] or "") for p in fleet), POLL_MAX + 4
         ), [status(p)["last_error"] for p in fleet]
@@ -149,28 +139,6 @@ def test_fleet_follows_a_tag_in_a_real_registry(tmp_path: Path, registry: Regist
     finally:
         for proc in started:
             proc.stop()
-
-
-def push_tampered(registry: Registry, revision: str, key: Ed25519PrivateKey) -> str:
-    """Upload a layer, flip one byte of it in the registry's storage, then tag a manifest
-    naming the layer's true digest: the registry now serves bytes that do not match."""
-    layer = archive.build_archive(bundle_files(revision, True), "fleet", revision, key)
-    client = oci.RegistryClient(registry.host, plain_http=True)
-    scope = f"repository:{REPOSITORY}:pull,push"
-    deadline = time.monotonic() + 30
-    for blob in (oci.EMPTY_BLOB, layer):
-        oci._upload_blob(client, REPOSITORY, blob, scope, deadline)
-    stored = registry.blob_path(oci.sha256_digest(layer))
-    data = bytearray(stored.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    stored.write_bytes(bytes(data))
-    manifest = oci.manifest_for(layer, "fleet", revision)
-    client.request(
-        "PUT", f"/v2/{REPOSITORY}/manifests/prod", scope=scope, deadline=deadline,
-        max_bytes=65536, headers={"Content-Type": oci.MANIFEST_MEDIA_TYPE}, body=manifest,
-        ok=(201,),
-    )
-    return oci.sha256_digest(manifest)
 
 
 def test_serve_from_a_registry_that_requires_auth(tmp_path: Path) -> None:

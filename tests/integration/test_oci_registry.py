@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import json
 import time
-from collections.abc import Iterator
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -46,15 +45,6 @@ def example_files() -> dict[str, bytes]:
         for p in sorted(EXAMPLE.rglob("*"))
         if p.is_file() and not any(part.startswith(".") for part in p.relative_to(EXAMPLE).parts)
     }
-
-
-@pytest.fixture
-def registry(tmp_path: Path) -> Iterator[Registry]:
-    reg = Registry(tmp_path / "registry")
-    try:
-        yield reg
-    finally:
-        reg.close()
 
 
 def blob_gets(reg: Registry) -> list[str]:
@@ -130,7 +120,7 @@ def test_tampered_layer_is_rejected_and_not_downloaded_again(registry: Registry)
     assert store.fetch_and_load(source) == LOADED
 
     layer = archive.build_archive(example_files(), "example", "tampered")
-    digest = push_tampered(registry, "authz/example", "prod", layer)
+    digest = registry.push_tampered("authz/example", "prod", layer, "example", "tampered")
     assert store.fetch_and_load(source) == REJECTED
     st = store.status()
     assert st.revision == "2026-11-25.1"  # the good bundle keeps serving
@@ -138,27 +128,6 @@ def test_tampered_layer_is_rejected_and_not_downloaded_again(registry: Registry)
     gets = len(blob_gets(registry))
     assert store.fetch_and_load(source) == UNCHANGED  # the same manifest is not fetched again
     assert len(blob_gets(registry)) == gets
-
-
-def push_tampered(registry: Registry, repository: str, tag: str, layer: bytes) -> str:
-    """Upload ``layer``, flip one byte of it in the registry's storage, then tag a manifest
-    that names its true digest: the registry now serves bytes that do not match."""
-    client = oci.RegistryClient(registry.host, plain_http=True)
-    scope = f"repository:{repository}:pull,push"
-    deadline = time.monotonic() + 30
-    for blob in (oci.EMPTY_BLOB, layer):
-        oci._upload_blob(client, repository, blob, scope, deadline)
-    stored = registry.blob_path(oci.sha256_digest(layer))
-    data = bytearray(stored.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    stored.write_bytes(bytes(data))
-    manifest = oci.manifest_for(layer, "example", "tampered")
-    client.request(
-        "PUT", f"/v2/{repository}/manifests/{tag}", scope=scope, deadline=deadline,
-        max_bytes=65536, headers={"Content-Type": oci.MANIFEST_MEDIA_TYPE}, body=manifest,
-        ok=(201,),
-    )
-    return oci.sha256_digest(manifest)
 
 
 def test_oversized_layer_is_rejected_before_download(registry: Registry) -> None:

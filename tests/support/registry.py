@@ -26,9 +26,11 @@ import urllib.parse
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import bcrypt
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
@@ -228,6 +230,29 @@ class Registry:
             / hexdigest / "data"
         )
 
+    def push_tampered(self, repository: str, tag: str, layer: bytes, name: str, revision: str) -> str:
+        """Upload ``layer``, flip one byte of it in the registry's storage, then tag a manifest
+        that names its true digest: the registry now serves bytes that do not match. Returns
+        the manifest's digest."""
+        from authz.bundle import oci
+
+        client = oci.RegistryClient(self.host, plain_http=True)
+        scope = f"repository:{repository}:pull,push"
+        deadline = time.monotonic() + 30
+        for blob in (oci.EMPTY_BLOB, layer):
+            oci._upload_blob(client, repository, blob, scope, deadline)
+        stored = self.blob_path(oci.sha256_digest(layer))
+        data = bytearray(stored.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        stored.write_bytes(bytes(data))
+        manifest = oci.manifest_for(layer, name, revision)
+        client.request(
+            "PUT", f"/v2/{repository}/manifests/{tag}", scope=scope, deadline=deadline,
+            max_bytes=65536, headers={"Content-Type": oci.MANIFEST_MEDIA_TYPE}, body=manifest,
+            ok=(201,),
+        )
+        return oci.sha256_digest(manifest)
+
     def close(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
@@ -246,3 +271,13 @@ def get_json(url: str, headers: dict[str, str] | None = None) -> tuple[int, Any]
             return int(resp.status), json.loads(resp.read() or b"null")
     except urllib.error.HTTPError as exc:
         return int(exc.code), None
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Iterator[Registry]:
+    """A plain-HTTP registry without auth, for one test (tests/conftest.py makes it a fixture)."""
+    reg = Registry(tmp_path / "registry")
+    try:
+        yield reg
+    finally:
+        reg.close()
