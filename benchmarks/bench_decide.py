@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import gc
 import resource
-import shutil
 import statistics
 import sys
 import tempfile
@@ -22,6 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "unit"))
 
 from bundle_factory import check_request, write_bundle  # noqa: E402
+from common import ORDERS, make_bundle  # noqa: E402
 
 from authz.bundle.store import BundleStore  # noqa: E402
 from authz.check import Checker  # noqa: E402
@@ -29,17 +29,6 @@ from authz.engine.compile import load_policy_set  # noqa: E402
 from authz.metrics import Metrics  # noqa: E402
 from authz.request import CheckRequest, from_check_request  # noqa: E402
 
-ORDERS = "spiffe://cluster.local/ns/prod/sa/orders-api"
-
-
-def make_bundle(root: Path, tenants: int) -> Path:
-    shutil.copytree(REPO / "policies" / "example", root, ignore=shutil.ignore_patterns("tests"))
-    data = {"tenants": {f"t{i}": {"plan": "standard", "callers": [f"spiffe://cluster.local/ns/prod/sa/svc{i % 97}"],
-                                  "flags": {"beta": i % 2 == 0}} for i in range(tenants)}}
-    data["tenants"]["acme"] = {"plan": "enterprise", "callers": ["spiffe://cluster.local/ns/prod/sa/checkout-api"]}
-    (root / "tenants" / "tenants.yaml").unlink()
-    (root / "tenants" / "tenants.json").write_text(__import__("json").dumps(data))
-    return root
 
 
 def percentiles(samples: list[float]) -> str:

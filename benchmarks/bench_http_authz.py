@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "unit"))
 
 from bundle_factory import check_request, spiffe  # noqa: E402
+from common import check_load, free_port, h2load  # noqa: E402
 
 CALLER = spiffe("order", "order-service")
 DESTINATION = spiffe("payment", "payment-service")
@@ -41,46 +42,16 @@ REQUEST = check_request(principal=CALLER, method="POST", path="/v1/charges", hos
 XFCC = f"By={DESTINATION};Hash=0123456789abcdef;URI={CALLER}"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def rate_of(out: str) -> tuple[float, str]:
-    rate, status = 0.0, ""
-    for line in out.splitlines():
-        if line.startswith("finished in"):
-            rate = float(line.split(",")[1].split()[0])  # "finished in 5.00s, 4321.00 req/s, ..."
-        if line.startswith("status codes:"):
-            status = line.split(":", 1)[1].strip()
-    if not rate:
-        raise SystemExit(f"unexpected h2load output:\n{out}")
-    return rate, status
-
-
 def grpc_load(port: int, seconds: float, connections: int, streams: int, tmp: str) -> tuple[float, str]:
-    body = REQUEST.SerializeToString()
-    frame = Path(tmp) / "check.grpc"
-    frame.write_bytes(b"\x00" + len(body).to_bytes(4, "big") + body)
-    out = subprocess.run(
-        ["h2load", "-c", str(connections), "-m", str(streams), "-D", str(int(seconds)),
-         "-d", str(frame), "-H", "content-type: application/grpc", "-H", "te: trailers",
-         f"http://127.0.0.1:{port}/envoy.service.auth.v3.Authorization/Check"],
-        capture_output=True, text=True, timeout=seconds + 60, check=True).stdout
-    return rate_of(out)
+    res = check_load(port, seconds, connections, streams, Path(tmp), REQUEST.SerializeToString())
+    return res.rps, res.status_codes
 
 
 def http_load(port: int, seconds: float, connections: int, tmp: str) -> tuple[float, str]:
     # h2load cannot send an empty file; a one-byte body makes it POST (authz reads and drops it).
-    body = Path(tmp) / "one-byte"
-    body.write_bytes(b"x")
-    out = subprocess.run(
-        ["h2load", "--h1", "-c", str(connections), "-m", "1", "-D", str(int(seconds)), "-d", str(body),
-         "-H", f"x-forwarded-client-cert: {XFCC}", "-H", "host: payments",
-         f"http://127.0.0.1:{port}/v1/charges"],
-        capture_output=True, text=True, timeout=seconds + 60, check=True).stdout
-    return rate_of(out)
+    res = h2load(f"http://127.0.0.1:{port}/v1/charges", seconds, connections, 1, Path(tmp), body=b"x",
+                 headers=(f"x-forwarded-client-cert: {XFCC}", "host: payments"), h1=True)
+    return res.rps, res.status_codes
 
 
 def answers(grpc_port: int, authz_port: int) -> tuple[str, str]:

@@ -32,7 +32,6 @@ import json
 import multiprocessing as mp
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,16 +45,11 @@ sys.path.insert(0, str(REPO / "tests" / "unit"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from bundle_factory import check_request, spiffe  # noqa: E402
+from common import cpu_seconds, free_port, grpc_frame, h2load, tree, wait_http  # noqa: E402
 
 REQUEST = check_request(principal=spiffe("order", "order-service"), method="POST", path="/v1/charges",
                         destination=spiffe("payment", "payment-service")).SerializeToString()
 METHOD = "/envoy.service.auth.v3.Authorization/Check"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _closed_loop(port: int, seconds: float, outstanding: int, out: mp.Queue) -> None:  # type: ignore[type-arg]
@@ -162,34 +156,9 @@ def offer(port: int, rate: float, clients: int, seconds: float, deadline: float,
     return total
 
 
-def wait_ready(http_port: int) -> None:
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{http_port}/readyz", timeout=1).read()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise SystemExit("authz serve did not become ready") from None
-            time.sleep(0.2)
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of ``pid`` and its children (the workers), from /proc."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    pids = [pid]
-    try:
-        pids += [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        pass
-    for p in pids:
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / tick
-    return total
+def server_cpu(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` and its descendants (the workers)."""
+    return cpu_seconds(tree(pid))
 
 
 def rejected(http_port: int) -> dict[str, float]:
@@ -211,17 +180,15 @@ def decided(http_port: int) -> float:
 
 def run_h2load(server: subprocess.Popen[bytes], g: int, h: int, workers: int, tmp: Path,
                args: argparse.Namespace) -> list[dict[str, object]]:
-    from common import grpc_frame, h2load
-
     url = f"http://127.0.0.1:{g}{METHOD}"
     headers = ("content-type: application/grpc", "te: trailers", f"grpc-timeout: {int(args.deadline * 1000)}m")
     body = grpc_frame(REQUEST)
     seconds = max(1, round(args.seconds))  # h2load takes whole seconds
     runs = []
     for _ in range(2):  # the best of two closed-loop runs: one can be starved
-        d0, cpu0 = decided(h), cpu_seconds(server.pid)
+        d0, cpu0 = decided(h), server_cpu(server.pid)
         h2load(url, seconds, 4, 16, tmp, body=body, headers=headers)
-        runs.append(((decided(h) - d0) / seconds, (cpu_seconds(server.pid) - cpu0) / seconds))
+        runs.append(((decided(h) - d0) / seconds, (server_cpu(server.pid) - cpu0) / seconds))
     cap, cap_cpu = max(runs)
     print(f"\n--workers {workers}: capacity {cap:.0f} checks/s (h2load closed loop, 4 connections x 16 streams), "
           f"server using {cap_cpu:.2f} CPUs: {cap / max(cap_cpu, 1e-9):.0f} checks per CPU-second")
@@ -229,9 +196,9 @@ def run_h2load(server: subprocess.Popen[bytes], g: int, h: int, workers: int, tm
           f"{'good/CPU-s':>10}  server refused or dropped")
     rows: list[dict[str, object]] = []
     for mult in args.multiples:
-        before, d0, cpu0 = rejected(h), decided(h), cpu_seconds(server.pid)
+        before, d0, cpu0 = rejected(h), decided(h), server_cpu(server.pid)
         res = h2load(url, seconds, 4, 1000, tmp, body=body, headers=headers, rps=cap * mult)
-        cpus = (cpu_seconds(server.pid) - cpu0) / seconds
+        cpus = (server_cpu(server.pid) - cpu0) / seconds
         good = (decided(h) - d0) / seconds
         after = rejected(h)
         dropped = {k: int(after.get(k, 0) - before.get(k, 0)) for k in after if after.get(k, 0) - before.get(k, 0)}
@@ -255,16 +222,16 @@ def run(workers: int, args: argparse.Namespace) -> list[dict[str, object]]:
             cmd += ["--workers", str(workers)]
         server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
         try:
-            wait_ready(h)
+            wait_http(f"http://127.0.0.1:{h}/readyz", timeout=60)
             time.sleep(1.5)
             if args.generator == "h2load":
                 return run_h2load(server, g, h, workers, Path(tmp), args)
             # The best of two closed-loop runs: on a shared machine one run can be starved.
             runs = []
             for _ in range(2):
-                cpu0 = cpu_seconds(server.pid)
+                cpu0 = server_cpu(server.pid)
                 rate = capacity(g, args.clients, args.seconds)
-                runs.append((rate, (cpu_seconds(server.pid) - cpu0) / args.seconds))
+                runs.append((rate, (server_cpu(server.pid) - cpu0) / args.seconds))
             cap, cap_cpu = max(runs)
             print(f"\n--workers {workers}: capacity {cap:.0f} checks/s (closed loop, {args.clients} clients x 32 "
                   f"outstanding), server using {cap_cpu:.2f} CPUs: {cap / max(cap_cpu, 1e-9):.0f} checks per CPU-second")
@@ -272,10 +239,10 @@ def run(workers: int, args: argparse.Namespace) -> list[dict[str, object]]:
                   f"{'refused':>8} {'expired':>8} {'other':>6} {'srv CPUs':>8} {'good/CPU-s':>10}")
             for mult in args.multiples:
                 before = rejected(h)
-                cpu0 = cpu_seconds(server.pid)
+                cpu0 = server_cpu(server.pid)
                 limit = int(cap * args.deadline * args.breaker) if args.breaker else 0
                 r = offer(g, cap * mult, args.clients, args.seconds, args.deadline, limit)
-                cpus = (cpu_seconds(server.pid) - cpu0) / float(r["seconds"])
+                cpus = (server_cpu(server.pid) - cpu0) / float(r["seconds"])
                 after = rejected(h)
                 secs = float(r["seconds"])
                 good = float(r.get("decided", 0)) / secs

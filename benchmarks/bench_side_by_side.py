@@ -32,11 +32,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import (REPO, cpu_seconds, envoy_like_request, free_port, grpc_frame, h2load, machine_load,
+from common import (REPO, check_load, cpu_seconds, envoy_like_request, free_port, machine_load,
                     make_bundle, median, pss_mb, rss_mb, tree, wait_http, wait_port)
 
-URL = "http://127.0.0.1:{port}/envoy.service.auth.v3.Authorization/Check"
-GRPC_HEADERS = ("content-type: application/grpc", "te: trailers")
 
 
 @dataclass
@@ -110,10 +108,9 @@ def verify_allowed(port: int, body: bytes) -> None:
 
 
 def run_round(srv: Server, body: bytes, seconds: float, tmp: Path, one_stream: bool) -> None:
-    url = URL.format(port=srv.port)
     pids = tree(srv.proc.pid)
     c0 = cpu_seconds(pids)
-    sat = h2load(url, seconds, 8, 16, tmp, body=grpc_frame(body), headers=GRPC_HEADERS)
+    sat = check_load(srv.port, seconds, 8, 16, tmp, body)
     c1 = cpu_seconds(pids)
     if sat.failed or not sat.succeeded:
         print(f"  !! {srv.name}: {sat.failed} failed requests", flush=True)
@@ -123,7 +120,7 @@ def run_round(srv: Server, body: bytes, seconds: float, tmp: Path, one_stream: b
     line = f"  {srv.name:<16} saturated {sat.rps:7.0f} checks/s  CPU {srv.results['cpu_us'][-1]:5.0f} µs/check " \
            f"({srv.results['cores'][-1]:.2f} cores)"
     if one_stream:
-        one = h2load(url, seconds, 1, 1, tmp, body=grpc_frame(body), headers=GRPC_HEADERS, latencies=True)
+        one = check_load(srv.port, seconds, 1, 1, tmp, body, latencies=True)
         srv.add("p50", one.pct(0.50))
         srv.add("p99", one.pct(0.99))
         line += f"  one stream {one.rps:6.0f}/s p50 {srv.results['p50'][-1]:.3f} p99 {srv.results['p99'][-1]:.3f} ms"

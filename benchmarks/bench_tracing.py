@@ -27,7 +27,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,6 +41,7 @@ sys.path.insert(0, str(REPO / "tests" / "unit"))
 sys.path.insert(0, str(REPO / "tests"))
 
 from bundle_factory import check_request, spiffe  # noqa: E402
+from common import check_load, free_port  # noqa: E402
 
 from authz.bundle.store import BundleStore  # noqa: E402
 from authz.check import Checker  # noqa: E402
@@ -54,12 +54,6 @@ TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 REQUEST = check_request(principal=spiffe("order", "order-service"), method="POST", path="/v1/charges",
                         destination=spiffe("payment", "payment-service"),
                         headers={"traceparent": TRACEPARENT, "x-request-id": "bench"})
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Receiver:
@@ -117,21 +111,6 @@ def in_process(endpoint: str | None, seconds: float) -> tuple[float, float, str]
 # --- server ------------------------------------------------------------------------------
 
 
-def h2load(port: int, seconds: float, connections: int, streams: int, tmp: str) -> float:
-    body = REQUEST.SerializeToString()
-    frame = Path(tmp) / "check.grpc"
-    frame.write_bytes(b"\x00" + len(body).to_bytes(4, "big") + body)
-    out = subprocess.run(
-        ["h2load", "-c", str(connections), "-m", str(streams), "-D", str(int(seconds)),
-         "-d", str(frame), "-H", "content-type: application/grpc", "-H", "te: trailers",
-         f"http://127.0.0.1:{port}/envoy.service.auth.v3.Authorization/Check"],
-        capture_output=True, text=True, timeout=seconds + 60, check=True).stdout
-    for line in out.splitlines():
-        if line.startswith("finished in"):
-            return float(line.split(",")[1].split()[0])
-    raise SystemExit(f"unexpected h2load output:\n{out}")
-
-
 def process_cpu(pid: int) -> float:
     """User + system CPU seconds of a process, all its threads."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -185,6 +164,13 @@ class Server:
         self.proc.wait(timeout=60)
 
 
+def load(srv: Server, seconds: float, connections: int, streams: int, tmp: str) -> float:
+    """Checks/s h2load got answered by ``srv`` (its own folder: two may run at once)."""
+    folder = Path(tmp) / f"load-{srv.grpc}"
+    folder.mkdir(exist_ok=True)
+    return check_load(srv.grpc, seconds, connections, streams, folder, REQUEST.SerializeToString()).rps
+
+
 def server(endpoint: str | None, seconds: float, connections: int,
            streams: int) -> tuple[float, float, str]:
     with tempfile.TemporaryDirectory(prefix="authz-bench-") as tmp:
@@ -192,7 +178,7 @@ def server(endpoint: str | None, seconds: float, connections: int,
         try:
             time.sleep(0.5)
             cpu = srv.cpu()
-            rate = h2load(srv.grpc, seconds, connections, streams, tmp)
+            rate = load(srv, seconds, connections, streams, tmp)
             time.sleep(1.5)  # the exporter's last batch
             cpu_per_check = (srv.cpu() - cpu) / (rate * seconds)
             return rate, cpu_per_check, f"  cpu {cpu_per_check * 1e6:6.1f} µs/check{srv.spans()}"
@@ -211,7 +197,7 @@ def side_by_side(endpoint: str, seconds: float, connections: int, streams: int
             time.sleep(0.5)
             cpu_off, cpu_on = off.cpu(), on.cpu()
             with ThreadPoolExecutor(2) as pool:
-                runs = [pool.submit(h2load, srv.grpc, seconds, connections, streams, tmp)
+                runs = [pool.submit(load, srv, seconds, connections, streams, tmp)
                         for srv in (off, on)]
                 rate_off, rate_on = (r.result() for r in runs)
             time.sleep(1.5)

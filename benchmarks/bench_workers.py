@@ -14,44 +14,21 @@ from __future__ import annotations
 import argparse
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "unit"))
 
 from bundle_factory import check_request, spiffe  # noqa: E402
+from common import check_load, free_port, wait_http  # noqa: E402
 
 # One allowed check, as Envoy would send it for payment-service.
 REQUEST = check_request(principal=spiffe("order", "order-service"), method="POST", path="/v1/charges",
                         destination=spiffe("payment", "payment-service"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def h2load(port: int, seconds: float, connections: int, streams: int, tmp: str) -> float:
-    """Checks/s that h2load got answered, posting one gRPC-framed CheckRequest repeatedly."""
-    body = REQUEST.SerializeToString()
-    frame = Path(tmp) / "check.grpc"
-    frame.write_bytes(b"\x00" + len(body).to_bytes(4, "big") + body)
-    out = subprocess.run(
-        ["h2load", "-c", str(connections), "-m", str(streams), "-D", str(int(seconds)),
-         "-d", str(frame), "-H", "content-type: application/grpc", "-H", "te: trailers",
-         f"http://127.0.0.1:{port}/envoy.service.auth.v3.Authorization/Check"],
-        capture_output=True, text=True, timeout=seconds + 60, check=True).stdout
-    for line in out.splitlines():
-        if line.startswith("finished in"):
-            return float(line.split(",")[1].split()[0])  # "finished in 5.00s, 4321.00 req/s, ..."
-    raise SystemExit(f"unexpected h2load output:\n{out}")
 
 
 def measure(workers: int, seconds: float, connections: int, streams: int) -> float:
@@ -62,17 +39,9 @@ def measure(workers: int, seconds: float, connections: int, streams: int) -> flo
              f"127.0.0.1:{g}", "--http-addr", f"127.0.0.1:{h}", "--audit-log", f"{tmp}/audit.log",
              "--log-level", "WARNING"], stdout=subprocess.DEVNULL)
         try:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    urllib.request.urlopen(f"http://127.0.0.1:{h}/readyz", timeout=1).read()
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise SystemExit("authz serve did not become ready") from None
-                    time.sleep(0.2)
+            wait_http(f"http://127.0.0.1:{h}/readyz", timeout=30)
             time.sleep(1.0)  # every worker up
-            return h2load(g, seconds, connections, streams, tmp)
+            return check_load(g, seconds, connections, streams, Path(tmp), REQUEST.SerializeToString()).rps
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(timeout=60)

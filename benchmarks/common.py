@@ -159,6 +159,7 @@ class LoadResult:
     succeeded: int
     failed: int
     latencies_us: list[float]
+    status_codes: str = ""  # h2load's "status codes:" line, e.g. "2xx 1000, 3xx 0, 4xx 0, 5xx 0"
 
     def pct(self, q: float) -> float:
         s = sorted(self.latencies_us)
@@ -169,11 +170,25 @@ def grpc_frame(message: bytes) -> bytes:
     return b"\x00" + len(message).to_bytes(4, "big") + message
 
 
+CHECK_URL = "http://127.0.0.1:{port}/envoy.service.auth.v3.Authorization/Check"
+GRPC_HEADERS = ("content-type: application/grpc", "te: trailers")
+
+
+def check_load(port: int, seconds: float, connections: int, streams: int, tmp: Path, message: bytes,
+               **kw: object) -> LoadResult:
+    """h2load posting one gRPC-framed CheckRequest (``message``, serialized) to ``port`` repeatedly."""
+    return h2load(CHECK_URL.format(port=port), seconds, connections, streams, Path(tmp), body=grpc_frame(message),
+                  headers=GRPC_HEADERS, **kw)  # type: ignore[arg-type]
+
+
 def h2load(url: str, seconds: float, connections: int, streams: int, tmp: Path, body: bytes | None = None,
            headers: tuple[str, ...] = (), rps: float | None = None, method: str | None = None,
-           latencies: bool = False, warmup: float = 0.0) -> LoadResult:
-    """One bounded h2load run; with ``latencies`` each request's time is read from --log-file."""
-    args = ["h2load", "-t", "1", "-c", str(connections), "-m", str(streams), "-D", str(seconds)]
+           latencies: bool = False, warmup: float = 0.0, h1: bool = False) -> LoadResult:
+    """One bounded h2load run (whole seconds, as h2load takes them); with ``latencies`` each
+    request's time is read from --log-file; ``h1``: HTTP/1.1 instead of HTTP/2."""
+    args = ["h2load", "-t", "1", "-c", str(connections), "-m", str(streams), "-D", str(max(1, round(seconds)))]
+    if h1:
+        args.append("--h1")
     if warmup:
         args += ["--warm-up-time", str(warmup)]
     if body is not None:
@@ -192,9 +207,12 @@ def h2load(url: str, seconds: float, connections: int, streams: int, tmp: Path, 
     args.append(url)
     out = subprocess.run(args, capture_output=True, text=True, timeout=seconds + warmup + 60).stdout
     rate = succeeded = failed = 0
+    codes = ""
     for line in out.splitlines():
         if line.startswith("finished in"):
-            rate = float(line.split(",")[1].split()[0])
+            rate = float(line.split(",")[1].split()[0])  # "finished in 5.00s, 4321.00 req/s, ..."
+        elif line.startswith("status codes:"):
+            codes = line.split(":", 1)[1].strip()
         elif line.startswith("requests:"):
             parts = line.split(",")
             succeeded = int(next(p for p in parts if "succeeded" in p).split()[0])
@@ -208,7 +226,7 @@ def h2load(url: str, seconds: float, connections: int, streams: int, tmp: Path, 
             if len(cols) >= 3 and cols[1].startswith("2"):
                 lat.append(float(cols[2]))
         log_file.unlink()
-    return LoadResult(rate, succeeded, failed, lat)
+    return LoadResult(rate, succeeded, failed, lat, codes)
 
 
 def median(values: list[float]) -> float:
