@@ -67,6 +67,7 @@ class ServeLimits:
     # Cancel a call whose message has not come after this (a half-open stream): it holds a
     # serving thread meanwhile. Envoy and gRPC clients send the message with the headers.
     stall_seconds: float = 5.0
+    cpu_affinity: str = "none"  # or "auto": each serving process on one CPU (authz/affinity.py)
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,6 +83,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--grpc-threads", type=options.positive_int, default=8, metavar="N",
                    help="threads serving gRPC calls, each one call at a time from its first byte "
                         "to its answer (default 8)")
+    g.add_argument("--cpu-affinity", choices=["none", "auto"], default="none",
+                   help="auto: every thread of a serving process (of each worker) on one CPU, worker i "
+                        "on the i-th from the last; less CPU per check (docs/performance.md). none: the "
+                        "kernel spreads threads over all CPUs (default)")
     g.add_argument("--max-streams-per-connection", type=options.positive_int, default=1000, metavar="N",
                    help="concurrent HTTP/2 streams one client connection may open (default 1000)")
     g.add_argument("--max-request-bytes", type=options.positive_int, default=1024 * 1024, metavar="N",
@@ -104,6 +109,7 @@ def serve_limits(args: argparse.Namespace) -> ServeLimits:
         drain_grace=args.drain_grace, drain_timeout=args.drain_timeout,
         max_concurrent_checks=args.max_concurrent_checks,
         grpc_threads=args.grpc_threads,
+        cpu_affinity=args.cpu_affinity,
         max_streams_per_connection=args.max_streams_per_connection,
         # gRPC refuses (without a decision) only far above what we deny with a reason.
         max_message_bytes=max(4 * 1024 * 1024, 2 * args.max_request_bytes),

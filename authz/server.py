@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from authz import decision_api
+from authz import affinity, decision_api
 from authz.admission import CheckGate
 from authz.bundle.store import BundleStore
 from authz.check import Checker
@@ -242,6 +242,9 @@ async def serve(
     sibling processes. ``on_started`` runs once the ports are open (the first bundle load
     starts then, so /healthz answers while it is in flight)."""
     options = options or ServeLimits()
+    if options.cpu_affinity == "auto":  # first: the threads started below inherit it
+        cpu = affinity.pin_process(worker or 0)
+        log.info("serving threads on CPU %s", cpu, extra={"cpu": cpu})
     # grpcio's threaded server, chosen by measurement (docs/performance.md, "Serving stack"):
     # its polling thread takes new calls and refuses those over max_concurrent_checks before
     # any Python work of ours, so past capacity the checks served are still answered in time.
