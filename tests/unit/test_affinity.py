@@ -42,7 +42,7 @@ def test_auto_puts_every_thread_of_serve_on_the_last_cpu() -> None:
     try:
         check_allowed(g)  # serving threads are up
         cpus = thread_cpus(proc.pid)
-        assert len(cpus) > 5  # gRPC's, the serving pool's, the audit writer's...
+        assert len(cpus) >= 3  # gRPC's, the serving pool's, the reloader...
         assert all(c == {ALLOWED[-1]} for c in cpus), cpus
     finally:
         proc.send_signal(signal.SIGTERM)
