@@ -363,12 +363,6 @@ class BundleStore:
         replaced = self.current
         self.current = candidate  # the swap: one assignment (server.settle_heap then freezes it
         # out of later collections)
-        # 2 references, this local and getrefcount's: no check in flight still decides with
-        # the replaced bundle, so it is taken apart piece by piece. Dropped whole, 10k rules
-        # are a 23 ms pause of every check. Otherwise the last check to use it frees it.
-        if sys.getrefcount(replaced) == 2:
-            gradual.release(replaced)
-        del replaced
         now = time.time()
         self._digest = snap.digest
         self._serial = serial if self.verification_key is not None else None
@@ -397,6 +391,12 @@ class BundleStore:
                     self.persist_dir,
                     exc,
                 )
+        # 2 references, this local and getrefcount's: no check in flight still decides with
+        # the replaced bundle, so it is taken apart piece by piece. Dropped whole, 10k rules
+        # are a 23 ms pause of every check. Otherwise the last check to use it frees it.
+        if sys.getrefcount(replaced) == 2:
+            gradual.release(replaced)
+        del replaced
         return LOADED
 
     def restore_persisted(self, reason: str) -> bool:
