@@ -56,9 +56,10 @@ class Serve:
                 stderr=err,
             )
         assert wait_for(lambda: self.get("/healthz")[0] == 200, 20), self.stderr()
-        # The first load runs once the ports are open: wait for it (and for the fall-back to
-        # the --persist copy, which follows a failed first load at once).
-        assert wait_for(lambda: self.status()["last_attempt_at"] is not None, 20), self.stderr()
+        # The first load runs once the ports are open: wait for it to finish (its attempt time
+        # is set as it starts), and for the fall-back to the --persist copy, which follows a
+        # failed first load at once.
+        assert wait_for(lambda: self.status()["last_result"] is not None, 20), self.stderr()
         if "--persist" in args:
             wait_for(lambda: self.status()["revision"] is not None, 2)
 
