@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 from bundle_factory import check_request, spiffe
 from envoy.service.auth.v3 import external_auth_pb2_grpc
-from test_serve import free_port, http_get, start
+from test_serve import free_port, http_get, running
 from test_workers import wait_for, workers_seen
 
 ALLOWED = sorted(os.sched_getaffinity(0))
@@ -38,26 +38,18 @@ def check_allowed(port: int) -> None:
 
 
 def test_auto_puts_every_thread_of_serve_on_the_last_cpu() -> None:
-    proc, g, h = start("--cpu-affinity", "auto")
-    try:
+    with running("--cpu-affinity", "auto") as (proc, g, _):
         check_allowed(g)  # serving threads are up
         cpus = thread_cpus(proc.pid)
         assert len(cpus) >= 3  # gRPC's, the serving pool's, the reloader...
         assert all(c == {ALLOWED[-1]} for c in cpus), cpus
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=60)
     assert proc.returncode == 0
 
 
 def test_by_default_threads_may_run_on_every_cpu_given() -> None:
-    proc, g, h = start()
-    try:
+    with running() as (proc, g, _):
         check_allowed(g)
         assert all(c == set(ALLOWED) for c in thread_cpus(proc.pid))
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=60)
 
 
 def test_workers_each_take_their_own_cpu(tmp_path: Path) -> None:

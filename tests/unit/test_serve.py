@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -43,6 +45,18 @@ def start(*args: str) -> tuple[subprocess.Popen[str], int, int]:
         time.sleep(0.1)
     proc.kill()
     raise AssertionError("authz serve did not come up")
+
+
+@contextlib.contextmanager
+def running(*args: str) -> Iterator[tuple[subprocess.Popen[str], int, int]]:
+    """``start(*args)``, stopped with SIGTERM when the block ends (its exit code then in
+    ``proc.returncode``)."""
+    proc, g, h = start(*args)
+    try:
+        yield proc, g, h
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
 
 
 def http_get(port: int, path: str) -> tuple[int, str]:
