@@ -167,8 +167,12 @@ def test_serve_from_a_registry_that_requires_auth(tmp_path: Path) -> None:
             anon.proc = subprocess.Popen(anon.command(), cwd=REPO_ROOT, stdin=subprocess.DEVNULL,
                                          stdout=out, stderr=err)
         started.append(anon)
-        assert wait_for(lambda: readyz(anon)[0] == 503, 30, step=0.2), anon.stderr_path.read_text()
-        assert "requires authentication" in readyz(anon)[1]
+        # /readyz answers before the first pull has failed ("no bundle loaded yet"): wait for the
+        # failure itself, and check it never reads as ready on the way (None: not listening yet).
+        seen: list[tuple[int | None, str]] = []
+        assert wait_for(lambda: seen.append(readyz(anon)) or "requires authentication" in seen[-1][1],
+                        30, step=0.2), (seen[-1:], anon.stderr_path.read_text())
+        assert seen[-1][0] == 503 and {code for code, _ in seen} <= {None, 503}, seen
 
         cmdlines = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
         assert password not in cmdlines

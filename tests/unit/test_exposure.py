@@ -16,8 +16,10 @@ def test_paths_hidden_by_default_and_shown_on_request(tmp_path: Path) -> None:
     hidden = Serve(tmp_path / "a", "--bundle", str(missing), "--persist", str(persist),
                    "--audit-log", str(tmp_path / "a.log"))
     try:
-        assert wait_for(lambda: hidden.get("/readyz")[0] == 503)
-        readyz = hidden.get("/readyz")[1]
+        # Until the first load has failed, /readyz says "no bundle loaded yet": wait for the failure.
+        assert wait_for(lambda: "does not exist" in hidden.get("/readyz")[1]), hidden.stderr()
+        code, readyz = hidden.get("/readyz")
+        assert code == 503
         status = hidden.get("/v1/status")[1]
         for body in (readyz, status):
             assert "secret-location" not in body and "persisted-here" not in body, body
@@ -28,8 +30,9 @@ def test_paths_hidden_by_default_and_shown_on_request(tmp_path: Path) -> None:
     shown = Serve(tmp_path / "b", "--bundle", str(missing), "--status-show-paths",
                   "--audit-log", str(tmp_path / "b.log"))
     try:
-        assert wait_for(lambda: shown.get("/readyz")[0] == 503)
-        assert str(missing) in shown.get("/readyz")[1]
+        assert wait_for(lambda: "does not exist" in shown.get("/readyz")[1]), shown.stderr()
+        code, readyz = shown.get("/readyz")
+        assert code == 503 and str(missing) in readyz
         assert json.loads(shown.get("/v1/status")[1])["source"] == str(missing)
     finally:
         shown.stop()
