@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 from authz import paths, spiffe
 from authz.engine import explain, shaping
+from authz.engine.activation import Activation
 from authz.engine.cel import CelBudgetError, CelEvalError, evaluate
 from authz.engine.index import PolicyIndex
 from authz.engine.model import Decision, Operation, Policy, Rule, Source, Tenant
@@ -74,9 +75,9 @@ class PolicySet:
 
     def shape(self, decision: Decision, req: Request | None) -> Decision:
         """``decision`` with the headers its rule sets or the status and message of its deny."""
-        def variables() -> dict[str, Any]:
+        def variables(tenant: Tenant | None, captures: dict[str, str]) -> Activation:
             assert req is not None  # an allow always has a request
-            return _request_vars(req, self.data)
+            return Activation(req, self.data, tenant, captures)
 
         def captures(rule: Rule) -> dict[str, str]:
             assert req is not None
@@ -105,21 +106,20 @@ class PolicySet:
         audit: list[str] = []
         dry_run: list[str] = []
         views = _readings(req)
-        bases = _Bases()
         try:
             for policy in policies:
                 if policy.action != "DENY":
                     continue
                 if policy.dry_run:
-                    dry_run.extend(self._dry_run(policy, views, "deny", tracer, bases))
+                    dry_run.extend(self._dry_run(policy, views, "deny", tracer))
                     continue
-                hit = self._first_match_any(policy, views, tracer, bases)
+                hit = self._first_match_any(policy, views, tracer)
                 if hit is not None:
                     return Decision(False, "denied by policy", policy.name, hit[0].name, "DENY",
                                     hit[1], tuple(audit), tuple(dry_run))
             for policy in policies:
                 if policy.action == "AUDIT":
-                    hit = self._first_match_any(policy, views, tracer, bases)
+                    hit = self._first_match_any(policy, views, tracer)
                     if hit is not None:
                         audit.append(f"{policy.name}/{hit[0].name}")
             allow_applies = False
@@ -127,12 +127,12 @@ class PolicySet:
                 if policy.action != "ALLOW":
                     continue
                 if policy.dry_run:
-                    dry_run.extend(self._dry_run(policy, (req,), "allow", tracer, bases))
+                    dry_run.extend(self._dry_run(policy, (req,), "allow", tracer))
                     continue
                 allow_applies = True
-                hit = self._first_match(policy, req, bases(req), tracer, allow=True)
+                hit = self._first_match(policy, req, tracer, allow=True)
                 if hit is not None:
-                    unmatched = self._unallowed_reading(policies, req, hit[1], tracer, bases)
+                    unmatched = self._unallowed_reading(policies, req, hit[1], tracer)
                     if unmatched is not None:
                         return Decision(False, "ambiguous path", policy.name, hit[0].name, "DENY",
                                         hit[1], tuple(audit), tuple(dry_run))
@@ -157,32 +157,32 @@ class PolicySet:
         return Decision(allowed, reason, "default", "default", "default", None, tuple(audit), tuple(dry_run))
 
     def _dry_run(self, policy: Policy, views: tuple[Request, ...], verdict: str,
-                 tracer: Tracer | None, bases: _Bases) -> list[str]:
+                 tracer: Tracer | None) -> list[str]:
         """What a dry-run policy would have said; its errors are recorded, never enforced."""
         try:
             if verdict == "deny":
-                hit = self._first_match_any(policy, views, tracer, bases)
+                hit = self._first_match_any(policy, views, tracer)
                 return [f"{policy.name}/{hit[0].name}=deny"] if hit is not None else []
-            hit = self._first_match(policy, views[0], bases(views[0]), tracer, allow=True)
+            hit = self._first_match(policy, views[0], tracer, allow=True)
         except _ConditionFailed as exc:
             return [f"{policy.name}/{exc.args[1]}=error"]
         except _TenantDenied:
             return [f"{policy.name}/tenant=error"]
         return [f"{policy.name}/{hit[0].name}=allow" if hit else f"{policy.name}=deny"]
 
-    def _first_match_any(self, policy: Policy, views: tuple[Request, ...], tracer: Tracer | None,
-                         bases: _Bases) -> tuple[Rule, str | None] | None:
+    def _first_match_any(self, policy: Policy, views: tuple[Request, ...],
+                         tracer: Tracer | None) -> tuple[Rule, str | None] | None:
         """A DENY or AUDIT rule matches when it matches any reading of the request."""
         for i, view in enumerate(views):
             if i and tracer is not None:
                 tracer.step("reading", None, f"also read as {view.method} {view.path}", policy.name)
-            hit = self._first_match(policy, view, bases(view), tracer, allow=False)
+            hit = self._first_match(policy, view, tracer, allow=False)
             if hit is not None:
                 return hit
         return None
 
     def _unallowed_reading(self, policies: list[Policy], req: Request, tenant: str | None,
-                           tracer: Tracer | None, bases: _Bases) -> str | None:
+                           tracer: Tracer | None) -> str | None:
         """A path reading that no ALLOW rule allows (or allows for another tenant), if any."""
         for view in [dataclasses.replace(req, path=r, path_readings=()) for r in req.path_readings]:
             reading = view.path
@@ -190,7 +190,7 @@ class PolicySet:
                 tracer.step("reading", None, f"the path may also be read as {reading!r}")
             for policy in policies:
                 if policy.action == "ALLOW" and not policy.dry_run:
-                    hit = self._first_match(policy, view, bases(view), tracer, allow=True)
+                    hit = self._first_match(policy, view, tracer, allow=True)
                     if hit is not None and hit[1] == tenant:
                         break
             else:
@@ -202,7 +202,7 @@ class PolicySet:
     # --- matching ----------------------------------------------------------------------
 
     def _first_match(
-        self, policy: Policy, req: Request, base: dict[str, Any], tracer: Tracer | None, allow: bool
+        self, policy: Policy, req: Request, tracer: Tracer | None, allow: bool
     ) -> tuple[Rule, str | None] | None:
         fixed_tenant: Tenant | None = None
         if policy.tenant is not None and policy.tenant.kind != "pathCapture":
@@ -238,7 +238,7 @@ class PolicySet:
                 continue
             if tracer is not None and rule.sources:
                 tracer.step("from", True, explain.describe_sources(rule.sources, req), policy.name, rule.name)
-            if rule.conditions and not self._conditions_hold(policy, rule, req, tenant, captures, base, tracer):
+            if rule.conditions and not self._conditions_hold(policy, rule, req, tenant, captures, tracer):
                 continue
             if tracer is not None:
                 tracer.step("rule", True, f"matched ({policy.action})", policy.name, rule.name)
@@ -267,26 +267,9 @@ class PolicySet:
         req: Request,
         tenant: Tenant | None,
         captures: dict[str, str],
-        base: dict[str, Any],
         tracer: Tracer | None,
     ) -> bool:
-        if not base:
-            base.update(_request_vars(req, self.data))
-        ctx = base
-        if tenant is not None or captures:
-            ctx = dict(base)
-            ctx["request.path_params"] = captures
-            if tenant is not None:
-                ctx.update(
-                    {
-                        "tenant.id": tenant.id,
-                        "tenant.plan": tenant.plan,
-                        "tenant.flags": tenant.flags,
-                        "tenant.callers": tenant.cel_callers,
-                        "tenant.callers_set": tenant.callers,
-                        "tenant.attributes": tenant.attributes,
-                    }
-                )
+        ctx = Activation(req, self.data, tenant, captures)
         for cond in rule.conditions:
             if cond.needs_tenant and tenant is None:
                 if tracer is not None:
@@ -304,22 +287,6 @@ class PolicySet:
             if not ok:
                 return False
         return True
-
-
-class _Bases:
-    """The CEL variables of each reading of one request, built once and only if needed."""
-
-    __slots__ = ("_by_id",)
-
-    def __init__(self) -> None:
-        self._by_id: dict[int, tuple[Request, dict[str, Any]]] = {}
-
-    def __call__(self, req: Request) -> dict[str, Any]:
-        # Holding the request keeps its id from being reused while this decision runs.
-        hit = self._by_id.get(id(req))
-        if hit is None or hit[0] is not req:
-            hit = self._by_id[id(req)] = (req, {})
-        return hit[1]
 
 
 def _readings(req: Request) -> tuple[Request, ...]:
@@ -429,30 +396,3 @@ def _source_matches(s: Source, req: Request) -> bool:
     if s.not_remote_ip_blocks is not None and s.not_remote_ip_blocks(req.remote_address):
         return False
     return True
-
-
-def _request_vars(req: Request, data: Mapping[str, Any]) -> dict[str, Any]:
-    src = req.source
-    return {
-        "request.method": req.method,
-        "request.path": req.path,
-        "request.query": req.query,
-        "request.host": req.host,
-        "request.scheme": req.scheme,
-        "request.protocol": req.protocol,
-        "request.id": req.request_id,
-        "request.headers": req.headers,
-        "request.path_params": {},
-        "request.context_extensions": req.context_extensions,
-        "connection.sni": req.sni,
-        "source.principal": req.principal,
-        "source.trust_domain": src.trust_domain if src else "",
-        "source.namespace": src.namespace if src else "",
-        "source.service_account": src.service_account if src else "",
-        "source.address": req.source_address,
-        "source.port": req.source_port,
-        "destination.principal": req.destination_principal,
-        "destination.address": req.destination_address,
-        "destination.port": req.destination_port,
-        "data": data,
-    }

@@ -162,11 +162,12 @@ def compile_rule_shape(policy: Policy, rule: Rule, raw: Mapping[str, Any], has_t
 
 
 def shape(decision: Decision, shapes: Shapes, tenants: Mapping[str, Tenant],
-          variables: Callable[[], dict[str, Any]], captures: Callable[[Rule], dict[str, str]]) -> Decision:
+          variables: Callable[[Tenant | None, dict[str, str]], Mapping[str, Any]],
+          captures: Callable[[Rule], dict[str, str]]) -> Decision:
     """The decision with its upstream headers or its deny status and message.
 
-    ``variables`` builds the CEL activation of the request (only called for a shaped rule);
-    ``captures`` gives the rule's path captures.
+    ``variables`` gives the CEL activation of the request with a tenant and path captures
+    (only called for a shaped rule); ``captures`` gives the rule's path captures.
     """
     if decision.allowed:
         rs = shapes.rules.get((decision.policy, decision.rule))
@@ -195,16 +196,12 @@ def _deny_shape(decision: Decision, shapes: Shapes) -> Decision:
 
 
 def _evaluate(rs: RuleShape, decision: Decision, tenants: Mapping[str, Tenant],
-              variables: Callable[[], dict[str, Any]], captures: Callable[[Rule], dict[str, str]]
-              ) -> tuple[tuple[str, str], ...]:
+              variables: Callable[[Tenant | None, dict[str, str]], Mapping[str, Any]],
+              captures: Callable[[Rule], dict[str, str]]) -> tuple[tuple[str, str], ...]:
     if not rs.set_headers:
         return ()
-    ctx = variables()
-    ctx["request.path_params"] = captures(rs.rule)
     tenant = tenants.get(decision.tenant) if decision.tenant else None
-    if tenant is not None:
-        ctx.update({"tenant.id": tenant.id, "tenant.plan": tenant.plan, "tenant.flags": tenant.flags,
-                    "tenant.callers": tenant.cel_callers, "tenant.attributes": tenant.attributes})
+    ctx = variables(tenant, captures(rs.rule))
     out: list[tuple[str, str]] = []
     total = 0
     for name, program in rs.set_headers:
