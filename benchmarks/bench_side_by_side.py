@@ -70,8 +70,16 @@ def start_authz(workers: int, bundle: Path, tmp: Path, stack: str, extra: list[s
                 baseline: Path | None = None) -> Server:
     g, h = free_port(), free_port()
     env = dict(os.environ)
+    cwd = None
     if baseline is not None:  # another checkout of authz (e.g. `git archive` of an older commit)
+        # `python -m` puts the working directory first on sys.path, before PYTHONPATH: run
+        # from the baseline, or started from this checkout it would run this checkout's code.
         env["PYTHONPATH"] = str(baseline)
+        cwd = baseline
+        imported = subprocess.run([sys.executable, "-c", "import authz; print(authz.__file__)"], env=env,
+                                  cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
+        if not Path(imported).resolve().is_relative_to(baseline.resolve()):
+            raise SystemExit(f"--baseline-src {baseline}: authz would be imported from {imported}")
     if stack != "aio":  # authz's check path on grpcio's threaded server (benchmarks/floor_server.py)
         proc = subprocess.Popen([sys.executable, str(REPO / "benchmarks" / "floor_server.py"), "--port", str(g),
                                  "--processes", str(workers), "--stack", stack, "--authz-bundle", str(bundle),
@@ -84,7 +92,7 @@ def start_authz(workers: int, bundle: Path, tmp: Path, stack: str, extra: list[s
          "--grpc-addr", f"127.0.0.1:{g}", "--http-addr", f"127.0.0.1:{h}",
          "--audit-log", str(tmp / f"audit-{stack}-{workers}{'-base' if baseline else ''}.log"),
          "--log-level", "WARNING", *extra],
-        stdout=subprocess.DEVNULL, env=env)
+        stdout=subprocess.DEVNULL, env=env, cwd=cwd)
     wait_http(f"http://127.0.0.1:{h}/readyz", timeout=300)
     wait_port(g)
     time.sleep(1.0 + workers)  # every worker up and its bundle loaded
