@@ -15,7 +15,7 @@ from bundle_factory import check_request, spiffe
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from test_serve import free_port, http_get, start
-from test_workers import wait_for
+from test_workers import wait_for, workers_seen
 
 CHARGE = dict(principal=spiffe("order", "order-service"), method="POST", path="/v1/charges",
               destination=spiffe("payment", "payment-service"))
@@ -97,7 +97,7 @@ def test_workers_drain_too(tmp_path) -> None:  # noqa: ANN001
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         assert wait_for(lambda: http_get(h, "/readyz")[0] == 200, 30)
-        time.sleep(1.0)  # both workers up
+        assert wait_for(lambda: len(workers_seen(h, 10, loaded=True)) == 2, 20)  # both serving a bundle
         results: list[dict[str, int]] = []
         chans = []
         for _ in range(4):  # several connections: the kernel spreads them over both workers

@@ -37,12 +37,15 @@ def wait_for(predicate, timeout: float) -> bool:  # noqa: ANN001
     return False
 
 
-def workers_seen(port: int, attempts: int = 60) -> dict[int, int]:
-    """index -> pid of the workers that answered; each request is a new connection."""
+def workers_seen(port: int, attempts: int = 60, loaded: bool = False) -> dict[int, int]:
+    """index -> pid of the workers that answered; each request is a new connection.
+    ``loaded``: only workers serving a bundle. A worker's ports open before its first load
+    finishes, and until then it denies every check ("no policy bundle loaded")."""
     seen: dict[int, int] = {}
     for _ in range(attempts):
-        w = status(port)["worker"]
-        seen[w["index"]] = w["pid"]
+        st = status(port)
+        if st["revision"] is not None or not loaded:
+            seen[st["worker"]["index"]] = st["worker"]["pid"]
     return seen
 
 
@@ -55,7 +58,7 @@ def test_two_workers_share_the_ports_and_add_up(tmp_path: Path) -> None:
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert wait_for(lambda: http_get(h, "/readyz")[0] == 200, 30), proc.stderr
-        assert wait_for(lambda: len(workers_seen(h, 10)) == 2, 20)  # both answer on one port
+        assert wait_for(lambda: len(workers_seen(h, 10, loaded=True)) == 2, 20)  # both answer on one port
         # The supervisor (same pid, exec'd) holds only what supervising takes: not gRPC.
         cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
         assert b"authz.supervisor" in cmdline
@@ -80,7 +83,7 @@ def test_two_workers_share_the_ports_and_add_up(tmp_path: Path) -> None:
         # a worker that dies is replaced; the service keeps answering
         before = workers_seen(h)
         os.kill(before[1], signal.SIGKILL)
-        assert wait_for(lambda: workers_seen(h, 20).get(1, before[1]) != before[1], 30)
+        assert wait_for(lambda: workers_seen(h, 20, loaded=True).get(1, before[1]) != before[1], 30)
         with grpc.insecure_channel(f"127.0.0.1:{g}") as ch:
             assert external_auth_pb2_grpc.AuthorizationStub(ch).Check(check_request(**CHARGE), timeout=5).status.code == 0
     finally:
