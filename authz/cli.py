@@ -8,6 +8,7 @@ import json
 import os
 import re
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -199,8 +200,13 @@ def _serve(args: argparse.Namespace) -> int:
     checker = Checker(store, metrics, audit, spans, limits.request_limits(args))
     from authz.server import serve
 
+    first_load_done = threading.Event()
+
     def first_load() -> None:  # in the reloader thread, once the ports are open
-        bundle_runtime.first_load(store, reloader, args.persist)
+        try:
+            bundle_runtime.first_load(store, reloader, args.persist)
+        finally:
+            first_load_done.set()
 
     try:
         http_authz_server = http_authz.server_from_args(args, checker)
@@ -216,7 +222,8 @@ def _serve(args: argparse.Namespace) -> int:
                           options=limits.serve_limits(args), on_reload=reloader.trigger,
                           worker=args.worker_index, http_authz=http_authz_server,
                           on_started=lambda: _start(reloader, first_load), tls=listener_tls,
-                          hidden=None if args.status_show_paths else _hidden_paths(args)))
+                          hidden=None if args.status_show_paths else _hidden_paths(args),
+                          first_load_done=first_load_done))
     except OSError as exc:  # a listener cannot bind: the message names the address
         print(f"authz serve: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -232,7 +232,7 @@ async def serve(
     options: ServeLimits | None = None, on_reload: Callable[[], None] | None = None,
     worker: int | None = None, on_started: Callable[[], None] | None = None,
     http_authz: HttpAuthzServer | None = None, tls: ServerTls | None = None,
-    hidden: Mapping[str, str] | None = None,
+    hidden: Mapping[str, str] | None = None, first_load_done: threading.Event | None = None,
 ) -> None:
     """Serve until SIGTERM, then drain (docs/operations.md): health NOT_SERVING at once, checks
     answered for ``drain_grace`` seconds while load balancers take this endpoint out, then new
@@ -240,7 +240,10 @@ async def serve(
 
     ``worker`` is this process's index under ``--workers``: only then is the port shared with
     sibling processes. ``on_started`` runs once the ports are open (the first bundle load
-    starts then, so /healthz answers while it is in flight)."""
+    starts then, so /healthz answers while it is in flight). A worker given
+    ``first_load_done`` opens its gRPC port only once that is set: the kernel spreads a shared
+    port's connections over every process listening on it, and one still loading would deny
+    each check it got ("no policy bundle loaded") while its siblings could decide them."""
     options = options or ServeLimits()
     if options.cpu_affinity == "auto":  # first: the threads started below inherit it
         cpu = affinity.pin_process(worker or 0)
@@ -258,20 +261,26 @@ async def serve(
     server.add_generic_rpc_handlers((gate, decision_api.decision_handler(checker)))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    # Asked of the OS first: grpcio would say only "Failed to bind" (and log a C++ error line).
-    problem = _bind_problem(grpc_addr) if worker is None else None
-    try:
-        if problem:
+
+    def listen_grpc() -> int:
+        # Asked of the OS first: grpcio would say only "Failed to bind" (and log a C++ error line).
+        problem = _bind_problem(grpc_addr) if worker is None else None
+        try:
+            if problem:
+                bound = 0
+            elif tls is not None and tls.grpc is not None:
+                bound = server.add_secure_port(grpc_addr, grpc_credentials(tls.grpc, tls.require_client_cert))
+            else:
+                bound = server.add_insecure_port(grpc_addr)
+        except RuntimeError:
             bound = 0
-        elif tls is not None and tls.grpc is not None:
-            bound = server.add_secure_port(grpc_addr, grpc_credentials(tls.grpc, tls.require_client_cert))
-        else:
-            bound = server.add_insecure_port(grpc_addr)
-    except RuntimeError:
-        bound = 0
-    if bound == 0:
-        reason = problem or _bind_problem(grpc_addr) or "refused by gRPC"
-        raise OSError(f"cannot listen on gRPC address {grpc_addr}: {reason}")
+        if bound == 0:
+            reason = problem or _bind_problem(grpc_addr) or "refused by gRPC"
+            raise OSError(f"cannot listen on gRPC address {grpc_addr}: {reason}")
+        return bound
+
+    hold_grpc = worker is not None and first_load_done is not None
+    bound = 0 if hold_grpc else listen_grpc()
     probes = ProbeServer(http_addr, store, metrics, worker, checker, tls, hidden)
     serving = health_pb2.HealthCheckResponse.SERVING
     not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -294,15 +303,20 @@ async def serve(
             probes.httpd.server_close()
             raise
         log.info("HTTP ext_authz listening on %s", http_authz.addr, extra={"http_authz_addr": http_authz.addr})
-    server.start()
+    http_at = f"{http_addr.rpartition(':')[0]}:{probes.httpd.server_address[1]}"
+
+    def start_grpc() -> None:
+        server.start()
+        grpc_at = f"{grpc_addr.rpartition(':')[0]}:{bound}"
+        log.info("authz %s listening: gRPC %s, HTTP %s", VERSION, grpc_at, http_at,
+                 extra={"grpc_addr": grpc_at, "http_addr": http_at, "version": VERSION})
+
+    if not hold_grpc:
+        start_grpc()
     probes.start()
     gate.start()
     if tls is not None:
         tls.start()
-    grpc_at = f"{grpc_addr.rpartition(':')[0]}:{bound}"
-    http_at = f"{http_addr.rpartition(':')[0]}:{probes.httpd.server_address[1]}"
-    log.info("authz %s listening: gRPC %s, HTTP %s", VERSION, grpc_at, http_at,
-             extra={"grpc_addr": grpc_at, "http_addr": http_at, "version": VERSION})
 
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -311,6 +325,19 @@ async def serve(
         loop.add_signal_handler(signal.SIGHUP, on_reload)
     if on_started is not None:
         on_started()
+    if hold_grpc:
+        assert first_load_done is not None
+        while not first_load_done.is_set() and not stop.is_set():
+            await asyncio.sleep(0.02)
+        try:
+            bound = listen_grpc()
+        except OSError:
+            gate.stop()
+            probes.stop()
+            if tls is not None:
+                tls.stop()
+            raise
+        start_grpc()
     await stop.wait()
     stop.clear()
     unsubscribe()

@@ -358,6 +358,56 @@ def test_ports_open_while_a_slow_first_load_runs_then_persist_serves(tmp_path: P
         server.close()
 
 
+def test_a_worker_takes_no_checks_before_its_first_load_finishes(tmp_path: Path) -> None:
+    """Workers share the gRPC port and the kernel spreads its connections over every process
+    listening on it: a worker still loading must not listen, or it denies what its siblings
+    could decide. Here both load slowly: the port refuses connections (Envoy then tries
+    another endpoint) instead of answering "no policy bundle loaded"; then both decide."""
+    from test_sources import bundle_bytes
+
+    state = tmp_path / "state"
+    server = BundleServer()
+    try:
+        server.publish(archive.build_archive(bundle_bytes(tmp_path, "p1"), "t", "p1"), '"p1"')
+        flags = ["--bundle", server.url, "--persist", str(state), "--poll-timeout", "3",
+                 "--audit-log", str(tmp_path / "a.log")]
+        proc, g, h = start(*flags)  # leaves p1 in --persist
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+
+        server.drip = 0.5  # one byte every half second: the first loads give up at --poll-timeout
+        g, h = free_port(), free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "authz", "serve", "--workers", "2",
+                                 "--grpc-addr", f"127.0.0.1:{g}", "--http-addr", f"127.0.0.1:{h}", *flags],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            assert wait_for(lambda: http_get(h, "/healthz")[0] == 200, 20)
+            refused = 0
+            deadline = time.monotonic() + 30
+            while "no bundle loaded yet" in http_get(h, "/readyz")[1] and time.monotonic() < deadline:
+                with grpc.insecure_channel(f"127.0.0.1:{g}") as ch:
+                    try:
+                        resp = external_auth_pb2_grpc.AuthorizationStub(ch).Check(check_request(**CHARGE), timeout=2)
+                    except grpc.RpcError as exc:
+                        assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+                        refused += 1
+                    else:  # only a worker that has finished its first load may answer
+                        assert "no policy bundle loaded" not in resp.denied_response.body
+                time.sleep(0.2)
+            assert refused > 0
+            assert wait_for(lambda: len(workers_seen(h, 10, loaded=True)) == 2, 30)
+            for _ in range(20):  # a new connection each time: both workers
+                with grpc.insecure_channel(f"127.0.0.1:{g}") as ch:
+                    resp = external_auth_pb2_grpc.AuthorizationStub(ch).Check(check_request(**CHARGE), timeout=5)
+                    assert "no policy bundle loaded" not in resp.denied_response.body  # decided by p1
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+    finally:
+        server.close()
+
+
 # --- the probe server -----------------------------------------------------------------------
 
 
