@@ -314,20 +314,32 @@ def test_a_second_workers_instance_on_ports_in_use_is_refused(tmp_path: Path) ->
 # --- a slow source: ports first, then --persist --------------------------------------------
 
 
-def test_ports_open_while_a_slow_first_load_runs_then_persist_serves(tmp_path: Path) -> None:
+def _persisted_p1(tmp_path: Path, server: BundleServer, poll_timeout: float) -> list[str]:
+    """Flags of `authz serve` from ``server``, publishing bundle p1, with p1 already in --persist
+    (one run served it)."""
     from test_sources import bundle_bytes
 
-    state = tmp_path / "state"
+    server.publish(archive.build_archive(bundle_bytes(tmp_path, "p1"), "t", "p1"), '"p1"')
+    flags = ["--bundle", server.url, "--persist", str(tmp_path / "state"), "--poll-timeout",
+             str(poll_timeout), "--audit-log", str(tmp_path / "a.log")]
+    proc, _, h = start(*flags)
+    assert status(h)["revision"] == "p1"
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    return flags
+
+
+def _assert_decided(grpc_port: int) -> None:
+    """A check on a new connection is decided by a bundle (p1), not denied for want of one."""
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as ch:
+        resp = external_auth_pb2_grpc.AuthorizationStub(ch).Check(check_request(**CHARGE), timeout=10)
+        assert "no policy bundle loaded" not in resp.denied_response.body
+
+
+def test_ports_open_while_a_slow_first_load_runs_then_persist_serves(tmp_path: Path) -> None:
     server = BundleServer()
     try:
-        server.publish(archive.build_archive(bundle_bytes(tmp_path, "p1"), "t", "p1"), '"p1"')
-        flags = ["--bundle", server.url, "--persist", str(state), "--poll-timeout", "4",
-                 "--audit-log", str(tmp_path / "a.log")]
-        proc, g, h = start(*flags)
-        assert status(h)["revision"] == "p1"
-        proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=60)
-
+        flags = _persisted_p1(tmp_path, server, poll_timeout=4)
         server.drip = 0.5  # the server now drips one byte every half second
         g, h = free_port(), free_port()
         t0 = time.monotonic()
@@ -346,9 +358,7 @@ def test_ports_open_while_a_slow_first_load_runs_then_persist_serves(tmp_path: P
             st = status(h)
             assert st["revision"] == "p1" and st["serving_persisted"]
             assert "took longer than 4.0s" in st["persisted_reason"]
-            with grpc.insecure_channel(f"127.0.0.1:{g}") as ch:
-                resp = external_auth_pb2_grpc.AuthorizationStub(ch).Check(check_request(**CHARGE), timeout=10)
-                assert "no policy bundle loaded" not in resp.denied_response.body  # decided by p1
+            _assert_decided(g)
         finally:
             proc.send_signal(signal.SIGTERM)
             _, err = proc.communicate(timeout=60)
@@ -363,18 +373,9 @@ def test_a_worker_takes_no_checks_before_its_first_load_finishes(tmp_path: Path)
     listening on it: a worker still loading must not listen, or it denies what its siblings
     could decide. Here both load slowly: the port refuses connections (Envoy then tries
     another endpoint) instead of answering "no policy bundle loaded"; then both decide."""
-    from test_sources import bundle_bytes
-
-    state = tmp_path / "state"
     server = BundleServer()
     try:
-        server.publish(archive.build_archive(bundle_bytes(tmp_path, "p1"), "t", "p1"), '"p1"')
-        flags = ["--bundle", server.url, "--persist", str(state), "--poll-timeout", "3",
-                 "--audit-log", str(tmp_path / "a.log")]
-        proc, g, h = start(*flags)  # leaves p1 in --persist
-        proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=60)
-
+        flags = _persisted_p1(tmp_path, server, poll_timeout=3)
         server.drip = 0.5  # one byte every half second: the first loads give up at --poll-timeout
         g, h = free_port(), free_port()
         proc = subprocess.Popen([sys.executable, "-m", "authz", "serve", "--workers", "2",
@@ -397,9 +398,7 @@ def test_a_worker_takes_no_checks_before_its_first_load_finishes(tmp_path: Path)
             assert refused > 0
             assert wait_for(lambda: len(workers_seen(h, 10, loaded=True)) == 2, 30)
             for _ in range(20):  # a new connection each time: both workers
-                with grpc.insecure_channel(f"127.0.0.1:{g}") as ch:
-                    resp = external_auth_pb2_grpc.AuthorizationStub(ch).Check(check_request(**CHARGE), timeout=5)
-                    assert "no policy bundle loaded" not in resp.denied_response.body  # decided by p1
+                _assert_decided(g)
         finally:
             proc.send_signal(signal.SIGTERM)
             _, err = proc.communicate(timeout=60)
