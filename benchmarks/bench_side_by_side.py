@@ -36,7 +36,6 @@ from common import (REPO, check_load, cpu_seconds, envoy_like_request, free_port
                     make_bundle, median, pss_mb, rss_mb, tree, wait_http, wait_port)
 
 
-
 @dataclass
 class Server:
     name: str

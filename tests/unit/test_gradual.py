@@ -169,7 +169,7 @@ def test_keys_repeated_across_tenants_are_one_string_as_with_json_loads() -> Non
 
 
 def test_short_string_values_repeated_across_tenants_are_one_string() -> None:
-    """Tenants repeat their plan and callers; json.loads would give each its own copy (14 MB
+    """Tenants repeat their plan and callers; json.loads would give each its own copy (17 MB
     of a reload's peak at 100k tenants). Long values are left alone: rarely repeated, they
     would only grow the memo."""
     long = "x" * 300
