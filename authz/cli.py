@@ -35,7 +35,7 @@ from authz.check import Checker
 from authz.engine.compile import load_policy_set
 from authz.engine.explain import Explainer, summary
 from authz.example import EXIT_USAGE, example_bundle
-from authz.metrics import Metrics
+from authz.metrics import Metrics, new_multiprocess_dir
 from authz.request import CheckRequest
 from authz.credentials import TokenFile
 from authz.tls import ClientTls
@@ -267,11 +267,20 @@ def _supervise(argv: list[str], args: argparse.Namespace) -> int:
         if addr.rpartition(":")[2] == "0":
             print(f"authz serve: --workers needs a fixed port for {flag}, not {addr}", file=sys.stderr)
             return EXIT_USAGE
-    from authz import supervisor
-
-    addrs = [a for a in (args.grpc_addr, args.http_addr, args.http_authz_addr) if a]
-    supervisor.exec_supervisor(_without_workers(argv), args.workers, addrs, args.log_level, args.log_format)
-    return EXIT_USAGE  # not reached: exec replaced this process
+    # Become the supervisor (authz.supervisor), same pid. It is a new interpreter because
+    # prometheus-client picks its multi-process mode on import, which this one has done.
+    command = [sys.executable, "-m", "authz.supervisor", "--workers", str(args.workers),
+               "--log-level", args.log_level, "--log-format", args.log_format]
+    for addr in (args.grpc_addr, args.http_addr, args.http_authz_addr):
+        if addr:
+            command += ["--addr", addr]
+    env = dict(os.environ)
+    if not env.get("PROMETHEUS_MULTIPROC_DIR"):
+        env["PROMETHEUS_MULTIPROC_DIR"] = new_multiprocess_dir()
+        command.append("--own-metrics-dir")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [*command, "--", *_without_workers(argv)], env)
 
 
 def _without_workers(argv: list[str]) -> list[str]:

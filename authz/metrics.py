@@ -7,13 +7,16 @@ bounded by what operators wrote. The tenant label of authz_checks_total is opt-i
 defines; any other check has tenant="".
 
 With ``authz serve --workers N`` each worker process writes its values to files under
-PROMETHEUS_MULTIPROC_DIR (set by the supervisor before any worker starts) and /metrics,
-answered by any worker, adds up every worker's files.
+PROMETHEUS_MULTIPROC_DIR and /metrics, answered by any worker, adds up every worker's files.
+The variable is set before the supervisor starts: prometheus-client reads it on import, and
+the workers are forked from the supervisor's imports.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -29,6 +32,33 @@ MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 AUDIT_DROPPED = ("authz_audit_dropped", "Audit records dropped, by reason.")
 AUDIT_QUEUED_RECORDS = ("authz_audit_queued_records", "Audit records waiting for a sink (updated every second).")
 DROP_WORKER_KILLED = "worker_killed"  # a reason of AUDIT_DROPPED
+
+MULTIPROCESS_DIR_PREFIX = "authz-metrics-"
+
+
+def new_multiprocess_dir() -> str:
+    """A PROMETHEUS_MULTIPROC_DIR for `authz serve --workers N`, named after this process
+    (exec keeps the pid: the supervisor's). Those of supervisors that were killed (SIGKILL
+    leaves no chance to clean up) are removed first: their pid is gone."""
+    tmp = tempfile.gettempdir()
+    try:
+        names = os.listdir(tmp)
+    except OSError:
+        names = []
+    for name in names:
+        pid_text = name[len(MULTIPROCESS_DIR_PREFIX):].split("-", 1)[0]
+        if not name.startswith(MULTIPROCESS_DIR_PREFIX) or not pid_text.isdigit():
+            continue
+        try:
+            os.kill(int(pid_text), 0)
+            continue  # still running
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # someone else's, alive
+        shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"{MULTIPROCESS_DIR_PREFIX}{os.getpid()}-")
+
 
 # From 10 µs: a decision is microseconds, a check through gRPC a few hundred.
 DURATION_BUCKETS = (

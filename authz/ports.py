@@ -1,7 +1,7 @@
 """Listen addresses: parsing ``host:port`` and asking the OS whether one can be bound.
 
-Shared by `authz serve` (before gRPC binds, for a clear message) and the lean supervisor of
-`--workers` (before any worker starts), so it imports nothing but the standard library.
+Shared by `authz serve` (before gRPC binds, for a clear message) and the supervisor of
+`--workers` (before any worker starts); it imports nothing but the standard library.
 """
 
 from __future__ import annotations

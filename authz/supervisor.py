@@ -1,11 +1,18 @@
 """`authz serve --workers N`: N worker processes behind one gRPC and one HTTP port.
 
 A decision is pure Python, so one process uses about one core whatever its threads do; more
-throughput takes more processes. The supervisor starts N copies of `authz serve`, each
-binding the same ports with SO_REUSEPORT (the kernel spreads connections over them), each
+throughput takes more processes. The supervisor forks N workers, each running `authz serve`
+on the same ports with SO_REUSEPORT (the kernel spreads connections over them), each
 loading and watching the bundle itself. Metrics go to files in PROMETHEUS_MULTIPROC_DIR so
 /metrics, whichever worker answers, adds up all of them. The supervisor forwards SIGHUP,
 restarts a worker that dies, and on SIGTERM drains every worker and exits 0.
+
+Workers are forked, not started afresh: the supervisor imports what a worker runs (gRPC,
+protobuf and the Envoy messages, the engine: ~30 MB of Python heap) and freezes it out of
+the collector before the first fork, so every worker shares those pages with it until it
+writes to them, instead of holding its own copy. It never creates a gRPC channel or server
+and starts no thread, so the fork copies nothing half-initialised; each worker starts its
+own. The bundle is not shared: each worker loads and reloads its own.
 
 A worker killed outright (SIGKILL, a crash) loses the audit records it still held. Every
 worker publishes how many it holds (authz_audit_queued_records, once a second); before the
@@ -21,9 +28,9 @@ there. Workers start with SIGHUP ignored until each can reload (so a HUP forward
 starting worker cannot kill it, and restart it, and so on).
 
 `authz serve --workers N` checks its flags, then replaces itself (exec, same pid) with
-``python -m authz.supervisor``: a process that holds only what supervising takes (the
-standard library and prometheus-client's multiprocess helpers, ~25 MB) instead of gRPC,
-protobuf, the Envoy messages and the engine the command had imported (~60 MB more).
+``python -m authz.supervisor``, with PROMETHEUS_MULTIPROC_DIR already in its environment:
+prometheus-client picks its multi-process mode when it is imported, which the command had
+done before it knew it would supervise.
 """
 
 from __future__ import annotations
@@ -31,16 +38,15 @@ from __future__ import annotations
 import argparse
 import ctypes
 import errno
+import gc
 import json
 import logging
 import os
 import shutil
 import signal
-import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable
+import traceback
 from types import FrameType
 
 from prometheus_client import multiprocess
@@ -59,49 +65,33 @@ START_GRACE_SECONDS = 3.0
 STOP_TIMEOUT_SECONDS = 30.0
 
 
-def _worker_preexec() -> Callable[[], None]:
-    """In the worker before exec: die with the supervisor (Linux), and ignore SIGHUP until
-    `authz serve` takes it over (an ignored signal stays ignored across exec)."""
-    prctl = None
+_PR_SET_PDEATHSIG = 1  # prctl(2)
+
+
+def _become_worker(supervisor_pid: int) -> None:
+    """In a freshly forked worker: the signal dispositions a new `authz serve` has, except
+    SIGHUP, ignored until the worker can reload (a HUP forwarded to a starting worker must
+    not kill it); and die with the supervisor (Linux)."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        prctl = ctypes.CDLL(None).prctl
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):  # not Linux
         pass
-    pr_set_pdeathsig = 1
-
-    def preexec() -> None:
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        if prctl is not None:
-            prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-    return preexec
+    if os.getppid() != supervisor_pid:  # it died before prctl took effect
+        os._exit(1)
 
 
-METRICS_DIR_PREFIX = "authz-metrics-"
+def preload_worker_modules() -> None:
+    """Import what a worker runs and freeze it out of the collector, so that forked workers
+    share these pages (a collection would write to every object's header and copy them)."""
+    import authz.cli  # noqa: F401 - for its side effect: the modules `authz serve` runs
+    import authz.server  # noqa: F401
+    import grpc._server  # noqa: F401 - imported by the first grpc.server() call
 
-
-def _remove_orphaned_metrics_dirs() -> None:
-    """Metrics directories of supervisors that were killed (SIGKILL leaves no chance to clean
-    up): named after their supervisor's pid, removed when that process is gone."""
-    tmp = tempfile.gettempdir()
-    try:
-        names = os.listdir(tmp)
-    except OSError:
-        return
-    for name in names:
-        if not name.startswith(METRICS_DIR_PREFIX):
-            continue
-        pid_text = name[len(METRICS_DIR_PREFIX):].split("-", 1)[0]
-        if not pid_text.isdigit():
-            continue
-        try:
-            os.kill(int(pid_text), 0)
-            continue  # still running
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue  # someone else's, alive
-        shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
+    gc.collect()
+    gc.freeze()
 
 
 def audit_records_held(metrics_dir: str, pid: int) -> int:
@@ -138,32 +128,48 @@ def check_ports_free(addrs: list[str]) -> None:
 
 
 class Supervisor:
-    def __init__(self, serve_argv: list[str], workers: int) -> None:
+    def __init__(self, serve_argv: list[str], workers: int, own_metrics_dir: bool = False) -> None:
+        """``own_metrics_dir``: PROMETHEUS_MULTIPROC_DIR was made for this supervisor
+        (metrics.new_multiprocess_dir), which removes it when it stops."""
         self.serve_argv = serve_argv  # ["serve", ...] without --workers
         self.workers = workers
-        self.children: dict[int, tuple[subprocess.Popen[bytes], float]] = {}
+        self.children: dict[int, tuple[int, float]] = {}  # index -> (pid, started)
         self.stopping = False
         self.exit_code = 0
-        self.env = dict(os.environ)
-        self.own_metrics_dir: str | None = None
-        if not self.env.get("PROMETHEUS_MULTIPROC_DIR"):
-            _remove_orphaned_metrics_dirs()
-            self.own_metrics_dir = tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-")
-            self.env["PROMETHEUS_MULTIPROC_DIR"] = self.own_metrics_dir
-        self.metrics_dir = self.env["PROMETHEUS_MULTIPROC_DIR"]
+        self.metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+        self.own_metrics_dir = own_metrics_dir
         self.audit_lost = 0.0  # records lost with killed workers, all told
 
     def start(self, index: int) -> None:
-        argv = [sys.executable, "-m", "authz", *self.serve_argv, "--worker-index", str(index)]
-        proc = subprocess.Popen(argv, env=self.env, preexec_fn=_worker_preexec())  # noqa: PLW1509
-        self.children[index] = (proc, time.monotonic())
-        log.info("worker %d started (pid %d)", index, proc.pid)
+        argv = [*self.serve_argv, "--worker-index", str(index)]
+        supervisor_pid = os.getpid()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the worker: never returns into the supervisor's loop
+            code = 1
+            try:
+                _become_worker(supervisor_pid)
+                from authz import cli
+
+                code = cli.main(argv)
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+            except BaseException:  # noqa: BLE001 - report it and exit like a crashed process
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        self.children[index] = (pid, time.monotonic())
+        log.info("worker %d started (pid %d)", index, pid)
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._stop)
         signal.signal(signal.SIGHUP, self._forward)
         try:
+            preload_worker_modules()
             for i in range(self.workers):
                 self.start(i)
             while not self.stopping:
@@ -171,24 +177,27 @@ class Supervisor:
                 self._reap()
         finally:
             self._stop_all()
-            if self.own_metrics_dir is not None:
-                shutil.rmtree(self.own_metrics_dir, ignore_errors=True)
+            if self.own_metrics_dir:
+                shutil.rmtree(self.metrics_dir, ignore_errors=True)
         return self.exit_code
 
     def _reap(self) -> None:
-        for index, (proc, started) in list(self.children.items()):
-            code = proc.poll()
-            if code is None or self.stopping:
+        for index, (pid, started) in list(self.children.items()):
+            if self.stopping:
+                return
+            code = _exit_code(pid, block=False)
+            if code is None:
                 continue
+            del self.children[index]
             if code < 0:  # killed by a signal; a worker that exits closes its audit and counts itself
-                self._count_lost_audit(index, proc.pid)
-            multiprocess.mark_process_dead(proc.pid, self.metrics_dir)  # type: ignore[no-untyped-call]
+                self._count_lost_audit(index, pid)
+            multiprocess.mark_process_dead(pid, self.metrics_dir)  # type: ignore[no-untyped-call]
             if code > 0 and time.monotonic() - started < START_GRACE_SECONDS:
                 log.error("worker %d exited with code %d while starting; stopping", index, code)
-                self.exit_code = code or 1
+                self.exit_code = code
                 self.stopping = True
                 return
-            log.error("worker %d (pid %d) exited with code %d; restarting it", index, proc.pid, code)
+            log.error("worker %d (pid %d) exited with code %d; restarting it", index, pid, code)
             self.start(index)
 
     def _count_lost_audit(self, index: int, pid: int) -> None:
@@ -211,44 +220,50 @@ class Supervisor:
         self.stopping = True
 
     def _forward(self, signum: int, frame: FrameType | None) -> None:
-        for proc, _ in self.children.values():
-            if proc.poll() is None:
-                proc.send_signal(signum)
+        for pid, _ in self.children.values():
+            _signal(pid, signum)
 
     def _stop_all(self) -> None:
-        for proc, _ in self.children.values():
-            if proc.poll() is None:
-                proc.terminate()  # SIGTERM: the worker drains in-flight checks and exits 0
+        for pid, _ in self.children.values():
+            _signal(pid, signal.SIGTERM)  # the worker drains in-flight checks and exits 0
         deadline = time.monotonic() + STOP_TIMEOUT_SECONDS
-        for index, (proc, _) in self.children.items():
-            try:
-                code = proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                code = proc.wait()
-            if code != 0 and self.exit_code == 0 and code != -signal.SIGTERM:
-                log.error("worker %d exited with code %d", index, code)
+        for index, (pid, _) in self.children.items():
+            code = _exit_code(pid, block=False)
+            while code is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+                code = _exit_code(pid, block=False)
+            if code is None:
+                _signal(pid, signal.SIGKILL)
+                code = _exit_code(pid, block=True)
+            if code not in (0, -signal.SIGTERM) and self.exit_code == 0:
+                log.error("worker %d exited with code %s", index, code)
+        self.children.clear()
 
 
-def run(serve_argv: list[str], workers: int, addrs: list[str]) -> int:
+def _exit_code(pid: int, block: bool) -> int | None:
+    """A child's exit code (negative: the signal that killed it), or None while it runs."""
+    try:
+        done, status = os.waitpid(pid, 0 if block else os.WNOHANG)
+    except ChildProcessError:  # already reaped
+        return 0
+    return os.waitstatus_to_exitcode(status) if done else None
+
+
+def _signal(pid: int, signum: int) -> None:
+    # Only children not yet reaped are in Supervisor.children, so the pid is still ours.
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def run(serve_argv: list[str], workers: int, addrs: list[str], own_metrics_dir: bool = False) -> int:
     try:
         check_ports_free(addrs)
     except (PortInUse, OSError) as exc:
         print(f"authz serve: {exc}", file=sys.stderr)
         return 2  # as for any listener that cannot bind (cli.EXIT_USAGE)
-    return Supervisor(serve_argv, workers).run()
-
-
-def exec_supervisor(serve_argv: list[str], workers: int, addrs: list[str], log_level: str,
-                    log_format: str) -> None:
-    """Become the supervisor: exec ``python -m authz.supervisor`` (does not return)."""
-    argv = [sys.executable, "-m", "authz.supervisor", "--workers", str(workers),
-            "--log-level", log_level, "--log-format", log_format]
-    for addr in addrs:
-        argv += ["--addr", addr]
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execv(sys.executable, [*argv, "--", *serve_argv])
+    return Supervisor(serve_argv, workers, own_metrics_dir).run()
 
 
 def main(argv: list[str]) -> int:
@@ -258,11 +273,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--addr", action="append", default=[])
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--log-format", default="text")
+    parser.add_argument("--own-metrics-dir", action="store_true")
     parser.add_argument("serve_argv", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     serve_argv = args.serve_argv[1:] if args.serve_argv[:1] == ["--"] else args.serve_argv
     logging_setup.configure(args.log_level, args.log_format)
-    return run(serve_argv, args.workers, args.addr)
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        parser.error("PROMETHEUS_MULTIPROC_DIR must be set before this process starts")
+    return run(serve_argv, args.workers, args.addr, args.own_metrics_dir)
 
 
 if __name__ == "__main__":
