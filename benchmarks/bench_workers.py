@@ -1,9 +1,12 @@
-"""Checks per second of `authz serve --workers 1` versus `--workers 2`, on this machine, in one run.
+"""Checks per second and memory of `authz serve --workers 1` versus `--workers 2`, on this machine, in one run.
 
-    python benchmarks/bench_workers.py [--seconds 5] [--connections 8] [--streams 16]
+    python benchmarks/bench_workers.py [--seconds 5] [--connections 8] [--streams 16] [--tenants N]
 
 Prints numbers; asserts nothing (not a test). Each configuration is a real `authz serve` on the
-example bundle, auditing to a file. The load comes from h2load (Debian's nghttp2-client, as in
+example bundle (or, with --tenants, a generated bundle of that many tenants), auditing to a
+file, running alone: memory is the PSS of its process tree (supervisor and workers), once the
+bundle is loaded and again after the load. PSS divides a page that processes share between
+them, so the tree's PSS is the memory it holds; RSS would count a shared page once per process. The load comes from h2load (Debian's nghttp2-client, as in
 design/measurements.md) over several HTTP/2 connections, since the kernel spreads connections,
 not requests, over the workers. (A Python load generator costs more CPU per call than the
 server and would hide the gain on a small machine.)
@@ -24,27 +27,37 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "unit"))
 
 from bundle_factory import check_request, spiffe  # noqa: E402
-from common import check_load, free_port, wait_http  # noqa: E402
+from common import check_load, envoy_like_request, free_port, make_bundle, pss_mb, tree, wait_http  # noqa: E402
 
 # One allowed check, as Envoy would send it for payment-service.
 REQUEST = check_request(principal=spiffe("order", "order-service"), method="POST", path="/v1/charges",
                         destination=spiffe("payment", "payment-service"))
 
 
-def measure(workers: int, seconds: float, connections: int, streams: int) -> float:
+def measure(workers: int, seconds: float, connections: int, streams: int, tenants: int | None,
+            ) -> tuple[float, float, float]:
+    """checks/s, and PSS in MB with the bundle loaded and after the load."""
     g, h = free_port(), free_port()
     with tempfile.TemporaryDirectory(prefix="authz-bench-") as tmp:
+        bundle = ["--bundle", str(make_bundle(Path(tmp) / "bundle", tenants))] if tenants else []
+        message = (envoy_like_request(tenants) if tenants else REQUEST).SerializeToString()
         server = subprocess.Popen(
             [sys.executable, "-m", "authz", "serve", "--workers", str(workers), "--grpc-addr",
              f"127.0.0.1:{g}", "--http-addr", f"127.0.0.1:{h}", "--audit-log", f"{tmp}/audit.log",
-             "--log-level", "WARNING"], stdout=subprocess.DEVNULL)
+             "--log-level", "WARNING", *bundle], stdout=subprocess.DEVNULL)
         try:
-            wait_http(f"http://127.0.0.1:{h}/readyz", timeout=30)
-            time.sleep(1.0)  # every worker up
-            return check_load(g, seconds, connections, streams, Path(tmp), REQUEST.SerializeToString()).rps
+            wait_http(f"http://127.0.0.1:{h}/readyz", timeout=60)
+            time.sleep(3.0)  # every worker up and loaded
+            loaded = pss_mb(tree(server.pid))
+            rate = check_load(g, seconds, connections, streams, Path(tmp), message).rps
+            return rate, loaded, pss_mb(tree(server.pid))
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(timeout=60)
+
+
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
 
 
 def main() -> None:
@@ -53,19 +66,25 @@ def main() -> None:
     ap.add_argument("--connections", type=int, default=8, help="HTTP/2 connections")
     ap.add_argument("--streams", type=int, default=16, help="concurrent streams per h2load connection")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--tenants", type=int, help="a generated bundle of this many tenants instead of the example")
     args = ap.parse_args()
     if shutil.which("h2load") is None:
         raise SystemExit("bench_workers needs h2load: apt-get install nghttp2-client")
-    results: dict[int, list[float]] = {1: [], 2: []}
+    results: dict[int, list[tuple[float, float, float]]] = {1: [], 2: []}
     for r in range(args.rounds):
         for workers in (1, 2):
-            rate = measure(workers, args.seconds, args.connections, args.streams)
-            results[workers].append(rate)
-            print(f"round {r + 1}: --workers {workers}: {rate:8.0f} checks/s", flush=True)
-    one, two = sorted(results[1])[len(results[1]) // 2], sorted(results[2])[len(results[2]) // 2]
-    print(f"load from h2load, {args.connections} connections x {args.streams} streams")
-    print(f"median: --workers 1 {one:.0f} checks/s, --workers 2 {two:.0f} checks/s ({two / one:.2f}x)")
-
+            rate, loaded, after = measure(workers, args.seconds, args.connections, args.streams, args.tenants)
+            results[workers].append((rate, loaded, after))
+            print(f"round {r + 1}: --workers {workers}: {rate:8.0f} checks/s, PSS {loaded:5.0f} MB loaded, "
+                  f"{after:5.0f} MB after the load", flush=True)
+    one = [_median([row[i] for row in results[1]]) for i in range(3)]
+    two = [_median([row[i] for row in results[2]]) for i in range(3)]
+    print(f"load from h2load, {args.connections} connections x {args.streams} streams; "
+          f"{f'{args.tenants} tenants' if args.tenants else 'the example bundle'}")
+    print(f"median: --workers 1 {one[0]:.0f} checks/s, --workers 2 {two[0]:.0f} checks/s ({two[0] / one[0]:.2f}x)")
+    print(f"median PSS loaded: --workers 1 {one[1]:.0f} MB, --workers 2 {two[1]:.0f} MB ({two[1] / one[1]:.2f}x)")
+    print(f"median PSS after the load: --workers 1 {one[2]:.0f} MB, --workers 2 {two[2]:.0f} MB "
+          f"({two[2] / one[2]:.2f}x)")
 
 if __name__ == "__main__":
     main()
