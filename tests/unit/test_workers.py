@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -152,7 +153,7 @@ def test_workers_need_fixed_ports() -> None:
     assert proc.returncode == 2 and "fixed port" in proc.stderr
 
 
-def test_a_worker_that_cannot_start_stops_the_service() -> None:
+def test_a_port_in_use_stops_the_service_before_any_worker_starts() -> None:
     g, h = free_port(), free_port()
     blocker = subprocess.Popen([sys.executable, "-c", "import socket,time; s=socket.socket(); "
                                 f"s.bind(('127.0.0.1',{h})); s.listen(); time.sleep(60)"])
@@ -167,3 +168,21 @@ def test_a_worker_that_cannot_start_stops_the_service() -> None:
     # refused before any worker starts: anything listening on a port is another service
     assert proc.returncode != 0
     assert f"127.0.0.1:{h} is already in use" in proc.stderr
+
+
+def test_a_worker_failing_in_start_up_stops_the_service_with_its_status(tmp_path: Path) -> None:
+    """A forked worker failing in start-up (here: a TLS key that is not there) is not
+    restarted over and over: the supervisor stops with the worker's exit status, and the
+    worker's own message says why."""
+    g, h = free_port(), free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "authz", "serve", "--workers", "2", "--grpc-addr", f"127.0.0.1:{g}",
+         "--http-addr", f"127.0.0.1:{h}", "--grpc-tls-cert", str(tmp_path / "missing.pem"),
+         "--grpc-tls-key", str(tmp_path / "missing.key")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2, err
+    assert "gRPC TLS: cannot read certificate file" in err
+    assert "while starting; stopping" in err
+    assert "restarting it" not in err
+    assert not [n for n in os.listdir(tempfile.gettempdir()) if n.startswith(f"authz-metrics-{proc.pid}-")]
