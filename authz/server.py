@@ -70,6 +70,9 @@ class ProbeServer:
         store_ref, metrics_ref = store, metrics
         hide = dict(hidden or {})
         self.draining = False
+        # False while a worker holds its gRPC port closed until its first load has finished
+        # (serve): it is not ready then even though its bundle may already be loaded.
+        self.grpc_listening = True
         probe = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -104,6 +107,8 @@ class ProbeServer:
                     elif expired:
                         self._send(503, f"not ready: the {' and '.join(expired)} serving "
                                    "certificate has expired\n".encode(), "text/plain")
+                    elif st.revision is not None and not probe.grpc_listening:
+                        self._send(503, b"not ready: the gRPC port is not open yet\n", "text/plain")
                     elif st.revision is not None:
                         note = f" (persisted copy: {st.persisted_reason})" if st.serving_persisted else ""
                         self._send(200, hide_paths(f"ready: revision {st.revision}{note}\n", hide)
@@ -118,7 +123,8 @@ class ProbeServer:
                     if tls is not None:
                         doc["tls"] = tls.status()
                     if worker is not None:
-                        doc["worker"] = {"index": worker, "pid": os.getpid()}
+                        doc["worker"] = {"index": worker, "pid": os.getpid(),
+                                         "grpc_listening": probe.grpc_listening}
                     body = json.dumps(doc).encode()
                     self._send(200, body, "application/json")
                 else:
@@ -282,6 +288,7 @@ async def serve(
     hold_grpc = worker is not None and first_load_done is not None
     bound = 0 if hold_grpc else listen_grpc()
     probes = ProbeServer(http_addr, store, metrics, worker, checker, tls, hidden)
+    probes.grpc_listening = not hold_grpc
     serving = health_pb2.HealthCheckResponse.SERVING
     not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
     loop = asyncio.get_running_loop()
@@ -338,6 +345,7 @@ async def serve(
                 tls.stop()
             raise
         start_grpc()
+        probes.grpc_listening = True
     await stop.wait()
     stop.clear()
     unsubscribe()

@@ -394,6 +394,8 @@ def test_a_worker_takes_no_checks_before_its_first_load_finishes(tmp_path: Path)
                         refused += 1
                     else:  # only a worker that has finished its first load may answer
                         assert "no policy bundle loaded" not in resp.denied_response.body
+                st = status(h)  # and one still loading says its port is closed
+                assert st["revision"] is not None or st["worker"]["grpc_listening"] is False, st
                 time.sleep(0.2)
             assert refused > 0
             assert wait_for(lambda: len(workers_seen(h, 10, loaded=True)) == 2, 30)

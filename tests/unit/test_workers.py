@@ -40,12 +40,12 @@ def wait_for(predicate, timeout: float) -> bool:  # noqa: ANN001
 
 def workers_seen(port: int, attempts: int = 60, loaded: bool = False) -> dict[int, int]:
     """index -> pid of the workers that answered; each request is a new connection.
-    ``loaded``: only workers serving a bundle. A worker's ports open before its first load
-    finishes, and until then it denies every check ("no policy bundle loaded")."""
+    ``loaded``: only workers serving a bundle on their gRPC port. A worker's HTTP port opens
+    before its first load finishes; its gRPC port only after."""
     seen: dict[int, int] = {}
     for _ in range(attempts):
         st = status(port)
-        if st["revision"] is not None or not loaded:
+        if not loaded or (st["revision"] is not None and st["worker"]["grpc_listening"]):
             seen[st["worker"]["index"]] = st["worker"]["pid"]
     return seen
 
@@ -186,3 +186,29 @@ def test_a_worker_failing_in_start_up_stops_the_service_with_its_status(tmp_path
     assert "while starting; stopping" in err
     assert "restarting it" not in err
     assert not [n for n in os.listdir(tempfile.gettempdir()) if n.startswith(f"authz-metrics-{proc.pid}-")]
+
+
+def test_a_worker_whose_grpc_port_is_not_open_yet_is_not_ready() -> None:
+    """Between its first load and the opening of its gRPC port a worker has a bundle but
+    takes no checks: /readyz says so, and /v1/status shows the port as closed."""
+    from authz.bundle.store import BundleStore
+    from authz.example import example_bundle
+    from authz.metrics import Metrics
+    from authz.server import ProbeServer
+
+    metrics = Metrics()
+    store = BundleStore(metrics)
+    assert store.load(example_bundle())
+    probes = ProbeServer("127.0.0.1:0", store, metrics, worker=0)
+    port = probes.httpd.server_address[1]
+    probes.grpc_listening = False
+    probes.start()
+    try:
+        assert http_get(port, "/readyz") == (503, "not ready: the gRPC port is not open yet\n")
+        assert status(port)["worker"]["grpc_listening"] is False
+        probes.grpc_listening = True
+        code, text = http_get(port, "/readyz")
+        assert code == 200 and text.startswith("ready: revision ")
+        assert status(port)["worker"]["grpc_listening"] is True
+    finally:
+        probes.stop()
