@@ -46,8 +46,10 @@ def new_multiprocess_dir() -> str:
     except OSError:
         names = []
     for name in names:
+        if not name.startswith(MULTIPROCESS_DIR_PREFIX):
+            continue
         pid_text = name[len(MULTIPROCESS_DIR_PREFIX):].split("-", 1)[0]
-        if not name.startswith(MULTIPROCESS_DIR_PREFIX) or not pid_text.isdigit():
+        if not pid_text.isdigit():
             continue
         try:
             os.kill(int(pid_text), 0)

@@ -75,15 +75,11 @@ class PolicySet:
 
     def shape(self, decision: Decision, req: Request | None) -> Decision:
         """``decision`` with the headers its rule sets or the status and message of its deny."""
-        def variables(tenant: Tenant | None, captures: dict[str, str]) -> Activation:
+        def variables(rule: Rule, tenant: Tenant | None) -> Activation:
             assert req is not None  # an allow always has a request
-            return Activation(req, self.data, tenant, captures)
+            return Activation(req, self.data, tenant, _operations_match(rule.operations, req, True) or {})
 
-        def captures(rule: Rule) -> dict[str, str]:
-            assert req is not None
-            return _operations_match(rule.operations, req, True) or {}
-
-        return shaping.shape(decision, self.shapes, self.tenants, variables, captures)
+        return shaping.shape(decision, self.shapes, self.tenants, variables)
 
     def applicable(self, req: Request) -> list[Policy]:
         chosen = sorted((*self.by_principal.get(req.destination_principal, ()), *self.general))

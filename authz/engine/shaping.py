@@ -162,19 +162,18 @@ def compile_rule_shape(policy: Policy, rule: Rule, raw: Mapping[str, Any], has_t
 
 
 def shape(decision: Decision, shapes: Shapes, tenants: Mapping[str, Tenant],
-          variables: Callable[[Tenant | None, dict[str, str]], Mapping[str, Any]],
-          captures: Callable[[Rule], dict[str, str]]) -> Decision:
+          variables: Callable[[Rule, Tenant | None], Mapping[str, Any]]) -> Decision:
     """The decision with its upstream headers or its deny status and message.
 
-    ``variables`` gives the CEL activation of the request with a tenant and path captures
-    (only called for a shaped rule); ``captures`` gives the rule's path captures.
+    ``variables`` gives the CEL activation of the request for a rule (its path captures) and
+    a tenant; only called for a shaped rule.
     """
     if decision.allowed:
         rs = shapes.rules.get((decision.policy, decision.rule))
         if rs is None:
             return decision
         try:
-            values = _evaluate(rs, decision, tenants, variables, captures)
+            values = _evaluate(rs, decision, tenants, variables)
         except CelEvalError as exc:
             # The reason is a fixed string: it is a metric label and the client reads it.
             log.debug("upstream header of %s/%s failed: %s", decision.policy, decision.rule, exc)
@@ -196,12 +195,11 @@ def _deny_shape(decision: Decision, shapes: Shapes) -> Decision:
 
 
 def _evaluate(rs: RuleShape, decision: Decision, tenants: Mapping[str, Tenant],
-              variables: Callable[[Tenant | None, dict[str, str]], Mapping[str, Any]],
-              captures: Callable[[Rule], dict[str, str]]) -> tuple[tuple[str, str], ...]:
+              variables: Callable[[Rule, Tenant | None], Mapping[str, Any]]) -> tuple[tuple[str, str], ...]:
     if not rs.set_headers:
         return ()
     tenant = tenants.get(decision.tenant) if decision.tenant else None
-    ctx = variables(tenant, captures(rs.rule))
+    ctx = variables(rs.rule, tenant)
     out: list[tuple[str, str]] = []
     total = 0
     for name, program in rs.set_headers:
