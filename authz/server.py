@@ -26,6 +26,7 @@ from authz.limits import ServeLimits
 from authz.metrics import CONTENT_TYPE, Metrics
 from authz.ports import bind_error, split_addr
 from authz.redact import hide_paths
+from authz.serving_pool import ServingPool
 from authz.tls_server import ServerTls, grpc_credentials, handshake_error, http_ssl_context
 from authz.version import VERSION
 
@@ -258,8 +259,9 @@ async def serve(
     # its polling thread takes new calls and refuses those over max_concurrent_checks before
     # any Python work of ours, so past capacity the checks served are still answered in time.
     # The asyncio loop here only waits for signals and serves HTTP ext_authz. The Checker is
-    # safe to call from several threads at once.
-    pool = ThreadPoolExecutor(max_workers=options.grpc_threads, thread_name_prefix="authz-grpc")
+    # safe to call from several threads at once. The pool is ours, not concurrent.futures'
+    # (its per-call future cost as much as a decision; docs/performance.md, "Serving pool").
+    pool = ServingPool(options.grpc_threads)
     server = grpc.server(pool, options=grpc_options(options, worker),
                          interceptors=tls.interceptors(metrics) if tls is not None else None,
                          maximum_concurrent_rpcs=options.max_concurrent_checks)

