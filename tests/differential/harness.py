@@ -271,10 +271,17 @@ def _decoded(path: str) -> str:
 
 def path_is_ambiguous(path: str) -> bool:
     """A path an upstream could read as another one: repeated slashes, an encoded or literal
-    backslash or slash, path parameters (';', also encoded), double encoding, or characters that
-    NFKC-normalise to '.', '/', '\\' or '%' (fullwidth look-alikes)."""
+    backslash or slash, path parameters (';', also encoded), double encoding, an encoded
+    control character (a tab or NUL an upstream may cut the path at), a malformed
+    escape (IIS reads '%u002e' as '.'), bytes that are no UTF-8 (overlong '%c0%ae' is '.' to
+    lax decoders), or characters that NFKC-normalise to '.', '/', '\\' or '%' (fullwidth
+    look-alikes)."""
     p = path.split("?", 1)[0]
-    if "//" in p or "\\" in p or ";" in p or re.search(r"%(2[fF]|5[cC]|3[bB]|25|00)", p):
+    if "//" in p or "\\" in p or ";" in p or re.search(r"%(2[fF]|5[cC]|3[bB]|25|[01][0-9A-Fa-f]|7[fF])|%(?![0-9A-Fa-f]{2})", p):
+        return True
+    try:
+        urllib.parse.unquote_to_bytes(p).decode("utf-8")
+    except UnicodeDecodeError:
         return True
     d = _decoded(p)
     return any(ch not in _LOOKALIKE_TARGETS and set(unicodedata.normalize("NFKC", ch)) & _LOOKALIKE_TARGETS

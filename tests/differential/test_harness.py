@@ -65,7 +65,9 @@ def test_skipped_and_agreeing_requests() -> None:
 @pytest.mark.parametrize("path,ambiguous", [
     ("/a/b", False), ("/a//b", True), ("/a%2Fb", True), ("/a%5cb", True), ("/a;x/b", True),
     ("/a%3Bb", True), ("/a%252Fb", True), ("/a/%EF%BC%8E%EF%BC%8E/b", True), ("/caf%C3%A9", False),
-    ("/a?x=//y", False),
+    ("/a?x=//y", False), ("/a/%u002e%u002e/b", True), ("/a/100%", True), ("/a/%zz", True),
+    ("/a/%c0%ae%c0%ae/b", True), ("/a/%FF", True), ("/a/%41%7e", False),
+    ("/a%09/b", True), ("/a%7F", True), ("/a%1b", True),
 ])
 def test_ambiguous_paths(path: str, ambiguous: bool) -> None:
     assert path_is_ambiguous(path) is ambiguous
