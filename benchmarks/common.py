@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -143,6 +144,34 @@ def pss_mb(pids: list[int]) -> float:
         except OSError:
             continue
     return total / 1024
+
+
+def distinct_mb(pids: list[int]) -> float | None:
+    """The memory of the physical pages the processes map, each page counted once however
+    many of them map it (shared libraries included): for one process that is its RSS, for a
+    supervisor and its forked workers what RSS would be if they were one process. PSS splits a
+    shared library's pages with every other process on the machine; this does not. None where
+    /proc/<pid>/pagemap gives no frame numbers (they need CAP_SYS_ADMIN)."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    frames: set[int] = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/pagemap", "rb") as pagemap:
+                for line in maps:
+                    start, end = (int(x, 16) for x in line.split()[0].split("-"))
+                    try:
+                        pagemap.seek(start // page * 8)
+                        entries = pagemap.read((end - start) // page * 8)
+                    except OSError:  # [vsyscall]
+                        continue
+                    for (entry,) in struct.iter_unpack("Q", entries):
+                        if entry >> 63:  # present in memory
+                            frames.add(entry & ((1 << 55) - 1))
+        except OSError:  # the process ended meanwhile
+            continue
+    if frames == {0} or (not frames and pids):
+        return None
+    return len(frames) * page / 2**20
 
 
 def machine_load() -> str:
