@@ -3,6 +3,7 @@ distinct pages of a process tree count a page once however many processes map it
 
 from __future__ import annotations
 
+import ctypes
 import os
 import struct
 import sys
@@ -14,13 +15,16 @@ from common import distinct_mb, rss_mb  # noqa: E402
 
 
 def _frame_numbers_readable() -> bool:
+    """Whether the kernel shows this process frame numbers: read for a page just written."""
     page = os.sysconf("SC_PAGE_SIZE")
-    probe = bytearray(page)  # touched, so present
-    probe[0] = 1
-    with open("/proc/self/maps") as maps, open("/proc/self/pagemap", "rb") as pagemap:
-        start = int(maps.readline().split("-")[0], 16)
-        pagemap.seek(start // page * 8)
+    probe = bytearray(2 * page)
+    address = ctypes.addressof((ctypes.c_char * len(probe)).from_buffer(probe))
+    inside = (address // page + 1) * page  # a whole page inside the buffer
+    probe[inside - address] = 1  # written, so present
+    with open("/proc/self/pagemap", "rb") as pagemap:
+        pagemap.seek(inside // page * 8)
         (entry,) = struct.unpack("Q", pagemap.read(8))
+    assert entry >> 63, "the page just written is not present"
     return entry & ((1 << 55) - 1) != 0
 
 
