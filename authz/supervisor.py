@@ -9,10 +9,16 @@ restarts a worker that dies, and on SIGTERM drains every worker and exits 0.
 
 Workers are forked, not started afresh: the supervisor imports what a worker runs (gRPC,
 protobuf and the Envoy messages, the engine: ~30 MB of Python heap) and freezes it out of
-the collector before the first fork, so every worker shares those pages with it until it
-writes to them, instead of holding its own copy. It never creates a gRPC channel or server
-and starts no thread, so the fork copies nothing half-initialised; each worker starts its
-own. The bundle is not shared: each worker loads and reloads its own.
+the collector before the first fork, so the workers share those pages until one writes to
+them, instead of each holding its own copy. It never creates a gRPC channel or server and
+starts no thread, so the fork copies nothing half-initialised; each worker starts its own.
+Once all are forked, the supervisor replaces its image (exec, same pid, still their parent)
+with a fresh ``python -m authz.supervisor --resume`` that imports none of it: every worker
+writes to part of that heap as it runs (reference counts, the interpreter's own caches), and
+the template's pages it copied would otherwise stay resident in the supervisor alone, about
+15 MB that nothing uses (docs/performance.md, "Memory"). A worker that dies is replaced by a
+fork of that lean supervisor, which imports what it runs itself. The bundle is not shared:
+each worker loads and reloads its own.
 
 A worker killed outright (SIGKILL, a crash) loses the audit records it still held. Every
 worker publishes how many it holds (authz_audit_queued_records, once a second); before the
@@ -49,12 +55,12 @@ import time
 import traceback
 from types import FrameType
 
-from prometheus_client import multiprocess
-from prometheus_client.mmap_dict import MmapedDict, mmap_key
-
 from authz import logging_setup
-from authz.metrics import AUDIT_DROPPED, AUDIT_QUEUED_RECORDS, DROP_WORKER_KILLED
 from authz.ports import bind_error
+
+# Only the standard library and the two modules above are imported here: they are all the
+# supervisor holds once it has dropped the template heap. What it needs when a worker dies
+# (prometheus-client's files, authz.metrics' names) is imported then.
 
 log = logging.getLogger("authz.supervisor")
 
@@ -99,6 +105,9 @@ def audit_records_held(metrics_dir: str, pid: int) -> int:
     path = os.path.join(metrics_dir, f"gauge_livesum_{pid}.db")
     if not os.path.exists(path):
         return 0
+    from prometheus_client.mmap_dict import MmapedDict
+
+    from authz.metrics import AUDIT_QUEUED_RECORDS
     held = 0.0
     try:
         for entry in MmapedDict.read_all_values_from_file(path):  # type: ignore[no-untyped-call]
@@ -127,13 +136,25 @@ def check_ports_free(addrs: list[str]) -> None:
         raise exc
 
 
+# What the supervisor handles itself. Held back (blocked) while it replaces its image, so that
+# one arriving then waits for the new image's handlers, instead of meeting the default action
+# (exit) in between; the signal mask and pending signals carry over exec.
+HANDLED_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+
+
 class Supervisor:
-    def __init__(self, serve_argv: list[str], workers: int, own_metrics_dir: bool = False) -> None:
+    def __init__(self, serve_argv: list[str], workers: int, own_metrics_dir: bool = False, *,
+                 argv: list[str] | None = None, children: dict[int, tuple[int, float]] | None = None,
+                 ) -> None:
         """``own_metrics_dir``: PROMETHEUS_MULTIPROC_DIR was made for this supervisor
-        (metrics.new_multiprocess_dir), which removes it when it stops."""
+        (metrics.new_multiprocess_dir), which removes it when it stops. ``argv``: its own
+        arguments (main's), which it resumes with once it has forked the workers; without
+        them it keeps the template heap. ``children``: the workers of a resumed supervisor."""
         self.serve_argv = serve_argv  # ["serve", ...] without --workers
         self.workers = workers
-        self.children: dict[int, tuple[int, float]] = {}  # index -> (pid, started)
+        self.argv = argv
+        self.resumed = children is not None
+        self.children: dict[int, tuple[int, float]] = dict(children or {})  # index -> (pid, started)
         self.stopping = False
         self.exit_code = 0
         self.metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"]
@@ -168,10 +189,13 @@ class Supervisor:
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._stop)
         signal.signal(signal.SIGHUP, self._forward)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)  # resumed: what came meanwhile
         try:
-            preload_worker_modules()
-            for i in range(self.workers):
-                self.start(i)
+            if not self.resumed:
+                preload_worker_modules()
+                for i in range(self.workers):
+                    self.start(i)
+                self._drop_template()  # returns only when it could not
             while not self.stopping:
                 time.sleep(0.2)
                 self._reap()
@@ -180,6 +204,28 @@ class Supervisor:
             if self.own_metrics_dir:
                 shutil.rmtree(self.metrics_dir, ignore_errors=True)
         return self.exit_code
+
+    def _drop_template(self) -> None:
+        """Become a fresh ``python -m authz.supervisor`` (same pid, so still the workers'
+        parent) that has imported none of what they run."""
+        if self.argv is None:
+            return
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+        # A signal that came before the mask has had its handler run by now (the interpreter
+        # runs pending handlers when a call returns): a SIGTERM then stops from this image.
+        if self.stopping:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+            return
+        children = json.dumps({i: [pid, started] for i, (pid, started) in self.children.items()})
+        sys.stdout.flush()
+        sys.stderr.flush()
+        try:
+            os.execv(sys.executable, [sys.executable, "-m", "authz.supervisor", "--resume", children,
+                                      *self.argv])
+        except OSError as exc:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+            log.warning("cannot start a lean supervisor (%s); this one keeps the workers' template "
+                        "heap, ~15 MB more", exc)
 
     def _reap(self) -> None:
         for index, (pid, started) in list(self.children.items()):
@@ -191,6 +237,8 @@ class Supervisor:
             del self.children[index]
             if code < 0:  # killed by a signal; a worker that exits closes its audit and counts itself
                 self._count_lost_audit(index, pid)
+            from prometheus_client import multiprocess
+
             multiprocess.mark_process_dead(pid, self.metrics_dir)  # type: ignore[no-untyped-call]
             if code > 0 and time.monotonic() - started < START_GRACE_SECONDS:
                 log.error("worker %d exited with code %d while starting; stopping", index, code)
@@ -204,6 +252,10 @@ class Supervisor:
         lost = audit_records_held(self.metrics_dir, pid)
         if not lost:
             return
+        from prometheus_client.mmap_dict import MmapedDict, mmap_key
+
+        from authz.metrics import AUDIT_DROPPED, DROP_WORKER_KILLED
+
         self.audit_lost += lost
         path = os.path.join(self.metrics_dir, f"counter_{os.getpid()}.db")
         counter = MmapedDict(path)  # type: ignore[no-untyped-call]
@@ -257,13 +309,15 @@ def _signal(pid: int, signum: int) -> None:
         pass
 
 
-def run(serve_argv: list[str], workers: int, addrs: list[str], own_metrics_dir: bool = False) -> int:
+def run(serve_argv: list[str], workers: int, addrs: list[str], own_metrics_dir: bool = False,
+        argv: list[str] | None = None) -> int:
+    """``argv``: main's, for the lean supervisor to start with (Supervisor._drop_template)."""
     try:
         check_ports_free(addrs)
     except (PortInUse, OSError) as exc:
         print(f"authz serve: {exc}", file=sys.stderr)
         return 2  # as for any listener that cannot bind (cli.EXIT_USAGE)
-    return Supervisor(serve_argv, workers, own_metrics_dir).run()
+    return Supervisor(serve_argv, workers, own_metrics_dir, argv=argv).run()
 
 
 def main(argv: list[str]) -> int:
@@ -274,13 +328,19 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--log-format", default="text")
     parser.add_argument("--own-metrics-dir", action="store_true")
+    parser.add_argument("--resume", metavar="JSON",
+                        help="the workers ({index: [pid, started]}) this supervisor forked before it "
+                             "replaced its image")
     parser.add_argument("serve_argv", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     serve_argv = args.serve_argv[1:] if args.serve_argv[:1] == ["--"] else args.serve_argv
     logging_setup.configure(args.log_level, args.log_format)
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         parser.error("PROMETHEUS_MULTIPROC_DIR must be set before this process starts")
-    return run(serve_argv, args.workers, args.addr, args.own_metrics_dir)
+    if args.resume is not None:
+        children = {int(i): (pid, started) for i, (pid, started) in json.loads(args.resume).items()}
+        return Supervisor(serve_argv, args.workers, args.own_metrics_dir, children=children).run()
+    return run(serve_argv, args.workers, args.addr, args.own_metrics_dir, argv)
 
 
 if __name__ == "__main__":

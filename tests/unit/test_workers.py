@@ -69,13 +69,17 @@ def test_two_workers_share_the_ports_and_add_up(tmp_path: Path) -> None:
         assert wait_for(lambda: http_get(h, "/readyz")[0] == 200, 30), proc.stderr
         assert wait_for(lambda: len(workers_seen(h, 10, loaded=True)) == 2, 20)  # both answer on one port
         # The supervisor (same pid, exec'd) forks its workers from a heap that already holds
-        # what they run, so the bulk of it is one copy shared by all three.
-        cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
-        assert b"authz.supervisor" in cmdline.split(b"\0")
+        # what they run, so the bulk of it is one copy the workers share; then it replaces
+        # its image (same pid again) with one that imports none of it.
+        cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
+        assert b"authz.supervisor" in cmdline and b"--resume" in cmdline
+        assert b"cygrpc" not in Path(f"/proc/{proc.pid}/maps").read_bytes()  # no gRPC in it
         for pid in workers_seen(h, 10).values():
             assert Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1] == str(proc.pid)
-            assert Path(f"/proc/{pid}/cmdline").read_bytes() == cmdline  # forked, not exec'd
-            assert shared_dirty_mb(pid) >= 10, shared_dirty_mb(pid)
+            worker_cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            # forked from the template image, not exec'd
+            assert b"authz.supervisor" in worker_cmdline and b"--resume" not in worker_cmdline
+            assert shared_dirty_mb(pid) >= 10, shared_dirty_mb(pid)  # with the other worker
         sent = 60
         for _ in range(sent):  # a new connection each time, so both workers get some
             with grpc.insecure_channel(f"127.0.0.1:{g}") as ch:
@@ -212,3 +216,21 @@ def test_a_worker_whose_grpc_port_is_not_open_yet_is_not_ready() -> None:
         assert status(port)["worker"]["grpc_listening"] is True
     finally:
         probes.stop()
+
+
+def test_a_signal_sent_while_the_supervisor_replaces_its_image_is_handled_by_the_new_one(
+        tmp_path: Path) -> None:
+    """The supervisor blocks the signals it handles before it execs its lean image; one that
+    came meanwhile is pending across the exec and must be handled (not meet the default
+    action, not stay blocked) once the resumed supervisor runs. Here a SIGTERM is pending
+    when `python -m authz.supervisor --resume` starts: it stops cleanly, exit 0."""
+    wrapper = (
+        "import os, signal, sys\n"
+        "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGHUP})\n"
+        "os.kill(os.getpid(), signal.SIGHUP)\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "os.execv(sys.executable, [sys.executable, '-m', 'authz.supervisor', '--resume', '{}',\n"
+        "         '--workers', '1', '--', 'serve'])\n")
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", wrapper], env=env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
