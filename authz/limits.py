@@ -67,7 +67,7 @@ class ServeLimits:
     # Cancel a call whose message has not come after this (a half-open stream): it holds a
     # serving thread meanwhile. Envoy and gRPC clients send the message with the headers.
     stall_seconds: float = 5.0
-    cpu_affinity: str = "none"  # or "auto": each serving process on one CPU (authz/affinity.py)
+    cpu_affinity: str = "gil"  # or "auto", "none" (authz/affinity.py)
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -83,10 +83,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--grpc-threads", type=options.positive_int, default=8, metavar="N",
                    help="threads serving gRPC calls, each one call at a time from its first byte "
                         "to its answer (default 8)")
-    g.add_argument("--cpu-affinity", choices=["none", "auto"], default="none",
-                   help="auto: every thread of a serving process (of each worker) on one CPU, worker i "
-                        "on the i-th from the last; less CPU per check (docs/performance.md). none: the "
-                        "kernel spreads threads over all CPUs (default)")
+    g.add_argument("--cpu-affinity", choices=["gil", "auto", "none"], default="gil",
+                   help="gil: the threads of a serving process that run Python share one CPU, re-chosen "
+                        "every second as the rest of the machine leaves one idler; gRPC's I/O threads "
+                        "run on any (default; docs/performance.md, \"CPU affinity\"). auto: every thread "
+                        "on one CPU for good, worker i on the i-th from the last (dedicated CPUs). none: "
+                        "the kernel places every thread")
     g.add_argument("--max-streams-per-connection", type=options.positive_int, default=1000, metavar="N",
                    help="concurrent HTTP/2 streams one client connection may open (default 1000)")
     g.add_argument("--max-request-bytes", type=options.positive_int, default=1024 * 1024, metavar="N",

@@ -255,6 +255,7 @@ async def serve(
     if options.cpu_affinity == "auto":  # first: the threads started below inherit it
         cpu = affinity.pin_process(worker or 0)
         log.info("serving threads on CPU %s", cpu, extra={"cpu": cpu})
+    keeper = affinity.GilAffinity(worker or 0) if options.cpu_affinity == "gil" else None
     # grpcio's threaded server, chosen by measurement (docs/performance.md, "Serving stack"):
     # its polling thread takes new calls and refuses those over max_concurrent_checks before
     # any Python work of ours, so past capacity the checks served are still answered in time.
@@ -326,6 +327,9 @@ async def serve(
     gate.start()
     if tls is not None:
         tls.start()
+    if keeper is not None:  # after the threads above: it sorts them into Python's and gRPC's
+        keeper.start()
+        log.info("Python threads on CPU %d", keeper.cpu, extra={"cpu": keeper.cpu})
 
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -345,6 +349,8 @@ async def serve(
             probes.stop()
             if tls is not None:
                 tls.stop()
+            if keeper is not None:
+                keeper.stop()
             raise
         start_grpc()
         probes.grpc_listening = True
@@ -371,3 +377,5 @@ async def serve(
     probes.stop()
     if tls is not None:
         tls.stop()
+    if keeper is not None:
+        keeper.stop()
