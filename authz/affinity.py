@@ -10,9 +10,11 @@ threads on one core.
 (its network I/O, which needs no GIL) run on any. Only one of the Python threads can run at
 a time, so one CPU is all they could use anyway. The CPU is re-chosen every second: when the
 rest of the machine keeps it busier than the idlest CPU by MOVE_MARGIN, they move there, so
-a busy neighbour does not hold them on a crowded core. Process ``index`` (the worker number
-under --workers) starts on the index-th CPU it may use, counted from the last (CPU 0 tends to
-serve interrupts), so workers do not start on one.
+a busy neighbour does not hold them on a crowded core. The move waits for two looks in a
+row, so that two processes that left one CPU together do not both come back at once. A single
+process starts on the CPU the kernel put it on (the kernel spreads new processes, so sidecars
+on one node do not all start on one CPU); worker ``index`` of --workers on the index-th CPU it
+may use, counted from the last (CPU 0 tends to serve interrupts), so workers start apart.
 
 ``auto``: every thread of the process on that one CPU, for good: for processes with CPUs of
 their own (a dedicated cpuset).
@@ -34,6 +36,7 @@ PERIOD = 1.0  # seconds between two looks at the CPUs' load (jittered by +-20%)
 # Move when the rest of the machine keeps our CPU busier than the idlest one by this share
 # of a CPU: well above the noise of one second's accounting, so we do not hop back and forth.
 MOVE_MARGIN = 0.3
+LOOKS_BEFORE_MOVING = 2
 
 
 def pin_process(index: int) -> int | None:
@@ -52,6 +55,15 @@ def first_cpu(index: int) -> int:
     return allowed[-1 - index % len(allowed)]
 
 
+def current_cpu() -> int | None:
+    """The CPU the calling thread last ran on (/proc; None where it cannot be read)."""
+    try:
+        with open("/proc/thread-self/stat", encoding="ascii") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[36])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def choose(current: int, others: dict[int, float], margin: float = MOVE_MARGIN) -> int:
     """The CPU for the Python threads: ``current`` unless another is idler (load from
     everything but them, in CPUs) by more than ``margin``; ties go to the highest number."""
@@ -63,16 +75,19 @@ def choose(current: int, others: dict[int, float], margin: float = MOVE_MARGIN) 
 
 class GilAffinity:
     """``gil``: keeps the threads that run Python on one CPU, the others free, re-choosing
-    the CPU every PERIOD. ``python_threads`` names the native thread ids that run Python
-    (threading.enumerate by default; a test may name its own)."""
+    the CPU every PERIOD. ``index``: the worker's under --workers, None for a single process.
+    ``python_threads`` names the native thread ids that run Python (threading.enumerate by
+    default; a test may name its own)."""
 
-    def __init__(self, index: int, python_threads: Callable[[], set[int]] | None = None) -> None:
+    def __init__(self, index: int | None, python_threads: Callable[[], set[int]] | None = None) -> None:
         self.allowed = set(os.sched_getaffinity(0))
-        self.cpu = first_cpu(index)
+        here = current_cpu() if index is None else None
+        self.cpu = here if here is not None and here in self.allowed else first_cpu(index or 0)
         self._python_threads = python_threads or _python_threads
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last: tuple[dict[int, tuple[int, int]], int] | None = None
+        self._looks = 0  # looks in a row that found a CPU worth moving to
         self.moves = 0
 
     def start(self) -> None:
@@ -98,14 +113,15 @@ class GilAffinity:
         now = self._sample()
         if self._last is not None:
             others = _other_load(self._last, now, self.cpu, self.allowed)
-            if others:
-                cpu = choose(self.cpu, others)
-                if cpu != self.cpu:
-                    log.info("Python threads move from CPU %d to CPU %d (the other load on them: "
-                             "%.2f and %.2f of a CPU)", self.cpu, cpu, others[self.cpu], others[cpu],
-                             extra={"cpu": cpu})
-                    self.cpu = cpu
-                    self.moves += 1
+            cpu = choose(self.cpu, others) if others else self.cpu
+            self._looks = self._looks + 1 if cpu != self.cpu else 0
+            if self._looks >= LOOKS_BEFORE_MOVING:
+                log.info("Python threads move from CPU %d to CPU %d (the other load on them: "
+                         "%.2f and %.2f of a CPU)", self.cpu, cpu, others[self.cpu], others[cpu],
+                         extra={"cpu": cpu})
+                self.cpu = cpu
+                self.moves += 1
+                self._looks = 0
         self._last = now
         self.apply()
 

@@ -255,7 +255,7 @@ async def serve(
     if options.cpu_affinity == "auto":  # first: the threads started below inherit it
         cpu = affinity.pin_process(worker or 0)
         log.info("serving threads on CPU %s", cpu, extra={"cpu": cpu})
-    keeper = affinity.GilAffinity(worker or 0) if options.cpu_affinity == "gil" else None
+    keeper = affinity.GilAffinity(worker) if options.cpu_affinity == "gil" else None
     # grpcio's threaded server, chosen by measurement (docs/performance.md, "Serving stack"):
     # its polling thread takes new calls and refuses those over max_concurrent_checks before
     # any Python work of ours, so past capacity the checks served are still answered in time.
