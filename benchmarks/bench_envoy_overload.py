@@ -78,6 +78,10 @@ def main() -> None:
     ap.add_argument("--multiples", type=float, nargs="+", default=[0.5, 1, 2, 5])
     ap.add_argument("--envoy-concurrency", type=int, default=1, help="Envoy worker threads")
     ap.add_argument("--pin", action="store_true", help="authz on the last core, Envoy and h2load on the others")
+    ap.add_argument("--authz-arg", action="append", default=[], help="extra argument for authz serve")
+    ap.add_argument("--capacity", type=float, metavar="N",
+                    help="offer multiples of N req/s instead of the capacity measured (to compare "
+                         "configurations at the same rates; goodput is still a share of what was measured)")
     ap.add_argument("--json", action="store_true", help="also print the rows as JSON")
     args = ap.parse_args()
     cores = sorted(os.sched_getaffinity(0))
@@ -97,7 +101,7 @@ def main() -> None:
         for workers in args.workers:
             procs: list[subprocess.Popen[bytes]] = []
             try:
-                proc, grpc_port = start_authz(workers, bundle, tmp, ["--drain-grace", "0"])
+                proc, grpc_port = start_authz(workers, bundle, tmp, ["--drain-grace", "0", *args.authz_arg])
                 procs.append(proc)
                 if args.pin:
                     for pid in tree(proc.pid):
@@ -142,18 +146,18 @@ def main() -> None:
                     for mult in args.multiples:
                         time.sleep(1.0)
                         c0, e0 = cpu_seconds(authz_pids), cpu_seconds([envoy.pid])
-                        res = h2load(url, args.seconds, CONNECTIONS, 100, tmp, rps=cap * mult)
+                        res = h2load(url, args.seconds, CONNECTIONS, 100, tmp, rps=(args.capacity or cap) * mult)
                         good = allowed(res.status_codes) / args.seconds
                         authz_cpus = (cpu_seconds(authz_pids) - c0) / args.seconds
                         envoy_cpus = (cpu_seconds([envoy.pid]) - e0) / args.seconds
                         per_cpu = good / max(authz_cpus, 1e-9) / cap_per_cpu
                         rows.append({"workers": workers, "cluster": name, "multiple": mult,
-                                     "capacity": round(cap), "asked": round(cap * mult),
+                                     "capacity": round(cap), "asked": round((args.capacity or cap) * mult),
                                      "answered": round(res.rps), "goodput": round(good),
                                      "goodput_of_capacity": round(good / cap, 3),
                                      "authz_cpus": round(authz_cpus, 2), "envoy_cpus": round(envoy_cpus, 2),
                                      "goodput_per_cpu_of_capacity": round(per_cpu, 3)})
-                        print(f"  {mult:>4}x {cap * mult:>8.0f} {res.rps:>10.0f} {good:>9.0f} {good / cap:>6.0%} "
+                        print(f"  {mult:>4}x {(args.capacity or cap) * mult:>8.0f} {res.rps:>10.0f} {good:>9.0f} {good / cap:>6.0%} "
                               f"{authz_cpus:>10.2f} {envoy_cpus:>10.2f} {per_cpu:>7.0%}  {res.status_codes}",
                               flush=True)
             finally:
