@@ -88,6 +88,7 @@ class GilAffinity:
         self._thread: threading.Thread | None = None
         self._last: tuple[dict[int, tuple[int, int]], int] | None = None
         self._looks = 0  # looks in a row that found a CPU worth moving to
+        self._refused = False  # the kernel refused an affinity: said once
         self.moves = 0
 
     def start(self) -> None:
@@ -107,7 +108,11 @@ class GilAffinity:
         by a Python thread since the last look, which inherit its CPU) on all it may use."""
         python = self._python_threads()
         for tid in _threads():
-            _set(tid, {self.cpu} if tid in python else self.allowed)
+            problem = _set(tid, {self.cpu} if tid in python else self.allowed)
+            if problem is not None and not self._refused:
+                self._refused = True  # a seccomp profile, a cpuset changed under us...
+                log.warning("cannot set the CPU affinity of thread %d (%s): threads stay where the "
+                            "kernel puts them; --cpu-affinity none says so without trying", tid, problem)
 
     def tick(self) -> None:
         now = self._sample()
@@ -195,8 +200,12 @@ def _threads() -> list[int]:
         return [0]
 
 
-def _set(tid: int, cpus: set[int]) -> None:
+def _set(tid: int, cpus: set[int]) -> OSError | None:
+    """What refused ``cpus`` for thread ``tid``; None when set, or when the thread has ended."""
     try:
         os.sched_setaffinity(tid, cpus)
-    except OSError:  # the thread ended meanwhile
-        pass
+    except ProcessLookupError:  # the thread ended meanwhile
+        return None
+    except OSError as exc:
+        return exc
+    return None

@@ -203,3 +203,19 @@ def test_workers_each_take_their_own_cpu(tmp_path: Path, mode: str) -> None:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=60)
     assert proc.returncode == 0
+
+
+def test_an_affinity_the_kernel_refuses_is_said_once_and_changes_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    """A CPU this process may not use (here one the machine does not have; in a container, one
+    its cpuset lost): a warning, once, and the threads keep the CPUs they had."""
+    import threading
+
+    here = threading.get_native_id()
+    keeper = affinity.GilAffinity(0, python_threads=lambda: {here})
+    keeper.cpu = 1000
+    with caplog.at_level("WARNING", logger="authz.affinity"):
+        keeper.apply()
+        keeper.apply()
+    warnings = [r for r in caplog.records if "cannot set the CPU affinity" in r.getMessage()]
+    assert len(warnings) == 1
+    assert os.sched_getaffinity(0) == set(ALLOWED)
