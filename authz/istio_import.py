@@ -18,7 +18,9 @@ translates them into Envoy RBAC:
 - Two readings differ from the bundle's and are kept exact with CEL: Istio compares
   ``hosts`` with the whole authority, port included (the bundle's field also accepts the host
   without its port), and Istio's braces outside ``{*}``/``{**}`` are literal (the bundle's are
-  captures).
+  captures). A DENY or AUDIT rule's ``hosts`` are the exception: native, so that they match
+  every reading of the authority, stricter than Istio where a port or a trailing dot would
+  slip past it.
 
 Scope: a policy's namespace and selector decide the workloads it protects. authz knows a
 workload by its SPIFFE principal, or, for plaintext traffic that carries none, by the host or
@@ -568,7 +570,7 @@ class _Converter:
         targets = self.targets(res, ns, spec.get("selector"))
         rules: list[dict[str, Any]] = []
         for i, rv in enumerate(self.listed(res, ("spec", "rules"), spec.get("rules"))):
-            rules += self.rule(res, ("spec", "rules", i), rv or {}, i)
+            rules += self.rule(res, ("spec", "rules", i), rv or {}, i, deny=action != "ALLOW")
         if len(self.problems) != before:
             return []
         loc = res.at(())
@@ -632,7 +634,8 @@ class _Converter:
 
     # -- rules ------------------------------------------------------------------------------
 
-    def rule(self, res: _Resource, path: YPath, rv: Any, index: int) -> list[dict[str, Any]]:
+    def rule(self, res: _Resource, path: YPath, rv: Any, index: int, deny: bool = False) -> list[dict[str, Any]]:
+        """``deny``: the rule of a DENY or AUDIT policy (see ``operation``)."""
         if not self.unknown_fields(res, path, rv, RULE_FIELDS, "a rule"):
             return []
         sources: list[dict[str, Any]] = []
@@ -648,7 +651,7 @@ class _Converter:
             p = (*path, "to", j)
             if not self.unknown_fields(res, p, entry or {}, {"operation"}, "a to entry"):
                 continue
-            op = self.operation(res, (*p, "operation"), (entry or {}).get("operation") or {})
+            op = self.operation(res, (*p, "operation"), (entry or {}).get("operation") or {}, deny)
             if op is not None:
                 operations.append(op)
         for j, cv in enumerate(self.listed(res, (*path, "when"), rv.get("when"))):
@@ -745,7 +748,8 @@ class _Converter:
                        "source, so this policy never applied there", key=True)
         return out
 
-    def operation(self, res: _Resource, path: YPath, ov: Any) -> tuple[dict[str, Any], list[str]] | None:
+    def operation(self, res: _Resource, path: YPath, ov: Any, deny: bool = False,
+                  ) -> tuple[dict[str, Any], list[str]] | None:
         if not self.unknown_fields(res, path, ov, OPERATION_FIELDS, "an operation"):
             return None
         out: dict[str, Any] = {}
@@ -766,6 +770,12 @@ class _Converter:
                 continue
             if all(v == "*" or not v.startswith("*") and v.endswith("*") for v in values):
                 # A prefix of the authority is a prefix of the host too: the field means the same.
+                out[key] = values
+            elif key == "hosts" and deny:
+                # The engine matches a DENY's (or AUDIT's) hosts against every reading of the
+                # authority: without its port, its trailing dot, a userinfo. Stricter than
+                # Istio, which a port or a dot slips past (docs/bundle-format.md, "Hosts").
+                # notHosts stay exact: read more ways, they would exempt more from the DENY.
                 out[key] = values
             else:
                 # Istio compares the whole authority, port included, ignoring case; the bundle's

@@ -13,6 +13,18 @@ from authz import paths, spiffe
 CheckRequest = external_auth_pb2.CheckRequest
 
 
+def _split_port(host: str) -> tuple[str, str]:
+    """(name, port) of an authority; port '' when it has none."""
+    if host.startswith("["):  # [v6]:port
+        end = host.find("]")
+        if end == -1:
+            return host, ""
+        rest = host[end + 1:]
+        return host[: end + 1], rest[1:] if rest.startswith(":") and rest[1:].isdigit() else ""
+    name, sep, port = host.rpartition(":")
+    return (name, port) if sep and port.isdigit() else (host, "")
+
+
 class MalformedRequest(ValueError):
     """The request cannot be judged; the message is the reason given to the client."""
 
@@ -50,12 +62,25 @@ class Request:
 
     @property
     def host_without_port(self) -> str:
-        host = self.host
-        if host.startswith("["):  # [v6]:port
-            end = host.find("]")
-            return host[: end + 1] if end != -1 else host
-        name, sep, port = host.rpartition(":")
-        return name if sep and port.isdigit() else host
+        return _split_port(self.host)[0]
+
+    def host_names(self, every_reading: bool = False) -> tuple[str, ...]:
+        """What a ``hosts`` field is compared with: the authority with and without its port.
+        ``every_reading`` (DENY and AUDIT rules, an ALLOW's notHosts) adds what an upstream
+        may take the same authority for: after a userinfo ``@``, percent-decoded, without the
+        trailing dot of a fully qualified name (each with and without the port)."""
+        names = [self.host, self.host_without_port]
+        if not every_reading:
+            return tuple(names)
+        spellings = [self.host]
+        if "%" in self.host:
+            spellings.append(urllib.parse.unquote(self.host))
+        spellings += [h.rpartition("@")[2] for h in spellings if "@" in h]
+        for spelling in spellings:
+            name, port = _split_port(spelling)
+            bare = name.rstrip(".") or name
+            names += [spelling, name, bare] + ([f"{bare}:{port}"] if port else [])
+        return tuple(dict.fromkeys(names))
 
 
 def from_check_request(

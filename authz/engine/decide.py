@@ -302,7 +302,8 @@ def _target_matches(policy: Policy, req: Request) -> bool:
     t = policy.target
     if t.principals is not None and not t.principals(req.destination_principal):
         return False
-    if t.hosts is not None and not (t.hosts(req.host) or t.hosts(req.host_without_port)):
+    # A DENY or AUDIT policy applies to every reading of the host; an ALLOW one as Istio reads it.
+    if t.hosts is not None and not any(map(t.hosts, req.host_names(policy.action != "ALLOW"))):
         return False
     if t.ports is not None and req.destination_port not in t.ports:
         return False
@@ -325,10 +326,11 @@ def _operations_match(ops: tuple[Operation, ...], req: Request, allow: bool) -> 
 def _operation_match(op: Operation, req: Request, allow: bool) -> dict[str, str] | None:
     """One ``to`` entry. ``allow``: the rule allows, so every field takes its strict reading.
 
-    An ALLOW's not-forms exclude a method in any case and a header when any element of a
-    merged value matches; a DENY's header values match any element ('a,b' is how two
-    header lines reach ext_authz). Methods and paths of a DENY are read every way by the
-    caller (``_readings``).
+    An ALLOW's not-forms exclude a method in any case, a header when any element of a
+    merged value matches and a host in any reading; a DENY's header values match any
+    element ('a,b' is how two header lines reach ext_authz) and its hosts any reading
+    (Request.host_names). Methods and paths of a DENY are read every way by the caller
+    (``_readings``).
     """
     if op.methods is not None and not op.methods(req.method):
         return None
@@ -350,9 +352,9 @@ def _operation_match(op: Operation, req: Request, allow: bool) -> dict[str, str]
         return None
     if op.not_destination_ip_blocks is not None and op.not_destination_ip_blocks(req.destination_address):
         return None
-    if op.hosts is not None and not (op.hosts(req.host) or op.hosts(req.host_without_port)):
+    if op.hosts is not None and not any(map(op.hosts, req.host_names(not allow))):
         return None
-    if op.not_hosts is not None and (op.not_hosts(req.host) or op.not_hosts(req.host_without_port)):
+    if op.not_hosts is not None and any(map(op.not_hosts, req.host_names(allow))):
         return None
     if op.ports is not None and req.destination_port not in op.ports:
         return None

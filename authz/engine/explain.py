@@ -126,13 +126,12 @@ def _headers(name: str, hs: tuple[HeaderMatch, ...], req: Request, elements: boo
 
 
 def describe_operation(op: Operation, req: Request, allow: bool = True) -> tuple[bool, str]:
-    hosts = (req.host, req.host_without_port)
     not_methods = (req.method, req.method.upper()) if allow else (req.method,)
     checks: list[tuple[bool, str] | None] = [
         _strings("methods", op.methods, (req.method,)),
         _strings("notMethods", op.not_methods, not_methods, True),
-        _strings("hosts", op.hosts, hosts),
-        _strings("notHosts", op.not_hosts, hosts, True),
+        _strings("hosts", op.hosts, req.host_names(not allow)),
+        _strings("notHosts", op.not_hosts, req.host_names(allow), True),
         *_headers("headers", op.headers, req, not allow, False),
         *_headers("notHeaders", op.not_headers, req, allow, True),
         _strings("sni", op.sni, (req.sni,)),
@@ -187,10 +186,9 @@ def describe_sources(sources: tuple[Source, ...], req: Request) -> str:
 
 def describe_target(policy: Policy, req: Request) -> str:
     t = policy.target
-    hosts = (req.host, req.host_without_port)
     ok, text = _join([
         _strings("principals", t.principals, (req.destination_principal,)),
-        _strings("hosts", t.hosts, hosts),
+        _strings("hosts", t.hosts, req.host_names(policy.action != "ALLOW")),
         None if t.ports is None else _field("ports", str(req.destination_port or ""), sorted(map(str, t.ports)),
                                             req.destination_port in t.ports, False),
         *[_field(f"contextExtensions[{k}]", req.context_extensions.get(k, ""), [v],

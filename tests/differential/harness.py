@@ -311,6 +311,9 @@ class StrictnessKind:
         if self.name == "method-case":
             m = str(req.get("method", "GET"))
             return m != m.upper()
+        if self.name == "ambiguous-host":
+            host = str(req.get("host", ""))
+            return host.endswith(".") or any(c in host for c in "@%") or re.search(r":\d+$", host) is not None
         if self.name == "caller-certificate":
             return (req.get("cert_san") or "uri") != "uri" and "certificate" in reason
         if self.name == "header-elements":
@@ -328,6 +331,8 @@ STRICTNESS_KINDS = (
                    "a method matching a DENY rule only case-insensitively is denied as ambiguous"),
     StrictnessKind("header-elements", ("headers", "repeated headers"),
                    "ALLOW header values match the whole merged value, not each comma-separated element"),
+    StrictnessKind("ambiguous-host", ("hosts",),
+                   "DENY hosts also match the authority without its port, trailing dot or userinfo"),
     StrictnessKind("caller-certificate", ("caller certificate",),
                    "a client certificate without a URI SAN is no SPIFFE identity"),
 )

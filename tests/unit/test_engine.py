@@ -213,6 +213,48 @@ def test_targets_select_policies(tmp_path: Path) -> None:
     assert not decide(ps, principal=OTHER, context_extensions={"service": "other"}).allowed
 
 
+# A DENY (or AUDIT) reads the host every way an upstream may: a trailing dot (nginx and DNS
+# drop it), a userinfo before '@', percent-encoding, each with and without the port. An
+# ALLOW's hosts take the authority as Istio does; its notHosts exempt on any reading.
+@pytest.mark.parametrize(("host", "denied"), [
+    ("admin.example.com", True), ("ADMIN.example.com:8443", True), ("admin.example.com.", True),
+    ("admin.example.com.:8443", True), ("x@admin.example.com", True), ("a@b@admin.example.com:80", True),
+    ("admin%2Eexample.com", True), ("%61dmin.example.com.", True), ("x.internal.", True),
+    ("admin.example.com.evil", False), ("admin.example.com@evil.com", False), ("admin.example.co", False),
+    ("evil.com", False), (".", False)])
+def test_deny_hosts_match_every_reading_of_the_authority(tmp_path: Path, host: str, denied: bool) -> None:
+    ps = policy_set(tmp_path, [
+        {"name": "no-admin", "action": "DENY", "rules": [{"name": "r", **op(hosts=["admin.example.com", "*.internal"])}]},
+        allow({}, name="everything"),
+    ])
+    assert decide(ps, host=host).allowed is not denied
+
+
+@pytest.mark.parametrize(("host", "allowed"), [
+    ("api.example.com", True), ("api.example.com:8443", True),  # the bundle's field: with or without port
+    ("api.example.com.", False), ("x@api.example.com", False), ("api%2eexample.com", False)])
+def test_allow_hosts_take_the_authority_as_sent(tmp_path: Path, host: str, allowed: bool) -> None:
+    ps = policy_set(tmp_path, [allow(op(hosts=["api.example.com"]))])
+    assert decide(ps, host=host).allowed is allowed
+
+
+@pytest.mark.parametrize(("host", "allowed"), [
+    ("api.example.com", True), ("internal.example.com", False), ("internal.example.com.", False),
+    ("x@internal.example.com:80", False)])
+def test_allow_not_hosts_exempt_on_any_reading(tmp_path: Path, host: str, allowed: bool) -> None:
+    ps = policy_set(tmp_path, [allow(op(notHosts=["internal.example.com"]))])
+    assert decide(ps, host=host).allowed is allowed
+
+
+def test_a_deny_policy_targeted_by_host_applies_to_every_reading(tmp_path: Path) -> None:
+    ps = policy_set(tmp_path, [
+        {"name": "no-billing", "action": "DENY", "target": {"hosts": ["billing.example"]}, "rules": [{"name": "r"}]},
+        allow({}, name="everything", target={"hosts": ["billing.example", "billing.example.", "x@billing.example"]}),
+    ])
+    for host in ("billing.example", "billing.example.", "x@billing.example"):
+        assert not decide(ps, host=host).allowed, host
+
+
 def test_trust_domain_aliases(tmp_path: Path) -> None:
     ps = policy_set(tmp_path, [allow(src(principals=["spiffe://old.example/ns/prod/sa/checkout"]))],
                     trustDomainAliases=["old.example"])

@@ -1199,6 +1199,37 @@ def test_hosts_decide_on_the_whole_authority(tmp_path: Path, host: str, expected
     assert allowed(ps, host=host) is expected
 
 
+DENY_ADMIN_HOSTS = AP.replace("name: p,", "name: no-admin,") + """\
+  action: DENY
+  rules: [{to: [{operation: {hosts: [admin.example.com, '*.internal']}}]}]
+---
+""" + AP + "  rules: [{}]\n"
+
+
+def test_deny_hosts_are_native_and_its_not_hosts_exact(tmp_path: Path) -> None:
+    """A DENY's hosts become the bundle's field, which the engine reads every way; its notHosts
+    stay exact in CEL (read more ways, they would exempt more from the DENY)."""
+    deny = one_policy(tmp_path, """\
+        action: DENY
+        rules:
+        - to: [{operation: {hosts: ["admin.example.com", "*.internal"]}}]
+        - to: [{operation: {notHosts: ["ok.example.com"]}}]
+        """)
+    first, second = deny["rules"]
+    assert first["to"][0]["operation"] == {"hosts": ["admin.example.com", "*.internal"]} and "when" not in first
+    assert "notHosts" not in second["to"][0]["operation"]
+    assert second["when"] == ['!(request.host == "ok.example.com")']
+
+
+@pytest.mark.parametrize(("host", "expected"), [
+    ("admin.example.com", False), ("admin.example.com:8000", False), ("admin.example.com.", False),
+    ("x@admin.example.com", False), ("a.internal.", False),  # Istio allows all but the first: stricter
+    ("admin.example.com.evil", True), ("other.example", True)])
+def test_an_imported_deny_on_hosts_reads_the_authority_every_way(tmp_path: Path, host: str, expected: bool) -> None:
+    ps = imported(tmp_path, DENY_ADMIN_HOSTS)
+    assert allowed(ps, host=host) is expected
+
+
 def test_plaintext_requests_are_targeted_by_host_and_port(tmp_path: Path) -> None:
     """No destination principal (PERMISSIVE mTLS): the by-host / by-port policies still apply."""
     ps = imported(tmp_path, AP + """\
