@@ -241,6 +241,16 @@ class PathTemplate:
         return m.groupdict() if self.captures else {}
 
 
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def fold_case(path: str) -> str:
+    """``path`` with its ASCII letters lower-cased: how a case-insensitive upstream (Express's
+    and ASP.NET Core's routers by default, IIS) compares paths. Other letters stay: their
+    lower case may change the length or the characters a template accepts."""
+    return path.lower() if path.isascii() else path.translate(_ASCII_LOWER)
+
+
 def is_template(pattern: str) -> bool:
     return "{" in pattern or "}" in pattern
 

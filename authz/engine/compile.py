@@ -94,6 +94,9 @@ def compile_bundle(files: BundleFiles) -> PolicySet:
     return _Compiler(files).run()
 
 
+_TEMPLATE_PARTS = re.compile(r"(\{[^}]*\})")
+
+
 class _Compiler:
     def __init__(self, files: BundleFiles) -> None:
         self.files = files
@@ -369,9 +372,23 @@ class _Compiler:
               widen: bool) -> PathMatch | None:
         """``widen``: matching more only makes the rule stricter (a DENY's paths, an ALLOW's
         notPaths), so an encoded unreserved character may stand for itself. Elsewhere it
-        keeps Istio's meaning: the proxy decodes it in every request, so it matches nothing."""
+        keeps Istio's meaning: the proxy decodes it in every request, so it matches nothing.
+
+        A DENY or AUDIT rule is also compared with the case-folded reading of a path, which
+        takes its patterns case-folded too (``PathMatch.folded``)."""
         if values is None:
             return None
+        match = self._path_match(doc, path, values, captures_seen, widen, report=True)
+        # Variables keep their names: a capture feeds tenant lookups and conditions by name.
+        folded_values = ["".join(part if part.startswith("{") else paths.fold_case(part)
+                                 for part in _TEMPLATE_PARTS.split(v)) for v in values]
+        if self.action == "ALLOW" or folded_values == values:
+            return match
+        folded = self._path_match(doc, path, folded_values, set(), widen, report=False)
+        return dataclasses.replace(match, folded=folded)
+
+    def _path_match(self, doc: Document, path: YPath, values: list[str], captures_seen: set[str],
+                    widen: bool, report: bool) -> PathMatch:
         plain: list[str] = []
         templates: list[paths.PathTemplate] = []
         for i, value in enumerate(values):
@@ -379,12 +396,13 @@ class _Compiler:
                 try:
                     t = paths.compile_template(value, decode=widen)
                 except paths.TemplateError as exc:
-                    self.error(doc, (*path, i), f"invalid path template {value!r}: {exc}")
+                    if report:
+                        self.error(doc, (*path, i), f"invalid path template {value!r}: {exc}")
                     continue
                 templates.append(t)
                 captures_seen.update(t.captures)
             else:
-                if not (value.startswith("/") or value.startswith("*")):
+                if report and not (value.startswith("/") or value.startswith("*")):
                     self.error(doc, (*path, i), f"path {value!r} must start with '/' (or '*' for a suffix)")
                 plain.append(paths.canonical_pattern(value) if widen else value)
         return PathMatch(StringMatch.of(plain), tuple(templates))

@@ -214,7 +214,9 @@ class PolicySet:
         rules: Sequence[Rule] = policy.rules
         narrowed = self.rule_index.get(policy.name) if tracer is None else None
         if narrowed is not None:  # only rules that can match this reading, in their order
-            rules = narrowed.candidates(req.method, (req.path,), req.principal)
+            folded = paths.fold_case(req.path) if not allow else req.path
+            rules = narrowed.candidates(req.method, (req.path,) if folded == req.path else (req.path, folded),
+                                        req.principal)
         for rule in rules:
             captures = _operations_match(rule.operations, req, allow)
             if captures is None:
@@ -286,7 +288,8 @@ class PolicySet:
 
 
 def _readings(req: Request) -> tuple[Request, ...]:
-    """The request and every other (method, path) reading of it, for DENY and AUDIT rules."""
+    """The request and every other (method, path) reading of it, for DENY and AUDIT rules
+    (which also read each path case-folded: Operation.path_captures)."""
     methods = req.method_readings
     if len(methods) == 1 and not req.path_readings:
         return (req,)
@@ -360,11 +363,7 @@ def _operation_match(op: Operation, req: Request, allow: bool) -> dict[str, str]
         return None
     if op.not_ports is not None and req.destination_port in op.not_ports:
         return None
-    if op.not_paths is not None and op.not_paths.match(req.path) is not None:
-        return None
-    if op.paths is not None:
-        return op.paths.match(req.path)
-    return {}
+    return op.path_captures(req.path, every_reading=not allow)
 
 
 def _source_matches(s: Source, req: Request) -> bool:

@@ -146,14 +146,15 @@ def describe_operation(op: Operation, req: Request, allow: bool = True) -> tuple
         checks.append(_field("notPorts", str(req.destination_port or ""), sorted(map(str, op.not_ports)),
                              req.destination_port in op.not_ports, True))
     if op.paths is not None:
-        captures = op.paths.match(req.path)
+        # The whole path test (notPaths too), as decide runs it, with both readings of a DENY.
+        captures = Operation(paths=op.paths, not_paths=op.not_paths).path_captures(req.path, not allow)
         ok, text = _field("paths", req.path, _path_patterns(op.paths), captures is not None, False)
         if captures:
             text += " " + ", ".join(f"{{{k}}}={v!r}" for k, v in captures.items())
         checks.append((ok, text))
     if op.not_paths is not None:
-        checks.append(_field("notPaths", req.path, _path_patterns(op.not_paths),
-                             op.not_paths.match(req.path) is not None, True))
+        exempt = Operation(not_paths=op.not_paths).path_captures(req.path, not allow) is None
+        checks.append(_field("notPaths", req.path, _path_patterns(op.not_paths), exempt, True))
     return _join(checks)
 
 

@@ -29,7 +29,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from authz import gradual
-from authz.engine.model import Operation, Policy, Rule, StringMatch
+from authz.engine.model import Operation, PathMatch, Policy, Rule, StringMatch
 
 # Below this many rules a scan costs less than the lookups.
 MIN_RULES = 8
@@ -150,8 +150,18 @@ def _method_keys(op: Operation) -> tuple[str | None, ...]:
 
 
 def _op_path_keys(op: Operation) -> list[tuple[str, str] | None]:
-    pm = op.paths
-    if pm is None or pm.strings.present or pm.strings.fold_case:
+    """Keys for the operation's paths, and for their case-folded form (the case-folded
+    reading of a path is looked up with those)."""
+    if op.paths is None:
+        return [None]
+    keys = _path_match_keys(op.paths)
+    if op.paths.folded is not None:
+        keys += _path_match_keys(op.paths.folded)
+    return keys
+
+
+def _path_match_keys(pm: PathMatch) -> list[tuple[str, str] | None]:
+    if pm.strings.present or pm.strings.fold_case:
         return [None]
     keys: list[tuple[str, str] | None] = [("=", p) for p in sorted(pm.strings.exact)]
     keys += [("^", p) if p else None for p in pm.strings.prefixes]

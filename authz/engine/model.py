@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from authz.engine.cel import Condition
-from authz.paths import PathTemplate
+from authz.paths import PathTemplate, fold_case
 
 Action = Literal["ALLOW", "DENY", "AUDIT"]
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -118,6 +118,9 @@ class PathMatch:
 
     strings: StringMatch
     templates: tuple[PathTemplate, ...] = ()
+    # A DENY's or AUDIT's patterns with their ASCII letters lower-cased, for the case-folded
+    # reading of a path (Operation.path_captures); None when folding leaves them as they are.
+    folded: PathMatch | None = None
 
     def match(self, path: str) -> dict[str, str] | None:
         if self.strings(path):
@@ -179,6 +182,27 @@ class Operation:
     not_sni: StringMatch | None = None
     destination_ip_blocks: IpMatch | None = None
     not_destination_ip_blocks: IpMatch | None = None
+
+    def path_captures(self, path: str, every_reading: bool) -> dict[str, str] | None:
+        """The captures of ``paths`` (``{}`` without templates) when ``paths`` and ``notPaths``
+        let ``path`` through, else None. ``every_reading`` (a DENY or AUDIT rule): also read
+        case-insensitively, the path and the patterns case-folded, as a case-insensitive
+        router would (it serves /ADMIN as /admin); either reading may match."""
+        captures = _path_captures(self.paths, self.not_paths, path)
+        if captures is not None or not every_reading:
+            return captures
+        folded = fold_case(path)
+        if folded == path and not (self.paths is not None and self.paths.folded is not None
+                                   or self.not_paths is not None and self.not_paths.folded is not None):
+            return None  # the folded reading is the same reading
+        return _path_captures(self.paths and (self.paths.folded or self.paths),
+                              self.not_paths and (self.not_paths.folded or self.not_paths), folded)
+
+
+def _path_captures(paths: PathMatch | None, not_paths: PathMatch | None, path: str) -> dict[str, str] | None:
+    if not_paths is not None and not_paths.match(path) is not None:
+        return None
+    return {} if paths is None else paths.match(path)
 
 
 @dataclass(frozen=True, slots=True)

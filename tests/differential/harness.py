@@ -311,6 +311,8 @@ class StrictnessKind:
         if self.name == "method-case":
             m = str(req.get("method", "GET"))
             return m != m.upper()
+        if self.name == "path-case":
+            return any("A" <= c <= "Z" for c in saw_path)
         if self.name == "ambiguous-host":
             host = str(req.get("host", ""))
             return host.endswith(".") or any(c in host for c in "@%") or re.search(r":\d+$", host) is not None
@@ -327,6 +329,8 @@ STRICTNESS_KINDS = (
                    "plaintext request, no destination principal: authz denies when policies target principals"),
     StrictnessKind("ambiguous-path", ("paths", "path readings", "refused paths"),
                    "DENY rules also match other readings of the path; look-alike and encoded separators refused"),
+    StrictnessKind("path-case", ("paths", "path case"),
+                   "a path matching a DENY rule only case-insensitively is denied as ambiguous"),
     StrictnessKind("method-case", ("methods", "method case"),
                    "a method matching a DENY rule only case-insensitively is denied as ambiguous"),
     StrictnessKind("header-elements", ("headers", "repeated headers"),

@@ -255,6 +255,48 @@ def test_a_deny_policy_targeted_by_host_applies_to_every_reading(tmp_path: Path)
         assert not decide(ps, host=host).allowed, host
 
 
+# Case-insensitive routers (Express, ASP.NET Core, IIS) serve /ADMIN as /admin: a DENY (or
+# AUDIT) rule is also compared with the path's ASCII letters lower-cased, against its own
+# patterns lower-cased. ALLOW rules stay case-sensitive, as Istio's.
+def deny(rule: dict[str, Any], name: str = "no") -> dict[str, Any]:
+    return {"name": name, "action": "DENY", "rules": [{"name": "r", **rule}]}
+
+
+@pytest.mark.parametrize(("patterns", "path", "denied"), [
+    (["/admin*"], "/admin/x", True), (["/admin*"], "/ADMIN/x", True), (["/admin*"], "/Admin", True),
+    (["/Admin*"], "/admin", True), (["/Admin*"], "/ADMIN/x", True), (["*.JSON"], "/a/b.json", True),
+    (["/t/{id}/Secret"], "/t/Acme/SECRET", True), (["/t/{id}/secret"], "/t/Acme/public", False),
+    (["/admin*"], "/public", False), (["/admin*"], "/ADMINISTRATOR", True), (["/admin"], "/admin/x", False)])
+def test_deny_paths_also_match_case_folded(tmp_path: Path, patterns: list[str], path: str, denied: bool) -> None:
+    ps = policy_set(tmp_path, [deny(op(paths=patterns)), allow({}, name="everything")])
+    assert decide(ps, path=path).allowed is not denied
+
+
+def test_deny_not_paths_exempt_a_path_in_its_own_case_and_folded(tmp_path: Path) -> None:
+    """A DENY of everything but /Public*: /Public/x is exempt read either way, /public/x and
+    /PUBLIC/x are denied (as in Istio: neither matches /Public* case-sensitively)."""
+    ps = policy_set(tmp_path, [deny(op(notPaths=["/Public*"])), allow({}, name="everything")])
+    assert decide(ps, path="/Public/x").allowed
+    assert not decide(ps, path="/public/x").allowed
+    assert not decide(ps, path="/PUBLIC/x").allowed
+
+
+@pytest.mark.parametrize(("path", "allowed"), [("/public/x", True), ("/PUBLIC/x", False), ("/Public/x", False)])
+def test_allow_paths_stay_case_sensitive(tmp_path: Path, path: str, allowed: bool) -> None:
+    ps = policy_set(tmp_path, [allow(op(paths=["/public/*"]))])
+    assert decide(ps, path=path).allowed is allowed
+
+
+def test_a_case_folded_deny_is_found_through_the_rule_index(tmp_path: Path) -> None:
+    """With enough rules the policy is indexed; the folded patterns are keys too."""
+    rules = [{"name": f"r{i}", **op(paths=[f"/Area{i}/*"])} for i in range(12)]
+    ps = policy_set(tmp_path, [{"name": "many", "action": "DENY", "rules": rules}, allow({}, name="everything")])
+    assert "many" in ps.rule_index
+    d = decide(ps, path="/AREA7/x")
+    assert not d.allowed and d.rule == "r7"
+    assert decide(ps, path="/area7x").allowed
+
+
 def test_trust_domain_aliases(tmp_path: Path) -> None:
     ps = policy_set(tmp_path, [allow(src(principals=["spiffe://old.example/ns/prod/sa/checkout"]))],
                     trustDomainAliases=["old.example"])
