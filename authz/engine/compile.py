@@ -353,8 +353,10 @@ class _Compiler:
         return Operation(
             methods=_strings(ov.get("methods")),
             not_methods=_strings(ov.get("notMethods")),
-            paths=self.paths(doc, (*path, "paths"), ov.get("paths"), captures_seen, widen=self.action != "ALLOW"),
-            not_paths=self.paths(doc, (*path, "notPaths"), ov.get("notPaths"), set(), widen=self.action == "ALLOW"),
+            paths=self.paths(doc, (*path, "paths"), ov.get("paths"), captures_seen, widen=self.action != "ALLOW",
+                             fold=self.action != "ALLOW"),
+            not_paths=self.paths(doc, (*path, "notPaths"), ov.get("notPaths"), set(), widen=self.action == "ALLOW",
+                                 fold=True),
             hosts=_strings(ov.get("hosts"), fold_case=True),
             not_hosts=_strings(ov.get("notHosts"), fold_case=True),
             ports=self.ports(doc, (*path, "ports"), ov.get("ports")),
@@ -369,20 +371,20 @@ class _Compiler:
         )
 
     def paths(self, doc: Document, path: YPath, values: list[str] | None, captures_seen: set[str],
-              widen: bool) -> PathMatch | None:
+              widen: bool, fold: bool) -> PathMatch | None:
         """``widen``: matching more only makes the rule stricter (a DENY's paths, an ALLOW's
         notPaths), so an encoded unreserved character may stand for itself. Elsewhere it
         keeps Istio's meaning: the proxy decodes it in every request, so it matches nothing.
 
-        A DENY or AUDIT rule is also compared with the case-folded reading of a path, which
-        takes its patterns case-folded too (``PathMatch.folded``)."""
+        ``fold``: the case-folded reading of a path is compared with these patterns (all but
+        an ALLOW's paths; Operation.path_captures), which takes them case-folded too."""
         if values is None:
             return None
         match = self._path_match(doc, path, values, captures_seen, widen, report=True)
         # Variables keep their names: a capture feeds tenant lookups and conditions by name.
         folded_values = ["".join(part if part.startswith("{") else paths.fold_case(part)
                                  for part in _TEMPLATE_PARTS.split(v)) for v in values]
-        if self.action == "ALLOW" or folded_values == values:
+        if not fold or folded_values == values:
             return match
         folded = self._path_match(doc, path, folded_values, set(), widen, report=False)
         return dataclasses.replace(match, folded=folded)

@@ -147,8 +147,11 @@ def describe_operation(op: Operation, req: Request, allow: bool = True) -> tuple
                              req.destination_port in op.not_ports, True))
     if op.paths is not None:
         # The whole path test (notPaths too), as decide runs it, with both readings of a DENY.
-        captures = Operation(paths=op.paths, not_paths=op.not_paths).path_captures(req.path, not allow)
+        path_test = Operation(paths=op.paths, not_paths=op.not_paths)
+        captures = path_test.path_captures(req.path, not allow)
         ok, text = _field("paths", req.path, _path_patterns(op.paths), captures is not None, False)
+        if ok and not allow and path_test.path_captures(req.path, False) is None:
+            text += " (read case-insensitively)"
         if captures:
             text += " " + ", ".join(f"{{{k}}}={v!r}" for k, v in captures.items())
         checks.append((ok, text))

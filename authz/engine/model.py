@@ -118,8 +118,9 @@ class PathMatch:
 
     strings: StringMatch
     templates: tuple[PathTemplate, ...] = ()
-    # A DENY's or AUDIT's patterns with their ASCII letters lower-cased, for the case-folded
-    # reading of a path (Operation.path_captures); None when folding leaves them as they are.
+    # The patterns with their ASCII letters lower-cased, for the case-folded reading of a
+    # path (Operation.path_captures); None when folding leaves them as they are, and for an
+    # ALLOW's paths, which are never read that way.
     folded: PathMatch | None = None
 
     def match(self, path: str) -> dict[str, str] | None:
@@ -185,11 +186,22 @@ class Operation:
 
     def path_captures(self, path: str, every_reading: bool) -> dict[str, str] | None:
         """The captures of ``paths`` (``{}`` without templates) when ``paths`` and ``notPaths``
-        let ``path`` through, else None. ``every_reading`` (a DENY or AUDIT rule): also read
-        case-insensitively, the path and the patterns case-folded, as a case-insensitive
-        router would (it serves /ADMIN as /admin); either reading may match."""
+        let ``path`` through, else None.
+
+        A case-insensitive router (Express's, ASP.NET Core's, IIS) serves /ADMIN as /admin,
+        so the path is also read case-folded, against the case-folded patterns. With
+        ``every_reading`` (a DENY or AUDIT rule) either reading may match; otherwise (an
+        ALLOW rule) ``paths`` are case-sensitive, as in Istio, and ``notPaths`` exclude in
+        either reading.
+        """
+        if not every_reading:
+            np = self.not_paths
+            if np is not None and (np.match(path) is not None
+                                   or (np.folded or np).match(fold_case(path)) is not None):
+                return None
+            return {} if self.paths is None else self.paths.match(path)
         captures = _path_captures(self.paths, self.not_paths, path)
-        if captures is not None or not every_reading:
+        if captures is not None:
             return captures
         folded = fold_case(path)
         if folded == path and not (self.paths is not None and self.paths.folded is not None

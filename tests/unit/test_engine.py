@@ -287,6 +287,14 @@ def test_allow_paths_stay_case_sensitive(tmp_path: Path, path: str, allowed: boo
     assert decide(ps, path=path).allowed is allowed
 
 
+@pytest.mark.parametrize(("excluded", "path", "allowed"), [
+    ("/admin*", "/public", True), ("/admin*", "/admin/x", False), ("/admin*", "/ADMIN/x", False),
+    ("/Admin*", "/admin", False), ("/Admin*", "/aDMIN", False)])
+def test_allow_not_paths_exclude_in_either_reading(tmp_path: Path, excluded: str, path: str, allowed: bool) -> None:
+    ps = policy_set(tmp_path, [allow(op(notPaths=[excluded]))])
+    assert decide(ps, path=path).allowed is allowed
+
+
 def test_a_case_folded_deny_is_found_through_the_rule_index(tmp_path: Path) -> None:
     """With enough rules the policy is indexed; the folded patterns are keys too."""
     rules = [{"name": f"r{i}", **op(paths=[f"/Area{i}/*"])} for i in range(12)]

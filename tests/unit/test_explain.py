@@ -90,6 +90,14 @@ def test_explain_a_policy_deny(bundle: Path, tmp_path: Path, capsys: pytest.Capt
     assert "orders-api/checkout-creates-orders" not in out  # DENY decided before any ALLOW rule
 
 
+def test_explain_a_deny_read_case_insensitively(bundle: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    out = explain_cli(bundle, tmp_path, capsys, CHECKOUT, "GET", "/ADMIN/users")
+    assert out.splitlines()[0] == "DENY (HTTP 403) by no-admin/admin-paths: denied by policy"
+    assert ("+ to      no-admin/admin-paths: to[0] paths: '/ADMIN/users' matches [/admin*] "
+            "(read case-insensitively)") in out
+
+
 def test_explain_a_default_deny(bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = explain_cli(bundle, tmp_path, capsys, BILLING, "POST", "/v1/orders")
     assert out.splitlines()[0] == "DENY (HTTP 403) by default: no allow rule matched"
