@@ -234,11 +234,17 @@ class PathTemplate:
     regex: re.Pattern[str]
     captures: tuple[str, ...]
 
-    def match(self, path: str) -> dict[str, str] | None:
+    def match(self, path: str, original: str | None = None) -> dict[str, str] | None:
+        """The captures, or None. ``original``: ``path`` is its case-folded reading (same
+        length, fold_case), and the captures are taken from it, in their own case."""
         m = self.regex.match(path)
         if m is None:
             return None
-        return m.groupdict() if self.captures else {}
+        if not self.captures:
+            return {}
+        if original is None:
+            return m.groupdict()
+        return {name: original[m.start(name):m.end(name)] for name in self.captures}
 
 
 _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")

@@ -123,11 +123,12 @@ class PathMatch:
     # ALLOW's paths, which are never read that way.
     folded: PathMatch | None = None
 
-    def match(self, path: str) -> dict[str, str] | None:
+    def match(self, path: str, original: str | None = None) -> dict[str, str] | None:
+        """``original``: see PathTemplate.match."""
         if self.strings(path):
             return {}
         for t in self.templates:
-            captures = t.match(path)
+            captures = t.match(path, original)
             if captures is not None:
                 return captures
         return None
@@ -207,14 +208,16 @@ class Operation:
         if folded == path and not (self.paths is not None and self.paths.folded is not None
                                    or self.not_paths is not None and self.not_paths.folded is not None):
             return None  # the folded reading is the same reading
+        # Captures in their own case: a tenant id or a condition reads them as sent.
         return _path_captures(self.paths and (self.paths.folded or self.paths),
-                              self.not_paths and (self.not_paths.folded or self.not_paths), folded)
+                              self.not_paths and (self.not_paths.folded or self.not_paths), folded, path)
 
 
-def _path_captures(paths: PathMatch | None, not_paths: PathMatch | None, path: str) -> dict[str, str] | None:
+def _path_captures(paths: PathMatch | None, not_paths: PathMatch | None, path: str,
+                   original: str | None = None) -> dict[str, str] | None:
     if not_paths is not None and not_paths.match(path) is not None:
         return None
-    return {} if paths is None else paths.match(path)
+    return {} if paths is None else paths.match(path, original)
 
 
 @dataclass(frozen=True, slots=True)

@@ -295,6 +295,18 @@ def test_allow_not_paths_exclude_in_either_reading(tmp_path: Path, excluded: str
     assert decide(ps, path=path).allowed is allowed
 
 
+def test_a_case_folded_deny_captures_in_the_case_sent(tmp_path: Path) -> None:
+    """/T/Acme/ADMIN/x meets the DENY only case-folded; its tenant is still 'Acme', not 'acme'."""
+    tenants = {"Acme": {"callers": [CHECKOUT], "plan": "free"}}
+    ps = policy_set(tmp_path, [
+        {"name": "free-no-admin", "action": "DENY", "tenant": {"pathCapture": "tenant"},
+         "rules": [{"name": "r", **op(paths=["/t/{tenant}/admin/{**}"]), "when": ["tenant.plan == 'free'"]}]},
+        allow({}, name="everything"),
+    ], tenants=tenants)
+    d = decide(ps, path="/T/Acme/ADMIN/x")
+    assert not d.allowed and d.reason == "denied by policy" and d.tenant == "Acme"
+
+
 def test_a_case_folded_deny_is_found_through_the_rule_index(tmp_path: Path) -> None:
     """With enough rules the policy is indexed; the folded patterns are keys too."""
     rules = [{"name": f"r{i}", **op(paths=[f"/Area{i}/*"])} for i in range(12)]
