@@ -8,7 +8,9 @@ import json
 import logging
 import os
 import signal
+import socket
 import threading
+import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -90,6 +92,7 @@ class ProbeServer:
                     self._send(*decision_api.error_json(411 if not length.isdigit() else 413,
                                "a body of at most 1 MiB with a content-length is required"),
                                "application/json")
+                    self._linger()
                     return
                 status, body = decision_api.handle_json(checker, path, self.rfile.read(int(length)))
                 self._send(status, body, "application/json")
@@ -137,6 +140,24 @@ class ProbeServer:
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
+
+            def _linger(self) -> None:
+                """Half-close, then read and drop what the client is still sending (at most
+                2 MiB, 1 s) before the connection closes: closing with unread data would reset
+                it, and the client could lose the answer before reading it."""
+                try:
+                    self.wfile.flush()
+                    self.connection.shutdown(socket.SHUT_WR)
+                    deadline = time.monotonic() + 1.0
+                    dropped = 0
+                    while dropped < 2 * decision_api.MAX_JSON_BYTES and time.monotonic() < deadline:
+                        self.connection.settimeout(max(0.01, deadline - time.monotonic()))
+                        chunk = self.connection.recv(65536)
+                        if not chunk:
+                            return
+                        dropped += len(chunk)
+                except OSError:  # best effort: the answer is already sent
+                    return
 
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
                 pass

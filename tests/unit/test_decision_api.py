@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -245,3 +246,18 @@ def test_client_timeout_is_a_deny() -> None:
 def test_json_body_over_1_mib_is_refused(authz: Served) -> None:
     status, answer = post(authz, "/v1/decide", b" " * (1024 * 1024 + 1))
     assert status == 413 and answer["code"] == 3 and "allowed" not in answer
+
+
+def test_a_refused_body_is_drained_not_reset(authz: Served) -> None:
+    """The 413 comes before the body is read. The server then reads and drops what the client
+    still sends before it closes: closing on unread data resets the connection, and a client
+    still sending (urllib, most HTTP clients) gets a broken pipe instead of the answer."""
+    with socket.create_connection(("127.0.0.1", authz.http_port), timeout=10) as s:
+        s.sendall(b"POST /v1/decide HTTP/1.1\r\nHost: x\r\nContent-Length: 1048577\r\n\r\n")
+        head = s.recv(65536)
+        assert head.startswith(b"HTTP/1.0 413") or head.startswith(b"HTTP/1.1 413"), head
+        s.sendall(b" " * (1024 * 1024 + 1))  # the body the server did not wait for
+        s.shutdown(socket.SHUT_WR)
+        rest = b""
+        while chunk := s.recv(65536):  # a reset raises ConnectionResetError here
+            rest += chunk
