@@ -137,7 +137,7 @@ class GilAffinity:
         while not self._stop.wait(PERIOD * random.uniform(0.8, 1.2)):  # noqa: S311 - jitter, not secrecy
             try:
                 self.tick()
-            except OSError as exc:  # /proc unreadable: stay where we are
+            except (OSError, ValueError, IndexError) as exc:  # /proc unreadable or odd: stay
                 log.warning("cannot re-choose the CPU of the Python threads: %s", exc)
 
 
