@@ -69,9 +69,9 @@ class Request:
         ``every_reading`` (DENY and AUDIT rules, an ALLOW's notHosts) adds what an upstream
         may take the same authority for: after a userinfo ``@``, percent-decoded, without the
         trailing dot of a fully qualified name (each with and without the port)."""
-        names = [self.host, self.host_without_port]
         if not every_reading:
-            return tuple(names)
+            return self.host, self.host_without_port
+        names = [self.host, self.host_without_port]
         spellings = [self.host]
         if "%" in self.host:
             spellings.append(urllib.parse.unquote(self.host))

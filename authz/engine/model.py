@@ -197,9 +197,13 @@ class Operation:
         """
         if not every_reading:
             np = self.not_paths
-            if np is not None and (np.match(path) is not None
-                                   or (np.folded or np).match(fold_case(path)) is not None):
-                return None
+            if np is not None:
+                if np.match(path) is not None:
+                    return None
+                folded = fold_case(path)
+                # Unless folding changes the path or the patterns, that is the same test again.
+                if (folded != path or np.folded is not None) and (np.folded or np).match(folded) is not None:
+                    return None
             return {} if self.paths is None else self.paths.match(path)
         captures = _path_captures(self.paths, self.not_paths, path)
         if captures is not None:
