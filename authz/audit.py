@@ -16,7 +16,8 @@ full queue, a sink that raises or a sink that blocks drops records and counts th
 sink cannot stall the others, and none of them can slow or change a decision.
 
 Header values are never recorded, except names an operator allow-lists, and the
-credential headers in ``NEVER_LOGGED`` can never be allow-listed.
+credential headers in ``NEVER_LOGGED`` (authz.redact) can never be allow-listed. The
+authority is recorded without its user info.
 """
 
 from __future__ import annotations
@@ -42,13 +43,11 @@ from typing import IO, Any, NamedTuple, Protocol
 from authz.credentials import TokenFile, client_auth
 from authz.engine.model import Decision
 from authz.metrics import DROP_WORKER_KILLED, Metrics
-from authz.redact import redact_url
+from authz.redact import NEVER_LOGGED, header_value, redact_authority, redact_url
 from authz.request import Request
 from authz.tls import ClientTls, client_context
 
 log = logging.getLogger("authz.audit")
-
-NEVER_LOGGED = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie"})
 
 # Reasons of authz_audit_dropped_total. Allows left out by sampling are not drops; they
 # are counted in authz_audit_sampled_out_total.
@@ -375,7 +374,8 @@ def check_header_allowlist(names: Iterable[str]) -> tuple[str, ...]:
     for name in names:
         lowered = name.strip().lower()
         if lowered in NEVER_LOGGED:
-            raise ValueError(f"header {name!r} can never be written to audit records")
+            raise ValueError(f"header {name!r} carries credentials: it can never be written to audit "
+                             "records (docs/audit.md, Never logged)")
         if lowered and lowered not in out:
             out.append(lowered)
     return tuple(out)
@@ -437,11 +437,11 @@ def build_record(e: AuditEntry, header_allowlist: tuple[str, ...] = (),
         rec["destination_principal"] = truncate(r.destination_principal) or None
         rec["source_address"] = truncate(r.source_address) or None
         rec["method"] = truncate(r.method)
-        rec["host"] = truncate(r.host)
+        rec["host"] = truncate(redact_authority(r.host))
         rec["path"] = truncate(r.path + ("?" + r.query if log_query and r.query else ""))
         rec["request_id"] = _request_id(r)
         rec["traceparent"] = _traceparent(r)
-        rec["headers"] = {h: r.headers[h][:_MAX_HEADER_VALUE]
+        rec["headers"] = {h: header_value(h, r.headers[h])[:_MAX_HEADER_VALUE]
                           for h in header_allowlist if h in r.headers and h not in NEVER_LOGGED}
     return rec
 
@@ -503,13 +503,14 @@ class RecordFormatter:
         path = truncate(r.path + ("?" + r.query if self.log_query and r.query else ""))
         headers = "{}"
         if self.header_allowlist:
-            kept = {h: r.headers[h][:_MAX_HEADER_VALUE] for h in self.header_allowlist if h in r.headers}
+            kept = {h: header_value(h, r.headers[h])[:_MAX_HEADER_VALUE]
+                    for h in self.header_allowlist if h in r.headers}
             if kept:
                 headers = json.dumps(kept, separators=(",", ":"))
         return (f'{head}"source_principal":{_opt(truncate(r.principal))},'
                 f'"destination_principal":{_opt(truncate(r.destination_principal))},'
                 f'"source_address":{_opt(truncate(r.source_address))},"method":{_str(truncate(r.method))},'
-                f'"host":{_str(truncate(r.host))},"path":{_str(path)},'
+                f'"host":{_str(truncate(redact_authority(r.host)))},"path":{_str(path)},'
                 f'"request_id":{_opt(_request_id(r))},'
                 f'"traceparent":{_opt(_traceparent(r))},"headers":{headers}}}')
 

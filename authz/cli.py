@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "repeatable (docs/audit.md)")
     serve.add_argument("--audit-header", action="append", default=[], metavar="NAME",
                        help="a request header whose value audit records may keep; repeatable "
-                            "(never authorization, proxy-authorization, cookie, set-cookie)")
+                            "(never a credential header such as authorization, cookie or x-api-key: "
+                            "docs/audit.md, Never logged)")
     serve.add_argument("--audit-allow-sample-rate", type=options.fraction, default=1.0, metavar="RATE",
                        help="share of allows recorded, 0..1 (default 1); denies and AUDIT "
                             "matches are always recorded")

@@ -1,13 +1,17 @@
-"""What may be shown of a URL or a path in logs, metrics, status and audit records.
+"""What may be shown of a request, a URL, a path or an error in logs, metrics, status, audit
+records and explain output.
 
-A URL is shown without its user info (``https://***@host/...``) and with every query value
-replaced (presigned URLs carry their signature there). File system paths are replaced by
-the label an operator configured them as (``<bundle directory>``), unless
-``--status-show-paths`` asks for them.
+The values of the credential headers in ``NEVER_LOGGED`` are never shown, only their length.
+An authority is shown without its user info (``***@host``), a URL likewise
+(``https://***@host/...``) and with every query value replaced (presigned URLs carry their
+signature there). A CEL error is shown with the values it echoes replaced (map keys, patterns:
+they come from requests). File system paths are replaced by the label an operator configured
+them as (``<bundle directory>``), unless ``--status-show-paths`` asks for them.
 """
 
 from __future__ import annotations
 
+import re
 import urllib.parse
 from collections.abc import Mapping
 from typing import TypeVar
@@ -16,15 +20,58 @@ T = TypeVar("T")
 
 REDACTED = "REDACTED"
 
+# Request headers whose values are credentials (docs/audit.md, "Never logged"), lower case.
+NEVER_LOGGED = frozenset({
+    "authorization", "proxy-authorization", "cookie", "set-cookie",
+    "x-api-key", "api-key", "x-goog-api-key",
+    "x-auth-token", "x-access-token", "x-amz-security-token", "x-vault-token",
+    "x-csrf-token", "x-xsrf-token",
+})
+# Headers holding the authority, which may carry user info (user:password@host).
+_AUTHORITY_HEADERS = frozenset({"host", ":authority"})
+
+MAX_ERROR_TEXT = 256
+# A quoted literal with its escapes; one left open (cut short) runs to the end of the text.
+_QUOTED = re.compile(r""""(?:[^"\\]|\\.?)*"?|'(?:[^'\\]|\\.?)*'?""", re.DOTALL)
+# The runtime's messages that echo a value without quotes: a map key that is not a string,
+# the part of a regular expression RE2 could not parse.
+_UNQUOTED_ECHO = re.compile(r"(Key not found in map : |invalid regular expression: [^:]*: ).+", re.DOTALL)
+
+
+def redacted(value: str) -> str:
+    """A credential as it may be shown: its length tells whether it was sent, and no more."""
+    return f"<redacted, {len(value)} characters>"
+
+
+def redact_authority(authority: str) -> str:
+    """``authority`` with the user info before its last ``@`` replaced by ``***``: it says
+    why the host did not match, and that credentials were sent."""
+    return "***@" + authority.rpartition("@")[2] if "@" in authority else authority
+
+
+def header_value(name: str, value: str) -> str:
+    """What may be shown of the value of request header ``name`` (lower case)."""
+    if name in NEVER_LOGGED:
+        return redacted(value)
+    if name in _AUTHORITY_HEADERS:
+        return redact_authority(value)
+    return value
+
+
+def echo_free(error: BaseException | str) -> str:
+    """An error's kind and message (CEL's, protobuf's JSON parser's) with every value it
+    echoes replaced by ``"…"``, at most ``MAX_ERROR_TEXT`` characters (then ``…``): a map
+    key, a header value or a pattern can be a secret."""
+    text = _QUOTED.sub('"…"', _UNQUOTED_ECHO.sub(r'\1"…"', str(error)))
+    return text if len(text) <= MAX_ERROR_TEXT else text[:MAX_ERROR_TEXT] + "…"
+
 
 def redact_url(url: str) -> str:
     try:
         parts = urllib.parse.urlsplit(url)
     except ValueError:
         return "<unparseable URL>"
-    netloc = parts.netloc
-    if "@" in netloc:
-        netloc = "***@" + netloc.rpartition("@")[2]
+    netloc = redact_authority(parts.netloc)
     query = parts.query
     if query:
         pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)

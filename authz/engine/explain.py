@@ -15,6 +15,7 @@ from typing import Any
 
 from authz import spiffe
 from authz.engine.model import Decision, HeaderMatch, IpMatch, Operation, PathMatch, Policy, RegexMatch, Source, StringMatch
+from authz.redact import NEVER_LOGGED, header_value
 from authz.request import Request
 
 
@@ -90,21 +91,32 @@ def _list(values: Iterable[object]) -> str:
     return "[" + ", ".join(str(v) for v in values) + "]"
 
 
-def _field(name: str, value: str, shown: list[str], hit: bool, negative: bool) -> tuple[bool, str]:
-    """(field passes, description) for one positive or negative field."""
-    v = repr(value) if value else "(none)"
+def _show(value: str, header: str = "") -> str:
+    """A request value as explain prints it; a header's only as much as redact lets through."""
+    if not value:
+        return "(none)"
+    shown = header_value(header, value)
+    # A redacted credential is printed bare: quoted, the marker would read as the value.
+    return shown if header in NEVER_LOGGED else repr(shown)
+
+
+def _field(name: str, value: str, shown: list[str], hit: bool, negative: bool, header: str = ""
+           ) -> tuple[bool, str]:
+    """(field passes, description) for one positive or negative field; ``header``: the
+    request header ``value`` comes from, if any."""
+    v = _show(value, header)
     if negative:
         text = f"{name}: {v} {'matches' if hit else 'matches none of'} {_list(shown)}"
         return not hit, text + (" (excluded)" if hit else "")
     return hit, f"{name}: {v} {'matches' if hit else 'does not match'} {_list(shown)}"
 
 
-def _strings(name: str, sm: StringMatch | RegexMatch | None, values: tuple[str, ...], negative: bool = False
-             ) -> tuple[bool, str] | None:
+def _strings(name: str, sm: StringMatch | RegexMatch | None, values: tuple[str, ...], negative: bool = False,
+             header: str = "") -> tuple[bool, str] | None:
     if sm is None:
         return None
     hit = any(sm(v) for v in values if v)
-    return _field(name, values[0], patterns(sm), hit, negative)
+    return _field(name, values[0], patterns(sm), hit, negative, header)
 
 
 def _ips(name: str, ip: IpMatch | None, value: str, negative: bool = False) -> tuple[bool, str] | None:
@@ -122,7 +134,7 @@ def _join(checks: list[tuple[bool, str] | None]) -> tuple[bool, str]:
 def _headers(name: str, hs: tuple[HeaderMatch, ...], req: Request, elements: bool, negative: bool
              ) -> list[tuple[bool, str] | None]:
     return [_field(f"{name}[{h.name}]", req.headers.get(h.name, ""), h.values.patterns(),
-                   h(req.headers, elements), negative) for h in hs]
+                   h(req.headers, elements), negative, h.name) for h in hs]
 
 
 def describe_operation(op: Operation, req: Request, allow: bool = True) -> tuple[bool, str]:
@@ -130,8 +142,8 @@ def describe_operation(op: Operation, req: Request, allow: bool = True) -> tuple
     checks: list[tuple[bool, str] | None] = [
         _strings("methods", op.methods, (req.method,)),
         _strings("notMethods", op.not_methods, not_methods, True),
-        _strings("hosts", op.hosts, req.host_names(not allow)),
-        _strings("notHosts", op.not_hosts, req.host_names(allow), True),
+        _strings("hosts", op.hosts, req.host_names(not allow), header=":authority"),
+        _strings("notHosts", op.not_hosts, req.host_names(allow), True, ":authority"),
         *_headers("headers", op.headers, req, not allow, False),
         *_headers("notHeaders", op.not_headers, req, allow, True),
         _strings("sni", op.sni, (req.sni,)),
@@ -192,7 +204,7 @@ def describe_target(policy: Policy, req: Request) -> str:
     t = policy.target
     ok, text = _join([
         _strings("principals", t.principals, (req.destination_principal,)),
-        _strings("hosts", t.hosts, req.host_names(policy.action != "ALLOW")),
+        _strings("hosts", t.hosts, req.host_names(True), header=":authority"),
         None if t.ports is None else _field("ports", str(req.destination_port or ""), sorted(map(str, t.ports)),
                                             req.destination_port in t.ports, False),
         *[_field(f"contextExtensions[{k}]", req.context_extensions.get(k, ""), [v],

@@ -30,6 +30,7 @@ from authz.engine.cel import (
     evaluate_string,
 )
 from authz.engine.model import Decision, Policy, Rule, Tenant
+from authz.redact import echo_free
 
 DENY_STATUSES = (401, 403, 404, 429)
 MAX_SET_HEADERS = 16  # per rule
@@ -176,7 +177,8 @@ def shape(decision: Decision, shapes: Shapes, tenants: Mapping[str, Tenant],
             values = _evaluate(rs, decision, tenants, variables)
         except CelEvalError as exc:
             # The reason is a fixed string: it is a metric label and the client reads it.
-            log.debug("upstream header of %s/%s failed: %s", decision.policy, decision.rule, exc)
+            # The runtime's message may echo a request value (a map key): redacted.
+            log.debug("upstream header of %s/%s failed: %s", decision.policy, decision.rule, echo_free(exc))
             denied = Decision(False, "upstream header error", decision.policy, decision.rule,
                               "DENY", decision.tenant, decision.audit, decision.dry_run, condition_error=True)
             return _deny_shape(denied, shapes)

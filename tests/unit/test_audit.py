@@ -25,8 +25,8 @@ from audit_helpers import (
 )
 
 from authz import audit as audit_mod
+from authz.redact import NEVER_LOGGED
 from authz.audit import (
-    NEVER_LOGGED,
     AuditEntry,
     AuditLog,
     FileSink,
