@@ -40,6 +40,8 @@ CALLER_ENVOY_GRPC = "envoy_grpc"
 CALLER_ENVOY_HTTP = "envoy_http"
 CALLER_API = "api"
 CALLERS = (CALLER_ENVOY_GRPC, CALLER_ENVOY_HTTP, CALLER_API)
+# HTTP ext_authz and the decision API carry no socket attributes; see PolicySet.needs_socket.
+UNCARRIED = "the bundle reads connection attributes this caller does not carry"
 
 
 _ID_BLOCK = 256  # decision ids drawn from the OS per read: one system call per 256 checks
@@ -83,6 +85,7 @@ class Checker:
         self.audit = audit
         self.tracing = tracing
         self.limits = limits
+        self._uncarried_said: set[tuple[str, str]] = set()
 
     def check(self, check_request: external_auth_pb2.CheckRequest) -> external_auth_pb2.CheckResponse:
         return self.run(check_request).response
@@ -105,22 +108,35 @@ class Checker:
     def run(self, check_request: external_auth_pb2.CheckRequest | None, tracer: Tracer | None = None,
             caller: str = CALLER_ENVOY_GRPC, *, malformed: str = "not a CheckRequest",
             tenant_hint: str | None = None, size: int | None = None,
-            too_large: str | None = None) -> Outcome:
+            too_large: str | None = None, socket: bool = True) -> Outcome:
         """Decide one request; ``tracer``, when given, receives each step (``authz check --explain``).
         ``caller`` is the kind of caller (one of CALLERS), a label of metrics and audit records;
         ``malformed`` the reason given when ``check_request`` is None; ``tenant_hint`` (decision
         API) turns an allow for any other tenant into a deny. ``size`` is the request's size on
-        the wire when known; ``too_large`` the reason it was not even parsed (limits.py)."""
+        the wire when known; ``too_large`` the reason it was not even parsed (limits.py).
+        ``socket`` False: the caller carries no socket attributes (addresses, destination
+        port, SNI), so a bundle whose decisions could depend on them denies (UNCARRIED)."""
         started = time.perf_counter()
         outcome, _ = self._check(started, check_request, tracer, caller, malformed, tenant_hint, True,
-                                 size=size, too_large=too_large)
+                                 size=size, too_large=too_large, socket=socket)
         assert outcome is not None
         return outcome
+
+    def _uncarried(self, policy_set: PolicySet, policy: str, caller: str) -> Decision:
+        """A deny for a check whose caller cannot carry what ``policy`` reads; said once per
+        bundle and caller, since every such check is denied until another bundle serves."""
+        said = (policy_set.revision, caller)
+        if said not in self._uncarried_said:
+            self._uncarried_said.add(said)
+            log.warning("bundle %s: policy %s reads connection attributes (addresses, destination port, SNI) "
+                        "that %s checks do not carry; they are denied while it serves (%s)",
+                        policy_set.revision, policy, caller, UNCARRIED)
+        return _deny(UNCARRIED)
 
     def _check(self, started: float, check_request: external_auth_pb2.CheckRequest | None,
                tracer: Tracer | None, caller: str, malformed: str,
                tenant_hint: str | None, outcome: bool, *, size: int | None = None,
-               too_large: str | None = None) -> tuple[Outcome | None, bytes]:
+               too_large: str | None = None, socket: bool = True) -> tuple[Outcome | None, bytes]:
         """The answer's bytes and, if ``outcome``, the whole Outcome (the gRPC path needs only bytes)."""
         decision_id = new_decision_id()
         policy_set = self.store.current  # read once: one bundle for the whole check
@@ -135,10 +151,15 @@ class Checker:
                 decision = _deny(over)  # before any normalising or matching
             elif policy_set is None:
                 decision = _deny("no policy bundle loaded")
+            elif not socket and policy_set.needs_socket:
+                decision = self._uncarried(policy_set, policy_set.needs_socket, caller)
             else:
                 req = request_mod.from_check_request(check_request, policy_set.trust_domains,
                                                    policy_set.path_normalization)
-                decision = policy_set.decide(req, tracer)
+                if not socket and policy_set.needs_remote_address and not req.remote_address:
+                    decision = self._uncarried(policy_set, policy_set.needs_remote_address, caller)
+                else:
+                    decision = policy_set.decide(req, tracer)
                 if tenant_hint is not None and decision.allowed and decision.tenant != tenant_hint:
                     decision = Decision(False, "tenant mismatch", decision.policy, decision.rule, "DENY",
                                         decision.tenant, decision.audit, decision.dry_run)
@@ -173,10 +194,17 @@ class Checker:
                  req: request_mod.Request | None, elapsed: float, policy_set: PolicySet | None,
                  caller: str, size: int) -> None:
         # Side effects only; nothing here may change or delay the answer: counters and one
-        # put_nowait onto the audit queue (AuditLog.submit), O(1) and never blocking.
-        try:
-            # Only a tenant the serving bundle defines may become a metric label value.
-            if self.metrics is not None:
+        # put_nowait onto the audit queue (AuditLog.submit), O(1) and never blocking. Each
+        # in its own try, so that a failing counter cannot cost the audit record.
+        if self.audit is not None:
+            try:
+                self.audit.submit(AuditEntry(time.time(), decision_id, decision, req, revision,
+                                             int(elapsed * 1e6), caller), 2 * size if req is not None else 0)
+            except Exception:  # noqa: BLE001
+                log.exception("audit failed for %s", decision_id, extra={"decision_id": decision_id})
+        if self.metrics is not None:
+            try:
+                # Only a tenant the serving bundle defines may become a metric label value.
                 tenant = decision.tenant if policy_set is not None and decision.tenant in policy_set.tenants else None
                 self.metrics.count_check(decision.allowed, decision.reason, decision.policy, elapsed, tenant,
                                          caller)
@@ -184,14 +212,14 @@ class Checker:
                     self.metrics.condition_errors.inc()
                 for entry in decision.dry_run:
                     self.metrics.dry_run.labels(entry.rpartition("=")[2]).inc()
-            if self.audit is not None:
-                self.audit.submit(AuditEntry(time.time(), decision_id, decision, req, revision,
-                                             int(elapsed * 1e6), caller), 2 * size if req is not None else 0)
-            if self.tracing is not None:  # one append to a bounded queue, like the audit
+            except Exception:  # noqa: BLE001
+                log.exception("metrics failed for %s", decision_id, extra={"decision_id": decision_id})
+        if self.tracing is not None:  # one append to a bounded queue, like the audit
+            try:
                 self.tracing.check(req.headers.get("traceparent") if req else None, decision,
                                    decision_id, revision, elapsed, caller)
-        except Exception:  # noqa: BLE001
-            log.exception("metrics or audit failed for %s", decision_id, extra={"decision_id": decision_id})
+            except Exception:  # noqa: BLE001
+                log.exception("tracing failed for %s", decision_id, extra={"decision_id": decision_id})
 
 
 def _deny(reason: str) -> Decision:

@@ -19,6 +19,7 @@ from google.protobuf import json_format
 
 from authz.check import CALLER_API, Checker, Outcome
 from authz.engine.explain import Explainer, summary
+from authz.redact import echo_free
 from authz.v1 import decision_pb2
 
 SERVICE = decision_pb2.DESCRIPTOR.services_by_name["DecisionService"].full_name
@@ -66,7 +67,7 @@ def decide(checker: Checker, req: decision_pb2.DecideRequest | None, explain: bo
         outcome = checker.run(None, caller=CALLER_API, malformed="not a DecideRequest")
     else:
         hint = req.tenant if req.HasField("tenant") else None
-        outcome = checker.run(to_check_request(req), tracer, caller=CALLER_API, tenant_hint=hint)
+        outcome = checker.run(to_check_request(req), tracer, caller=CALLER_API, tenant_hint=hint, socket=False)
     answer = to_decide_response(outcome)
     error = None
     if outcome.decision.reason.startswith(MALFORMED):
@@ -117,7 +118,7 @@ def handle_json(checker: Checker, path: str, body: bytes) -> tuple[int, bytes]:
             body.decode("utf-8"), decision_pb2.DecideRequest())
     except (json_format.ParseError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         req = None
-        problem = f": {str(exc)[:200]}"
+        problem = f": {echo_free(exc)}"  # its values may be the request's headers
     answer, error = decide(checker, req, explain)
     if error is not None:
         return error_json(400, error + problem)

@@ -35,7 +35,6 @@ from pathlib import Path
 from envoy.service.auth.v3 import external_auth_pb2
 
 from authz.check import CALLER_ENVOY_HTTP, Checker
-from authz.engine.decide import PolicySet
 from authz.options import address
 
 log = logging.getLogger("authz.http_authz")
@@ -140,7 +139,9 @@ def parse_xfcc(value: str) -> tuple[str, str]:
     for pair in _split(last, ";"):
         key, sep, val = pair.strip().partition("=")
         if not sep:
-            raise XfccError(f"element without '=': {pair.strip()[:40]!r}")
+            # Not quoted back: the reason goes to the audit record, a metric label and the
+            # client, and what sits there may be a credential.
+            raise XfccError("an element without '='")
         val = val.strip()
         if len(val) >= 2 and val[0] == val[-1] == '"':
             val = val[1:-1].replace('\\"', '"')
@@ -152,33 +153,6 @@ def parse_xfcc(value: str) -> tuple[str, str]:
     if len(set(uris)) > 1:
         raise XfccError("more than one URI SAN in the client certificate")
     return (uris[0] if uris else ""), by
-
-
-# CEL variables HTTP ext_authz cannot fill: Envoy's HTTP protocol carries no socket addresses,
-# destination port or SNI.
-_CONNECTION_VARS = frozenset({"source.address", "source.port", "destination.address", "destination.port",
-                              "connection.sni"})
-UNCARRIED = "the bundle has DENY rules on connection attributes HTTP ext_authz does not carry"
-
-
-def connection_dependent(policy_set: PolicySet) -> str | None:
-    """The first enforcing DENY policy that reads the source address, the destination address
-    or port, or the SNI. Over HTTP those are unknown, so such a rule could never fire: looser
-    than the gRPC path. Every HTTP check is denied instead while such a bundle serves."""
-    for p in policy_set.policies:
-        if p.action != "DENY" or p.dry_run:
-            continue
-        if p.target.ports is not None:
-            return p.name
-        for r in p.rules:
-            if any(s.ip_blocks is not None for s in r.sources):
-                return p.name
-            if any(o.ports is not None or o.sni is not None or o.destination_ip_blocks is not None
-                   for o in r.operations):
-                return p.name
-            if any(_CONNECTION_VARS.intersection(c.variables) for c in r.conditions):
-                return p.name
-    return None
 
 
 def strip_prefix(target: str, prefix: str) -> str | None:
@@ -268,7 +242,6 @@ class HttpAuthzServer:
         self.reuse_port = reuse_port
         self.connections = 0
         self._server: asyncio.base_events.Server | None = None
-        self._checked: tuple[PolicySet | None, bool] = (None, False)
         self._writers: set[asyncio.StreamWriter] = set()
 
     @property
@@ -346,7 +319,7 @@ class HttpAuthzServer:
             if "transfer-encoding" in headers:
                 raise _Malformed("chunked request bodies are not accepted", 400)
             if length:
-                if not length.isdigit() or int(length) > MAX_BODY_BYTES:
+                if not (length.isascii() and length.isdigit()) or int(length) > MAX_BODY_BYTES:
                     raise _Malformed("request body too large or bad content-length", 413)
                 await reader.readexactly(int(length))  # the body is not decided on
             path = strip_prefix(target, self.path_prefix)
@@ -361,25 +334,9 @@ class HttpAuthzServer:
                                        malformed=f"bad x-forwarded-client-cert: {exc}")
             await self._answer(writer, *to_http(outcome.response), close)
             return not close
-        if self._uncarried():
-            outcome = self.checker.run(None, caller=CALLER_ENVOY_HTTP, malformed=UNCARRIED)
-        else:
-            outcome = self.checker.run(check_request, caller=CALLER_ENVOY_HTTP)
+        outcome = self.checker.run(check_request, caller=CALLER_ENVOY_HTTP, socket=False)
         await self._answer(writer, *to_http(outcome.response), close)
         return not close
-
-    def _uncarried(self) -> bool:
-        """Whether the serving bundle has rules HTTP checks cannot honour (once per bundle)."""
-        current = self.checker.store.current
-        checked, result = self._checked
-        if current is checked or current is None:
-            return result and current is not None
-        name = connection_dependent(current)
-        if name is not None:
-            log.warning("bundle %s: DENY policy %s reads connection attributes that HTTP ext_authz does not "
-                        "carry; every HTTP ext_authz check is denied while it serves", current.revision, name)
-        self._checked = (current, name is not None)
-        return name is not None
 
     async def _deny(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reason: str,
                     status: int) -> None:
@@ -426,6 +383,10 @@ def _parse_head(head: bytes) -> tuple[str, str, dict[str, str], bool]:
     if len(parts) != 3 or not parts[0] or not parts[1].startswith("/") or not parts[2].startswith("HTTP/1."):
         raise _Malformed("bad request line")
     method, target, version = parts
+    try:  # the head was read as latin-1: the target's bytes, read as what they encode
+        target = target.encode("latin-1").decode("utf-8")
+    except UnicodeDecodeError:
+        raise _Malformed("request target is not UTF-8") from None
     headers: dict[str, str] = {}
     count = 0
     for line in lines[1:]:

@@ -56,6 +56,9 @@ _NEEDS_WORK = re.compile(r"[%\\#;\x00-\x1f\x7f]|/\.|//")
 # Characters whose NFKC form would change the structure an upstream sees.
 _STRUCTURAL = "/.\\%?#;"
 MAX_READINGS = 32
+# C1 controls and the Unicode line and paragraph separators: line breaks to some parsers.
+_NON_ASCII_CONTROL = re.compile("[\x80-\x9f\u2028\u2029]")
+MAX_FORMS = 128  # intermediate forms followed to find the readings
 
 
 def normalize(raw: str, mode: Normalization = Normalization.BASE) -> NormalizedPath:
@@ -73,7 +76,9 @@ def _normalize_slow(raw: str, mode: Normalization) -> NormalizedPath:
         raise PathError("empty path")
     _refuse_unreadable(path)
     if not path.startswith("/"):
-        path = "/" + path  # as Envoy's canonicaliser: a relative path is taken from the root
+        # Envoy sends none (it rejects them, or turns an absolute URL into host and path);
+        # read as rooted, `http://evil/admin` would slip past a DENY on `/admin`.
+        raise PathError("path does not start with '/'")
     if mode is Normalization.NONE:
         forwarded = path
     else:
@@ -91,7 +96,8 @@ def _refuse_unreadable(path: str) -> None:
     decoded = _decode_all(path)
     if "\x00" in decoded:
         raise PathError("path contains an encoded NUL")
-    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in decoded):
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in decoded) or (
+            not decoded.isascii() and _NON_ASCII_CONTROL.search(decoded)):
         raise PathError("path contains a control character")
     if _ESCAPE.search(decoded):
         raise PathError("path is percent-encoded more than once")
@@ -186,22 +192,33 @@ def _remove_dot_segments(path: str) -> str:
 
 
 def _readings(forwarded: str) -> tuple[str, ...]:
-    """Every other form of the forwarded path an upstream may act on, up to MAX_READINGS."""
+    """Every other form of the forwarded path an upstream may act on.
+
+    Upstreams merge slashes, decode separators, read '\\' as '/', drop parameters and
+    resolve dot segments in different orders: decoding `%2F` and merging `//` before
+    resolving `..` climbs further than resolving first. So every order is followed (the
+    closure of those steps), and each form reached is read as an upstream that resolves dot
+    segments last would.
+    """
     if forwarded.isascii() and not _NEEDS_WORK.search(forwarded):
         return ()
-    seen = {forwarded}
+    forms = {forwarded}
     todo = [forwarded]
+    readings: set[str] = set()
     while todo:
         p = todo.pop()
-        for q in (_rfc3986(p), _rfc3986(_merge_slashes(p)), _rfc3986(_decode_structure(p)),
-                  _rfc3986(_PARAMS.sub("", p))):
-            if q not in seen:
-                if len(seen) > MAX_READINGS:
+        readings.add(_rfc3986(p))
+        for q in (_rfc3986(p), _merge_slashes(p), _decode_structure(p), _PARAMS.sub("", p),
+                  p.replace("\\", "/")):
+            if q not in forms:
+                if len(forms) > MAX_FORMS:
                     raise PathError("path has too many readings to decide safely")
-                seen.add(q)
+                forms.add(q)
                 todo.append(q)
-    seen.discard(forwarded)
-    return tuple(sorted(seen))
+    readings.discard(forwarded)
+    if len(readings) > MAX_READINGS:
+        raise PathError("path has too many readings to decide safely")
+    return tuple(sorted(readings))
 
 
 # --- templates ----------------------------------------------------------------------

@@ -69,8 +69,9 @@ class Request:
         ``every_reading`` (DENY and AUDIT rules, an ALLOW's notHosts) adds what an upstream
         may take the same authority for: after a userinfo ``@``, percent-decoded, without the
         trailing dot of a fully qualified name (each with and without the port)."""
-        if not every_reading:
-            return self.host, self.host_without_port
+        h = self.host
+        if not every_reading or not ("%" in h or "@" in h or self.host_without_port.endswith(".")):
+            return h, self.host_without_port  # the common case: no other spelling to read
         names = [self.host, self.host_without_port]
         spellings = [self.host]
         if "%" in self.host:

@@ -87,9 +87,10 @@ class ProbeServer:
                     self._send(404, b"not found\n", "text/plain")
                     return
                 length = self.headers.get("content-length", "")
-                if not length.isdigit() or int(length) > decision_api.MAX_JSON_BYTES:
+                digits = length.isascii() and length.isdigit()  # isdigit() alone takes '²'
+                if not digits or int(length) > decision_api.MAX_JSON_BYTES:
                     self.close_connection = True
-                    self._send(*decision_api.error_json(411 if not length.isdigit() else 413,
+                    self._send(*decision_api.error_json(411 if not digits else 413,
                                "a body of at most 1 MiB with a content-length is required"),
                                "application/json")
                     self._linger()

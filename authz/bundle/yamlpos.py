@@ -93,9 +93,10 @@ def _convert(node: yaml.Node, path: Path, doc: Document) -> Any:
     if isinstance(node, yaml.MappingNode):
         out: dict[str, Any] = {}
         for key_node, value_node in node.value:
-            key = _scalar(key_node, doc)
-            if not isinstance(key, str):
-                key = str(key)
+            # A key is a name (a tenant id, a header): kept as written. Resolved, `00042`
+            # would be the int 34 (octal), `1.10` the float 1.1 and `yes` True, each naming
+            # something else.
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(_scalar(key_node, doc))
             child = (*path, key)
             if key in out:
                 pos = Position(doc.file, key_node.start_mark.line + 1, key_node.start_mark.column + 1)

@@ -151,6 +151,8 @@ class _Compiler:
             default_allow=m.get("defaultAction", "DENY") == "ALLOW",
             path_normalization=paths.Normalization(m.get("pathNormalization", "BASE")),
             targets_principals=any(p.target.principals is not None for p in policies),
+            needs_socket=next((p.name for p in policies if _needs(p, remote=False)), ""),
+            needs_remote_address=next((p.name for p in policies if _needs(p, remote=True)), ""),
             policies=tuple(policies),
             tenants=tenants,
             data=data,
@@ -164,7 +166,9 @@ class _Compiler:
 
     def tenants(self, cel_callers: bool) -> dict[str, Tenant]:
         out: dict[str, Tenant] = {}
-        where: dict[str, Position] = {}
+        # By the id lower-cased: upstreams that compare names case-insensitively (SQL
+        # collations, case-insensitive routers) would take `ACME` for `acme`.
+        where: dict[str, tuple[str, Position]] = {}
         # Many tenants share callers, plans and caller sets: keep one copy of each.
         strings: dict[str, str] = {}
         caller_sets: dict[frozenset[str], frozenset[str]] = {}
@@ -184,10 +188,11 @@ class _Compiler:
                     self.error(doc, path, f"tenant id {tid!r} is invalid: 1-63 of [A-Za-z0-9._-], "
                                "starting with a letter or digit", key=True)
                     continue
-                if tid in out:
-                    self.error(doc, path, f"tenant '{tid}' is already defined at {where[tid]}", key=True)
+                if (seen := where.get(tid.lower())) is not None:
+                    same = "" if seen[0] == tid else f" as '{seen[0]}' (tenant ids differ in more than case)"
+                    self.error(doc, path, f"tenant '{tid}' is already defined at {seen[1]}{same}", key=True)
                     continue
-                where[tid] = doc.at(path, key=True)
+                where[tid.lower()] = (tid, doc.at(path, key=True))
                 body = body or {}
                 callers = frozenset(
                     strings.setdefault(c, c) for v in body.get("callers", []) for c in self.trust.caller_forms(v)
@@ -430,6 +435,43 @@ class _Compiler:
                 continue
             out.add(int(value))
         return frozenset(out)
+
+
+# CEL variables that come from the connection rather than the HTTP request.
+_SOCKET_VARIABLES = frozenset({"source.address", "source.port", "destination.address", "destination.port",
+                               "connection.sni"})
+
+
+def _needs(policy: Policy, remote: bool) -> bool:
+    """Whether a request that lacks the socket attributes (``remote``: the caller's address)
+    could get past ``policy``, i.e. be allowed where the attributes would deny it.
+
+    A value that is absent matches no positive matcher and every negative one. So a DENY or
+    CUSTOM rule that reads the attribute at all could fail to fire, an ALLOW rule with a
+    ``not`` form could match, a condition might go either way, and a policy targeted by port
+    would not apply at all.
+    """
+    if policy.dry_run or policy.action == "AUDIT":
+        return False
+    deny = policy.action != "ALLOW"
+    if not remote and policy.target.ports is not None:
+        return True
+    for rule in policy.rules:
+        for s in rule.sources:
+            positive, negative = ((s.remote_ip_blocks, s.not_remote_ip_blocks) if remote
+                                  else (s.ip_blocks, s.not_ip_blocks))
+            if negative is not None or (deny and positive is not None):
+                return True
+        if remote:
+            continue
+        for o in rule.operations:
+            if o.not_ports is not None or o.not_sni is not None or o.not_destination_ip_blocks is not None:
+                return True
+            if deny and (o.ports is not None or o.sni is not None or o.destination_ip_blocks is not None):
+                return True
+        if any(_SOCKET_VARIABLES.intersection(c.variables) for c in rule.conditions):
+            return True
+    return False
 
 
 def _strings(values: list[str] | None, fold_case: bool = False) -> StringMatch | None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from authz import paths, spiffe
+from authz.redact import echo_free
 from authz.engine import explain, shaping
 from authz.engine.activation import Activation
 from authz.engine.cel import CelBudgetError, CelEvalError, evaluate
@@ -33,6 +34,8 @@ from authz.spiffe import TrustDomains
 # Tenant ids: 1-63 characters of [A-Za-z0-9._-], starting with a letter or digit. This
 # excludes '.', '..', '/', '\', '%', NUL and anything a path decoder could reinterpret.
 TENANT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")
+# A path capture of this name names a tenant, whatever the policy's tenant source.
+TENANT_CAPTURE = "tenant"
 
 
 class Tracer(Protocol):
@@ -68,6 +71,12 @@ class PolicySet:
     # Some policy names its destination by principal: a request without one (plaintext,
     # Istio PERMISSIVE) cannot be told apart from a request to that destination.
     targets_principals: bool = False
+    # The first enforcing policy that a request without socket attributes (the caller's or
+    # the destination's address, the destination port, the SNI) could get past, and the first
+    # one a request without the caller's address could: HTTP ext_authz and the decision API
+    # do not carry them, so their checks are denied while such a bundle serves (check.py).
+    needs_socket: str = ""
+    needs_remote_address: str = ""
     # Large policies' rules indexed by method, path and caller (authz.engine.index), by name.
     rule_index: Mapping[str, PolicyIndex] = field(default_factory=dict)
     # Upstream headers of ALLOW rules and deny statuses (authz.engine.shaping).
@@ -204,8 +213,10 @@ class PolicySet:
         if policy.tenant is not None and policy.tenant.kind != "pathCapture":
             if policy.tenant.kind == "header":
                 raw = req.headers.get(policy.tenant.key)
-            else:
-                raw = req.source.after(policy.tenant.key) if req.source is not None else None
+            elif req.source is not None and self.trust_domains.known(req.source.trust_domain):
+                raw = req.source.after(policy.tenant.key)
+            else:  # no SPIFFE ID, or one of a trust domain the bundle does not name: no tenant
+                raw = None
             fixed_tenant = self._tenant(raw, policy, tracer)
         if tracer is not None:
             tracer.step("policy", None, f"{policy.action}{' (dry run)' if policy.dry_run else ''}, "
@@ -230,6 +241,11 @@ class PolicySet:
             tenant = fixed_tenant
             if policy.tenant is not None and policy.tenant.kind == "pathCapture":
                 tenant = self._tenant(captures.get(policy.tenant.key), policy, tracer)
+            elif policy.tenant is not None and (named := captures.get(TENANT_CAPTURE)) is not None \
+                    and (tenant is None or named != tenant.id):
+                # The path names a tenant too, and not this one: the upstream may serve the
+                # path's. One tenant never reaches another's data by crafting a path.
+                raise _TenantDenied("tenant mismatch", named, policy.name)
             if rule.sources and not any(_source_matches(s, req) for s in rule.sources):
                 if tracer is not None:
                     tracer.step("from", False, explain.describe_sources(rule.sources, req), policy.name, rule.name)
@@ -277,7 +293,7 @@ class PolicySet:
                 ok = evaluate(cond, ctx)
             except CelEvalError as exc:
                 if tracer is not None:
-                    tracer.step("when", None, f"{cond.source}: error: {exc}", policy.name, rule.name)
+                    tracer.step("when", None, f"{cond.source}: error: {echo_free(exc)}", policy.name, rule.name)
                 reason = "condition over budget" if isinstance(exc, CelBudgetError) else "condition error"
                 raise _ConditionFailed(policy.name, rule.name, reason) from None
             if tracer is not None:
@@ -305,8 +321,9 @@ def _target_matches(policy: Policy, req: Request) -> bool:
     t = policy.target
     if t.principals is not None and not t.principals(req.destination_principal):
         return False
-    # A DENY or AUDIT policy applies to every reading of the host; an ALLOW one as Istio reads it.
-    if t.hosts is not None and not any(map(t.hosts, req.host_names(policy.action != "ALLOW"))):
+    # A policy applies to every reading of the host: an ALLOW policy that a trailing dot or a
+    # port could step around would leave the request to the others, or to the default.
+    if t.hosts is not None and not any(map(t.hosts, req.host_names(True))):
         return False
     if t.ports is not None and req.destination_port not in t.ports:
         return False

@@ -272,7 +272,8 @@ def _decoded(path: str) -> str:
 def path_is_ambiguous(path: str) -> bool:
     """A path an upstream could read as another one: repeated slashes, an encoded or literal
     backslash or slash, path parameters (';', also encoded), double encoding, an encoded
-    control character (a tab or NUL an upstream may cut the path at), a malformed
+    control character (a tab or NUL an upstream may cut the path at; C1 controls and U+2028
+    too), a malformed
     escape (IIS reads '%u002e' as '.'), bytes that are no UTF-8 (overlong '%c0%ae' is '.' to
     lax decoders), or characters that NFKC-normalise to '.', '/', '\\' or '%' (fullwidth
     look-alikes)."""
@@ -284,6 +285,8 @@ def path_is_ambiguous(path: str) -> bool:
     except UnicodeDecodeError:
         return True
     d = _decoded(p)
+    if re.search("[\x80-\x9f\u2028\u2029]", d):  # C1 controls and Unicode line separators
+        return True
     return any(ch not in _LOOKALIKE_TARGETS and set(unicodedata.normalize("NFKC", ch)) & _LOOKALIKE_TARGETS
                for ch in d)
 

@@ -134,3 +134,12 @@ def test_hidden_files_are_ignored(tmp_path: Path) -> None:
     (root / "policies" / "..2026_11_25").mkdir()
     (root / "policies" / "..2026_11_25" / "x.yaml").write_text("not: [valid")
     assert len(load_policy_set(root).policies) == 1
+
+
+def test_tenant_ids_that_differ_only_in_case_are_rejected(tmp_path: Path) -> None:
+    """An upstream that compares names case-insensitively would serve ACME's data as acme's."""
+    root = bundle_with(tmp_path, HEADER + "name: p\naction: ALLOW\n", tenants={})
+    (root / "tenants" / "t.yaml").write_text("tenants:\n  acme: {}\n  globex: {}\n  ACME: {}\n")
+    (msg,) = problems(root)
+    assert msg.startswith("tenants/t.yaml:4:3:"), msg
+    assert "already defined at tenants/t.yaml:2:3 as 'acme'" in msg

@@ -160,3 +160,26 @@ def _example_checker() -> Checker:
 
 
 _FUZZ_CHECKER = _example_checker()
+
+
+def test_a_failing_counter_costs_neither_the_answer_nor_the_audit_record(tmp_path: Path) -> None:
+    """Metrics are a side effect: when they fail, the check is still answered and audited."""
+    from audit_helpers import MemorySink
+
+    from authz.audit import AuditLog
+
+    c = checker(tmp_path, ALLOW_ALL)
+    assert c.metrics is not None
+
+    def broken(*args: object, **kw: object) -> None:
+        raise RuntimeError("counter broke")
+
+    c.metrics.count_check = broken  # type: ignore[method-assign]
+    sink = MemorySink()
+    c.audit = AuditLog([sink], c.metrics, poll_interval=0.01)
+    try:
+        out = c.run(check_request(principal=CHECKOUT, path="/x"))
+    finally:
+        c.audit.close(timeout=10)
+    assert out.decision.allowed
+    assert [json.loads(line)["decision_id"] for line in sink.lines] == [out.decision_id]

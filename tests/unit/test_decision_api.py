@@ -261,3 +261,28 @@ def test_a_refused_body_is_drained_not_reset(authz: Served) -> None:
         rest = b""
         while chunk := s.recv(65536):  # a reset raises ConnectionResetError here
             rest += chunk
+
+
+def test_decide_denies_when_the_bundle_reads_what_the_api_cannot_carry(tmp_path: Path) -> None:
+    """A DecideRequest has no socket addresses, destination port or SNI: a DENY rule on them
+    could never fire and an ALLOW on `notPorts` would always match, so while such a bundle
+    serves every decision is a deny with a fixed reason; without such rules it decides."""
+    from bundle_factory import write_bundle
+
+    from authz.bundle.store import BundleStore
+    from authz.check import UNCARRIED, Checker
+    from authz.decision_api import decide
+    from authz.metrics import Metrics
+
+    allow = {"name": "open", "action": "ALLOW", "rules": [{"name": "all"}]}
+    deny_net = {"name": "no-outside", "action": "DENY",
+                "rules": [{"from": [{"source": {"notIpBlocks": ["10.0.0.0/8"]}}], "to": [{"operation": {"paths": ["/internal/*"]}}]}]}
+    req = decision_pb2.DecideRequest(principal="spiffe://cluster.local/ns/a/sa/b", method="GET", path="/internal/x")
+    for name, policies, allowed, reason in (("plain", [allow], True, "allowed by policy"),
+                                            ("socket", [allow, deny_net], False, UNCARRIED)):
+        store = BundleStore(Metrics())
+        assert store.load(write_bundle(tmp_path / name, policies))
+        answer, error = decide(Checker(store, None), req, explain=False)
+        assert isinstance(answer, decision_pb2.DecideResponse)
+        assert (answer.allowed, answer.reason, error) == (allowed, reason, None)
+        assert answer.decision_id

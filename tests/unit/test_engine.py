@@ -6,8 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from bundle_factory import check_request, policy_set, spiffe
+from bundle_factory import check_request, policy_set, spiffe, write_bundle
 
+from authz.engine.compile import load_policy_set
 from authz.engine.decide import PolicySet
 from authz.request import from_check_request
 
@@ -349,6 +350,28 @@ def test_tenant_from_path_capture(tmp_path: Path) -> None:
     d = decide(ps, principal=CHECKOUT, path="/v1/tenants/acme/../globex/orders")
     assert not d.allowed
     assert decide(ps, principal=BILLING, path="/v1/tenants/globex/orders").tenant == "globex"
+    # An upstream that decodes %2F (or %5C) and merges '//' before resolving '..' reads globex.
+    for crafted in ("/v1/tenants/acme/orders/%2F%2F..%2F..%2Fglobex%2Forders",
+                    "/v1/tenants/acme/orders/%5C%5C..%5C..%5Cglobex%5Corders"):
+        d = decide(ps, principal=CHECKOUT, path=crafted)
+        assert (d.allowed, d.reason) == (False, "ambiguous path"), crafted
+
+
+def test_tenant_ids_are_kept_as_written_in_yaml(tmp_path: Path) -> None:
+    """YAML would resolve the key `00042` to the int 34 (octal), `1.10` to 1.1 and `yes` to
+    True: tenant 00042's callers would then reach tenant 34's data."""
+    root = write_bundle(tmp_path / "b", [tenant_policy({"pathCapture": "tenant"}, ["/v1/tenants/{tenant}/{**}"],
+                                                       ["source.principal in tenant.callers"])], tenants={})
+    (root / "tenants" / "t.yaml").write_text(
+        f"tenants:\n  00042:\n    callers: [{CHECKOUT}]\n  1.10:\n    callers: [{BILLING}]\n"
+        f"  yes:\n    callers: [{BILLING}]\n")
+    ps = load_policy_set(root)
+    assert sorted(ps.tenants) == ["00042", "1.10", "yes"]
+    assert decide(ps, principal=CHECKOUT, path="/v1/tenants/00042/orders").allowed
+    d = decide(ps, principal=CHECKOUT, path="/v1/tenants/34/orders")
+    assert (d.allowed, d.reason) == (False, "unknown tenant")
+    assert decide(ps, principal=BILLING, path="/v1/tenants/1.10/x").allowed
+    assert not decide(ps, principal=BILLING, path="/v1/tenants/1.1/x").allowed
 
 
 @pytest.mark.parametrize(
@@ -386,6 +409,27 @@ def test_tenant_from_principal_segment(tmp_path: Path) -> None:
     d = decide(ps, principal=CHECKOUT, path="/v1/x")
     assert d.allowed and d.tenant == "prod"
     assert decide(ps, principal=OTHER, path="/v1/x").reason == "unknown tenant"
+    # A caller of a trust domain the bundle does not name has no tenant from its identity.
+    d = decide(ps, principal="spiffe://evil.example/ns/prod/sa/checkout", path="/v1/x")
+    assert (d.allowed, d.tenant, d.reason) == (False, None, "no allow rule matched")
+
+
+def test_a_path_naming_another_tenant_than_the_header_or_identity_is_denied(tmp_path: Path) -> None:
+    """With the tenant from a header (or the identity), a path capture `{tenant}` that names
+    another tenant is the path an upstream may serve: denied, also without the header."""
+    for source, kw in (({"header": "x-tenant"}, {"headers": {"x-tenant": "acme"}}), ({"principalSegment": "ns"}, {})):
+        ps = policy_set(tmp_path / str(len(kw)), [tenant_policy(source, ["/v1/tenants/{tenant}/orders", "/v1/me"],
+                                                            ["tenant.plan != 'none'"])],
+                        tenants={**TENANTS, "acme": {**TENANTS["acme"], "plan": "x"}})
+        own = "acme" if kw else "prod"
+        principal = CHECKOUT  # ns prod
+        assert decide(ps, principal=principal, path=f"/v1/tenants/{own}/orders", **kw).allowed
+        assert decide(ps, principal=principal, path="/v1/me", **kw).allowed  # no tenant in the path
+        d = decide(ps, principal=principal, path="/v1/tenants/globex/orders", **kw)
+        assert (d.allowed, d.reason) == (False, "tenant mismatch"), source
+        if kw:  # no header at all: the path still names a tenant the request was not given
+            d = decide(ps, principal=principal, path="/v1/tenants/globex/orders")
+            assert (d.allowed, d.reason) == (False, "tenant mismatch")
 
 
 def test_tenant_data_in_conditions(tmp_path: Path) -> None:
@@ -478,3 +522,17 @@ def test_compacted_tenant_table_decides_the_same(tmp_path: Path, monkeypatch: py
         for who in (CHECKOUT, BILLING):
             req = dict(principal=who, path=f"/t/t{i}")
             assert decide(ps, **req) == decide(original, **req)
+
+
+def test_an_allow_policy_targeted_by_host_applies_to_every_spelling_of_it(tmp_path: Path) -> None:
+    """With `defaultAction: ALLOW` (what import-istio writes), a host-targeted ALLOW policy that
+    a trailing dot, a port or a userinfo stepped around would leave the request to the default."""
+    ps = policy_set(tmp_path, [{"name": "orders", "action": "ALLOW", "target": {"hosts": ["orders.example.com"]},
+                                "rules": [{"name": "get", "to": [{"operation": {"methods": ["GET"]}}]}]}],
+                    defaultAction="ALLOW")
+    assert decide(ps, principal=CHECKOUT, method="GET", host="orders.example.com").allowed
+    for host in ("orders.example.com", "orders.example.com.", "orders.example.com.:443", "x@orders.example.com",
+                 "orders.example%2ecom", "orders.example.com:8080"):
+        d = decide(ps, principal=CHECKOUT, method="DELETE", host=host)
+        assert (d.allowed, d.reason) == (False, "no allow rule matched"), host
+    assert decide(ps, principal=CHECKOUT, method="DELETE", host="other.example.com").allowed  # not its target

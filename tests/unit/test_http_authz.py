@@ -42,6 +42,14 @@ def test_parse_xfcc_refuses_ambiguous_or_broken(bad: str) -> None:
         parse_xfcc(bad)
 
 
+def test_a_broken_xfcc_is_not_quoted_in_the_reason() -> None:
+    """The reason goes to the client, the audit record and a metric label: a token sent
+    where the certificate should be must not end up there."""
+    with pytest.raises(XfccError) as info:
+        parse_xfcc("Bearer eyJhbGciOiJIUzI1NiJ9.SECRETPART.sig")
+    assert "SECRET" not in str(info.value) and "eyJ" not in str(info.value)
+
+
 def test_strip_prefix() -> None:
     assert strip_prefix("/v1/orders?x=1", "") == "/v1/orders?x=1"
     assert strip_prefix("/authz/v1/orders", "/authz") == "/v1/orders"
@@ -156,6 +164,8 @@ def raw(authz: Served, data: bytes) -> bytes:
     (b"GET /check/ HTTP/1.1\r\n\r\n", b"400"),  # no host
     (b"GET /check/ HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n", b"400"),
     (b"GET /check/ HTTP/1.1\r\nHost: a\r\nContent-Length: 99999999\r\n\r\n", b"413"),
+    (b"GET /check/ HTTP/1.1\r\nHost: a\r\nContent-Length: \xb2\r\n\r\n", b"413"),  # '\u00b2'.isdigit()
+    (b"GET /check/x/\xc0\xaf HTTP/1.1\r\nHost: a\r\n\r\n", b"400"),  # an overlong '/', raw
     (b"GET /check/ HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n", b"431"),
 ])
 def test_malformed_http_is_denied_and_closed(authz: Served, data: bytes, status: bytes) -> None:
@@ -164,24 +174,36 @@ def test_malformed_http_is_denied_and_closed(authz: Served, data: bytes, status:
     assert b"connection: close" in answer and b"x-authz-decision-id" in answer
 
 
-def test_deny_rules_on_uncarried_attributes_deny_every_http_check(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """A DENY rule on the caller's address cannot fire over HTTP (Envoy does not send it):
-    rather than be looser than the gRPC path, every HTTP check is denied."""
+def test_rules_on_uncarried_attributes_deny_every_http_check(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A DENY rule on the caller's address cannot fire over HTTP (Envoy does not send it), and
+    an ALLOW rule on `notPorts` would match any port: rather than be looser than the gRPC
+    path, every HTTP check is denied while such a bundle serves."""
     from bundle_factory import policy_set, write_bundle
 
-    from authz.http_authz import UNCARRIED, connection_dependent
+    from authz.check import UNCARRIED
 
     allow = {"name": "open", "action": "ALLOW", "rules": [{"name": "all"}]}
     block = {"name": "block-net", "action": "DENY", "rules": [{"from": [{"source": {"ipBlocks": ["10.0.0.0/8"]}}]}]}
     by_port = {"name": "block-port", "action": "DENY", "rules": [{"to": [{"operation": {"ports": ["9000"]}}]}]}
     by_cel = {"name": "block-cel", "action": "DENY", "rules": [{"when": ["destination.port == 9000"]}]}
-    assert connection_dependent(policy_set(tmp_path / "a", [allow])) is None
-    assert connection_dependent(policy_set(tmp_path / "b", [allow, {**block, "dryRun": True}])) is None
-    for i, p in enumerate((block, by_port, by_cel)):
-        assert connection_dependent(policy_set(tmp_path / f"c{i}", [allow, p])) == p["name"]
+    not_port = {"name": "not-admin-port", "action": "ALLOW", "rules": [{"to": [{"operation": {"notPorts": ["9000"]}}]}]}
+    not_net = {"name": "not-net", "action": "ALLOW", "rules": [{"from": [{"source": {"notIpBlocks": ["10.0.0.0/8"]}}]}]}
+    allow_cel = {"name": "allow-cel", "action": "ALLOW", "rules": [{"when": ["destination.port != 9000"]}]}
+    on_port = {"name": "on-port", "action": "ALLOW", "target": {"ports": ["9000"]}, "rules": [{"name": "none",
+               "when": ["false"]}]}
+    remote = {"name": "block-remote", "action": "DENY", "rules": [{"from": [{"source": {"remoteIpBlocks": ["10.0.0.0/8"]}}]}]}
+    assert policy_set(tmp_path / "a", [allow]).needs_socket == ""
+    assert policy_set(tmp_path / "b", [allow, {**block, "dryRun": True}]).needs_socket == ""
+    # Positive socket matchers of an ALLOW rule only fail to match without the attributes.
+    only_ports = {"name": "only-port", "action": "ALLOW", "rules": [{"to": [{"operation": {"ports": ["80"]}}]}]}
+    assert policy_set(tmp_path / "p", [only_ports]).needs_socket == ""
+    for i, p in enumerate((block, by_port, by_cel, not_port, not_net, allow_cel, on_port)):
+        assert policy_set(tmp_path / f"c{i}", [allow, p]).needs_socket == p["name"]
+    with_remote = policy_set(tmp_path / "r", [allow, remote])
+    assert (with_remote.needs_socket, with_remote.needs_remote_address) == ("", "block-remote")
 
     served = serve(tmp_path / "served", "--trusted-proxy", "127.0.0.2/32",
-                   bundle=write_bundle(tmp_path / "bundle", [allow, block]))
+                   bundle=write_bundle(tmp_path / "bundle", [not_port]))
     try:
         conn = connect(served, trusted=True)
         try:
@@ -189,6 +211,22 @@ def test_deny_rules_on_uncarried_attributes_deny_every_http_check(tmp_path) -> N
         finally:
             conn.close()
         assert status == 403 and UNCARRIED in json.loads(body)["reason"]
+    finally:
+        served.stop()
+    # A DENY on the caller's address holds when x-forwarded-for names it; without it, deny.
+    served = serve(tmp_path / "served2", "--trusted-proxy", "127.0.0.2/32",
+                   bundle=write_bundle(tmp_path / "bundle2", [allow, remote]))
+    try:
+        conn = connect(served, trusted=True)
+        try:
+            answers = [ask(conn, "GET", "/x", {"Host": "a", "X-Forwarded-Client-Cert": XFCC, **extra})
+                       for extra in ({}, {"X-Forwarded-For": "10.1.2.3"}, {"X-Forwarded-For": "192.0.2.7"})]
+        finally:
+            conn.close()
+        reasons = [(status, json.loads(body)["reason"] if body else "") for status, _, body in answers]
+        assert reasons[0] == (403, UNCARRIED)
+        assert reasons[1] == (403, "denied by policy")
+        assert reasons[2][0] == 200, reasons
     finally:
         served.stop()
 
