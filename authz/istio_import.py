@@ -33,10 +33,12 @@ The trust domain comes from ``--trust-domain``, else Istio's mesh config when it
 inputs (the ``istio`` ConfigMap), else the ``--workload`` principals, else the policies'
 principals; the command says which on stderr, and never picks one silently.
 
-Whatever cannot be translated exactly is an error naming the field and its file:line:column:
-CUSTOM actions, ``targetRef(s)``, JWT attributes (``requestPrincipals``, ``request.auth.*``),
-``experimental.*``, values Istio reads differently from the bundle, unknown fields and keys.
-Nothing is dropped silently.
+Fields on what authz never sees, a verified JWT (``requestPrincipals``, ``request.auth.*``)
+or Envoy filter metadata (``experimental.*``), take the stricter reading: an ALLOW rule's
+entry or rule on them never matches, a DENY or AUDIT rule matches without them; each is
+named with its file:line:column on stderr. Whatever else cannot be translated exactly is an
+error naming the field and its file:line:column: CUSTOM actions, ``targetRef(s)``, values
+Istio reads differently from the bundle, unknown fields and keys. Nothing is dropped silently.
 """
 
 from __future__ import annotations
@@ -412,11 +414,33 @@ class _Condition:
     header: str | None = None  # request.headers[name]: the field is a map by header name
 
 
+# What a rule reads that authz never sees: a verified JWT (RequestAuthentication) and Envoy
+# filter metadata. Istio decides on them; authz takes the stricter reading (see unverifiable).
+_UNVERIFIABLE_KEYS = ("request.auth.", "experimental.", "request.experimental.")
+
+
+class _Unverifiable:
+    """A `from` entry or `when` condition on something authz cannot see."""
+
+
+UNVERIFIABLE = _Unverifiable()
+
+
 class _Converter:
     def __init__(self, opts: Options, mesh: Mesh) -> None:
         self.opts = opts
         self.mesh = mesh
         self.problems: list[Problem] = []
+        self.notes: list[str] = []
+
+    def unverifiable(self, res: _Resource, path: YPath, what: str, deny: bool, entry: bool = False) -> None:
+        """Say how a field on a JWT or on filter metadata was translated: it is never
+        known to authz, so a DENY or AUDIT rule matches as if it held (the field is left out)
+        and an ALLOW rule as if it did not (the entry or rule never matches)."""
+        effect = ("left out of this DENY/AUDIT rule, which so matches whatever its other fields match"
+                  if deny else f"this ALLOW {'`from` entry' if entry else 'rule'} never matches")
+        self.notes.append(f"{res.at(path, True)}: {_dotted(path)}: {what}, which authz never sees: {effect} "
+                          "(stricter than Istio; docs/bundle-format.md, \"JWT and filter metadata\")")
 
     def error(self, res: _Resource, path: YPath, message: str, key: bool = False) -> None:
         self.problems.append(Problem(res.at(path, key), f"{_dotted(path)}: {message}"))
@@ -639,12 +663,15 @@ class _Converter:
         if not self.unknown_fields(res, path, rv, RULE_FIELDS, "a rule"):
             return []
         sources: list[dict[str, Any]] = []
+        unverifiable = False
         for j, entry in enumerate(self.listed(res, (*path, "from"), rv.get("from"))):
             p = (*path, "from", j)
             if not self.unknown_fields(res, p, entry or {}, {"source"}, "a from entry"):
                 continue
-            s = self.source(res, (*p, "source"), (entry or {}).get("source") or {})
-            if s is not None:
+            s = self.source(res, (*p, "source"), (entry or {}).get("source") or {}, deny)
+            if isinstance(s, _Unverifiable):
+                unverifiable = True  # an entry that never matches: the others still may
+            elif s is not None:
                 sources.append(s)
         operations: list[tuple[dict[str, Any], list[str]]] = []
         for j, entry in enumerate(self.listed(res, (*path, "to"), rv.get("to"))):
@@ -654,8 +681,12 @@ class _Converter:
             op = self.operation(res, (*p, "operation"), (entry or {}).get("operation") or {}, deny)
             if op is not None:
                 operations.append(op)
+        never = unverifiable and not sources
         for j, cv in enumerate(self.listed(res, (*path, "when"), rv.get("when"))):
-            cond = self.condition(res, (*path, "when", j), cv)
+            cond = self.condition(res, (*path, "when", j), cv, deny)
+            if isinstance(cond, _Unverifiable):
+                never = never or not deny  # a DENY rule leaves it out; an ALLOW rule never matches
+                continue
             if cond is None:
                 continue
             if cond.where == "source":
@@ -668,6 +699,8 @@ class _Converter:
                 operations = [e for e, keep in zip(operations, kept, strict=True) if keep]
             if not (sources if cond.where == "source" else operations):
                 return []  # every entry ANDed with the condition matches nothing: so does the rule
+        if never:
+            return []  # after every entry was checked, so that all problems are reported
         name = f"rule-{index + 1}"
         if any(cel for _, cel in operations) and len(operations) > 1:
             # A CEL part of one `to` entry cannot be ORed with the others inside one rule:
@@ -718,14 +751,16 @@ class _Converter:
             out["when"] = list(when)
         return out
 
-    def source(self, res: _Resource, path: YPath, sv: Any) -> dict[str, Any] | None:
+    def source(self, res: _Resource, path: YPath, sv: Any, deny: bool = False
+               ) -> dict[str, Any] | _Unverifiable | None:
+        """The bundle source; UNVERIFIABLE for an ALLOW rule's entry on JWT principals."""
         if not self.unknown_fields(res, path, sv, SOURCE_FIELDS, "a source"):
             return None
         out: dict[str, Any] = {}
-        for key in ("requestPrincipals", "notRequestPrincipals"):
-            if sv.get(key):
-                self.error(res, (*path, key), "JWT request principals need RequestAuthentication, and authz "
-                           "does not validate JWTs", key=True)
+        jwt = [key for key in ("requestPrincipals", "notRequestPrincipals")
+               if self.strings(res, (*path, key), sv.get(key))]
+        for key in jwt:
+            self.unverifiable(res, (*path, key), "JWT request principals", deny, entry=True)
         for key in sorted(SOURCE_FIELDS - {"requestPrincipals", "notRequestPrincipals"}, key=_source_order):
             values = self.strings(res, (*path, key), sv.get(key))
             if not values:  # an empty list is "not set" in Istio (proto3)
@@ -746,7 +781,7 @@ class _Converter:
         if accounts and others:
             self.error(res, (*path, accounts[0]), f"Istio rejects {accounts[0]} next to {others[0]} in one "
                        "source, so this policy never applied there", key=True)
-        return out
+        return UNVERIFIABLE if jwt and not deny else out
 
     def operation(self, res: _Resource, path: YPath, ov: Any, deny: bool = False,
                   ) -> tuple[dict[str, Any], list[str]] | None:
@@ -835,7 +870,8 @@ class _Converter:
 
     # -- conditions -------------------------------------------------------------------------
 
-    def condition(self, res: _Resource, path: YPath, cv: Any) -> _Condition | None:
+    def condition(self, res: _Resource, path: YPath, cv: Any, deny: bool = False
+                  ) -> _Condition | _Unverifiable | None:
         if not self.unknown_fields(res, path, cv, CONDITION_FIELDS, "a condition"):
             return None
         key = cv.get("key")
@@ -882,11 +918,11 @@ class _Converter:
                 else:
                     ok = self.check_patterns(res, p, vs) and ok
             return _Condition(where, field_name, values, not_values) if ok else None
-        if key.startswith("request.auth."):
-            self.error(res, kpath, f"{key!r} reads a JWT, and authz does not validate JWTs")
-        elif key.startswith("experimental."):
-            self.error(res, kpath, f"{key!r} is an experimental Envoy metadata match authz cannot see")
-        elif key.startswith("destination.labels") or key == "destination.namespace":
+        if key.startswith(_UNVERIFIABLE_KEYS):
+            what = "a JWT claim" if key.startswith("request.auth.") else "experimental Envoy filter metadata"
+            self.unverifiable(res, kpath, f"{key!r} reads {what}", deny)
+            return UNVERIFIABLE
+        if key.startswith("destination.labels") or key == "destination.namespace":
             self.error(res, kpath, f"{key!r} is replaced by the selector and metadata.namespace in Istio, "
                        "which rejects it")
         else:
@@ -985,7 +1021,7 @@ def convert(resources: list[_Resource], opts: Options) -> Imported:
     manifest["defaultAction"] = "DENY" if opts.default_deny else "ALLOW"
     if mesh.path_normalization is not None:
         manifest["pathNormalization"] = mesh.path_normalization
-    return Imported(manifest, policies, [mesh.note])
+    return Imported(manifest, policies, [mesh.note, *conv.notes])
 
 
 def import_files(paths: list[Path], out_dir: Path, opts: Options, force: bool = False) -> tuple[list[Path], list[str]]:

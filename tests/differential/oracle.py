@@ -273,6 +273,10 @@ def bootstrap(ca: CertAuthority, rbac_filters: list[dict], ports: list[int], adm
         "node": {"id": "sidecar~127.0.0.1~httpbin-v1.foo~foo.svc.cluster.local", "cluster": "httpbin.foo"},
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
         "static_resources": {"listeners": listeners, "clusters": list(clusters or [])},
+        # As istiod's bootstrap: RBAC regexes istiod emits may exceed Envoy's default RE2
+        # program size (100), which would reject the filter.
+        "layered_runtime": {"layers": [{"name": "global config", "static_layer": {
+            "re2.max_program_size.error_level": 32768, "re2.max_program_size.warn_level": 1000}}]},
     }
 
 
