@@ -48,14 +48,14 @@ import copy
 import ipaddress
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from authz import paths
+from authz import paths, spiffe
 from authz.bundle.schema import Problem
 from authz.bundle.yamlpos import Document, Position, YamlError, load_documents
 from authz.spiffe import SCHEME
@@ -347,6 +347,10 @@ def resolve_mesh(resources: list[_Resource], opts: Options) -> Mesh:
 # --- converting -------------------------------------------------------------------------
 
 
+# Characters with a meaning in the regexes istiod builds for namespaces and service accounts.
+_REGEX_META = re.compile(r"[.^$|?+()\[\]{}\\]")
+
+
 class _Never(Exception):
     """ANDing two value lists leaves nothing: that source or operation matches no request."""
 
@@ -355,12 +359,17 @@ class _Inexact(Exception):
     """ANDing two value lists has no exact form in one bundle field."""
 
 
-def _and_strings(old: list[str], new: list[str]) -> list[str]:
+def _and_strings(old: list[str], new: list[str], same: Callable[[str], Hashable] | None) -> list[str]:
+    """``same`` says which values name one thing (the principal in every trust domain of the
+    bundle, a service account with or without its namespace); None when values cannot be
+    compared as strings at all (two lines of one header can hold both). Only a provably
+    empty AND is _Never: dropping a DENY rule that Istio enforces would be looser."""
     if set(old) == set(new):
         return old
-    if any("*" in v for v in (*old, *new)):
+    if same is None or any("*" in v for v in (*old, *new)):
         raise _Inexact
-    both = [v for v in old if v in new]
+    wanted = {same(v) for v in new}
+    both = [v for v in old if same(v) in wanted]
     if not both:
         raise _Never
     return both
@@ -391,12 +400,12 @@ def _and_ports(old: list[str], new: list[str]) -> list[str]:
     return both
 
 
-def _and(field_name: str, old: list[str], new: list[str]) -> list[str]:
+def _and(field_name: str, old: list[str], new: list[str], same: Callable[[str], Hashable] | None) -> list[str]:
     if field_name.lower().endswith("ipblocks"):
         return _and_ips(old, new)
     if field_name == "ports":
         return _and_ports(old, new)
-    return _and_strings(old, new)
+    return _and_strings(old, new, same)
 
 
 def _negative(field_name: str) -> str:
@@ -691,11 +700,11 @@ class _Converter:
                 continue
             if cond.where == "source":
                 sources = sources or [{}]
-                kept = self.push(res, (*path, "when", j), cond, sources)
+                kept = self.push(res, (*path, "when", j), cond, sources, deny)
                 sources = [e for e, keep in zip(sources, kept, strict=True) if keep]
             else:
                 operations = operations or [({}, [])]
-                kept = self.push(res, (*path, "when", j), cond, [op for op, _ in operations])
+                kept = self.push(res, (*path, "when", j), cond, [op for op, _ in operations], deny)
                 operations = [e for e, keep in zip(operations, kept, strict=True) if keep]
             if not (sources if cond.where == "source" else operations):
                 return []  # every entry ANDed with the condition matches nothing: so does the rule
@@ -708,8 +717,11 @@ class _Converter:
             return [self._rule(f"{name}.{k + 1}", sources, [op], cel) for k, (op, cel) in enumerate(operations)]
         return [self._rule(name, sources, [op for op, _ in operations], [c for _, cel in operations for c in cel])]
 
-    def push(self, res: _Resource, path: YPath, cond: _Condition, entries: list[dict[str, Any]]) -> list[bool]:
-        """AND a condition into every entry; False for an entry that then matches nothing."""
+    def push(self, res: _Resource, path: YPath, cond: _Condition, entries: list[dict[str, Any]],
+             deny: bool = False) -> list[bool]:
+        """AND a condition into every entry; False for an entry that then matches nothing.
+        ``deny``: the rule of a DENY or AUDIT policy, where an AND with no exact form keeps
+        the entry's own values (the rule then matches more: stricter) instead of failing."""
         keep = []
         label = f"{cond.field_name}[{cond.header}]" if cond.header is not None else cond.field_name
         for entry in entries:
@@ -725,13 +737,21 @@ class _Converter:
                     holder[key] = list(dict.fromkeys([*holder[key], *values]))
                 else:
                     try:
-                        holder[key] = _and(cond.field_name, holder[key], values)
+                        holder[key] = _and(cond.field_name, holder[key], values,
+                                           self._same(res, cond, [*holder[key], *values], deny))
                     except _Never:
                         break
                     except _Inexact:
-                        self.error(res, path, f"{label}: the condition and the {cond.where}'s own values are "
-                                   "both patterns, and their AND has no exact form in one field; write the "
-                                   f"values the rule needs in the {cond.where}")
+                        if deny:
+                            self.notes.append(
+                                f"{res.at(path, False)}: {_dotted(path)}: {label}: the AND of the condition and the "
+                                f"{cond.where}'s own values has no exact form in one field; the condition is left "
+                                "out of this DENY/AUDIT rule, which so matches more (stricter than Istio)")
+                        else:
+                            self.error(res, path, f"{label}: the AND of the condition and the {cond.where}'s own "
+                                       "values has no exact form in one field (patterns, regexes or a header "
+                                       f"that may come in several lines); write the values the rule needs in "
+                                       f"the {cond.where}")
                     except ValueError:
                         pass  # an invalid address or port of the entry, already reported
             else:
@@ -739,6 +759,25 @@ class _Converter:
                 continue
             keep.append(False)
         return keep
+
+    def _same(self, res: _Resource, cond: _Condition, values: list[str], deny: bool
+              ) -> Callable[[str], Hashable] | None:
+        """What makes two values of ``cond``'s field name the same thing, as istiod reads them.
+        None in a DENY or AUDIT rule where strings cannot tell: two lines of one header may
+        hold both values, and istiod pastes namespaces and service accounts into regexes
+        unescaped. (In an ALLOW rule the string AND is at most stricter than Istio's.)"""
+        if deny and cond.header is not None:
+            return None
+        if cond.field_name == "principals":
+            trust = spiffe.TrustDomains(self.mesh.trust_domain, frozenset(self.mesh.aliases))
+            return lambda v: frozenset(trust.expand_principal(v))
+        if cond.field_name in ("namespaces", "serviceAccounts"):
+            if deny and any(_REGEX_META.search(v) for v in values):
+                return None
+            if cond.field_name == "serviceAccounts":
+                namespace = str((res.value.get("metadata") or {}).get("namespace") or "")
+                return lambda v: v if "/" in v else f"{namespace}/{v}"
+        return lambda v: v
 
     @staticmethod
     def _rule(name: str, sources: list[dict[str, Any]], ops: list[dict[str, Any]], when: list[str]) -> dict[str, Any]:

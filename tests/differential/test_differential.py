@@ -71,7 +71,7 @@ def _run(pair: Pair, reqs: list[dict[str, Any]], tmp: Path, label: str,
         row = Row(label, requests=len(reqs), note=f"authz serve: {exc}")
         agreement_rows.append(row)
         return row
-    row = compare(label, reqs, oracle_res, authz_res, documented_entries())
+    row = compare(label, reqs, oracle_res, authz_res, documented_entries(), pair.left_out)
     agreement_rows.append(row)
     return row
 

@@ -884,7 +884,7 @@ def test_two_header_conditions_on_one_name_are_anded(tmp_path: Path) -> None:
         - {key: "request.headers[x-a]", values: ["a*"]}
         - {key: "request.headers[x-a]", values: ["*b"]}
     """)
-    assert len(errors) == 1 and "headers[x-a]: the condition and the operation's own values are both patterns" in errors[0]
+    assert len(errors) == 1 and "headers[x-a]: the AND of the condition and the operation's own values has no exact" in errors[0]
 
 
 def test_sni_destination_ip_and_port_conditions_are_native(tmp_path: Path) -> None:
@@ -953,7 +953,7 @@ def test_source_condition_with_patterns_on_both_sides_is_an_error(tmp_path: Path
       - from: [{source: {principals: ["*/sa/a"]}}]
         when: [{key: source.principal, values: ["td/*"]}]
     """)
-    assert len(errors) == 1 and "spec.rules[0].when[0]: principals: the condition and the source's own" in errors[0]
+    assert len(errors) == 1 and "spec.rules[0].when[0]: principals: the AND of the condition and the source's own" in errors[0]
 
 
 @pytest.mark.parametrize(("key", "value", "message"), [
@@ -1376,3 +1376,40 @@ def test_cli_usage_errors_are_one_line_exit_2(tmp_path: Path, capsys: pytest.Cap
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_a_deny_rule_is_never_dropped_for_an_and_that_only_looks_empty(tmp_path: Path) -> None:
+    """`sleep` and `foo/sleep` name one service account in namespace foo, `old-td/...` and
+    `cluster.local/...` one identity when old-td is an alias, and two lines of one header can
+    carry `a` and `b`: dropping such a DENY rule as "matches nothing" let through what Istio
+    denies. Exact where the AND has an exact form; otherwise the condition is left out (the
+    rule matches more) and named in a note."""
+    text = AP + """\
+      action: DENY
+      rules:
+      - from: [{source: {serviceAccounts: ["sleep"]}}]
+        to: [{operation: {paths: ["/sa"]}}]
+        when: [{key: source.serviceAccount, values: ["foo/sleep"]}]
+      - from: [{source: {principals: ["old-td/ns/foo/sa/evil"]}}]
+        to: [{operation: {paths: ["/td"]}}]
+        when: [{key: source.principal, values: ["cluster.local/ns/foo/sa/evil"]}]
+      - to: [{operation: {paths: ["/hdr"]}}]
+        when:
+        - {key: "request.headers[x-tag]", values: ["a"]}
+        - {key: "request.headers[x-tag]", values: ["b"]}
+      - from: [{source: {principals: ["cluster.local/ns/foo/sa/x"]}}]
+        to: [{operation: {paths: ["/never"]}}]
+        when: [{key: source.principal, values: ["cluster.local/ns/foo/sa/y"]}]
+    """
+    out, notes = write_bundle(tmp_path, text, trust_domain="cluster.local", trust_domain_aliases=("old-td",))
+    ps = load_policy_set(out)
+    assert [r.name for r in ps.policies[0].rules] == ["rule-1", "rule-2", "rule-3"]  # x AND y: provably none
+    assert not allowed(ps, principal=sa("foo", "sleep"), path="/sa")
+    assert not allowed(ps, principal="spiffe://old-td/ns/foo/sa/evil", path="/td")
+    assert not allowed(ps, principal=sa("foo", "evil"), path="/td")
+    assert not allowed(ps, principal=SLEEP, path="/hdr", headers={"x-tag": "a,b"})
+    assert not allowed(ps, principal=SLEEP, path="/hdr", headers={"x-tag": "a"})  # stricter: b left out
+    assert allowed(ps, principal=SLEEP, path="/hdr")
+    assert allowed(ps, principal=sa("foo", "x"), path="/never")
+    left_out = [n for n in notes if "left out of this DENY/AUDIT rule" in n]
+    assert len(left_out) == 1 and "spec.rules[2].when[1]: headers[x-tag]" in left_out[0], notes
