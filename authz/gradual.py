@@ -19,7 +19,21 @@ from typing import Any
 
 import yaml
 
-_DECODER = json.JSONDecoder()
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # A key given twice would be settled silently by the last one (a tenant's callers,
+    # say); YAML files are refused for it, so are JSON files.
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"duplicate key {key!r}")
+            seen.add(key)
+    return out
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique)
 _SPACE = re.compile(r"[ \t\n\r]*")
 _SPLIT_DEPTH = 2  # {"tenants": {"<id>": <decoded in one call>, ...}}
 
@@ -64,7 +78,10 @@ def _value(text: str, i: int, depth: int, strings: dict[str, str]) -> tuple[Any,
         if opening == "{":
             if text[i:i + 1] != '"':
                 raise json.JSONDecodeError("Expecting property name enclosed in double quotes", text, i)
+            at = i
             key, i = json.decoder.scanstring(text, i + 1)  # type: ignore[attr-defined]
+            if key in out:
+                raise json.JSONDecodeError(f"duplicate key {key!r}", text, at)
             i = _SPACE.match(text, i).end()  # type: ignore[union-attr]
             if text[i:i + 1] != ":":
                 raise json.JSONDecodeError("Expecting ':' delimiter", text, i)

@@ -95,12 +95,21 @@ def is_hidden(name: str) -> bool:
     return any(part.startswith(".") for part in name.split("/"))
 
 
+MAX_NAME = 1024  # characters of a member's path; a part at most 255 (a file name on Linux)
+
+
 def safe_name(name: str) -> str | None:
-    """The normalised relative path of an archive member, or None when it is unsafe."""
-    if not name or "\0" in name or "\\" in name or name.startswith("/"):
+    """The normalised relative path of an archive member, or None when it is unsafe: one
+    that climbs out, is absolute, is not UTF-8 (tarfile hands such bytes over as
+    surrogates) or could not be written out as a file here."""
+    if not name or "\0" in name or "\\" in name or name.startswith("/") or len(name) > MAX_NAME:
+        return None
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
         return None
     parts = [p for p in name.split("/") if p not in ("", ".")]
-    if not parts or any(p == ".." for p in parts):
+    if not parts or any(p == ".." or len(p.encode()) > 255 for p in parts):
         return None
     return "/".join(parts)
 
@@ -174,6 +183,12 @@ def unpack(data: bytes, origin: str, limits: Limits = DEFAULT_LIMITS) -> Snapsho
         raise reject(where, f"archive is corrupt or truncated: {exc}") from None
     if not files:
         raise reject(where, "archive holds no files")
+    for name in files:  # `data` and `data/x.yaml`: a path cannot be a file and a directory
+        parent = name.rpartition("/")[0]
+        while parent:
+            if parent in files:
+                raise reject(where, f"archive entry {parent!r} is a file and a directory ({name!r})")
+            parent = parent.rpartition("/")[0]
     return Snapshot(files, origin, archive=data)
 
 

@@ -90,7 +90,14 @@ def _read_bundle(root: Path, require_policies: bool) -> tuple[BundleFiles, list[
         for doc in _read(root, path, problems):
             problems += schema.validate(doc, schema.TENANTS)
             files.tenants.append(doc)
+    data_files: dict[str, str] = {}
     for path in _files(root / "data", (".yaml", ".yml", ".json")):
+        name = path.relative_to(root).as_posix()
+        if path.stem in data_files:  # data/x.yaml and data/old/x.json: which one is data.x?
+            problems.append(Problem(Position(name, 1, 1), f"data name {path.stem!r} is already given by "
+                                    f"{data_files[path.stem]}"))
+            continue
+        data_files[path.stem] = name
         docs = _read(root, path, problems)
         if docs:
             files.data[path.stem] = docs[0]
@@ -148,6 +155,12 @@ def _read(root: Path, path: Path, problems: list[Problem]) -> list[Document]:
             value: Any = gradual.loads(text)  # json.loads in steps: checks go on meanwhile
         except json.JSONDecodeError as exc:
             problems.append(Problem(Position(name, exc.lineno, exc.colno), f"invalid JSON: {exc.msg}"))
+            return []
+        except RecursionError:
+            problems.append(Problem(Position(name, 1, 1), "invalid JSON: nested too deeply"))
+            return []
+        except ValueError as exc:  # a duplicate key, an integer of thousands of digits
+            problems.append(Problem(Position(name, 1, 1), f"invalid JSON: {str(exc)[:200]}"))
             return []
         return [Document(name, value)]
     try:

@@ -28,9 +28,15 @@ Transport: https, verified with the ``--ca-file`` context. A registry on a loopb
 or one named by ``--insecure-registry`` (Docker's "insecure registries"), may be plain http:
 https is tried first and plain http used only when the registry does not speak TLS (never
 after a certificate error). Credentials go over plain http only to such a registry itself or
-to a loopback token realm. Redirects
-(registries send blob downloads to storage) never carry the Authorization header to another
-host and never go from https to plain http.
+to a loopback token realm. Every request is bounded by the fetch's deadline as a whole, not
+only per read: the watchdog of HttpSource shuts the socket down at the deadline, so a registry
+dripping its headers or body a byte at a time fails the fetch at ``--poll-timeout``.
+
+Redirects (registries send blob downloads to storage, often a CDN on another host) are
+followed at most three times, to https only (plain http only within an insecure or loopback
+registry itself, never from https), and not to a loopback, link-local or private address unless
+the registry is on one of the same kind (``redirect_refusal``). The Authorization header never
+goes to another host.
 """
 
 from __future__ import annotations
@@ -38,10 +44,13 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import http.client
+import ipaddress
 import json
 import logging
 import random
 import re
+import socket
 import ssl
 import time
 import urllib.error
@@ -55,7 +64,15 @@ from pathlib import Path
 from typing import IO, Any
 
 from authz.bundle.archive import DEFAULT_LIMITS, Limits, Snapshot, reject, unpack
-from authz.bundle.sources import PollPolicy, SourceUnavailable, poll_delay
+from authz.bundle.sources import (
+    PollPolicy,
+    RedirectRefused,
+    SourceUnavailable,
+    Watchdog,
+    WatchedHTTPHandler,
+    WatchedHTTPSHandler,
+    poll_delay,
+)
 from authz.tls import ClientTls, client_context
 
 log = logging.getLogger("authz.bundle")
@@ -71,6 +88,7 @@ INDEX_MEDIA_TYPES = (
 EMPTY_MEDIA_TYPE = "application/vnd.oci.empty.v1+json"
 EMPTY_BLOB = b"{}"
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024  # what distribution itself accepts
+MAX_REDIRECTS = 3  # registry -> storage is one; a chain longer than a few is not a registry's
 USER_AGENT = "authz-bundle-oci"
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 
@@ -83,6 +101,10 @@ _CHALLENGE_PARAM = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"|(\w+)=([^\s,]+)')
 
 class RegistryError(SourceUnavailable):
     """The registry could not be used (unreachable, refused, no such tag, bad credentials)."""
+
+
+class _TimedOut(RegistryError):
+    """The deadline passed before a request finished."""
 
 
 # --- references ----------------------------------------------------------------------------
@@ -216,24 +238,105 @@ def parse_challenge(header: str | None) -> Challenge | None:
     return Challenge(scheme.lower(), params)
 
 
+def redirect_refusal(registry: str, plain_http: bool, old: str, new: str) -> str | None:
+    """Why a redirect from ``old`` to ``new`` is not followed for ``registry``; None when it is.
+
+    A registry's redirects are only ever followed as far as a registry itself could be: a
+    redirect must not make authz probe the network it runs in (cloud metadata at 169.254.169.254,
+    admin ports on loopback), even blind, since the digest check would tell how much came back.
+    """
+    was, to = urllib.parse.urlsplit(old), urllib.parse.urlsplit(new)
+    if to.scheme == "http":
+        if plain_http and was.scheme == "http" and to.netloc.lower() == registry.lower():
+            return None
+        return "plain http is followed only within an insecure registry itself, never from https"
+    if to.scheme != "https":
+        return f"only https (or http within an insecure registry) is followed, not {to.scheme}:"
+    if to.netloc.lower() == registry.lower():
+        return None
+    target = _address_kinds(to.hostname or "")
+    if not target:
+        if urllib.request.getproxies().get("https"):
+            return None  # behind a proxy only the proxy may know the storage host's address
+        return f"{to.hostname} does not resolve"
+    registry_host = urllib.parse.urlsplit(f"//{registry}").hostname or ""
+    own = target - {"public"} - _address_kinds(registry_host)
+    if own:
+        return f"it is a {' and '.join(sorted(own))} address and the registry is not on one"
+    return None
+
+
+def _address_kinds(host: str) -> frozenset[str]:
+    """The kinds of the addresses ``host`` is or resolves to now (none if it does not resolve)."""
+    if not host:
+        return frozenset()
+    try:
+        found = [ipaddress.ip_address(host)]
+    except ValueError:
+        try:
+            infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+            found = [ipaddress.ip_address(info[4][0]) for info in infos]
+        except (OSError, UnicodeError, ValueError):
+            return frozenset()
+    return frozenset(_address_kind(ip) for ip in found)
+
+
+def _address_kind(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # ::ffff:169.254.169.254 reaches 169.254.169.254
+    if ip.is_loopback or ip.is_unspecified:  # connecting to 0.0.0.0 reaches this host
+        return "loopback"
+    if ip.is_link_local:
+        return "link-local"
+    return "public" if ip.is_global else "private"
+
+
 class _Redirects(urllib.request.HTTPRedirectHandler):
-    """Follows redirects without taking credentials to another host or https to plain http."""
+    """Follows what ``redirect_refusal`` allows, without the Authorization header to another
+    host and within the deadline of the request."""
+
+    max_redirections = MAX_REDIRECTS
+
+    def __init__(self, registry: str, plain_http: bool) -> None:
+        self.registry = registry
+        self.plain_http = plain_http
+        self.deadline = float("inf")  # of the request in progress (RegistryClient._open)
 
     def redirect_request(
         self, req: urllib.request.Request, fp: IO[bytes], code: int, msg: str,
         headers: HTTPMessage, newurl: str,
     ) -> urllib.request.Request | None:
+        fp.close()  # urllib would read the redirect's whole body first, however large
+        why = redirect_refusal(self.registry, self.plain_http, req.full_url, newurl)
+        if why is None and len(getattr(req, "redirect_dict", {})) >= self.max_redirections:
+            why = f"more than {self.max_redirections} redirects"
+        if why is not None:
+            raise RedirectRefused(
+                f"registry {self.registry} redirected {req.get_method()} {_path(req.full_url)} "
+                f"to {_shown(newurl)}: refused, {why}"
+            )
         new = super().redirect_request(req, fp, code, msg, headers, newurl)
         if new is None:
             return None
-        old_url, new_url = urllib.parse.urlsplit(req.full_url), urllib.parse.urlsplit(new.full_url)
-        if old_url.scheme == "https" and new_url.scheme != "https":
-            raise urllib.error.HTTPError(
-                req.full_url, code, "redirect from https to plain http refused", headers, fp
-            )
-        if old_url.netloc != new_url.netloc:
+        if urllib.parse.urlsplit(req.full_url).netloc != urllib.parse.urlsplit(new.full_url).netloc:
             new.remove_header("Authorization")
+        # urllib opens the next hop with the first one's timeout: give it what is left.
+        req.timeout = max(0.01, self.deadline - time.monotonic())
         return new
+
+
+def _opener(
+    ctx: ssl.SSLContext, watch: Watchdog, redirects: _Redirects
+) -> urllib.request.OpenerDirector:
+    """http and https only: build_opener would add ftp:, file: and data: handlers."""
+    opener = urllib.request.OpenerDirector()
+    for handler in (
+        urllib.request.ProxyHandler(), urllib.request.UnknownHandler(),
+        WatchedHTTPHandler(watch), WatchedHTTPSHandler(watch, context=ctx),
+        urllib.request.HTTPDefaultErrorHandler(), redirects, urllib.request.HTTPErrorProcessor(),
+    ):
+        opener.add_handler(handler)
+    return opener
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,6 +365,8 @@ class RegistryClient:
         self.scheme = "https"
         self._scheme_known = not plain_http
         self._ssl: ssl.SSLContext | None = None
+        self._watch = Watchdog()
+        self._redirects = _Redirects(registry, plain_http)
         self.use_context(ssl_context or client_context())
         self._auth: dict[str, tuple[str, float]] = {}  # scope -> (Authorization value, expiry)
         self.requests = 0  # made to the registry, for logs and tests
@@ -270,9 +375,7 @@ class RegistryClient:
         """TLS for the next requests (a rotated --client-cert comes as a new context)."""
         if ctx is not self._ssl:
             self._ssl = ctx
-            self._opener = urllib.request.build_opener(
-                urllib.request.HTTPSHandler(context=ctx), _Redirects()
-            )
+            self._opener = _opener(ctx, self._watch, self._redirects)
 
     # --- requests ------------------------------------------------------------------------
 
@@ -340,29 +443,74 @@ class RegistryClient:
     def _open(self, req: urllib.request.Request, deadline: float, max_bytes: int) -> Response:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise RegistryError(f"registry {self.registry} did not answer in time")
+            raise self._late(req)
         self.requests += 1
-        try:
-            resp = self._opener.open(req, timeout=remaining)
-        except urllib.error.HTTPError as exc:
+        self._redirects.deadline = deadline
+        # The socket timeout bounds each wait; the watchdog bounds the whole exchange, which
+        # a registry dripping its headers or body a byte at a time would stretch without end.
+        with self._watch.armed(remaining):
             try:
-                # Error bodies are small JSON; read a little for the reason, never more.
-                body = exc.read(4096) if exc.fp is not None else b""
-            except (OSError, ValueError):
-                body = b""
-            finally:
-                exc.close()
-            return Response(exc.code, exc.headers, body)
-        except (OSError, ValueError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise RegistryError(f"registry {self.registry} unreachable: {reason}") from (
-                reason if isinstance(reason, BaseException) else exc
+                resp = self._opener.open(req, timeout=remaining)
+            except RedirectRefused as exc:
+                raise RegistryError(str(exc.reason)) from None
+            except urllib.error.HTTPError as exc:
+                try:
+                    # Error bodies are small JSON; read a little for the reason, never more.
+                    body = exc.read(4096) if exc.fp is not None else b""
+                except (OSError, ValueError, http.client.HTTPException):
+                    body = b""
+                finally:
+                    exc.close()
+                if self._watch.fired:
+                    raise self._late(req) from None
+                return Response(exc.code, exc.headers, body)
+            except (OSError, ValueError, http.client.HTTPException) as exc:
+                if self._watch.fired or time.monotonic() >= deadline:
+                    raise self._late(req) from None
+                reason = getattr(exc, "reason", exc)
+                raise RegistryError(f"registry {self.registry} unreachable: {reason}") from (
+                    reason if isinstance(reason, BaseException) else exc
+                )
+            with resp:
+                status, headers = int(resp.status), resp.headers
+                if req.get_method() == "HEAD":
+                    return Response(status, headers, b"")
+                return Response(status, headers, self._read(resp, req, max_bytes))
+
+    def _read(self, resp: Any, req: urllib.request.Request, limit: int) -> bytes:
+        length = resp.headers.get("Content-Length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise _TooLarge(int(length), limit)
+        chunks: list[bytes] = []
+        total = 0
+        try:
+            while True:
+                # read1: what has arrived; read(n) would wait for all n bytes, drip by drip.
+                chunk = resp.read1(min(65536, limit + 1 - total))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                total += len(chunk)
+                if total > limit:
+                    raise _TooLarge(total, limit)
+        except (OSError, ValueError, http.client.HTTPException) as exc:
+            if self._watch.fired:
+                raise self._late(req) from None
+            raise RegistryError(f"download of {_path(req.full_url)} failed: {exc}") from None
+        if self._watch.fired:  # the socket it shut down reads as the end of the body
+            raise self._late(req)
+        if length is not None and length.isdigit() and total < int(length):
+            # A short body is the connection's fault, not the artifact's: no digest verdict.
+            raise RegistryError(
+                f"download of {_path(req.full_url)} ended after {total} of {length} bytes"
             )
-        with resp:
-            status, headers = int(resp.status), resp.headers
-            if req.get_method() == "HEAD":
-                return Response(status, headers, b"")
-            return Response(status, headers, _read_limited(resp, deadline, max_bytes, req.full_url))
+        return b"".join(chunks)
+
+    def _late(self, req: urllib.request.Request) -> _TimedOut:
+        return _TimedOut(
+            f"registry {self.registry}: {req.get_method()} {_path(req.full_url)} did not finish "
+            "in time"
+        )
 
     # --- auth ----------------------------------------------------------------------------
 
@@ -448,28 +596,6 @@ def _basic(creds: tuple[str, str]) -> str:
     return base64.b64encode(f"{creds[0]}:{creds[1]}".encode()).decode()
 
 
-def _read_limited(resp: Any, deadline: float, limit: int, url: str) -> bytes:
-    length = resp.headers.get("Content-Length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise _TooLarge(int(length), limit)
-    chunks: list[bytes] = []
-    total = 0
-    try:
-        while True:
-            if time.monotonic() > deadline:
-                raise RegistryError(f"download of {_path(url)} did not finish in time")
-            chunk = resp.read(min(65536, limit + 1 - total))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            total += len(chunk)
-            if total > limit:
-                raise _TooLarge(total, limit)
-    except (OSError, ValueError) as exc:
-        raise RegistryError(f"download of {_path(url)} failed: {exc}") from None
-    return b"".join(chunks)
-
-
 class _TooLarge(RegistryError):
     """A body over its size limit: for a bundle or manifest, the candidate is rejected."""
 
@@ -477,6 +603,12 @@ class _TooLarge(RegistryError):
         super().__init__(f"{size} bytes, over the size limit of {limit}")
         self.size = size
         self.limit = limit
+
+
+def _shown(url: str) -> str:
+    """``url`` without user info and query, for an error message."""
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
 
 
 def _path(url: str) -> str:
@@ -627,6 +759,11 @@ class OciSource:
             )
         except _TooLarge:
             raise
+        except _TimedOut as exc:
+            raise RegistryError(
+                f"{self.description}: {exc} (--poll-timeout {self.policy.timeout:g}s covers the "
+                "whole fetch)"
+            ) from None
         except RegistryError as exc:
             raise RegistryError(f"{self.description}: {exc}") from None
 

@@ -25,6 +25,7 @@ import os
 import random
 import socket
 import ssl
+import stat
 import threading
 import time
 import urllib.error
@@ -79,24 +80,38 @@ def directory_base(root: Path) -> Path:
 
 
 def _walk(base: Path, max_files: int) -> Iterator[tuple[str, Path]]:
-    """(relative posix path, path) of the non-hidden regular files under ``base``, sorted.
+    """(relative posix path, resolved path) of the non-hidden regular files under ``base``, sorted.
 
-    Symbolic links are followed (a ConfigMap mount is made of them), but a directory reached
-    twice, through a link back to an ancestor (``self -> .``) or a second link to it, is
-    rejected instead of being read again and again.
+    Symbolic links are followed (a ConfigMap mount is made of them), but only within
+    ``base``: a link out of it (`data/x.yaml -> /var/run/secrets/...`) would put a file of
+    the host into the bundle, where a rule could send it upstream. A directory reached twice
+    (``self -> .``) is a link loop. Whatever cannot be read as a file of the bundle (a
+    dangling link, a FIFO, a device, a directory that cannot be listed, a name that is not
+    UTF-8) rejects the bundle: skipped, it could be the file holding a DENY policy.
     """
     found = 0
-    st = os.stat(base)
+    real_base = os.path.realpath(base)
+    st = os.stat(real_base)
     seen = {(st.st_dev, st.st_ino)}
-    for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
+
+    def inside(rel: str, path: str) -> str:
+        real = os.path.realpath(path)
+        if real != real_base and not real.startswith(real_base + os.sep):
+            raise reject(rel, "symbolic link leads out of the bundle directory")
+        return real
+
+    def unlistable(exc: OSError) -> None:
+        raise reject(os.path.relpath(exc.filename or str(base), base), f"cannot list directory: {exc.strerror}")
+
+    for dirpath, dirnames, filenames in os.walk(base, followlinks=True, onerror=unlistable):
         rel_dir = os.path.relpath(dirpath, base)
         keep = []
         for d in sorted(d for d in dirnames if not d.startswith(".")):
-            rel = d if rel_dir == "." else f"{Path(rel_dir).as_posix()}/{d}"
+            rel = _rel(rel_dir, d)
             try:
-                dst = os.stat(os.path.join(dirpath, d))
-            except OSError:
-                continue  # a dangling link: nothing to read
+                dst = os.stat(inside(rel, os.path.join(dirpath, d)))
+            except FileNotFoundError:
+                raise reject(rel, "dangling symbolic link") from None
             key = (dst.st_dev, dst.st_ino)
             if key in seen:
                 raise reject(rel, "directory reached twice through a symbolic link (a link loop?)")
@@ -106,14 +121,44 @@ def _walk(base: Path, max_files: int) -> Iterator[tuple[str, Path]]:
         for name in sorted(filenames):
             if name.startswith("."):
                 continue
-            rel = name if rel_dir == "." else f"{Path(rel_dir).as_posix()}/{name}"
-            path = Path(dirpath) / name
-            if not path.is_file():
-                continue
+            rel = _rel(rel_dir, name)
+            path = os.path.join(dirpath, name)
+            real = inside(rel, path)
+            try:
+                mode = os.stat(real).st_mode
+            except FileNotFoundError:
+                if os.path.islink(path):
+                    raise reject(rel, "dangling symbolic link") from None
+                raise  # removed while we read: read_directory reads again
+            if not stat.S_ISREG(mode):
+                raise reject(rel, "not a regular file (a FIFO, socket or device?)")
             found += 1
             if found > max_files:
                 raise reject(rel, f"bundle has more than {max_files} files")
-            yield rel, path
+            yield rel, Path(real)
+
+
+def _rel(rel_dir: str, name: str) -> str:
+    rel = name if rel_dir == "." else f"{Path(rel_dir).as_posix()}/{name}"
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:  # os.walk hands undecodable bytes over as surrogates
+        raise reject(ascii(rel), "file name is not UTF-8") from None
+    return rel
+
+
+def _read_file(path: Path, rel: str, most: int, follow: bool = False) -> bytes:
+    """A regular file's bytes, at most ``most`` + 1 of them (the caller tells "too large"):
+    never a FIFO that would block, nor (unless ``follow``) a file swapped for a link after
+    the walk saw it."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | (0 if follow else os.O_NOFOLLOW))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise reject(rel, "not a regular file (a FIFO, socket or device?)")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read(most + 1)
+    finally:
+        os.close(fd)
 
 
 def read_directory(
@@ -130,12 +175,10 @@ def read_directory(
         total = 0
         try:
             for rel, path in _walk(base, limits.max_files):
-                data = path.read_bytes()
+                data = _read_file(path, rel, limits.max_bytes - total)
                 total += len(data)
                 if total > limits.max_bytes:
-                    raise reject(
-                        rel, f"bundle files exceed the size limit of {limits.max_bytes} bytes"
-                    )
+                    raise reject(rel, f"bundle files exceed the size limit of {limits.max_bytes} bytes")
                 files[rel] = data
         except FileNotFoundError:
             time.sleep(0.05)  # a ConfigMap swap removed the old version while we read it
@@ -159,8 +202,10 @@ def directory_fingerprint(root: Path, max_files: int) -> Hashable:
                 continue
             entries.append((rel, st.st_size, st.st_mtime_ns, st.st_ino))
         return (str(base), tuple(entries))
-    except Exception:  # noqa: BLE001 - a fingerprint that can't be taken is a change to look at
-        return ("unreadable", time.monotonic())
+    except Exception as exc:  # noqa: BLE001 - a fingerprint that can't be taken is a change to look at
+        # Stable while the cause is: the watcher then tries the bundle once and rejects it
+        # loudly, where a fingerprint new at every look would never settle (and say nothing).
+        return ("unreadable", type(exc).__name__, str(exc))
 
 
 class DirectorySource:
@@ -194,13 +239,10 @@ class ArchiveSource:
 
     def fetch(self, force: bool = False) -> Snapshot:
         try:
-            size = self.path.stat().st_size
-            if size > self.limits.max_bytes:
-                raise reject(
-                    self.path.name,
-                    f"bundle is {size} bytes, over the size limit of {self.limits.max_bytes}",
-                )
-            data = self.path.read_bytes()
+            # The path itself may be a link (a ConfigMap mount of the archive): followed.
+            data = _read_file(self.path, self.path.name, self.limits.max_bytes, follow=True)
+            if len(data) > self.limits.max_bytes:
+                raise reject(self.path.name, f"bundle is over the size limit of {self.limits.max_bytes} bytes")
         except FileNotFoundError as exc:
             raise SourceUnavailable(f"bundle archive {self.path} does not exist") from exc
         except OSError as exc:
@@ -289,14 +331,14 @@ class HttpSource:
         self._rng = rng or random.Random()
         self._tls = tls
         self._redirects = allow_redirects
-        self._watch = _Watchdog()
+        self._watch = Watchdog()
         self._ssl = ssl_context or (tls.context() if tls is not None else client_context())
         self._opener = self._build_opener(self._ssl)
 
     def _build_opener(self, ctx: ssl.SSLContext) -> urllib.request.OpenerDirector:
         return urllib.request.build_opener(
-            _WatchedHTTPHandler(self._watch),
-            _WatchedHTTPSHandler(self._watch, context=ctx),
+            WatchedHTTPHandler(self._watch),
+            WatchedHTTPSHandler(self._watch, context=ctx),
             _RedirectPolicy(self._redirects),
         )
 
@@ -413,7 +455,7 @@ def poll_delay(p: PollPolicy, rng: random.Random, failures: int, ok: bool) -> fl
     return rng.uniform(ceiling / 2, ceiling)
 
 
-class _Watchdog:
+class Watchdog:
     """Shuts the socket of the download in progress down once its deadline passes, which
     wakes a read blocked on it. One download at a time (the reloader thread)."""
 
@@ -423,7 +465,7 @@ class _Watchdog:
         self._timer: threading.Timer | None = None
         self.fired = False
 
-    def armed(self, seconds: float) -> _Watchdog:
+    def armed(self, seconds: float) -> Watchdog:
         self._seconds = seconds
         return self
 
@@ -461,7 +503,7 @@ class _Watchdog:
                 pass
 
 
-def _watched(base: type[http.client.HTTPConnection], watch: _Watchdog) -> type[http.client.HTTPConnection]:
+def _watched(base: type[http.client.HTTPConnection], watch: Watchdog) -> type[http.client.HTTPConnection]:
     class Watched(base):  # type: ignore[valid-type,misc]
         def connect(self) -> None:
             super().connect()
@@ -470,8 +512,8 @@ def _watched(base: type[http.client.HTTPConnection], watch: _Watchdog) -> type[h
     return Watched
 
 
-class _WatchedHTTPHandler(urllib.request.HTTPHandler):
-    def __init__(self, watch: _Watchdog) -> None:
+class WatchedHTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, watch: Watchdog) -> None:
         super().__init__()
         self._conn = _watched(http.client.HTTPConnection, watch)
 
@@ -479,8 +521,8 @@ class _WatchedHTTPHandler(urllib.request.HTTPHandler):
         return self.do_open(self._conn, req)
 
 
-class _WatchedHTTPSHandler(urllib.request.HTTPSHandler):
-    def __init__(self, watch: _Watchdog, context: ssl.SSLContext) -> None:
+class WatchedHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, watch: Watchdog, context: ssl.SSLContext) -> None:
         super().__init__(context=context)
         self._conn = _watched(http.client.HTTPSConnection, watch)
 

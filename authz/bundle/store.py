@@ -304,6 +304,9 @@ class BundleStore:
                 return self._unavailable(source.description, str(exc))
             except BundleError as exc:
                 return self._reject(source.description, exc)
+            except Exception as exc:  # noqa: BLE001 - a bug in a source must not stop the reloader
+                log.exception("bundle from %s: unexpected error while fetching", source.description)
+                return self._reject(source.description, _internal(source.description, exc))
             if snap is None:  # e.g. HTTP 304: the same bytes as the last candidate it gave
                 same = self._last_candidate is not None and self._last_candidate == self._digest
                 return self._unchanged(source.description, keep_persisted=not same)
@@ -349,17 +352,7 @@ class BundleStore:
             return self._reject(snap.origin, exc)
         except Exception as exc:  # noqa: BLE001 - a bug in a step must not take the server down
             log.exception("bundle from %s: unexpected error in the gate", snap.origin)
-            return self._reject(
-                snap.origin,
-                BundleError(
-                    [
-                        Problem(
-                            Position(snap.origin, 1, 1),
-                            f"internal error while loading: {exc!r}",
-                        )
-                    ]
-                ),
-            )
+            return self._reject(snap.origin, _internal(snap.origin, exc))
         replaced = self.current
         self.current = candidate  # the swap: one assignment (server.settle_heap then freezes it
         # out of later collections)
@@ -514,3 +507,8 @@ class BundleStore:
             serving_persisted=cur is not None and self._persisted_reason is not None,
             persisted_reason=self._persisted_reason if cur is not None else None,
         )
+
+
+def _internal(origin: str, exc: Exception) -> BundleError:
+    """A rejection for an error no step expected (its traceback is logged beside)."""
+    return BundleError([Problem(Position(origin, 1, 1), f"internal error while loading: {exc!r}"[:500])])

@@ -126,14 +126,22 @@ class Reloader:
             forced = self._take_forced()
             if forced:
                 log.info("reloading %s now (signal)", self.source.description)
-            self._load(force=forced)
+            self._guarded(lambda: self._load(force=forced))
 
     def _watch_loop(self) -> None:
         while not self._stop.is_set():
             self._wake.wait(self.interval)
             if self._stop.is_set():
                 return
-            self.watch_once()
+            self._guarded(self.watch_once)
+
+    @staticmethod
+    def _guarded(step: Callable[[], object]) -> None:
+        # One failed look must not end the reloader: the next revision would never load.
+        try:
+            step()
+        except Exception:  # noqa: BLE001
+            log.exception("bundle reloader: unexpected error; it goes on watching")
 
     def watch_once(self) -> None:
         """One look at a file source: load a change once it has settled, or now if triggered.

@@ -76,11 +76,15 @@ def load_documents(text: str, file: str) -> list[Document]:
     except yaml.YAMLError as exc:
         raise YamlError(Position(file, 1, 1), f"invalid YAML: {exc}") from None
     docs = []
+    budget = _Budget()
     for node in nodes:
         if node is None:
             continue
         doc = Document(file, None)
-        doc.value = _convert(node, (), doc)
+        try:
+            doc.value = _convert(node, (), doc, budget)
+        except RecursionError:
+            raise YamlError(_at(doc, node), "invalid YAML: nested too deeply") from None
         docs.append(doc)
     if nodes:
         del node  # the loop's last reference: release() takes apart only what nobody else holds
@@ -88,8 +92,39 @@ def load_documents(text: str, file: str) -> list[Document]:
     return docs
 
 
-def _convert(node: yaml.Node, path: Path, doc: Document) -> Any:
-    doc.positions[path] = Position(doc.file, node.start_mark.line + 1, node.start_mark.column + 1)
+MAX_NODES = 2_000_000  # values of one file: a 100k-tenant file holds under a million
+MAX_ALIASED_NODES = 100_000  # values reached through aliases, each copied where it is used
+
+
+class _Budget:
+    """What converting one file may produce. Nine aliases of nine aliases of ... take a few
+    hundred bytes of YAML and expand to billions of values ("billion laughs")."""
+
+    def __init__(self) -> None:
+        self.nodes = 0
+        self.aliased = 0
+
+
+def _at(doc: Document, node: yaml.Node) -> Position:
+    return Position(doc.file, node.start_mark.line + 1, node.start_mark.column + 1)
+
+
+def _convert(node: yaml.Node, path: Path, doc: Document, budget: _Budget, aliased: bool = False) -> Any:
+    budget.nodes += 1
+    if budget.nodes > MAX_NODES:
+        raise YamlError(_at(doc, node), f"file holds more than {MAX_NODES} values")
+    if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+        # An alias is the anchored node itself, met again. Converted nodes are marked by
+        # dropping their end mark (never read here): a set of ids would cost ~20 MB at 100k
+        # tenants, at the peak of a reload.
+        if node.end_mark is None:
+            aliased = True
+        node.end_mark = None
+    if aliased:
+        budget.aliased += 1
+        if budget.aliased > MAX_ALIASED_NODES:
+            raise YamlError(_at(doc, node), f"aliases expand to more than {MAX_ALIASED_NODES} values")
+    doc.positions[path] = _at(doc, node)
     if isinstance(node, yaml.MappingNode):
         out: dict[str, Any] = {}
         for key_node, value_node in node.value:
@@ -104,10 +139,10 @@ def _convert(node: yaml.Node, path: Path, doc: Document) -> Any:
             doc.key_positions[child] = Position(
                 doc.file, key_node.start_mark.line + 1, key_node.start_mark.column + 1
             )
-            out[key] = _convert(value_node, child, doc)
+            out[key] = _convert(value_node, child, doc, budget, aliased)
         return out
     if isinstance(node, yaml.SequenceNode):
-        return [_convert(item, (*path, i), doc) for i, item in enumerate(node.value)]
+        return [_convert(item, (*path, i), doc, budget, aliased) for i, item in enumerate(node.value)]
     if isinstance(node, yaml.ScalarNode) and node.style in ("'", '"'):
         doc.quoted.add(path)
     return _scalar(node, doc)
@@ -115,8 +150,13 @@ def _convert(node: yaml.Node, path: Path, doc: Document) -> Any:
 
 def _scalar(node: yaml.Node, doc: Document) -> Any:
     if isinstance(node, yaml.ScalarNode):
-        value = doc.constructor.construct_object(node)
-        doc.constructor.constructed_objects.clear()
+        try:
+            value = doc.constructor.construct_object(node)
+        except (yaml.YAMLError, ValueError) as exc:  # `!!python/name:...`, `!!int x`, 5,000 digits
+            problem = getattr(exc, "problem", None) or str(exc)
+            raise YamlError(_at(doc, node), f"invalid value: {str(problem)[:200]}") from None
+        finally:
+            doc.constructor.constructed_objects.clear()
         return value
     pos = Position(doc.file, node.start_mark.line + 1, node.start_mark.column + 1)
     raise YamlError(pos, "a mapping key must be a plain value")

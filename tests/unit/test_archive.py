@@ -145,6 +145,9 @@ def test_truncated_archive_is_rejected(tmp_path: Path) -> None:
         (member("policies/hard.yaml", tarfile.LNKTYPE, "bundle.yaml"), "is a hard link"),
         (member("dev", tarfile.CHRTYPE), "is a special file"),
         (member("fifo", tarfile.FIFOTYPE), "is a special file"),
+        # a name that is not UTF-8 stopped the reloader (its digest could not be taken)
+        (member("data/caf\udce9.yaml"), "unsafe path"),
+        (member("data/" + "x" * 300 + ".yaml"), "unsafe path"),  # no such file name here
     ],
 )
 def test_unsafe_members_are_rejected(info: tarfile.TarInfo, why: str) -> None:
@@ -219,3 +222,9 @@ def test_cli_build_signs_and_refuses_broken_bundles(
     assert (
         main(["build", str(root), "-o", str(bad), "--signing-key", str(tmp_path / "nope.pem")]) == 2
     )
+
+
+def test_a_path_that_is_a_file_and_a_directory_is_rejected() -> None:
+    data = tar_gz([(member("bundle.yaml"), b"x: 1\n"), (member("data"), b"a: 1\n"), (member("data/x.yaml"), b"b: 2\n")])
+    with pytest.raises(BundleError, match="'data' is a file and a directory"):
+        archive.unpack(data, "b.tar.gz")

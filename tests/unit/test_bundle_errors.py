@@ -143,3 +143,39 @@ def test_tenant_ids_that_differ_only_in_case_are_rejected(tmp_path: Path) -> Non
     (msg,) = problems(root)
     assert msg.startswith("tenants/t.yaml:4:3:"), msg
     assert "already defined at tenants/t.yaml:2:3 as 'acme'" in msg
+
+
+def test_two_data_files_of_one_name_are_rejected(tmp_path: Path) -> None:
+    """data/blocklist.yaml and data/old/blocklist.json both claim data.blocklist: the one read
+    last won, silently."""
+    root = bundle_with(tmp_path, HEADER + "name: p\naction: ALLOW\n")
+    (root / "data" / "old").mkdir(parents=True)
+    (root / "data" / "blocklist.yaml").write_text("[10.0.0.1]\n")
+    (root / "data" / "old" / "blocklist.json").write_text("[]\n")
+    (msg,) = problems(root)
+    assert msg.startswith("data/old/blocklist.json:1:1:") and "already given by data/blocklist.yaml" in msg
+
+
+@pytest.mark.parametrize(("text", "where", "why"), [
+    # nine aliases of nine aliases of ...: a few hundred bytes, billions of values
+    ("a0: &a0 [l,l,l,l,l,l,l,l,l]\n" + "".join(
+        f"a{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]\n" for i in range(1, 9)),
+     "data/x.yaml:", "aliases expand to more than"),
+    ("[" * 900 + "]" * 900, "data/x.yaml:1:1:", "nested too deeply"),
+    ("x: !!python/name:os.system ''\n", "data/x.yaml:1:4:", "invalid value"),
+    ("x: !!int notanint\n", "data/x.yaml:1:4:", "invalid value"),
+])
+def test_hostile_yaml_is_a_clear_error_in_bounded_time(tmp_path: Path, text: str, where: str, why: str) -> None:
+    root = bundle_with(tmp_path, HEADER + "name: p\naction: ALLOW\n")
+    (root / "data").mkdir()
+    (root / "data" / "x.yaml").write_text(text)
+    (msg,) = problems(root)
+    assert msg.startswith(where) and why in msg, msg
+
+
+def test_a_json_key_given_twice_is_an_error(tmp_path: Path) -> None:
+    root = bundle_with(tmp_path, HEADER + "name: p\naction: ALLOW\n", tenants={})
+    (root / "tenants" / "t.yaml").unlink()
+    (root / "tenants" / "t.json").write_text('{"tenants": {"acme": {"callers": ["a"]}, "acme": {"callers": ["b"]}}}')
+    (msg,) = problems(root)
+    assert msg.startswith("tenants/t.json:1:") and "duplicate key 'acme'" in msg

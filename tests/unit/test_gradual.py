@@ -56,9 +56,15 @@ def test_errors_name_the_same_line_and_column(text: str) -> None:
     assert _outcome(gradual.loads, text)[0] == "error"
 
 
-def test_duplicate_keys_keep_the_last_as_json_loads_does() -> None:
-    text = '{"tenants": {"t": {"plan": "a"}, "t": {"plan": "b"}}}'
-    assert gradual.loads(text) == json.loads(text) == {"tenants": {"t": {"plan": "b"}}}
+@pytest.mark.parametrize("text", [
+    '{"tenants": {"t": {"plan": "a"}, "t": {"plan": "b"}}}',  # a level decoded entry by entry
+    '{"tenants": {"t": {"plan": "a", "plan": "b"}}}',  # a level decoded in one call
+])
+def test_a_key_given_twice_is_an_error(text: str) -> None:
+    """json.loads keeps the last: a tenant given twice would lose its first callers silently,
+    where YAML refuses the same file."""
+    with pytest.raises(ValueError, match="duplicate key 't'|duplicate key 'plan'"):
+        gradual.loads(text)
 
 
 @dataclass(slots=True)

@@ -179,22 +179,28 @@ def creds(tmp_path: Path) -> Iterator[Path]:
     yield write(tmp_path / "config.json", {"auths": {}})
 
 
-def test_blob_redirect_to_another_host_drops_the_credentials(tmp_path: Path) -> None:
+def test_blob_redirects_keep_the_credentials_within_the_registry_only() -> None:
+    """Over plain http a redirect stays within the registry (test_oci_hostile.py has the https
+    one to storage on another host, which gets no credentials)."""
     storage = Recorder({"/blob": (200, {}, b"layer-bytes")})
     registry = Recorder({
         "/v2/": (200, {}, b"{}"),
-        "/v2/a/blobs/" + DIGEST: (307, {"Location": f"http://localhost:{storage.port}/blob"}, b""),
+        "/v2/a/blobs/" + DIGEST: (307, {"Location": "/storage/blob"}, b""),
+        "/storage/blob": (200, {}, b"layer-bytes"),
+        "/v2/b/blobs/" + DIGEST: (307, {"Location": f"http://localhost:{storage.port}/blob"}, b""),
     })
     try:
-        f = write(tmp_path / "c.json", {"auths": {f"127.0.0.1:{registry.port}": {
-            "username": "u", "password": "p"}}})
-        client = oci.RegistryClient(f"127.0.0.1:{registry.port}", plain_http=True, credentials=f)
+        client = oci.RegistryClient(f"127.0.0.1:{registry.port}", plain_http=True)
         client._auth["s"] = ("Basic dTpw", float("inf"))
         resp = client.request("GET", f"/v2/a/blobs/{DIGEST}", scope="s",
                               deadline=time.monotonic() + 10, max_bytes=100)
         assert resp.body == b"layer-bytes"
-        assert registry.seen[-1][2].get("Authorization") == "Basic dTpw"
-        assert "Authorization" not in storage.seen[-1][2]
+        assert [(p, h.get("Authorization")) for _, p, h in registry.seen[-2:]] == [
+            (f"/v2/a/blobs/{DIGEST}", "Basic dTpw"), ("/storage/blob", "Basic dTpw")]
+        with pytest.raises(oci.RegistryError, match="refused, plain http"):
+            client.request("GET", f"/v2/b/blobs/{DIGEST}", scope="s",
+                           deadline=time.monotonic() + 10, max_bytes=100)
+        assert storage.seen == []
     finally:
         storage.close()
         registry.close()

@@ -282,6 +282,81 @@ def test_a_symlink_loop_in_a_bundle_directory_is_rejected(tmp_path: Path) -> Non
     assert DirectorySource(root).fetch().files  # without the loop it reads fine
 
 
+def test_nothing_outside_the_bundle_directory_is_read(tmp_path: Path) -> None:
+    """A link out of the bundle would put a host file (a service account token) into the
+    bundle, where an upstream header could send it on."""
+    secret = tmp_path / "token"
+    secret.write_text("SUPERSECRET")
+    root = write_bundle(tmp_path / "b", [POLICY])
+    (root / "data").mkdir()
+    (root / "data" / "leak.yaml").symlink_to(secret)
+    with pytest.raises(BundleError, match="data/leak.yaml.*leads out of the bundle directory"):
+        DirectorySource(root).fetch()
+    (root / "data" / "leak.yaml").unlink()
+    (root / "data" / "etc").symlink_to(tmp_path)  # a directory link out
+    with pytest.raises(BundleError, match="data/etc.*leads out of the bundle directory"):
+        DirectorySource(root).fetch()
+    (root / "data" / "etc").unlink()
+    (root / "data" / "inside.yaml").symlink_to(root / "bundle.yaml")  # within: fine
+    assert "data/inside.yaml" in DirectorySource(root).fetch().files
+
+
+@pytest.mark.parametrize("kind", ["dangling link", "fifo", "not utf-8"])
+def test_an_entry_that_is_not_a_readable_file_rejects_the_bundle(tmp_path: Path, kind: str) -> None:
+    """Skipped, it could have been the file holding a DENY policy: the bundle would be
+    served without it. A FIFO must not block the reloader either."""
+    root = write_bundle(tmp_path / "b", [POLICY])
+    if kind == "dangling link":
+        (root / "policies" / "deny.yaml").symlink_to(tmp_path / "nowhere.yaml")
+        where = "policies/deny.yaml"
+    elif kind == "fifo":
+        os.mkfifo(root / "policies" / "deny.yaml")
+        where = "policies/deny.yaml"
+    else:
+        (root / os.fsdecode(b"notes-\xe9.txt")).write_text("x")
+        where = "notes-"
+    started = time.monotonic()
+    with pytest.raises(BundleError) as err:
+        DirectorySource(root).fetch()
+    assert where in str(err.value), err.value
+    assert time.monotonic() - started < 5
+
+
+def test_an_unexpected_error_in_a_source_is_a_rejection_and_the_reloader_goes_on(tmp_path: Path) -> None:
+    """A source that raised something unforeseen stopped the reloader for good: every later
+    revision was ignored while /readyz still said ready."""
+    root = write_bundle(tmp_path / "b", [POLICY], revision="r1")
+    source = DirectorySource(root)
+    store, reloader = store_and_reloader(source, settle=0.0, clock=lambda: 0.0)
+    assert store.current is not None and store.current.revision == "r1"
+
+    class Broken:
+        description = "broken"
+        polled = False
+
+        def fetch(self, force: bool = False) -> Any:
+            raise UnicodeEncodeError("utf-8", "x", 0, 1, "surrogates not allowed")
+
+    assert store.fetch_and_load(Broken()) == "rejected"  # type: ignore[arg-type]
+    assert store.status().last_error is not None and "internal error" in store.status().last_error
+    assert store.current.revision == "r1"
+
+
+def test_a_link_loop_added_later_is_rejected_loudly_not_waited_on(tmp_path: Path) -> None:
+    """The fingerprint of an unreadable directory was new at every look, so the watcher
+    never saw it settle: no load, no rejection, no log, and the next good revision waited."""
+    root = write_bundle(tmp_path / "b", [POLICY], revision="r1")
+    now = [0.0]
+    store, reloader = store_and_reloader(DirectorySource(root), settle=0.3, clock=lambda: now[0])
+    (root / "policies" / "loop").symlink_to("..")
+    for t in (1.0, 2.0, 3.0):
+        now[0] = t
+        reloader.watch_once()
+    assert reloader.loads == 2  # the first load, then the broken candidate, once
+    assert store.status().last_error is not None and "policies/loop" in store.status().last_error
+    assert store.current is not None and store.current.revision == "r1"
+
+
 def test_poll_delays_jitter_and_back_off() -> None:
     source = HttpSource(
         "http://127.0.0.1:9/b.tar.gz",
