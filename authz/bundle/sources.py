@@ -153,10 +153,16 @@ def _read_file(path: Path, rel: str, most: int, follow: bool = False) -> bytes:
     the walk saw it."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | (0 if follow else os.O_NOFOLLOW))
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             raise reject(rel, "not a regular file (a FIFO, socket or device?)")
         with os.fdopen(fd, "rb", closefd=False) as f:
-            return f.read(most + 1)
+            # One byte more than the size: a file that grew since is seen to be over the limit
+            # (read in full it could be any size), and no buffer of the whole allowance.
+            data = f.read(min(st.st_size, most) + 1)
+            if len(data) > st.st_size:  # it grew meanwhile: the rest, up to the allowance
+                data += f.read(most + 1 - len(data))
+            return data
     finally:
         os.close(fd)
 

@@ -167,8 +167,10 @@ class _Compiler:
     def tenants(self, cel_callers: bool) -> dict[str, Tenant]:
         out: dict[str, Tenant] = {}
         # By the id lower-cased: upstreams that compare names case-insensitively (SQL
-        # collations, case-insensitive routers) would take `ACME` for `acme`.
-        where: dict[str, tuple[str, Position]] = {}
+        # collations, case-insensitive routers) would take `ACME` for `acme`. Most ids are
+        # lower case already and key themselves: no second string per tenant at 100k.
+        where: dict[str, Position] = {}
+        spelled: dict[str, str] = {}  # the id as written, where it is not its own key
         # Many tenants share callers, plans and caller sets: keep one copy of each.
         strings: dict[str, str] = {}
         caller_sets: dict[frozenset[str], frozenset[str]] = {}
@@ -188,11 +190,17 @@ class _Compiler:
                     self.error(doc, path, f"tenant id {tid!r} is invalid: 1-63 of [A-Za-z0-9._-], "
                                "starting with a letter or digit", key=True)
                     continue
-                if (seen := where.get(tid.lower())) is not None:
-                    same = "" if seen[0] == tid else f" as '{seen[0]}' (tenant ids differ in more than case)"
-                    self.error(doc, path, f"tenant '{tid}' is already defined at {seen[1]}{same}", key=True)
+                key = tid.lower()
+                if key == tid:
+                    key = tid
+                if (seen := where.get(key)) is not None:
+                    first = spelled.get(key, key)
+                    same = "" if first == tid else f" as '{first}' (tenant ids differ in more than case)"
+                    self.error(doc, path, f"tenant '{tid}' is already defined at {seen}{same}", key=True)
                     continue
-                where[tid.lower()] = (tid, doc.at(path, key=True))
+                where[key] = doc.at(path, key=True)
+                if key is not tid:
+                    spelled[key] = tid
                 body = body or {}
                 callers = frozenset(
                     strings.setdefault(c, c) for v in body.get("callers", []) for c in self.trust.caller_forms(v)
