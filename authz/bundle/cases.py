@@ -194,8 +194,20 @@ def observed(outcome: Outcome) -> dict[str, Any]:
             "reason": d.reason, "tenant": d.tenant, "headers": headers}
 
 
+# Denies that say the policy could not be evaluated, not that it decided.
+_ERRORS = ("condition error", "condition over budget", "upstream header error")
+
+
 def compare(expect: dict[str, Any], actual: dict[str, Any]) -> list[str]:
-    """One line per expectation that does not hold: 'field: expected X, got Y'."""
+    """One line per expectation that does not hold: 'field: expected X, got Y'. A case that
+    expects nothing, or a deny that only came from an evaluation error without naming it,
+    fails too: either would pass whatever the policy does."""
+    if not any(key in expect for key in (*_EXPECT_FIELDS, "headers")):
+        return ["the case expects nothing: give at least one of allowed, status, policy, rule, reason, "
+                "tenant, headers"]
+    if actual["reason"] in _ERRORS and "reason" not in expect:
+        return [f"decided by an evaluation error ({actual['reason']} in {actual['policy']}/{actual['rule']}), "
+                "not by the policy: fix the condition, or expect that reason"]
     problems = []
     for key in _EXPECT_FIELDS:
         if key in expect and expect[key] != actual[key]:

@@ -58,6 +58,13 @@ _NAME_RE = re.compile(
     + "|".join(re.escape(n) for n in sorted(VARIABLES, key=len, reverse=True))
     + r")(?![\w])"
 )
+# String literals (raw, bytes, triple-quoted too) and comments: blanked before names are
+# looked for, so `request.headers['tenant.plan']` reads no tenant.
+_LITERAL_OR_COMMENT = re.compile(
+    r"""[rRbB]{0,2}(?:\"\"\"[\s\S]*?\"\"\"|'''[\s\S]*?'''|"(?:\\.|[^"\\\n])*"|'(?:\\.|[^'\\\n])*')|//[^\n]*""")
+# The roots of the dotted variables: `tenant . plan` or `(tenant).plan` compile, and then
+# name nothing an activation holds; every check would be a condition error.
+_ROOTS = re.compile(r"(?<![\w.])(tenant|request|source|destination|connection)(?![\w])")
 _ERROR_POS = re.compile(r"<input>:(\d+):(\d+): (.*)")
 # The membership test authors write most; answered from a frozenset instead of a CEL map
 # so its cost does not grow with the number of callers a tenant has.
@@ -114,15 +121,29 @@ class Condition:
         return tuple(next(g for g in m.groups() if g is not None) for m in _DATA_REF.finditer(self.source))
 
 
+def _variables(expression: str) -> tuple[str, ...]:
+    """The variables ``expression`` reads, found in its code (not its strings or comments).
+    Raises CelCompileError for a variable spelled so that it would name nothing."""
+    code = _LITERAL_OR_COMMENT.sub(lambda m: '""' if m.group(0)[:2] != "//" else "", expression)
+    for m in _ROOTS.finditer(code):
+        if not _NAME_RE.match(code, m.start()):
+            before = code[:m.start()]
+            raise CelCompileError(
+                f"write {m.group(1)}.<field> with nothing between the name, the dot and the field "
+                f"(variables: {', '.join(v for v in VARIABLES if v.startswith(m.group(1) + '.'))})",
+                before.count("\n") + 1, m.start() - (before.rfind("\n") + 1) + 1)
+    return tuple(sorted(set(_NAME_RE.findall(code))))
+
+
 def compile_condition(expression: str) -> Condition:
-    variables = tuple(sorted(set(_NAME_RE.findall(expression))))
-    needs_tenant = any(v.startswith("tenant.") for v in variables)
     if _CALLER_MEMBERSHIP.match(expression):
         return Condition(expression, ("source.principal", "tenant.callers"), True, None, _caller_in_tenant)
     try:
-        program = _ENV.compile(expression)
+        program = _ENV.compile(expression)  # first: its errors (a misspelt name) say more
     except RuntimeError as exc:
         raise _compile_error(str(exc)) from None
+    variables = _variables(expression)
+    needs_tenant = any(v.startswith("tenant.") for v in variables)
     depth, column = _comprehension_depth(expression)
     if depth > MAX_NESTED_COMPREHENSIONS:
         raise CelCompileError(
@@ -218,11 +239,11 @@ def _compile_error(text: str) -> CelCompileError:
 def compile_string(expression: str) -> Condition:
     """An expression whose result must be a string (type-checked here, at load): the value
     of an upstream header a rule sets. Raises CelCompileError."""
-    variables = tuple(sorted(set(_NAME_RE.findall(expression))))
     try:
         program = _ENV.compile(expression)
     except RuntimeError as exc:
         raise _compile_error(str(exc)) from None
+    variables = _variables(expression)
     rtype = program.return_type()
     if rtype != _T.STRING:
         raise CelCompileError(f"a header value must be a string, this expression is {rtype.name()} "

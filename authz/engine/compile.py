@@ -111,7 +111,12 @@ class _Compiler:
 
     def run(self) -> PolicySet:
         m = self.files.manifest.value
-        data = {name: _json_safe(doc.value) for name, doc in self.files.data.items()}
+        data: dict[str, Any] = {}
+        for name, doc in self.files.data.items():
+            try:
+                data[name] = _json_safe(doc.value)
+            except ValueError as exc:
+                self.error(doc, (), str(exc))
         policies: list[Policy] = []
         policy_docs: list[Document] = []
         seen: dict[str, Position] = {}
@@ -125,14 +130,16 @@ class _Compiler:
             seen[policy.name] = doc.at(("name",))
             policies.append(policy)
             policy_docs.append(doc)
-        # Tenant callers as a CEL map only when some condition reads them through CEL; the
-        # common `source.principal in tenant.callers` is answered from the frozenset.
+        shapes = shaping.compile_shapes(list(zip(policy_docs, policies)), self.files.manifest, self.error,
+                                        frozenset(self.files.data))
+        # Tenant callers as a CEL map only when some condition or upstream header reads them
+        # through CEL; the common `source.principal in tenant.callers` is answered from the
+        # frozenset.
         cel_callers = any(
             c.native is None and "tenant.callers" in c.variables
             for p in policies for r in p.rules for c in r.conditions
-        )
+        ) or any("tenant.callers" in c.variables for rs in shapes.rules.values() for _, c in rs.set_headers)
         tenants = self.tenants(cel_callers)
-        shapes = shaping.compile_shapes(list(zip(policy_docs, policies)), self.files.manifest, self.error)
         if self.problems:
             raise BundleError(self.problems, self.files.revision)
         by_principal: dict[str, list[int]] = defaultdict(list)
@@ -181,7 +188,9 @@ class _Compiler:
             if not value:
                 return empty
             key = json.dumps(value, sort_keys=True, default=str)
-            return shared.setdefault(key, _json_safe(value))
+            if key not in shared:
+                shared[key] = _json_safe(value)  # ValueError: reported by the caller
+            return shared[key]
 
         for doc in self.files.tenants:
             for tid, body in doc.value["tenants"].items():
@@ -207,12 +216,17 @@ class _Compiler:
                 )
                 callers = caller_sets.setdefault(callers, callers)
                 plan = str(body.get("plan", ""))
+                try:
+                    flags, attributes = one_copy(body.get("flags")), one_copy(body.get("attributes"))
+                except ValueError as exc:
+                    self.error(doc, path, str(exc), key=True)
+                    continue
                 out[tid] = Tenant(
                     id=tid,
                     plan=strings.setdefault(plan, plan),
                     callers=callers,
-                    flags=one_copy(body.get("flags")),
-                    attributes=one_copy(body.get("attributes")),
+                    flags=flags,
+                    attributes=attributes,
                     cel_callers=dict.fromkeys(callers, True) if cel_callers else empty,  # type: ignore[arg-type]
                 )
         return out
@@ -490,12 +504,18 @@ def _headers(values: dict[str, list[str]] | None) -> tuple[HeaderMatch, ...]:
     return tuple(HeaderMatch(name.lower(), StringMatch.of(v)) for name, v in (values or {}).items())
 
 
+_CEL_INT = range(-(2**63), 2**63)
+
+
 def _json_safe(value: Any) -> Any:
-    """YAML may hold dates; CEL values must be JSON-like."""
+    """YAML may hold dates; CEL values must be JSON-like. An integer CEL cannot hold raises
+    ValueError: it would make every condition reading the file fail, at check time."""
     if isinstance(value, dict):
         return {str(k): _json_safe(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_json_safe(v) for v in value]
     if isinstance(value, (datetime.date, datetime.datetime)):
         return value.isoformat()
+    if isinstance(value, int) and not isinstance(value, bool) and value not in _CEL_INT:
+        raise ValueError(f"integer {str(value)[:40]} is outside the 64-bit range conditions can read")
     return value

@@ -285,7 +285,11 @@ class PolicySet:
     ) -> bool:
         ctx = Activation(req, self.data, tenant, captures)
         for cond in rule.conditions:
-            if cond.needs_tenant and tenant is None:
+            # Without a tenant an ALLOW (or AUDIT) condition on one cannot hold. A DENY one is
+            # evaluated anyway: a tenant.* it reads is missing, a condition error (a deny)
+            # unless the expression holds without it; taken as false, leaving the tenant header
+            # out would step around the DENY.
+            if cond.needs_tenant and tenant is None and policy.action != "DENY":
                 if tracer is not None:
                     tracer.step("when", False, f"{cond.source}: no tenant", policy.name, rule.name)
                 return False

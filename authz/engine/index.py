@@ -97,9 +97,11 @@ def index_policy(policy: Policy) -> PolicyIndex:
     prefixes: defaultdict[str, _MutableBucket] = defaultdict(_bucket)
     suffixes: defaultdict[str, _MutableBucket] = defaultdict(_bucket)
     any_path: _MutableBucket = _bucket()
-    # A tenant taken from a path capture is looked up (and an unknown one denied) as soon as a
-    # rule's `to` matches, before its `from` is read: such rules must not be narrowed by caller.
-    by_caller = policy.tenant is None or policy.tenant.kind != "pathCapture"
+    # A policy's tenant is looked up (and an unknown one, or one the path's {tenant} capture
+    # contradicts, denied) as soon as a rule's `to` matches, before its `from` is read: such
+    # rules must not be narrowed by caller, or served checks would decide otherwise than
+    # explained and tested ones.
+    by_caller = policy.tenant is None
     for pos, rule in enumerate(policy.rules):
         callers = _callers(rule) if by_caller else (None,)
         for where, methods in _path_keys(rule):

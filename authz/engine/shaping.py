@@ -111,7 +111,7 @@ def compile_deny_response(raw: Any, report: Report, at: YPath) -> DenyResponse |
 
 
 def compile_rule_shape(policy: Policy, rule: Rule, raw: Mapping[str, Any], has_tenant: bool, report: Report,
-                       at: YPath) -> RuleShape | None:
+                       at: YPath, data_files: frozenset[str]) -> RuleShape | None:
     """``upstreamHeaders`` and ``removeHeaders`` of one rule, or None when it has neither."""
     headers = raw.get("upstreamHeaders") or {}
     remove = raw.get("removeHeaders") or []
@@ -144,6 +144,12 @@ def compile_rule_shape(policy: Policy, rule: Rule, raw: Mapping[str, Any], has_t
             continue
         if program.needs_tenant and not has_tenant:
             report((*at, "upstreamHeaders", name), "the expression reads tenant.*, but the policy names no tenant")
+            ok = False
+            continue
+        missing = [d for d in program.data_names if d not in data_files]
+        if missing:
+            report((*at, "upstreamHeaders", name), f"upstream header {name!r} reads data.{missing[0]} but the "
+                   f"bundle has no data/{missing[0]}.yaml or .json")
             ok = False
             continue
         compiled.append((name, program))
@@ -219,7 +225,7 @@ def _evaluate(rs: RuleShape, decision: Decision, tenants: Mapping[str, Tenant],
 
 
 def compile_shapes(pairs: list[tuple[Document, Policy]], manifest: Document,
-                   error: Callable[[Document, YPath, str], None]) -> Shapes:
+                   error: Callable[[Document, YPath, str], None], data_files: frozenset[str]) -> Shapes:
     """The Shapes of a bundle from its policy documents (with their compiled policies) and
     manifest; each problem goes to ``error`` with its document and path."""
     rules: dict[tuple[str, str], RuleShape] = {}
@@ -230,7 +236,8 @@ def compile_shapes(pairs: list[tuple[Document, Policy]], manifest: Document,
 
         raw_rules = doc.value.get("rules") or []
         for i, rule in enumerate(policy.rules):
-            rs = compile_rule_shape(policy, rule, raw_rules[i], policy.tenant is not None, report, ("rules", i))
+            rs = compile_rule_shape(policy, rule, raw_rules[i], policy.tenant is not None, report, ("rules", i),
+                                    data_files)
             if rs is not None:
                 rules[(policy.name, rule.name)] = rs
         if "denyResponse" in doc.value:

@@ -179,3 +179,25 @@ def test_a_json_key_given_twice_is_an_error(tmp_path: Path) -> None:
     (root / "tenants" / "t.json").write_text('{"tenants": {"acme": {"callers": ["a"]}, "acme": {"callers": ["b"]}}}')
     (msg,) = problems(root)
     assert msg.startswith("tenants/t.json:1:") and "duplicate key 'acme'" in msg
+
+
+def test_an_integer_conditions_cannot_read_is_a_load_error(tmp_path: Path) -> None:
+    """It made every condition reading the file fail, at check time (a deny per request)."""
+    root = bundle_with(tmp_path, HEADER + "name: p\naction: ALLOW\n",
+                       tenants={"acme": {"flags": {"quota": 2**64}}}, data={"ids": {"big": 18446744073709551616}})
+    msgs = problems(root)
+    assert any(m.startswith("data/ids.yaml:1:1:") and "outside the 64-bit range" in m for m in msgs), msgs
+    assert any(m.startswith("tenants/t.yaml:") and "outside the 64-bit range" in m for m in msgs), msgs
+
+
+@pytest.mark.parametrize(("expression", "column"), [
+    ("request . method == 'GET'", 1),
+    ("(tenant).plan == 'free'", 2),
+])
+def test_a_variable_spelt_so_it_names_nothing_is_a_load_error(tmp_path: Path, expression: str, column: int) -> None:
+    """CEL compiles these, and then no activation holds the name: every check was a condition
+    error, and `(tenant).plan` slipped past the check that the policy has a tenant source."""
+    text = HEADER + f'name: p\naction: ALLOW\nrules:\n  - when:\n      - "{expression}"\n'
+    (msg,) = problems(bundle_with(tmp_path, text))
+    assert msg.startswith(f"policies/p.yaml:7:{9 + column}: error: invalid CEL at column {column}"), msg
+    assert "with nothing between the name, the dot and the field" in msg

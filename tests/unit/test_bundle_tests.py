@@ -210,3 +210,23 @@ def test_bundle_error_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     (root / "bundle.yaml").write_text("apiVersion: authz/v1\nkind: Bundle\n")
     assert main(["test", str(root)]) == 2
     assert "missing required field" in capsys.readouterr().err
+
+
+def test_a_case_that_would_pass_whatever_the_policy_does_fails(tmp_path: Path) -> None:
+    """`expect: {}` passed every time, and `allowed: false` passed when the DENY's condition
+    only errored (a DENY that errors denies everything, the traffic it should let through too)."""
+    root = copy_example(tmp_path)
+    deny = {"apiVersion": "authz/v1", "kind": "Policy", "name": "debug-in-prod", "action": "DENY",
+            "rules": [{"name": "r", "when": ["request.headers['x-debug'] == '1' && request.headers['x-env'] == 'prod'"]}]}
+    (root / "policies" / "debug.yaml").write_text(yaml.safe_dump(deny, sort_keys=False))
+    debug_only = {"principal": CHECKOUT, "destination": ORDERS, "method": "POST", "path": "/v1/orders",
+                  "headers": {"x-debug": "1"}}
+    write_test(root, [
+        {"name": "nothing", "request": GOOD["request"], "expect": {}},
+        {"name": "error passes for a deny", "request": debug_only, "expect": {"allowed": False}},
+        {"name": "error named", "request": debug_only, "expect": {"allowed": False, "reason": "condition error"}},
+    ])
+    report = report_for(root)
+    assert [r.passed for r in report.results] == [False, False, True]
+    assert "expects nothing" in report.results[0].message
+    assert "decided by an evaluation error (condition error in debug-in-prod/r)" in report.results[1].message

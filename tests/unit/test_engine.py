@@ -536,3 +536,44 @@ def test_an_allow_policy_targeted_by_host_applies_to_every_spelling_of_it(tmp_pa
         d = decide(ps, principal=CHECKOUT, method="DELETE", host=host)
         assert (d.allowed, d.reason) == (False, "no allow rule matched"), host
     assert decide(ps, principal=CHECKOUT, method="DELETE", host="other.example.com").allowed  # not its target
+
+
+def test_a_deny_condition_on_the_tenant_fires_without_a_tenant(tmp_path: Path) -> None:
+    """Taken as false, a DENY on tenant.* was stepped around by leaving the tenant header out."""
+    deny = {"name": "d", "action": "DENY", "tenant": {"header": "x-tenant"},
+            "rules": [{"name": "r", "when": ["!(source.principal in tenant.callers)"]}]}
+    either = {"name": "e", "action": "DENY", "tenant": {"header": "x-tenant"},
+              "rules": [{"name": "r", "when": ["request.method == 'DELETE' || tenant.plan == 'frozen'"]}]}
+    ps = policy_set(tmp_path, [allow({}), deny, either], tenants=TENANTS)
+    assert decide(ps, principal=CHECKOUT, path="/x", headers={"x-tenant": "acme"}).allowed
+    d = decide(ps, principal=BILLING, path="/x", headers={"x-tenant": "acme"})
+    assert (d.allowed, d.reason) == (False, "denied by policy")
+    d = decide(ps, principal=BILLING, path="/x")  # no tenant header: the DENY cannot be stepped around
+    assert (d.allowed, d.reason, d.policy) == (False, "condition error", "d")
+    d = decide(ps, principal=CHECKOUT, method="DELETE", path="/x", headers={"x-tenant": "acme"})
+    assert (d.allowed, d.policy) == (False, "e")
+    # An ALLOW condition on a tenant still just does not hold without one.
+    ps = policy_set(tmp_path / "a", [tenant_policy({"header": "x-tenant"}, ["/v1/{**}"],
+                                                   ["source.principal in tenant.callers"])], tenants=TENANTS)
+    assert decide(ps, principal=CHECKOUT, path="/v1/x").reason == "no allow rule matched"
+
+
+def test_the_rule_index_decides_tenant_mismatches_as_the_explained_path_does(tmp_path: Path) -> None:
+    """With eight rules the policy is indexed; narrowed by caller, the rule whose path names
+    another tenant was never looked at, and a later policy allowed what --explain denied."""
+    rules = [{"name": f"r{i}", "from": [{"source": {"principals": [CHECKOUT]}}],
+              "to": [{"operation": {"paths": [f"/t/{{tenant}}/x{i}"]}}]} for i in range(8)]
+    tp = {"name": "tp", "action": "ALLOW", "tenant": {"header": "x-tenant"}, "rules": rules}
+    other = allow({"from": [{"source": {"principals": [BILLING]}}]}, name="other")
+    ps = policy_set(tmp_path, [tp, other], tenants=TENANTS)
+    assert "tp" in ps.rule_index
+    req = from_check_request(check_request(principal=BILLING, path="/t/globex/x0", headers={"x-tenant": "acme"}),
+                             ps.trust_domains)
+    served = ps.decide(req)
+
+    class Steps:
+        def step(self, *args: object, **kw: object) -> None:
+            pass
+
+    explained = ps.decide(req, Steps())
+    assert (served.allowed, served.reason) == (explained.allowed, explained.reason) == (False, "tenant mismatch")

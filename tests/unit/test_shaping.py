@@ -114,6 +114,8 @@ def test_without_shapes_nothing_changes(tmp_path: Path) -> None:
     ([blocked(denyResponse={"status": 500})], {}, "must be one of 401, 403, 404, 429"),
     ([blocked(denyResponse={"message": "x" * 300})], {}, "at most 256"),
     ([blocked()], {"denyResponse": {"status": 302}}, "must be one of 401, 403, 404, 429"),
+    # as a condition's would be: a data file the bundle lacks is a load error, not a deny per check
+    ([tenant_policy(upstreamHeaders={"x-d": "string(data.nope.x)"})], {}, "reads data.nope"),
 ])
 def test_load_errors_name_file_and_line(tmp_path: Path, policies: list[dict[str, Any]],
                                         manifest: dict[str, Any], expected: str) -> None:
@@ -159,3 +161,16 @@ def test_bundle_tests_can_expect_shaped_headers_and_statuses(tmp_path: Path) -> 
 
     assert cases("enterprise") == 0
     assert cases("standard") != 0  # the expectation is really compared
+
+
+def test_an_upstream_header_sees_the_tenant_callers(tmp_path: Path) -> None:
+    """tenant.callers as a CEL map was built only when a condition read it through CEL: an
+    upstream header alone saw an empty map and told the upstream the caller was a guest."""
+    policy = {"name": "orders", "action": "ALLOW", "tenant": {"pathCapture": "tenant"},
+              "rules": [{"name": "r", "to": [{"operation": {"paths": ["/t/{tenant}/{**}"]}}],
+                         "upstreamHeaders": {"x-member": "source.principal in tenant.callers ? 'member' : 'guest'",
+                                             "x-n": "string(size(tenant.callers))"}}]}
+    c = checker(tmp_path, [policy])
+    out = c.run(check_request(principal=CALLER, path="/t/acme/orders"))
+    headers = dict((h.header.key, h.header.value) for h in out.response.ok_response.headers)
+    assert (headers["x-member"], headers["x-n"]) == ("member", "1")
