@@ -135,6 +135,23 @@ def _variables(expression: str) -> tuple[str, ...]:
     return tuple(sorted(set(_NAME_RE.findall(code))))
 
 
+# A header name with upper case used on request.headers, whose keys are lower case: it never
+# matches, and a DENY written with it would never fire.
+_UPPER_HEADER = re.compile(
+    r"""request\.headers\s*\[\s*(?P<q1>['"])(?P<k1>[^'"]*[A-Z][^'"]*)(?P=q1)\s*\]"""
+    r"""|(?P<q2>['"])(?P<k2>[^'"]*[A-Z][^'"]*)(?P=q2)\s+in\s+request\.headers(?![\w.])"""
+    r"""|request\.headers\.(?P<k3>\w*[A-Z]\w*)""")
+
+
+def _header_names_in_lower_case(expression: str) -> None:
+    m = _UPPER_HEADER.search(expression)
+    if m is not None:
+        name = m.group("k1") or m.group("k2") or m.group("k3")
+        before = expression[:m.start()]
+        raise CelCompileError(f"request.headers has lower-case names: {name!r} never matches, write "
+                              f"{name.lower()!r}", before.count("\n") + 1, m.start() - (before.rfind("\n") + 1) + 1)
+
+
 def compile_condition(expression: str) -> Condition:
     if _CALLER_MEMBERSHIP.match(expression):
         return Condition(expression, ("source.principal", "tenant.callers"), True, None, _caller_in_tenant)
@@ -143,6 +160,7 @@ def compile_condition(expression: str) -> Condition:
     except RuntimeError as exc:
         raise _compile_error(str(exc)) from None
     variables = _variables(expression)
+    _header_names_in_lower_case(expression)
     needs_tenant = any(v.startswith("tenant.") for v in variables)
     depth, column = _comprehension_depth(expression)
     if depth > MAX_NESTED_COMPREHENSIONS:
@@ -244,6 +262,7 @@ def compile_string(expression: str) -> Condition:
     except RuntimeError as exc:
         raise _compile_error(str(exc)) from None
     variables = _variables(expression)
+    _header_names_in_lower_case(expression)
     rtype = program.return_type()
     if rtype != _T.STRING:
         raise CelCompileError(f"a header value must be a string, this expression is {rtype.name()} "

@@ -201,3 +201,11 @@ def test_a_variable_spelt_so_it_names_nothing_is_a_load_error(tmp_path: Path, ex
     (msg,) = problems(bundle_with(tmp_path, text))
     assert msg.startswith(f"policies/p.yaml:7:{9 + column}: error: invalid CEL at column {column}"), msg
     assert "with nothing between the name, the dot and the field" in msg
+
+
+def test_an_upper_case_header_name_in_a_condition_is_a_load_error(tmp_path: Path) -> None:
+    """request.headers has lower-case names: a DENY on 'X-Debug' never fired."""
+    text = HEADER + "name: p\naction: DENY\nrules:\n  - when:\n      - \"'X-Debug' in request.headers\"\n"
+    (msg,) = problems(bundle_with(tmp_path, text))
+    assert msg.startswith("policies/p.yaml:7:10: error: invalid CEL at column 1"), msg
+    assert "'X-Debug' never matches, write 'x-debug'" in msg
