@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import urllib.parse
 from dataclasses import dataclass, field
 
@@ -105,6 +106,14 @@ def from_check_request(
     names = "\0".join(headers)  # one lower() for all names: the hot path sees ~15 headers
     if names != names.lower():  # Envoy sends lower case; hand-written requests may not
         headers = _lower_keys(headers)
+    # Envoy's header map answers `host` with :authority (and its RBAC filter matches a
+    # `host` header rule on it): both names hold the authority here, whichever was sent.
+    authority = http.host or headers.get(":authority") or headers.get("host", "")
+    if authority:
+        if headers.get("host") != authority:
+            headers["host"] = authority
+        if headers.get(":authority") != authority:
+            headers[":authority"] = authority
     if http.fragment:
         raise MalformedRequest("path contains a fragment")
     try:
@@ -191,10 +200,17 @@ def _lower_keys(headers: dict[str, str]) -> dict[str, str]:
 def _remote_address(headers: dict[str, str], peer: str) -> str:
     # The original client as the nearest proxy saw it: the right-most x-forwarded-for entry
     # (each hop appends the address it received from). Entries to its left were written by
-    # whoever sent the request and prove nothing; with no XFF it is the peer itself.
+    # whoever sent the request and prove nothing; with no XFF it is the peer itself. As in
+    # Envoy (getLastAddressFromXFF, parsed with inet_pton), an entry that is no plain IP
+    # address (`garbage`, `192.0.2.1:8080`, `[::1]`, a zone `%eth0`, `127.1`) leaves the
+    # peer: taken as is, it matched no block, and a DENY on the peer's address did not fire.
     xff = headers.get("x-forwarded-for")
     if xff:
         last = xff.rsplit(",", 1)[-1].strip()
-        if last:
+        if last and "%" not in last:
+            try:
+                ipaddress.ip_address(last)
+            except ValueError:
+                return peer
             return last
     return peer

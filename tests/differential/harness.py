@@ -298,7 +298,10 @@ def path_is_ambiguous(path: str) -> bool:
 def _header_values(req: dict[str, Any]) -> list[tuple[str, list[str]]]:
     out = []
     for k, v in (req.get("headers") or {}).items():
-        out.append((k.lower(), [str(x) for x in v] if isinstance(v, list) else [str(v)]))
+        values = [str(x) for x in v] if isinstance(v, list) else [str(v)]
+        if k.lower() == "host" and req.get("host"):  # a second Host line: one merged authority
+            values = [str(req["host"]), *values]
+        out.append((k.lower(), values))
     return out
 
 

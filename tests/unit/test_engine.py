@@ -577,3 +577,32 @@ def test_the_rule_index_decides_tenant_mismatches_as_the_explained_path_does(tmp
 
     explained = ps.decide(req, Steps())
     assert (served.allowed, served.reason) == (explained.allowed, explained.reason) == (False, "tenant mismatch")
+
+
+@pytest.mark.parametrize(("xff", "remote"), [
+    ("192.0.2.1", "192.0.2.1"),
+    ("198.51.100.7, 192.0.2.1", "192.0.2.1"),
+    ("::ffff:127.0.0.1", "::ffff:127.0.0.1"),
+    # As in Envoy (inet_pton): no plain IP address, so the peer stays the remote address.
+    ("garbage", "10.0.0.1"), ("192.0.2.1:8080", "10.0.0.1"), ("[2001:db8::1]", "10.0.0.1"),
+    ("2001:db8::1%eth0", "10.0.0.1"), ("127.1", "10.0.0.1"), ("192.0.2.001", "10.0.0.1"),
+    ("127.0.0.1, garbage", "10.0.0.1"), ("192.0.2.1 192.0.2.2", "10.0.0.1"),
+])
+def test_remote_address_is_read_as_envoy_reads_x_forwarded_for(tmp_path: Path, xff: str, remote: str) -> None:
+    """Taken as is, an entry that is no address matched no block: a DENY on the peer's own
+    address (which Envoy falls back to) did not fire."""
+    req = from_check_request(check_request(headers={"x-forwarded-for": xff}, source_ip="10.0.0.1"),
+                             policy_set(tmp_path, [allow({})]).trust_domains)
+    assert req.remote_address == remote
+    deny = {"name": "d", "action": "DENY", "rules": [{"from": [{"source": {"remoteIpBlocks": ["10.0.0.0/8"]}}]}]}
+    ps = policy_set(tmp_path / "d", [allow({}), deny])
+    assert decide(ps, headers={"x-forwarded-for": xff}, source_ip="10.0.0.1").allowed is (remote != "10.0.0.1")
+
+
+def test_a_host_header_rule_reads_the_authority(tmp_path: Path) -> None:
+    """Envoy's header map answers `host` with :authority, and ext_authz sends only the latter:
+    a DENY on the `host` header never fired."""
+    deny = {"name": "d", "action": "DENY", "rules": [{"to": [{"operation": {"headers": {"host": ["admin.example.com"]}}}]}]}
+    ps = policy_set(tmp_path, [allow({}), deny])
+    assert not decide(ps, host="admin.example.com").allowed
+    assert decide(ps, host="api.example.com").allowed
