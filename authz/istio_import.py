@@ -428,6 +428,11 @@ class _Condition:
 _UNVERIFIABLE_KEYS = ("request.auth.", "experimental.", "request.experimental.")
 
 
+# Request headers Envoy's RBAC filter sees but ext_authz never receives (Envoy drops a
+# client's copy: CheckRequestUtils::setHttpRequest).
+_NOT_SENT_TO_EXT_AUTHZ = frozenset({"x-envoy-auth-partial-body"})
+
+
 class _Unverifiable:
     """A `from` entry or `when` condition on something authz cannot see."""
 
@@ -930,6 +935,9 @@ class _Converter:
             for p, vs in listed:
                 ok = self.check_patterns(res, p, vs) and ok
             name = header.group(1).strip().lower()
+            if name in _NOT_SENT_TO_EXT_AUTHZ:
+                self.unverifiable(res, kpath, f"{key!r} reads a header Envoy does not send to ext_authz", deny)
+                return UNVERIFIABLE
             return _Condition("operation", "headers", values, not_values, header=name) if ok else None
         simple: dict[str, tuple[Literal["source", "operation"], str]] = {
             "connection.sni": ("operation", "sni"),

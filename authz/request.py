@@ -123,10 +123,16 @@ def from_check_request(
     query = normalized.query or http.query
 
     principal, source = trust_domains.resolve(attrs.source.principal)
-    if attrs.source.certificate and not _is_uri_san(attrs.source.certificate, principal):
-        # Envoy reports a certificate's DNS SAN or subject when it has no URI SAN; only a
-        # URI SAN is a SPIFFE identity, and a permissive CA may sign 'spiffe://...' as DNS.
-        raise MalformedRequest("caller principal is not the client certificate's URI SAN")
+    if attrs.source.certificate:
+        sans = _uri_sans(attrs.source.certificate)
+        if not principal or principal not in sans:
+            # Envoy reports a certificate's DNS SAN or subject when it has no URI SAN; only a
+            # URI SAN is a SPIFFE identity, and a permissive CA may sign 'spiffe://...' as DNS.
+            raise MalformedRequest("caller principal is not the client certificate's URI SAN")
+        if len(sans) > 1 or _SPIFFE_DNS in sans:
+            # Envoy's RBAC tries every SAN of the certificate, ext_authz reports the first: a
+            # DENY on the second would not fire here. An X509-SVID has exactly one URI SAN.
+            raise MalformedRequest("client certificate names more than one identity")
     dest_principal = attrs.destination.principal
     method = http.method
     if not _NOT_TOKEN.isdisjoint(method):
@@ -138,7 +144,7 @@ def from_check_request(
         method=method,
         path=normalized.path,
         query=query,
-        host=(http.host or headers.get(":authority", "")).lower(),
+        host=_ascii_lower(http.host or headers.get(":authority", "")),
         scheme=http.scheme,
         protocol=http.protocol,
         request_id=headers.get("x-request-id") or http.id,
@@ -153,7 +159,7 @@ def from_check_request(
         destination_port=dst_sock.port_value,
         context_extensions=dict(attrs.context_extensions) if attrs.context_extensions else {},
         raw_path=http.path,
-        sni=attrs.tls_session.sni.lower(),  # Envoy's RBAC sees the server name lower-cased
+        sni=_ascii_lower(attrs.tls_session.sni),  # as Envoy's RBAC sees the server name
         path_readings=normalized.readings,
     )
 
@@ -163,20 +169,28 @@ _NOT_TOKEN = frozenset('"(),/:;<=>?@[\\]{} \t') | frozenset(chr(i) for i in rang
 _SAN_CACHE: dict[str, frozenset[str]] = {}
 
 
-def _is_uri_san(certificate: str, principal: str) -> bool:
-    """The principal is a URI SAN of the forwarded (URL-encoded PEM) peer certificate."""
+_SPIFFE_DNS = "\0spiffe-like"  # stands for a DNS SAN or subject that reads as an identity
+
+
+def _uri_sans(certificate: str) -> frozenset[str]:
+    """The URI SANs of the forwarded (URL-encoded PEM) peer certificate, and _SPIFFE_DNS when
+    a DNS SAN reads `spiffe://...` or the subject holds `/ns/`: Envoy's RBAC matches principals
+    and namespaces (`.*/ns/<ns>/.*`) on those too."""
     sans = _SAN_CACHE.get(certificate)
     if sans is None:
         try:
             cert = x509.load_pem_x509_certificate(urllib.parse.unquote(certificate).encode())
             ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-            sans = frozenset(ext.value.get_values_for_type(x509.UniformResourceIdentifier))
+            uris = ext.value.get_values_for_type(x509.UniformResourceIdentifier)
+            dns = ext.value.get_values_for_type(x509.DNSName)
+            spiffe_like = any(d.lower().startswith("spiffe:") for d in dns) or "/ns/" in cert.subject.rfc4514_string()
+            sans = frozenset(uris) | ({_SPIFFE_DNS} if spiffe_like else set())
         except (ValueError, x509.ExtensionNotFound):
             sans = frozenset()
         if len(_SAN_CACHE) >= 1_000:
             _SAN_CACHE.clear()
         _SAN_CACHE[certificate] = sans
-    return bool(principal) and principal in sans
+    return sans
 
 
 def _header_map(http: attribute_context_pb2.AttributeContext.HttpRequest) -> dict[str, str]:
@@ -197,6 +211,16 @@ def _lower_keys(headers: dict[str, str]) -> dict[str, str]:
     return out
 
 
+_ASCII_SPACE = " \t\f\v\n\r"
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def _ascii_lower(value: str) -> str:
+    """Lower case as Envoy makes it (absl::AsciiStrToLower): str.lower() would also turn
+    U+212A KELVIN SIGN into 'k', a name Envoy keeps apart."""
+    return value.lower() if value.isascii() else value.translate(_ASCII_LOWER)
+
+
 def _remote_address(headers: dict[str, str], peer: str) -> str:
     # The original client as the nearest proxy saw it: the right-most x-forwarded-for entry
     # (each hop appends the address it received from). Entries to its left were written by
@@ -206,7 +230,7 @@ def _remote_address(headers: dict[str, str], peer: str) -> str:
     # peer: taken as is, it matched no block, and a DENY on the peer's address did not fire.
     xff = headers.get("x-forwarded-for")
     if xff:
-        last = xff.rsplit(",", 1)[-1].strip()
+        last = xff.rsplit(",", 1)[-1].strip(_ASCII_SPACE)  # str.strip() would take U+00A0 too
         if last and "%" not in last:
             try:
                 ipaddress.ip_address(last)

@@ -327,7 +327,8 @@ class StrictnessKind:
             host = str(req.get("host", ""))
             return host.endswith(".") or any(c in host for c in "@%") or re.search(r":\d+$", host) is not None
         if self.name == "caller-certificate":
-            return (req.get("cert_san") or "uri") != "uri" and "certificate" in reason
+            odd = (req.get("cert_san") or "uri") != "uri" or req.get("extra_sans") or req.get("subject_cn")
+            return bool(odd) and "certificate" in reason
         if self.name == "condition-left-out":
             meta = (authz.get("envoy_saw") or {}).get("ext_authz") or {}  # the deny's dynamic metadata
             return "denied by policy" in reason and f"{meta.get('policy', '')}/{meta.get('rule', '')}" in left_out
@@ -351,7 +352,7 @@ STRICTNESS_KINDS = (
     StrictnessKind("ambiguous-host", ("hosts",),
                    "DENY hosts also match the authority without its port, trailing dot or userinfo"),
     StrictnessKind("caller-certificate", ("caller certificate",),
-                   "a client certificate without a URI SAN is no SPIFFE identity"),
+                   "a client certificate without a URI SAN, or with more than one identity, is refused"),
     StrictnessKind("condition-left-out", ("conditions anded into a field",),
                    "a DENY rule whose condition import-istio could not AND exactly matches without it"),
 )

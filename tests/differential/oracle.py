@@ -101,19 +101,20 @@ class CertAuthority:
                      .sign(self.key, hashes.SHA256()))
         self.ca_pem = self.cert.public_bytes(serialization.Encoding.PEM).decode()
         (self.dir / "ca.pem").write_text(self.ca_pem)
-        self._clients: dict[tuple[str, str], ssl.SSLContext] = {}
-        self._files: dict[str, tuple[pathlib.Path, pathlib.Path]] = {}
+        self._clients: dict[tuple[str, str, tuple[str, ...], str, str], ssl.SSLContext] = {}
+        self._files: dict[tuple[str, str, tuple[str, ...], str], tuple[pathlib.Path, pathlib.Path]] = {}
         self._n = 0
         self.server_cert_pem, self.server_key_pem = self._leaf(
             [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
              x509.UniformResourceIdentifier(server_spiffe)], ExtendedKeyUsageOID.SERVER_AUTH)
 
-    def _leaf(self, sans, eku):
+    def _leaf(self, sans, eku, subject_cn: str = ""):
         k = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject_cn)] if subject_cn else [])
         # Like Istio workload certs: empty subject, identity only in the (then critical) URI SAN.
         # An empty subject also keeps Envoy's Authenticated matcher (URI SAN, then DNS SAN, then
         # subject) from matching on a subject string.
-        c = (x509.CertificateBuilder().subject_name(x509.Name([])).issuer_name(self.cert.subject)
+        c = (x509.CertificateBuilder().subject_name(subject).issuer_name(self.cert.subject)
              .public_key(k.public_key()).serial_number(x509.random_serial_number())
              .not_valid_before(self.now - datetime.timedelta(minutes=5))
              .not_valid_after(self.now + datetime.timedelta(days=1))
@@ -126,30 +127,35 @@ class CertAuthority:
                 k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption()).decode())
 
-    def client_context(self, principal: str, protocol: str = "http1", san: str = "uri") -> ssl.SSLContext:
+    def client_context(self, principal: str, protocol: str = "http1", san: str = "uri",
+                       extra_sans: tuple[str, ...] = (), subject_cn: str = "") -> ssl.SSLContext:
         """TLS client context presenting a certificate whose only SAN is URI=principal (or, with
         san="dns", DNS=principal: a certificate a permissive CA could issue), one leaf per
         principal and SAN type, cached; offering ALPN h2 or http/1.1."""
         if san not in ("uri", "dns"):
             raise ValueError(f"unknown SAN type {san!r}")
-        ctx = self._clients.get((principal, protocol, san))
+        ckey = (principal, san, extra_sans, subject_cn)
+        ctx = self._clients.get((*ckey, protocol))
         if ctx is None:
-            if (principal, san) not in self._files:
+            if ckey not in self._files:
                 name = (x509.UniformResourceIdentifier(principal) if san == "uri"
                         else x509.DNSName(principal))
-                cert_pem, key_pem = self._leaf([name], ExtendedKeyUsageOID.CLIENT_AUTH)
+                # extra_sans: "uri:VALUE" / "dns:VALUE", after the principal, in that order
+                more = [x509.UniformResourceIdentifier(v.split(":", 1)[1]) if v.startswith("uri:")
+                        else x509.DNSName(v.split(":", 1)[1]) for v in extra_sans]
+                cert_pem, key_pem = self._leaf([name, *more], ExtendedKeyUsageOID.CLIENT_AUTH, subject_cn)
                 self._n += 1
                 cp, kp = self.dir / f"client{self._n}.pem", self.dir / f"client{self._n}.key"
                 cp.write_text(cert_pem)
                 kp.write_text(key_pem)
                 kp.chmod(0o600)
-                self._files[(principal, san)] = (cp, kp)
+                self._files[ckey] = (cp, kp)
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
             ctx.check_hostname = False          # server identity is not under test
             ctx.load_verify_locations(cadata=self.ca_pem)
-            ctx.load_cert_chain(*self._files[(principal, san)])
+            ctx.load_cert_chain(*self._files[ckey])
             ctx.set_alpn_protocols(["h2"] if protocol == "h2" else ["http/1.1"])
-            self._clients[(principal, protocol, san)] = ctx
+            self._clients[(*ckey, protocol)] = ctx
         return ctx
 
 
@@ -491,7 +497,8 @@ def send(req: dict, port: int, ca: CertAuthority) -> dict:
         sock = raw
         if principal:
             try:
-                ctx = ca.client_context(principal, protocol, req.get("cert_san") or "uri")
+                ctx = ca.client_context(principal, protocol, req.get("cert_san") or "uri",
+                                        tuple(req.get("extra_sans") or ()), req.get("subject_cn") or "")
                 sock = ctx.wrap_socket(raw, server_hostname=req.get("sni") or None)
             except (ValueError, UnicodeError) as e:   # e.g. SNI '.x.com': refused client-side
                 return {"status": None, "skipped": f"TLS client cannot send this SNI: {e}"}

@@ -43,7 +43,8 @@ def test_every_documented_variable_with_its_value() -> None:
         "request.scheme": "https",
         "request.protocol": "HTTP/2",
         "request.id": "rid-1",
-        "request.headers": {"x-a": "1"},
+        # host and :authority both hold the authority, as in Envoy's header map
+        "request.headers": {"x-a": "1", "host": "Orders.Example:8443", ":authority": "Orders.Example:8443"},
         "request.path_params": {"tenant": "acme"},
         "request.context_extensions": {"k": "v"},
         "connection.sni": "orders.example",

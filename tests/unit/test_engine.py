@@ -587,6 +587,8 @@ def test_the_rule_index_decides_tenant_mismatches_as_the_explained_path_does(tmp
     ("garbage", "10.0.0.1"), ("192.0.2.1:8080", "10.0.0.1"), ("[2001:db8::1]", "10.0.0.1"),
     ("2001:db8::1%eth0", "10.0.0.1"), ("127.1", "10.0.0.1"), ("192.0.2.001", "10.0.0.1"),
     ("127.0.0.1, garbage", "10.0.0.1"), ("192.0.2.1 192.0.2.2", "10.0.0.1"),
+    # Envoy trims ASCII white space only: a no-break or ideographic space leaves no address.
+    ("192.0.2.1\u00a0", "10.0.0.1"), ("10.0.0.9, 192.0.2.1\u3000", "10.0.0.1"), ("192.0.2.1 \t", "192.0.2.1"),
 ])
 def test_remote_address_is_read_as_envoy_reads_x_forwarded_for(tmp_path: Path, xff: str, remote: str) -> None:
     """Taken as is, an entry that is no address matched no block: a DENY on the peer's own

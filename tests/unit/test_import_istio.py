@@ -1413,3 +1413,18 @@ def test_a_deny_rule_is_never_dropped_for_an_and_that_only_looks_empty(tmp_path:
     assert allowed(ps, principal=sa("foo", "x"), path="/never")
     left_out = [n for n in notes if "left out of this DENY/AUDIT rule" in n]
     assert len(left_out) == 1 and "spec.rules[2].when[1]: headers[x-tag]" in left_out[0], notes
+
+
+def test_a_header_envoy_never_sends_to_ext_authz_takes_the_stricter_reading(tmp_path: Path) -> None:
+    """Envoy drops a client's x-envoy-auth-partial-body before ext_authz; its RBAC filter still
+    sees it. A DENY on it would never fire here: it is left out (the rule matches more)."""
+    out, notes = write_bundle(tmp_path, AP + """\
+      action: DENY
+      rules:
+      - to: [{operation: {paths: ["/pb/*"]}}]
+        when: [{key: "request.headers[x-envoy-auth-partial-body]", values: ["*"]}]
+    """)
+    ps = load_policy_set(out)
+    assert not allowed(ps, principal=SLEEP, path="/pb/x")
+    assert allowed(ps, principal=SLEEP, path="/other")
+    assert any("a header Envoy does not send to ext_authz" in n for n in notes)

@@ -287,13 +287,14 @@ def test_a_destination_targeted_by_port_or_host_is_decided_without_principal(tmp
 
 # --- 6. caller identity --------------------------------------------------------------------
 
-def _cert(uri: str | None, dns: str | None) -> str:
+def _cert(uri: str | None, dns: str | None, *more_uris: str) -> str:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([])
     now = dt.datetime.now(dt.timezone.utc)
     sans: list[x509.GeneralName] = []
     if uri:
         sans.append(x509.UniformResourceIdentifier(uri))
+    sans += [x509.UniformResourceIdentifier(u) for u in more_uris]
     if dns:
         sans.append(x509.DNSName(dns))
     b = (x509.CertificateBuilder().subject_name(name).issuer_name(x509.Name(
@@ -313,6 +314,25 @@ def test_a_principal_that_is_not_the_certificates_uri_san_is_denied(tmp_path: Pa
     assert not d.allowed and "URI SAN" in d.reason
     assert not decide(ps, principal=ADMIN, certificate=_cert(CHECKOUT, None)).allowed
     assert decide(ps, principal=ADMIN).allowed  # no certificate forwarded: nothing to check
+
+
+def test_a_certificate_with_more_than_one_identity_is_refused(tmp_path: Path) -> None:
+    """Envoy's RBAC tries every SAN of the certificate, ext_authz reports the first: a DENY on
+    the second would fire in Istio and not here. An X509-SVID has exactly one URI SAN."""
+    ps = policy_set(tmp_path, [ALLOW_ALL, {"name": "d", "action": "DENY", "rules": [{"from": [
+        {"source": {"principals": [ADMIN]}}]}]}])
+    assert decide(ps, principal=CHECKOUT, certificate=_cert(CHECKOUT, None)).allowed
+    assert decide(ps, principal=CHECKOUT, certificate=_cert(CHECKOUT, "checkout.prod.svc")).allowed  # a plain DNS SAN
+    for cert in (_cert(CHECKOUT, None, ADMIN), _cert(CHECKOUT, ADMIN)):
+        d = decide(ps, principal=CHECKOUT, certificate=cert)
+        assert (d.allowed, d.reason) == (False, "malformed request: client certificate names more than one identity")
+
+
+def test_server_names_and_hosts_are_lower_cased_as_envoy_does(tmp_path: Path) -> None:
+    """Envoy lower-cases ASCII only: U+212A KELVIN SIGN stays, where str.lower() makes it 'k'."""
+    ps = policy_set(tmp_path, [{"name": "a", "action": "ALLOW", "rules": [{"to": [{"operation": {"sni": ["kiosk.example.com"]}}]}]}])
+    assert decide(ps, sni="KIOSK.example.com").allowed
+    assert not decide(ps, sni="\u212aiosk.example.com").allowed
 
 
 # --- 7. dry run --------------------------------------------------------------------------
