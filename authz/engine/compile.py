@@ -377,6 +377,14 @@ class _Compiler:
         )
 
     def operation(self, doc: Document, path: YPath, ov: dict[str, Any], captures_seen: set[str]) -> Operation:
+        # Envoy hands ext_authz each header byte that is not UTF-8 as '!' (its RBAC filter sees
+        # the byte): a '!' in a pattern could then match what Istio would not, where that makes
+        # the rule allow (an ALLOW's values, a DENY's notHeaders).
+        bang = {"ALLOW": "headers", "DENY": "notHeaders"}.get(self.action, "")
+        for name, values in (ov.get(bang) or {}).items() if bang else ():
+            if any("!" in v for v in values):
+                self.error(doc, (*path, bang, name), f"{bang} value with '!': Envoy sends ext_authz each byte of a "
+                           "header value that is not UTF-8 as '!', so it could not be told apart")
         return Operation(
             methods=_strings(ov.get("methods")),
             not_methods=_strings(ov.get("notMethods")),

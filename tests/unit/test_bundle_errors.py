@@ -209,3 +209,12 @@ def test_an_upper_case_header_name_in_a_condition_is_a_load_error(tmp_path: Path
     (msg,) = problems(bundle_with(tmp_path, text))
     assert msg.startswith("policies/p.yaml:7:10: error: invalid CEL at column 1"), msg
     assert "'X-Debug' never matches, write 'x-debug'" in msg
+
+
+@pytest.mark.parametrize(("action", "field"), [("ALLOW", "headers"), ("DENY", "notHeaders")])
+def test_a_header_pattern_with_a_bang_that_would_allow_is_a_load_error(tmp_path: Path, action: str, field: str) -> None:
+    """Envoy sends ext_authz each header byte that is not UTF-8 as '!' (its RBAC filter sees the
+    byte): `x-ver: v1\\xff` arrives as `v1!`, which an ALLOW on `v1!` would let through."""
+    text = HEADER + f"name: p\naction: {action}\nrules:\n  - to:\n      - operation:\n          {field}: {{x-ver: ['v1!']}}\n"
+    (msg,) = problems(bundle_with(tmp_path, text))
+    assert msg.startswith("policies/p.yaml:") and "could not be told apart" in msg, msg
