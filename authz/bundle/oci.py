@@ -65,6 +65,9 @@ from typing import IO, Any
 
 from authz.bundle.archive import DEFAULT_LIMITS, Limits, Snapshot, reject, unpack
 from authz.bundle.sources import (
+    BodyCut,
+    BodyTooLarge,
+    BodyTooSlow,
     PollPolicy,
     RedirectRefused,
     SourceUnavailable,
@@ -72,6 +75,7 @@ from authz.bundle.sources import (
     WatchedHTTPHandler,
     WatchedHTTPSHandler,
     poll_delay,
+    read_body,
 )
 from authz.tls import ClientTls, client_context
 
@@ -478,33 +482,16 @@ class RegistryClient:
                 return Response(status, headers, self._read(resp, req, max_bytes))
 
     def _read(self, resp: Any, req: urllib.request.Request, limit: int) -> bytes:
-        length = resp.headers.get("Content-Length")
-        if length is not None and length.isdigit() and int(length) > limit:
-            raise _TooLarge(int(length), limit)
-        chunks: list[bytes] = []
-        total = 0
         try:
-            while True:
-                # read1: what has arrived; read(n) would wait for all n bytes, drip by drip.
-                chunk = resp.read1(min(65536, limit + 1 - total))
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                total += len(chunk)
-                if total > limit:
-                    raise _TooLarge(total, limit)
+            return read_body(resp, limit, self._watch)
+        except BodyTooLarge as exc:
+            raise _TooLarge(exc.size, limit) from None
+        except BodyTooSlow:
+            raise self._late(req) from None
+        except BodyCut as exc:  # the connection's fault, not the artifact's: no digest verdict
+            raise RegistryError(f"download of {_path(req.full_url)} {exc}") from None
         except (OSError, ValueError, http.client.HTTPException) as exc:
-            if self._watch.fired:
-                raise self._late(req) from None
             raise RegistryError(f"download of {_path(req.full_url)} failed: {exc}") from None
-        if self._watch.fired:  # the socket it shut down reads as the end of the body
-            raise self._late(req)
-        if length is not None and length.isdigit() and total < int(length):
-            # A short body is the connection's fault, not the artifact's: no digest verdict.
-            raise RegistryError(
-                f"download of {_path(req.full_url)} ended after {total} of {length} bytes"
-            )
-        return b"".join(chunks)
 
     def _late(self, req: urllib.request.Request) -> _TimedOut:
         return _TimedOut(

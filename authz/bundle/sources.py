@@ -269,6 +269,55 @@ class ArchiveSource:
 # --- bundle servers --------------------------------------------------------------------
 
 
+class BodyTooLarge(Exception):
+    """More bytes than the limit were declared (``declared``) or came."""
+
+    def __init__(self, size: int, declared: bool) -> None:
+        super().__init__(size)
+        self.size = size
+        self.declared = declared
+
+
+class BodyTooSlow(Exception):
+    """The download's deadline passed (the watchdog shut its socket, or the loop saw it)."""
+
+
+class BodyCut(Exception):
+    """The body ended before its Content-Length: the connection's fault, not the content's."""
+
+
+def read_body(resp: Any, limit: int, watch: Watchdog, deadline: float = float("inf")) -> bytes:
+    """An HTTP response body of at most ``limit`` bytes, read as it arrives: read1 returns
+    what has come, where read(n) would wait for all n bytes, drip by drip, past any deadline.
+    Raises BodyTooLarge, BodyTooSlow, BodyCut, or the transport's own error."""
+    length = resp.headers.get("Content-Length")
+    declared = int(length) if length is not None and length.isdigit() else None
+    if declared is not None and declared > limit:
+        raise BodyTooLarge(declared, True)
+    chunks: list[bytes] = []
+    total = 0
+    try:
+        while True:
+            if time.monotonic() > deadline or watch.fired:
+                raise BodyTooSlow
+            chunk = resp.read1(min(65536, limit + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > limit:
+                raise BodyTooLarge(total, False)
+    except (OSError, ValueError, http.client.HTTPException):
+        if watch.fired:
+            raise BodyTooSlow from None
+        raise
+    if watch.fired:  # the shut-down socket reads as a clean end of the body
+        raise BodyTooSlow
+    if declared is not None and total < declared:
+        raise BodyCut(f"ended after {total} of {declared} bytes")
+    return b"".join(chunks)
+
+
 @dataclass(frozen=True, slots=True)
 class PollPolicy:
     min_delay: float = 10.0
@@ -409,37 +458,19 @@ class HttpSource:
 
     def _read_body(self, resp: urllib.response.addinfourl, deadline: float) -> bytes:
         limit = self.limits.max_bytes
-        length = resp.headers.get("Content-Length")
-        if length is not None and length.isdigit() and int(length) > limit:
-            self.etag = _etag(resp.headers)
-            raise reject(
-                _name(self.description), f"bundle is {length} bytes, over the size limit of {limit}"
-            )
-        chunks: list[bytes] = []
-        total = 0
         try:
-            while True:
-                if time.monotonic() > deadline or self._watch.fired:
-                    raise SourceUnavailable(self._too_slow())
-                chunk = resp.read1(min(65536, limit + 1 - total))
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                total += len(chunk)
-                if total > limit:
-                    self.etag = _etag(resp.headers)
-                    raise reject(_name(self.description), f"bundle is over the size limit of {limit} bytes")
+            return read_body(resp, limit, self._watch, deadline)
+        except BodyTooLarge as exc:
+            self.etag = _etag(resp.headers)
+            size = f"{exc.size} bytes, over" if exc.declared else "over"
+            raise reject(_name(self.description), f"bundle is {size} the size limit of {limit}"
+                         + ("" if exc.declared else " bytes")) from None
+        except BodyTooSlow:
+            raise SourceUnavailable(self._too_slow()) from None
+        except BodyCut as exc:
+            raise SourceUnavailable(f"bundle download from {self.description} {exc}") from None
         except (OSError, ValueError, http.client.HTTPException) as exc:
-            if self._watch.fired:
-                raise SourceUnavailable(self._too_slow()) from None
             raise SourceUnavailable(f"bundle download from {self.description} failed: {exc}") from None
-        if self._watch.fired:  # the shut-down socket reads as a clean end of the body
-            raise SourceUnavailable(self._too_slow())
-        if length is not None and length.isdigit() and total < int(length):
-            raise SourceUnavailable(
-                f"bundle download from {self.description} ended after {total} of {length} bytes"
-            )
-        return b"".join(chunks)
 
     def _too_slow(self) -> str:
         return (f"bundle download from {self.description} took longer than {self.policy.timeout}s "
