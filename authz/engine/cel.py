@@ -152,6 +152,30 @@ def _header_names_in_lower_case(expression: str) -> None:
                               f"{name.lower()!r}", before.count("\n") + 1, m.start() - (before.rfind("\n") + 1) + 1)
 
 
+# A comprehension over a bundle data collection: `data.users.map(u, ...)`, `data['a'].b.exists(...)`.
+_DATA_COMPREHENSION = re.compile(
+    r"(?<![\w.])data((?:\s*\.\s*\w+|\s*\[\s*(?:'[^']*'|\"[^\"]*\")\s*\])+)\s*\.\s*"
+    r"(all|exists_one|exists|map|filter)\s*\(")
+_SEGMENT = re.compile(r"\.\s*(\w+)|\[\s*'([^']*)'\s*\]|\[\s*\"([^\"]*)\"\s*\]")
+
+
+def data_comprehensions(expression: str) -> list[tuple[tuple[str, ...], str, int]]:
+    """(path under `data`, macro, column) of each comprehension whose range is a data
+    collection, found in the code (not in strings or comments): its size is known at load."""
+    def blank(m: re.Match[str]) -> str:  # same length, quotes kept: positions still line up
+        t = m.group(0)
+        return " " * len(t) if t.startswith("//") else t[0] + "x" * (len(t) - 2) + t[-1]
+
+    code = _LITERAL_OR_COMMENT.sub(blank, expression)
+    out = []
+    for m in _DATA_COMPREHENSION.finditer(code):
+        # the path's names come from the expression itself (string keys were blanked in code)
+        segments = tuple(next(g for g in seg.groups() if g is not None)
+                         for seg in _SEGMENT.finditer(expression[m.start(1):m.end(1)]))
+        out.append((segments, m.group(2), m.start() + 1))
+    return out
+
+
 def compile_condition(expression: str) -> Condition:
     if _CALLER_MEMBERSHIP.match(expression):
         return Condition(expression, ("source.principal", "tenant.callers"), True, None, _caller_in_tenant)

@@ -22,7 +22,7 @@ from authz.bundle.loader import BundleError, BundleFiles, read_bundle
 from authz.bundle.schema import Problem
 from authz.bundle.yamlpos import Document, Position
 from authz.engine import shaping
-from authz.engine.cel import CelCompileError, Condition, compile_condition
+from authz.engine.cel import CelCompileError, Condition, compile_condition, data_comprehensions
 from authz.engine import index as rule_index
 from authz.engine.decide import TENANT_ID, PolicySet
 from authz.engine.model import (
@@ -300,6 +300,7 @@ class _Compiler:
                 if name not in self.files.data:
                     self.error(doc, (*path, "when", j),
                                f"condition reads data.{name} but the bundle has no data/{name}.yaml or .json")
+            self.data_cost(doc, (*path, "when", j), cond)
             conditions.append(cond)
         return Rule(
             name=rv.get("name", f"rule-{index + 1}"),
@@ -320,6 +321,26 @@ class _Compiler:
             self.problems.append(Problem(
                 pos, f"invalid CEL at column {exc.column} of the expression: {exc.message}"))
             return None
+
+    def data_cost(self, doc: Document, path: YPath, cond: Condition) -> None:
+        """A comprehension over a data collection runs at every check, with the interpreter
+        held: its size is known now, so a cost no check could afford is a load error rather
+        than a check that stalls the others before it is denied over budget."""
+        for segments, macro, column in data_comprehensions(cond.source):
+            value: Any = self.files.data[segments[0]].value if segments[0] in self.files.data else None
+            for key in segments[1:]:
+                value = value.get(key) if isinstance(value, dict) else None
+            if not isinstance(value, (list, dict)):
+                continue
+            building = macro in ("map", "filter")  # builds a list: its cost grows with the square
+            limit = MAX_DATA_BUILT if building else MAX_DATA_SCANNED
+            if len(value) > limit:
+                where = "data." + ".".join(segments)
+                self.error(doc, path, f"condition {macro}s over {where} ({len(value)} items) at every check, "
+                           f"at most {limit}" + (" for map/filter, whose cost grows with the square of it; "
+                                                 "use exists/all, or key the data by what is looked up"
+                                                 if building else "; key the data by what is looked up")
+                           + f" (expression column {column})")
 
     def principals(self, values: list[str] | None, doc: Document | None = None, path: YPath = ()
                    ) -> StringMatch | None:
@@ -513,6 +534,8 @@ def _headers(values: dict[str, list[str]] | None) -> tuple[HeaderMatch, ...]:
 
 
 _CEL_INT = range(-(2**63), 2**63)
+MAX_DATA_BUILT = 256  # items a map/filter over bundle data may build per check (measured: 500 -> 6 ms)
+MAX_DATA_SCANNED = 10_000  # items exists/all may visit: the runtime's own iteration bound
 
 
 def _json_safe(value: Any) -> Any:
