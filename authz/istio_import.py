@@ -440,6 +440,13 @@ class _Unverifiable:
 UNVERIFIABLE = _Unverifiable()
 
 
+class _Constant:
+    """A `when` condition whose value is known whatever the request."""
+
+
+NEVER_HOLDS, ALWAYS_HOLDS = _Constant(), _Constant()
+
+
 class _Converter:
     def __init__(self, opts: Options, mesh: Mesh) -> None:
         self.opts = opts
@@ -518,10 +525,10 @@ class _Converter:
                 ok = False
             elif value.startswith("*") and not value.endswith("*"):  # both ends: reported below
                 try:  # istiod (and the engine) read the suffix as a regex, unescaped
-                    re.compile(value[1:])
+                    re.compile(spiffe.re2_text(value[1:]))
                 except re.error as exc:
                     self.error(res, (*path, k), f"{value!r}: istiod pastes a '*suffix' principal into a regex "
-                               f"unescaped, and this one is no regex ({exc}): Envoy rejects the policy")
+                               f"unescaped, and this one cannot be read here as Envoy's RE2 reads it ({exc})")
                     ok = False
         return self.check_patterns(res, path, values) and ok
 
@@ -556,10 +563,10 @@ class _Converter:
         ok = True
         for k, value in enumerate(values):
             try:
-                re.compile(value.replace("*", ".*") if what == "namespace" else value)
+                re.compile(spiffe.re2_text(value.replace("*", ".*") if what == "namespace" else value))
             except re.error as exc:
                 self.error(res, (*path, k), f"{value!r}: istiod pastes a {what} into a regex unescaped, and this "
-                           f"one is no regex ({exc}): Envoy rejects the policy")
+                           f"one cannot be read here as Envoy's RE2 reads it ({exc})")
                 ok = False
         return ok
 
@@ -700,6 +707,9 @@ class _Converter:
             cond = self.condition(res, (*path, "when", j), cv, deny)
             if isinstance(cond, _Unverifiable):
                 never = never or not deny  # a DENY rule leaves it out; an ALLOW rule never matches
+                continue
+            if isinstance(cond, _Constant):
+                never = never or cond is NEVER_HOLDS  # in Istio too, whatever the action
                 continue
             if cond is None:
                 continue
@@ -859,7 +869,9 @@ class _Converter:
             else:
                 # Istio compares the whole authority, port included, ignoring case; the bundle's
                 # hosts field also accepts the host without its port, so say it in CEL.
-                expr = _any_of("request.host", [v.lower() for v in values])
+                # '*' is istiod's presentMatch on :authority: true for every request, an
+                # empty Host header included (request.host != "" would not be).
+                expr = "true" if "*" in values else _any_of("request.host", [v.lower() for v in values])
                 cel.append(expr if key == "hosts" else f"!({expr})")
         for key in ("paths", "notPaths"):
             values = self.strings(res, (*path, key), ov.get(key))
@@ -915,7 +927,7 @@ class _Converter:
     # -- conditions -------------------------------------------------------------------------
 
     def condition(self, res: _Resource, path: YPath, cv: Any, deny: bool = False
-                  ) -> _Condition | _Unverifiable | None:
+                  ) -> _Condition | _Unverifiable | _Constant | None:
         if not self.unknown_fields(res, path, cv, CONDITION_FIELDS, "a condition"):
             return None
         key = cv.get("key")
@@ -935,6 +947,10 @@ class _Converter:
             for p, vs in listed:
                 ok = self.check_patterns(res, p, vs) and ok
             name = header.group(1).strip().lower()
+            if name != header.group(1).lower():
+                # istiod keeps the name verbatim, spaces included: a header no request has.
+                # Its values never hold; its notValues always do.
+                return NEVER_HOLDS if values else ALWAYS_HOLDS
             if name in _NOT_SENT_TO_EXT_AUTHZ:
                 self.unverifiable(res, kpath, f"{key!r} reads a header Envoy does not send to ext_authz", deny)
                 return UNVERIFIABLE

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 import urllib.parse
 from dataclasses import dataclass, field
 
@@ -108,8 +109,8 @@ def from_check_request(
         headers = _lower_keys(headers)
     # Envoy's header map answers `host` with :authority (and its RBAC filter matches a
     # `host` header rule on it): both names hold the authority here, whichever was sent.
-    authority = http.host or headers.get(":authority") or headers.get("host", "")
-    if authority:
+    authority = http.host or headers.get(":authority", headers.get("host"))
+    if authority is not None:  # an empty Host header is still one
         if headers.get("host") != authority:
             headers["host"] = authority
         if headers.get(":authority") != authority:
@@ -123,6 +124,10 @@ def from_check_request(
     query = normalized.query or http.query
 
     principal, source = trust_domains.resolve(attrs.source.principal)
+    if principal and _CONTROL.search(principal):
+        # istiod's '*' is the RE2 pattern '.+', whose '.' takes no line feed: such a principal
+        # would be no principal to Envoy's RBAC and one to a string test here.
+        raise MalformedRequest("caller principal contains a control character")
     if attrs.source.certificate:
         sans = _uri_sans(attrs.source.certificate)
         if not principal or principal not in sans:
@@ -211,6 +216,7 @@ def _lower_keys(headers: dict[str, str]) -> dict[str, str]:
     return out
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _ASCII_SPACE = " \t\f\v\n\r"
 _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 

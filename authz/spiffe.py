@@ -183,4 +183,26 @@ def _istio_regex(value: str, star: bool = False) -> str:
     # istiod pastes the value into an RE2 pattern unescaped ('.' is any character, '[1]' a
     # class), so the same text is a pattern here too: matching exactly what Istio's does, in
     # ALLOW and DENY alike. A value that is no valid pattern fails to compile: a load error.
-    return value.replace("*", ".*") if star else value
+    return re2_text(value.replace("*", ".*") if star else value)
+
+
+# RE2's POSIX classes, as the ranges Python's re reads the same way.
+_POSIX_CLASSES = {
+    "alnum": "0-9A-Za-z", "alpha": "A-Za-z", "ascii": "\\x00-\\x7f", "blank": "\\t ",
+    "cntrl": "\\x00-\\x1f\\x7f", "digit": "0-9", "graph": "!-~", "lower": "a-z", "print": " -~",
+    "punct": "!-/:-@\\[-`{-~", "space": "\\t\\n\\v\\f\\r ", "upper": "A-Z", "word": "0-9A-Za-z_",
+    "xdigit": "0-9A-Fa-f",
+}
+_POSIX_CLASS = re.compile(r"\[:(\w+):\]")
+
+
+def re2_text(pattern: str) -> str:
+    """``pattern`` as Python's re must be given it to read it as Envoy's RE2 does: RE2 takes
+    `[[:digit:]]` for a POSIX class, re for a set followed by a literal `]`. Anything else
+    with `[:` is refused (re.error)."""
+    if "[:" not in pattern:
+        return pattern
+    out = _POSIX_CLASS.sub(lambda m: _POSIX_CLASSES.get(m.group(1), m.group(0)), pattern)
+    if "[:" in out:
+        raise re.error(f"{pattern!r} has a '[:' that is no POSIX class RE2 knows")
+    return out

@@ -327,7 +327,7 @@ def _target_matches(policy: Policy, req: Request) -> bool:
         return False
     # A policy applies to every reading of the host: an ALLOW policy that a trailing dot or a
     # port could step around would leave the request to the others, or to the default.
-    if t.hosts is not None and not any(map(t.hosts, req.host_names(True))):
+    if t.hosts is not None and not (t.hosts.present or any(map(t.hosts, req.host_names(True)))):
         return False
     if t.ports is not None and req.destination_port not in t.ports:
         return False
@@ -376,9 +376,11 @@ def _operation_match(op: Operation, req: Request, allow: bool) -> dict[str, str]
         return None
     if op.not_destination_ip_blocks is not None and op.not_destination_ip_blocks(req.destination_address):
         return None
-    if op.hosts is not None and not any(map(op.hosts, req.host_names(not allow))):
+    # '*' is istiod's presentMatch on :authority, which every request Envoy passes has (an
+    # empty Host header included): true, where the string match needs a non-empty value.
+    if op.hosts is not None and not (op.hosts.present or any(map(op.hosts, req.host_names(not allow)))):
         return None
-    if op.not_hosts is not None and any(map(op.not_hosts, req.host_names(allow))):
+    if op.not_hosts is not None and (op.not_hosts.present or any(map(op.not_hosts, req.host_names(allow)))):
         return None
     if op.ports is not None and req.destination_port not in op.ports:
         return None

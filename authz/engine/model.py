@@ -10,6 +10,7 @@ from typing import Literal
 
 from authz.engine.cel import Condition
 from authz.paths import PathTemplate, fold_case
+from authz.spiffe import re2_text
 
 Action = Literal["ALLOW", "DENY", "AUDIT"]
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -50,7 +51,7 @@ class StringMatch:
         regex = None
         if scheme and suffixes:
             # re.error for a suffix that is no valid pattern: a load error, as istiod's config is
-            regex = re.compile("|".join(f"(?:{re.escape(scheme)}.*{s})" for s in suffixes))
+            regex = re.compile("|".join(f"(?:{re.escape(scheme)}.*{re2_text(s)})" for s in suffixes))
         return cls(frozenset(exact), tuple(prefixes), tuple(suffixes), present, fold_case, scheme, regex)
 
     def __call__(self, value: str) -> bool:

@@ -1428,3 +1428,17 @@ def test_a_header_envoy_never_sends_to_ext_authz_takes_the_stricter_reading(tmp_
     assert not allowed(ps, principal=SLEEP, path="/pb/x")
     assert allowed(ps, principal=SLEEP, path="/other")
     assert any("a header Envoy does not send to ext_authz" in n for n in notes)
+
+
+def test_a_header_name_with_spaces_is_a_header_no_request_has(tmp_path: Path) -> None:
+    """istiod keeps `request.headers[ x-token ]` verbatim: its values never hold (the rule never
+    matches, in DENY and ALLOW alike) and its notValues always do."""
+    ps = imported(tmp_path, AP + """\
+      rules:
+      - to: [{operation: {paths: ["/h/*"]}}]
+        when: [{key: "request.headers[ x-token ]", values: ["abc"]}]
+      - to: [{operation: {paths: ["/n/*"]}}]
+        when: [{key: "request.headers[ x-token ]", notValues: ["abc"]}]
+    """)
+    assert not allowed(ps, principal=SLEEP, path="/h/x", headers={"x-token": "abc"})
+    assert allowed(ps, principal=SLEEP, path="/n/x", headers={"x-token": "abc"})

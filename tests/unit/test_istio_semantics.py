@@ -406,3 +406,17 @@ def test_encoded_parameter_dot_segments_are_refused(tmp_path: Path, path: str) -
 def test_an_encoded_semicolon_is_read_as_parameters_by_a_deny(tmp_path: Path) -> None:
     ps = policy_set(tmp_path, [deny(paths=["/admin/*"]), ALLOW_ALL])
     assert not decide(ps, path="/admin%3Bx=1/y").allowed
+
+
+def test_values_read_as_envoy_reads_them(tmp_path: Path) -> None:
+    """RE2 POSIX classes in namespaces; '*' hosts true for an empty Host header; a principal
+    with a line feed (RE2's '.+' for '*' takes none) refused. Each was looser than Istio."""
+    ps = policy_set(tmp_path, [ALLOW_ALL, {"name": "d", "action": "DENY", "rules": [
+        {"from": [{"source": {"namespaces": ["team-[[:digit:]]"]}}]}]}])
+    assert not decide(ps, principal=spiffe("team-1", "x")).allowed
+    assert decide(ps, principal=spiffe("team-x", "x")).allowed
+    hosts = policy_set(tmp_path / "h", [ALLOW_ALL, {"name": "d", "action": "DENY", "rules": [
+        {"to": [{"operation": {"hosts": ["*"], "paths": ["/d/*"]}}]}]}])
+    assert not decide(hosts, host="", path="/d/x").allowed
+    d = decide(ps, principal=spiffe("prod", "x") + "\nq")
+    assert (d.allowed, d.reason) == (False, "malformed request: caller principal contains a control character")
