@@ -128,6 +128,10 @@ class PolicySet:
                     if hit is not None:
                         audit.append(f"{policy.name}/{hit[0].name}")
             allow_applies = False
+            # The client names the Host. Once a policy has identified the destination by its
+            # principal, a policy that names its workload only by host may still restrict the
+            # request, but not grant it: it is another workload's, reached by a spoofed Host.
+            by_principal = bool(req.destination_principal) and any(p.target.principals is not None for p in policies)
             for policy in policies:
                 if policy.action != "ALLOW":
                     continue
@@ -135,9 +139,15 @@ class PolicySet:
                     dry_run.extend(self._dry_run(policy, (req,), "allow", tracer))
                     continue
                 allow_applies = True
+                if not _may_grant(policy, by_principal):
+                    if tracer is not None:
+                        tracer.step("target", None, "names its workload by host only, and the request's "
+                                    "destination is identified by principal: it cannot allow", policy.name)
+                    continue
                 hit = self._first_match(policy, req, tracer, allow=True)
                 if hit is not None:
-                    unmatched = self._unallowed_reading(policies, req, hit[1], tracer)
+                    granting = [p for p in policies if _may_grant(p, by_principal)]
+                    unmatched = self._unallowed_reading(granting, req, hit[1], tracer)
                     if unmatched is not None:
                         return Decision(False, "ambiguous path", policy.name, hit[0].name, "DENY",
                                         hit[1], tuple(audit), tuple(dry_run))
@@ -319,6 +329,12 @@ def _readings(req: Request) -> tuple[Request, ...]:
             if method != req.method or path != req.path:
                 views.append(dataclasses.replace(req, method=method, path=path, path_readings=()))
     return tuple(views)
+
+
+def _may_grant(policy: Policy, by_principal: bool) -> bool:
+    """Whether an ALLOW ``policy`` may allow: not one that names its workload by host only
+    when the destination is identified by principal (see decide)."""
+    return not (by_principal and policy.target.principals is None and policy.target.hosts is not None)
 
 
 def _target_matches(policy: Policy, req: Request) -> bool:

@@ -608,3 +608,17 @@ def test_a_host_header_rule_reads_the_authority(tmp_path: Path) -> None:
     ps = policy_set(tmp_path, [allow({}), deny])
     assert not decide(ps, host="admin.example.com").allowed
     assert decide(ps, host="api.example.com").allowed
+
+
+def test_a_host_only_target_cannot_grant_a_request_identified_by_principal(tmp_path: Path) -> None:
+    """The client names the Host: bar's allow-all, declared by host, allowed foo's request."""
+    foo = spiffe("foo", "httpbin")
+    ps = policy_set(tmp_path, [
+        {"name": "foo", "action": "ALLOW", "target": {"principals": [foo]},
+         "rules": [{"name": "public", "to": [{"operation": {"paths": ["/public/*"]}}]}]},
+        {"name": "bar", "action": "ALLOW", "target": {"hosts": ["w2.bar.svc"]}, "rules": [{"name": "all"}]},
+    ])
+    assert decide(ps, destination=foo, path="/public/x", host="w2.bar.svc").allowed
+    d = decide(ps, destination=foo, path="/admin/x", host="w2.bar.svc")
+    assert (d.allowed, d.reason) == (False, "no allow rule matched")
+    assert decide(ps, destination="", path="/admin/x", host="w2.bar.svc").allowed  # plaintext: by host
