@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--http-addr", type=options.address, default="0.0.0.0:8181",
                        metavar="HOST:PORT", help="HTTP listener: /metrics, /healthz, /readyz, "
                        "/v1/status (default 0.0.0.0:8181)")
+    serve.add_argument("--http-decision-api", action="store_true",
+                       help="also serve the decision API as JSON (POST /v1/decide, /v1/explain) on --http-addr; "
+                            "off by default: that port authenticates no caller (docs/decision-api.md)")
     serve.add_argument("--audit-log", action="append", metavar="TARGET",
                        help="'-' for stdout (default), a file path, or an http(s):// collector URL; "
                             "repeatable (docs/audit.md)")
@@ -224,7 +227,7 @@ def _serve(args: argparse.Namespace) -> int:
                           worker=args.worker_index, http_authz=http_authz_server,
                           on_started=lambda: _start(reloader, first_load), tls=listener_tls,
                           hidden=None if args.status_show_paths else _hidden_paths(args),
-                          first_load_done=first_load_done))
+                          first_load_done=first_load_done, http_decision_api=args.http_decision_api))
     except OSError as exc:  # a listener cannot bind: the message names the address
         print(f"authz serve: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -27,6 +27,7 @@ import asyncio
 import ipaddress
 import os
 import logging
+import re
 import socket
 import ssl
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from envoy.service.auth.v3 import external_auth_pb2
 
 from authz.check import CALLER_ENVOY_HTTP, Checker
 from authz.options import address
+from authz.tls_server import CallerPattern
 
 log = logging.getLogger("authz.http_authz")
 
@@ -48,6 +50,7 @@ _HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "
 MAX_HEADER_BYTES = 64 * 1024
 MAX_HEADERS = 200
 MAX_BODY_BYTES = 1024 * 1024
+ANSWER_TIMEOUT = 10.0  # seconds a client may take to read an answer
 _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
             413: "Content Too Large", 429: "Too Many Requests", 431: "Request Header Fields Too Large",
             503: "Service Unavailable"}
@@ -60,33 +63,28 @@ class TrustedProxies:
     """Who may vouch for the caller: addresses/CIDRs, and SPIFFE IDs (exact or ``prefix*``)."""
 
     networks: tuple[IpNetwork, ...] = ()
-    ids: frozenset[str] = frozenset()
-    id_prefixes: tuple[str, ...] = ()
+    ids: tuple[CallerPattern, ...] = ()
 
     @classmethod
     def parse(cls, patterns: list[str]) -> TrustedProxies:
         """ValueError names a pattern that is neither a SPIFFE ID pattern nor an address/CIDR."""
         networks: list[IpNetwork] = []
-        ids: set[str] = set()
-        prefixes: list[str] = []
+        ids: list[CallerPattern] = []
         for p in patterns:
             p = p.strip()
             if p.startswith("spiffe://"):
-                if p.endswith("*"):
-                    if len(p) <= len("spiffe://") + 1:
-                        raise ValueError(f"trusted proxy {p!r} trusts every SPIFFE ID")
-                    prefixes.append(p[:-1])
-                else:
-                    ids.add(p)
+                # A '*' stays within its path segment: a string prefix `.../ns/prod*` would
+                # trust `.../ns/production-evil`, who could then write the caller's identity.
+                ids.append(CallerPattern(p, "--trusted-proxy"))
                 continue
             try:
                 networks.append(ipaddress.ip_network(p, strict=False))
             except ValueError:
                 raise ValueError(f"trusted proxy {p!r} is neither spiffe://... nor an address or CIDR") from None
-        return cls(tuple(networks), frozenset(ids), tuple(prefixes))
+        return cls(tuple(networks), tuple(ids))
 
     def trusts(self, address: str, spiffe_id: str) -> bool:
-        if spiffe_id and (spiffe_id in self.ids or (bool(self.id_prefixes) and spiffe_id.startswith(self.id_prefixes))):
+        if spiffe_id and any(p.matches(spiffe_id) for p in self.ids):
             return True
         if address and self.networks:
             try:
@@ -282,7 +280,7 @@ class HttpAuthzServer:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.connections > self.max_connections:
                 writer.write(_render(503, [], b"", close=True))
-                await writer.drain()
+                await asyncio.wait_for(writer.drain(), ANSWER_TIMEOUT)
                 await _linger(reader, writer)
                 return
             peer = writer.get_extra_info("peername")
@@ -319,9 +317,10 @@ class HttpAuthzServer:
             if "transfer-encoding" in headers:
                 raise _Malformed("chunked request bodies are not accepted", 400)
             if length:
-                if not (length.isascii() and length.isdigit()) or int(length) > MAX_BODY_BYTES:
+                if not (length.isascii() and length.isdigit()) or len(length) > 12 or int(length) > MAX_BODY_BYTES:
                     raise _Malformed("request body too large or bad content-length", 413)
-                await reader.readexactly(int(length))  # the body is not decided on
+                # the body is not decided on; a client that stalls in it holds no connection long
+                await asyncio.wait_for(reader.readexactly(int(length)), self.idle_timeout)
             path = strip_prefix(target, self.path_prefix)
             if path is None:
                 raise _Malformed(f"path does not start with the configured prefix {self.path_prefix!r}", 403)
@@ -350,7 +349,8 @@ class HttpAuthzServer:
     async def _answer(writer: asyncio.StreamWriter, status: int, headers: list[tuple[str, str]],
                       body: bytes, close: bool) -> None:
         writer.write(_render(status, headers, body, close))
-        await writer.drain()
+        # A client that never reads its answers must not hold the connection for ever.
+        await asyncio.wait_for(writer.drain(), ANSWER_TIMEOUT)
 
 
 async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -372,15 +372,23 @@ async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
         return
 
 
+# RFC 9110 token: what a header name may be made of.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
 def _parse_head(head: bytes) -> tuple[str, str, dict[str, str], bool]:
     """Request line and headers: (method, target, lower-cased headers, close after)."""
     try:
         text = head.decode("latin-1")
     except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes any byte
         raise _Malformed("undecodable request head") from None
+    if "\0" in text or "\n" in text.replace("\r\n", "") or "\r" in text.replace("\r\n", ""):
+        # A bare LF or CR ends a line for some parsers and not for others: a hop reading the
+        # head otherwise than here could see another request, and take our answer for its.
+        raise _Malformed("bare CR, LF or NUL in the request head")
     lines = text.split("\r\n")
     parts = lines[0].split(" ")
-    if len(parts) != 3 or not parts[0] or not parts[1].startswith("/") or not parts[2].startswith("HTTP/1."):
+    if len(parts) != 3 or not parts[0] or not parts[1].startswith("/") or parts[2] not in ("HTTP/1.0", "HTTP/1.1"):
         raise _Malformed("bad request line")
     method, target, version = parts
     try:  # the head was read as latin-1: the target's bytes, read as what they encode
@@ -393,13 +401,18 @@ def _parse_head(head: bytes) -> tuple[str, str, dict[str, str], bool]:
         if not line:
             continue
         name, sep, value = line.partition(":")
-        if not sep or not name or name != name.strip() or " " in name:
+        if not sep or not _TOKEN.fullmatch(name):
             raise _Malformed("bad header line")
         count += 1
         if count > MAX_HEADERS:
             raise _Malformed("too many headers", 431)
         key = name.lower()
-        value = value.strip(" \t")
+        try:  # read as latin-1 with the head: the value's bytes, read as the UTF-8 Envoy sends
+            value = value.strip(" \t").encode("latin-1").decode("utf-8")
+        except UnicodeDecodeError:
+            raise _Malformed(f"header {key} is not UTF-8") from None
+        if key == "host" and key in headers:
+            raise _Malformed("more than one host header")  # joined, it would match no host rule
         headers[key] = f"{headers[key]},{value}" if key in headers else value
     conn = headers.get("connection", "").lower()
     close = "close" in conn or (version == "HTTP/1.0" and "keep-alive" not in conn)
@@ -429,7 +442,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                    help="also answer Envoy's HTTP ext_authz protocol on this address (off by default)")
     g.add_argument("--trusted-proxy", action="append", default=[], metavar="PATTERN",
                    help="a proxy whose x-forwarded-client-cert is believed: an address or CIDR, or a "
-                        "SPIFFE ID (exact or prefix*) of its TLS client certificate; repeatable. "
+                        "SPIFFE ID of its TLS client certificate (a * matches within one path segment); repeatable. "
                         "From anyone else the header is ignored and the caller has no principal")
     g.add_argument("--http-authz-path-prefix", default="", metavar="PREFIX",
                    help="Envoy's http_service path_prefix, removed from every path (default none)")
@@ -467,7 +480,7 @@ def server_from_args(args: argparse.Namespace, checker: Checker) -> HttpAuthzSer
             raise ValueError(f"cannot use the HTTP ext_authz TLS files: {exc}") from None
     elif args.http_authz_client_ca:
         raise ValueError("--http-authz-client-ca needs --http-authz-tls-cert and --http-authz-tls-key")
-    if (trusted.ids or trusted.id_prefixes) and not (context and args.http_authz_client_ca):
+    if trusted.ids and not (context and args.http_authz_client_ca):
         raise ValueError("a SPIFFE ID in --trusted-proxy needs mTLS on the HTTP ext_authz listener "
                          "(--http-authz-tls-cert, --http-authz-tls-key, --http-authz-client-ca)")
     if args.http_authz_max_connections < 1:

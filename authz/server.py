@@ -87,7 +87,8 @@ class ProbeServer:
                     self._send(404, b"not found\n", "text/plain")
                     return
                 length = self.headers.get("content-length", "")
-                digits = length.isascii() and length.isdigit()  # isdigit() alone takes '²'
+                # isdigit() alone takes '²', and int() refuses over 4,300 digits
+                digits = length.isascii() and length.isdigit() and len(length) <= 12
                 if not digits or int(length) > decision_api.MAX_JSON_BYTES:
                     self.close_connection = True
                     self._send(*decision_api.error_json(411 if not digits else 413,
@@ -262,6 +263,7 @@ async def serve(
     worker: int | None = None, on_started: Callable[[], None] | None = None,
     http_authz: HttpAuthzServer | None = None, tls: ServerTls | None = None,
     hidden: Mapping[str, str] | None = None, first_load_done: threading.Event | None = None,
+    http_decision_api: bool = False,
 ) -> None:
     """Serve until SIGTERM, then drain (docs/operations.md): health NOT_SERVING at once, checks
     answered for ``drain_grace`` seconds while load balancers take this endpoint out, then new
@@ -312,7 +314,9 @@ async def serve(
 
     hold_grpc = worker is not None and first_load_done is not None
     bound = 0 if hold_grpc else listen_grpc()
-    probes = ProbeServer(http_addr, store, metrics, worker, checker, tls, hidden)
+    # The JSON decision API only when asked for: the probe port checks no caller, and an
+    # explanation shows every policy's rules to whoever asks.
+    probes = ProbeServer(http_addr, store, metrics, worker, checker if http_decision_api else None, tls, hidden)
     probes.grpc_listening = not hold_grpc
     serving = health_pb2.HealthCheckResponse.SERVING
     not_serving = health_pb2.HealthCheckResponse.NOT_SERVING

@@ -42,16 +42,19 @@ _SEGMENT = re.compile(r"^[A-Za-z0-9._*-]+$")
 
 
 class CallerPattern:
-    def __init__(self, text: str) -> None:
+    """A SPIFFE ID whose `*` stays within one path segment: `.../ns/prod*` does not take
+    `.../ns/production-evil`, nor a trust domain pattern another trust domain."""
+
+    def __init__(self, text: str, flag: str = "--allow-caller") -> None:
         if not text.startswith("spiffe://"):
-            raise ValueError(f"--allow-caller {text!r}: not a SPIFFE ID (spiffe://<trust domain>/...)")
+            raise ValueError(f"{flag} {text!r}: not a SPIFFE ID (spiffe://<trust domain>/...)")
         td, _, path = text[len("spiffe://"):].partition("/")
         if not _TRUST_DOMAIN.match(td):
-            raise ValueError(f"--allow-caller {text!r}: the trust domain must be written out "
+            raise ValueError(f"{flag} {text!r}: the trust domain must be written out "
                              "(lower-case letters, digits, '.', '-', '_'; no '*')")
         segments = path.split("/") if path else []
         if not segments or not all(_SEGMENT.match(s) for s in segments):
-            raise ValueError(f"--allow-caller {text!r}: the path must be non-empty segments of "
+            raise ValueError(f"{flag} {text!r}: the path must be non-empty segments of "
                              "letters, digits, '.', '-', '_' or '*'")
         self.text = text
         body = "/".join("[^/]*".join(re.escape(p) for p in s.split("*")) for s in segments)

@@ -28,9 +28,26 @@ REVISION = "2026-11-25.1"
 
 @pytest.fixture(scope="module")
 def authz(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    served = serve(tmp_path_factory.mktemp("decision-api"))
+    served = serve(tmp_path_factory.mktemp("decision-api"), "--http-decision-api")
     try:
         yield served
+    finally:
+        served.stop()
+
+
+def test_the_json_api_is_off_unless_asked_for(tmp_path: Path) -> None:
+    """The probe port authenticates no caller, and an explanation shows every policy's rules:
+    without --http-decision-api, /v1/decide and /v1/explain are not there (gRPC still is)."""
+    served = serve(tmp_path)
+    try:
+        for path in ("/v1/decide", "/v1/explain"):
+            req = urllib.request.Request(f"http://127.0.0.1:{served.http_port}{path}", data=b"{}", method="POST")
+            with pytest.raises(urllib.error.HTTPError) as err:
+                urllib.request.urlopen(req, timeout=10)
+            assert err.value.code == 404
+        channel, api = stub(served)
+        with channel:
+            assert api.Decide(tenant_request(), timeout=10).decision_id
     finally:
         served.stop()
 

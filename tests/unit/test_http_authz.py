@@ -164,7 +164,14 @@ def raw(authz: Served, data: bytes) -> bytes:
     (b"GET /check/ HTTP/1.1\r\n\r\n", b"400"),  # no host
     (b"GET /check/ HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n", b"400"),
     (b"GET /check/ HTTP/1.1\r\nHost: a\r\nContent-Length: 99999999\r\n\r\n", b"413"),
-    (b"GET /check/ HTTP/1.1\r\nHost: a\r\nContent-Length: \xb2\r\n\r\n", b"413"),  # '\u00b2'.isdigit()
+    (b"GET /check/ HTTP/1.1\r\nHost: a\r\nContent-Length: \xc2\xb2\r\n\r\n", b"413"),  # '\u00b2'.isdigit()
+    (b"GET /check/ HTTP/1.1\r\nHost: a\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n", b"413"),  # int() refuses
+    (b"GET /check/ HTTP/1.1\r\nHost: a\r\nX-Pad: 1\nContent-Length: 9\r\n\r\n", b"400"),  # a bare LF
+    (b"GET /check/ HTTP/1.1\r\nHost: a\r\nX-A: a\x00b\r\n\r\n", b"400"),
+    (b"GET /check/ HTTP/1.1\r\nHost: a\r\nX(a)@b: 1\r\n\r\n", b"400"),  # no token
+    (b"GET /check/ HTTP/1.1x\r\nHost: a\r\n\r\n", b"400"),
+    (b"GET /check/ HTTP/1.1\r\nHost: admin.example.com\r\nHost: x\r\n\r\n", b"400"),
+    (b"GET /check/ HTTP/1.1\r\nHost: a\r\nX-User: zo\xeb\r\n\r\n", b"400"),  # latin-1, not UTF-8
     (b"GET /check/x/\xc0\xaf HTTP/1.1\r\nHost: a\r\n\r\n", b"400"),  # an overlong '/', raw
     (b"GET /check/ HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n", b"431"),
 ])
@@ -261,3 +268,30 @@ def test_bad_flags_exit_2(tmp_path, args: list[str], message: str) -> None:  # t
                            "--http-addr", f"127.0.0.1:{free_port()}", "--audit-log", str(tmp_path / "a"), *args],
                           capture_output=True, text=True, timeout=60, cwd=REPO)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+def test_utf8_header_values_are_decided_as_envoy_sends_them(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Read as latin-1, `zoë` was `zoÃ«` and a DENY on it never fired over HTTP."""
+    from bundle_factory import write_bundle
+
+    allow = {"name": "open", "action": "ALLOW", "rules": [{"name": "all"}]}
+    deny = {"name": "no-zoe", "action": "DENY", "rules": [{"to": [{"operation": {"headers": {"x-user": ["zoë"]}}}]}]}
+    served = serve(tmp_path / "served", bundle=write_bundle(tmp_path / "bundle", [allow, deny]))
+    try:
+        answer = raw(served, "GET /x HTTP/1.1\r\nHost: app\r\nConnection: close\r\nx-user: zoë\r\n\r\n".encode())
+        assert answer.startswith(b"HTTP/1.1 403"), answer[:200]
+        assert b"denied by policy" in answer
+    finally:
+        served.stop()
+
+
+def test_a_trusted_proxy_pattern_stays_within_its_path_segment() -> None:
+    """A string prefix `.../ns/prod*` trusted `.../ns/production-evil`, which could then write
+    the caller's identity in x-forwarded-client-cert."""
+    t = TrustedProxies.parse(["spiffe://cluster.local/ns/prod/sa/envoy*"])
+    assert t.trusts("", "spiffe://cluster.local/ns/prod/sa/envoy-1")
+    assert not t.trusts("", "spiffe://cluster.local/ns/prod/sa/envoy-1/x")
+    t = TrustedProxies.parse(["spiffe://cluster.local/ns/prod*/sa/envoy"])
+    assert not t.trusts("", "spiffe://cluster.local/ns/production-evil/sa/envoy/x")
+    with pytest.raises(ValueError, match="--trusted-proxy"):
+        TrustedProxies.parse(["spiffe://cluster.local*"])
