@@ -336,7 +336,7 @@ class _Compiler:
             limit = MAX_DATA_BUILT if building else MAX_DATA_SCANNED
             if len(value) > limit:
                 where = "data." + ".".join(segments)
-                self.error(doc, path, f"condition {macro}s over {where} ({len(value)} items) at every check, "
+                self.error(doc, path, f"condition runs {macro} over {where} ({len(value)} items) at every check, "
                            f"at most {limit}" + (" for map/filter, whose cost grows with the square of it; "
                                                  "use exists/all, or key the data by what is looked up"
                                                  if building else "; key the data by what is looked up")

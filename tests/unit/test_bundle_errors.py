@@ -228,7 +228,7 @@ def test_a_condition_that_builds_a_list_of_a_large_data_collection_is_a_load_err
     slow = HEADER + ("name: p\naction: ALLOW\nrules:\n  - when:\n"
                      "      - \"data.users.map(u, u.id).exists(x, x == source.principal)\"\n")
     (msg,) = problems(bundle_with(tmp_path / "a", slow, data={"users": users}))
-    assert msg.startswith("policies/p.yaml:7:9:") and "maps over data.users (2000 items)" in msg, msg
+    assert msg.startswith("policies/p.yaml:7:9:") and "runs map over data.users (2000 items)" in msg, msg
     fine = HEADER + ("name: p\naction: ALLOW\nrules:\n  - when:\n"
                      "      - \"data.users.exists(u, u.id == source.principal)\"\n")
     load_policy_set(bundle_with(tmp_path / "b", fine, data={"users": users}))

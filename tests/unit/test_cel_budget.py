@@ -57,7 +57,9 @@ def test_oversized_inputs_are_not_evaluated_and_deny_with_a_reason(tmp_path: Pat
 
 
 def test_a_comprehension_over_the_iteration_budget_is_denied(tmp_path: Path) -> None:
-    ps = policy_set(tmp_path, allow_when("data.big.items.exists(x, x == request.method)"),
+    # Written so that the load-time check of data comprehensions cannot see the collection
+    # (`data.big.items.exists(...)` itself is a load error): the runtime bound still holds.
+    ps = policy_set(tmp_path, allow_when("dyn(data.big).items.exists(x, x == request.method)"),
                     data={"big": {"items": [f"v{i}" for i in range(20_000)]}})
     d = decide(ps, method="GET")
     assert not d.allowed and d.reason == "condition over budget" and d.condition_error
