@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import grpc
@@ -48,6 +48,7 @@ from authz.metrics import (
 log = logging.getLogger("authz.admission")
 
 CheckFunc = Callable[[bytes], bytes]
+ContextFunc = Callable[[bytes, grpc.ServicerContext], bytes]  # may abort through the context
 
 
 class CheckGate(grpc.GenericRpcHandler):  # type: ignore[misc]
@@ -55,7 +56,11 @@ class CheckGate(grpc.GenericRpcHandler):  # type: ignore[misc]
     ``grpc.server`` built with ``maximum_concurrent_rpcs``."""
 
     def __init__(self, method: str, check: CheckFunc, metrics: Metrics, server: grpc.Server, *,
-                 stall_seconds: float = 5.0, min_remaining: float = 0.005) -> None:
+                 stall_seconds: float = 5.0, min_remaining: float = 0.005,
+                 others: Mapping[str, ContextFunc] | None = None) -> None:
+        """``others``: more unary methods (the decision API), read the same way: a client
+        that opens their streams and never sends a message would otherwise hold serving
+        threads for as long as it likes, and every check would wait behind them."""
         self.method = method
         self.check = check
         self.stall_seconds = stall_seconds
@@ -71,6 +76,8 @@ class CheckGate(grpc.GenericRpcHandler):  # type: ignore[misc]
         self._rejected = {r: metrics.checks_rejected.labels(r) for r in REJECT_REASONS}
         self._in_flight_gauge = metrics.checks_in_flight
         self._handler = grpc.stream_unary_rpc_method_handler(self._serve)
+        self._others = {name: grpc.stream_unary_rpc_method_handler(self._serving(fn))
+                        for name, fn in (others or {}).items()}
         self._stop = threading.Event()
         self._sweeper = threading.Thread(target=self._sweep, name="authz-gate-sweeper", daemon=True)
 
@@ -82,13 +89,23 @@ class CheckGate(grpc.GenericRpcHandler):  # type: ignore[misc]
     # On grpcio's polling thread, as each call arrives, before anything of it is read.
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         if handler_call_details.method != self.method:
-            return None
+            return self._others.get(handler_call_details.method)
         state = self._server_state
         if state is not None and state.active_rpc_count >= state.maximum_concurrent_rpcs:
             self._rejected[REJECT_OVERLOADED].inc()  # grpcio refuses it next
         return self._handler
 
     def _serve(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        return self.check(self._message(requests, context))
+
+    def _serving(self, fn: ContextFunc) -> Callable[[Iterator[bytes], grpc.ServicerContext], bytes]:
+        def serve(requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+            return fn(self._message(requests, context), context)
+        return serve
+
+    def _message(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        """The call's one message, read under the sweeper's eye; the call refused (raises)
+        when it is expired, cancelled, or stalls before its message comes."""
         if context.time_remaining() < self.min_remaining:
             self._reject(context, REJECT_DEADLINE, grpc.StatusCode.DEADLINE_EXCEEDED,
                          "deadline too close when the check could start")
@@ -106,7 +123,7 @@ class CheckGate(grpc.GenericRpcHandler):  # type: ignore[misc]
             if swept:
                 context.abort(grpc.StatusCode.CANCELLED, "stalled: no request message")
             self._reject(context, REJECT_CANCELLED, grpc.StatusCode.CANCELLED, "no request message")
-        return self.check(data)  # type: ignore[arg-type]
+        return data  # type: ignore[return-value]
 
     def _reject(self, context: grpc.ServicerContext, reason: str, code: grpc.StatusCode, details: str) -> None:
         self._rejected[reason].inc()

@@ -3,7 +3,7 @@
     DecideRequest ─▶ to_check_request ─▶ Checker.run(caller="api") ─▶ DecideResponse
                                               (same engine, audit, metrics)
 
-Served on the gRPC port (``decision_handler``) and as JSON over the HTTP port
+Served on the gRPC port (``decision_methods``) and as JSON over the HTTP port
 (``handle_json``: POST /v1/decide, POST /v1/explain) in the proto3 JSON mapping. A body
 that is not a DecideRequest, or a request that cannot be judged, is INVALID_ARGUMENT / 400
 with the reason and decision id: an error, never an allow.
@@ -12,6 +12,7 @@ with the reason and decision id: an error, never an allow.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2
@@ -83,11 +84,12 @@ def decide(checker: Checker, req: decision_pb2.DecideRequest | None, explain: bo
 # --- gRPC --------------------------------------------------------------------------------
 
 
-def decision_handler(checker: Checker) -> grpc.GenericRpcHandler:
-    """Decide and Explain on the gRPC server, taking raw bytes so that a body that does not
-    parse is answered with INVALID_ARGUMENT (and audited), not a generic deserialisation error."""
+def decision_methods(checker: Checker) -> dict[str, Callable[[bytes, grpc.ServicerContext], bytes]]:
+    """Decide and Explain on the gRPC server by full method name, taking raw bytes so that a
+    body that does not parse is answered with INVALID_ARGUMENT (and audited), not a generic
+    deserialisation error. Served through the admission gate (authz.admission), as Check is."""
 
-    def method(explain: bool) -> grpc.RpcMethodHandler:
+    def method(explain: bool) -> Callable[[bytes, grpc.ServicerContext], bytes]:
         def call(data: bytes, context: grpc.ServicerContext) -> bytes:
             try:
                 req: decision_pb2.DecideRequest | None = decision_pb2.DecideRequest.FromString(data)
@@ -98,10 +100,9 @@ def decision_handler(checker: Checker) -> grpc.GenericRpcHandler:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, error)
             return answer.SerializeToString()
 
-        return grpc.unary_unary_rpc_method_handler(call)
+        return call
 
-    return grpc.method_handlers_generic_handler(
-        SERVICE, {"Decide": method(False), "Explain": method(True)})
+    return {f"/{SERVICE}/Decide": method(False), f"/{SERVICE}/Explain": method(True)}
 
 
 # --- JSON over HTTP ----------------------------------------------------------------------

@@ -290,8 +290,9 @@ async def serve(
     server = grpc.server(pool, options=grpc_options(options, worker),
                          interceptors=tls.interceptors(metrics) if tls is not None else None,
                          maximum_concurrent_rpcs=options.max_concurrent_checks)
-    gate = CheckGate(CHECK_METHOD, checker.check_bytes, metrics, server, stall_seconds=options.stall_seconds)
-    server.add_generic_rpc_handlers((gate, decision_api.decision_handler(checker)))
+    gate = CheckGate(CHECK_METHOD, checker.check_bytes, metrics, server, stall_seconds=options.stall_seconds,
+                     others=decision_api.decision_methods(checker))
+    server.add_generic_rpc_handlers((gate,))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
 

@@ -168,3 +168,34 @@ def test_other_methods_pass_through(method: str) -> None:
     d = Details()
     d.method = method  # type: ignore[attr-defined]
     assert gate.service(d) is None  # type: ignore[arg-type]
+
+
+def test_half_open_streams_of_other_gated_methods_are_cancelled_too() -> None:
+    """The decision API's methods go through the gate as well: streams opened and never sent
+    on held every serving thread (the caller check came after the message), and each check
+    waited behind them for as long as the client liked."""
+    metrics = Metrics()
+    other = "/test.Svc/Decide"
+
+    def decide(data: bytes, context: grpc.ServicerContext) -> bytes:
+        return b"decided:" + data
+
+    async def main() -> None:
+        server, gate, port = await serve(lambda d: b"ok", metrics, threads=2, stall_seconds=1.0,
+                                         others={other: decide})
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+                held = [ch.stream_unary(other)(_never()) for _ in range(2)]  # both serving threads
+                assert await _until(lambda: gate.in_flight() == 2)
+                # the sweeper frees the threads; the check that waited behind them is answered
+                assert await ch.unary_unary(METHOD)(b"x", timeout=15) == b"ok"
+                assert rejected(metrics, "stalled") == 2
+                for h in held:
+                    with pytest.raises(grpc.aio.AioRpcError) as cancelled:
+                        await h
+                    assert cancelled.value.code() == grpc.StatusCode.CANCELLED
+                assert await ch.unary_unary(other)(b"q", timeout=5) == b"decided:q"
+        finally:
+            await server.stop()
+
+    asyncio.run(main())
