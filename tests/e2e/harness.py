@@ -33,6 +33,7 @@ from collections.abc import Callable
 from typing import Any
 
 import yaml
+from support import ports
 
 from support.pki import PKI, CertKey
 
@@ -62,10 +63,8 @@ ACCESS_LOG_FORMAT = (
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((LOCALHOST, 0))
-        return int(s.getsockname()[1])
+    """A TCP port on 127.0.0.1 that was free a moment ago (tests/support/ports.py)."""
+    return ports.free_port()
 
 
 def _wait_port(port: int, deadline: float) -> bool:

@@ -11,6 +11,8 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+
+from support import ports
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -18,9 +20,8 @@ EXAMPLE = REPO / "policies" / "example"
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port on 127.0.0.1 that was free a moment ago (tests/support/ports.py)."""
+    return ports.free_port()
 
 
 @dataclass
