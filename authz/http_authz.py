@@ -382,7 +382,8 @@ def _parse_head(head: bytes) -> tuple[str, str, dict[str, str], bool]:
         text = head.decode("latin-1")
     except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes any byte
         raise _Malformed("undecodable request head") from None
-    if "\0" in text or "\n" in text.replace("\r\n", "") or "\r" in text.replace("\r\n", ""):
+    unbroken = text.replace("\r\n", "")
+    if "\0" in unbroken or "\n" in unbroken or "\r" in unbroken:
         # A bare LF or CR ends a line for some parsers and not for others: a hop reading the
         # head otherwise than here could see another request, and take our answer for its.
         raise _Malformed("bare CR, LF or NUL in the request head")

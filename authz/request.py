@@ -149,7 +149,7 @@ def from_check_request(
         method=method,
         path=normalized.path,
         query=query,
-        host=_ascii_lower(http.host or headers.get(":authority", "")),
+        host=paths.fold_case(http.host or headers.get(":authority", "")),  # ASCII only, as Envoy
         scheme=http.scheme,
         protocol=http.protocol,
         request_id=headers.get("x-request-id") or http.id,
@@ -164,7 +164,8 @@ def from_check_request(
         destination_port=dst_sock.port_value,
         context_extensions=dict(attrs.context_extensions) if attrs.context_extensions else {},
         raw_path=http.path,
-        sni=_ascii_lower(attrs.tls_session.sni),  # as Envoy's RBAC sees the server name
+        # ASCII only, as Envoy (absl::AsciiStrToLower): str.lower() would make U+212A 'k'
+        sni=paths.fold_case(attrs.tls_session.sni),
         path_readings=normalized.readings,
     )
 
@@ -218,15 +219,6 @@ def _lower_keys(headers: dict[str, str]) -> dict[str, str]:
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _ASCII_SPACE = " \t\f\v\n\r"
-_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
-
-
-def _ascii_lower(value: str) -> str:
-    """Lower case as Envoy makes it (absl::AsciiStrToLower): str.lower() would also turn
-    U+212A KELVIN SIGN into 'k', a name Envoy keeps apart."""
-    return value.lower() if value.isascii() else value.translate(_ASCII_LOWER)
-
-
 def _remote_address(headers: dict[str, str], peer: str) -> str:
     # The original client as the nearest proxy saw it: the right-most x-forwarded-for entry
     # (each hop appends the address it received from). Entries to its left were written by

@@ -158,6 +158,7 @@ class _Compiler:
             default_allow=m.get("defaultAction", "DENY") == "ALLOW",
             path_normalization=paths.Normalization(m.get("pathNormalization", "BASE")),
             targets_principals=any(p.target.principals is not None for p in policies),
+            host_only_targets=any(p.target.principals is None and p.target.hosts is not None for p in policies),
             needs_socket=next((p.name for p in policies if _needs(p, remote=False)), ""),
             needs_remote_address=next((p.name for p in policies if _needs(p, remote=True)), ""),
             policies=tuple(policies),

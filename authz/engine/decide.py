@@ -71,6 +71,9 @@ class PolicySet:
     # Some policy names its destination by principal: a request without one (plaintext,
     # Istio PERMISSIVE) cannot be told apart from a request to that destination.
     targets_principals: bool = False
+    # Some policy names its workload by host only (see decide: it cannot allow a request
+    # a principal target identifies); without one, nothing is looked at per check.
+    host_only_targets: bool = False
     # The first enforcing policy that a request without socket attributes (the caller's or
     # the destination's address, the destination port, the SNI) could get past, and the first
     # one a request without the caller's address could: HTTP ext_authz and the decision API
@@ -131,7 +134,8 @@ class PolicySet:
             # The client names the Host. Once a policy has identified the destination by its
             # principal, a policy that names its workload only by host may still restrict the
             # request, but not grant it: it is another workload's, reached by a spoofed Host.
-            by_principal = bool(req.destination_principal) and any(p.target.principals is not None for p in policies)
+            identified = (self.host_only_targets and bool(req.destination_principal)
+                          and any(p.target.principals is not None for p in policies))
             for policy in policies:
                 if policy.action != "ALLOW":
                     continue
@@ -139,15 +143,14 @@ class PolicySet:
                     dry_run.extend(self._dry_run(policy, (req,), "allow", tracer))
                     continue
                 allow_applies = True
-                if not _may_grant(policy, by_principal):
+                if not _may_grant(policy, identified):
                     if tracer is not None:
                         tracer.step("target", None, "names its workload by host only, and the request's "
                                     "destination is identified by principal: it cannot allow", policy.name)
                     continue
                 hit = self._first_match(policy, req, tracer, allow=True)
                 if hit is not None:
-                    granting = [p for p in policies if _may_grant(p, by_principal)]
-                    unmatched = self._unallowed_reading(granting, req, hit[1], tracer)
+                    unmatched = self._unallowed_reading(policies, req, hit[1], tracer, identified)
                     if unmatched is not None:
                         return Decision(False, "ambiguous path", policy.name, hit[0].name, "DENY",
                                         hit[1], tuple(audit), tuple(dry_run))
@@ -197,14 +200,14 @@ class PolicySet:
         return None
 
     def _unallowed_reading(self, policies: list[Policy], req: Request, tenant: str | None,
-                           tracer: Tracer | None) -> str | None:
+                           tracer: Tracer | None, identified: bool) -> str | None:
         """A path reading that no ALLOW rule allows (or allows for another tenant), if any."""
         for view in [dataclasses.replace(req, path=r, path_readings=()) for r in req.path_readings]:
             reading = view.path
             if tracer is not None:
                 tracer.step("reading", None, f"the path may also be read as {reading!r}")
             for policy in policies:
-                if policy.action == "ALLOW" and not policy.dry_run:
+                if policy.action == "ALLOW" and not policy.dry_run and _may_grant(policy, identified):
                     hit = self._first_match(policy, view, tracer, allow=True)
                     if hit is not None and hit[1] == tenant:
                         break
@@ -331,10 +334,10 @@ def _readings(req: Request) -> tuple[Request, ...]:
     return tuple(views)
 
 
-def _may_grant(policy: Policy, by_principal: bool) -> bool:
+def _may_grant(policy: Policy, identified: bool) -> bool:
     """Whether an ALLOW ``policy`` may allow: not one that names its workload by host only
-    when the destination is identified by principal (see decide)."""
-    return not (by_principal and policy.target.principals is None and policy.target.hosts is not None)
+    when the destination is ``identified`` by principal (see decide)."""
+    return not (identified and policy.target.principals is None and policy.target.hosts is not None)
 
 
 def _target_matches(policy: Policy, req: Request) -> bool:
