@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ import grpc
 import pytest
 import yaml
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from support.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -42,12 +42,6 @@ def binary(name: str) -> str:
         pytest.fail(f"{name} is not installed: install Debian's 'prometheus' package "
                     "(./scripts/test does it when missing)")
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:

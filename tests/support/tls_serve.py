@@ -24,16 +24,11 @@ from cryptography import x509
 from envoy.service.auth.v3 import external_auth_pb2
 
 from support.pki import PKI, CertKey, spiffe_id
+from support.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 AUTHZ_ID = spiffe_id("authz", "authz")
 CHECK = "/envoy.service.auth.v3.Authorization/Check"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, every: float = 0.05) -> bool:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,14 +21,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from test_sources import POLICY, BundleServer, bundle_bytes
 
 from authz.bundle import archive, signing
+from support.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Serve:
