@@ -56,7 +56,9 @@ def read_text(path: Path) -> str:
 def loads(text: str) -> Any:
     """``json.loads(text)``, decoding objects and arrays of the top ``_SPLIT_DEPTH`` levels
     entry by entry (the values below in one call each). The same value, the same
-    ``json.JSONDecodeError`` (positions in ``text``) for a bad document."""
+    ``json.JSONDecodeError`` (positions in ``text``) for a bad document; a key given twice
+    is a ``ValueError`` where json.loads would keep the last (at the top levels a
+    ``json.JSONDecodeError`` naming where the second one starts)."""
     value, end = _value(text, _SPACE.match(text, 0).end(), 0, {})  # type: ignore[union-attr]
     end = _SPACE.match(text, end).end()  # type: ignore[union-attr]
     if end != len(text):
@@ -71,6 +73,9 @@ def _value(text: str, i: int, depth: int, strings: dict[str, str]) -> tuple[Any,
         return _shared_strings(value, strings), end
     closing = "}" if opening == "{" else "]"
     out: Any = {} if opening == "{" else []
+    # A key given twice is reported where the object closes, as json.loads with _unique
+    # reports it, so that a syntax error earlier in the text is the one named.
+    duplicate: tuple[str, int] | None = None
     i = _SPACE.match(text, i + 1).end()  # type: ignore[union-attr]
     if text[i:i + 1] == closing:
         return out, i + 1
@@ -80,8 +85,8 @@ def _value(text: str, i: int, depth: int, strings: dict[str, str]) -> tuple[Any,
                 raise json.JSONDecodeError("Expecting property name enclosed in double quotes", text, i)
             at = i
             key, i = json.decoder.scanstring(text, i + 1)  # type: ignore[attr-defined]
-            if key in out:
-                raise json.JSONDecodeError(f"duplicate key {key!r}", text, at)
+            if key in out and duplicate is None:
+                duplicate = (key, at)
             i = _SPACE.match(text, i).end()  # type: ignore[union-attr]
             if text[i:i + 1] != ":":
                 raise json.JSONDecodeError("Expecting ':' delimiter", text, i)
@@ -93,6 +98,8 @@ def _value(text: str, i: int, depth: int, strings: dict[str, str]) -> tuple[Any,
         i = _SPACE.match(text, i).end()  # type: ignore[union-attr]
         sep = text[i:i + 1]
         if sep == closing:
+            if duplicate is not None:
+                raise json.JSONDecodeError(f"duplicate key {duplicate[0]!r}", text, duplicate[1])
             return out, i + 1
         if sep != ",":
             raise json.JSONDecodeError("Expecting ',' delimiter", text, i)
