@@ -49,6 +49,7 @@ log = logging.getLogger("authz.admission")
 
 CheckFunc = Callable[[bytes], bytes]
 ContextFunc = Callable[[bytes, grpc.ServicerContext], bytes]  # may abort through the context
+WatchFunc = Callable[[bytes, grpc.ServicerContext], Iterator[bytes]]  # a stream of answers
 
 
 class CheckGate(grpc.GenericRpcHandler):  # type: ignore[misc]
@@ -57,10 +58,13 @@ class CheckGate(grpc.GenericRpcHandler):  # type: ignore[misc]
 
     def __init__(self, method: str, check: CheckFunc, metrics: Metrics, server: grpc.Server, *,
                  stall_seconds: float = 5.0, min_remaining: float = 0.005,
-                 others: Mapping[str, ContextFunc] | None = None) -> None:
-        """``others``: more unary methods (the decision API), read the same way: a client
-        that opens their streams and never sends a message would otherwise hold serving
-        threads for as long as it likes, and every check would wait behind them."""
+                 others: Mapping[str, ContextFunc] | None = None,
+                 watches: Mapping[str, WatchFunc] | None = None, max_watches: int = 1) -> None:
+        """``others``: more unary methods (the decision API, gRPC health), read the same way:
+        a client that opens their streams and never sends a message would otherwise hold
+        serving threads for as long as it likes, and every check would wait behind them.
+        ``watches``: server-streaming methods (health's Watch), each holding a serving thread
+        while it streams; at most ``max_watches`` at once, the next refused."""
         self.method = method
         self.check = check
         self.stall_seconds = stall_seconds
@@ -78,6 +82,11 @@ class CheckGate(grpc.GenericRpcHandler):  # type: ignore[misc]
         self._handler = grpc.stream_unary_rpc_method_handler(self._serve)
         self._others = {name: grpc.stream_unary_rpc_method_handler(self._serving(fn))
                         for name, fn in (others or {}).items()}
+        self._others.update({name: grpc.stream_stream_rpc_method_handler(self._watching(fn))
+                             for name, fn in (watches or {}).items()})
+        self.max_watches = max_watches
+        self.watching = 0
+        self._watch_lock = threading.Lock()
         self._stop = threading.Event()
         self._sweeper = threading.Thread(target=self._sweep, name="authz-gate-sweeper", daemon=True)
 
@@ -101,6 +110,22 @@ class CheckGate(grpc.GenericRpcHandler):  # type: ignore[misc]
     def _serving(self, fn: ContextFunc) -> Callable[[Iterator[bytes], grpc.ServicerContext], bytes]:
         def serve(requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
             return fn(self._message(requests, context), context)
+        return serve
+
+    def _watching(self, fn: WatchFunc) -> Callable[[Iterator[bytes], grpc.ServicerContext], Iterator[bytes]]:
+        def serve(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+            with self._watch_lock:
+                full = self.watching >= self.max_watches
+                if not full:
+                    self.watching += 1
+            if full:
+                self._reject(context, REJECT_OVERLOADED, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                             f"at most {self.max_watches} watch streams at once; poll with Check")
+            try:
+                yield from fn(self._message(requests, context), context)
+            finally:
+                with self._watch_lock:
+                    self.watching -= 1
         return serve
 
     def _message(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:

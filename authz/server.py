@@ -17,9 +17,10 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 
 from authz import affinity, decision_api
+from authz import health as grpc_health
 from authz.admission import CheckGate
 from authz.bundle.store import BundleStore
 from authz.check import Checker
@@ -290,11 +291,15 @@ async def serve(
     server = grpc.server(pool, options=grpc_options(options, worker),
                          interceptors=tls.interceptors(metrics) if tls is not None else None,
                          maximum_concurrent_rpcs=options.max_concurrent_checks)
-    gate = CheckGate(CHECK_METHOD, checker.check_bytes, metrics, server, stall_seconds=options.stall_seconds,
-                     others=decision_api.decision_methods(checker))
-    server.add_generic_rpc_handlers((gate,))
+    # Health through the gate too: registered as grpcio registers it, half-open health calls
+    # and open watches would hold the serving threads (authz.health).
     health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    gate = CheckGate(CHECK_METHOD, checker.check_bytes, metrics, server, stall_seconds=options.stall_seconds,
+                     others={**decision_api.decision_methods(checker),
+                             grpc_health.CHECK_METHOD: grpc_health.check_method(health_servicer)},
+                     watches={grpc_health.WATCH_METHOD: grpc_health.watch_method(health_servicer)},
+                     max_watches=grpc_health.max_watches(options.grpc_threads))
+    server.add_generic_rpc_handlers((gate,))
 
     def listen_grpc() -> int:
         # Asked of the OS first: grpcio would say only "Failed to bind" (and log a C++ error line).
