@@ -176,6 +176,29 @@ def data_comprehensions(expression: str) -> list[tuple[tuple[str, ...], str, int
     return out
 
 
+# '!' as a CEL string escape would write it: the literal's text alone would hide it.
+_BANG_ESCAPE = re.compile(r"\\(?:x21|u0021|U00000021|041)", re.IGNORECASE)
+
+
+def _no_bang_beside_headers(expression: str, variables: tuple[str, ...]) -> None:
+    """Envoy sends ext_authz each header byte that is not UTF-8 as '!' (authz.engine.compile
+    refuses the same in header patterns): `x-ver: v1\\xff` arrives as `v1!`, so a condition
+    comparing a header with a string holding '!' cannot tell them apart. Refused whichever way
+    the comparison goes: `==` would allow what the upstream reads otherwise, `!=` would let
+    it past a DENY."""
+    if "request.headers" not in variables:
+        return
+    for m in _LITERAL_OR_COMMENT.finditer(expression):
+        text = m.group(0)
+        if text.startswith("//") or not ("!" in text or _BANG_ESCAPE.search(text)):
+            continue
+        before = expression[:m.start()]
+        raise CelCompileError(
+            "a string with '!' in a condition that reads request.headers: Envoy sends ext_authz "
+            "each byte of a header value that is not UTF-8 as '!', so it could not be told apart",
+            before.count("\n") + 1, m.start() - (before.rfind("\n") + 1) + 1)
+
+
 def compile_condition(expression: str) -> Condition:
     if _CALLER_MEMBERSHIP.match(expression):
         return Condition(expression, ("source.principal", "tenant.callers"), True, None, _caller_in_tenant)
@@ -185,6 +208,7 @@ def compile_condition(expression: str) -> Condition:
         raise _compile_error(str(exc)) from None
     variables = _variables(expression)
     _header_names_in_lower_case(expression)
+    _no_bang_beside_headers(expression, variables)
     needs_tenant = any(v.startswith("tenant.") for v in variables)
     depth, column = _comprehension_depth(expression)
     if depth > MAX_NESTED_COMPREHENSIONS:

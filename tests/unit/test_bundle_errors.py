@@ -220,6 +220,34 @@ def test_a_header_pattern_with_a_bang_that_would_allow_is_a_load_error(tmp_path:
     assert msg.startswith("policies/p.yaml:") and "could not be told apart" in msg, msg
 
 
+@pytest.mark.parametrize(("action", "expression", "column"), [
+    ("ALLOW", "request.headers['x-ver'] == 'v1!'", 29),
+    ("DENY", "request.headers['x-ver'] != 'v1!'", 29),
+    ("DENY", "request.headers['x-ver'] != 'v1\\\\x21'", 29),
+    ("ALLOW", "request.path == '/a' && request.headers['x-ver'].endsWith('!')", 59),
+])
+def test_a_condition_comparing_a_header_with_a_bang_is_a_load_error(
+        tmp_path: Path, action: str, expression: str, column: int) -> None:
+    """As in header patterns: `x-ver: v1\\xff` arrives as `v1!`; a DENY written
+    `!= 'v1!'` did not fire for it, though the upstream reads another value."""
+    text = HEADER + f'name: p\naction: {action}\nrules:\n  - when:\n      - "{expression}"\n'
+    (msg,) = problems(bundle_with(tmp_path, text))
+    assert msg.startswith(f"policies/p.yaml:7:{9 + column}: error: invalid CEL at column {column}"), msg
+    assert "could not be told apart" in msg
+
+
+def test_a_bang_where_no_header_is_read_or_outside_strings_is_fine(tmp_path: Path) -> None:
+    text = HEADER + ("name: p\naction: ALLOW\nrules:\n  - when:\n"
+                     "      - \"request.path != '/a!' && !('x-ver' in request.headers) // wow!\"\n"
+                     "      - \"request.method != 'GET!'\"\n")
+    (msg,) = problems(bundle_with(tmp_path, text))
+    assert "could not be told apart" in msg and ":7:" in msg, msg  # the first reads headers
+    text = HEADER + ("name: p\naction: ALLOW\nrules:\n  - when:\n"
+                     "      - \"request.path != '/a' && !('x-ver' in request.headers) // wow!\"\n"
+                     "      - \"request.method != 'GET!'\"\n")
+    load_policy_set(bundle_with(tmp_path / "b", text))
+
+
 def test_a_condition_that_builds_a_list_of_a_large_data_collection_is_a_load_error(tmp_path: Path) -> None:
     """map/filter over bundle data build a list at every check, at a cost that grows with the
     square of its size (2,000 items: 30 ms with the interpreter held, then denied over budget);
