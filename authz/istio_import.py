@@ -145,10 +145,10 @@ def parse_workload(text: str) -> Workload:
     if target.startswith(("host:", "port:")):
         kind: WorkloadKind = "host" if target.startswith("host:") else "port"
         value, at, ns = target[5:].partition("@")
-        value = value.strip().lower()
+        value = paths.fold_case(value.strip())
         if not value:
             raise ValueError(f"--workload {text!r}: {usage}")
-        if kind == "port" and not (value.isdigit() and 0 < int(value) < 65536):
+        if kind == "port" and not (value.isascii() and value.isdigit() and 0 < int(value) < 65536):
             raise ValueError(f"--workload {text!r}: port {value!r} must be a number from 1 to 65535")
         if not at:
             service = _K8S_SERVICE_HOST.match(value) if kind == "host" else None
@@ -548,7 +548,7 @@ class _Converter:
     def check_ports(self, res: _Resource, path: YPath, values: list[str]) -> bool:
         ok = True
         for k, value in enumerate(values):
-            if not value.isdigit() or int(value) > 65535:
+            if not (value.isascii() and value.isdigit()) or int(value) > 65535:
                 self.error(res, (*path, k), f"port {value!r} must be a number from 0 to 65535")
                 ok = False
             elif int(value) == 0:
@@ -871,7 +871,8 @@ class _Converter:
                 # hosts field also accepts the host without its port, so say it in CEL.
                 # '*' is istiod's presentMatch on :authority: true for every request, an
                 # empty Host header included (request.host != "" would not be).
-                expr = "true" if "*" in values else _any_of("request.host", [v.lower() for v in values])
+                # ASCII case only, as Envoy's ignoreCase (str.lower() makes 'K', Kelvin, a 'k')
+                expr = "true" if "*" in values else _any_of("request.host", [paths.fold_case(v) for v in values])
                 cel.append(expr if key == "hosts" else f"!({expr})")
         for key in ("paths", "notPaths"):
             values = self.strings(res, (*path, key), ov.get(key))
@@ -946,8 +947,8 @@ class _Converter:
         if header:
             for p, vs in listed:
                 ok = self.check_patterns(res, p, vs) and ok
-            name = header.group(1).strip().lower()
-            if name != header.group(1).lower():
+            name = paths.fold_case(header.group(1).strip())  # ASCII, as Envoy lower-cases names
+            if name != paths.fold_case(header.group(1)):
                 # istiod keeps the name verbatim, spaces included: a header no request has.
                 # Its values never hold; its notValues always do.
                 return NEVER_HOLDS if values else ALWAYS_HOLDS

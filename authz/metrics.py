@@ -49,7 +49,7 @@ def new_multiprocess_dir() -> str:
         if not name.startswith(MULTIPROCESS_DIR_PREFIX):
             continue
         pid_text = name[len(MULTIPROCESS_DIR_PREFIX):].split("-", 1)[0]
-        if not pid_text.isdigit():
+        if not (pid_text.isascii() and pid_text.isdigit()):
             continue
         try:
             os.kill(int(pid_text), 0)

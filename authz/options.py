@@ -60,7 +60,7 @@ def address(text: str) -> str:
     """HOST:PORT with a port from 0 to 65535 (0: any free port); IPv6 hosts in brackets."""
     host, sep, port = text.rpartition(":")
     bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    ok = bool(sep) and port.isdigit() and 0 <= int(port) <= 65535 and _valid_host(bare)
+    ok = bool(sep) and port.isascii() and port.isdigit() and 0 <= int(port) <= 65535 and _valid_host(bare)
     if not ok:
         raise argparse.ArgumentTypeError(
             f"expected HOST:PORT with a port from 0 to 65535 (e.g. 127.0.0.1:9191), not {text!r}")

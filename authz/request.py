@@ -22,9 +22,9 @@ def _split_port(host: str) -> tuple[str, str]:
         if end == -1:
             return host, ""
         rest = host[end + 1:]
-        return host[: end + 1], rest[1:] if rest.startswith(":") and rest[1:].isdigit() else ""
+        return host[: end + 1], rest[1:] if rest.startswith(":") and rest[1:].isascii() and rest[1:].isdigit() else ""
     name, sep, port = host.rpartition(":")
-    return (name, port) if sep and port.isdigit() else (host, "")
+    return (name, port) if sep and port.isascii() and port.isdigit() else (host, "")
 
 
 class MalformedRequest(ValueError):

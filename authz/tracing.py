@@ -465,7 +465,7 @@ def from_args(args: argparse.Namespace, metrics: Metrics) -> Tracing | None:
     if not args.otlp_endpoint:
         return None
     host, sep, port = args.otlp_endpoint.rpartition(":")
-    if not sep or not host or not port.isdigit():
+    if not sep or not host or not (port.isascii() and port.isdigit()):
         raise ValueError(f"--otlp-endpoint must be HOST:PORT, not {args.otlp_endpoint!r}")
     return Tracing(Settings(args.otlp_endpoint, args.trace_ratio), metrics)
 

@@ -291,7 +291,7 @@ def read_body(resp: Any, limit: int, watch: Watchdog, deadline: float = float("i
     what has come, where read(n) would wait for all n bytes, drip by drip, past any deadline.
     Raises BodyTooLarge, BodyTooSlow, BodyCut, or the transport's own error."""
     length = resp.headers.get("Content-Length")
-    declared = int(length) if length is not None and length.isdigit() else None
+    declared = int(length) if length is not None and length.isascii() and length.isdigit() else None
     if declared is not None and declared > limit:
         raise BodyTooLarge(declared, True)
     chunks: list[bytes] = []

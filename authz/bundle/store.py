@@ -191,7 +191,7 @@ def _return_freed_memory() -> None:
 def _position(location: str) -> Position:
     parts = str(location).rsplit(":", 2)
     nums: list[int] = []
-    while len(parts) > 1 and parts[-1].isdigit():
+    while len(parts) > 1 and parts[-1].isascii() and parts[-1].isdigit():
         nums.insert(0, int(parts.pop()))
     line, column = (nums + [1, 1])[:2]
     return Position(parts[0] if len(parts) == 1 else ":".join(parts), line, column)

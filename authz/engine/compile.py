@@ -482,7 +482,7 @@ class _Compiler:
             return None
         out = set()
         for i, value in enumerate(values):
-            if not value.isdigit() or not 0 < int(value) < 65536:
+            if not (value.isascii() and value.isdigit()) or not 0 < int(value) < 65536:
                 self.error(doc, (*path, i), f"port {value!r} must be a number from 1 to 65535")
                 continue
             out.add(int(value))
@@ -531,7 +531,7 @@ def _strings(values: list[str] | None, fold_case: bool = False) -> StringMatch |
 
 
 def _headers(values: dict[str, list[str]] | None) -> tuple[HeaderMatch, ...]:
-    return tuple(HeaderMatch(name.lower(), StringMatch.of(v)) for name, v in (values or {}).items())
+    return tuple(HeaderMatch(paths.fold_case(name), StringMatch.of(v)) for name, v in (values or {}).items())
 
 
 _CEL_INT = range(-(2**63), 2**63)

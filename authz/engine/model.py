@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from authz.engine.cel import Condition
-from authz.paths import PathTemplate, fold_case
+from authz.paths import PathTemplate
+from authz.paths import fold_case as ascii_lower
 from authz.spiffe import re2_text
 
 Action = Literal["ALLOW", "DENY", "AUDIT"]
@@ -38,8 +39,8 @@ class StringMatch:
         suffixes: list[str] = []
         present = False
         for p in patterns:
-            if fold_case:
-                p = p.lower()
+            if fold_case:  # ASCII letters only, as Envoy's ignoreCase: 'K' (Kelvin) is no 'k'
+                p = ascii_lower(p)
             if p == "*":
                 present = True
             elif p.startswith("*"):
@@ -58,7 +59,7 @@ class StringMatch:
         if not value:
             return False
         if self.fold_case:
-            value = value.lower()
+            value = ascii_lower(value)
         return (
             self.present
             or value in self.exact
@@ -201,7 +202,7 @@ class Operation:
             if np is not None:
                 if np.match(path) is not None:
                     return None
-                folded = fold_case(path)
+                folded = ascii_lower(path)
                 # Unless folding changes the path or the patterns, that is the same test again.
                 if (folded != path or np.folded is not None) and (np.folded or np).match(folded) is not None:
                     return None
@@ -209,7 +210,7 @@ class Operation:
         captures = _path_captures(self.paths, self.not_paths, path)
         if captures is not None:
             return captures
-        folded = fold_case(path)
+        folded = ascii_lower(path)
         if folded == path and not (self.paths is not None and self.paths.folded is not None
                                    or self.not_paths is not None and self.not_paths.folded is not None):
             return None  # the folded reading is the same reading

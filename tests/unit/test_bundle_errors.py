@@ -248,6 +248,14 @@ def test_a_bang_where_no_header_is_read_or_outside_strings_is_fine(tmp_path: Pat
     load_policy_set(bundle_with(tmp_path / "b", text))
 
 
+@pytest.mark.parametrize("port", ["\uff18\uff10", "8\u00b2"])
+def test_a_port_in_digits_other_than_ascii_is_a_load_error(tmp_path: Path, port: str) -> None:
+    """str.isdigit() takes fullwidth digits and '²' (int() then raised); Istio refuses them."""
+    text = HEADER + f"name: p\naction: ALLOW\nrules:\n  - to:\n      - operation:\n          ports: ['{port}']\n"
+    (msg,) = problems(bundle_with(tmp_path, text))
+    assert msg.startswith("policies/p.yaml:8:") and "must be a number from 1 to 65535" in msg, msg
+
+
 def test_a_condition_that_builds_a_list_of_a_large_data_collection_is_a_load_error(tmp_path: Path) -> None:
     """map/filter over bundle data build a list at every check, at a cost that grows with the
     square of its size (2,000 items: 30 ms with the interpreter held, then denied over budget);

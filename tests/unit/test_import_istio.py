@@ -732,6 +732,36 @@ def test_cli_reports_errors_and_writes_nothing(tmp_path: Path, capsys: pytest.Ca
     assert main(["import-istio", str(src), "-o", str(out), "--workload", "nonsense"]) == 2
 
 
+@pytest.mark.parametrize(("field", "value"), [
+    ("ports", "\uff11\uff18\uff10\uff19\uff11"),  # fullwidth 18091
+    ("ports", "8\u00b2"),  # '²' passes str.isdigit(), then int() raised: a traceback
+    ("when", "\u0661\u0668\u0660\u0669\u0661"),  # Arabic-Indic 18091 in destination.port
+])
+def test_ports_in_digits_other_than_ascii_are_errors(tmp_path: Path, field: str, value: str) -> None:
+    """istiod's convertToPort (strconv.ParseUint) refuses them and skips the rule; read as
+    port 18091 the ALLOW rule allowed what Istio's sidecar denies."""
+    rule = (f"{{to: [{{operation: {{ports: ['{value}']}}}}]}}" if field == "ports"
+            else f"{{when: [{{key: destination.port, values: ['{value}']}}]}}")
+    errors = import_errors(tmp_path, "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n"
+                           f"metadata: {{name: p, namespace: foo}}\nspec:\n  action: ALLOW\n  rules: [{rule}]\n")
+    assert len(errors) == 1 and "must be a number from 0 to 65535" in errors[0], errors
+
+
+def test_hosts_fold_ascii_case_only(tmp_path: Path) -> None:
+    """Envoy's ignoreCase folds ASCII letters; str.lower() makes U+212A (Kelvin) a 'k', so an
+    ALLOW on '\u212aelvin.example.com' allowed kelvin.example.com, which Istio denies."""
+    ps = imported(tmp_path, """\
+        apiVersion: security.istio.io/v1
+        kind: AuthorizationPolicy
+        metadata: {name: p, namespace: foo}
+        spec:
+          action: ALLOW
+          rules: [{to: [{operation: {hosts: ["\u212aelvin.example.com", "Other.Example.com"]}}]}]
+        """)
+    assert not allowed(ps, host="kelvin.example.com")
+    assert allowed(ps, host="other.example.COM")
+
+
 # --- what the importer writes: FORMAT-8 native fields ----------------------------------------
 # These read the written YAML; the decide-level tests above run the same bundles through the engine.
 
