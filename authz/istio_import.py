@@ -525,7 +525,7 @@ class _Converter:
                 ok = False
             elif value.startswith("*") and not value.endswith("*"):  # both ends: reported below
                 try:  # istiod (and the engine) read the suffix as a regex, unescaped
-                    re.compile(spiffe.re2_text(value[1:]))
+                    spiffe.re2_compile(spiffe.re2_text(value[1:]))
                 except re.error as exc:
                     self.error(res, (*path, k), f"{value!r}: istiod pastes a '*suffix' principal into a regex "
                                f"unescaped, and this one cannot be read here as Envoy's RE2 reads it ({exc})")
@@ -563,7 +563,7 @@ class _Converter:
         ok = True
         for k, value in enumerate(values):
             try:
-                re.compile(spiffe.re2_text(value.replace("*", ".*") if what == "namespace" else value))
+                spiffe.re2_compile(spiffe.re2_text(value.replace("*", ".*") if what == "namespace" else value))
             except re.error as exc:
                 self.error(res, (*path, k), f"{value!r}: istiod pastes a {what} into a regex unescaped, and this "
                            f"one cannot be read here as Envoy's RE2 reads it ({exc})")

@@ -165,7 +165,7 @@ class TrustDomains:
 
 def namespace_regex(values: list[str]) -> re.Pattern[str]:
     """Istio's ``.*/ns/<ns>/.*`` over the whole principal; '*' in a value is '.*'."""
-    return re.compile("|".join(f".*/ns/{_istio_regex(v, star=True)}/.*" for v in values))
+    return re2_compile("|".join(f".*/ns/{_istio_regex(v, star=True)}/.*" for v in values))
 
 
 def service_account_regex(values: list[str], namespace: str) -> re.Pattern[str]:
@@ -176,7 +176,7 @@ def service_account_regex(values: list[str], namespace: str) -> re.Pattern[str]:
         if not sep:
             ns, sa = namespace, v
         alts.append(f"spiffe://.+/ns/{_istio_regex(ns)}/(.+/|)sa/{_istio_regex(sa)}(/.+)?")
-    return re.compile("|".join(alts))
+    return re2_compile("|".join(alts))
 
 
 def _istio_regex(value: str, star: bool = False) -> str:
@@ -186,6 +186,17 @@ def _istio_regex(value: str, star: bool = False) -> str:
     return re2_text(value.replace("*", ".*") if star else value)
 
 
+# --- RE2 text read by Python's re ---------------------------------------------------------
+# Patterns istiod builds from policy text run in Envoy's RE2. Python's re reads most of that
+# text the same way; where it would not, the text is translated, or refused (re.error) when
+# RE2 would refuse it too or no translation is sure. Compiled with re.ASCII, as RE2 reads
+# \d, \w, \s and \b (Python's str patterns would take any Unicode digit or letter).
+
+def re2_compile(pattern: str) -> re.Pattern[str]:
+    """A whole pattern made of ``re2_text`` pieces (and text of our own), compiled."""
+    return re.compile(pattern, re.ASCII)
+
+
 # RE2's POSIX classes, as the ranges Python's re reads the same way.
 _POSIX_CLASSES = {
     "alnum": "0-9A-Za-z", "alpha": "A-Za-z", "ascii": "\\x00-\\x7f", "blank": "\\t ",
@@ -193,16 +204,144 @@ _POSIX_CLASSES = {
     "punct": "!-/:-@\\[-`{-~", "space": "\\t\\n\\v\\f\\r ", "upper": "A-Z", "word": "0-9A-Za-z_",
     "xdigit": "0-9A-Fa-f",
 }
-_POSIX_CLASS = re.compile(r"\[:(\w+):\]")
+_POSIX_CLASS = re.compile(r"\[:(\^?)(\w+):\]")
+_REPEAT = re.compile(r"\{([0-9]*)(,?)([0-9]*)\}")
+_RE2_MAX_REPEAT = 1000
+# Escapes both read alike (with re.ASCII): punctuation, classes, anchors, controls, \xHH.
+_SAME_ESCAPES = frozenset("dDwWsSbBAfnrtv")
 
 
 def re2_text(pattern: str) -> str:
-    """``pattern`` as Python's re must be given it to read it as Envoy's RE2 does: RE2 takes
-    `[[:digit:]]` for a POSIX class, re for a set followed by a literal `]`. Anything else
-    with `[:` is refused (re.error)."""
-    if "[:" not in pattern:
-        return pattern
-    out = _POSIX_CLASS.sub(lambda m: _POSIX_CLASSES.get(m.group(1), m.group(0)), pattern)
-    if "[:" in out:
-        raise re.error(f"{pattern!r} has a '[:' that is no POSIX class RE2 knows")
-    return out
+    """``pattern``, RE2 syntax, as Python's re must be given it to read it as Envoy's RE2
+    does. Translated: POSIX classes (`[[:digit:]]`, a set and a literal `]` to re), `x{,n}`
+    (literal text to RE2, a repetition to re), `\\z`. Refused (re.error): what RE2 refuses
+    or reads otherwise and has no sure translation: `(?` groups but `(?:` and `(?P<name>`
+    (flags, look-arounds, atomic groups), backreferences and octal escapes, `\\Z`, `\\u`,
+    possessive quantifiers (`a*+`), repeat counts over 1000, unbalanced parentheses (istiod's
+    text around them would read otherwise), any other `[:`."""
+    out: list[str] = []
+    i, n = 0, len(pattern)
+    quantified = False  # the last item was a quantifier: a '+' now is re's possessive form
+    depth = 0  # open groups: istiod's text around ours must not close one of them
+    while i < n:
+        c = pattern[i]
+        if c == "\\":
+            out.append(_escape(pattern, i, in_class=False))
+            i += 2 if pattern[i + 1:i + 2] != "x" else 4
+            quantified = False
+        elif c == "[":
+            text, i = _char_class(pattern, i)
+            out.append(text)
+            quantified = False
+        elif c == "(" and pattern.startswith("(?", i):
+            if not (pattern.startswith("(?:", i) or pattern.startswith("(?P<", i)):
+                raise re.error(f"{pattern!r}: RE2 and Python read '(?' groups other than '(?:' and "
+                               "'(?P<name>' differently (flags, look-arounds)")
+            out.append(pattern[i:i + 3])
+            i += 3
+            depth += 1
+            quantified = False
+        elif c in "()":
+            depth += 1 if c == "(" else -1
+            if depth < 0:
+                raise re.error(f"{pattern!r}: a ')' that closes no group")
+            out.append(c)
+            i += 1
+            quantified = False
+        elif c == "{":
+            m = _REPEAT.match(pattern, i)
+            if m is None:
+                out.append("\\{")  # a literal to both
+                i += 1
+                quantified = False
+                continue
+            low, comma, high = m.groups()
+            if not low:  # '{,n}' and '{}': literal text to RE2, a repetition (or error) to re
+                out.append("\\{" + pattern[i + 1:m.end()])
+                i = m.end()
+                quantified = False
+                continue
+            if int(low) > _RE2_MAX_REPEAT or (high and int(high) > _RE2_MAX_REPEAT):
+                raise re.error(f"{pattern!r}: RE2 refuses repeat counts over {_RE2_MAX_REPEAT}")
+            if quantified:
+                raise re.error(f"{pattern!r}: a repetition of a repetition")
+            out.append(m.group(0))
+            i = m.end()
+            quantified = True
+            if pattern.startswith("?", i):  # lazy: the same to both
+                out.append("?")
+                i += 1
+        elif c in "*+?":
+            if quantified:
+                raise re.error(f"{pattern!r}: {pattern[i - 1:i + 1]!r} is a possessive quantifier to "
+                               "Python, an error to RE2")
+            out.append(c)
+            i += 1
+            quantified = True
+            if pattern.startswith("?", i):
+                out.append("?")
+                i += 1
+        else:
+            out.append(c)
+            i += 1
+            quantified = False
+    if depth:
+        raise re.error(f"{pattern!r}: a '(' that is never closed")
+    return "".join(out)
+
+
+def _escape(pattern: str, i: int, in_class: bool) -> str:
+    nxt = pattern[i + 1:i + 2]
+    if not nxt:
+        raise re.error(f"{pattern!r}: a trailing backslash")
+    if nxt == "x":
+        hexa = pattern[i + 2:i + 4]
+        if len(hexa) != 2 or any(h not in "0123456789abcdefABCDEF" for h in hexa):
+            raise re.error(f"{pattern!r}: write \\x with two hex digits (RE2's \\x{{...}} is not read here)")
+        return pattern[i:i + 4]
+    if nxt == "z" and not in_class:
+        return "\\Z"  # RE2's end of text is re's \Z
+    if nxt.isascii() and not nxt.isalnum():
+        return pattern[i:i + 2]  # an escaped punctuation character: itself, to both
+    if nxt in _SAME_ESCAPES and not (in_class and nxt in "bBA"):
+        return pattern[i:i + 2]
+    raise re.error(f"{pattern!r}: RE2 and Python read \\{nxt} differently (or one refuses it)")
+
+
+def _char_class(pattern: str, i: int) -> tuple[str, int]:
+    """The class opening at ``i`` as re should read it, and the index after it."""
+    out = ["["]
+    j = i + 1
+    if pattern.startswith("^", j):
+        out.append("^")
+        j += 1
+    first = True
+    while True:
+        if j >= len(pattern):
+            raise re.error(f"{pattern!r}: a '[' that is never closed")
+        c = pattern[j]
+        if c == "]" and not first:
+            out.append("]")
+            return "".join(out), j + 1
+        if c == "]":  # first in the class: a literal to both
+            out.append("\\]")
+            j += 1
+        elif c == "[" and pattern.startswith("[:", j):
+            m = _POSIX_CLASS.match(pattern, j)
+            if m is None or m.group(2) not in _POSIX_CLASSES or m.group(1):
+                raise re.error(f"{pattern!r} has a '[:' that is no POSIX class read here")
+            out.append(_POSIX_CLASSES[m.group(2)])
+            j = m.end()
+        elif c == "[":
+            out.append("\\[")  # a literal to RE2; re warns it may become a nested set
+            j += 1
+        elif c == "\\":
+            out.append(_escape(pattern, j, in_class=True))
+            j += 2 if pattern[j + 1:j + 2] != "x" else 4
+        elif c in "&~|-" and pattern.startswith(c * 2, j):
+            out.append("\\" + c + "\\" + c)  # literal to RE2; re reserves them for set operations
+            j += 2
+        else:
+            out.append(c)
+            j += 1
+        first = False

@@ -11,7 +11,7 @@ from typing import Literal
 from authz.engine.cel import Condition
 from authz.paths import PathTemplate
 from authz.paths import fold_case as ascii_lower
-from authz.spiffe import re2_text
+from authz.spiffe import re2_compile, re2_text
 
 Action = Literal["ALLOW", "DENY", "AUDIT"]
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -52,7 +52,7 @@ class StringMatch:
         regex = None
         if scheme and suffixes:
             # re.error for a suffix that is no valid pattern: a load error, as istiod's config is
-            regex = re.compile("|".join(f"(?:{re.escape(scheme)}.*{re2_text(s)})" for s in suffixes))
+            regex = re2_compile("|".join(f"(?:{re.escape(scheme)}.*{re2_text(s)})" for s in suffixes))
         return cls(frozenset(exact), tuple(prefixes), tuple(suffixes), present, fold_case, scheme, regex)
 
     def __call__(self, value: str) -> bool:
