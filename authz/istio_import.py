@@ -955,6 +955,28 @@ class _Converter:
             if name in _NOT_SENT_TO_EXT_AUTHZ:
                 self.unverifiable(res, kpath, f"{key!r} reads a header Envoy does not send to ext_authz", deny)
                 return UNVERIFIABLE
+            # Where a match makes the rule allow (an ALLOW's values, a DENY's notValues), a value
+            # with ',' or '!' could match what Istio's RBAC filter does not (repeated lines reach
+            # ext_authz joined with ',', bytes that are not UTF-8 as '!'): such a value is read
+            # as matching nothing. So an ALLOW's values may never hold; a DENY's notValues hold.
+            narrow_path, narrow = ((*path, "notValues"), not_values) if deny else ((*path, "values"), values)
+            unclear = [v for v in narrow if "," in v or "!" in v]
+            if unclear and ok:
+                kept = [v for v in narrow if v not in unclear]
+                effect = ("this DENY/AUDIT condition holds for them" if deny
+                          else "this ALLOW condition never holds for them")
+                self.notes.append(
+                    f"{res.at(narrow_path, True)}: {_dotted(narrow_path)}: {unclear!r}: Envoy sends ext_authz "
+                    "repeated header lines joined with ',' and bytes that are not UTF-8 as '!', so these "
+                    f"match nothing here: {effect} (stricter than Istio; docs/bundle-format.md, \"Headers\")")
+                if deny:
+                    not_values = kept
+                    if not values and not not_values:
+                        return ALWAYS_HOLDS
+                else:
+                    values = kept
+                    if not values:
+                        return NEVER_HOLDS
             return _Condition("operation", "headers", values, not_values, header=name) if ok else None
         simple: dict[str, tuple[Literal["source", "operation"], str]] = {
             "connection.sni": ("operation", "sni"),

@@ -399,14 +399,19 @@ class _Compiler:
         )
 
     def operation(self, doc: Document, path: YPath, ov: dict[str, Any], captures_seen: set[str]) -> Operation:
-        # Envoy hands ext_authz each header byte that is not UTF-8 as '!' (its RBAC filter sees
-        # the byte): a '!' in a pattern could then match what Istio would not, where that makes
-        # the rule allow (an ALLOW's values, a DENY's notHeaders).
-        bang = {"ALLOW": "headers", "DENY": "notHeaders"}.get(self.action, "")
-        for name, values in (ov.get(bang) or {}).items() if bang else ():
+        # Where a match makes the rule allow (an ALLOW's values, a DENY's notHeaders), a pattern
+        # must not match what Istio's RBAC filter would not. Envoy hands ext_authz each header
+        # byte that is not UTF-8 as '!' (the filter sees the byte), and repeated header lines
+        # joined with ',' (the filter matches each line on its own): neither can be told apart.
+        narrow = {"ALLOW": "headers", "DENY": "notHeaders"}.get(self.action, "")
+        for name, values in (ov.get(narrow) or {}).items() if narrow else ():
             if any("!" in v for v in values):
-                self.error(doc, (*path, bang, name), f"{bang} value with '!': Envoy sends ext_authz each byte of a "
-                           "header value that is not UTF-8 as '!', so it could not be told apart")
+                self.error(doc, (*path, narrow, name), f"{narrow} value with '!': Envoy sends ext_authz each byte "
+                           "of a header value that is not UTF-8 as '!', so it could not be told apart")
+            if any("," in v for v in values):
+                self.error(doc, (*path, narrow, name), f"{narrow} value with ',': Envoy sends ext_authz repeated "
+                           "header lines joined with ',', so 'a,b' could be two lines that Istio matches "
+                           "one by one")
         return Operation(
             methods=_strings(ov.get("methods")),
             not_methods=_strings(ov.get("notMethods")),

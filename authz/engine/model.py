@@ -97,9 +97,12 @@ class RegexMatch:
 class HeaderMatch:
     """One request header against Istio string forms; '*' means present, even empty.
 
-    ext_authz sees repeated headers merged as 'a,b'. ``elements`` also tries each
-    comma-separated element, the reading a DENY rule (and an ALLOW rule's not-values) must
-    take to be never looser than Istio, which matches each header line on its own.
+    ext_authz sees repeated header lines merged as 'a,b'; Envoy's RBAC filter matches each
+    line on its own, and a line may hold commas too. So ``elements`` also tries every run of
+    neighbouring comma-separated elements (each element, for a pattern without a comma): the
+    reading a DENY rule (and an ALLOW rule's not-values) must take to be never looser than
+    Istio. The other reading, the whole value only, is exact for patterns without a comma;
+    the bundle refuses a comma where that reading is the one taken (authz.engine.compile).
     """
 
     name: str  # lower case
@@ -111,7 +114,34 @@ class HeaderMatch:
             return False
         if self.values.present or self.values(value):
             return True
-        return elements and "," in value and any(self.values(v.strip()) for v in value.split(","))
+        return elements and "," in value and self._any_run(value)
+
+    def _any_run(self, value: str) -> bool:
+        """Whether a run of the comma-separated elements of ``value`` (a line it could have
+        been sent as), as it is or with its outer blanks trimmed, matches."""
+        sm = self.values
+        parts = value.split(",")
+        for e in sm.exact:
+            width = e.count(",") + 1
+            for i in range(len(parts) - width + 1):
+                run = ",".join(parts[i:i + width])
+                if run == e or run.strip(" \t") == e:
+                    return True
+        if sm.prefixes:
+            start = 0
+            for part in parts:  # a run starts where an element starts
+                trimmed = start + len(part) - len(part.lstrip(" \t"))
+                if any(value.startswith(p, start) or value.startswith(p, trimmed) for p in sm.prefixes):
+                    return True
+                start += len(part) + 1
+        if sm.suffixes:
+            end = -1
+            for part in parts:  # and ends where one ends
+                end += len(part) + 1
+                trimmed = end - (len(part) - len(part.rstrip(" \t")))
+                if any(value.endswith(x, 0, end) or value.endswith(x, 0, trimmed) for x in sm.suffixes):
+                    return True
+        return False
 
 
 @dataclass(frozen=True, slots=True)

@@ -220,6 +220,16 @@ def test_a_header_pattern_with_a_bang_that_would_allow_is_a_load_error(tmp_path:
     assert msg.startswith("policies/p.yaml:") and "could not be told apart" in msg, msg
 
 
+@pytest.mark.parametrize(("action", "field"), [("ALLOW", "headers"), ("DENY", "notHeaders")])
+def test_a_header_pattern_with_a_comma_that_would_allow_is_a_load_error(tmp_path: Path, action: str,
+                                                                        field: str) -> None:
+    """Lines `a` and `b` reach ext_authz as `a,b`; Envoy's RBAC filter matches each line on its
+    own: an ALLOW on `a,b` let two lines through that Istio denies."""
+    text = HEADER + f"name: p\naction: {action}\nrules:\n  - to:\n      - operation:\n          {field}: {{x-ver: ['a,b*']}}\n"
+    (msg,) = problems(bundle_with(tmp_path, text))
+    assert msg.startswith("policies/p.yaml:8:") and "joined with ','" in msg, msg
+
+
 @pytest.mark.parametrize(("action", "expression", "column"), [
     ("ALLOW", "request.headers['x-ver'] == 'v1!'", 29),
     ("DENY", "request.headers['x-ver'] != 'v1!'", 29),

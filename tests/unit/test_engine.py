@@ -273,6 +273,20 @@ def test_deny_paths_also_match_case_folded(tmp_path: Path, patterns: list[str], 
     assert decide(ps, path=path).allowed is not denied
 
 
+# Envoy's RBAC filter matches each header line on its own; ext_authz gets the lines joined
+# with ','. A DENY's values (and an ALLOW's notHeaders) so match any run of neighbouring
+# elements, a line the client may have sent: `a,b` and `c` arrive as `a,b,c`.
+@pytest.mark.parametrize(("value", "denied"), [
+    ("a,b", True), ("a,b,c", True), ("c,a,b", True), ("c, a,b ,d", True), ("ab,c", False), ("a,bc", False),
+    ("xq,r,c", True), ("c,xq,r", True), ("q,rx", False),
+    ("z,p,qq", True), ("zp,q", False), ("a", False), ("b,a", False)])
+def test_deny_header_values_with_a_comma_match_any_run_of_elements(tmp_path: Path, value: str, denied: bool) -> None:
+    ps = policy_set(tmp_path, [deny(op(headers={"x-d": ["a,b", "*q,r", "p,q*"]})), allow({}, name="everything")])
+    assert decide(ps, headers={"x-d": value}).allowed is not denied
+    ps = policy_set(tmp_path / "2", [allow(op(notHeaders={"x-d": ["a,b", "*q,r", "p,q*"]}))])
+    assert decide(ps, headers={"x-d": value}).allowed is not denied
+
+
 def test_deny_not_paths_exempt_a_path_in_its_own_case_and_folded(tmp_path: Path) -> None:
     """A DENY of everything but /Public*: /Public/x is exempt read either way, /public/x and
     /PUBLIC/x are denied (as in Istio: neither matches /Public* case-sensitively)."""

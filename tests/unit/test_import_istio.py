@@ -1472,3 +1472,36 @@ def test_a_header_name_with_spaces_is_a_header_no_request_has(tmp_path: Path) ->
     """)
     assert not allowed(ps, principal=SLEEP, path="/h/x", headers={"x-token": "abc"})
     assert allowed(ps, principal=SLEEP, path="/n/x", headers={"x-token": "abc"})
+
+
+def test_header_values_with_a_comma_or_bang_take_the_stricter_reading(tmp_path: Path) -> None:
+    """Envoy's RBAC filter matches each header line on its own; ext_authz gets the lines joined
+    with ',' (and non-UTF-8 bytes as '!'). Lines `a` and `b` arrive as `a,b`: an ALLOW on `a,b`
+    allowed them, and a DENY's notValues `a,b` stepped aside for them, where Istio denies.
+    Such values match nothing where a match would allow, each named in a note."""
+    out, notes = write_bundle(tmp_path, AP + """\
+      action: ALLOW
+      rules:
+      - to: [{operation: {paths: ["/e/*"]}}]
+        when: [{key: "request.headers[x-a]", values: ["a,b"]}]
+      - to: [{operation: {paths: ["/m/*"]}}]
+        when: [{key: "request.headers[x-a]", values: ["a,b", "c"]}]
+---
+""" + AP.replace("name: p", "name: d") + """\
+      action: DENY
+      rules:
+      - to: [{operation: {paths: ["/dn/*"]}}]
+        when: [{key: "request.headers[x-d]", notValues: ["a,b"]}]
+      - to: [{operation: {paths: ["/m/*"]}}]
+        when: [{key: "request.headers[x-d]", values: ["q,r"]}]
+    """)
+    ps = load_policy_set(out)
+    assert not allowed(ps, principal=SLEEP, path="/e/x", headers={"x-a": "a,b"})
+    assert not allowed(ps, principal=SLEEP, path="/m/x", headers={"x-a": "a,b"})
+    assert allowed(ps, principal=SLEEP, path="/m/x", headers={"x-a": "c"})
+    assert not allowed(ps, principal=SLEEP, path="/m/x", headers={"x-a": "c", "x-d": "z,q,r,s"})  # a run
+    assert not allowed(ps, principal=SLEEP, path="/dn/x", headers={"x-d": "a,b"})  # DENY holds
+    unclear = [n for n in notes if "match nothing here" in n]
+    assert len(unclear) == 3, notes
+    assert "spec.rules[0].when[0].values" in unclear[0] and "never holds" in unclear[0]
+    assert "spec.rules[0].when[0].notValues" in unclear[2] and "DENY/AUDIT condition holds" in unclear[2]
