@@ -27,7 +27,8 @@ workload by its SPIFFE principal, or, for plaintext traffic that carries none, b
 destination port it is called on, so each selectable workload is declared with
 ``--workload LABELS=PRINCIPAL``, ``LABELS=host:HOST`` or ``LABELS=port:PORT@NAMESPACE``.
 A policy without a selector protects every workload of its namespace; one in the root
-namespace (istio-system unless ``--root-namespace``) protects every workload of the mesh.
+namespace (``--root-namespace``, else the mesh config's ``rootNamespace``, else istio-system)
+protects every workload of the mesh.
 
 The trust domain comes from ``--trust-domain``, else Istio's mesh config when it is among the
 inputs (the ``istio`` ConfigMap), else the ``--workload`` principals, else the policies'
@@ -45,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ipaddress
 import re
 import sys
 from collections.abc import Callable, Hashable, Iterator
@@ -56,6 +56,7 @@ from typing import Any, Literal
 import yaml
 
 from authz import paths, spiffe
+from authz.addresses import istio_network
 from authz.bundle.schema import Problem
 from authz.bundle.yamlpos import Document, Position, YamlError, load_documents
 from authz.spiffe import SCHEME
@@ -66,6 +67,7 @@ DRY_RUN_ANNOTATION = "istio.io/dry-run"
 # and then recommends nothing that would make the bundle decide differently from Istio.
 IMPORTED_MARK = "Imported from Istio AuthorizationPolicy resources by authz import-istio."
 ISTIO_DEFAULT_TRUST_DOMAIN = "cluster.local"
+ISTIO_ROOT_NAMESPACE = "istio-system"  # meshConfig.rootNamespace when the mesh config names none
 
 SPEC_FIELDS = {"action", "rules", "selector", "targetRef", "targetRefs", "provider"}
 RULE_FIELDS = {"from", "to", "when"}
@@ -120,7 +122,7 @@ class Workload:
 class Options:
     trust_domain: str | None = None  # None: from the input, see resolve_trust_domain
     trust_domain_aliases: tuple[str, ...] = ()
-    root_namespace: str = "istio-system"
+    root_namespace: str | None = None  # None: the mesh config's rootNamespace, else istio-system
     default_namespace: str = "default"
     workloads: list[Workload] = field(default_factory=list)
     default_deny: bool = False
@@ -235,6 +237,7 @@ class Mesh:
     aliases: tuple[str, ...]
     path_normalization: str | None  # None: not known from the input (the bundle's default, BASE, is Istio's)
     note: str  # where the trust domain came from, for stderr
+    root_namespace: str = ISTIO_ROOT_NAMESPACE  # its policies without a selector apply mesh-wide
 
 
 def _is_mesh_config(res: _Resource) -> bool:
@@ -312,43 +315,48 @@ def resolve_mesh(resources: list[_Resource], opts: Options) -> Mesh:
         for td in [str(mesh.get("trustDomain") or ISTIO_DEFAULT_TRUST_DOMAIN), *mesh_aliases]:
             if not _TRUST_DOMAIN.match(td):
                 problems.append(Problem(mesh_at, f"data.mesh: {td!r} is not a trust domain"))
+        configured = mesh.get("rootNamespace")
+        if configured is not None and opts.root_namespace is not None and str(configured) != opts.root_namespace:
+            problems.append(Problem(mesh_at, f"data.mesh: rootNamespace {configured!r} is not --root-namespace "
+                                    f"{opts.root_namespace!r}; give one"))
     if problems:
         raise IstioImportError(problems)
+    root = opts.root_namespace or str(mesh.get("rootNamespace") or ISTIO_ROOT_NAMESPACE)
+
+    def made(td: str, note: str) -> Mesh:
+        return Mesh(td, aliases, normalization, note, root)
+
     for td in (opts.trust_domain or ISTIO_DEFAULT_TRUST_DOMAIN, *opts.trust_domain_aliases):
         if not _TRUST_DOMAIN.match(td):
             raise UsageError(f"{td!r} is not a trust domain (lower-case letters, digits, '.', '-', '_')")
     aliases = tuple(opts.trust_domain_aliases) or tuple(mesh_aliases)
     if opts.trust_domain:
-        return Mesh(opts.trust_domain, aliases, normalization, f"trust domain {opts.trust_domain} (--trust-domain)")
+        return made(opts.trust_domain, f"trust domain {opts.trust_domain} (--trust-domain)")
     if mesh.get("trustDomain"):
         td = str(mesh["trustDomain"])
-        return Mesh(td, aliases, normalization, f"trust domain {td} from the Istio mesh config at {mesh_at}")
+        return made(td, f"trust domain {td} from the Istio mesh config at {mesh_at}")
     workload_tds = sorted({td for w in opts.workloads if w.kind == "principal"
                            and _TRUST_DOMAIN.match(td := w.value[len(SCHEME):].partition("/")[0])})
     if len(workload_tds) == 1:
-        return Mesh(workload_tds[0], aliases, normalization,
+        return made(workload_tds[0],
                     f"trust domain {workload_tds[0]} from the --workload principals")
     if len(workload_tds) > 1:
         raise UsageError(f"the --workload principals are in several trust domains ({', '.join(workload_tds)}): "
                          "pass --trust-domain, and --trust-domain-alias for the others")
     named = sorted({name for p in _policy_principals(resources) if (name := _named_trust_domain(p))})
     if len(named) == 1:
-        return Mesh(named[0], aliases, normalization,
+        return made(named[0],
                     f"trust domain {named[0]}, the only one the policies' principals name")
     if len(named) > 1:
         raise UsageError(f"the policies' principals name several trust domains ({', '.join(named)}) and nothing "
                          "says which is this mesh's: pass --trust-domain (and --trust-domain-alias), or the istio "
                          "ConfigMap (kubectl -n istio-system get configmap istio -o yaml)")
-    return Mesh(ISTIO_DEFAULT_TRUST_DOMAIN, aliases, normalization,
+    return made(ISTIO_DEFAULT_TRUST_DOMAIN,
                 f"trust domain {ISTIO_DEFAULT_TRUST_DOMAIN}: Istio's default, as nothing in the input names "
                 "another; pass --trust-domain (or the istio ConfigMap) if the mesh uses its own")
 
 
 # --- converting -------------------------------------------------------------------------
-
-
-# Characters with a meaning in the regexes istiod builds for namespaces and service accounts.
-_REGEX_META = re.compile(r"[.^$|?+()\[\]{}\\]")
 
 
 class _Never(Exception):
@@ -359,6 +367,18 @@ class _Inexact(Exception):
     """ANDing two value lists has no exact form in one bundle field."""
 
 
+@dataclass(frozen=True, slots=True)
+class _EqualOnly:
+    """A ``same`` whose values only an equal set ANDs exactly: each is a regex over the whole
+    principal, and two different ones can meet one principal (`.*/ns/foo/.*` and
+    `.*/ns/bar/.*` both meet `.../ns/foo/sa/x/ns/bar/y`)."""
+
+    key: Callable[[str], Hashable]
+
+    def __call__(self, value: str) -> Hashable:
+        return self.key(value)
+
+
 def _and_strings(old: list[str], new: list[str], same: Callable[[str], Hashable] | None) -> list[str]:
     """``same`` says which values name one thing (the principal in every trust domain of the
     bundle, a service account with or without its namespace); None when values cannot be
@@ -367,6 +387,10 @@ def _and_strings(old: list[str], new: list[str], same: Callable[[str], Hashable]
     if set(old) == set(new):
         return old
     if same is None or any("*" in v for v in (*old, *new)):
+        raise _Inexact
+    if isinstance(same, _EqualOnly):
+        if {same(v) for v in old} == {same(v) for v in new}:
+            return old
         raise _Inexact
     wanted = {same(v) for v in new}
     both = [v for v in old if same(v) in wanted]
@@ -379,9 +403,9 @@ def _and_ips(old: list[str], new: list[str]) -> list[str]:
     """CIDR blocks in both lists."""
     out: list[str] = []
     for x in old:
-        nx = ipaddress.ip_network(x, strict=False)
+        nx = istio_network(x)
         for y in new:
-            ny = ipaddress.ip_network(y, strict=False)
+            ny = istio_network(y)
             if nx.version != ny.version:
                 continue
             if nx.subnet_of(ny):  # type: ignore[arg-type]
@@ -445,6 +469,9 @@ class _Constant:
 
 
 NEVER_HOLDS, ALWAYS_HOLDS = _Constant(), _Constant()
+# Go's strconv.ParseBool, with which istiod reads istio.io/dry-run.
+_PARSE_BOOL = {**dict.fromkeys(("1", "t", "T", "true", "True", "TRUE"), True),
+               **dict.fromkeys(("0", "f", "F", "false", "False", "FALSE"), False)}
 
 
 class _Converter:
@@ -536,12 +563,10 @@ class _Converter:
         ok = True
         for k, value in enumerate(values):
             try:
-                if "/" in value:
-                    ipaddress.ip_network(value, strict=False)
-                else:
-                    ipaddress.ip_address(value)
-            except ValueError:
-                self.error(res, (*path, k), f"{value!r} is not an IP address or CIDR block")
+                istio_network(value)
+            except ValueError as exc:
+                self.error(res, (*path, k), f"{value!r} is not an IP address or CIDR block as istiod reads "
+                           f"them ({exc})")
                 ok = False
         return ok
 
@@ -598,7 +623,7 @@ class _Converter:
             return []
         ns = str(meta.get("namespace") or self.opts.default_namespace)
         annotations = self.mapping(res, ("metadata", "annotations"), meta.get("annotations"))
-        dry_run = str(annotations.get(DRY_RUN_ANNOTATION, "false")).lower() == "true"
+        dry_run = self.dry_run(res, annotations)
         spec: Any = {} if v.get("spec") is None else v["spec"]
         if not self.unknown_fields(res, ("spec",), spec, SPEC_FIELDS, "an AuthorizationPolicy spec"):
             return []
@@ -647,7 +672,7 @@ class _Converter:
                 return []
             match = self.mapping(res, ("spec", "selector", "matchLabels"), selector.get("matchLabels"))
             labels = {str(k): str(val) for k, val in match.items()}
-        root = ns == self.opts.root_namespace
+        root = ns == self.mesh.root_namespace
         eligible = [w for w in self.opts.workloads if root or w.namespace == ns]
         found: dict[WorkloadKind, list[str]] = {}
         if not labels:
@@ -775,23 +800,38 @@ class _Converter:
             keep.append(False)
         return keep
 
+    def dry_run(self, res: _Resource, annotations: dict[str, Any]) -> bool:
+        """istio.io/dry-run as istiod reads it (strconv.ParseBool): '1', 't', 'true', 'True',
+        'TRUE' and their false forms. istiod enforces a policy with any other value (Istio's
+        validation refuses it): so does authz, and says so."""
+        if DRY_RUN_ANNOTATION not in annotations:
+            return False
+        value = str(annotations[DRY_RUN_ANNOTATION])
+        if value in _PARSE_BOOL:
+            return _PARSE_BOOL[value]
+        where = ("metadata", "annotations", DRY_RUN_ANNOTATION)
+        self.notes.append(f"{res.at(where)}: {_dotted(where)}: {value!r} is no boolean to istiod "
+                          f"({', '.join(_PARSE_BOOL)}): the policy is enforced, as istiod enforces it")
+        return False
+
     def _same(self, res: _Resource, cond: _Condition, values: list[str], deny: bool
               ) -> Callable[[str], Hashable] | None:
         """What makes two values of ``cond``'s field name the same thing, as istiod reads them.
         None in a DENY or AUDIT rule where strings cannot tell: two lines of one header may
-        hold both values, and istiod pastes namespaces and service accounts into regexes
-        unescaped. (In an ALLOW rule the string AND is at most stricter than Istio's.)"""
+        hold both values, and istiod makes namespaces and service accounts regexes over the
+        whole principal, two of which one principal can meet. (In an ALLOW rule the string
+        AND is at most stricter than Istio's.)"""
         if deny and cond.header is not None:
             return None
         if cond.field_name == "principals":
             trust = spiffe.TrustDomains(self.mesh.trust_domain, frozenset(self.mesh.aliases))
             return lambda v: frozenset(trust.expand_principal(v))
         if cond.field_name in ("namespaces", "serviceAccounts"):
-            if deny and any(_REGEX_META.search(v) for v in values):
-                return None
+            key: Callable[[str], Hashable] = lambda v: v  # noqa: E731
             if cond.field_name == "serviceAccounts":
                 namespace = str((res.value.get("metadata") or {}).get("namespace") or "")
-                return lambda v: v if "/" in v else f"{namespace}/{v}"
+                key = lambda v: v if "/" in v else f"{namespace}/{v}"  # noqa: E731
+            return _EqualOnly(key) if deny else key
         return lambda v: v
 
     @staticmethod
@@ -1147,8 +1187,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trust-domain", default=None,
                         help="the mesh's trust domain (default: from the input, see the docs; said on stderr)")
     parser.add_argument("--trust-domain-alias", action="append", default=[], metavar="TD")
-    parser.add_argument("--root-namespace", default="istio-system",
-                        help="Istio's root namespace: its policies apply mesh-wide (default istio-system)")
+    parser.add_argument("--root-namespace", default=None,
+                        help="Istio's root namespace: its policies apply mesh-wide (default: the mesh config's "
+                             "rootNamespace, else istio-system)")
     parser.add_argument("--default-namespace", default="default",
                         help="namespace of resources that name none (default 'default', as kubectl)")
     parser.add_argument("--default-deny", action="store_true",

@@ -23,7 +23,7 @@ from authz import options
 @dataclass(frozen=True, slots=True)
 class RequestLimits:
     max_request_bytes: int = 1024 * 1024  # the whole serialized CheckRequest
-    max_path_bytes: int = 16 * 1024
+    max_path_bytes: int = 64 * 1024  # above Envoy's 60 KiB of headers: whatever it passes
     max_headers: int = 200
     max_header_bytes: int = 96 * 1024  # names and values added up
 
@@ -93,8 +93,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                    help="concurrent HTTP/2 streams one client connection may open (default 1000)")
     g.add_argument("--max-request-bytes", type=options.positive_int, default=1024 * 1024, metavar="N",
                    help="largest CheckRequest decided; larger ones are denied (default 1 MiB)")
-    g.add_argument("--max-path-bytes", type=options.positive_int, default=16 * 1024, metavar="N",
-                   help="longest request path decided; longer ones are denied (default 16 KiB)")
+    g.add_argument("--max-path-bytes", type=options.positive_int, default=64 * 1024, metavar="N",
+                   help="longest request path decided; longer ones are denied (default 64 KiB)")
     g.add_argument("--max-headers", type=options.positive_int, default=200, metavar="N",
                    help="most request headers decided; more are denied (default 200)")
     g.add_argument("--max-header-bytes", type=options.positive_int, default=96 * 1024, metavar="N",

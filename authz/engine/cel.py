@@ -97,8 +97,10 @@ class CelBudgetError(CelEvalError):
 #   that took longer than EVAL_BUDGET_SECONDS is denied all the same (the bounds above keep
 #   that rare and short; it cannot be interrupted once started).
 MAX_NESTED_COMPREHENSIONS = 2
-MAX_INPUT_CHARS = 4096
-MAX_MAP_INPUT_CHARS = 16384
+# Above what the request limits let through with their defaults (64 KiB paths, 96 KiB of
+# headers): a request Envoy passes is decided, not denied over budget.
+MAX_INPUT_CHARS = 64 * 1024
+MAX_MAP_INPUT_CHARS = 96 * 1024
 EVAL_BUDGET_SECONDS = 0.05
 _REQUEST_MAPS = frozenset({"request.headers", "request.path_params", "request.context_extensions"})
 _MACRO = re.compile(r"\.\s*(all|exists_one|exists|map|filter)\s*\(")

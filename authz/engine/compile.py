@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import ipaddress
 import json
 import pickle
 import re
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from authz import paths, spiffe
+from authz.addresses import istio_network
 from authz.bundle.loader import BundleError, BundleFiles, read_bundle
 from authz.bundle.schema import Problem
 from authz.bundle.yamlpos import Document, Position
@@ -477,9 +477,10 @@ class _Compiler:
         nets = []
         for i, value in enumerate(values):
             try:
-                nets.append(ipaddress.ip_network(value, strict=False))
-            except ValueError:
-                self.error(doc, (*path, i), f"{value!r} is not an IP address or CIDR block")
+                nets.append(istio_network(value))
+            except ValueError as exc:
+                self.error(doc, (*path, i), f"{value!r} is not an IP address or CIDR block as Istio reads "
+                           f"them ({exc})")
         return IpMatch(tuple(nets))
 
     def ports(self, doc: Document, path: YPath, values: list[str] | None) -> frozenset[int] | None:

@@ -226,6 +226,22 @@ def test_dry_run_annotation(tmp_path: Path) -> None:
     assert d.allowed and d.dry_run == ("foo.dry-run-example/rule-1=deny",)
 
 
+@pytest.mark.parametrize(("value", "dry_run"), [("1", True), ("t", True), ("TRUE", True), ("True", True),
+                                             ("F", False), ("0", False), ("tRuE", False), ("yes", False)])
+def test_dry_run_annotation_is_read_as_istiod_reads_it(tmp_path: Path, value: str, dry_run: bool) -> None:
+    """istiod reads istio.io/dry-run with Go's strconv.ParseBool: '1' and 't' are dry runs, which
+    authz enforced (granting what the ALLOW allows); anything else is enforced, and said."""
+    out, notes = write_bundle(tmp_path, AP.replace("metadata: {name: p, namespace: foo}",
+                                                   f"metadata: {{name: p, namespace: foo, annotations: "
+                                                   f"{{istio.io/dry-run: '{value}'}}}}") + """\
+      action: DENY
+      rules: [{to: [{operation: {paths: ["/x"]}}]}]
+    """)
+    d = decide(load_policy_set(out), path="/x")
+    assert d.allowed is dry_run
+    assert any("is no boolean to istiod" in n for n in notes) is (value in ("tRuE", "yes"))
+
+
 # --- scope: namespace, selector, root namespace ------------------------------------------
 
 
@@ -1129,6 +1145,20 @@ def test_trust_domain_from_the_mesh_config(tmp_path: Path) -> None:
     assert sorted(p.name for p in (out / "policies").iterdir()) == ["foo.p.yaml"]
 
 
+def test_root_namespace_from_the_mesh_config(tmp_path: Path) -> None:
+    """meshConfig.rootNamespace names where selector-less policies apply mesh-wide; read as
+    istio-system, a DENY in istio-config protected one namespace instead of the mesh."""
+    mesh = MESH_CONFIG.replace("trustDomain: example.org", "trustDomain: example.org\n    rootNamespace: istio-config")
+    text = mesh + textwrap.dedent(AP).replace("namespace: foo", "namespace: istio-config") + (
+        "  action: DENY\n  rules: [{to: [{operation: {paths: ['/blocked/*']}}]}]\n")
+    out, _ = write_bundle(tmp_path / "a", text)
+    ps = load_policy_set(out)
+    assert not allowed(ps, dest="spiffe://example.org/ns/bar/sa/x", path="/blocked/x")
+    assert allowed(ps, dest="spiffe://example.org/ns/bar/sa/x", path="/ok")
+    with pytest.raises(IstioImportError, match="rootNamespace 'istio-config' is not --root-namespace 'other'"):
+        write_bundle(tmp_path / "b", text, root_namespace="other")
+
+
 def test_trust_domain_flag_wins(tmp_path: Path) -> None:
     out, notes = write_bundle(tmp_path, MESH_CONFIG + textwrap.dedent(AP), trust_domain="flag.td")
     assert yaml.safe_load((out / "bundle.yaml").read_text())["trustDomain"] == "flag.td"
@@ -1505,3 +1535,23 @@ def test_header_values_with_a_comma_or_bang_take_the_stricter_reading(tmp_path: 
     assert len(unclear) == 3, notes
     assert "spec.rules[0].when[0].values" in unclear[0] and "never holds" in unclear[0]
     assert "spec.rules[0].when[0].notValues" in unclear[2] and "DENY/AUDIT condition holds" in unclear[2]
+
+
+def test_a_deny_and_of_two_namespaces_is_left_out_not_dropped(tmp_path: Path) -> None:
+    """istiod makes namespaces regexes over the whole principal (`.*/ns/foo/.*`): one principal
+    meets foo and bar. Read as strings with nothing in common, the AND dropped the DENY rule."""
+    out, notes = write_bundle(tmp_path, AP + """\
+      action: DENY
+      rules:
+      - from: [{source: {namespaces: ["foo"]}}]
+        to: [{operation: {paths: ["/ns/*"]}}]
+        when: [{key: source.namespace, values: ["bar"]}]
+      - from: [{source: {serviceAccounts: ["a"]}}]
+        to: [{operation: {paths: ["/sa/*"]}}]
+        when: [{key: source.serviceAccount, values: ["foo/a"]}]
+    """)
+    ps = load_policy_set(out)
+    assert not allowed(ps, principal="spiffe://cluster.local/ns/foo/sa/x/ns/bar/y", path="/ns/x")
+    assert not allowed(ps, principal=sa("foo", "a"), path="/sa/x")  # `a` and `foo/a`: one, exact
+    left_out = [n for n in notes if "left out of this DENY/AUDIT rule" in n]
+    assert len(left_out) == 1 and "spec.rules[0].when[0]" in left_out[0], notes
