@@ -25,9 +25,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
-import os
 import logging
-import re
+import os
 import socket
 import ssl
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from pathlib import Path
 from envoy.service.auth.v3 import external_auth_pb2
 
 from authz.check import CALLER_ENVOY_HTTP, Checker
+from authz.http1 import ANSWER_TIMEOUT, MAX_HEADER_BYTES, Malformed, linger, parse_head, render
 from authz.options import address
 from authz.tls_server import CallerPattern
 
@@ -47,13 +47,7 @@ HEADERS_TO_REMOVE = "x-envoy-auth-headers-to-remove"
 _HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer",
                          "transfer-encoding", "upgrade", "content-length"})
 
-MAX_HEADER_BYTES = 64 * 1024
-MAX_HEADERS = 200
 MAX_BODY_BYTES = 1024 * 1024
-ANSWER_TIMEOUT = 10.0  # seconds a client may take to read an answer
-_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
-            413: "Content Too Large", 429: "Too Many Requests", 431: "Request Header Fields Too Large",
-            503: "Service Unavailable"}
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -203,25 +197,6 @@ def to_http(resp: external_auth_pb2.CheckResponse) -> tuple[int, list[tuple[str,
     return status, [(h.header.key, h.header.value) for h in denied.headers], denied.body.encode()
 
 
-def _render(status: int, headers: list[tuple[str, str]], body: bytes, close: bool) -> bytes:
-    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Forbidden')}"]
-    for k, v in headers:
-        if "\r" in k or "\n" in k or "\r" in v or "\n" in v:
-            continue  # never let a value split the response
-        lines.append(f"{k}: {v}")
-    lines.append(f"content-length: {len(body)}")
-    if close:
-        lines.append("connection: close")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace") + body
-
-
-class _Malformed(Exception):
-    def __init__(self, reason: str, status: int = 400) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.status = status
-
-
 class HttpAuthzServer:
     """The HTTP ext_authz listener. ``start``/``stop`` on a running event loop."""
 
@@ -279,9 +254,9 @@ class HttpAuthzServer:
             if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.connections > self.max_connections:
-                writer.write(_render(503, [], b"", close=True))
+                writer.write(render(503, [], b"", close=True))
                 await asyncio.wait_for(writer.drain(), ANSWER_TIMEOUT)
-                await _linger(reader, writer)
+                await linger(reader, writer, max_bytes=2 * MAX_BODY_BYTES)
                 return
             peer = writer.get_extra_info("peername")
             address = peer[0] if isinstance(peer, tuple) and peer else ""
@@ -312,20 +287,20 @@ class HttpAuthzServer:
             await self._deny(reader, writer, "request head too large", 431)
             return False
         try:
-            method, target, headers, close = _parse_head(head)
+            method, target, headers, close = parse_head(head)
             length = headers.get("content-length")
             if "transfer-encoding" in headers:
-                raise _Malformed("chunked request bodies are not accepted", 400)
+                raise Malformed("chunked request bodies are not accepted", 400)
             if length:
                 if not (length.isascii() and length.isdigit()) or len(length) > 12 or int(length) > MAX_BODY_BYTES:
-                    raise _Malformed("request body too large or bad content-length", 413)
+                    raise Malformed("request body too large or bad content-length", 413)
                 # the body is not decided on; a client that stalls in it holds no connection long
                 await asyncio.wait_for(reader.readexactly(int(length)), self.idle_timeout)
             path = strip_prefix(target, self.path_prefix)
             if path is None:
-                raise _Malformed(f"path does not start with the configured prefix {self.path_prefix!r}", 403)
+                raise Malformed(f"path does not start with the configured prefix {self.path_prefix!r}", 403)
             check_request = to_check_request(method, path, headers, trusted)
-        except _Malformed as exc:
+        except Malformed as exc:
             await self._deny(reader, writer, exc.reason, exc.status)
             return False
         except XfccError as exc:
@@ -343,83 +318,14 @@ class HttpAuthzServer:
         outcome = self.checker.run(None, caller=CALLER_ENVOY_HTTP, malformed=reason)
         _, headers, body = to_http(outcome.response)
         await self._answer(writer, status, headers, body, True)
-        await _linger(reader, writer)
+        await linger(reader, writer, max_bytes=2 * MAX_BODY_BYTES)
 
     @staticmethod
     async def _answer(writer: asyncio.StreamWriter, status: int, headers: list[tuple[str, str]],
                       body: bytes, close: bool) -> None:
-        writer.write(_render(status, headers, body, close))
+        writer.write(render(status, headers, body, close))
         # A client that never reads its answers must not hold the connection for ever.
         await asyncio.wait_for(writer.drain(), ANSWER_TIMEOUT)
-
-
-async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Half-close, then read and drop what the client is still sending (bounded in bytes and
-    time) before closing: closing with unread data would reset the connection and could
-    destroy the answer before the client reads it."""
-    try:
-        if writer.can_write_eof():
-            writer.write_eof()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 1.0
-        dropped = 0
-        while dropped < 2 * MAX_BODY_BYTES and loop.time() < deadline:
-            chunk = await asyncio.wait_for(reader.read(65536), max(0.01, deadline - loop.time()))
-            if not chunk:
-                return
-            dropped += len(chunk)
-    except Exception:  # noqa: BLE001 - best effort; the answer is already sent
-        return
-
-
-# RFC 9110 token: what a header name may be made of.
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-
-
-def _parse_head(head: bytes) -> tuple[str, str, dict[str, str], bool]:
-    """Request line and headers: (method, target, lower-cased headers, close after)."""
-    try:
-        text = head.decode("latin-1")
-    except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes any byte
-        raise _Malformed("undecodable request head") from None
-    unbroken = text.replace("\r\n", "")
-    if "\0" in unbroken or "\n" in unbroken or "\r" in unbroken:
-        # A bare LF or CR ends a line for some parsers and not for others: a hop reading the
-        # head otherwise than here could see another request, and take our answer for its.
-        raise _Malformed("bare CR, LF or NUL in the request head")
-    lines = text.split("\r\n")
-    parts = lines[0].split(" ")
-    if len(parts) != 3 or not parts[0] or not parts[1].startswith("/") or parts[2] not in ("HTTP/1.0", "HTTP/1.1"):
-        raise _Malformed("bad request line")
-    method, target, version = parts
-    try:  # the head was read as latin-1: the target's bytes, read as what they encode
-        target = target.encode("latin-1").decode("utf-8")
-    except UnicodeDecodeError:
-        raise _Malformed("request target is not UTF-8") from None
-    headers: dict[str, str] = {}
-    count = 0
-    for line in lines[1:]:
-        if not line:
-            continue
-        name, sep, value = line.partition(":")
-        if not sep or not _TOKEN.fullmatch(name):
-            raise _Malformed("bad header line")
-        count += 1
-        if count > MAX_HEADERS:
-            raise _Malformed("too many headers", 431)
-        key = name.lower()
-        try:  # read as latin-1 with the head: the value's bytes, read as the UTF-8 Envoy sends
-            value = value.strip(" \t").encode("latin-1").decode("utf-8")
-        except UnicodeDecodeError:
-            raise _Malformed(f"header {key} is not UTF-8") from None
-        if key == "host" and key in headers:
-            raise _Malformed("more than one host header")  # joined, it would match no host rule
-        headers[key] = f"{headers[key]},{value}" if key in headers else value
-    conn = headers.get("connection", "").lower()
-    close = "close" in conn or (version == "HTTP/1.0" and "keep-alive" not in conn)
-    if "host" not in headers:
-        raise _Malformed("request has no host header")
-    return method, target, headers, close
 
 
 def _peer_spiffe_id(writer: asyncio.StreamWriter) -> str:

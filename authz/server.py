@@ -4,17 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import json
 import logging
-import os
 import signal
-import socket
 import threading
-import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, HTTPServer
-from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2
@@ -26,11 +19,11 @@ from authz.bundle.store import BundleStore
 from authz.check import Checker
 from authz.http_authz import HttpAuthzServer
 from authz.limits import ServeLimits
-from authz.metrics import CONTENT_TYPE, Metrics
-from authz.ports import bind_error, split_addr
-from authz.redact import hide_paths
+from authz.metrics import Metrics
+from authz.ports import bind_error
+from authz.probe_server import ProbeServer
 from authz.serving_pool import ServingPool
-from authz.tls_server import ServerTls, grpc_credentials, handshake_error, http_ssl_context
+from authz.tls_server import ServerTls, grpc_credentials
 from authz.version import VERSION
 
 log = logging.getLogger("authz.server")
@@ -57,135 +50,6 @@ def grpc_options(opts: ServeLimits, worker: int | None) -> list[tuple[str, int]]
     ]
 
 
-class ProbeServer:
-    """/metrics, /healthz, /readyz and /v1/status over plain HTTP; with a checker also the
-    decision API's POST /v1/decide and /v1/explain (authz.decision_api).
-
-    A small bounded pool answers: at most ``pool_size`` connections are served at once and
-    ``backlog`` wait; past that a connection is closed at once. A connection that sends
-    nothing for ``idle_timeout`` seconds is closed, so idle clients cannot hold the pool.
-    """
-
-    def __init__(self, addr: str, store: BundleStore, metrics: Metrics, worker: int | None = None,
-                 checker: Checker | None = None, tls: ServerTls | None = None,
-                 hidden: Mapping[str, str] | None = None, *, pool_size: int = 8, backlog: int = 64,
-                 idle_timeout: float = 10.0) -> None:
-        """``hidden`` maps file system paths to the labels /readyz and /v1/status show instead."""
-        store_ref, metrics_ref = store, metrics
-        hide = dict(hidden or {})
-        self.draining = False
-        # False while a worker holds its gRPC port closed until its first load has finished
-        # (serve): it is not ready then even though its bundle may already be loaded.
-        self.grpc_listening = True
-        probe = self
-
-        class Handler(BaseHTTPRequestHandler):
-            timeout = idle_timeout  # socket timeout: an idle or slow client is dropped
-
-            def do_POST(self) -> None:  # noqa: N802
-                path = self.path.split("?", 1)[0]
-                if checker is None or path not in decision_api.JSON_PATHS:
-                    self._send(404, b"not found\n", "text/plain")
-                    return
-                length = self.headers.get("content-length", "")
-                # isdigit() alone takes '²', and int() refuses over 4,300 digits
-                digits = length.isascii() and length.isdigit() and len(length) <= 12
-                if not digits or int(length) > decision_api.MAX_JSON_BYTES:
-                    self.close_connection = True
-                    self._send(*decision_api.error_json(411 if not digits else 413,
-                               "a body of at most 1 MiB with a content-length is required"),
-                               "application/json")
-                    self._linger()
-                    return
-                status, body = decision_api.handle_json(checker, path, self.rfile.read(int(length)))
-                self._send(status, body, "application/json")
-
-            def do_GET(self) -> None:  # noqa: N802
-                path = self.path.split("?", 1)[0]
-                if path == "/metrics":
-                    self._send(200, metrics_ref.exposition(), CONTENT_TYPE)
-                elif path == "/healthz":
-                    self._send(200, b"ok\n", "text/plain")
-                elif path == "/readyz":
-                    st = store_ref.status()
-                    expired = tls.expired() if tls is not None else []
-                    if probe.draining:
-                        self._send(503, b"not ready: shutting down\n", "text/plain")
-                    elif expired:
-                        self._send(503, f"not ready: the {' and '.join(expired)} serving "
-                                   "certificate has expired\n".encode(), "text/plain")
-                    elif st.revision is not None and not probe.grpc_listening:
-                        self._send(503, b"not ready: the gRPC port is not open yet\n", "text/plain")
-                    elif st.revision is not None:
-                        note = f" (persisted copy: {st.persisted_reason})" if st.serving_persisted else ""
-                        self._send(200, hide_paths(f"ready: revision {st.revision}{note}\n", hide)
-                                   .encode(), "text/plain")
-                    else:
-                        reason = hide_paths(st.last_error or "no bundle loaded yet", hide)
-                        self._send(503, f"not ready: {reason}\n".encode(), "text/plain")
-                elif path == "/v1/status":
-                    st = store_ref.status()
-                    doc = hide_paths(st.as_dict(), hide)
-                    doc["version"] = VERSION
-                    if tls is not None:
-                        doc["tls"] = tls.status()
-                    if worker is not None:
-                        doc["worker"] = {"index": worker, "pid": os.getpid(),
-                                         "grpc_listening": probe.grpc_listening}
-                    body = json.dumps(doc).encode()
-                    self._send(200, body, "application/json")
-                else:
-                    self._send(404, b"not found\n", "text/plain")
-
-            def _send(self, code: int, body: bytes, ctype: str) -> None:
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def _linger(self) -> None:
-                """Half-close, then read and drop what the client is still sending (at most
-                2 MiB, 1 s) before the connection closes: closing with unread data would reset
-                it, and the client could lose the answer before reading it."""
-                try:
-                    self.wfile.flush()
-                    self.connection.shutdown(socket.SHUT_WR)
-                    deadline = time.monotonic() + 1.0
-                    dropped = 0
-                    while dropped < 2 * decision_api.MAX_JSON_BYTES and time.monotonic() < deadline:
-                        self.connection.settimeout(max(0.01, deadline - time.monotonic()))
-                        chunk = self.connection.recv(65536)
-                        if not chunk:
-                            return
-                        dropped += len(chunk)
-                except OSError:  # best effort: the answer is already sent
-                    return
-
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-                pass
-
-        host, port = split_addr(addr)
-        try:
-            self.httpd = _PooledHTTPServer((host, port), Handler, pool_size=pool_size, backlog=backlog,
-                                           reuse_port=worker is not None)
-        except OSError as exc:
-            raise OSError(f"cannot listen on HTTP address {addr}: {exc.strerror or exc}") from None
-        if tls is not None and tls.http is not None:
-            # The handshake runs in the pool's thread, on first read, not in accept().
-            self.httpd.socket = http_ssl_context(tls.http).wrap_socket(
-                self.httpd.socket, server_side=True, do_handshake_on_connect=False)
-            self.httpd.handle_error = handshake_error  # type: ignore[method-assign]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, name="authz-http", daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 def settle_heap(store: BundleStore) -> Callable[[], None]:
     """Keep the cyclic garbage collector off the serving bundle.
 
@@ -208,49 +72,6 @@ def settle_heap(store: BundleStore) -> Callable[[], None]:
     gc.collect()  # before serving: what start-up left behind (imports do make cycles)
     settle()
     return store.subscribe(settle)
-
-
-class _PooledHTTPServer(HTTPServer):
-    """An HTTPServer whose connections are served by a fixed pool of threads."""
-
-    def __init__(self, addr: tuple[str, int], handler: type[BaseHTTPRequestHandler], *,
-                 pool_size: int, backlog: int, reuse_port: bool) -> None:
-        # Workers of one service share the port (SO_REUSEPORT), as they share the gRPC one.
-        self.allow_reuse_port = reuse_port
-        self.request_queue_size = backlog
-        # Before binding: a failed bind calls server_close(), which shuts the pool down.
-        self._pool = ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix="authz-http")
-        self._limit = pool_size + backlog
-        self._open = 0
-        self._lock = threading.Lock()
-        self.refused = 0  # connections closed at once because the pool was full
-        super().__init__(addr, handler)
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        with self._lock:
-            if self._open >= self._limit:
-                self.refused += 1
-                self.shutdown_request(request)
-                return
-            self._open += 1
-        self._pool.submit(self._serve_one, request, client_address)
-
-    def _serve_one(self, request: Any, client_address: Any) -> None:
-        try:
-            self.finish_request(request, client_address)
-        except Exception:  # noqa: BLE001 - one broken connection must not end the pool
-            self.handle_error(request, client_address)
-        finally:
-            self.shutdown_request(request)
-            with self._lock:
-                self._open -= 1
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        log.debug("probe connection from %s failed", client_address)
-
-    def server_close(self) -> None:
-        super().server_close()
-        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _bind_problem(addr: str) -> str | None:
@@ -342,10 +163,10 @@ async def serve(
         try:
             await http_authz.start()
         except OSError:
-            probes.httpd.server_close()
+            probes.stop()
             raise
         log.info("HTTP ext_authz listening on %s", http_authz.addr, extra={"http_authz_addr": http_authz.addr})
-    http_at = f"{http_addr.rpartition(':')[0]}:{probes.httpd.server_address[1]}"
+    http_at = f"{http_addr.rpartition(':')[0]}:{probes.port}"
 
     def start_grpc() -> None:
         server.start()

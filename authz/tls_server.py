@@ -9,8 +9,8 @@
   ``CallerGate`` interceptor reads the peer's URI SAN from the TLS auth context and answers
   PERMISSION_DENIED before any decision is made; each refusal is counted in
   ``authz_callers_refused_total{reason}`` and logged (at most once a second per caller).
-- HTTP (``--http-tls-cert``, ``--http-tls-key``): the probe server's socket is wrapped in a
-  context whose SNI callback switches every new handshake to the latest certificate.
+- HTTP (``--http-tls-cert``, ``--http-tls-key``): the probe server (authz.probe_server) serves
+  with a context whose SNI callback switches every new handshake to the latest certificate.
 
 Patterns: a full SPIFFE ID, where ``*`` inside a path segment matches any characters of
 that one segment (``spiffe://cluster.local/ns/*/sa/envoy``). The trust domain is literal.
@@ -22,7 +22,6 @@ import argparse
 import logging
 import re
 import ssl
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -217,16 +216,6 @@ def http_ssl_context(cert: RotatingCertificate) -> ssl.SSLContext:
     base = build(cert.current)
     base.sni_callback = pick
     return base
-
-
-def handshake_error(request: object, client_address: object) -> None:
-    """socketserver's handle_error for the HTTPS probe server: a client that fails the TLS
-    handshake (plain HTTP, an unknown CA) is a debug line, not a traceback on stderr."""
-    exc = sys.exc_info()[1]
-    if isinstance(exc, OSError):  # ssl.SSLError included
-        log.debug("HTTPS connection from %s failed: %s", client_address, exc)
-    else:
-        log.error("HTTP request from %s failed", client_address, exc_info=exc)
 
 
 # --- flags ---------------------------------------------------------------------------------

@@ -204,7 +204,7 @@ def test_a_worker_whose_grpc_port_is_not_open_yet_is_not_ready() -> None:
     store = BundleStore(metrics)
     assert store.load(example_bundle())
     probes = ProbeServer("127.0.0.1:0", store, metrics, worker=0)
-    port = probes.httpd.server_address[1]
+    port = probes.port
     probes.grpc_listening = False
     probes.start()
     try:
