@@ -946,7 +946,13 @@ class _Converter:
             self.error(res, path, f"path template {value!r} must start with '/'")
             return None
         seen_any = False
-        segments = value.split("/")[1:]
+        inner = value[1:].removesuffix("/")
+        if "" in inner.split("/") and inner:
+            # istiod trims the slashes before its checks, and then hands Envoy a template with
+            # an empty segment, which Envoy 1.40 does not survive: no meaning to copy here.
+            self.error(res, path, f"path template {value!r} has an empty segment ('//'), which Envoy's URI "
+                       "template matcher cannot take")
+            return None
         for s in value.strip("/").split("/"):
             if s in ("{*}", "{**}"):
                 if seen_any:
@@ -962,7 +968,6 @@ class _Converter:
                            "template matcher rejects (only RFC 3986 path characters without '*')")
                 return None
         # The bundle's templates are Envoy's: literal segments may follow {**}.
-        del segments
         return "native"
 
     # -- conditions -------------------------------------------------------------------------

@@ -322,7 +322,8 @@ class StrictnessKind:
             m = str(req.get("method", "GET"))
             return m != m.upper()
         if self.name == "path-case":
-            return any("A" <= c <= "Z" for c in saw_path)
+            # a letter, or a percent escape's hex letter (DENY patterns hold `%3F` as `%3f` too)
+            return any("A" <= c <= "Z" for c in saw_path) or re.search(r"%[0-9A-Fa-f]?[a-fA-F]", saw_path) is not None
         if self.name == "ambiguous-host":
             host = str(req.get("host", ""))
             return host.endswith(".") or any(c in host for c in "@%") or re.search(r":\d+$", host) is not None

@@ -1059,6 +1059,9 @@ def test_literal_braces_stay_exact_in_cel(tmp_path: Path) -> None:
     ("/{**}/{*}", "'{**}' must be the last operator"),
     ("/a[b]/{*}", "characters Envoy's URI template matcher rejects"),
     ("*admin*", "suffix match on 'admin*'"),
+    ("//{*}", "has an empty segment"),  # istiod lets it through; Envoy 1.40 exits on it
+    ("/a/{*}//", "has an empty segment"),
+    ("/a//{**}", "has an empty segment"),
 ])
 def test_paths_istio_or_envoy_reject_are_errors(tmp_path: Path, value: str, message: str) -> None:
     errors = import_errors(tmp_path, AP + f"  rules: [{{to: [{{operation: {{paths: ['{value}']}}}}]}}]\n")
