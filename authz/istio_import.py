@@ -315,6 +315,11 @@ def resolve_mesh(resources: list[_Resource], opts: Options) -> Mesh:
         for td in [str(mesh.get("trustDomain") or ISTIO_DEFAULT_TRUST_DOMAIN), *mesh_aliases]:
             if not _TRUST_DOMAIN.match(td):
                 problems.append(Problem(mesh_at, f"data.mesh: {td!r} is not a trust domain"))
+        if opts.trust_domain_aliases and mesh_aliases and set(opts.trust_domain_aliases) != set(mesh_aliases):
+            # Fewer aliases than the mesh has would make a DENY on principals miss callers
+            # istiod's expansion covers; more would make an ALLOW grant what it does not.
+            problems.append(Problem(mesh_at, f"data.mesh: trustDomainAliases {mesh_aliases} are not the "
+                                    f"--trust-domain-alias values {list(opts.trust_domain_aliases)}; give one"))
         configured = mesh.get("rootNamespace")
         if configured is not None and opts.root_namespace is not None and str(configured) != opts.root_namespace:
             problems.append(Problem(mesh_at, f"data.mesh: rootNamespace {configured!r} is not --root-namespace "
@@ -640,7 +645,14 @@ class _Converter:
         targets = self.targets(res, ns, spec.get("selector"))
         rules: list[dict[str, Any]] = []
         for i, rv in enumerate(self.listed(res, ("spec", "rules"), spec.get("rules"))):
-            rules += self.rule(res, ("spec", "rules", i), rv or {}, i, deny=action != "ALLOW")
+            if rv is None:
+                # istiod skips a null rule ("skipped nil rule"): read as `{}` it matched every
+                # request, an ALLOW granting what Istio's sidecar denies.
+                where = ("spec", "rules", i)
+                self.notes.append(f"{res.at(where)}: {_dotted(where)}: a null rule, skipped as istiod skips it "
+                                  "(it matches nothing)")
+                continue
+            rules += self.rule(res, ("spec", "rules", i), rv, i, deny=action != "ALLOW")
         if len(self.problems) != before:
             return []
         loc = res.at(())
@@ -678,9 +690,11 @@ class _Converter:
         if not labels:
             if root:
                 return [None]
-            # Every workload of the namespace, whatever trust domain its certificate names.
+            # Every workload of the namespace, whatever trust domain its certificate names: the
+            # mesh's and its aliases', and any other a declared workload of it names.
             found["principal"] = [f"{SCHEME}{td}/ns/{ns}/sa/*" for td in (self.mesh.trust_domain, *self.mesh.aliases)]
-            chosen = [w for w in eligible if w.kind != "principal"]
+            covered = tuple(p.removesuffix("*") for p in found["principal"])
+            chosen = [w for w in eligible if w.kind != "principal" or not w.value.startswith(covered)]
         else:
             chosen = [w for w in eligible if labels.items() <= w.labels.items()]
             if not chosen:
@@ -712,7 +726,10 @@ class _Converter:
         unverifiable = False
         for j, entry in enumerate(self.listed(res, (*path, "from"), rv.get("from"))):
             p = (*path, "from", j)
-            if not self.unknown_fields(res, p, entry or {}, {"source"}, "a from entry"):
+            if entry is None:  # istiod dereferences it: no reading to copy, so none is made up
+                self.error(res, p, "a null from entry")
+                continue
+            if not self.unknown_fields(res, p, entry, {"source"}, "a from entry"):
                 continue
             s = self.source(res, (*p, "source"), (entry or {}).get("source") or {}, deny)
             if isinstance(s, _Unverifiable):
@@ -722,7 +739,10 @@ class _Converter:
         operations: list[tuple[dict[str, Any], list[str]]] = []
         for j, entry in enumerate(self.listed(res, (*path, "to"), rv.get("to"))):
             p = (*path, "to", j)
-            if not self.unknown_fields(res, p, entry or {}, {"operation"}, "a to entry"):
+            if entry is None:
+                self.error(res, p, "a null to entry")
+                continue
+            if not self.unknown_fields(res, p, entry, {"operation"}, "a to entry"):
                 continue
             op = self.operation(res, (*p, "operation"), (entry or {}).get("operation") or {}, deny)
             if op is not None:

@@ -1106,7 +1106,9 @@ def test_namespace_wide_policy_also_targets_hosts_and_ports_of_the_namespace(tmp
     """Plaintext traffic to a workload of the namespace carries no principal: its host and port say it."""
     files = produced(tmp_path, AP + "  action: DENY\n  rules: [{}]\n", WORKLOADS, trust_domain="td",
                      trust_domain_aliases=("old",))
-    assert files["foo.p"]["target"] == {"principals": ["spiffe://td/ns/foo/sa/*", "spiffe://old/ns/foo/sa/*"]}
+    # and a declared workload of the namespace whose certificate names another trust domain
+    assert files["foo.p"]["target"] == {"principals": ["spiffe://td/ns/foo/sa/*", "spiffe://old/ns/foo/sa/*",
+                                                       "spiffe://cluster.local/ns/foo/sa/httpbin"]}
     assert files["foo.p.by-host"]["target"] == {"hosts": ["httpbin.foo.svc"]}
     assert files["foo.p.by-port"]["target"] == {"ports": ["8000", "9000"]}
 
@@ -1558,3 +1560,32 @@ def test_a_deny_and_of_two_namespaces_is_left_out_not_dropped(tmp_path: Path) ->
     assert not allowed(ps, principal=sa("foo", "a"), path="/sa/x")  # `a` and `foo/a`: one, exact
     left_out = [n for n in notes if "left out of this DENY/AUDIT rule" in n]
     assert len(left_out) == 1 and "spec.rules[0].when[0]" in left_out[0], notes
+
+
+def test_a_null_rule_is_skipped_as_istiod_skips_it(tmp_path: Path) -> None:
+    """builder.go skips a nil rule; read as `{}` it matched every request, so an ALLOW of
+    `rules: [~]` allowed all (Istio's sidecar denies all: an ALLOW policy with no rule)."""
+    out, notes = write_bundle(tmp_path / "a", AP + "  rules: [~]\n", WORKLOADS)
+    ps = load_policy_set(out)
+    assert not allowed(ps, principal=SLEEP, path="/anything")
+    assert any("a null rule, skipped as istiod skips it" in n for n in notes)
+    ps = imported(tmp_path / "b", AP + "  action: DENY\n  rules: [~, {to: [{operation: {paths: ['/d/*']}}]}]\n")
+    assert allowed(ps, principal=SLEEP, path="/other") and not allowed(ps, principal=SLEEP, path="/d/x")
+    errors = import_errors(tmp_path / "c", AP + "  rules: [{from: [~], to: [{operation: {paths: ['/x']}}]}]\n")
+    assert len(errors) == 1 and "a null from entry" in errors[0]
+
+
+def test_a_namespace_wide_policy_covers_a_declared_workload_of_another_trust_domain(tmp_path: Path) -> None:
+    """In Istio a policy without a selector applies to every workload of its namespace; its
+    target named only the mesh's trust domains, so a workload whose certificate is in another
+    (a migration) escaped a namespace-wide DENY."""
+    legacy = "spiffe://legacy.example/ns/foo/sa/httpbin"
+    ps = imported(tmp_path, AP + "  action: DENY\n  rules: [{to: [{operation: {paths: ['/blocked/*']}}]}]\n",
+                  (f"app=httpbin={legacy}",), trust_domain="cluster.local")
+    assert not allowed(ps, dest=legacy, principal=SLEEP, path="/blocked/x")
+    assert allowed(ps, dest=legacy, principal=SLEEP, path="/ok")
+
+
+def test_trust_domain_aliases_of_the_mesh_config_and_the_flag_must_agree(tmp_path: Path) -> None:
+    with pytest.raises(IstioImportError, match="trustDomainAliases .* are not the --trust-domain-alias values"):
+        write_bundle(tmp_path, MESH_CONFIG + textwrap.dedent(AP) + "  rules: [{}]\n", trust_domain_aliases=("x.td",))
