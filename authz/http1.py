@@ -103,13 +103,12 @@ async def linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
     try:
         if writer.can_write_eof():
             writer.write_eof()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + seconds
         dropped = 0
-        while dropped < max_bytes and loop.time() < deadline:
-            chunk = await asyncio.wait_for(reader.read(65536), max(0.01, deadline - loop.time()))
-            if not chunk:
-                return
-            dropped += len(chunk)
+        async with asyncio.timeout(seconds):  # not wait_for: it can lose a cancel (gh-86296)
+            while dropped < max_bytes:
+                chunk = await reader.read(65536)
+                if not chunk:
+                    return
+                dropped += len(chunk)
     except Exception:  # noqa: BLE001 - best effort; the answer is already sent
         return

@@ -116,3 +116,30 @@ def serve_limits(args: argparse.Namespace) -> ServeLimits:
         # gRPC refuses (without a decision) only far above what we deny with a reason.
         max_message_bytes=max(4 * 1024 * 1024, 2 * args.max_request_bytes),
     )
+
+
+# --- open files ------------------------------------------------------------------------------
+
+def raise_open_files_limit() -> int:
+    """Raise the soft limit on open files to the hard one, as Go's runtime does, and return
+    the soft limit now. Containers are often started with a soft limit of 1024: the probe
+    port's connections alone could then take every descriptor, and Envoy's next gRPC
+    connection, a bundle reload and the kubelet's probe would all fail."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError):  # not allowed here: live with the soft limit
+            pass
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return (1 << 20) if soft == resource.RLIM_INFINITY else soft
+
+
+def connection_budget(open_files: int, wanted: int = 1024) -> int:
+    """Connections one HTTP listener may hold: ``wanted``, but at most a quarter of the open
+    files, so that the probe port and HTTP ext_authz together leave half of them to gRPC,
+    bundle files and the audit sinks."""
+    return max(16, min(wanted, open_files // 4))

@@ -12,10 +12,13 @@ service down. So nothing a client does may keep /healthz and /readyz from being 
 - An asyncio server on its own event loop in its own daemon thread: idle and slow clients
   cost a coroutine, not a thread, and the probes are answered however busy the gRPC serving
   threads and the main thread's loop are.
-- Connections: at most ``max_connections`` (1024) open at once and ``max_per_peer`` (64) from
-  one peer address, counted at accept, before the TLS handshake; beyond either a new
-  connection is closed at once and counted in ``refused``. One client address cannot fill
-  the server, so a kubelet (another address) still gets in.
+- Connections: at most ``max_connections`` (1024, less under a low open-files limit) open at
+  once and ``max_per_peer`` (64) from one peer address (an IPv6 /64), counted at accept,
+  before the TLS handshake. Past ``max_per_peer`` a new connection is closed at once
+  (``refused``). Past ``max_connections`` the connection that has waited longest for a
+  request head (idle, trickling, in its handshake) is cancelled to let the new one in
+  (``evicted``); only when every connection is mid-request is the new one refused. A kubelet
+  sends its head at once, so clients from any number of addresses cannot keep it out.
 - Time: the TLS handshake within ``handshake_timeout`` (10 s). On a new connection the whole
   request head within ``head_timeout`` (10 s) of the moment the server starts reading; on a
   keep-alive connection the next request's first byte within ``idle_timeout`` (10 s), then
@@ -37,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import ipaddress
 import json
 import logging
 import os
@@ -110,8 +114,10 @@ class ProbeServer:
         self.connections = 0  # open now
         self.refused = 0  # closed at accept: over max_connections or max_per_peer
         self.timed_out = 0  # dropped at the head or body deadline
+        self.evicted = 0  # cancelled while waiting for a head, to let a new connection in
         self._per_peer: dict[str, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._waiting: dict[asyncio.Task[Any], float] = {}  # connections awaiting a head, since
         self._refused_logged = (0.0, 0)  # (when, refused then)
         self._accept_failed_logged = 0.0
         host, port = split_addr(addr)
@@ -195,10 +201,15 @@ class ProbeServer:
         self._sock.close()  # no longer listening: new connections are refused by the kernel
         for task in list(self._tasks):
             task.cancel()  # each aborts its transport
-        if self._tasks:
-            _, pending = await asyncio.wait(set(self._tasks), timeout=_STOP_SECONDS)
-            if pending:
-                log.warning("%d probe connections did not close at shutdown", len(pending))
+        pending = set(self._tasks)
+        for _ in range(3):  # a task may be between two awaits when cancelled: ask again
+            if not pending:
+                break
+            _, pending = await asyncio.wait(pending, timeout=_STOP_SECONDS / 3)
+            for task in pending:
+                task.cancel()
+        if pending:
+            log.warning("%d probe connections did not close at shutdown", len(pending))
 
     async def _accept(self) -> None:
         loop = asyncio.get_running_loop()
@@ -214,8 +225,9 @@ class ProbeServer:
                     log.warning("the probe server cannot accept connections: %s", exc)
                 await asyncio.sleep(0.5)
                 continue
-            address = str(peer[0]) if isinstance(peer, tuple) and peer else ""
-            if self.connections >= self.max_connections or self._per_peer.get(address, 0) >= self.max_per_peer:
+            address = _peer_key(peer)
+            if self._per_peer.get(address, 0) >= self.max_per_peer or (
+                    self.connections >= self.max_connections and not self._evict()):
                 self.refused += 1
                 conn.close()
                 self._log_refused(address)
@@ -224,11 +236,26 @@ class ProbeServer:
             self._per_peer[address] = self._per_peer.get(address, 0) + 1
             task = loop.create_task(self._connection(conn, address))
             self._tasks.add(task)
+            self._waiting[task] = loop.time()  # evictable through its TLS handshake too
             # Counted down on the task's end, not in its body: a task cancelled before it
             # ever ran (at stop) runs no finally.
             task.add_done_callback(functools.partial(self._ended, address))
 
+    def _evict(self) -> bool:
+        """Make room for a new connection by cancelling the one that has waited longest for a
+        request head (idle or trickling), if any. Refusing the newcomer instead would let
+        clients from a few addresses, reconnecting as each is dropped, keep the kubelet out:
+        its head comes at once, so its connection is never the one that waited longest."""
+        if not self._waiting:
+            return False
+        oldest = min(self._waiting, key=self._waiting.__getitem__)
+        del self._waiting[oldest]
+        oldest.cancel()
+        self.evicted += 1
+        return True
+
     def _ended(self, address: str, task: asyncio.Task[None]) -> None:
+        self._waiting.pop(task, None)
         self._tasks.discard(task)
         self.connections -= 1
         left = self._per_peer[address] - 1
@@ -272,25 +299,27 @@ class ProbeServer:
         # drain() then waits until the whole answer is in the kernel, so the answer deadline
         # covers all of it, not all but the last 64 KiB.
         transport.set_write_buffer_limits(high=0)
-        graceful = False
         try:
             await self._serve(reader, writer)
-            graceful = True
         except (ConnectionError, asyncio.IncompleteReadError, TimeoutError, ssl.SSLError) as exc:
             log.debug("probe connection from %s dropped: %r", address, exc)
+            _drop(sock, transport)
+            return
         except Exception:  # noqa: BLE001 - our bug: this connection ends, the server does not
             log.exception("probe connection from %s failed", address)
-        finally:
-            if not graceful:
-                _drop(transport)
+            _drop(sock, transport)
+            return
+        except BaseException:  # cancelled: at stop, or evicted for a newer connection
+            _drop(sock, transport)
+            raise
         transport.close()
         try:
-            await asyncio.wait_for(writer.wait_closed(), _CLOSE_SECONDS)
-        except asyncio.CancelledError:
-            _drop(transport)
-            raise
-        except Exception:  # noqa: BLE001 - not closed in time, or reset: dropped either way
-            _drop(transport)
+            async with asyncio.timeout(_CLOSE_SECONDS):
+                await writer.wait_closed()
+        except BaseException as exc:  # not closed in time, reset, or cancelled: dropped either way
+            _drop(sock, transport)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         first = True
@@ -315,9 +344,21 @@ class ProbeServer:
 
     async def _head(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                     first: bool) -> bytes | None:
-        """The next request head, or None when the connection is to end (closed, idle, late)."""
+        """The next request head, or None when the connection is to end (closed, idle, late).
+        Meanwhile the connection may be evicted (cancelled) to let a new one in."""
         loop = asyncio.get_running_loop()
         started = loop.time()
+        task = asyncio.current_task()
+        assert task is not None
+        self._waiting.setdefault(task, started)  # a new connection waits since its accept
+        try:
+            return await self._read_head(reader, writer, first, started)
+        finally:
+            self._waiting.pop(task, None)
+
+    async def _read_head(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, first: bool,
+                         started: float) -> bytes | None:
+        loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.head_timeout if first else self.idle_timeout):
                 # One byte first: an idle keep-alive connection is given idle_timeout, a
@@ -443,8 +484,11 @@ class ProbeServer:
     async def _send(self, writer: asyncio.StreamWriter, status: int, body: bytes, ctype: str,
                     close: bool) -> None:
         writer.write(render(status, [("content-type", ctype)], body, close))
-        # A client that does not take its answer must not hold the connection for ever.
-        await asyncio.wait_for(writer.drain(), self.answer_timeout)
+        # A client that does not take its answer must not hold the connection for ever. Not
+        # wait_for: on Python 3.11 it loses a cancel that meets the drain's end (gh-86296), and
+        # stop() would wait for a client that keeps reading.
+        async with asyncio.timeout(self.answer_timeout):
+            await writer.drain()
 
     async def _offload(self, work: Callable[[], T]) -> T:
         """CPU work off the loop, so /healthz is answered meanwhile."""
@@ -474,16 +518,34 @@ def _listen(host: str, port: int, *, reuse_port: bool) -> socket.socket:
     return sock
 
 
-def _drop(transport: asyncio.Transport) -> None:
+def _drop(sock: socket.socket, transport: asyncio.Transport) -> None:
     """Close at once with a reset. A plain close would leave what the kernel still holds of
-    an answer to be sent on after us, to a client that takes it as slowly as it likes."""
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        except OSError:
-            pass
-    transport.abort()
+    an answer to be sent on after us, to a client that takes it as slowly as it likes. Any
+    number of times, in any state of the transport (a TLS one that has lost its connection
+    cannot even be asked for its socket)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:  # closed already
+        pass
+    try:
+        transport.abort()
+    except Exception:  # noqa: BLE001 - aborted or lost already: nothing left to close
+        pass
+
+
+def _peer_key(peer: Any) -> str:
+    """Whom a connection is counted against: its address; for IPv6 its /64, which one host
+    commonly holds whole (a client could otherwise take a new address for each connection)."""
+    address = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+    if ":" not in address:
+        return address
+    try:
+        ip = ipaddress.IPv6Address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.IPv6Network((ip, 64), strict=False))
 
 
 def _accept_ended(task: asyncio.Task[None]) -> None:

@@ -18,7 +18,7 @@ from authz.admission import CheckGate
 from authz.bundle.store import BundleStore
 from authz.check import Checker
 from authz.http_authz import HttpAuthzServer
-from authz.limits import ServeLimits
+from authz.limits import ServeLimits, connection_budget, raise_open_files_limit
 from authz.metrics import Metrics
 from authz.ports import bind_error
 from authz.probe_server import ProbeServer
@@ -143,7 +143,11 @@ async def serve(
     bound = 0 if hold_grpc else listen_grpc()
     # The JSON decision API only when asked for: the probe port checks no caller, and an
     # explanation shows every policy's rules to whoever asks.
-    probes = ProbeServer(http_addr, store, metrics, worker, checker if http_decision_api else None, tls, hidden)
+    budget = connection_budget(raise_open_files_limit())
+    if http_authz is not None:
+        http_authz.max_connections = min(http_authz.max_connections, budget)
+    probes = ProbeServer(http_addr, store, metrics, worker, checker if http_decision_api else None, tls, hidden,
+                         max_connections=budget)
     probes.grpc_listening = not hold_grpc
     serving = health_pb2.HealthCheckResponse.SERVING
     not_serving = health_pb2.HealthCheckResponse.NOT_SERVING

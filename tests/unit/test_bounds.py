@@ -485,3 +485,55 @@ def _port_free(port: int) -> bool:
             return True
         except OSError:
             return False
+
+
+# --- open files ----------------------------------------------------------------------------
+
+
+def test_the_soft_open_files_limit_is_raised_to_the_hard_one() -> None:
+    code = ("import resource; resource.setrlimit(resource.RLIMIT_NOFILE, (256, 4096)); "
+            "from authz.limits import raise_open_files_limit as r; print(r(), resource.getrlimit(resource.RLIMIT_NOFILE))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True).stdout
+    assert out.split()[0] == "4096", out
+
+
+def test_under_a_low_open_files_limit_probe_connections_leave_room_for_grpc_and_healthz() -> None:
+    """With a limit of 1024 open files (common in containers) the probe port's 1024
+    connections took every descriptor: Envoy's next gRPC connection, reloads and the
+    kubelet's probe all failed. The probe port now holds at most a quarter of the limit."""
+    import resource
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    def low() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+    g, h = free_port(), free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "authz", "serve", "--grpc-addr", f"127.0.0.1:{g}", "--http-addr", f"127.0.0.1:{h}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=low)
+    held: list[socket.socket] = []
+    try:
+        assert wait_for(lambda: http_get(h, "/healthz")[0] == 200 if proc.poll() is None else True, 20)
+        assert proc.poll() is None
+        for i in range(300):  # from 10 addresses, under the per-address bound
+            s = socket.socket()
+            s.bind((f"127.0.4.{1 + i % 10}", 0))
+            s.settimeout(2)
+            try:
+                s.connect(("127.0.0.1", h))
+            except OSError:
+                s.close()
+                continue
+            held.append(s)
+        time.sleep(0.5)
+        assert len(os.listdir(f"/proc/{proc.pid}/fd")) < 200
+        assert http_get(h, "/healthz")[0] == 200
+        with grpc.insecure_channel(f"127.0.0.1:{g}") as ch:
+            resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        for s in held:
+            s.close()
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
