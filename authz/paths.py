@@ -52,10 +52,16 @@ _SEPARATOR_ESCAPE = re.compile(r"%(2[Ff]|5[Cc])")
 _STRUCTURE_ESCAPE = re.compile(r"%(2[Ff]|5[Cc]|3[Bb])")
 _PARAMS = re.compile(r";[^/]*")
 # A path with none of these reads the same to every parser: no work beyond the split.
-_NEEDS_WORK = re.compile(r"[%\\#;\x00-\x1f\x7f]|/\.|//")
+_NEEDS_WORK = re.compile(r"[%\\#; \x00-\x1f\x7f]|/\.|//|\.(?=/|$)|::")
 # Characters whose NFKC form would change the structure an upstream sees.
 _STRUCTURAL = "/.\\%?#;"
 MAX_READINGS = 32
+# Characters Windows' best-fit conversion to an ANSI code page turns into '/' or '\\' (DEVCORE,
+# "WorstFit"): no NFKC form says so, and an upstream on Windows would see other segments.
+_BEST_FIT_SEPARATORS = frozenset("\u2215\u2216\u2044\u29f5\u29f8\u29f9")
+# A segment's trailing dots and spaces, which Windows drops ('admin.' and 'admin ' are
+# 'admin'), and an NTFS stream suffix ('admin::$DATA' is 'admin').
+_WINDOWS_TAIL = re.compile(r"(?<=[^/.])(?:\.|%2[eE]| |%20)+(?=/|$)|(?<=[^/])::\$[A-Za-z_]*(?=/|$)")
 # C1 controls and the Unicode line and paragraph separators: line breaks to some parsers.
 _NON_ASCII_CONTROL = re.compile("[\x80-\x9f\u2028\u2029]")
 MAX_FORMS = 128  # intermediate forms followed to find the readings
@@ -102,6 +108,8 @@ def _refuse_unreadable(path: str) -> None:
     if _ESCAPE.search(decoded):
         raise PathError("path is percent-encoded more than once")
     if not decoded.isascii():
+        if not _BEST_FIT_SEPARATORS.isdisjoint(decoded):
+            raise PathError("path contains characters that Windows' best-fit conversion makes separators")
         folded = unicodedata.normalize("NFKC", decoded)
         if any(decoded.count(c) != folded.count(c) for c in _STRUCTURAL):
             # Fullwidth '．' or '／' become '.' and '/' in servers that NFKC-normalise: the
@@ -194,8 +202,8 @@ def _remove_dot_segments(path: str) -> str:
 def _readings(forwarded: str) -> tuple[str, ...]:
     """Every other form of the forwarded path an upstream may act on.
 
-    Upstreams merge slashes, decode separators, read '\\' as '/', drop parameters and
-    resolve dot segments in different orders: decoding `%2F` and merging `//` before
+    Upstreams merge slashes, decode separators, read '\\' as '/', drop parameters, drop a
+    segment's trailing dots and spaces (Windows) and resolve dot segments in different orders: decoding `%2F` and merging `//` before
     resolving `..` climbs further than resolving first. So every order is followed (the
     closure of those steps), and each form reached is read as an upstream that resolves dot
     segments last would.
@@ -209,7 +217,7 @@ def _readings(forwarded: str) -> tuple[str, ...]:
         p = todo.pop()
         readings.add(_rfc3986(p))
         for q in (_rfc3986(p), _merge_slashes(p), _decode_structure(p), _PARAMS.sub("", p),
-                  p.replace("\\", "/")):
+                  p.replace("\\", "/"), _WINDOWS_TAIL.sub("", p)):
             if q not in forms:
                 if len(forms) > MAX_FORMS:
                     raise PathError("path has too many readings to decide safely")

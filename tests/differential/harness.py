@@ -279,10 +279,13 @@ def path_is_ambiguous(path: str) -> bool:
     control character (a tab or NUL an upstream may cut the path at; C1 controls and U+2028
     too), a malformed
     escape (IIS reads '%u002e' as '.'), bytes that are no UTF-8 (overlong '%c0%ae' is '.' to
-    lax decoders), or characters that NFKC-normalise to '.', '/', '\\' or '%' (fullwidth
-    look-alikes)."""
+    lax decoders), characters that NFKC-normalise to '.', '/', '\\' or '%' (fullwidth
+    look-alikes) or that Windows' best-fit conversion makes separators, or a segment with
+    trailing dots or spaces or an NTFS stream suffix (Windows drops them)."""
     p = path.split("?", 1)[0]
     if "//" in p or "\\" in p or ";" in p or re.search(r"%(2[fF]|5[cC]|3[bB]|25|[01][0-9A-Fa-f]|7[fF])|%(?![0-9A-Fa-f]{2})", p):
+        return True
+    if re.search(r"[^/.](?:\.|%2[eE]| |%20)+(?:/|$)|[^/]::\$", p):
         return True
     try:
         urllib.parse.unquote_to_bytes(p).decode("utf-8")
@@ -291,8 +294,8 @@ def path_is_ambiguous(path: str) -> bool:
     d = _decoded(p)
     if re.search("[\x80-\x9f\u2028\u2029]", d):  # C1 controls and Unicode line separators
         return True
-    return any(ch not in _LOOKALIKE_TARGETS and set(unicodedata.normalize("NFKC", ch)) & _LOOKALIKE_TARGETS
-               for ch in d)
+    return any(ch in "\u2215\u2216\u2044\u29f5\u29f8\u29f9" or ch not in _LOOKALIKE_TARGETS
+               and set(unicodedata.normalize("NFKC", ch)) & _LOOKALIKE_TARGETS for ch in d)
 
 
 def _header_values(req: dict[str, Any]) -> list[tuple[str, list[str]]]:

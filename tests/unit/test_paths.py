@@ -72,6 +72,12 @@ def test_normalize_follows_the_proxys_mode(mode: paths.Normalization, raw: str, 
         ("/v1/tenants/acme/orders/%2F%2F..%2F..%2Fglobex%2Forders", ("/v1/tenants/globex/orders",)),
         ("/v1/tenants/acme/orders/%5C%5C..%5C..%5Cglobex%5Corders", ("/v1/tenants/globex/orders",)),
         ("/public/%2F%2F..%2F..%2Fadmin%2Fx", ("/admin/x", "/public/admin/x")),
+        # Windows drops a segment's trailing dots and spaces, and an NTFS stream suffix
+        ("/admin./x", ("/admin/x",)),
+        ("/admin%2e%2E/x", ("/admin/x",)),
+        ("/admin%20/x", ("/admin/x",)),
+        ("/admin::$DATA/x", ("/admin/x",)),
+        ("/v1/tenants/acme./orders", ("/v1/tenants/acme/orders",)),
     ],
 )
 def test_readings_are_what_an_upstream_may_act_on(raw: str, readings: tuple[str, ...]) -> None:
@@ -189,6 +195,9 @@ def test_template_errors(pattern: str, message: str) -> None:
         "/v1/%EF%B9%92%EF%B9%92/x",  # small full stop
         "/v1/%C0%AE%C0%AE/x",  # overlong UTF-8 '.'
         "/v1/%E2%80%A5/x",  # two dot leader (NFKC: '..')
+        "/public/..%E2%88%95secret",  # division slash: '/' to Windows' best-fit conversion
+        "/public/..%E2%88%96secret",  # set minus: '\\'
+        "/public/..%E2%81%84secret",  # fraction slash
     ],
 )
 def test_unicode_lookalikes_of_separators_are_refused(raw: str) -> None:
@@ -205,3 +214,10 @@ def test_unicode_lookalikes_are_refused_on_the_fast_path_too() -> None:
     for raw in ["/v1/tenants/acme／globex/orders", "/v1/．．/admin", "/v1/‥/admin"]:
         with pytest.raises(paths.PathError, match="normalise"):
             paths.normalize(raw)
+
+
+def test_dot_segments_and_plain_dots_keep_their_meaning() -> None:
+    """Only a segment with something before its trailing dots is trimmed: `..` stays `..`."""
+    assert paths.normalize("/a/.../b").readings == ()
+    assert paths.normalize("/v1/x.json").readings == ()
+    assert paths.normalize("/a/b/../c").path == "/a/c"
