@@ -1,4 +1,4 @@
-r"""Path-attack corpus for authz review 10.
+r"""Path-attack corpus: spellings of traversals and separators that upstreams read differently.
 
 Sources (payload *ideas*, re-typed as URL path fragments, not copied files):
   * PayloadsAllTheThings, "Directory Traversal" README and Intruders lists

@@ -12,7 +12,7 @@ Corpus sources (spellings re-typed, no file copied): PayloadsAllTheThings "Direc
 (MIT), OWASP path traversal / WSTG-ATHZ-01 (CC BY-SA 4.0), Envoy CVE-2019-9901 and
 CVE-2021-29492, Istio CVE-2021-31920, Spring/Tomcat/Shiro ';' (CVE-2020-1957, CVE-2016-9879),
 IIS %u and trailing dots, Windows best-fit (DEVCORE "WorstFit", 2025). See path_attack_corpus.py.
-Would go to tests/unit/ (with path_attack_corpus.py next to it).
+The corpus itself is in path_attack_corpus.py, next to this file.
 """
 from __future__ import annotations
 
