@@ -557,7 +557,7 @@ class _Converter:
                 ok = False
             elif value.startswith("*") and not value.endswith("*"):  # both ends: reported below
                 try:  # istiod (and the engine) read the suffix as a regex, unescaped
-                    spiffe.re2_compile(spiffe.re2_text(value[1:]))
+                    spiffe.re2_compile(spiffe.re2_text(value[1:], after_repeat=True))
                 except re.error as exc:
                     self.error(res, (*path, k), f"{value!r}: istiod pastes a '*suffix' principal into a regex "
                                f"unescaped, and this one cannot be read here as Envoy's RE2 reads it ({exc})")

@@ -59,9 +59,7 @@ MAX_READINGS = 32
 # Characters Windows' best-fit conversion to an ANSI code page turns into '/' or '\\' (DEVCORE,
 # "WorstFit"): no NFKC form says so, and an upstream on Windows would see other segments.
 _BEST_FIT_SEPARATORS = frozenset("\u2215\u2216\u2044\u29f5\u29f8\u29f9")
-# A segment's trailing dots and spaces, which Windows drops ('admin.' and 'admin ' are
-# 'admin'), and an NTFS stream suffix ('admin::$DATA' is 'admin').
-_WINDOWS_TAIL = re.compile(r"(?<=[^/.])(?:\.|%2[eE]| |%20)+(?=/|$)|(?<=[^/])::\$[A-Za-z_]*(?=/|$)")
+_NTFS_STREAM = re.compile(r"::\$[A-Za-z_]*")
 # C1 controls and the Unicode line and paragraph separators: line breaks to some parsers.
 _NON_ASCII_CONTROL = re.compile("[\x80-\x9f\u2028\u2029]")
 MAX_FORMS = 128  # intermediate forms followed to find the readings
@@ -199,6 +197,31 @@ def _remove_dot_segments(path: str) -> str:
     return "/" + "/".join(out)
 
 
+def _windows_trim(path: str) -> str:
+    """``path`` as Windows reads its segments: trailing dots and spaces (also `%2e`, `%20`)
+    dropped and an NTFS stream suffix cut (`admin.`, `admin%20` and `admin::$DATA` are
+    `admin`). A segment of dots alone keeps them. Linear: a run of `%20` thousands long costs
+    no more than reading it (a regex would backtrack over it from every position)."""
+    parts = path.split("/")
+    for k, seg in enumerate(parts):
+        stream = seg.find("::$")
+        if stream > 0 and _NTFS_STREAM.fullmatch(seg, stream):
+            seg = seg[:stream]
+        end = len(seg)
+        while end:
+            if seg[end - 1] in ". ":
+                end -= 1
+            elif end >= 3 and seg[end - 3] == "%" and seg[end - 2:end].lower() in ("2e", "20"):
+                end -= 3
+            else:
+                break
+        if seg[:end].strip("."):  # something other than dots stays: trim to it
+            parts[k] = seg[:end]
+        elif stream > 0:
+            parts[k] = seg
+    return "/".join(parts)
+
+
 def _readings(forwarded: str) -> tuple[str, ...]:
     """Every other form of the forwarded path an upstream may act on.
 
@@ -217,7 +240,7 @@ def _readings(forwarded: str) -> tuple[str, ...]:
         p = todo.pop()
         readings.add(_rfc3986(p))
         for q in (_rfc3986(p), _merge_slashes(p), _decode_structure(p), _PARAMS.sub("", p),
-                  p.replace("\\", "/"), _WINDOWS_TAIL.sub("", p)):
+                  p.replace("\\", "/"), _windows_trim(p)):
             if q not in forms:
                 if len(forms) > MAX_FORMS:
                     raise PathError("path has too many readings to decide safely")

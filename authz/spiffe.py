@@ -208,26 +208,33 @@ _POSIX_CLASS = re.compile(r"\[:(\^?)(\w+):\]")
 _REPEAT = re.compile(r"\{([0-9]*)(,?)([0-9]*)\}")
 _RE2_MAX_REPEAT = 1000
 # Escapes both read alike (with re.ASCII): punctuation, classes, anchors, controls, \xHH.
-_SAME_ESCAPES = frozenset("dDwWsSbBAfnrtv")
+_SAME_ESCAPES = frozenset("dDwWbBAfnrtv")
+_RE2_SPACE = "\\t\\n\\f\\r "  # RE2's \s, inside a class
 
 
-def re2_text(pattern: str) -> str:
+def re2_text(pattern: str, after_repeat: bool = False) -> str:
     """``pattern``, RE2 syntax, as Python's re must be given it to read it as Envoy's RE2
     does. Translated: POSIX classes (`[[:digit:]]`, a set and a literal `]` to re), `x{,n}`
     (literal text to RE2, a repetition to re), `\\z`. Refused (re.error): what RE2 refuses
     or reads otherwise and has no sure translation: `(?` groups but `(?:` and `(?P<name>`
     (flags, look-arounds, atomic groups), backreferences and octal escapes, `\\Z`, `\\u`,
     possessive quantifiers (`a*+`), repeat counts over 1000, unbalanced parentheses (istiod's
-    text around them would read otherwise), any other `[:`."""
+    text around them would read otherwise), any other `[:`. ``after_repeat``: the pattern is
+    pasted right after a repetition (a `*suffix` principal after `.*`): a leading `+` or `*`
+    would be re's possessive form or RE2's error."""
     out: list[str] = []
     i, n = 0, len(pattern)
-    quantified = False  # the last item was a quantifier: a '+' now is re's possessive form
+    quantified = after_repeat  # the last item was a quantifier: a '+' now is re's possessive form
     depth = 0  # open groups: istiod's text around ours must not close one of them
     while i < n:
         c = pattern[i]
         if c == "\\":
-            out.append(_escape(pattern, i, in_class=False))
+            out.append(_escape(pattern, i))
             i += 2 if pattern[i + 1:i + 2] != "x" else 4
+            quantified = False
+        elif c == "$":  # RE2's end of text; re's '$' also matches before a last '\n'
+            out.append("\\Z")
+            i += 1
             quantified = False
         elif c == "[":
             text, i = _char_class(pattern, i)
@@ -290,26 +297,66 @@ def re2_text(pattern: str) -> str:
     return "".join(out)
 
 
-def _escape(pattern: str, i: int, in_class: bool) -> str:
+def _escape(pattern: str, i: int) -> str:
+    """An escape outside a class, as re should read it."""
     nxt = pattern[i + 1:i + 2]
     if not nxt:
         raise re.error(f"{pattern!r}: a trailing backslash")
     if nxt == "x":
-        hexa = pattern[i + 2:i + 4]
-        if len(hexa) != 2 or any(h not in "0123456789abcdefABCDEF" for h in hexa):
-            raise re.error(f"{pattern!r}: write \\x with two hex digits (RE2's \\x{{...}} is not read here)")
-        return pattern[i:i + 4]
-    if nxt == "z" and not in_class:
+        return _hex_char(pattern, i)[0]
+    if nxt == "z":
         return "\\Z"  # RE2's end of text is re's \Z
+    if nxt == "s":  # RE2's \s has no \v; re's ASCII \s has
+        return f"[{_RE2_SPACE}]"
+    if nxt == "S":
+        return f"[^{_RE2_SPACE}]"
     if nxt.isascii() and not nxt.isalnum():
         return pattern[i:i + 2]  # an escaped punctuation character: itself, to both
-    if nxt in _SAME_ESCAPES and not (in_class and nxt in "bBA"):
+    if nxt in _SAME_ESCAPES:
         return pattern[i:i + 2]
     raise re.error(f"{pattern!r}: RE2 and Python read \\{nxt} differently (or one refuses it)")
 
 
+def _hex_char(pattern: str, i: int) -> tuple[str, str]:
+    """(re text, the character) of the \\xHH at ``i``."""
+    hexa = pattern[i + 2:i + 4]
+    if len(hexa) != 2 or any(h not in "0123456789abcdefABCDEF" for h in hexa):
+        raise re.error(f"{pattern!r}: write \\x with two hex digits (RE2's \\x{{...}} is not read here)")
+    return pattern[i:i + 4], chr(int(hexa, 16))
+
+
+_CLASS_CONTROLS = {"a": "\a", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v"}
+
+
+def _class_char(pattern: str, j: int) -> tuple[str, int]:
+    """One character of a class at ``j`` (plain or escaped, as RE2 reads it), and the index
+    after it; re.error for an escape that is no single character (a class, \\b, ...)."""
+    c = pattern[j]
+    if c != "\\":
+        return c, j + 1
+    nxt = pattern[j + 1:j + 2]
+    if nxt == "x":
+        return _hex_char(pattern, j)[1], j + 4
+    if nxt in _CLASS_CONTROLS:
+        return _CLASS_CONTROLS[nxt], j + 2
+    if nxt and nxt.isascii() and not nxt.isalnum():
+        return nxt, j + 2
+    raise re.error(f"{pattern!r}: \\{nxt} is no character where a class needs one")
+
+
+def _lit(ch: str) -> str:
+    """``ch`` spelt for the inside of an re class: ASCII other than letters and digits as
+    \\xHH, so that none of re's class syntax ('-', ']', '^', '[', '&&', '~~') applies."""
+    return ch if ch.isalnum() or ord(ch) > 0x7F else f"\\x{ord(ch):02x}"
+
+
 def _char_class(pattern: str, i: int) -> tuple[str, int]:
-    """The class opening at ``i`` as re should read it, and the index after it."""
+    """The class opening at ``i`` as re should read it, and the index after it.
+
+    Read item by item as RE2 reads it: a ']' first or a '-' first or last is itself; a
+    character followed by '-' and anything but ']' starts a range whose end is the next
+    character, whatever it is ('[%-[:alpha:]]' is '%'..'[' and ':alpha:', then a ']' outside);
+    a '-' after a class escape or a range is itself."""
     out = ["["]
     j = i + 1
     if pattern.startswith("^", j):
@@ -323,25 +370,27 @@ def _char_class(pattern: str, i: int) -> tuple[str, int]:
         if c == "]" and not first:
             out.append("]")
             return "".join(out), j + 1
-        if c == "]":  # first in the class: a literal to both
-            out.append("\\]")
-            j += 1
-        elif c == "[" and pattern.startswith("[:", j):
+        first = False
+        if c == "[" and pattern.startswith("[:", j):
             m = _POSIX_CLASS.match(pattern, j)
             if m is None or m.group(2) not in _POSIX_CLASSES or m.group(1):
                 raise re.error(f"{pattern!r} has a '[:' that is no POSIX class read here")
             out.append(_POSIX_CLASSES[m.group(2)])
             j = m.end()
-        elif c == "[":
-            out.append("\\[")  # a literal to RE2; re warns it may become a nested set
-            j += 1
-        elif c == "\\":
-            out.append(_escape(pattern, j, in_class=True))
-            j += 2 if pattern[j + 1:j + 2] != "x" else 4
-        elif c in "&~|-" and pattern.startswith(c * 2, j):
-            out.append("\\" + c + "\\" + c)  # literal to RE2; re reserves them for set operations
+            continue
+        if c == "\\" and pattern[j + 1:j + 2] in ("d", "D", "w", "W"):
+            out.append(pattern[j:j + 2])
             j += 2
+            continue
+        if c == "\\" and pattern[j + 1:j + 2] == "s":
+            out.append(_RE2_SPACE)
+            j += 2
+            continue
+        lo, j = _class_char(pattern, j)
+        if pattern.startswith("-", j) and pattern[j + 1:j + 2] not in ("", "]"):
+            hi, j = _class_char(pattern, j + 1)
+            if hi < lo:
+                raise re.error(f"{pattern!r}: a range from {lo!r} down to {hi!r}")
+            out.append(f"{_lit(lo)}-{_lit(hi)}")
         else:
-            out.append(c)
-            j += 1
-        first = False
+            out.append(_lit(lo))

@@ -52,7 +52,7 @@ class StringMatch:
         regex = None
         if scheme and suffixes:
             # re.error for a suffix that is no valid pattern: a load error, as istiod's config is
-            regex = re2_compile("|".join(f"(?:{re.escape(scheme)}.*{re2_text(s)})" for s in suffixes))
+            regex = re2_compile("|".join(f"(?:{re.escape(scheme)}.*{re2_text(s, after_repeat=True)})" for s in suffixes))
         return cls(frozenset(exact), tuple(prefixes), tuple(suffixes), present, fold_case, scheme, regex)
 
     def __call__(self, value: str) -> bool:

@@ -258,6 +258,14 @@ def test_a_bang_where_no_header_is_read_or_outside_strings_is_fine(tmp_path: Pat
     load_policy_set(bundle_with(tmp_path / "b", text))
 
 
+def test_a_principal_suffix_that_repeats_a_repetition_is_a_load_error(tmp_path: Path) -> None:
+    """`*+evil` is RE2's `spiffe://.*+evil`, an error; Python read a possessive `.*+` that
+    never matched, so the DENY loaded and never fired."""
+    text = HEADER + "name: p\naction: DENY\nrules:\n  - from:\n      - source:\n          principals: ['*+evil']\n"
+    (msg,) = problems(bundle_with(tmp_path, text))
+    assert msg.startswith("policies/p.yaml:"), msg
+
+
 @pytest.mark.parametrize("port", ["\uff18\uff10", "8\u00b2"])
 def test_a_port_in_digits_other_than_ascii_is_a_load_error(tmp_path: Path, port: str) -> None:
     """str.isdigit() takes fullwidth digits and '²' (int() then raised); Istio refuses them."""

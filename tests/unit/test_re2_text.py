@@ -31,6 +31,16 @@ from authz.spiffe import namespace_regex, re2_compile, re2_text, service_account
     ("(?:a|b)c", ["ac", "bc"], ["c"]),
     ("(?P<n>a)b*?", ["a", "abb"], ["b"]),
     ("a.c", ["abc", "a.c"], ["ac"]),
+    # ranges as RE2 reads them (checked against Envoy's RE2): a '-' after a character starts a
+    # range whose end is the next character, whatever it is
+    ("[--z]", [".", "A", "0", "z"], ["{"]),
+    ("[+--]", [",", "+", "-"], ["."]),
+    ("[%-[:alpha:]]", ["B]", "%]", ":]", "a]"], ["b", "Z", "-", "B"]),
+    ("[!-[:digit:]]", ["5]", "d]"], ["5"]),
+    ("[\\d-z]", ["5", "-", "z"], ["a"]),  # after a class escape '-' is itself
+    ("[a-c-e]", ["b", "-", "e"], ["d"]),
+    ("x\\sy", ["x y", "x\ty"], ["x\x0by"]),  # RE2's \s has no vertical tab
+    ("bar$", ["bar"], ["bar\n"]),  # RE2's '$' is the end of the text
 ])
 def test_read_as_re2_reads_it(text: str, matches: list[str], misses: list[str]) -> None:
     with warnings.catch_warnings():
@@ -51,6 +61,7 @@ def test_read_as_re2_reads_it(text: str, matches: list[str], misses: list[str]) 
     "a{1001}", "a{1,2000}",  # RE2's repeat limit
     "a)(b", "(a", "a|b)",  # istiod's text around it would read otherwise
     "[[:foo:]]", "[[:^alpha:]]", "[\\b]", "a\\",
+    "[a--]", "[a-\\d]", "[\\S]",  # a range down, a range to a class: RE2 refuses; no \S in a class
 ])
 def test_refused_where_the_two_would_differ(text: str) -> None:
     with pytest.raises(re.error):
@@ -65,3 +76,12 @@ def test_namespace_and_service_account_patterns_read_as_istiod_builds_them() -> 
     sa = service_account_regex(["bot{,1}"], "foo")
     assert sa.fullmatch("spiffe://cluster.local/ns/foo/sa/bot{,1}")
     assert not sa.fullmatch("spiffe://cluster.local/ns/foo/sa/bo")
+
+
+@pytest.mark.parametrize("suffix", ["+evil", "*evil", "{2}x"])
+def test_a_suffix_pasted_after_a_repetition_cannot_start_with_one(suffix: str) -> None:
+    """istiod writes `*<suffix>` principals as `spiffe://.*<suffix>`: `.*+evil` is RE2's error
+    and Python's possessive `.*+`, which never matched, so a DENY on `*+evil` loaded and
+    never fired."""
+    with pytest.raises(re.error):
+        re2_compile(re2_text(suffix, after_repeat=True))
