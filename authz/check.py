@@ -42,6 +42,7 @@ CALLER_API = "api"
 CALLERS = (CALLER_ENVOY_GRPC, CALLER_ENVOY_HTTP, CALLER_API)
 # HTTP ext_authz and the decision API carry no socket attributes; see PolicySet.needs_socket.
 UNCARRIED = "the bundle reads connection attributes this caller does not carry"
+UNCARRIED_REQUEST = "the bundle reads request attributes this caller does not carry"
 
 
 _ID_BLOCK = 256  # decision ids drawn from the OS per read: one system call per 256 checks
@@ -85,7 +86,8 @@ class Checker:
         self.audit = audit
         self.tracing = tracing
         self.limits = limits
-        self._uncarried_said: set[tuple[str, str]] = set()
+        self._uncarried_said: set[tuple[str, str, str]] = set()
+        self._missing_seen: dict[tuple[int, frozenset[str]], tuple[PolicySet, str]] = {}
 
     def check(self, check_request: external_auth_pb2.CheckRequest) -> external_auth_pb2.CheckResponse:
         return self.run(check_request).response
@@ -108,35 +110,53 @@ class Checker:
     def run(self, check_request: external_auth_pb2.CheckRequest | None, tracer: Tracer | None = None,
             caller: str = CALLER_ENVOY_GRPC, *, malformed: str = "not a CheckRequest",
             tenant_hint: str | None = None, size: int | None = None,
-            too_large: str | None = None, socket: bool = True) -> Outcome:
+            too_large: str | None = None, socket: bool = True,
+            carries: frozenset[str] | None = None) -> Outcome:
         """Decide one request; ``tracer``, when given, receives each step (``authz check --explain``).
         ``caller`` is the kind of caller (one of CALLERS), a label of metrics and audit records;
         ``malformed`` the reason given when ``check_request`` is None; ``tenant_hint`` (decision
         API) turns an allow for any other tenant into a deny. ``size`` is the request's size on
         the wire when known; ``too_large`` the reason it was not even parsed (limits.py).
         ``socket`` False: the caller carries no socket attributes (addresses, destination
-        port, SNI), so a bundle whose decisions could depend on them denies (UNCARRIED)."""
+        port, SNI), so a bundle whose decisions could depend on them denies (UNCARRIED).
+        ``carries``: what the caller carries of the request, in PolicySet.reads' terms (None:
+        all of it, as Envoy's gRPC check); a bundle reading anything else where its absence
+        could loosen a decision denies (UNCARRIED_REQUEST)."""
         started = time.perf_counter()
         outcome, _ = self._check(started, check_request, tracer, caller, malformed, tenant_hint, True,
-                                 size=size, too_large=too_large, socket=socket)
+                                 size=size, too_large=too_large, socket=socket, carries=carries)
         assert outcome is not None
         return outcome
 
-    def _uncarried(self, policy_set: PolicySet, policy: str, caller: str) -> Decision:
+    def _uncarried(self, policy_set: PolicySet, policy: str, caller: str, reason: str = UNCARRIED) -> Decision:
         """A deny for a check whose caller cannot carry what ``policy`` reads; said once per
         bundle and caller, since every such check is denied until another bundle serves."""
-        said = (policy_set.revision, caller)
+        said = (policy_set.revision, caller, reason)
         if said not in self._uncarried_said:
             self._uncarried_said.add(said)
-            log.warning("bundle %s: policy %s reads connection attributes (addresses, destination port, SNI) "
-                        "that %s checks do not carry; they are denied while it serves (%s)",
-                        policy_set.revision, policy, caller, UNCARRIED)
-        return _deny(UNCARRIED)
+            what = ("connection attributes (addresses, destination port, SNI)" if reason == UNCARRIED
+                    else "request attributes")
+            log.warning("bundle %s: policy %s reads %s that %s checks do not carry; they are denied while "
+                        "it serves (%s)", policy_set.revision, policy, what, caller, reason)
+        return _deny(reason)
+
+    def _missing(self, policy_set: PolicySet, carries: frozenset[str]) -> str:
+        """PolicySet.uncarried, remembered per bundle and caller kind (a check does no more
+        than a lookup)."""
+        key = (id(policy_set), carries)
+        found = self._missing_seen.get(key)
+        if found is None or found[0] is not policy_set:
+            if len(self._missing_seen) > 64:
+                self._missing_seen.clear()
+            found = (policy_set, policy_set.uncarried(carries))
+            self._missing_seen[key] = found
+        return found[1]
 
     def _check(self, started: float, check_request: external_auth_pb2.CheckRequest | None,
                tracer: Tracer | None, caller: str, malformed: str,
                tenant_hint: str | None, outcome: bool, *, size: int | None = None,
-               too_large: str | None = None, socket: bool = True) -> tuple[Outcome | None, bytes]:
+               too_large: str | None = None, socket: bool = True,
+               carries: frozenset[str] | None = None) -> tuple[Outcome | None, bytes]:
         """The answer's bytes and, if ``outcome``, the whole Outcome (the gRPC path needs only bytes)."""
         decision_id = new_decision_id()
         policy_set = self.store.current  # read once: one bundle for the whole check
@@ -153,6 +173,8 @@ class Checker:
                 decision = _deny("no policy bundle loaded")
             elif not socket and policy_set.needs_socket:
                 decision = self._uncarried(policy_set, policy_set.needs_socket, caller)
+            elif carries is not None and (missing := self._missing(policy_set, carries)):
+                decision = self._uncarried(policy_set, missing, caller, UNCARRIED_REQUEST)
             else:
                 req = request_mod.from_check_request(check_request, policy_set.trust_domains,
                                                    policy_set.path_normalization)

@@ -26,6 +26,9 @@ from authz.v1 import decision_pb2
 SERVICE = decision_pb2.DESCRIPTOR.services_by_name["DecisionService"].full_name
 MAX_JSON_BYTES = 1024 * 1024
 MALFORMED = "malformed request"
+# The request as a DecideRequest describes it: any header, context extensions; no scheme or
+# protocol (PolicySet.reads).
+CARRIES = frozenset({"header:*", "context_extensions"})
 
 
 def to_check_request(req: decision_pb2.DecideRequest) -> external_auth_pb2.CheckRequest:
@@ -68,7 +71,8 @@ def decide(checker: Checker, req: decision_pb2.DecideRequest | None, explain: bo
         outcome = checker.run(None, caller=CALLER_API, malformed="not a DecideRequest")
     else:
         hint = req.tenant if req.HasField("tenant") else None
-        outcome = checker.run(to_check_request(req), tracer, caller=CALLER_API, tenant_hint=hint, socket=False)
+        outcome = checker.run(to_check_request(req), tracer, caller=CALLER_API, tenant_hint=hint, socket=False,
+                              carries=CARRIES)
     answer = to_decide_response(outcome)
     error = None
     if outcome.decision.reason.startswith(MALFORMED):

@@ -27,6 +27,7 @@ import asyncio
 import ipaddress
 import logging
 import os
+import re
 import socket
 import ssl
 from dataclasses import dataclass
@@ -48,6 +49,10 @@ _HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "
                          "transfer-encoding", "upgrade", "content-length"})
 
 MAX_BODY_BYTES = 1024 * 1024
+# The request headers Envoy forwards with the configuration docs/http-ext-authz.md shows
+# (allowed_headers), and what every HTTP check carries: the host and the request line.
+DEFAULT_HEADERS = frozenset({"x-request-id", "traceparent"})
+_ALWAYS_CARRIED = frozenset({"header:host", "header::authority", "header::method", "header::path"})
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -121,6 +126,10 @@ def _split(text: str, sep: str) -> list[str]:
     return out
 
 
+# The SPIFFE ID grammar: a trust domain of [a-z0-9.-_], path segments of [A-Za-z0-9.-_].
+_SPIFFE_ID = re.compile(r"spiffe://[a-z0-9._-]+(?:/[A-Za-z0-9._-]+)+")
+
+
 def parse_xfcc(value: str) -> tuple[str, str]:
     """(URI, By) of the LAST element: the one the nearest proxy (the trusted one) appended;
     elements to its left were written by whoever sent the request. More than one URI SAN in
@@ -144,6 +153,11 @@ def parse_xfcc(value: str) -> tuple[str, str]:
             by = val
     if len(set(uris)) > 1:
         raise XfccError("more than one URI SAN in the client certificate")
+    # Envoy writes the SAN unquoted: a certificate whose URI holds ',' or ';' could otherwise
+    # read as another element naming someone else. An X509-SVID's URI is a SPIFFE ID.
+    for value in (*uris, by):
+        if value and not _SPIFFE_ID.fullmatch(value):
+            raise XfccError("a URI that is no SPIFFE ID")
     return (uris[0] if uris else ""), by
 
 
@@ -154,6 +168,8 @@ def strip_prefix(target: str, prefix: str) -> str | None:
     if not target.startswith(prefix):
         return None
     rest = target[len(prefix):]
+    if prefix.endswith("/") and rest.startswith("/"):
+        return rest  # Envoy sends path_prefix + path: "/check/" + "/a" is "/check//a"
     if not rest.startswith(("/", "?")) and not prefix.endswith("/"):
         return None  # "/authzfoo" is not under "/authz"
     if prefix.endswith("/"):
@@ -170,15 +186,19 @@ def to_check_request(method: str, path: str, headers: dict[str, str], trusted: b
     http.method = method
     http.path = path
     http.host = headers.get("host", "")
-    http.protocol = "HTTP/1.1"
+    # The client's protocol and scheme are not on this request (Envoy asks over HTTP/1.1
+    # whatever the client spoke): left empty, and bundles reading them deny (carries).
     xfcc = headers.pop(XFCC, None)
     if trusted and xfcc is not None:
         principal, by = parse_xfcc(xfcc)
         attrs.source.principal = principal
         attrs.destination.principal = by
         headers[XFCC] = xfcc
-    # Framing headers describe this request to authz, not the original request.
-    http.headers.update({k: v for k, v in headers.items() if k not in _HOP_BY_HOP})
+    # Framing headers, and the x-envoy-* ones Envoy's own client adds (x-envoy-internal: true
+    # on every call), describe this request to authz, not the original request.
+    http.headers.update({k: v for k, v in headers.items() if k not in _HOP_BY_HOP and not k.startswith("x-envoy-")})
+    # As in a gRPC check, the pseudo-headers are headers too.
+    http.headers.update({":method": method, ":path": path, ":authority": http.host})
     return cr
 
 
@@ -203,9 +223,12 @@ class HttpAuthzServer:
     def __init__(
         self, checker: Checker, addr: str, trusted: TrustedProxies, *, path_prefix: str = "",
         ssl_context: ssl.SSLContext | None = None, max_connections: int = 1024,
-        idle_timeout: float = 60.0, reuse_port: bool = False,
+        idle_timeout: float = 60.0, reuse_port: bool = False, headers: frozenset[str] = DEFAULT_HEADERS,
     ) -> None:
+        """``headers``: the request headers Envoy forwards (its ``allowed_headers``); a bundle
+        reading any other where its absence could loosen a decision denies every check."""
         self.checker = checker
+        self.carries = frozenset({*(f"header:{h}" for h in headers), *_ALWAYS_CARRIED})
         self.addr = addr
         self.trusted = trusted
         self.path_prefix = path_prefix
@@ -308,7 +331,7 @@ class HttpAuthzServer:
                                        malformed=f"bad x-forwarded-client-cert: {exc}")
             await self._answer(writer, *to_http(outcome.response), close)
             return not close
-        outcome = self.checker.run(check_request, caller=CALLER_ENVOY_HTTP, socket=False)
+        outcome = self.checker.run(check_request, caller=CALLER_ENVOY_HTTP, socket=False, carries=self.carries)
         await self._answer(writer, *to_http(outcome.response), close)
         return not close
 
@@ -359,6 +382,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--http-authz-client-ca", type=Path, metavar="PEM",
                    help="require client certificates from this CA (mTLS): needed to trust a proxy "
                         "by SPIFFE ID")
+    g.add_argument("--http-authz-headers", action="append", default=[], metavar="NAMES",
+                   help="the request headers Envoy's allowed_headers forwards (comma-separated, repeatable; "
+                        "default: x-request-id, traceparent, as docs/http-ext-authz.md configures it). A "
+                        "bundle reading any other header where its absence could loosen a decision "
+                        "denies every HTTP check")
     g.add_argument("--http-authz-max-connections", type=int, default=1024, metavar="N",
                    help="open connections accepted before new ones are answered 503 (default 1024)")
 
@@ -392,6 +420,8 @@ def server_from_args(args: argparse.Namespace, checker: Checker) -> HttpAuthzSer
                          "(--http-authz-tls-cert, --http-authz-tls-key, --http-authz-client-ca)")
     if args.http_authz_max_connections < 1:
         raise ValueError("--http-authz-max-connections must be at least 1")
+    named = [h.strip().lower() for value in args.http_authz_headers for h in value.split(",") if h.strip()]
     return HttpAuthzServer(checker, args.http_authz_addr, trusted, path_prefix=prefix,
                            ssl_context=context, max_connections=args.http_authz_max_connections,
-                           reuse_port=args.worker_index is not None)
+                           reuse_port=args.worker_index is not None,
+                           headers=frozenset(named) if named else DEFAULT_HEADERS)

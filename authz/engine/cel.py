@@ -123,10 +123,15 @@ class Condition:
         return tuple(next(g for g in m.groups() if g is not None) for m in _DATA_REF.finditer(self.source))
 
 
+def cel_code(expression: str) -> str:
+    """``expression`` with its strings emptied and its comments dropped: what is code."""
+    return _LITERAL_OR_COMMENT.sub(lambda m: '""' if m.group(0)[:2] != "//" else "", expression)
+
+
 def _variables(expression: str) -> tuple[str, ...]:
     """The variables ``expression`` reads, found in its code (not its strings or comments).
     Raises CelCompileError for a variable spelled so that it would name nothing."""
-    code = _LITERAL_OR_COMMENT.sub(lambda m: '""' if m.group(0)[:2] != "//" else "", expression)
+    code = cel_code(expression)
     for m in _ROOTS.finditer(code):
         if not _NAME_RE.match(code, m.start()):
             before = code[:m.start()]

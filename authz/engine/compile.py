@@ -22,7 +22,7 @@ from authz.bundle.loader import BundleError, BundleFiles, read_bundle
 from authz.bundle.schema import Problem
 from authz.bundle.yamlpos import Document, Position
 from authz.engine import shaping
-from authz.engine.cel import CelCompileError, Condition, compile_condition, data_comprehensions
+from authz.engine.cel import CelCompileError, Condition, cel_code, compile_condition, data_comprehensions
 from authz.engine import index as rule_index
 from authz.engine.decide import TENANT_ID, PolicySet
 from authz.engine.model import (
@@ -161,6 +161,7 @@ class _Compiler:
             host_only_targets=any(p.target.principals is None and p.target.hosts is not None for p in policies),
             needs_socket=next((p.name for p in policies if _needs(p, remote=False)), ""),
             needs_remote_address=next((p.name for p in policies if _needs(p, remote=True)), ""),
+            reads=tuple((p.name, r) for p in policies if (r := _reads(p))),
             policies=tuple(policies),
             tenants=tenants,
             data=data,
@@ -530,6 +531,46 @@ def _needs(policy: Policy, remote: bool) -> bool:
         if any(_SOCKET_VARIABLES.intersection(c.variables) for c in rule.conditions):
             return True
     return False
+
+
+# Request attributes not every caller carries (PolicySet.reads).
+_REQUEST_READS = ("request.scheme", "request.protocol")
+_HEADER_INDEX = re.compile(r"""request\.headers\s*\[\s*(['"])([^'"\\]*)\1\s*\]""")
+_HEADER_IN = re.compile(r"""(['"])([^'"\\]*)\1\s+in\s+request\.headers(?![\w.\[])""")
+_HEADERS_USE = re.compile(r"(?<![\w.])request\.headers(?![\w])")
+
+
+def _reads(policy: Policy) -> frozenset[str]:
+    """What ``policy`` reads of the request where its absence could let a request past it:
+    a DENY's every header and condition, an ALLOW's notHeaders and conditions (a condition may
+    go either way), a target by context extensions (the policy would not apply)."""
+    if policy.dry_run or policy.action == "AUDIT":
+        return frozenset()
+    deny = policy.action != "ALLOW"
+    out: set[str] = set()
+    if policy.target.context_extensions:
+        out.add("context_extensions")
+    for rule in policy.rules:
+        for o in rule.operations:
+            for h in (*o.headers, *o.not_headers) if deny else o.not_headers:
+                out.add(f"header:{h.name}")
+        for c in rule.conditions:
+            out.update(v for v in _REQUEST_READS if v in c.variables)
+            if "request.context_extensions" in c.variables:
+                out.add("context_extensions")
+            if "request.headers" in c.variables:
+                out.update(_condition_headers(c.source))
+    return frozenset(out)
+
+
+def _condition_headers(source: str) -> set[str]:
+    """header:<name> for each header a condition reads by a literal name, header:* when it
+    reads request.headers any other way (a macro over it, a computed key)."""
+    code = cel_code(source)
+    named = [m.group(2) for m in _HEADER_INDEX.finditer(source)] + [m.group(2) for m in _HEADER_IN.finditer(source)]
+    if len(named) < len(_HEADERS_USE.findall(code)):
+        return {"header:*"}
+    return {f"header:{n}" for n in named}
 
 
 def _strings(values: list[str] | None, fold_case: bool = False) -> StringMatch | None:

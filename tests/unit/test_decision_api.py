@@ -303,3 +303,23 @@ def test_decide_denies_when_the_bundle_reads_what_the_api_cannot_carry(tmp_path:
         assert isinstance(answer, decision_pb2.DecideResponse)
         assert (answer.allowed, answer.reason, error) == (allowed, reason, None)
         assert answer.decision_id
+
+
+def test_a_bundle_reading_the_scheme_or_protocol_denies_decide_requests(tmp_path: Path) -> None:
+    """A DecideRequest carries no scheme or protocol: a DENY on HTTP/1.0 never fired and the
+    API allowed what Envoy's gRPC check denies. Headers and context extensions it carries."""
+    from bundle_factory import check_request
+    from test_checker import checker
+
+    from authz.check import UNCARRIED_REQUEST
+    from authz.decision_api import CARRIES
+
+    allow = {"name": "open", "action": "ALLOW", "rules": [{"name": "all"}]}
+    for i, (extra, reason) in enumerate([
+            ({"name": "no-http10", "action": "DENY", "rules": [{"when": ["request.protocol == 'HTTP/1.0'"]}]},
+             UNCARRIED_REQUEST),
+            ({"name": "no-debug", "action": "DENY", "rules": [{"when": ["'x-debug' in request.headers"]}]},
+             "allowed by policy")]):
+        outcome = checker(tmp_path / str(i), [allow, extra]).run(check_request(path="/x"), caller="api",
+                                                                   socket=False, carries=CARRIES)
+        assert outcome.decision.reason == reason, (i, outcome.decision.reason)

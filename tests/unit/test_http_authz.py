@@ -276,7 +276,8 @@ def test_utf8_header_values_are_decided_as_envoy_sends_them(tmp_path) -> None:  
 
     allow = {"name": "open", "action": "ALLOW", "rules": [{"name": "all"}]}
     deny = {"name": "no-zoe", "action": "DENY", "rules": [{"to": [{"operation": {"headers": {"x-user": ["zoë"]}}}]}]}
-    served = serve(tmp_path / "served", bundle=write_bundle(tmp_path / "bundle", [allow, deny]))
+    served = serve(tmp_path / "served", "--http-authz-headers", "x-user",
+                   bundle=write_bundle(tmp_path / "bundle", [allow, deny]))
     try:
         answer = raw(served, "GET /x HTTP/1.1\r\nHost: app\r\nConnection: close\r\nx-user: zoë\r\n\r\n".encode())
         assert answer.startswith(b"HTTP/1.1 403"), answer[:200]
@@ -295,3 +296,54 @@ def test_a_trusted_proxy_pattern_stays_within_its_path_segment() -> None:
     assert not t.trusts("", "spiffe://cluster.local/ns/production-evil/sa/envoy/x")
     with pytest.raises(ValueError, match="--trusted-proxy"):
         TrustedProxies.parse(["spiffe://cluster.local*"])
+
+
+def test_what_envoy_does_not_forward_cannot_loosen_a_decision(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Envoy's HTTP filter forwards only its allowed_headers, never the client's protocol,
+    scheme or context extensions, and adds x-envoy-internal: true to every call. A DENY on a
+    header it did not forward, on HTTP/1.0 or on a context extension never fired, and an
+    ALLOW on x-envoy-internal allowed everything: every HTTP check now denies while such a
+    bundle serves, unless --http-authz-headers names the header."""
+    from bundle_factory import write_bundle
+
+    from authz.check import UNCARRIED_REQUEST
+
+    allow = {"name": "open", "action": "ALLOW", "rules": [{"name": "all"}]}
+    debug = {"name": "no-debug", "action": "DENY", "rules": [{"to": [{"operation": {"headers": {"x-debug": ["*"]}}}]}]}
+    http10 = {"name": "no-http10", "action": "DENY", "rules": [{"when": ["request.protocol == 'HTTP/1.0'"]}]}
+    ctx = {"name": "public", "action": "DENY", "target": {"contextExtensions": {"listener": "public"}},
+           "rules": [{"name": "all"}]}
+    internal = {"name": "internal", "action": "ALLOW", "rules": [{"to": [{"operation": {
+        "headers": {"x-envoy-internal": ["true"]}}}]}]}
+    cases = [([allow, debug], (), UNCARRIED_REQUEST), ([allow, http10], (), UNCARRIED_REQUEST),
+             ([allow, ctx], (), UNCARRIED_REQUEST), ([internal], (), "no allow rule matched"),
+             ([allow, debug], ("--http-authz-headers", "x-request-id,x-debug"), "denied by policy")]
+    for i, (policies, flags, reason) in enumerate(cases):
+        served = serve(tmp_path / f"s{i}", *flags, bundle=write_bundle(tmp_path / f"b{i}", policies))
+        try:
+            answer = raw(served, b"GET /x HTTP/1.1\r\nHost: app\r\nConnection: close\r\nx-debug: 1\r\n"
+                                 b"x-envoy-internal: true\r\n\r\n")
+            assert answer.startswith(b"HTTP/1.1 403"), (i, answer[:300])
+            assert reason.encode() in answer, (i, answer[-300:])
+        finally:
+            served.stop()
+
+
+def test_a_uri_in_xfcc_must_be_a_spiffe_id() -> None:
+    """Envoy writes the URI SAN unquoted: a certificate whose URI held ',By=...;URI=<other>'
+    read as the other caller."""
+    crafted = ("By=spiffe://cluster.local/ns/prod/sa/orders-api;URI=spiffe://cluster.local/ns/evil/sa/x,"
+               "By=spiffe://cluster.local/ns/prod/sa/orders-api;URI=spiffe://cluster.local/ns/prod/sa/checkout-api")
+    assert parse_xfcc(crafted)[0].endswith("/checkout-api")  # two elements: the last one is read
+    with pytest.raises(XfccError, match="no SPIFFE ID"):
+        parse_xfcc("By=spiffe://cluster.local/ns/prod/sa/orders-api;URI=spiffe://cluster.local/ns/evil/sa/x%2C")
+    with pytest.raises(XfccError, match="no SPIFFE ID"):
+        parse_xfcc('URI="spiffe://cluster.local/ns/evil/sa/x,By=a;URI=spiffe://cluster.local/ns/prod/sa/c"')
+
+
+def test_a_prefix_ending_in_a_slash_leaves_the_path_as_sent() -> None:
+    """Envoy sends path_prefix + path: '/check/' + '/a' is '/check//a', which was read as '//a'."""
+    assert strip_prefix("/check//a/any", "/check/") == "/a/any"
+    assert strip_prefix("/check/a", "/check/") == "/a"
+    assert strip_prefix("/check/a", "/check") == "/a"
+    assert strip_prefix("/checkx/a", "/check") is None
