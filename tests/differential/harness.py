@@ -67,6 +67,13 @@ class Pair:
     left_out: tuple[str, ...] = ()
     port: int | None = None  # every request goes to this destination port
     workloads: tuple[str, ...] = ()  # more `--workload` targets of the workload: host:..., port:...
+    # More HCM fields for both Envoys (e.g. http_protocol_options: {accept_http_10: true}, as
+    # istiod sets with PILOT_HTTP10 / ISTIO_META_HTTP10), on top of Istio's BASE path options.
+    hcm: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def hcm_options(self) -> dict[str, Any] | None:
+        return {**oracle.ISTIO_BASE_PATH_OPTIONS, **dict(self.hcm)} if self.hcm else None
 
     @property
     def in_file(self) -> Path:
@@ -106,6 +113,7 @@ def load_pairs() -> list[Pair]:
             port=m.get("port"),
             workloads=tuple(m.get("workloads", ())),
             left_out=tuple(m.get("leftOut", ())),
+            hcm=tuple((m.get("hcm") or {}).items()),
         ))
     return out
 
@@ -316,11 +324,11 @@ class StrictnessKind:
 
     def applies(self, req: dict[str, Any], authz: dict[str, Any], left_out: tuple[str, ...] = ()) -> bool:
         reason = _reason(authz).lower()
-        saw_path = (authz.get("envoy_saw") or {}).get("path") or req.get("path", "")
+        saw_path = (authz.get("envoy_saw") or {}).get("path") or req.get("path") or ""  # CONNECT: no path
         if self.name == "unidentified-destination":
             return not req.get("principal") and "destination" in reason
         if self.name == "ambiguous-path":
-            return path_is_ambiguous(saw_path) or path_is_ambiguous(req.get("path", ""))
+            return path_is_ambiguous(saw_path) or path_is_ambiguous(req.get("path") or "")
         if self.name == "method-case":
             m = str(req.get("method", "GET"))
             return m != m.upper()
@@ -328,8 +336,13 @@ class StrictnessKind:
             # a letter, or a percent escape's hex letter (DENY patterns hold `%3F` as `%3f` too)
             return any("A" <= c <= "Z" for c in saw_path) or re.search(r"%[0-9A-Fa-f]?[a-fA-F]", saw_path) is not None
         if self.name == "ambiguous-host":
-            host = str(req.get("host", ""))
-            return host.endswith(".") or any(c in host for c in "@%") or re.search(r":\d+$", host) is not None
+            # the authority Envoy went by (an absolute-form target's, not the Host line's), and a
+            # deny that is about it, not a request refused as malformed for something else
+            host = str((authz.get("envoy_saw") or {}).get("authority") or req.get("host", ""))
+            odd = host.endswith(".") or any(c in host for c in "@%") or re.search(r":\d+$", host) is not None
+            return odd and not reason.startswith("malformed request")
+        if self.name == "no-path":
+            return "empty path" in reason
         if self.name == "caller-certificate":
             odd = (req.get("cert_san") or "uri") != "uri" or req.get("extra_sans") or req.get("subject_cn")
             return bool(odd) and "certificate" in reason
@@ -357,6 +370,8 @@ STRICTNESS_KINDS = (
                    "DENY hosts also match the authority without its port, trailing dot or userinfo"),
     StrictnessKind("caller-certificate", ("caller certificate",),
                    "a client certificate without a URI SAN, or with more than one identity, is refused"),
+    StrictnessKind("no-path", ("requests without a path",),
+                   "a request without a path (CONNECT) is refused as malformed"),
     StrictnessKind("condition-left-out", ("conditions anded into a field",),
                    "a DENY rule whose condition import-istio could not AND exactly matches without it"),
 )
@@ -435,7 +450,8 @@ class Row:
 
 
 def describe(req: dict[str, Any], o: dict[str, Any], a: dict[str, Any]) -> str:
-    shown = {k: req[k] for k in ("principal", "method", "path", "host", "headers", "port", "sni", "protocol")
+    shown = {k: req[k] for k in ("principal", "method", "path", "host", "headers", "port", "sni", "protocol",
+                                 "version", "scheme", "pseudo", "keep_case", "body", "trailers")
              if req.get(k) not in (None, "", {})}
     if not req.get("principal"):
         shown["principal"] = "(plaintext)"

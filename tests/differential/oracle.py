@@ -60,6 +60,7 @@ try:  # HTTP/2 client, only needed for "protocol": "h2"
     import h2.config
     import h2.connection
     import h2.events
+    import h2.exceptions
 except ImportError:  # pragma: no cover
     h2 = None
 from cryptography import x509
@@ -213,6 +214,10 @@ ISTIO_BASE_PATH_OPTIONS = {"normalize_path": True, "merge_slashes": False,
 
 def hcm(stat_prefix: str, rbac_filters: list[dict], access_log: str,
         path_options: dict | None = None) -> dict:
+    # path_options may also carry other HCM fields (e.g. http_protocol_options:
+    # {accept_http_10: true}, http2_protocol_options: {allow_connect: true}, upgrade_configs,
+    # route_config): those replace the defaults below.
+    extra = {k: v for k, v in (path_options or {}).items() if k not in ISTIO_BASE_PATH_OPTIONS}
     return {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": stat_prefix,
@@ -237,6 +242,7 @@ def hcm(stat_prefix: str, rbac_filters: list[dict], access_log: str,
         "access_log": [{"name": "envoy.access_loggers.file", "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
             "path": access_log, "log_format": {"json_format": ACCESS_FORMAT}}}],
+        **extra,
     }
 
 
@@ -413,23 +419,31 @@ def _reply(status: int, body: bytes) -> dict:
 
 
 def _http1(sock, req: dict, deadline: float) -> dict:
-    """Raw HTTP/1.1, so method, request target and headers go out exactly as given."""
-    lines = [f"{req.get('method', 'GET')} {req.get('path', '/')} HTTP/1.1"]
+    """Raw HTTP/1.1, so method, request target and headers go out exactly as given.
+    Optional: "version" (request-line version, default HTTP/1.1, e.g. HTTP/1.0), "body" (bytes
+    sent as they are after the header block: the caller writes content-length or chunked
+    framing and trailers itself). Interim 1xx responses (100 Continue) are skipped."""
+    lines = [f"{req.get('method', 'GET')} {req.get('path', '/')} {req.get('version') or 'HTTP/1.1'}"]
     if _host(req):
         lines.append(f"Host: {_host(req)}")
     lines += [f"{k}: {v}" for k, v in _headers(req)]
-    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("utf-8"))
+    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("utf-8") + str(req.get("body") or "").encode("utf-8"))
     buf = b""
-    while b"\r\n\r\n" not in buf and time.monotonic() < deadline and len(buf) < 65536:
-        chunk = sock.recv(4096)
-        if not chunk:
-            break
-        buf += chunk
-    if b"\r\n\r\n" not in buf:
-        return {"status": None, "error": f"no HTTP/1.1 response (got {len(buf)} bytes)"}
-    head, body = buf.split(b"\r\n\r\n", 1)
-    hl = head.decode("latin-1").split("\r\n")
-    status = int(hl[0].split()[1])
+    while True:
+        while b"\r\n\r\n" not in buf and time.monotonic() < deadline and len(buf) < 65536:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            buf += chunk
+        if b"\r\n\r\n" not in buf:
+            return {"status": None, "error": f"no HTTP/1.1 response (got {len(buf)} bytes)"}
+        head, body = buf.split(b"\r\n\r\n", 1)
+        hl = head.decode("latin-1").split("\r\n")
+        status = int(hl[0].split()[1])
+        if 100 <= status < 200 and status != 101:
+            buf = body
+            continue
+        break
     clen = next((int(h.split(":", 1)[1]) for h in hl[1:] if h.lower().startswith("content-length:")), None)
     if req.get("method") == "HEAD":
         clen = 0   # no body follows; the details then come from the access log
@@ -450,19 +464,37 @@ def _h2(sock, req: dict, deadline: float, tls: bool) -> dict:
         client_side=True, header_encoding="utf-8", validate_outbound_headers=False,
         normalize_outbound_headers=False, validate_inbound_headers=False))
     conn.initiate_connection()
-    hdrs = [(":method", req.get("method", "GET")), (":scheme", "https" if tls else "http"),
-            (":path", req.get("path", "/"))]
+    # Optional: "scheme" (:scheme, default https on TLS, http on h2c; "" = none), "pseudo" (more
+    # pseudo-header [name, value] pairs after the usual ones, e.g. [":protocol", "websocket"]
+    # or a second ":path"), "keep_case" (header names sent as given, upper case included),
+    # "body" (one DATA frame), "trailers" (a trailing HEADERS block {name: value}).
+    scheme = req.get("scheme", "https" if tls else "http")
+    hdrs = [(":method", req.get("method", "GET"))]
+    if scheme:
+        hdrs.append((":scheme", scheme))
+    if req.get("path", "/") is not None:
+        hdrs.append((":path", req.get("path", "/")))
     if _host(req):
         hdrs.append((":authority", _host(req)))
-    hdrs += [(k.lower(), v) for k, v in _headers(req)]
-    conn.send_headers(1, hdrs, end_stream=True)
+    hdrs += [(str(k), str(v)) for k, v in (req.get("pseudo") or [])]
+    hdrs += [(k if req.get("keep_case") else k.lower(), v) for k, v in _headers(req)]
+    body, trailers = req.get("body"), req.get("trailers")
+    conn.send_headers(1, hdrs, end_stream=not body and not trailers)
+    if body:
+        conn.send_data(1, str(body).encode("utf-8"), end_stream=not trailers)
+    if trailers:
+        conn.send_headers(1, [(k.lower(), str(v)) for k, v in trailers.items()], end_stream=True)
     sock.sendall(conn.data_to_send())
     status, body = None, b""
     while time.monotonic() < deadline:
         data = sock.recv(65535)
         if not data:
             return {"status": status, "error": "connection closed before the stream ended"}
-        for ev in conn.receive_data(data):
+        try:
+            events = conn.receive_data(data)
+        except h2.exceptions.H2Error as e:  # e.g. frames after a stream the client saw as closed
+            return {"status": status, "error": f"h2 client: {type(e).__name__}: {e}"}
+        for ev in events:
             if isinstance(ev, h2.events.ResponseReceived) and ev.stream_id == 1:
                 status = int(dict(ev.headers)[":status"])
             elif isinstance(ev, h2.events.DataReceived) and ev.stream_id == 1:

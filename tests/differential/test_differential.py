@@ -79,7 +79,7 @@ def _run(pair: Pair, reqs: list[dict[str, Any]], tmp: Path, label: str,
 @pytest.mark.parametrize("pair", PAIRS, ids=[p.name for p in PAIRS])
 def test_authz_agrees_with_envoy_rbac(pair: Pair, tmp_path: Path, agreement_rows: list[Row]) -> None:
     reqs = requests_for(pair)
-    row = _run(pair, reqs, tmp_path, pair.name, None, agreement_rows)
+    row = _run(pair, reqs, tmp_path, pair.name, pair.hcm_options, agreement_rows)
     assert not row.failed, _failure(row)
 
 
