@@ -26,9 +26,9 @@ from authz.v1 import decision_pb2
 SERVICE = decision_pb2.DESCRIPTOR.services_by_name["DecisionService"].full_name
 MAX_JSON_BYTES = 1024 * 1024
 MALFORMED = "malformed request"
-# The request as a DecideRequest describes it: any header, context extensions; no scheme or
-# protocol (PolicySet.reads).
-CARRIES = frozenset({"header:*", "context_extensions"})
+# The request as a DecideRequest describes it: any header but :scheme, context extensions,
+# the principals; no scheme or protocol (PolicySet.reads).
+CARRIES = frozenset({"header:*", "context_extensions", "principal"})
 
 
 def to_check_request(req: decision_pb2.DecideRequest) -> external_auth_pb2.CheckRequest:
@@ -43,6 +43,8 @@ def to_check_request(req: decision_pb2.DecideRequest) -> external_auth_pb2.Check
     http.path = req.path
     http.host = req.host
     http.headers.update(req.headers)
+    # As in Envoy's CheckRequest, the request line is in the headers too.
+    http.headers.update({":method": req.method, ":path": req.path, ":authority": req.host})
     attrs.context_extensions.update(req.context_extensions)
     return cr
 

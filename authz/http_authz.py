@@ -51,8 +51,20 @@ _HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "
 MAX_BODY_BYTES = 1024 * 1024
 # The request headers Envoy forwards with the configuration docs/http-ext-authz.md shows
 # (allowed_headers), and what every HTTP check carries: the host and the request line.
-DEFAULT_HEADERS = frozenset({"x-request-id", "traceparent"})
+DEFAULT_HEADERS = frozenset({"x-request-id"})
 _ALWAYS_CARRIED = frozenset({"header:host", "header::authority", "header::method", "header::path"})
+
+
+def header_names_problem(names: frozenset[str]) -> str | None:
+    """Why ``names`` cannot be taken as forwarded by Envoy with their values, or None: what
+    authz drops (hop-by-hop and x-envoy-* headers, which describe Envoy's call to authz), the
+    identity header, a pattern, a trace context Envoy's client writes its own."""
+    for name in sorted(names):
+        if (name in _HOP_BY_HOP or name.startswith(("x-envoy-", ":")) or name in (XFCC, "traceparent", "tracestate")
+                or not re.fullmatch(r"[a-z0-9!#$%&'*+.^_`|~-]+", name) or "*" in name):
+            return (f"--http-authz-headers: {name!r} does not reach authz as the client sent it (hop-by-hop, "
+                    "x-envoy-*, the caller identity, a trace context, or not a header name)")
+    return None
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -226,9 +238,14 @@ class HttpAuthzServer:
         idle_timeout: float = 60.0, reuse_port: bool = False, headers: frozenset[str] = DEFAULT_HEADERS,
     ) -> None:
         """``headers``: the request headers Envoy forwards (its ``allowed_headers``); a bundle
-        reading any other where its absence could loosen a decision denies every check."""
+        reading any other denies every check. The callers' principals are carried only on
+        connections from a trusted proxy."""
         self.checker = checker
+        problem = header_names_problem(headers)
+        if problem is not None:
+            raise ValueError(problem)
         self.carries = frozenset({*(f"header:{h}" for h in headers), *_ALWAYS_CARRIED})
+        self.carries_trusted = self.carries | {"principal"}
         self.addr = addr
         self.trusted = trusted
         self.path_prefix = path_prefix
@@ -331,7 +348,8 @@ class HttpAuthzServer:
                                        malformed=f"bad x-forwarded-client-cert: {exc}")
             await self._answer(writer, *to_http(outcome.response), close)
             return not close
-        outcome = self.checker.run(check_request, caller=CALLER_ENVOY_HTTP, socket=False, carries=self.carries)
+        outcome = self.checker.run(check_request, caller=CALLER_ENVOY_HTTP, socket=False,
+                                   carries=self.carries_trusted if trusted else self.carries)
         await self._answer(writer, *to_http(outcome.response), close)
         return not close
 
@@ -384,9 +402,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         "by SPIFFE ID")
     g.add_argument("--http-authz-headers", action="append", default=[], metavar="NAMES",
                    help="the request headers Envoy's allowed_headers forwards (comma-separated, repeatable; "
-                        "default: x-request-id, traceparent, as docs/http-ext-authz.md configures it). A "
-                        "bundle reading any other header where its absence could loosen a decision "
-                        "denies every HTTP check")
+                        "default: x-request-id, as docs/http-ext-authz.md configures it). While the bundle "
+                        "reads any other header, every HTTP check is denied")
     g.add_argument("--http-authz-max-connections", type=int, default=1024, metavar="N",
                    help="open connections accepted before new ones are answered 503 (default 1024)")
 

@@ -128,6 +128,19 @@ def cel_code(expression: str) -> str:
     return _LITERAL_OR_COMMENT.sub(lambda m: '""' if m.group(0)[:2] != "//" else "", expression)
 
 
+def cel_code_blanked(expression: str) -> str:
+    """``expression`` with the inside of its strings and its comments blanked, positions kept:
+    a match in it is a match in code, at the same place in ``expression``."""
+    def blank(m: re.Match[str]) -> str:
+        t = m.group(0)
+        if t.startswith("//"):
+            return " " * len(t)
+        q = len(t) - len(t.lstrip("rRbB"))  # prefix letters, then the quotes stay
+        quote = 3 if t[q:q + 3] in ('"""', "'''") else 1
+        return t[:q + quote] + " " * (len(t) - 2 * quote - q) + t[len(t) - quote:]
+    return _LITERAL_OR_COMMENT.sub(blank, expression)
+
+
 def _variables(expression: str) -> tuple[str, ...]:
     """The variables ``expression`` reads, found in its code (not its strings or comments).
     Raises CelCompileError for a variable spelled so that it would name nothing."""

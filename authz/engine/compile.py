@@ -22,7 +22,7 @@ from authz.bundle.loader import BundleError, BundleFiles, read_bundle
 from authz.bundle.schema import Problem
 from authz.bundle.yamlpos import Document, Position
 from authz.engine import shaping
-from authz.engine.cel import CelCompileError, Condition, cel_code, compile_condition, data_comprehensions
+from authz.engine.cel import CelCompileError, Condition, cel_code_blanked, compile_condition, data_comprehensions
 from authz.engine import index as rule_index
 from authz.engine.decide import TENANT_ID, PolicySet
 from authz.engine.model import (
@@ -161,7 +161,7 @@ class _Compiler:
             host_only_targets=any(p.target.principals is None and p.target.hosts is not None for p in policies),
             needs_socket=next((p.name for p in policies if _needs(p, remote=False)), ""),
             needs_remote_address=next((p.name for p in policies if _needs(p, remote=True)), ""),
-            reads=tuple((p.name, r) for p in policies if (r := _reads(p))),
+            reads=tuple((p.name, r) for p in policies if (r := _reads(p, shapes))),
             policies=tuple(policies),
             tenants=tenants,
             data=data,
@@ -535,42 +535,77 @@ def _needs(policy: Policy, remote: bool) -> bool:
 
 # Request attributes not every caller carries (PolicySet.reads).
 _REQUEST_READS = ("request.scheme", "request.protocol")
-_HEADER_INDEX = re.compile(r"""request\.headers\s*\[\s*(['"])([^'"\\]*)\1\s*\]""")
-_HEADER_IN = re.compile(r"""(['"])([^'"\\]*)\1\s+in\s+request\.headers(?![\w.\[])""")
+_PRINCIPAL_READS = frozenset({"source.principal", "source.trust_domain", "source.namespace",
+                              "source.service_account", "destination.principal"})
 _HEADERS_USE = re.compile(r"(?<![\w.])request\.headers(?![\w])")
+_INDEX = re.compile(r"""\s*\[\s*(['"])([^'"\\]*)\1\s*\]""")
+_IN_BEFORE = re.compile(r"""(['"])([^'"\\]*)\1\s+in\s+$""")
+# What may stand before a `'name' in request.headers` for the literal to be the whole left
+# operand (`'a' + 'b' in request.headers` tests 'b' to a reader, 'ab' to CEL).
+_OPERAND_START = ("", "(", "!", "&&", "||", "?", ":", ",", "[")
 
 
-def _reads(policy: Policy) -> frozenset[str]:
-    """What ``policy`` reads of the request where its absence could let a request past it:
-    a DENY's every header and condition, an ALLOW's notHeaders and conditions (a condition may
-    go either way), a target by context extensions (the policy would not apply)."""
-    if policy.dry_run or policy.action == "AUDIT":
+def _reads(policy: Policy, shapes: shaping.Shapes) -> frozenset[str]:
+    """What ``policy`` reads of the request, for callers that do not carry all of it
+    (PolicySet.reads): every header its matchers, conditions, tenant source or upstream
+    headers name, the caller's or the destination's principal, the scheme, the protocol, the
+    context extensions. Whatever the action and polarity but dry runs, which never decide: a
+    value read as absent may let a request past a DENY, match an ALLOW's `not` form, reach
+    another rule first, or spare it a condition's or a tenant's error."""
+    if policy.dry_run:
         return frozenset()
-    deny = policy.action != "ALLOW"
     out: set[str] = set()
-    if policy.target.context_extensions:
+    t = policy.target
+    if t.context_extensions:
         out.add("context_extensions")
+    if t.principals is not None:
+        out.add("principal")
+    if policy.tenant is not None:
+        if policy.tenant.kind == "header":
+            out.add(f"header:{policy.tenant.key}")
+        elif policy.tenant.kind == "principalSegment":
+            out.add("principal")
+    conditions: list[Condition] = []
     for rule in policy.rules:
+        if rule.sources:
+            out.add("principal")
         for o in rule.operations:
-            for h in (*o.headers, *o.not_headers) if deny else o.not_headers:
-                out.add(f"header:{h.name}")
-        for c in rule.conditions:
-            out.update(v for v in _REQUEST_READS if v in c.variables)
-            if "request.context_extensions" in c.variables:
-                out.add("context_extensions")
-            if "request.headers" in c.variables:
-                out.update(_condition_headers(c.source))
+            out.update(f"header:{h.name}" for h in (*o.headers, *o.not_headers))
+        conditions += rule.conditions
+        shape = shapes.rules.get((policy.name, rule.name))
+        if shape is not None:
+            conditions += [c for _, c in shape.set_headers]
+    for c in conditions:
+        out.update(v for v in _REQUEST_READS if v in c.variables)
+        if "request.context_extensions" in c.variables:
+            out.add("context_extensions")
+        if "request.id" in c.variables:
+            out.add("header:x-request-id")
+        if _PRINCIPAL_READS.intersection(c.variables):
+            out.add("principal")
+        if "request.headers" in c.variables:
+            out.update(_condition_headers(c.source))
     return frozenset(out)
 
 
 def _condition_headers(source: str) -> set[str]:
     """header:<name> for each header a condition reads by a literal name, header:* when it
-    reads request.headers any other way (a macro over it, a computed key)."""
-    code = cel_code(source)
-    named = [m.group(2) for m in _HEADER_INDEX.finditer(source)] + [m.group(2) for m in _HEADER_IN.finditer(source)]
-    if len(named) < len(_HEADERS_USE.findall(code)):
+    reads request.headers any other way (a macro over it, size(), a computed key)."""
+    code = cel_code_blanked(source)
+    names: set[str] = set()
+    for use in _HEADERS_USE.finditer(code):
+        index = _INDEX.match(source, use.end())
+        if index is not None and code[index.start():index.end()].count("[") == 1:
+            names.add(index.group(2))
+            continue
+        before = _IN_BEFORE.search(source, 0, use.start())
+        if before is not None and code[before.start()] in "'\"":
+            lead = code[:before.start()].rstrip()
+            if any(lead.endswith(tok) for tok in _OPERAND_START if tok) or not lead:
+                names.add(before.group(2))
+                continue
         return {"header:*"}
-    return {f"header:{n}" for n in named}
+    return {f"header:{n}" for n in names}
 
 
 def _strings(values: list[str] | None, fold_case: bool = False) -> StringMatch | None:

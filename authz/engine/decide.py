@@ -80,17 +80,19 @@ class PolicySet:
     # do not carry them, so their checks are denied while such a bundle serves (check.py).
     needs_socket: str = ""
     needs_remote_address: str = ""
-    # What each enforcing policy reads of the request in a way its absence could loosen
-    # (header:<name>, header:* for any, request.scheme, request.protocol, context_extensions),
-    # by policy name: HTTP ext_authz carries only the headers Envoy forwards, neither
-    # carries the scheme and protocol (check.py, ``carries``).
+    # What each enforcing policy reads of the request (header:<name>, header:* for any,
+    # principal, request.scheme, request.protocol, context_extensions), by policy name: HTTP
+    # ext_authz carries only the headers Envoy forwards and, from a trusted proxy, the
+    # principals; neither it nor the decision API carries the scheme and protocol (check.py,
+    # ``carries``). No caller's header:* stands for :scheme, which only Envoy's gRPC check has.
     reads: tuple[tuple[str, frozenset[str]], ...] = ()
 
     def uncarried(self, carries: frozenset[str]) -> str:
         """The first policy that reads something a caller carrying ``carries`` lacks, or ''."""
         for name, reads in self.reads:
             for token in reads:
-                if token not in carries and not (token.startswith("header:") and "header:*" in carries):
+                if token not in carries and not (token.startswith("header:") and token != "header::scheme"
+                                                 and "header:*" in carries):
                     return f"{name} ({token})"
         return ""
     # Large policies' rules indexed by method, path and caller (authz.engine.index), by name.

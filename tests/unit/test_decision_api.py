@@ -323,3 +323,25 @@ def test_a_bundle_reading_the_scheme_or_protocol_denies_decide_requests(tmp_path
         outcome = checker(tmp_path / str(i), [allow, extra]).run(check_request(path="/x"), caller="api",
                                                                    socket=False, carries=CARRIES)
         assert outcome.decision.reason == reason, (i, outcome.decision.reason)
+
+
+
+def test_decide_requests_carry_the_request_line_as_pseudo_headers_but_not_the_scheme(tmp_path: Path) -> None:
+    """Envoy's CheckRequest has :method, :path and :authority among its headers; a DENY on
+    them never fired through the API. :scheme it has too, a DecideRequest not."""
+    from bundle_factory import check_request
+    from test_checker import checker
+
+    from authz.check import UNCARRIED_REQUEST
+    from authz.decision_api import CARRIES, to_check_request
+
+    allow = {"name": "open", "action": "ALLOW", "rules": [{"name": "all"}]}
+    admin = {"name": "no-admin", "action": "DENY", "rules": [{"to": [{"operation": {"headers": {":path": ["/admin*"]}}}]}]}
+    c = checker(tmp_path / "a", [allow, admin])
+    req = decision_pb2.DecideRequest(method="GET", path="/admin/x", host="app")
+    assert c.run(to_check_request(req), caller="api", socket=False, carries=CARRIES).decision.reason == "denied by policy"
+    scheme = {"name": "no-http", "action": "DENY", "rules": [{"when": ["request.headers[':scheme'] == 'http'"]}]}
+    c = checker(tmp_path / "b", [allow, scheme])
+    assert c.run(to_check_request(req), caller="api", socket=False,
+                 carries=CARRIES).decision.reason == UNCARRIED_REQUEST
+    assert not c.run(check_request(path="/x", headers={":scheme": "http"})).decision.allowed

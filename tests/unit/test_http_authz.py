@@ -316,7 +316,7 @@ def test_what_envoy_does_not_forward_cannot_loosen_a_decision(tmp_path) -> None:
     internal = {"name": "internal", "action": "ALLOW", "rules": [{"to": [{"operation": {
         "headers": {"x-envoy-internal": ["true"]}}}]}]}
     cases = [([allow, debug], (), UNCARRIED_REQUEST), ([allow, http10], (), UNCARRIED_REQUEST),
-             ([allow, ctx], (), UNCARRIED_REQUEST), ([internal], (), "no allow rule matched"),
+             ([allow, ctx], (), UNCARRIED_REQUEST), ([internal], (), UNCARRIED_REQUEST),
              ([allow, debug], ("--http-authz-headers", "x-request-id,x-debug"), "denied by policy")]
     for i, (policies, flags, reason) in enumerate(cases):
         served = serve(tmp_path / f"s{i}", *flags, bundle=write_bundle(tmp_path / f"b{i}", policies))
@@ -347,3 +347,75 @@ def test_a_prefix_ending_in_a_slash_leaves_the_path_as_sent() -> None:
     assert strip_prefix("/check/a", "/check/") == "/a"
     assert strip_prefix("/check/a", "/check") == "/a"
     assert strip_prefix("/checkx/a", "/check") is None
+
+
+OPEN = {"name": "open", "action": "ALLOW", "rules": [{"name": "all"}]}
+EVIL = "spiffe://cluster.local/ns/evil/sa/x"
+
+
+@pytest.mark.parametrize(("policies", "headers"), [
+    # a tenant from a header Envoy did not forward: no tenant, no tenant check
+    ([{"name": "t", "action": "ALLOW", "tenant": {"header": "x-tenant"}, "rules": [{"name": "all"}]}],
+     {"x-tenant": "nope"}),
+    # request.id is x-request-id's value
+    ([OPEN, {"name": "d", "action": "DENY", "rules": [{"when": ["request.id.startsWith('bad')"]}]}],
+     {"x-request-id": "bad-1"}),
+    # names in a comment or a string are no reads; a concatenated key is not its last literal
+    ([OPEN, {"name": "d", "action": "DENY", "rules": [{"when": [
+        "size(request.headers) > 1 // unlike request.headers['x-request-id']"]}]}], {"x-a": "1"}),
+    ([OPEN, {"name": "d", "action": "DENY", "rules": [{"when": ["'x-debug-' + 'host' in request.headers"]}]}],
+     {"x-debug-host": "1"}),
+    # an AUDIT condition's error denies too
+    ([OPEN, {"name": "a", "action": "AUDIT", "rules": [{"when": [
+        "'x-n' in request.headers && int(request.headers['x-n']) > 5"]}]}], {"x-n": "abc"}),
+    # an ALLOW's positive header decides which rule, with its condition, is reached first
+    ([{"name": "p", "action": "ALLOW", "rules": [
+        {"name": "v2", "to": [{"operation": {"headers": {"x-v": ["2"]}}}], "when": ["int(request.query) > 0"]},
+        {"name": "all"}]}], {"x-v": "2"}),
+])
+def test_http_checks_deny_while_the_bundle_reads_what_envoy_did_not_forward(
+        tmp_path, policies: list[dict], headers: dict[str, str]) -> None:  # type: ignore[no-untyped-def]
+    """Each of these is denied by Envoy's gRPC check of the request; over HTTP (the headers
+    not forwarded) it was allowed."""
+    from bundle_factory import check_request
+    from test_checker import checker
+
+    from authz.check import UNCARRIED_REQUEST
+    from authz.http_authz import HttpAuthzServer, TrustedProxies, to_check_request
+
+    c = checker(tmp_path, policies, tenants={"acme": {"callers": [EVIL]}})
+    grpc_answer = c.run(check_request(path="/x?abc", headers=headers, principal=EVIL))
+    assert not grpc_answer.decision.allowed
+    server = HttpAuthzServer(c, "127.0.0.1:0", TrustedProxies(), headers=frozenset({"x-user"}))
+    http = c.run(to_check_request("GET", "/x?abc", {"host": "app"}, False), caller="envoy_http", socket=False,
+                 carries=server.carries_trusted)
+    assert (http.decision.allowed, http.decision.reason) == (False, UNCARRIED_REQUEST)
+
+
+def test_the_principal_is_carried_only_from_a_trusted_proxy(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Without a believed x-forwarded-client-cert the request has no principal: a DENY on the
+    caller never fired and an ALLOW's notPrincipals matched."""
+    from test_checker import checker
+
+    from authz.check import UNCARRIED_REQUEST
+    from authz.http_authz import HttpAuthzServer, TrustedProxies, to_check_request
+
+    deny = {"name": "d", "action": "DENY", "rules": [{"from": [{"source": {"principals": [EVIL]}}]}]}
+    c = checker(tmp_path, [OPEN, deny])
+    server = HttpAuthzServer(c, "127.0.0.1:0", TrustedProxies())
+    xfcc = {"host": "app", "x-forwarded-client-cert": f"URI={EVIL}"}
+    untrusted = c.run(to_check_request("GET", "/x", dict(xfcc), False), caller="envoy_http", socket=False,
+                      carries=server.carries)
+    trusted = c.run(to_check_request("GET", "/x", dict(xfcc), True), caller="envoy_http", socket=False,
+                    carries=server.carries_trusted)
+    assert untrusted.decision.reason == UNCARRIED_REQUEST
+    assert trusted.decision.reason == "denied by policy"
+
+
+@pytest.mark.parametrize("name", ["x-envoy-peer-metadata-id", "upgrade", "te", "content-length",
+                                  "x-forwarded-client-cert", "traceparent", "*", ":scheme"])
+def test_headers_that_do_not_reach_authz_as_sent_cannot_be_declared(name: str) -> None:
+    from authz.http_authz import header_names_problem
+
+    assert header_names_problem(frozenset({name})) is not None
+    assert header_names_problem(frozenset({"x-debug"})) is None
