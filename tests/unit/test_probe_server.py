@@ -615,18 +615,23 @@ def test_a_trickled_body_is_cut_off_at_its_deadline(loaded: tuple[BundleStore, M
 # --- TLS -----------------------------------------------------------------------------------------
 
 
-def test_https_and_a_plain_http_client_on_the_tls_port(
-        loaded: tuple[BundleStore, Metrics], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def https(tmp_path: Path) -> tuple[ServerTls, ssl.SSLContext]:
+    """A serving certificate for the probe port, and a client context that trusts it."""
     from support.pki import generate_pki, issue
 
     from authz.certs import CertFiles, RotatingCertificate
 
-    caplog.set_level(logging.DEBUG)
-    store, metrics = loaded
     pki = generate_pki(tmp_path / "pki", servers={}, clients={})
     cert = issue(pki, tmp_path, "authz-http", f"{TD}/ns/authz/sa/authz", server=True)
     tls = ServerTls(http=RotatingCertificate("http", CertFiles(cert.cert, cert.key)))
-    client_ctx = ssl.create_default_context(cafile=str(pki.ca_cert))
+    return tls, ssl.create_default_context(cafile=str(pki.ca_cert))
+
+
+def test_https_and_a_plain_http_client_on_the_tls_port(
+        loaded: tuple[BundleStore, Metrics], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    store, metrics = loaded
+    tls, client_ctx = https(tmp_path)
     with probes(store, metrics, tls=tls, handshake_timeout=1.0) as server:
         c = Client(server.port, wrap=client_ctx)
         assert c.get("/healthz")[::2] == (200, b"ok\n")
@@ -657,16 +662,9 @@ def test_tls_clients_that_reset_are_debug_lines_not_tracebacks(
     """A TLS connection reset by its client was dropped twice, the second time on a transport
     that had lost its socket: an AttributeError logged at ERROR, one traceback per connection
     for anyone to cause."""
-    from support.pki import generate_pki, issue
-
-    from authz.certs import CertFiles, RotatingCertificate
-
     caplog.set_level(logging.DEBUG)
     store, metrics = loaded
-    pki = generate_pki(tmp_path / "pki", servers={}, clients={})
-    cert = issue(pki, tmp_path, "authz-http", f"{TD}/ns/authz/sa/authz", server=True)
-    tls = ServerTls(http=RotatingCertificate("http", CertFiles(cert.cert, cert.key)))
-    ctx = ssl.create_default_context(cafile=str(pki.ca_cert))
+    tls, ctx = https(tmp_path)
     with probes(store, metrics, tls=tls) as server:
         for i in range(10):
             t = ctx.wrap_socket(connect(server.port), server_hostname="localhost")
