@@ -20,7 +20,7 @@ REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
            500: "Internal Server Error", 501: "Not Implemented", 503: "Service Unavailable"}
 
 # RFC 9110 token: what a header name may be made of.
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
 class Malformed(Exception):
@@ -61,7 +61,7 @@ def parse_head(head: bytes, *, require_host: bool = True) -> tuple[str, str, dic
         if not line:
             continue
         name, sep, value = line.partition(":")
-        if not sep or not _TOKEN.fullmatch(name):
+        if not sep or not TOKEN.fullmatch(name):
             raise Malformed("bad header line")
         count += 1
         if count > MAX_HEADERS:

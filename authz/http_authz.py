@@ -36,7 +36,7 @@ from pathlib import Path
 from envoy.service.auth.v3 import external_auth_pb2
 
 from authz.check import CALLER_ENVOY_HTTP, Checker
-from authz.http1 import ANSWER_TIMEOUT, MAX_HEADER_BYTES, Malformed, linger, parse_head, render
+from authz.http1 import ANSWER_TIMEOUT, MAX_HEADER_BYTES, TOKEN, Malformed, linger, parse_head, render
 from authz.options import address
 from authz.tls_server import CallerPattern
 
@@ -61,7 +61,7 @@ def header_names_problem(names: frozenset[str]) -> str | None:
     identity header, a pattern, a trace context Envoy's client writes its own."""
     for name in sorted(names):
         if (name in _HOP_BY_HOP or name.startswith(("x-envoy-", ":")) or name in (XFCC, "traceparent", "tracestate")
-                or not re.fullmatch(r"[a-z0-9!#$%&'*+.^_`|~-]+", name) or "*" in name):
+                or not TOKEN.fullmatch(name) or name != name.lower() or "*" in name):
             return (f"--http-authz-headers: {name!r} does not reach authz as the client sent it (hop-by-hop, "
                     "x-envoy-*, the caller identity, a trace context, or not a header name)")
     return None

@@ -182,11 +182,7 @@ _SEGMENT = re.compile(r"\.\s*(\w+)|\[\s*'([^']*)'\s*\]|\[\s*\"([^\"]*)\"\s*\]")
 def data_comprehensions(expression: str) -> list[tuple[tuple[str, ...], str, int]]:
     """(path under `data`, macro, column) of each comprehension whose range is a data
     collection, found in the code (not in strings or comments): its size is known at load."""
-    def blank(m: re.Match[str]) -> str:  # same length, quotes kept: positions still line up
-        t = m.group(0)
-        return " " * len(t) if t.startswith("//") else t[0] + "x" * (len(t) - 2) + t[-1]
-
-    code = _LITERAL_OR_COMMENT.sub(blank, expression)
+    code = cel_code_blanked(expression)
     out = []
     for m in _DATA_COMPREHENSION.finditer(code):
         # the path's names come from the expression itself (string keys were blanked in code)
