@@ -320,6 +320,12 @@ def resolve_mesh(resources: list[_Resource], opts: Options) -> Mesh:
             # istiod's expansion covers; more would make an ALLOW grant what it does not.
             problems.append(Problem(mesh_at, f"data.mesh: trustDomainAliases {mesh_aliases} are not the "
                                     f"--trust-domain-alias values {list(opts.trust_domain_aliases)}; give one"))
+        declared = mesh.get("trustDomain")
+        if declared and opts.trust_domain and str(declared) != opts.trust_domain:
+            # Either choice is wrong for some principal: the trust domain decides which
+            # principals istiod's alias expansion rewrites.
+            problems.append(Problem(mesh_at, f"data.mesh: trustDomain {str(declared)!r} is not --trust-domain "
+                                    f"{opts.trust_domain!r}; give one"))
         configured = mesh.get("rootNamespace")
         if configured is not None and opts.root_namespace is not None and str(configured) != opts.root_namespace:
             problems.append(Problem(mesh_at, f"data.mesh: rootNamespace {configured!r} is not --root-namespace "

@@ -1164,10 +1164,17 @@ def test_root_namespace_from_the_mesh_config(tmp_path: Path) -> None:
         write_bundle(tmp_path / "b", text, root_namespace="other")
 
 
-def test_trust_domain_flag_wins(tmp_path: Path) -> None:
-    out, notes = write_bundle(tmp_path, MESH_CONFIG + textwrap.dedent(AP), trust_domain="flag.td")
+def test_trust_domain_flag_and_mesh_config_must_agree(tmp_path: Path) -> None:
+    """Which trust domain is the mesh's decides which principals istiod's alias expansion
+    rewrites; a flag silently overriding the mesh config would expand the wrong ones."""
+    with pytest.raises(IstioImportError, match="trustDomain 'example.org' is not --trust-domain 'flag.td'"):
+        write_bundle(tmp_path / "a", MESH_CONFIG + textwrap.dedent(AP), trust_domain="flag.td")
+    out, notes = write_bundle(tmp_path / "b", MESH_CONFIG + textwrap.dedent(AP), trust_domain="example.org")
+    assert yaml.safe_load((out / "bundle.yaml").read_text())["trustDomain"] == "example.org"
+    assert notes == ["trust domain example.org (--trust-domain)"]
+    bare = "".join(line for line in MESH_CONFIG.splitlines(keepends=True) if "trustDomain:" not in line)
+    out, _ = write_bundle(tmp_path / "c", bare + textwrap.dedent(AP), trust_domain="flag.td")
     assert yaml.safe_load((out / "bundle.yaml").read_text())["trustDomain"] == "flag.td"
-    assert notes == ["trust domain flag.td (--trust-domain)"]
 
 
 def test_trust_domain_from_workloads_then_policies(tmp_path: Path) -> None:
