@@ -222,11 +222,37 @@ def _windows_trim(path: str) -> str:
     return "/".join(parts)
 
 
+_NON_ASCII_RUN = re.compile(r"(?:%[89A-Fa-f][0-9A-Fa-f]|[^\x00-\x7f])+")
+
+
+def _compatibility_fold(path: str) -> str:
+    """``path`` with its non-ASCII text NFKC-folded (fullwidth ``ａdmin`` is ``admin``): how
+    Windows' best-fit conversion to an ANSI code page, and servers that NFKC-normalise, read
+    it. Each run of non-ASCII text is folded alone and what stays non-ASCII keeps the
+    spelling the run came in (percent-encoded or not). The caller has refused paths whose
+    folding would make separators, dots or escapes (``_refuse_unreadable``)."""
+
+    def one(m: re.Match[str]) -> str:
+        run = m.group(0)
+        encoded = "%" in run
+        text = _decode_all(run) if encoded else run
+        folded = unicodedata.normalize("NFKC", text)
+        if folded == text:
+            return run
+        if not encoded:
+            return folded
+        return "".join(c if c.isascii() else "".join(f"%{b:02X}" for b in c.encode()) for c in folded)
+
+    return _NON_ASCII_RUN.sub(one, path)
+
+
 def _readings(forwarded: str) -> tuple[str, ...]:
     """Every other form of the forwarded path an upstream may act on.
 
     Upstreams merge slashes, decode separators, read '\\' as '/', drop parameters, drop a
-    segment's trailing dots and spaces (Windows) and resolve dot segments in different orders: decoding `%2F` and merging `//` before
+    segment's trailing dots and spaces (Windows), fold compatibility characters (fullwidth
+    letters: Windows' best-fit conversion, NFKC) and resolve dot segments in different
+    orders: decoding `%2F` and merging `//` before
     resolving `..` climbs further than resolving first. So every order is followed (the
     closure of those steps), and each form reached is read as an upstream that resolves dot
     segments last would.
@@ -240,7 +266,7 @@ def _readings(forwarded: str) -> tuple[str, ...]:
         p = todo.pop()
         readings.add(_rfc3986(p))
         for q in (_rfc3986(p), _merge_slashes(p), _decode_structure(p), _PARAMS.sub("", p),
-                  p.replace("\\", "/"), _windows_trim(p)):
+                  p.replace("\\", "/"), _windows_trim(p), _compatibility_fold(p)):
             if q not in forms:
                 if len(forms) > MAX_FORMS:
                     raise PathError("path has too many readings to decide safely")

@@ -76,10 +76,16 @@ def _td_match(a: str, b: str) -> bool:
 
 
 def trust_domain_of(principal: str) -> str:
-    """The trust-domain part of a principal, or '' when it is not a SPIFFE URI."""
+    """The trust-domain part of a principal, or '' when it is not a SPIFFE URI with a path.
+
+    istiod matches ``trustDomains`` as the prefix ``spiffe://<td>/`` (or a regex ending in
+    ``/.*``), so ``spiffe://cluster.local`` is in no trust domain: neither allowed by
+    ``trustDomains: [cluster.local]`` nor exempted by ``notTrustDomains``.
+    """
     if not principal.startswith(SCHEME):
         return ""
-    return principal[len(SCHEME):].partition("/")[0]
+    td, slash, _ = principal[len(SCHEME):].partition("/")
+    return td if slash else ""
 
 
 def strip_scheme(value: str) -> str:

@@ -274,9 +274,6 @@ def decide_with_oracle(pair: Pair, requests: list[dict[str, Any]], workdir: Path
 # A stricter answer of any other kind, or of a kind the docs do not list, fails the test.
 DOCUMENTED_SECTION = "Differences from Istio"
 
-_LOOKALIKE_TARGETS = set("./\\%")
-
-
 def _decoded(path: str) -> str:
     return urllib.parse.unquote(path.split("?", 1)[0], errors="replace")
 
@@ -287,9 +284,10 @@ def path_is_ambiguous(path: str) -> bool:
     control character (a tab or NUL an upstream may cut the path at; C1 controls and U+2028
     too), a malformed
     escape (IIS reads '%u002e' as '.'), bytes that are no UTF-8 (overlong '%c0%ae' is '.' to
-    lax decoders), characters that NFKC-normalise to '.', '/', '\\' or '%' (fullwidth
-    look-alikes) or that Windows' best-fit conversion makes separators, or a segment with
-    trailing dots or spaces or an NTFS stream suffix (Windows drops them)."""
+    lax decoders), characters that NFKC-normalise to anything else (fullwidth look-alikes of
+    '.', '/', '\\', '%' or letters: Windows' best-fit conversion folds them too) or that
+    best-fit makes separators, or a segment with trailing dots or spaces or an NTFS stream
+    suffix (Windows drops them)."""
     p = path.split("?", 1)[0]
     if "//" in p or "\\" in p or ";" in p or re.search(r"%(2[fF]|5[cC]|3[bB]|25|[01][0-9A-Fa-f]|7[fF])|%(?![0-9A-Fa-f]{2})", p):
         return True
@@ -302,8 +300,8 @@ def path_is_ambiguous(path: str) -> bool:
     d = _decoded(p)
     if re.search("[\x80-\x9f\u2028\u2029]", d):  # C1 controls and Unicode line separators
         return True
-    return any(ch in "\u2215\u2216\u2044\u29f5\u29f8\u29f9" or ch not in _LOOKALIKE_TARGETS
-               and set(unicodedata.normalize("NFKC", ch)) & _LOOKALIKE_TARGETS for ch in d)
+    return any(ch in "\u2215\u2216\u2044\u29f5\u29f8\u29f9" or unicodedata.normalize("NFKC", ch) != ch
+               for ch in d)
 
 
 def _header_values(req: dict[str, Any]) -> list[tuple[str, list[str]]]:

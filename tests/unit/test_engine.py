@@ -70,6 +70,15 @@ def op(**fields: Any) -> dict[str, Any]:
         ({"remoteIpBlocks": ["10.0.0.0/8"]}, "", "10.0.0.1", {}, True),
         ({"notRemoteIpBlocks": ["203.0.113.0/24"]}, "", "10.0.0.1", {"x-forwarded-for": "203.0.113.9"}, False),
         ({"principals": [CHECKOUT], "namespaces": ["dev"]}, CHECKOUT, "10.0.0.1", {}, False),
+        # istiod matches a trust domain as the prefix `spiffe://<td>/`: an ID without a path
+        # is in none, so it neither meets trustDomains nor is exempted by notTrustDomains.
+        ({"trustDomains": ["cluster.local"]}, CHECKOUT, "10.0.0.1", {}, True),
+        ({"trustDomains": ["cluster.local"]}, "spiffe://cluster.local/", "10.0.0.1", {}, True),
+        ({"trustDomains": ["cluster.local"]}, "spiffe://cluster.local", "10.0.0.1", {}, False),
+        ({"trustDomains": ["cluster.*"]}, "spiffe://cluster.local", "10.0.0.1", {}, False),
+        ({"trustDomains": ["*"]}, "spiffe://cluster.local", "10.0.0.1", {}, False),
+        ({"notTrustDomains": ["cluster.local"]}, "spiffe://cluster.local", "10.0.0.1", {}, True),
+        ({"notTrustDomains": ["cluster.local"]}, CHECKOUT, "10.0.0.1", {}, False),
     ],
 )
 def test_source_fields(tmp_path: Path, source: dict[str, Any], principal: str, source_ip: str,
@@ -369,6 +378,20 @@ def test_tenant_from_path_capture(tmp_path: Path) -> None:
                     "/v1/tenants/acme/orders/%5C%5C..%5C..%5Cglobex%5Corders"):
         d = decide(ps, principal=CHECKOUT, path=crafted)
         assert (d.allowed, d.reason) == (False, "ambiguous path"), crafted
+
+
+def test_fullwidth_letters_are_read_as_windows_best_fit_and_nfkc_read_them(tmp_path: Path) -> None:
+    """`/ａdmin/x` is `/admin/x` to an upstream on Windows' ANSI APIs (best-fit) or one that
+    NFKC-normalises: a DENY on `/admin/*` covers it."""
+    ps = policy_set(tmp_path, [
+        {"name": "no-admin", "action": "DENY", "rules": [{"name": "r", **op(paths=["/admin/*"])}]},
+        allow(op(paths=["/public/*", "/admin/*"])),
+    ])
+    for crafted in ("/%EF%BD%81dmin/x", "/ａdmin/x", "/%EF%BC%A1DMIN/x", "/admin%C2%A0/x"):
+        d = decide(ps, principal=CHECKOUT, path=crafted)
+        assert (d.allowed, d.policy) == (False, "no-admin"), crafted
+    assert decide(ps, principal=CHECKOUT, path="/public/%EF%BD%86oo").allowed
+    assert decide(ps, principal=CHECKOUT, path="/public/caf%C3%A9").allowed
 
 
 def test_tenant_ids_are_kept_as_written_in_yaml(tmp_path: Path) -> None:

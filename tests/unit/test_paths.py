@@ -78,6 +78,12 @@ def test_normalize_follows_the_proxys_mode(mode: paths.Normalization, raw: str, 
         ("/admin%20/x", ("/admin/x",)),
         ("/admin::$DATA/x", ("/admin/x",)),
         ("/v1/tenants/acme./orders", ("/v1/tenants/acme/orders",)),
+        # Fullwidth and other compatibility letters, as best-fit conversion and NFKC read them
+        ("/%EF%BD%81dmin/x", ("/admin/x",)),
+        ("/ａdmin/x", ("/admin/x",)),
+        ("/v1/tenants/%EF%BD%87lobex/orders", ("/v1/tenants/globex/orders",)),
+        ("/admin%C2%A0/x", ("/admin/x",)),  # a no-break space is a space, then trimmed
+        ("/%EF%BD%81%C3%A9/x", ("/a%C3%A9/x",)),  # what stays non-ASCII keeps its escapes
     ],
 )
 def test_readings_are_what_an_upstream_may_act_on(raw: str, readings: tuple[str, ...]) -> None:
@@ -208,6 +214,9 @@ def test_unicode_lookalikes_of_separators_are_refused(raw: str) -> None:
 def test_plain_unicode_is_kept_as_forwarded() -> None:
     assert paths.normalize("/caf%C3%A9/%E6%97%A5%E6%9C%AC").path == "/caf%C3%A9/%E6%97%A5%E6%9C%AC"
     assert paths.normalize("/café").path == "/café"
+    # Already NFKC: no other reading, so an ALLOW on such a path is not made ambiguous.
+    assert paths.normalize("/caf%C3%A9/%E6%97%A5%E6%9C%AC").readings == ()
+    assert paths.normalize("/café").readings == ()
 
 
 def test_unicode_lookalikes_are_refused_on_the_fast_path_too() -> None:
