@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--http-decision-api", action="store_true",
                        help="also serve the decision API as JSON (POST /v1/decide, /v1/explain) on --http-addr; "
                             "off by default: that port authenticates no caller (docs/decision-api.md)")
+    serve.add_argument("--grpc-explain", action="store_true",
+                       help="also serve the decision API's Explain on --grpc-addr; off by default: an "
+                            "explanation shows the bundle's rules to whoever may call Check (docs/decision-api.md)")
     serve.add_argument("--audit-log", action="append", metavar="TARGET",
                        help="'-' for stdout (default), a file path, or an http(s):// collector URL; "
                             "repeatable (docs/audit.md)")
@@ -227,7 +230,8 @@ def _serve(args: argparse.Namespace) -> int:
                           worker=args.worker_index, http_authz=http_authz_server,
                           on_started=lambda: _start(reloader, first_load), tls=listener_tls,
                           hidden=None if args.status_show_paths else _hidden_paths(args),
-                          first_load_done=first_load_done, http_decision_api=args.http_decision_api))
+                          first_load_done=first_load_done, http_decision_api=args.http_decision_api,
+                          grpc_explain=args.grpc_explain))
     except OSError as exc:  # a listener cannot bind: the message names the address
         print(f"authz serve: {exc}", file=sys.stderr)
         return EXIT_USAGE

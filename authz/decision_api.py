@@ -90,10 +90,11 @@ def decide(checker: Checker, req: decision_pb2.DecideRequest | None, explain: bo
 # --- gRPC --------------------------------------------------------------------------------
 
 
-def decision_methods(checker: Checker) -> dict[str, Callable[[bytes, grpc.ServicerContext], bytes]]:
-    """Decide and Explain on the gRPC server by full method name, taking raw bytes so that a
-    body that does not parse is answered with INVALID_ARGUMENT (and audited), not a generic
-    deserialisation error. Served through the admission gate (authz.admission), as Check is."""
+def decision_methods(checker: Checker, explain: bool) -> dict[str, Callable[[bytes, grpc.ServicerContext], bytes]]:
+    """Decide (and Explain, when ``explain``: it shows the bundle's rules to its caller) on
+    the gRPC server by full method name, taking raw bytes so that a body that does not parse
+    is answered with INVALID_ARGUMENT (and audited), not a generic deserialisation error.
+    Served through the admission gate (authz.admission), as Check is."""
 
     def method(explain: bool) -> Callable[[bytes, grpc.ServicerContext], bytes]:
         def call(data: bytes, context: grpc.ServicerContext) -> bytes:
@@ -108,7 +109,10 @@ def decision_methods(checker: Checker) -> dict[str, Callable[[bytes, grpc.Servic
 
         return call
 
-    return {f"/{SERVICE}/Decide": method(False), f"/{SERVICE}/Explain": method(True)}
+    methods = {f"/{SERVICE}/Decide": method(False)}
+    if explain:
+        methods[f"/{SERVICE}/Explain"] = method(True)
+    return methods
 
 
 # --- JSON over HTTP ----------------------------------------------------------------------

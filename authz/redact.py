@@ -49,6 +49,25 @@ def redact_authority(authority: str) -> str:
     return "***@" + authority.rpartition("@")[2] if "@" in authority else authority
 
 
+def credential_pattern(pattern: str) -> str:
+    """A bundle's pattern for a credential header as it may be shown: a break-glass token
+    written into a rule is as secret as the one a request sends. `*` (present) says nothing."""
+    return pattern if pattern == "*" else redacted(pattern)
+
+
+def condition_text(source: str) -> str:
+    """A CEL condition as it may be shown: one that names a credential header has every
+    other string literal replaced by ``"…"`` (`request.headers["x-api-key"] == "k-123"`)."""
+    lowered = source.lower()
+    if not any(name in lowered for name in NEVER_LOGGED):
+        return source
+
+    def one(m: re.Match[str]) -> str:
+        return m.group(0) if m.group(0)[1:-1].lower() in NEVER_LOGGED else '"…"'
+
+    return _QUOTED.sub(one, source)
+
+
 def header_value(name: str, value: str) -> str:
     """What may be shown of the value of request header ``name`` (lower case)."""
     if name in NEVER_LOGGED:

@@ -85,7 +85,7 @@ async def serve(
     worker: int | None = None, on_started: Callable[[], None] | None = None,
     http_authz: HttpAuthzServer | None = None, tls: ServerTls | None = None,
     hidden: Mapping[str, str] | None = None, first_load_done: threading.Event | None = None,
-    http_decision_api: bool = False,
+    http_decision_api: bool = False, grpc_explain: bool = False,
 ) -> None:
     """Serve until SIGTERM, then drain (docs/operations.md): health NOT_SERVING at once, checks
     answered for ``drain_grace`` seconds while load balancers take this endpoint out, then new
@@ -116,7 +116,7 @@ async def serve(
     # and open watches would hold the serving threads (authz.health).
     health_servicer = health.HealthServicer()
     gate = CheckGate(CHECK_METHOD, checker.check_bytes, metrics, server, stall_seconds=options.stall_seconds,
-                     others={**decision_api.decision_methods(checker),
+                     others={**decision_api.decision_methods(checker, grpc_explain),
                              grpc_health.CHECK_METHOD: grpc_health.check_method(health_servicer)},
                      watches={grpc_health.WATCH_METHOD: grpc_health.watch_method(health_servicer)},
                      max_watches=grpc_health.max_watches(options.grpc_threads))

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from authz import paths, spiffe
-from authz.redact import echo_free
+from authz.redact import condition_text, echo_free
 from authz.engine import explain, shaping
 from authz.engine.activation import Activation
 from authz.engine.cel import CelBudgetError, CelEvalError, evaluate
@@ -319,17 +319,17 @@ class PolicySet:
             # out would step around the DENY.
             if cond.needs_tenant and tenant is None and policy.action != "DENY":
                 if tracer is not None:
-                    tracer.step("when", False, f"{cond.source}: no tenant", policy.name, rule.name)
+                    tracer.step("when", False, f"{condition_text(cond.source)}: no tenant", policy.name, rule.name)
                 return False
             try:
                 ok = evaluate(cond, ctx)
             except CelEvalError as exc:
                 if tracer is not None:
-                    tracer.step("when", None, f"{cond.source}: error: {echo_free(exc)}", policy.name, rule.name)
+                    tracer.step("when", None, f"{condition_text(cond.source)}: error: {echo_free(exc)}", policy.name, rule.name)
                 reason = "condition over budget" if isinstance(exc, CelBudgetError) else "condition error"
                 raise _ConditionFailed(policy.name, rule.name, reason) from None
             if tracer is not None:
-                tracer.step("when", ok, f"{cond.source} = {str(ok).lower()}", policy.name, rule.name)
+                tracer.step("when", ok, f"{condition_text(cond.source)} = {str(ok).lower()}", policy.name, rule.name)
             if not ok:
                 return False
         return True

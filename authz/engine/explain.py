@@ -15,7 +15,7 @@ from typing import Any
 
 from authz import spiffe
 from authz.engine.model import Decision, HeaderMatch, IpMatch, Operation, PathMatch, Policy, RegexMatch, Source, StringMatch
-from authz.redact import NEVER_LOGGED, header_value
+from authz.redact import NEVER_LOGGED, credential_pattern, header_value
 from authz.request import Request
 
 
@@ -133,8 +133,13 @@ def _join(checks: list[tuple[bool, str] | None]) -> tuple[bool, str]:
 
 def _headers(name: str, hs: tuple[HeaderMatch, ...], req: Request, elements: bool, negative: bool
              ) -> list[tuple[bool, str] | None]:
-    return [_field(f"{name}[{h.name}]", req.headers.get(h.name, ""), h.values.patterns(),
+    return [_field(f"{name}[{h.name}]", req.headers.get(h.name, ""), _header_patterns(h),
                    h(req.headers, elements), negative, h.name) for h in hs]
+
+
+def _header_patterns(h: HeaderMatch) -> list[str]:
+    shown = h.values.patterns()
+    return [credential_pattern(p) for p in shown] if h.name in NEVER_LOGGED else shown
 
 
 def describe_operation(op: Operation, req: Request, allow: bool = True) -> tuple[bool, str]:

@@ -28,16 +28,18 @@ REVISION = "2026-11-25.1"
 
 @pytest.fixture(scope="module")
 def authz(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    served = serve(tmp_path_factory.mktemp("decision-api"), "--http-decision-api")
+    served = serve(tmp_path_factory.mktemp("decision-api"), "--http-decision-api", "--grpc-explain")
     try:
         yield served
     finally:
         served.stop()
 
 
-def test_the_json_api_is_off_unless_asked_for(tmp_path: Path) -> None:
+def test_the_json_api_and_grpc_explain_are_off_unless_asked_for(tmp_path: Path) -> None:
     """The probe port authenticates no caller, and an explanation shows every policy's rules:
-    without --http-decision-api, /v1/decide and /v1/explain are not there (gRPC still is)."""
+    without --http-decision-api, /v1/decide and /v1/explain are not there; without
+    --grpc-explain, neither is gRPC Explain (whoever may call Check may call it). gRPC Decide
+    answers no more than Check: it stays."""
     served = serve(tmp_path)
     try:
         for path in ("/v1/decide", "/v1/explain"):
@@ -48,6 +50,9 @@ def test_the_json_api_is_off_unless_asked_for(tmp_path: Path) -> None:
         channel, api = stub(served)
         with channel:
             assert api.Decide(tenant_request(), timeout=10).decision_id
+            with pytest.raises(grpc.RpcError) as rpc_err:
+                api.Explain(tenant_request(), timeout=10)
+            assert rpc_err.value.code() == grpc.StatusCode.UNIMPLEMENTED
     finally:
         served.stop()
 

@@ -1,5 +1,6 @@
 """Explain output (`authz check --explain`, /v1/explain, gRPC Explain) never shows a credential:
-a never-logged header is shown by its length only, an authority without its user info."""
+a never-logged header is shown by its length only, an authority without its user info, and a
+bundle's own patterns for such a header (a break-glass token in a rule) by their length too."""
 
 from __future__ import annotations
 
@@ -42,8 +43,8 @@ def trace(tmp_path: Path, **request: Any) -> str:
 def test_credential_headers_are_shown_by_length_only(tmp_path: Path) -> None:
     text = trace(tmp_path, headers={"authorization": SECRET, "x-api-key": "k-SECRET", "x-plan": "silver"})
     assert "SECRET" not in text
-    assert "FAILED headers[authorization]: <redacted, 13 characters> does not match [Basic *]" in text
-    assert "FAILED headers[x-api-key]: <redacted, 8 characters> does not match [legacy-*]" in text
+    assert "FAILED headers[authorization]: <redacted, 13 characters> does not match [<redacted, 7 characters>]" in text
+    assert "FAILED headers[x-api-key]: <redacted, 8 characters> does not match [<redacted, 8 characters>]" in text
     # Other headers stay readable: policy authors need them.
     assert "FAILED headers[x-plan]: 'silver' does not match [gold]" in text
 
@@ -52,7 +53,31 @@ def test_absent_and_negative_credential_headers(tmp_path: Path) -> None:
     text = trace(tmp_path, path="/c", headers={"cookie": "session=SECRET"})
     assert "SECRET" not in text
     assert "notHeaders[cookie]: <redacted, 14 characters> matches [*] (excluded)" in text
-    assert "headers[authorization]: (none) does not match [Basic *]" in trace(tmp_path / "2")
+    assert "headers[authorization]: (none) does not match [<redacted, 7 characters>]" in trace(tmp_path / "2")
+
+
+def test_credentials_written_into_the_bundle_are_not_shown(tmp_path: Path) -> None:
+    """A rule or a condition holding a static credential must not hand it to whoever may ask
+    for an explanation; other literals of other conditions stay readable."""
+    token, key = "Bearer BREAKGLASS-0123456789", "STATIC-KEY-abcdef"
+    policies: list[dict[str, Any]] = [
+        {"name": "break-glass", "action": "ALLOW", "rules": [
+            {"name": "token", "to": [{"operation": {"headers": {"authorization": [token]}}}]},
+            {"name": "key", "when": [f'request.headers["x-api-key"] == "{key}"']},
+            {"name": "key-single", "when": [f"request.headers['x-api-key'].startsWith('{key}')"]},
+            {"name": "plan", "when": ['request.headers["x-plan"] == "gold"']},
+        ]},
+    ]
+    store = BundleStore(None)
+    store.current = policy_set(tmp_path, policies)
+    tracer = Explainer()
+    Checker(store, None).run(check_request(headers={"authorization": "Bearer x", "x-api-key": "k",
+                                                    "x-plan": "silver"}), tracer)
+    text = "\n".join(tracer.lines())
+    assert "BREAKGLASS" not in text and key not in text, text
+    assert f"[<redacted, {len(token)} characters>]" in text
+    assert 'request.headers["x-api-key"] == "…" = false' in text
+    assert 'request.headers["x-plan"] == "gold" = false' in text
 
 
 def test_user_info_of_the_authority_is_not_shown(tmp_path: Path) -> None:
