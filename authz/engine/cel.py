@@ -65,6 +65,9 @@ _LITERAL_OR_COMMENT = re.compile(
 # The roots of the dotted variables: `tenant . plan` or `(tenant).plan` compile, and then
 # name nothing an activation holds; every check would be a condition error.
 _ROOTS = re.compile(r"(?<![\w.])(tenant|request|source|destination|connection)(?![\w])")
+# CEL's root-scope dot (`.request.path`): the same variable, which the name search above
+# would miss; refused rather than read, one spelling being enough.
+_ROOT_DOT = re.compile(r"(?:^|(?<=[^\w)\]}\s.]))\s*(\.)\s*(?:tenant|request|source|destination|connection|data)(?![\w])")
 _ERROR_POS = re.compile(r"<input>:(\d+):(\d+): (.*)")
 # The membership test authors write most; answered from a frozenset instead of a CEL map
 # so its cost does not grow with the number of callers a tenant has.
@@ -145,6 +148,11 @@ def _variables(expression: str) -> tuple[str, ...]:
     """The variables ``expression`` reads, found in its code (not its strings or comments).
     Raises CelCompileError for a variable spelled so that it would name nothing."""
     code = cel_code(expression)
+    dot = _ROOT_DOT.search(cel_code_blanked(expression))
+    if dot is not None:
+        before = expression[:dot.start(1)]
+        raise CelCompileError("write the variable without the leading '.'", before.count("\n") + 1,
+                              dot.start(1) - (before.rfind("\n") + 1) + 1)
     for m in _ROOTS.finditer(code):
         if not _NAME_RE.match(code, m.start()):
             before = code[:m.start()]
@@ -239,7 +247,11 @@ def compile_condition(expression: str) -> Condition:
 
 
 def _caller_in_tenant(ctx: Mapping[str, Any]) -> bool:
-    return ctx["source.principal"] in ctx["tenant.callers_set"]
+    try:
+        callers = ctx["tenant.callers_set"]
+    except KeyError:  # no tenant: an error, as CEL's own evaluation would give
+        raise CelEvalError("no value for tenant.callers") from None
+    return ctx["source.principal"] in callers
 
 
 def evaluate(condition: Condition, ctx: Mapping[str, Any]) -> bool:
@@ -255,10 +267,12 @@ def evaluate(condition: Condition, ctx: Mapping[str, Any]) -> bool:
 def _run(expression: Condition, ctx: Mapping[str, Any], what: str) -> tuple[Any, Any]:
     """(value, type) of a compiled expression within the cost bounds; CelEvalError for an
     error value, CelBudgetError past a bound."""
-    try:
-        data = {name: ctx[name] for name in expression.variables}
-    except KeyError as exc:
-        raise CelEvalError(f"no value for {exc.args[0]}") from None
+    data = {}
+    for name in expression.variables:
+        try:
+            data[name] = ctx[name]
+        except KeyError:  # no tenant: left out, CEL reads the name as an error, which `a || b`
+            pass  # and `a && b` absorb as CEL says (`true || tenant.plan == "x"` is true)
     for name, value in data.items():
         _check_input(name, value)
     started = time.perf_counter()

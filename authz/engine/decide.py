@@ -55,6 +55,25 @@ class _ConditionFailed(Exception):
     pass
 
 
+class _RequestTenant:
+    """The one tenant a request may be judged as. Policies may each name theirs (a header, a
+    path capture, the caller's identity); were a DENY to judge the header's tenant and an
+    ALLOW grant the path's, a client naming another tenant in the header would step around
+    the DENY while the upstream serves the path's. So every enforcing policy that resolves a
+    tenant for a rule it reaches must resolve the same one."""
+
+    __slots__ = ("id",)
+
+    def __init__(self) -> None:
+        self.id: str | None = None
+
+    def agree(self, tenant: str, policy: str) -> None:
+        if self.id is None:
+            self.id = tenant
+        elif tenant != self.id:
+            raise _TenantDenied("tenant mismatch", tenant, policy)
+
+
 @dataclass(frozen=True, slots=True)
 class PolicySet:
     name: str
@@ -129,6 +148,7 @@ class PolicySet:
         audit: list[str] = []
         dry_run: list[str] = []
         views = _readings(req)
+        seen = _RequestTenant()
         try:
             for policy in policies:
                 if policy.action != "DENY":
@@ -136,13 +156,13 @@ class PolicySet:
                 if policy.dry_run:
                     dry_run.extend(self._dry_run(policy, views, "deny", tracer))
                     continue
-                hit = self._first_match_any(policy, views, tracer)
+                hit = self._first_match_any(policy, views, tracer, seen)
                 if hit is not None:
                     return Decision(False, "denied by policy", policy.name, hit[0].name, "DENY",
                                     hit[1], tuple(audit), tuple(dry_run))
             for policy in policies:
                 if policy.action == "AUDIT":
-                    hit = self._first_match_any(policy, views, tracer)
+                    hit = self._first_match_any(policy, views, tracer, None if policy.dry_run else seen)
                     if hit is not None:
                         audit.append(f"{policy.name}/{hit[0].name}")
             allow_applies = False
@@ -163,7 +183,7 @@ class PolicySet:
                         tracer.step("target", None, "names its workload by host only, and the request's "
                                     "destination is identified by principal: it cannot allow", policy.name)
                     continue
-                hit = self._first_match(policy, req, tracer, allow=True)
+                hit = self._first_match(policy, req, tracer, allow=True, seen=seen)
                 if hit is not None:
                     unmatched = self._unallowed_reading(policies, req, hit[1], tracer, identified)
                     if unmatched is not None:
@@ -203,13 +223,13 @@ class PolicySet:
             return [f"{policy.name}/tenant=error"]
         return [f"{policy.name}/{hit[0].name}=allow" if hit else f"{policy.name}=deny"]
 
-    def _first_match_any(self, policy: Policy, views: tuple[Request, ...],
-                         tracer: Tracer | None) -> tuple[Rule, str | None] | None:
+    def _first_match_any(self, policy: Policy, views: tuple[Request, ...], tracer: Tracer | None,
+                         seen: _RequestTenant | None = None) -> tuple[Rule, str | None] | None:
         """A DENY or AUDIT rule matches when it matches any reading of the request."""
         for i, view in enumerate(views):
             if i and tracer is not None:
                 tracer.step("reading", None, f"also read as {view.method} {view.path}", policy.name)
-            hit = self._first_match(policy, view, tracer, allow=False)
+            hit = self._first_match(policy, view, tracer, allow=False, seen=seen)
             if hit is not None:
                 return hit
         return None
@@ -235,17 +255,15 @@ class PolicySet:
     # --- matching ----------------------------------------------------------------------
 
     def _first_match(
-        self, policy: Policy, req: Request, tracer: Tracer | None, allow: bool
+        self, policy: Policy, req: Request, tracer: Tracer | None, allow: bool,
+        seen: _RequestTenant | None = None,
     ) -> tuple[Rule, str | None] | None:
+        """The first rule of ``policy`` that matches ``req``, and the tenant it matched for.
+        ``seen``: the request's tenant so far (None for a dry run, which decides nothing)."""
+        # A tenant from a header or the identity is judged once a rule's `to` matches: a
+        # policy whose rules do not cover the request does not judge it (its tenant either).
         fixed_tenant: Tenant | None = None
-        if policy.tenant is not None and policy.tenant.kind != "pathCapture":
-            if policy.tenant.kind == "header":
-                raw = req.headers.get(policy.tenant.key)
-            elif req.source is not None and self.trust_domains.known(req.source.trust_domain):
-                raw = req.source.after(policy.tenant.key)
-            else:  # no SPIFFE ID, or one of a trust domain the bundle does not name: no tenant
-                raw = None
-            fixed_tenant = self._tenant(raw, policy, tracer)
+        fixed_pending = policy.tenant is not None and policy.tenant.kind != "pathCapture"
         if tracer is not None:
             tracer.step("policy", None, f"{policy.action}{' (dry run)' if policy.dry_run else ''}, "
                         f"{len(policy.rules)} rule{'' if len(policy.rules) == 1 else 's'}"
@@ -266,6 +284,9 @@ class PolicySet:
             if tracer is not None and rule.operations:
                 tracer.step("to", True, explain.describe_operations(rule.operations, req, allow), policy.name,
                             rule.name)
+            if fixed_pending:
+                fixed_tenant = self._tenant(self._fixed_tenant_id(policy, req), policy, tracer)
+                fixed_pending = False
             tenant = fixed_tenant
             if policy.tenant is not None and policy.tenant.kind == "pathCapture":
                 tenant = self._tenant(captures.get(policy.tenant.key), policy, tracer)
@@ -274,6 +295,8 @@ class PolicySet:
                 # The path names a tenant too, and not this one: the upstream may serve the
                 # path's. One tenant never reaches another's data by crafting a path.
                 raise _TenantDenied("tenant mismatch", named, policy.name)
+            if tenant is not None and seen is not None:
+                seen.agree(tenant.id, policy.name)
             if rule.sources and not any(_source_matches(s, req) for s in rule.sources):
                 if tracer is not None:
                     tracer.step("from", False, explain.describe_sources(rule.sources, req), policy.name, rule.name)
@@ -286,6 +309,15 @@ class PolicySet:
                 tracer.step("rule", True, f"matched ({policy.action})", policy.name, rule.name)
             return rule, (tenant.id if tenant is not None else None)
         return None
+
+    def _fixed_tenant_id(self, policy: Policy, req: Request) -> str | None:
+        """The tenant id a header or identity tenant source names, or None."""
+        assert policy.tenant is not None
+        if policy.tenant.kind == "header":
+            return req.headers.get(policy.tenant.key)
+        if req.source is not None and self.trust_domains.known(req.source.trust_domain):
+            return req.source.after(policy.tenant.key) or None  # no such segment: no tenant
+        return None  # no SPIFFE ID, or one of a trust domain the bundle does not name: no tenant
 
     def _tenant(self, raw: str | None, policy: Policy, tracer: Tracer | None) -> Tenant | None:
         if raw is None:

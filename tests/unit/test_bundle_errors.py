@@ -203,6 +203,20 @@ def test_a_variable_spelt_so_it_names_nothing_is_a_load_error(tmp_path: Path, ex
     assert "with nothing between the name, the dot and the field" in msg
 
 
+@pytest.mark.parametrize(("expression", "column"), [
+    (".request.path == '/a'", 1),
+    ("request.path == '/a' && (.tenant.plan == 'x')", 26),
+    ("request.path == '.request' && [1].all(x, . data.a == x)", 42),
+])
+def test_a_variable_with_the_root_scope_dot_is_a_load_error(tmp_path: Path, expression: str, column: int) -> None:
+    """CEL reads `.request.path` as request.path; the variable search did not, so the value
+    was never given and every check was a condition error (and `.tenant` needed no source)."""
+    text = HEADER + f'name: p\naction: ALLOW\nrules:\n  - when:\n      - "{expression}"\n'
+    (msg,) = problems(bundle_with(tmp_path, text))
+    assert msg.startswith(f"policies/p.yaml:7:{9 + column}: error: invalid CEL at column {column}"), msg
+    assert "without the leading '.'" in msg
+
+
 def test_an_upper_case_header_name_in_a_condition_is_a_load_error(tmp_path: Path) -> None:
     """request.headers has lower-case names: a DENY on 'X-Debug' never fired."""
     text = HEADER + "name: p\naction: DENY\nrules:\n  - when:\n      - \"'X-Debug' in request.headers\"\n"

@@ -595,6 +595,68 @@ def test_a_deny_condition_on_the_tenant_fires_without_a_tenant(tmp_path: Path) -
     assert decide(ps, principal=CHECKOUT, path="/v1/x").reason == "no allow rule matched"
 
 
+def test_a_deny_on_a_header_tenant_is_not_stepped_around_by_naming_another_tenant(tmp_path: Path) -> None:
+    """The DENY judged the header's tenant (acme, not suspended) while the ALLOW granted the
+    path's (globex, suspended): the upstream served globex. One request, one tenant."""
+    tenants = {**TENANTS, "globex": {**TENANTS["globex"], "flags": {"suspended": True}}}
+    suspended = {"name": "suspended", "action": "DENY", "tenant": {"header": "x-tenant"},
+                 "rules": [{"name": "r", "when": ["has(tenant.flags.suspended) && tenant.flags.suspended"]}]}
+    orders = tenant_policy({"pathCapture": "tenant"}, ["/v1/tenants/{tenant}/orders"],
+                           ["source.principal in tenant.callers"])
+    ps = policy_set(tmp_path, [suspended, orders], tenants=tenants)
+    d = decide(ps, principal=BILLING, path="/v1/tenants/globex/orders", headers={"x-tenant": "acme"})
+    assert (d.allowed, d.reason, d.tenant) == (False, "tenant mismatch", None)
+    d = decide(ps, principal=BILLING, path="/v1/tenants/globex/orders", headers={"x-tenant": "globex"})
+    assert (d.allowed, d.policy) == (False, "suspended")
+    d = decide(ps, principal=CHECKOUT, path="/v1/tenants/acme/orders", headers={"x-tenant": "acme"})
+    assert (d.allowed, d.tenant) == (True, "acme")
+    # A dry-run DENY decides nothing, its tenant included.
+    ps = policy_set(tmp_path / "dry", [{**suspended, "dryRun": True}, orders], tenants=tenants)
+    assert decide(ps, principal=BILLING, path="/v1/tenants/globex/orders", headers={"x-tenant": "acme"}).allowed
+
+
+def test_a_tenant_source_is_read_only_for_rules_that_cover_the_request(tmp_path: Path) -> None:
+    """A DENY on /admin whose tenant comes from a header does not judge /public (nor its header);
+    a caller whose identity lacks the tenant segment has no tenant, not an invalid one."""
+    admin = {"name": "admin", "action": "DENY", "tenant": {"header": "x-tenant"},
+             "rules": [{"name": "r", **op(paths=["/admin/*"]), "when": ["tenant.plan == 'free'"]}]}
+    ps = policy_set(tmp_path, [admin, allow({})], tenants=TENANTS)
+    assert decide(ps, principal=CHECKOUT, path="/public", headers={"x-tenant": "no such"}).allowed
+    assert decide(ps, principal=CHECKOUT, path="/admin/x", headers={"x-tenant": "no such"}).reason == "invalid tenant"
+    assert decide(ps, principal=CHECKOUT, path="/admin/x", headers={"x-tenant": "globex"}).policy == "admin"
+    ps = policy_set(tmp_path / "seg", [tenant_policy({"principalSegment": "tenant"}, ["/v1/{**}"],
+                                                     ["source.principal in tenant.callers"])], tenants=TENANTS)
+    d = decide(ps, principal=CHECKOUT, path="/v1/x")  # .../ns/prod/sa/checkout: no `tenant` segment
+    assert (d.allowed, d.reason) == (False, "no allow rule matched")
+
+
+def test_a_deny_condition_missing_its_tenant_is_read_as_cel_reads_an_error(tmp_path: Path) -> None:
+    """Without a tenant, tenant.* is an error inside CEL: `false && error` is false and
+    `true || error` true, as CEL defines them; an error left standing is a deny."""
+    premium = {"name": "premium", "action": "DENY", "tenant": {"header": "x-tenant"},
+               "rules": [{"name": "r", "when": ["request.path.startsWith('/premium') && tenant.plan == 'free'"]}]}
+    admin = {"name": "admin", "action": "DENY", "tenant": {"header": "x-tenant"},
+             "rules": [{"name": "r", "when": ["request.path == '/admin' || tenant.plan == 'free'"]}]}
+    ps = policy_set(tmp_path, [premium, allow({})], tenants=TENANTS)
+    assert decide(ps, principal=CHECKOUT, path="/public").allowed
+    assert decide(ps, principal=CHECKOUT, path="/premium/x").reason == "condition error"
+    ps = policy_set(tmp_path / "b", [admin, allow({})], tenants=TENANTS)
+    assert (decide(ps, principal=CHECKOUT, path="/admin").reason) == "denied by policy"
+    assert decide(ps, principal=CHECKOUT, path="/other").reason == "condition error"
+
+
+def test_a_dry_run_deny_on_tenant_callers_without_a_tenant_is_recorded_not_enforced(tmp_path: Path) -> None:
+    """The native `source.principal in tenant.callers` raised a KeyError without a tenant: an
+    internal error, denying, where a dry run decides nothing."""
+    dry = {"name": "dry", "action": "DENY", "dryRun": True, "tenant": {"header": "x-tenant"},
+           "rules": [{"name": "r", "when": ["source.principal in tenant.callers"]}]}
+    ps = policy_set(tmp_path, [dry, allow({})], tenants=TENANTS)
+    d = decide(ps, principal=CHECKOUT, path="/dry/x")
+    assert d.allowed and d.dry_run == ("dry/r=error",)
+    enforced = policy_set(tmp_path / "e", [{**dry, "dryRun": False}, allow({})], tenants=TENANTS)
+    assert decide(enforced, principal=CHECKOUT, path="/dry/x").reason == "condition error"
+
+
 def test_the_rule_index_decides_tenant_mismatches_as_the_explained_path_does(tmp_path: Path) -> None:
     """With eight rules the policy is indexed; narrowed by caller, the rule whose path names
     another tenant was never looked at, and a later policy allowed what --explain denied."""
