@@ -89,6 +89,7 @@ def warnings(files: BundleFiles, policy_set: PolicySet | None) -> list[Problem]:
     out += _wildcard_principals(files)
     out += _foreign_trust_domains(files, td, aliases)
     out += _methods(files)
+    out += _unchecked_tenant_segments(files)
     out += _stars(files, imported)
     out += _unused_data(files)
     out += lint_headers.secret_headers(files)
@@ -167,6 +168,35 @@ def _wildcard_principals(files: BundleFiles) -> list[Problem]:
                     out.append(_warn(doc.at(("rules", i, "from", j, "source", "principals", k)),
                                      f"ALLOW rule '{v['name']}/{name}' has wildcard principal {value!r}: "
                                      "it admits every workload of the mesh, not one caller"))
+    return out
+
+
+# --- tenants ------------------------------------------------------------------------------
+
+_TENANTS_SEGMENT = re.compile(r"^tenants?$", re.IGNORECASE)
+
+
+def _unchecked_tenant_segments(files: BundleFiles) -> list[Problem]:
+    """A policy whose tenant comes from a header or the identity checks a path's tenant only
+    where the path captures it as `{tenant}`: `/v1/tenants/*` with `x-tenant: acme` would
+    allow acme's caller onto globex's path, which an upstream routing on the path serves."""
+    out = []
+    for doc, v in _policy_docs(files):
+        source = v.get("tenant")
+        if v.get("action") != "ALLOW" or not isinstance(source, dict) or "pathCapture" in source:
+            continue
+        for i, rule, j, operation in _operations(v):
+            for k, path in enumerate(operation.get("paths") or []):
+                segments = str(path).split("/")
+                for a, b in zip(segments, segments[1:]):
+                    if _TENANTS_SEGMENT.match(a) and b != "{tenant}" and (b.startswith("{") or "*" in b):
+                        name = rule.get("name", f"rule-{i + 1}")
+                        out.append(_warn(doc.at(("rules", i, "to", j, "operation", "paths", k)),
+                                         f"ALLOW rule '{v['name']}/{name}': path {path!r} names a tenant "
+                                         f"segment ({b!r}) that is not checked against the tenant of its "
+                                         f"{'header' if 'header' in source else 'identity'}; capture it as "
+                                         "{tenant} so a path naming another tenant is denied (tenant mismatch)"))
+                        break
     return out
 
 

@@ -440,3 +440,27 @@ def test_imported_bundle_dead_patterns_are_warnings_without_advice(tmp_path: Pat
     assert imported == [("policies/p.yaml:5:40: warning: principal 'bad*x/ns/a/sa/b' has a '*' inside its trust "
                          "domain, which only letters, digits, '.', '-' and '_' make up: it can never match, as in "
                          "the Istio policy it came from")]
+
+
+def test_a_tenant_segment_not_checked_against_a_header_tenant_is_a_warning(tmp_path: Path) -> None:
+    """With the tenant from a header, only a `{tenant}` capture is compared with it: acme's
+    caller with `x-tenant: acme` was allowed onto /v1/tenants/globex/orders by `{t}` or `*`."""
+    text = """\
+        apiVersion: authz/v1
+        kind: Policy
+        name: api
+        action: ALLOW
+        tenant:
+          header: x-tenant
+        rules:
+          - name: r
+            to:
+              - operation:
+                  paths: ["/v1/tenants/{t}/orders", "/v1/Tenants/*", "/v1/tenants/{tenant}/x", "/v2/{**}"]
+            when: ["source.principal in tenant.callers"]
+        """
+    problems = lint(bundle(tmp_path, text, tenants__t_yaml="tenants:\n  acme: {callers: []}\n"))
+    assert has(problems, "policies/p.yaml:11:19: warning: ALLOW rule 'api/r': path '/v1/tenants/{t}/orders' names "
+               "a tenant segment ('{t}') that is not checked against the tenant of its header", "{tenant}")
+    assert has(problems, "policies/p.yaml:11:45: warning: ALLOW rule 'api/r': path '/v1/Tenants/*'", "('*')")
+    assert sum("tenant segment" in p for p in problems) == 2, problems
