@@ -70,7 +70,9 @@ def parse_head(head: bytes, *, require_host: bool = True) -> tuple[str, str, dic
         try:  # read as latin-1 with the head: the value's bytes, read as the UTF-8 Envoy sends
             value = value.strip(" \t").encode("latin-1").decode("utf-8")
         except UnicodeDecodeError:
-            raise Malformed(f"header {key} is not UTF-8") from None
+            # No name in the reason: it is a metric label, and a client choosing names would
+            # make one series per request.
+            raise Malformed("a header value is not UTF-8") from None
         if key == "host" and key in headers:
             raise Malformed("more than one host header")  # joined, it would match no host rule
         headers[key] = f"{headers[key]},{value}" if key in headers else value
