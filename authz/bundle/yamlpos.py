@@ -68,6 +68,8 @@ class YamlError(ValueError):
 def load_documents(text: str, file: str) -> list[Document]:
     """Parse every document of a YAML stream; raises YamlError with the position."""
     try:
+        if len(text) > COUNT_ABOVE_CHARS:
+            _count_nodes(text, file)
         nodes = list(yaml.compose_all(text, Loader=_Loader))
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
@@ -92,8 +94,23 @@ def load_documents(text: str, file: str) -> list[Document]:
     return docs
 
 
-MAX_NODES = 2_000_000  # values of one file: a 100k-tenant file holds under a million
+MAX_NODES = 1_000_000  # values of one file: a 100k-tenant file holds under a million
 MAX_ALIASED_NODES = 100_000  # values reached through aliases, each copied where it is used
+# A composed node costs ~500 bytes, and a value can take 2 characters (`1,`): 4 MB of YAML
+# composed to 1 GB before the count in _convert saw it. Past this size a file's values are
+# counted on the parser's events first, one at a time, in bounded memory.
+COUNT_ABOVE_CHARS = 256 * 1024
+
+
+def _count_nodes(text: str, file: str) -> None:
+    nodes = 0
+    for event in yaml.parse(text, Loader=_Loader):
+        if isinstance(event, (yaml.ScalarEvent, yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+            nodes += 1
+            if nodes > MAX_NODES:
+                mark = event.start_mark
+                raise YamlError(Position(file, mark.line + 1, mark.column + 1),
+                                f"file holds more than {MAX_NODES} values")
 
 
 class _Budget:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -171,6 +174,26 @@ def test_hostile_yaml_is_a_clear_error_in_bounded_time(tmp_path: Path, text: str
     (root / "data" / "x.yaml").write_text(text)
     (msg,) = problems(root)
     assert msg.startswith(where) and why in msg, msg
+
+
+def test_a_yaml_file_of_tiny_values_is_refused_before_it_is_composed(tmp_path: Path) -> None:
+    """2.1 million one-character values (4 MB, 4 KB gzipped) composed to 1 GB of nodes before
+    they were counted. Counted on the parser's events first, the process stays small."""
+    path = tmp_path / "d.yaml"
+    path.write_text("[" + "1," * 2_100_000 + "1]\n")
+    script = textwrap.dedent(f"""\
+        import resource
+        from authz.bundle import yamlpos
+        try:
+            yamlpos.load_documents(open({str(path)!r}).read(), "data/d.yaml")
+        except yamlpos.YamlError as exc:
+            print(exc)
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+        """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    message, peak_mb = out.stdout.splitlines()
+    assert message == "data/d.yaml:1:2000000: file holds more than 1000000 values"
+    assert int(peak_mb) < 150, f"{peak_mb} MB"
 
 
 def test_a_json_key_given_twice_is_an_error(tmp_path: Path) -> None:
