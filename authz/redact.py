@@ -29,6 +29,10 @@ NEVER_LOGGED = frozenset({
 })
 # Headers holding the authority, which may carry user info (user:password@host).
 _AUTHORITY_HEADERS = frozenset({"host", ":authority"})
+# Headers holding a URL or a path, whose query may carry a token (`?access_token=`): shown
+# with every query value replaced, as redact_url shows a URL.
+_URL_HEADERS = frozenset({":path", "referer", "x-envoy-original-path", "x-original-url", "x-forwarded-uri",
+                          "x-rewrite-url", "location", "content-location"})
 
 MAX_ERROR_TEXT = 256
 # A quoted literal with its escapes; one left open (cut short) runs to the end of the text.
@@ -74,6 +78,8 @@ def header_value(name: str, value: str) -> str:
         return redacted(value)
     if name in _AUTHORITY_HEADERS:
         return redact_authority(value)
+    if name in _URL_HEADERS:
+        return redact_url(value)
     return value
 
 

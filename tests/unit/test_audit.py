@@ -221,6 +221,23 @@ def test_credentials_leave_no_trace_in_any_sink(tmp_path: Path) -> None:
     assert sample(metrics, "authz_audit_records_total", sink="http") == 3
 
 
+def test_allow_listed_url_headers_keep_no_query_values(tmp_path: Path) -> None:
+    """`--audit-header referer` (or `:path`) wrote `?access_token=...` into every record, where
+    the record's own path drops its query unless --audit-log-query."""
+    stream = io.StringIO()
+    headers = {"referer": "https://a.example/?token=SeCrEt7", "x-envoy-original-path": "/o?api_key=SeCrEt2",
+               ":path": "/v1/orders?access_token=SeCrEt1"}  # Envoy sends the pseudo-headers too
+    requests = [check_request(path="/v1/orders?access_token=SeCrEt1", headers=headers)]
+    run_checks(tmp_path, requests, [StreamSink(stream)],
+               header_allowlist=[":path", "referer", "x-envoy-original-path"])
+    text = stream.getvalue()
+    assert "SeCrEt" not in text, text
+    record = json.loads(text.splitlines()[0])
+    assert record["headers"] == {":path": "/v1/orders?access_token=REDACTED",
+                                 "referer": "https://a.example/?token=REDACTED",
+                                 "x-envoy-original-path": "/o?api_key=REDACTED"}
+
+
 @pytest.mark.parametrize("name", sorted(NEVER_LOGGED) + ["Authorization", " COOKIE "])
 def test_credential_headers_can_never_be_allow_listed(name: str, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="can never"):
