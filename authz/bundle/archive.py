@@ -28,6 +28,7 @@ import os
 import posixpath
 import tarfile
 import tempfile
+import unicodedata
 import zlib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -98,11 +99,19 @@ def is_hidden(name: str) -> bool:
 MAX_NAME = 1024  # characters of a member's path; a part at most 255 (a file name on Linux)
 
 
+def unshowable(name: str) -> bool:
+    """A file name holding a control, format (bidi, zero-width) or line-separator character:
+    quoted in a log line or an error, it could forge another line or hide its own text."""
+    return not name.isprintable() and any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in name)
+
+
 def safe_name(name: str) -> str | None:
     """The normalised relative path of an archive member, or None when it is unsafe: one
     that climbs out, is absolute, is not UTF-8 (tarfile hands such bytes over as
-    surrogates) or could not be written out as a file here."""
+    surrogates), holds characters no log may print, or could not be written out as a file here."""
     if not name or "\0" in name or "\\" in name or name.startswith("/") or len(name) > MAX_NAME:
+        return None
+    if unshowable(name):
         return None
     try:
         name.encode("utf-8")
@@ -149,8 +158,8 @@ def unpack(data: bytes, origin: str, limits: Limits = DEFAULT_LIMITS) -> Snapsho
                 if name is None:
                     raise reject(
                         where,
-                        f"archive entry {member.name!r} has an unsafe path "
-                        "(absolute, '..' or empty)",
+                        f"archive entry {ascii(member.name)} has an unsafe path "
+                        "(absolute, '..', empty or with control characters)",
                     )
                 if member.isdir():
                     continue
@@ -335,7 +344,7 @@ def materialize(snap: Snapshot) -> Iterator[Path]:
         root = Path(tmp)
         for name, data in snap.files.items():
             if safe_name(name) != name:
-                raise reject(name, "unsafe file name in bundle")
+                raise reject(ascii(name), "unsafe file name in bundle")
             path = root / name
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)

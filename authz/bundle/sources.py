@@ -39,7 +39,7 @@ from http.client import HTTPMessage
 from pathlib import Path
 from typing import Any, Protocol
 
-from authz.bundle.archive import DEFAULT_LIMITS, Limits, Snapshot, reject, unpack
+from authz.bundle.archive import DEFAULT_LIMITS, Limits, Snapshot, reject, unpack, unshowable
 from authz.credentials import TokenFile, client_auth
 from authz.redact import redact_url
 from authz.tls import ClientTls, client_context
@@ -144,6 +144,8 @@ def _rel(rel_dir: str, name: str) -> str:
         rel.encode("utf-8")
     except UnicodeEncodeError:  # os.walk hands undecodable bytes over as surrogates
         raise reject(ascii(rel), "file name is not UTF-8") from None
+    if unshowable(rel):  # quoted in logs and /v1/status, it could forge a line
+        raise reject(ascii(rel), "file name holds control characters") from None
     return rel
 
 

@@ -148,6 +148,10 @@ def test_truncated_archive_is_rejected(tmp_path: Path) -> None:
         # a name that is not UTF-8 stopped the reloader (its digest could not be taken)
         (member("data/caf\udce9.yaml"), "unsafe path"),
         (member("data/" + "x" * 300 + ".yaml"), "unsafe path"),  # no such file name here
+        # quoted in a log line, a name could forge another line or hide its text
+        (member("policies/a\n2026-12-01 INFO serving.yaml"), "unsafe path"),
+        (member("policies/a\x1b[31m.yaml"), "unsafe path"),
+        (member("policies/\u202eevil.yaml"), "unsafe path"),
     ],
 )
 def test_unsafe_members_are_rejected(info: tarfile.TarInfo, why: str) -> None:

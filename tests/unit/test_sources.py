@@ -301,7 +301,7 @@ def test_nothing_outside_the_bundle_directory_is_read(tmp_path: Path) -> None:
     assert "data/inside.yaml" in DirectorySource(root).fetch().files
 
 
-@pytest.mark.parametrize("kind", ["dangling link", "fifo", "not utf-8"])
+@pytest.mark.parametrize("kind", ["dangling link", "fifo", "not utf-8", "control characters"])
 def test_an_entry_that_is_not_a_readable_file_rejects_the_bundle(tmp_path: Path, kind: str) -> None:
     """Skipped, it could have been the file holding a DENY policy: the bundle would be
     served without it. A FIFO must not block the reloader either."""
@@ -312,9 +312,12 @@ def test_an_entry_that_is_not_a_readable_file_rejects_the_bundle(tmp_path: Path,
     elif kind == "fifo":
         os.mkfifo(root / "policies" / "deny.yaml")
         where = "policies/deny.yaml"
-    else:
+    elif kind == "not utf-8":
         (root / os.fsdecode(b"notes-\xe9.txt")).write_text("x")
         where = "notes-"
+    else:  # quoted in a log line, the name forged another ("...\n<time> INFO serving bundle ...")
+        (root / "policies" / "a\x1b[31m\n2026-12-01 INFO authz.bundle: serving.yaml").write_text("{{{")
+        where = "policies/a\\x1b[31m\\n2026"
     started = time.monotonic()
     with pytest.raises(BundleError) as err:
         DirectorySource(root).fetch()
