@@ -35,6 +35,7 @@ from typing import Any
 from authz import lint_headers
 from authz.bundle.loader import BundleError, BundleFiles, read_bundle
 from authz.bundle.schema import Problem
+from authz.bundle.sources import SourceUnavailable, read_directory
 from authz.bundle.yamlpos import Document, Position
 from authz.engine.compile import compile_bundle
 from authz.engine.decide import PolicySet
@@ -61,9 +62,14 @@ _DATA_DYNAMIC = re.compile(r"(?<![\w.])data\s*\[\s*[^'\"\s]")
 def lint_bundle(root: Path) -> list[Problem]:
     """Errors and warnings for the bundle at ``root``, sorted by position."""
     try:
+        # First as `authz serve` reads a directory: what it refuses (a FIFO, a link out of the
+        # bundle, a name no log may print) must not pass lint.
+        read_directory(root)
         files = read_bundle(root, require_policies=True)
     except BundleError as exc:
         return _sorted(exc.problems)
+    except SourceUnavailable as exc:
+        return [Problem(Position(str(root), 1, 1), str(exc))]
     problems: list[Problem] = []
     policy_set: PolicySet | None = None
     try:

@@ -122,6 +122,10 @@ class _Budget:
         self.aliased = 0
 
 
+_PLAIN_TAGS = frozenset({"tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"})
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
 def _at(doc: Document, node: yaml.Node) -> Position:
     return Position(doc.file, node.start_mark.line + 1, node.start_mark.column + 1)
 
@@ -142,6 +146,10 @@ def _convert(node: yaml.Node, path: Path, doc: Document, budget: _Budget, aliase
         if budget.aliased > MAX_ALIASED_NODES:
             raise YamlError(_at(doc, node), f"aliases expand to more than {MAX_ALIASED_NODES} values")
     doc.positions[path] = _at(doc, node)
+    if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)) and node.tag not in _PLAIN_TAGS:
+        # `!!python/object/apply:...`, `!!set`, `!!omap` on a collection: read as a plain one
+        # it would mean something else than its author wrote.
+        raise YamlError(_at(doc, node), f"invalid value: tag {node.tag!r} is not allowed")
     if isinstance(node, yaml.MappingNode):
         out: dict[str, Any] = {}
         for key_node, value_node in node.value:
@@ -149,6 +157,8 @@ def _convert(node: yaml.Node, path: Path, doc: Document, budget: _Budget, aliase
             # would be the int 34 (octal), `1.10` the float 1.1 and `yes` True, each naming
             # something else.
             key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(_scalar(key_node, doc))
+            if key == "<<" and key_node.tag == _MERGE_TAG:
+                raise YamlError(_at(doc, key_node), "merge keys ('<<') are not supported: write the keys out")
             child = (*path, key)
             if key in out:
                 pos = Position(doc.file, key_node.start_mark.line + 1, key_node.start_mark.column + 1)

@@ -167,6 +167,11 @@ def test_two_data_files_of_one_name_are_rejected(tmp_path: Path) -> None:
     ("[" * 900 + "]" * 900, "data/x.yaml:1:1:", "nested too deeply"),
     ("x: !!python/name:os.system ''\n", "data/x.yaml:1:4:", "invalid value"),
     ("x: !!int notanint\n", "data/x.yaml:1:4:", "invalid value"),
+    # a tag on a collection was dropped: the list was read as a plain list
+    ("x: !!python/object/apply:os.system [ls]\n", "data/x.yaml:1:4:", "tag 'tag:yaml.org,2002:python/object"),
+    ("x: !!set {a: null}\n", "data/x.yaml:1:4:", "is not allowed"),
+    # `<<` was kept as a key named `<<`: data.x.m.a was missing at check time
+    ("a: &a {k: 1}\nm:\n  <<: *a\n", "data/x.yaml:3:3:", "merge keys"),
 ])
 def test_hostile_yaml_is_a_clear_error_in_bounded_time(tmp_path: Path, text: str, where: str, why: str) -> None:
     root = bundle_with(tmp_path, HEADER + "name: p\naction: ALLOW\n")

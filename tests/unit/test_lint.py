@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import textwrap
 from pathlib import Path
 
@@ -464,3 +465,23 @@ def test_a_tenant_segment_not_checked_against_a_header_tenant_is_a_warning(tmp_p
                "a tenant segment ('{t}') that is not checked against the tenant of its header", "{tenant}")
     assert has(problems, "policies/p.yaml:11:45: warning: ALLOW rule 'api/r': path '/v1/Tenants/*'", "('*')")
     assert sum("tenant segment" in p for p in problems) == 2, problems
+
+
+@pytest.mark.parametrize("kind", ["fifo", "link out"])
+def test_lint_refuses_what_serve_refuses(tmp_path: Path, kind: str) -> None:
+    """lint said `0 errors` for a bundle `authz serve` rejects (a FIFO, a link out of it)."""
+    root = bundle(tmp_path, """\
+        apiVersion: authz/v1
+        kind: Policy
+        name: api
+        action: ALLOW
+        rules: [{}]
+        """)
+    if kind == "fifo":
+        os.mkfifo(root / "policies" / "deny.yaml")
+    else:
+        (tmp_path / "outside.yaml").write_text("x: 1\n")
+        (root / "policies" / "deny.yaml").symlink_to(tmp_path / "outside.yaml")
+    problems = lint(root)
+    assert any("policies/deny.yaml" in p and ": error:" in p for p in problems), problems
+    assert main(["lint", str(root)]) == 1
