@@ -36,6 +36,7 @@ from authz.engine.compile import load_policy_set
 from authz.engine.explain import Explainer, summary
 from authz.example import EXIT_USAGE, example_bundle
 from authz.metrics import Metrics, new_multiprocess_dir
+from authz.redact import echo_free
 from authz.request import CheckRequest
 from authz.credentials import TokenFile
 from authz.tls import ClientTls
@@ -347,7 +348,7 @@ def _check(args: argparse.Namespace) -> int:
     try:
         check_request = _parse_check_request(text)
     except json_format.ParseError as exc:
-        print(f"authz check: request is not a CheckRequest in protobuf JSON: {exc}", file=sys.stderr)
+        print(f"authz check: request is not a CheckRequest in protobuf JSON: {echo_free(exc)}", file=sys.stderr)
         return EXIT_USAGE
     metrics = Metrics()
     store = BundleStore(metrics)

@@ -25,6 +25,7 @@ from authz.bundle.yamlpos import Document
 from authz.check import Checker, Outcome
 from authz.engine.decide import PolicySet
 from authz.engine.explain import Explainer, summary
+from authz.redact import echo_free
 
 if TYPE_CHECKING:
     from authz.bundle.store import BundleStore
@@ -155,7 +156,8 @@ def build_check_request(case: dict[str, Any]) -> external_auth_pb2.CheckRequest:
         try:
             return json_format.ParseDict(case["checkRequest"], external_auth_pb2.CheckRequest())
         except json_format.ParseError as exc:
-            raise ValueError(f"checkRequest is not an Envoy CheckRequest: {exc}") from None
+            # A bundle test's values go to the reload log and /v1/status: no value echoed.
+            raise ValueError(f"checkRequest is not an Envoy CheckRequest: {echo_free(exc)}") from None
     r = case["request"] or {}
     ctx = attribute_context_pb2.AttributeContext
     http = ctx.HttpRequest(

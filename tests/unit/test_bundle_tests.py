@@ -116,6 +116,16 @@ def test_a_case_with_neither_or_both_request_forms_fails(tmp_path: Path) -> None
     assert "not an Envoy CheckRequest" in report.results[1].message
 
 
+def test_a_case_that_does_not_parse_echoes_no_value(tmp_path: Path) -> None:
+    """The message goes to the reload log and /v1/status, where a test's value (a token in a
+    header, a port field holding one) must not appear."""
+    root = copy_example(tmp_path)
+    bad = {"attributes": {"destination": {"address": {"socketAddress": {"portValue": "SECRET-TOKEN"}}}}}
+    write_test(root, [{"name": "bad", "checkRequest": bad, "expect": {}}])
+    (result,) = report_for(root).results
+    assert "not an Envoy CheckRequest" in result.message and "SECRET" not in result.message, result.message
+
+
 def test_pattern_selects_cases(tmp_path: Path) -> None:
     root = copy_example(tmp_path)
     write_test(root, [GOOD, {**GOOD, "name": "another"}])
