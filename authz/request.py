@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import ipaddress
 import re
 import urllib.parse
@@ -103,7 +104,12 @@ def from_check_request(
         raise MalformedRequest("request has no method")
     header_map = http.headers
     # A comprehension walks protobuf's map in C; dict() goes through collections.abc (+50%).
-    headers = {name: header_map[name] for name in header_map} if header_map else _header_map(http)
+    if header_map:
+        if http.header_map.headers:  # Envoy sends one or the other; which would be the request?
+            raise MalformedRequest("check request carries both headers and header_map")
+        headers = {name: header_map[name] for name in header_map}
+    else:
+        headers = _header_map(http)
     names = "\0".join(headers)  # one lower() for all names: the hot path sees ~15 headers
     if names != names.lower():  # Envoy sends lower case; hand-written requests may not
         headers = _lower_keys(headers)
@@ -199,11 +205,22 @@ def _uri_sans(certificate: str) -> frozenset[str]:
     return sans
 
 
+def _bang(exc: UnicodeError) -> tuple[str, int]:
+    assert isinstance(exc, UnicodeDecodeError)
+    return "!" * (exc.end - exc.start), exc.end
+
+
+# Envoy's own substitution for what is not UTF-8 (each byte a '!', as in `headers`): a
+# policy pattern cannot hold '!' where it would allow (authz.engine.compile), so raw bytes
+# read this way cannot meet an ALLOW that Envoy's RBAC, comparing bytes, would not.
+codecs.register_error("authz-envoy-bang", _bang)
+
+
 def _header_map(http: attribute_context_pb2.AttributeContext.HttpRequest) -> dict[str, str]:
     # Envoy fills header_map instead of headers when encode_raw_headers is set.
     out: dict[str, str] = {}
     for hv in http.header_map.headers:
-        value = hv.raw_value.decode("utf-8", "replace") if hv.raw_value else hv.value
+        value = hv.raw_value.decode("utf-8", "authz-envoy-bang") if hv.raw_value else hv.value
         key = hv.key.lower()
         out[key] = f"{out[key]},{value}" if key in out else value
     return out

@@ -90,6 +90,25 @@ def test_ambiguous_path_denied_even_when_everything_is_allowed(tmp_path: Path) -
         assert c.run(check_request(principal=CHECKOUT, path=path)).decision.allowed, path
 
 
+def test_raw_header_map_is_read_as_envoy_reads_headers(tmp_path: Path) -> None:
+    """With encode_raw_headers Envoy sends header_map (bytes) instead of headers. Bytes that
+    are not UTF-8 read as '!' each, Envoy's substitution in `headers`; a request carrying
+    both forms is malformed (which one would the upstream see?)."""
+    deny = {"name": "no-v2", "action": "DENY", "rules": [{"name": "r", "to": [{"operation": {"headers": {"x-ver": ["v2*"]}}}]}]}
+    check = checker(tmp_path, [deny, *ALLOW_ALL])
+    req = check_request(path="/x")
+    req.attributes.request.http.ClearField("headers")
+    for key, raw in ((":path", b"/x"), ("X-Ver", b"v2\xff")):
+        req.attributes.request.http.header_map.headers.add(key=key, raw_value=raw)
+    outcome = check.run(req)
+    assert (outcome.decision.allowed, outcome.decision.policy) == (False, "no-v2")
+    assert outcome.request is not None and outcome.request.headers["x-ver"] == "v2!"
+    req.attributes.request.http.headers["x-ver"] = "v1"
+    outcome = check.run(req)
+    assert not outcome.decision.allowed
+    assert outcome.decision.reason == "malformed request: check request carries both headers and header_map"
+
+
 def test_no_bundle_denies(tmp_path: Path) -> None:
     metrics = Metrics()
     out = Checker(BundleStore(metrics), metrics).run(check_request())
