@@ -15,6 +15,7 @@ Kubernetes' gRPC health checks do.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2
@@ -31,16 +32,19 @@ def max_watches(grpc_threads: int) -> int:
     return max(1, grpc_threads // 4)
 
 
+def _request(data: bytes, context: grpc.ServicerContext) -> Any:
+    try:
+        return health_pb2.HealthCheckRequest.FromString(data)
+    except Exception:  # noqa: BLE001 - DecodeError; any failure is a bad argument
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, "not a HealthCheckRequest")
+
+
 def check_method(servicer: health.HealthServicer) -> ContextFunc:
     """``Check`` on raw bytes, for CheckGate's ``others``."""
 
     def call(data: bytes, context: grpc.ServicerContext) -> bytes:
-        try:
-            request = health_pb2.HealthCheckRequest.FromString(data)
-        except Exception:  # noqa: BLE001 - DecodeError; any failure is a bad argument
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "not a HealthCheckRequest")
         # grpc_health is untyped: the answer is a HealthCheckResponse
-        return bytes(servicer.Check(request, context).SerializeToString())
+        return bytes(servicer.Check(_request(data, context), context).SerializeToString())
 
     return call
 
@@ -49,11 +53,7 @@ def watch_method(servicer: health.HealthServicer) -> WatchFunc:
     """``Watch`` on raw bytes, for CheckGate's ``watches``: the servicer's stream of statuses."""
 
     def call(data: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
-        try:
-            request = health_pb2.HealthCheckRequest.FromString(data)
-        except Exception:  # noqa: BLE001
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "not a HealthCheckRequest")
-        for answer in servicer.Watch(request, context):
+        for answer in servicer.Watch(_request(data, context), context):
             yield answer.SerializeToString()
 
     return call

@@ -109,8 +109,8 @@ def _count_nodes(text: str, file: str) -> None:
             nodes += 1
             if nodes > MAX_NODES:
                 mark = event.start_mark
-                raise YamlError(Position(file, mark.line + 1, mark.column + 1),
-                                f"file holds more than {MAX_NODES} values")
+                at = Position(file, mark.line + 1, mark.column + 1) if mark else Position(file, 1, 1)
+                raise YamlError(at, f"file holds more than {MAX_NODES} values")
 
 
 class _Budget:
