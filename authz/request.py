@@ -56,12 +56,23 @@ class Request:
     # Other forms of ``path`` an upstream may act on (merged slashes, decoded %2F, ...):
     # DENY rules match if any does, ALLOW rules only if all do. Empty for ordinary paths.
     path_readings: tuple[str, ...] = ()
+    # Methods the request asks an upstream to run instead of its own (X-HTTP-Method-Override
+    # and kin, a `_method` query parameter), upper-cased; empty for ordinary requests.
+    method_overrides: tuple[str, ...] = ()
 
     @property
     def method_readings(self) -> tuple[str, ...]:
-        """The method and, when it differs, its upper case: what a lenient upstream runs."""
+        """The method and what a lenient upstream may run for it: its upper case, GET for
+        HEAD (Go's ServeMux, Express, Flask, Spring and Django run the GET handler), and
+        any method the request asks to override it with."""
         upper = self.method.upper()
-        return (self.method,) if upper == self.method else (self.method, upper)
+        if upper == self.method and upper != "HEAD" and not self.method_overrides:
+            return (self.method,)
+        out = [self.method]
+        for m in (upper, "GET" if upper == "HEAD" else upper, *self.method_overrides):
+            if m not in out:
+                out.append(m)
+        return tuple(out)
 
     @property
     def host_without_port(self) -> str:
@@ -173,7 +184,30 @@ def from_check_request(
         # ASCII only, as Envoy (absl::AsciiStrToLower): str.lower() would make U+212A 'k'
         sni=paths.fold_case(attrs.tls_session.sni),
         path_readings=normalized.readings,
+        method_overrides=_method_overrides(headers, query),
     )
+
+
+# Headers and a query parameter by which frameworks let a request name the method to run
+# (ASP.NET Web API, Express's method-override, Rack, Laravel, Spring's HiddenHttpMethodFilter:
+# `POST /x?_method=DELETE` runs DELETE).
+_OVERRIDE_HEADERS = ("x-http-method-override", "x-http-method", "x-method-override")
+_OVERRIDE_PARAM = re.compile(r"(?:^|&)_method=([^&]*)", re.IGNORECASE)
+
+
+def _method_overrides(headers: dict[str, str], query: str) -> tuple[str, ...]:
+    named: list[str] = []
+    for h in _OVERRIDE_HEADERS:
+        if h in headers:
+            named += headers[h].split(",")
+    if "_method" in query.lower():
+        named += [urllib.parse.unquote(m.group(1)) for m in _OVERRIDE_PARAM.finditer(query)]
+    out: list[str] = []
+    for value in named:
+        m = value.strip().upper()
+        if m and m not in out:
+            out.append(m)
+    return tuple(out)
 
 
 # RFC 9110 token characters are visible ASCII except delimiters.

@@ -187,7 +187,7 @@ class PolicySet:
                 if hit is not None:
                     unmatched = self._unallowed_reading(policies, req, hit[1], tracer, identified)
                     if unmatched is not None:
-                        return Decision(False, "ambiguous path", policy.name, hit[0].name, "DENY",
+                        return Decision(False, unmatched, policy.name, hit[0].name, "DENY",
                                         hit[1], tuple(audit), tuple(dry_run))
                     return Decision(True, "allowed by policy", policy.name, hit[0].name, "ALLOW",
                                     hit[1], tuple(audit), tuple(dry_run))
@@ -236,11 +236,16 @@ class PolicySet:
 
     def _unallowed_reading(self, policies: list[Policy], req: Request, tenant: str | None,
                            tracer: Tracer | None, identified: bool) -> str | None:
-        """A path reading that no ALLOW rule allows (or allows for another tenant), if any."""
-        for view in [dataclasses.replace(req, path=r, path_readings=()) for r in req.path_readings]:
-            reading = view.path
+        """The deny reason when a path reading, or a method the request asks an upstream to
+        run instead (X-HTTP-Method-Override), is not allowed by any ALLOW rule (or is allowed
+        for another tenant); None when every one is."""
+        views = [(dataclasses.replace(req, path=r, path_readings=()), "ambiguous path", f"the path may also be read as {r!r}")
+                 for r in req.path_readings]
+        views += [(dataclasses.replace(req, method=m, path_readings=(), method_overrides=()), "ambiguous method",
+                   f"the request asks the upstream to run {m!r}") for m in req.method_overrides if m != req.method]
+        for view, unallowed, said in views:
             if tracer is not None:
-                tracer.step("reading", None, f"the path may also be read as {reading!r}")
+                tracer.step("reading", None, said)
             for policy in policies:
                 if policy.action == "ALLOW" and not policy.dry_run and _may_grant(policy, identified):
                     hit = self._first_match(policy, view, tracer, allow=True)
@@ -248,8 +253,8 @@ class PolicySet:
                         break
             else:
                 if tracer is not None:
-                    tracer.step("reading", False, f"no allow rule matches the reading {reading!r}")
-                return reading
+                    tracer.step("reading", False, f"no allow rule matches: {said}")
+                return unallowed
         return None
 
     # --- matching ----------------------------------------------------------------------

@@ -330,6 +330,11 @@ class StrictnessKind:
         if self.name == "method-case":
             m = str(req.get("method", "GET"))
             return m != m.upper()
+        if self.name == "method-override":
+            names = {str(k).lower() for k in (req.get("headers") or {})}
+            query = str(req.get("path") or "").partition("?")[2].lower()
+            return (str(req.get("method", "GET")).upper() == "HEAD" or "_method=" in query
+                    or bool(names & {"x-http-method-override", "x-http-method", "x-method-override"}))
         if self.name == "path-case":
             # a letter, or a percent escape's hex letter (DENY patterns hold `%3F` as `%3f` too)
             return any("A" <= c <= "Z" for c in saw_path) or re.search(r"%[0-9A-Fa-f]?[a-fA-F]", saw_path) is not None
@@ -362,6 +367,8 @@ STRICTNESS_KINDS = (
                    "a path matching a DENY rule only case-insensitively is denied as ambiguous"),
     StrictnessKind("method-case", ("methods", "method case"),
                    "a method matching a DENY rule only case-insensitively is denied as ambiguous"),
+    StrictnessKind("method-override", ("methods",),
+                   "HEAD meets a DENY on GET, and a method override (header or _method) a DENY on that method"),
     StrictnessKind("header-elements", ("headers", "repeated headers"),
                    "ALLOW header values match the whole merged value, not each comma-separated element"),
     StrictnessKind("ambiguous-host", ("hosts",),

@@ -380,6 +380,42 @@ def test_tenant_from_path_capture(tmp_path: Path) -> None:
         assert (d.allowed, d.reason) == (False, "ambiguous path"), crafted
 
 
+def test_head_and_method_overrides_meet_a_deny_on_the_method_they_run(tmp_path: Path) -> None:
+    """HEAD runs the GET handler (Go's ServeMux, Express, Flask, Spring, Django) and
+    `X-HTTP-Method-Override: DELETE` or `?_method=DELETE` on a POST runs DELETE (ASP.NET,
+    Express's method-override, Rack, Spring's HiddenHttpMethodFilter): both slipped past a
+    DENY that Istio, comparing :method alone, lets through too."""
+    deny = {"name": "no-delete", "action": "DENY", "rules": [
+        {"name": "d", **op(methods=["DELETE"], paths=["/orders/*"])},
+        {"name": "g", **op(methods=["GET"], paths=["/secrets/*"])}]}
+    ps = policy_set(tmp_path, [deny, allow({})])
+    for kw in ({"method": "HEAD", "path": "/secrets/x"},
+               {"method": "POST", "path": "/orders/1", "headers": {"x-http-method-override": "DELETE"}},
+               {"method": "POST", "path": "/orders/1", "headers": {"x-http-method": "delete"}},
+               {"method": "POST", "path": "/orders/1", "headers": {"x-method-override": "PUT, Delete"}},
+               {"method": "POST", "path": "/orders/1?a=1&_method=DELETE"},
+               {"method": "POST", "path": "/orders/1?_method=%64elete"}):
+        d = decide(ps, **kw)
+        assert (d.allowed, d.policy) == (False, "no-delete"), kw
+    assert decide(ps, method="HEAD", path="/orders/1").allowed
+    assert decide(ps, method="POST", path="/orders/1?method=DELETE").allowed
+    assert decide(ps, method="POST", path="/orders/1", headers={"x-http-method-override": "PATCH"}).allowed
+
+
+def test_an_allow_must_allow_the_method_a_request_asks_to_run(tmp_path: Path) -> None:
+    """ALLOW POST is no grant to DELETE: a POST asking the upstream to run DELETE is denied
+    unless some ALLOW rule allows DELETE too."""
+    ps = policy_set(tmp_path, [allow(op(methods=["POST", "GET"])),
+                               {"name": "q", "action": "ALLOW", "rules": [{"name": "r", **op(notMethods=["DELETE"], paths=["/q"])}]}])
+    d = decide(ps, method="POST", path="/x", headers={"x-http-method-override": "DELETE"})
+    assert (d.allowed, d.reason) == (False, "ambiguous method")
+    assert decide(ps, method="POST", path="/x", headers={"x-http-method-override": "GET"}).allowed
+    assert decide(ps, method="POST", path="/x?_method=post").allowed
+    d = decide(ps, method="PUT", path="/q?_method=DELETE")
+    assert (d.allowed, d.reason) == (False, "ambiguous method")
+    assert decide(ps, method="PUT", path="/q").allowed
+
+
 def test_fullwidth_letters_are_read_as_windows_best_fit_and_nfkc_read_them(tmp_path: Path) -> None:
     """`/ａdmin/x` is `/admin/x` to an upstream on Windows' ANSI APIs (best-fit) or one that
     NFKC-normalises: a DENY on `/admin/*` covers it."""
