@@ -138,6 +138,9 @@ def from_check_request(
         normalized = paths.normalize(http.path, path_mode)
     except paths.PathError as exc:
         raise MalformedRequest(str(exc)) from None
+    path_readings = normalized.readings
+    if not _PATH_OVERRIDE_HEADERS.isdisjoint(headers):
+        path_readings = _with_path_overrides(normalized, headers, path_mode)
     query = normalized.query or http.query
 
     principal, source = trust_domains.resolve(attrs.source.principal)
@@ -183,9 +186,31 @@ def from_check_request(
         raw_path=http.path,
         # ASCII only, as Envoy (absl::AsciiStrToLower): str.lower() would make U+212A 'k'
         sni=paths.fold_case(attrs.tls_session.sni),
-        path_readings=normalized.readings,
+        path_readings=path_readings,
         method_overrides=_method_overrides(headers, query),
     )
+
+
+# Headers by which a request names another path to serve (IIS URL Rewrite, Symfony and Zend
+# before their fixes, some Java filters route on them): `GET /` + `X-Original-URL: /admin`.
+_PATH_OVERRIDE_HEADERS = frozenset({"x-original-url", "x-rewrite-url"})
+
+
+def _with_path_overrides(normalized: paths.NormalizedPath, headers: dict[str, str],
+                         mode: paths.Normalization) -> tuple[str, ...]:
+    """The path's readings and each override's path with its readings: DENY rules match if
+    any does, ALLOW rules only if all do. An override no reading settles is malformed."""
+    out = list(normalized.readings)
+    for name in sorted(_PATH_OVERRIDE_HEADERS.intersection(headers)):
+        for value in headers[name].split(","):
+            try:
+                other = paths.normalize(value.strip(), mode)
+            except paths.PathError as exc:
+                raise MalformedRequest(f"{name}: {exc}") from None
+            out += [p for p in (other.path, *other.readings) if p != normalized.path and p not in out]
+    if len(out) > paths.MAX_READINGS:
+        raise MalformedRequest("path has too many readings to decide safely")
+    return tuple(out)
 
 
 # Headers and a query parameter by which frameworks let a request name the method to run

@@ -330,6 +330,8 @@ class StrictnessKind:
         if self.name == "method-case":
             m = str(req.get("method", "GET"))
             return m != m.upper()
+        if self.name == "path-override":
+            return bool({str(k).lower() for k in (req.get("headers") or {})} & {"x-original-url", "x-rewrite-url"})
         if self.name == "method-override":
             names = {str(k).lower() for k in (req.get("headers") or {})}
             query = str(req.get("path") or "").partition("?")[2].lower()
@@ -367,6 +369,8 @@ STRICTNESS_KINDS = (
                    "a path matching a DENY rule only case-insensitively is denied as ambiguous"),
     StrictnessKind("method-case", ("methods", "method case"),
                    "a method matching a DENY rule only case-insensitively is denied as ambiguous"),
+    StrictnessKind("path-override", ("paths", "path normalisation"),
+                   "a path named in X-Original-URL / X-Rewrite-URL is a reading of the path"),
     StrictnessKind("method-override", ("methods",),
                    "HEAD meets a DENY on GET, and a method override (header or _method) a DENY on that method"),
     StrictnessKind("header-elements", ("headers", "repeated headers"),

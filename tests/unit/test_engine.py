@@ -10,7 +10,7 @@ from bundle_factory import check_request, policy_set, spiffe, write_bundle
 
 from authz.engine.compile import load_policy_set
 from authz.engine.decide import PolicySet
-from authz.request import from_check_request
+from authz.request import MalformedRequest, from_check_request
 
 CHECKOUT = spiffe("prod", "checkout")
 BILLING = spiffe("prod", "billing")
@@ -414,6 +414,30 @@ def test_an_allow_must_allow_the_method_a_request_asks_to_run(tmp_path: Path) ->
     d = decide(ps, method="PUT", path="/q?_method=DELETE")
     assert (d.allowed, d.reason) == (False, "ambiguous method")
     assert decide(ps, method="PUT", path="/q").allowed
+
+
+def test_a_path_override_header_is_a_reading_of_the_path(tmp_path: Path) -> None:
+    """`GET /` with `X-Original-URL: /admin/x` is /admin/x to IIS URL Rewrite and the
+    frameworks that route on it: a DENY on /admin/* covers it, an ALLOW must allow it too,
+    and a tenant's path cannot name another tenant through it."""
+    ps = policy_set(tmp_path, [
+        {"name": "no-admin", "action": "DENY", "rules": [{"name": "r", **op(paths=["/admin/*"])}]},
+        allow(op(paths=["/public/*", "/admin/*"])),
+        tenant_policy({"pathCapture": "tenant"}, ["/v1/tenants/{tenant}/{**}"], ["source.principal in tenant.callers"]),
+    ], tenants=TENANTS)
+    for name in ("x-original-url", "x-rewrite-url", "X-Original-URL"):
+        d = decide(ps, principal=CHECKOUT, path="/public/x", headers={name: "/admin/x"})
+        assert (d.allowed, d.policy) == (False, "no-admin"), name
+    d = decide(ps, principal=CHECKOUT, path="/public/x", headers={"x-original-url": "/other/x"})
+    assert (d.allowed, d.reason) == (False, "ambiguous path")
+    assert decide(ps, principal=CHECKOUT, path="/public/x", headers={"x-original-url": "/public/y?z=1"}).allowed
+    d = decide(ps, principal=CHECKOUT, path="/v1/tenants/acme/orders",
+               headers={"x-original-url": "/v1/tenants/globex/orders"})
+    assert (d.allowed, d.reason) == (False, "ambiguous path")
+    assert decide(ps, principal=CHECKOUT, path="/v1/tenants/acme/orders",
+                  headers={"x-original-url": "/v1/tenants/acme/orders"}).allowed
+    with pytest.raises(MalformedRequest, match="x-rewrite-url: path does not start with '/'"):
+        decide(ps, principal=CHECKOUT, path="/public/x", headers={"x-rewrite-url": "admin/x"})
 
 
 def test_fullwidth_letters_are_read_as_windows_best_fit_and_nfkc_read_them(tmp_path: Path) -> None:
