@@ -59,6 +59,9 @@ class Request:
     # Methods the request asks an upstream to run instead of its own (X-HTTP-Method-Override
     # and kin, a `_method` query parameter), upper-cased; empty for ordinary requests.
     method_overrides: tuple[str, ...] = ()
+    # Hosts the request names in X-Forwarded-Host, Forwarded and kin, ASCII lower-cased:
+    # frameworks that trust them serve that host. Empty for ordinary requests.
+    forwarded_hosts: tuple[str, ...] = ()
 
     @property
     def method_readings(self) -> tuple[str, ...]:
@@ -80,16 +83,19 @@ class Request:
 
     def host_names(self, every_reading: bool = False) -> tuple[str, ...]:
         """What a ``hosts`` field is compared with: the authority with and without its port.
-        ``every_reading`` (DENY and AUDIT rules, an ALLOW's notHosts) adds what an upstream
-        may take the same authority for: after a userinfo ``@``, percent-decoded, without the
-        trailing dot of a fully qualified name (each with and without the port)."""
+        ``every_reading`` (DENY and AUDIT rules, an ALLOW's notHosts, policy targets) adds what
+        an upstream may take the same authority for: after a userinfo ``@``, percent-decoded,
+        without the trailing dot of a fully qualified name (each with and without the port),
+        and the hosts the request names in forwarding headers (Django's
+        USE_X_FORWARDED_HOST, Express's trust proxy, Spring's ForwardedHeaderFilter)."""
         h = self.host
-        if not every_reading or not ("%" in h or "@" in h or self.host_without_port.endswith(".")):
+        if not every_reading or not ("%" in h or "@" in h or self.host_without_port.endswith(".")
+                                     or self.forwarded_hosts):
             return h, self.host_without_port  # the common case: no other spelling to read
         names = [self.host, self.host_without_port]
-        spellings = [self.host]
-        if "%" in self.host:
-            spellings.append(urllib.parse.unquote(self.host))
+        spellings = [self.host, *self.forwarded_hosts]
+        if any("%" in s for s in spellings):
+            spellings += [urllib.parse.unquote(s) for s in spellings if "%" in s]
         spellings += [h.rpartition("@")[2] for h in spellings if "@" in h]
         for spelling in spellings:
             name, port = _split_port(spelling)
@@ -188,7 +194,28 @@ def from_check_request(
         sni=paths.fold_case(attrs.tls_session.sni),
         path_readings=path_readings,
         method_overrides=_method_overrides(headers, query),
+        forwarded_hosts=_forwarded_hosts(headers) if not _HOST_HEADERS.isdisjoint(headers) else (),
     )
+
+
+_HOST_HEADERS = frozenset({"x-forwarded-host", "x-host", "x-original-host", "x-forwarded-server", "forwarded"})
+_FORWARDED_HOST = re.compile(r'(?:^|[;,\s])host\s*=\s*(?:"([^"]*)"|([^;,\s]*))', re.IGNORECASE)
+
+
+def _forwarded_hosts(headers: dict[str, str]) -> tuple[str, ...]:
+    named: list[str] = []
+    for h in ("x-forwarded-host", "x-host", "x-original-host", "x-forwarded-server"):
+        if h in headers:
+            named += headers[h].split(",")
+    if "forwarded" in headers:  # RFC 7239: for=...;host=...;proto=..., elements by ','
+        named += [m.group(1) if m.group(1) is not None else m.group(2)
+                  for m in _FORWARDED_HOST.finditer(headers["forwarded"])]
+    out: list[str] = []
+    for value in named:
+        host = paths.fold_case(value.strip())
+        if host and host not in out:
+            out.append(host)
+    return tuple(out)
 
 
 # Headers by which a request names another path to serve (IIS URL Rewrite, Symfony and Zend

@@ -345,6 +345,8 @@ class StrictnessKind:
             # deny that is about it, not a request refused as malformed for something else
             host = str((authz.get("envoy_saw") or {}).get("authority") or req.get("host", ""))
             odd = host.endswith(".") or any(c in host for c in "@%") or re.search(r":\d+$", host) is not None
+            names = {str(k).lower() for k in (req.get("headers") or {})}
+            odd = odd or bool(names & {"x-forwarded-host", "x-host", "x-original-host", "x-forwarded-server", "forwarded"})
             return odd and not reason.startswith("malformed request")
         if self.name == "no-path":
             return "empty path" in reason

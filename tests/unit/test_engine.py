@@ -440,6 +440,22 @@ def test_a_path_override_header_is_a_reading_of_the_path(tmp_path: Path) -> None
         decide(ps, principal=CHECKOUT, path="/public/x", headers={"x-rewrite-url": "admin/x"})
 
 
+def test_a_forwarded_host_meets_a_deny_on_that_host(tmp_path: Path) -> None:
+    """Frameworks that trust X-Forwarded-Host (Django's USE_X_FORWARDED_HOST, Express's trust
+    proxy, Spring's ForwardedHeaderFilter) serve the host it names, tenants chosen by host
+    included: a DENY on admin.example.com covers `Host: www` with `X-Forwarded-Host: admin`."""
+    deny = {"name": "no-admin", "action": "DENY", "rules": [{"name": "r", **op(hosts=["admin.example.com"])}]}
+    ps = policy_set(tmp_path, [deny, allow({})])
+    for headers in ({"x-forwarded-host": "admin.example.com"}, {"x-forwarded-host": "a.example.com, ADMIN.example.com"},
+                    {"forwarded": 'for=10.0.0.1;host="admin.example.com:443";proto=https'},
+                    {"x-host": "admin.example.com."}, {"x-original-host": "admin.example.com"},
+                    {"x-forwarded-server": "admin.example.com"}):
+        d = decide(ps, host="www.example.com", headers=headers)
+        assert (d.allowed, d.policy) == (False, "no-admin"), headers
+    assert decide(ps, host="www.example.com", headers={"x-forwarded-host": "www.example.com"}).allowed
+    assert decide(ps, host="www.example.com", headers={"forwarded": "for=admin.example.com"}).allowed
+
+
 def test_fullwidth_letters_are_read_as_windows_best_fit_and_nfkc_read_them(tmp_path: Path) -> None:
     """`/ａdmin/x` is `/admin/x` to an upstream on Windows' ANSI APIs (best-fit) or one that
     NFKC-normalises: a DENY on `/admin/*` covers it."""
