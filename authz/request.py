@@ -62,6 +62,8 @@ class Request:
     # Hosts the request names in X-Forwarded-Host, Forwarded and kin, ASCII lower-cased:
     # frameworks that trust them serve that host. Empty for ordinary requests.
     forwarded_hosts: tuple[str, ...] = ()
+    # Header names holding '_' (see PolicySet.header_aliases); empty for ordinary requests.
+    aliased_headers: tuple[str, ...] = ()
 
     @property
     def method_readings(self) -> tuple[str, ...]:
@@ -195,6 +197,7 @@ def from_check_request(
         path_readings=path_readings,
         method_overrides=_method_overrides(headers, query),
         forwarded_hosts=_forwarded_hosts(headers) if not _HOST_HEADERS.isdisjoint(headers) else (),
+        aliased_headers=tuple(n for n in headers if "_" in n) if "_" in names else (),
     )
 
 

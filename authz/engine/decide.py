@@ -105,6 +105,19 @@ class PolicySet:
     # principals; neither it nor the decision API carries the scheme and protocol (check.py,
     # ``carries``). No caller's header:* stands for :scheme, which only Envoy's gRPC check has.
     reads: tuple[tuple[str, frozenset[str]], ...] = ()
+    # The header names the policies read ('*': any), each with '_' written '-': CGI, WSGI,
+    # PHP and Rack upstreams read `x_role` as `x-role` (both HTTP_X_ROLE), so a request
+    # header that becomes a read name that way is denied as ambiguous (decide).
+    read_headers: frozenset[str] = frozenset()
+    header_aliases: frozenset[str] = frozenset()
+
+    def _aliased(self, req: Request) -> str:
+        """A request header an upstream may read as one the policies read, though it is not."""
+        for name in req.aliased_headers:
+            if name not in self.read_headers and ("*" in self.header_aliases
+                                                  or name.replace("_", "-") in self.header_aliases):
+                return name
+        return ""
 
     def uncarried(self, carries: frozenset[str]) -> str:
         """The first policy that reads something a caller carrying ``carries`` lacks, or ''."""
@@ -132,6 +145,11 @@ class PolicySet:
         return [p for i in chosen if _target_matches(p := self.policies[i], req)]
 
     def decide(self, req: Request, tracer: Tracer | None = None) -> Decision:
+        if req.aliased_headers and self.header_aliases and (name := self._aliased(req)):
+            if tracer is not None:
+                tracer.step("headers", False, f"header {name!r} is read by upstreams that fold '_' and '-' "
+                            "as one the policies read")
+            return Decision(False, "ambiguous header", "default", "default", "DENY")
         policies = self.applicable(req)
         if tracer is not None:
             for p in self.policies:

@@ -330,6 +330,8 @@ class StrictnessKind:
         if self.name == "method-case":
             m = str(req.get("method", "GET"))
             return m != m.upper()
+        if self.name == "underscore-header":
+            return any("_" in str(k) for k in (req.get("headers") or {})) and reason == "ambiguous header"
         if self.name == "path-override":
             return bool({str(k).lower() for k in (req.get("headers") or {})} & {"x-original-url", "x-rewrite-url"})
         if self.name == "method-override":
@@ -371,6 +373,8 @@ STRICTNESS_KINDS = (
                    "a path matching a DENY rule only case-insensitively is denied as ambiguous"),
     StrictnessKind("method-case", ("methods", "method case"),
                    "a method matching a DENY rule only case-insensitively is denied as ambiguous"),
+    StrictnessKind("underscore-header", ("headers",),
+                   "a header whose name with '_' as '-' is one the policies read is ambiguous"),
     StrictnessKind("path-override", ("paths", "path normalisation"),
                    "a path named in X-Original-URL / X-Rewrite-URL is a reading of the path"),
     StrictnessKind("method-override", ("methods",),

@@ -456,6 +456,27 @@ def test_a_forwarded_host_meets_a_deny_on_that_host(tmp_path: Path) -> None:
     assert decide(ps, host="www.example.com", headers={"forwarded": "for=admin.example.com"}).allowed
 
 
+def test_a_header_an_upstream_reads_as_one_the_policies_read_is_ambiguous(tmp_path: Path) -> None:
+    """CGI, WSGI, PHP and Rack read `x_role` and `x-role` as one HTTP_X_ROLE: `x_role: admin`
+    slipped past a DENY on `x-role: admin` (and named the tenant of a header tenant source)."""
+    deny = {"name": "no-admin", "action": "DENY", "rules": [{"name": "r", **op(headers={"x-role": ["admin"]})}]}
+    ps = policy_set(tmp_path, [deny, allow({})])
+    d = decide(ps, headers={"x_role": "admin"})
+    assert (d.allowed, d.reason) == (False, "ambiguous header")
+    d = decide(ps, headers={"X_Role": "user", "x-role": "user"})
+    assert (d.allowed, d.reason) == (False, "ambiguous header")
+    assert decide(ps, headers={"x_other": "admin"}).allowed  # no policy reads x-other
+    assert decide(ps, headers={"x-role": "user"}).allowed
+    ps = policy_set(tmp_path / "t", [tenant_policy({"header": "x-tenant"}, ["/v1/{**}"], ["source.principal in tenant.callers"])],
+                    tenants=TENANTS)
+    d = decide(ps, principal=CHECKOUT, path="/v1/x", headers={"x-tenant": "acme", "x_tenant": "globex"})
+    assert (d.allowed, d.reason) == (False, "ambiguous header")
+    # A condition reading every header: any '_' header is read by such upstreams as another.
+    ps = policy_set(tmp_path / "c", [allow({"when": ["request.headers.all(k, !k.startsWith('x-debug'))"]})])
+    assert decide(ps, headers={"x-ok": "1"}).allowed
+    assert decide(ps, headers={"x_debug": "1"}).reason == "ambiguous header"
+
+
 def test_fullwidth_letters_are_read_as_windows_best_fit_and_nfkc_read_them(tmp_path: Path) -> None:
     """`/ａdmin/x` is `/admin/x` to an upstream on Windows' ANSI APIs (best-fit) or one that
     NFKC-normalises: a DENY on `/admin/*` covers it."""
