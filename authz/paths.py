@@ -222,28 +222,30 @@ def _windows_trim(path: str) -> str:
     return "/".join(parts)
 
 
-_NON_ASCII_RUN = re.compile(r"(?:%[89A-Fa-f][0-9A-Fa-f]|[^\x00-\x7f])+")
+_NON_ASCII_ESCAPES = re.compile(r"(?:%[89A-Fa-f][0-9A-Fa-f])+")
+MAX_FOLD_GROWTH = 2  # NFKC makes U+FDFA 18 characters: a path folded longer than this is refused
 
 
 def _compatibility_fold(path: str) -> str:
-    """``path`` with its non-ASCII text NFKC-folded (fullwidth ``ａdmin`` is ``admin``): how
-    Windows' best-fit conversion to an ANSI code page, and servers that NFKC-normalise, read
-    it. Each run of non-ASCII text is folded alone and what stays non-ASCII keeps the
-    spelling the run came in (percent-encoded or not). The caller has refused paths whose
-    folding would make separators, dots or escapes (``_refuse_unreadable``)."""
-
-    def one(m: re.Match[str]) -> str:
-        run = m.group(0)
-        encoded = "%" in run
-        text = _decode_all(run) if encoded else run
-        folded = unicodedata.normalize("NFKC", text)
-        if folded == text:
-            return run
-        if not encoded:
-            return folded
-        return "".join(c if c.isascii() else "".join(f"%{b:02X}" for b in c.encode()) for c in folded)
-
-    return _NON_ASCII_RUN.sub(one, path)
+    """``path`` with its non-ASCII text NFKC-folded (fullwidth ``ａdmin`` is ``admin``, ``e``
+    and a combining acute one ``é``): how Windows' best-fit conversion to an ANSI code page,
+    and servers that NFKC-normalise, read it. Folded whole, so a combining mark composes with
+    the letter before it; what stays non-ASCII is percent-encoded if the path encoded any.
+    The caller has refused paths whose folding would make separators, dots or escapes."""
+    if path.isascii() and "%" not in path:
+        return path
+    encoded = _NON_ASCII_ESCAPES.search(path) is not None
+    text = _NON_ASCII_ESCAPES.sub(lambda m: _decode_all(m.group(0)), path) if encoded else path
+    if text.isascii():
+        return path
+    folded = unicodedata.normalize("NFKC", text)
+    if folded == text:
+        return path
+    if len(folded) > MAX_FOLD_GROWTH * len(text):
+        raise PathError("path has characters whose compatibility forms are too long to decide safely")
+    if not encoded:
+        return folded
+    return "".join(c if c.isascii() else "".join(f"%{b:02X}" for b in c.encode()) for c in folded)
 
 
 def _readings(forwarded: str) -> tuple[str, ...]:
@@ -259,14 +261,17 @@ def _readings(forwarded: str) -> tuple[str, ...]:
     """
     if forwarded.isascii() and not _NEEDS_WORK.search(forwarded):
         return ()
-    forms = {forwarded}
-    todo = [forwarded]
+    # Folded once, up front: folding every form again would multiply the forms (and each may
+    # have grown); the closure starts from the path as forwarded and as folded.
+    folded = _compatibility_fold(forwarded)
+    forms = {forwarded, folded}
+    todo = [forwarded] if folded == forwarded else [forwarded, folded]
     readings: set[str] = set()
     while todo:
         p = todo.pop()
         readings.add(_rfc3986(p))
         for q in (_rfc3986(p), _merge_slashes(p), _decode_structure(p), _PARAMS.sub("", p),
-                  p.replace("\\", "/"), _windows_trim(p), _compatibility_fold(p)):
+                  p.replace("\\", "/"), _windows_trim(p)):
             if q not in forms:
                 if len(forms) > MAX_FORMS:
                     raise PathError("path has too many readings to decide safely")

@@ -147,7 +147,9 @@ def from_check_request(
     except paths.PathError as exc:
         raise MalformedRequest(str(exc)) from None
     path_readings = normalized.readings
-    if not _PATH_OVERRIDE_HEADERS.isdisjoint(headers):
+    # One look for the headers that name another method, path or host (rare): not three.
+    overriding = not _OVERRIDING_HEADERS.isdisjoint(headers)
+    if overriding and not _PATH_OVERRIDE_HEADERS.isdisjoint(headers):
         path_readings = _with_path_overrides(normalized, headers, path_mode)
     query = normalized.query or http.query
 
@@ -195,8 +197,8 @@ def from_check_request(
         # ASCII only, as Envoy (absl::AsciiStrToLower): str.lower() would make U+212A 'k'
         sni=paths.fold_case(attrs.tls_session.sni),
         path_readings=path_readings,
-        method_overrides=_method_overrides(headers, query),
-        forwarded_hosts=_forwarded_hosts(headers) if not _HOST_HEADERS.isdisjoint(headers) else (),
+        method_overrides=_method_overrides(headers, query) if overriding or "_" in query else (),
+        forwarded_hosts=_forwarded_hosts(headers) if overriding else (),
         aliased_headers=tuple(n for n in headers if "_" in n) if "_" in names else (),
     )
 
@@ -246,15 +248,15 @@ def _with_path_overrides(normalized: paths.NormalizedPath, headers: dict[str, st
 # Headers and a query parameter by which frameworks let a request name the method to run
 # (ASP.NET Web API, Express's method-override, Rack, Laravel, Spring's HiddenHttpMethodFilter:
 # `POST /x?_method=DELETE` runs DELETE).
-_OVERRIDE_HEADERS = ("x-http-method-override", "x-http-method", "x-method-override")
+_OVERRIDE_HEADERS = frozenset({"x-http-method-override", "x-http-method", "x-method-override"})
+_OVERRIDING_HEADERS = _PATH_OVERRIDE_HEADERS | _OVERRIDE_HEADERS | _HOST_HEADERS
 _OVERRIDE_PARAM = re.compile(r"(?:^|&)_method=([^&]*)", re.IGNORECASE)
 
 
 def _method_overrides(headers: dict[str, str], query: str) -> tuple[str, ...]:
     named: list[str] = []
-    for h in _OVERRIDE_HEADERS:
-        if h in headers:
-            named += headers[h].split(",")
+    for h in sorted(_OVERRIDE_HEADERS.intersection(headers)):
+        named += headers[h].split(",")
     if "_method" in query.lower():
         named += [urllib.parse.unquote(m.group(1)) for m in _OVERRIDE_PARAM.finditer(query)]
     out: list[str] = []
