@@ -253,8 +253,9 @@ class BundleStore:
             return None
         return serial, f"the persisted bundle (revision {saved.meta.get('revision', '?')})"
 
-    def _rollback(self, snap: Snapshot) -> BundleError | None:
-        """The refusal of a signed candidate older than what serves or was persisted."""
+    def _rollback(self, snap: Snapshot, persisted: bool = False) -> BundleError | None:
+        """The refusal of a signed candidate older than what serves or was persisted (no newer,
+        unless it is that very bundle: the one serving, or ``persisted``, the saved copy)."""
         if self.verification_key is None:
             return None
         serial = archive.manifest_serial(snap)  # BundleError for a malformed serial
@@ -265,18 +266,35 @@ class BundleStore:
         if not floors:
             return None
         floor, what = max(floors)
-        if serial is not None and serial >= floor:
+        # Equal is not newer: two builds that share a serial (a reused --serial, a commit time
+        # as SOURCE_DATE_EPOCH) would replace each other back and forth.
+        if serial is not None and (serial > floor or (serial == floor and (persisted or snap.digest == self._digest))):
             return None
         got = "carries no serial" if serial is None else f"has serial {serial}"
         if self.allow_rollback:
             log.warning("bundle from %s %s, older than %s with serial %d: accepted as a rollback "
                         "(--allow-rollback)", snap.origin, got, what, floor)
             return None
+        older = "older than" if serial is None or serial < floor else "no newer than"
         return archive.reject(
             archive.MANIFEST_JSON,
-            f"rollback refused: the signed manifest {got}, older than {what} with serial "
+            f"rollback refused: the signed manifest {got}, {older} {what} with serial "
             f"{floor}; authz serve --allow-rollback accepts older bundles",
         )
+
+    def _renamed(self, candidate: PolicySet) -> BundleError | None:
+        """The refusal of a signed bundle of another name than the one serving: every bundle
+        CI signs with the key (staging's, another team's) verifies, and one built later
+        would otherwise replace production's."""
+        cur = self.current
+        if self.verification_key is None or cur is None or candidate.name == cur.name:
+            return None
+        if self.allow_rollback:
+            log.warning("bundle %s replaces bundle %s (--allow-rollback)", candidate.name, cur.name)
+            return None
+        return archive.reject(
+            "bundle.yaml", f"bundle {candidate.name!r} is not the serving bundle {cur.name!r}: a signed bundle "
+            "replaces only one of its own name; authz serve --allow-rollback accepts another")
 
     # --- loading -----------------------------------------------------------------------
 
@@ -341,13 +359,16 @@ class BundleStore:
     def _gate_and_swap(self, snap: Snapshot, persisted_reason: str | None) -> str:
         """Verify, compile and test ``snap``; swap it in if it passes (under self._lock)."""
         try:
-            refusal = self._rollback(snap)
+            refusal = self._rollback(snap, persisted=persisted_reason is not None)
             if refusal is not None:
                 raise refusal
             serial = archive.manifest_serial(snap)
             candidate = check_candidate(
                 snap, self.verification_key, self.run_tests, self.allow_empty
             )
+            renamed = self._renamed(candidate)
+            if renamed is not None:
+                raise renamed
         except BundleError as exc:
             return self._reject(snap.origin, exc)
         except Exception as exc:  # noqa: BLE001 - a bug in a step must not take the server down

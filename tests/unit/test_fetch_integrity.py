@@ -19,7 +19,7 @@ from authz.bundle import archive, signing
 from authz.bundle.archive import Snapshot
 from authz.bundle.runtime import open_source
 from authz.bundle.sources import PollPolicy, SourceUnavailable, read_directory
-from authz.bundle.store import LOADED, REJECTED, BundleStore
+from authz.bundle.store import LOADED, REJECTED, UNCHANGED, BundleStore
 from authz.metrics import Metrics
 from authz.tls import ClientTls
 
@@ -119,11 +119,35 @@ def test_store_refuses_a_signed_bundle_older_than_the_serving_one(
     assert "rollback refused" in error and "serial 10" in error and "serial 20" in error
     assert "--allow-rollback" in error
     assert load("r-none", None) == REJECTED  # no serial cannot prove it is not older
-    assert load("r20b", 20) == LOADED  # equal is not older
+    # Equal is not newer: two builds sharing a serial would replace each other back and forth.
+    assert load("r20b", 20) == REJECTED
+    assert "no newer than the serving bundle (revision r20) with serial 20" in (store.status().last_error or "")
+    assert load("r20", 20) == UNCHANGED  # the very bundle that serves
     assert load("r30", 30) == LOADED
     store.allow_rollback = True
     assert load("r10", 10) == LOADED
     assert store.current is not None and store.current.revision == "r10"
+
+
+def test_a_signed_bundle_of_another_name_does_not_replace_the_serving_one(
+    tmp_path: Path, key: Ed25519PrivateKey
+) -> None:
+    """Every bundle CI signs with the key verifies: staging's (defaultAction ALLOW), built
+    later, replaced production's with no more than an INFO line."""
+    store = BundleStore(Metrics(), verification_key=key.public_key())
+
+    def build(name: str, revision: str, serial: int) -> Snapshot:
+        root = write_bundle(tmp_path / f"{name}-{revision}", [ALLOW_ALL], name=name, revision=revision)
+        return archive.unpack(archive.build_archive(read_directory(root).files, name, revision, key, serial),
+                              f"{name}.tar.gz")
+
+    assert store.load_snapshot(build("prod", "p200", 200)) == LOADED
+    assert store.load_snapshot(build("staging", "s300", 300)) == REJECTED
+    assert store.current is not None and (store.current.name, store.current.revision) == ("prod", "p200")
+    assert "bundle 'staging' is not the serving bundle 'prod'" in (store.status().last_error or "")
+    assert store.load_snapshot(build("prod", "p300", 300)) == LOADED
+    store.allow_rollback = True
+    assert store.load_snapshot(build("staging", "s400", 400)) == LOADED
 
 
 def test_serial_must_be_a_whole_number(tmp_path: Path, key: Ed25519PrivateKey) -> None:
