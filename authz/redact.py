@@ -31,8 +31,10 @@ NEVER_LOGGED = frozenset({
 _AUTHORITY_HEADERS = frozenset({"host", ":authority"})
 # Headers holding a URL or a path, whose query may carry a token (`?access_token=`): shown
 # with every query value replaced, as redact_url shows a URL.
-_URL_HEADERS = frozenset({":path", "referer", "x-envoy-original-path", "x-original-url", "x-forwarded-uri",
-                          "x-rewrite-url", "location", "content-location"})
+_URL_HEADERS = frozenset({":path", "referer", "x-envoy-original-path", "x-original-url", "x-original-uri",
+                          "x-forwarded-uri", "x-rewrite-url", "location", "content-location"})
+# A path parameter's value (`;jsessionid=...`): servlet containers carry the session there.
+_PARAM_VALUE = re.compile(r";([^/;=]*)=[^/;]*")
 
 MAX_ERROR_TEXT = 256
 # A quoted literal with its escapes; one left open (cut short) runs to the end of the text.
@@ -99,9 +101,12 @@ def redact_url(url: str) -> str:
     netloc = redact_authority(parts.netloc)
     query = parts.query
     if query:
-        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
-        query = "&".join(f"{urllib.parse.quote(k)}={REDACTED}" for k, _ in pairs) or REDACTED
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+        # A key without '=' may be the token itself (`?AKIA...`): shown as REDACTED too.
+        query = "&".join(f"{urllib.parse.quote(k)}={REDACTED}" if "=" in item else REDACTED
+                         for item in query.split("&") if item
+                         for k in (urllib.parse.unquote_plus(item.partition("=")[0]),)) or REDACTED
+    path = _PARAM_VALUE.sub(lambda m: f";{m.group(1)}={REDACTED}", parts.path)
+    return urllib.parse.urlunsplit((parts.scheme, netloc, path, query, ""))
 
 
 def hide_paths(value: T, hidden: Mapping[str, str]) -> T:

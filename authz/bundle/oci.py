@@ -77,6 +77,7 @@ from authz.bundle.sources import (
     poll_delay,
     read_body,
 )
+from authz.redact import redact_url
 from authz.tls import ClientTls, client_context
 
 log = logging.getLogger("authz.bundle")
@@ -145,30 +146,32 @@ class Reference:
 
 
 def parse_reference(text: str) -> Reference:
-    """Raises ValueError with the reason when ``text`` is not a usable OCI reference."""
+    """Raises ValueError with the reason when ``text`` is not a usable OCI reference (quoting
+    it without user info: `oci://user:password@registry/...` must not reach stderr)."""
+    shown = repr(redact_url(text))
     if not text.startswith(SCHEME):
-        raise ValueError(f"not an OCI reference (oci://REGISTRY/REPOSITORY:TAG): {text!r}")
+        raise ValueError(f"not an OCI reference (oci://REGISTRY/REPOSITORY:TAG): {shown}")
     rest = text[len(SCHEME):]
     registry, _, path = rest.partition("/")
     if not registry or not path or any(c in registry for c in "@?#"):
-        raise ValueError(f"OCI reference needs a registry and a repository: {text!r}")
+        raise ValueError(f"OCI reference needs a registry and a repository: {shown}")
     digest = tag = None
     if "@" in path:
         path, _, digest = path.partition("@")
         if not _DIGEST.fullmatch(digest):
-            raise ValueError(f"OCI reference digest must be sha256:<64 hex digits>: {text!r}")
+            raise ValueError(f"OCI reference digest must be sha256:<64 hex digits>: {shown}")
     last = path.rsplit("/", 1)[-1]
     if ":" in last:
         path, _, tag = path.rpartition(":")
         if not _TAG.fullmatch(tag):
-            raise ValueError(f"OCI reference has an invalid tag {tag!r}: {text!r}")
+            raise ValueError(f"OCI reference has an invalid tag {tag!r}: {shown}")
     if not _REPOSITORY.fullmatch(path):
         raise ValueError(
             f"OCI repository {path!r} is invalid (lower-case letters, digits, '.', '_', '-', '/'): "
-            f"{text!r}"
+            f"{shown}"
         )
     if tag is None and digest is None:
-        raise ValueError(f"OCI reference needs :TAG or @sha256:DIGEST: {text!r}")
+        raise ValueError(f"OCI reference needs :TAG or @sha256:DIGEST: {shown}")
     return Reference(registry, path, tag, digest)
 
 
@@ -268,6 +271,23 @@ def redirect_refusal(registry: str, plain_http: bool, old: str, new: str) -> str
     if own:
         return f"it is a {' and '.join(sorted(own))} address and the registry is not on one"
     return None
+
+
+def realm_refusal(registry: str, plain_http: bool, realm: str) -> str | None:
+    """Why the token realm a registry names is not sent the credentials; None when it may be.
+    A realm goes as far as a redirect may (redirect_refusal): a registry naming a realm on
+    loopback or a metadata address would otherwise have the password sent there, in clear
+    over plain http. Plain http only to a registry that is itself loopback or insecure, on
+    its own host."""
+    to = urllib.parse.urlsplit(realm)
+    registry_host = urllib.parse.urlsplit(f"//{registry}").hostname or ""
+    if to.scheme == "http":
+        if plain_http and to.netloc.lower() == registry.lower():
+            return None
+        if registry_host in LOOPBACK_HOSTS and (to.hostname or "") in LOOPBACK_HOSTS:
+            return None
+        return "plain http only to a loopback registry's own loopback or to an --insecure-registry itself"
+    return redirect_refusal(registry, plain_http, f"https://{registry}/", realm)
 
 
 def _address_kinds(host: str) -> frozenset[str]:
@@ -519,6 +539,9 @@ class RegistryClient:
                 f"{challenge.scheme!r}"
             )
         realm = challenge.params["realm"]
+        refusal = realm_refusal(self.registry, self.plain_http, realm)
+        if refusal is not None:
+            raise RegistryError(f"registry {self.registry}: token realm {_shown(realm)} refused: {refusal}")
         self._ensure_safe_transport(realm)
         query = [("service", challenge.params["service"])] if "service" in challenge.params else []
         # Our own scope (a push needs pull and push even where the registry's first

@@ -42,6 +42,9 @@ def test_redact_url() -> None:
     assert redact_url("https://u:p@h:8443/b.tar.gz?sig=abc&x=") == "https://***@h:8443/b.tar.gz?sig=REDACTED&x=REDACTED"
     assert redact_url("https://h/b.tar.gz") == "https://h/b.tar.gz"
     assert redact_url("http://tok@h/") == "http://***@h/"
+    # a key without '=' may be the token itself; a path parameter may hold the session
+    assert redact_url("http://h/b.tar.gz?GHTOKEN123") == "http://h/b.tar.gz?REDACTED"
+    assert redact_url("/a;jsessionid=SECRET/b?x=1&y") == "/a;jsessionid=REDACTED/b?x=REDACTED&REDACTED"
 
 
 def test_hide_paths_longest_first() -> None:

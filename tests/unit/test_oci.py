@@ -214,10 +214,27 @@ def test_credentials_never_go_to_a_plain_http_realm_off_loopback(creds: Path) ->
     try:
         source = oci.OciSource(f"oci://127.0.0.1:{registry.port}/a:v1",
                                policy=PollPolicy(0.1, 0.2, 1, 5), credentials=creds)
-        with pytest.raises(SourceUnavailable, match="only over https"):
+        with pytest.raises(SourceUnavailable, match="token realm http://auth.example/t refused"):
             source.fetch()
     finally:
         registry.close()
+
+
+@pytest.mark.parametrize(("registry", "realm", "refused"), [
+    # a remote registry naming a loopback or metadata realm: the password would go there
+    ("registry.example", "http://127.0.0.1:9999/token", True),
+    ("registry.example", "http://localhost:2379/token", True),
+    ("registry.example", "https://127.0.0.1:10250/token", True),
+    ("registry.example", "https://169.254.169.254/token", True),
+    ("registry.example", "https://registry.example/token", False),
+    ("127.0.0.1:5000", "http://127.0.0.1:5001/token", False),  # a loopback registry's own
+    ("127.0.0.1:5000", "http://auth.example/token", True),
+])
+def test_a_token_realm_goes_no_further_than_a_redirect(registry: str, realm: str, refused: bool) -> None:
+    """A registry's realm was sent the credentials wherever it pointed on loopback, in clear
+    over http: any local process could collect the password."""
+    why = oci.realm_refusal(registry, False, realm)
+    assert (why is not None) is refused, why
 
 
 def test_manifest_that_does_not_match_its_digest_is_rejected() -> None:
