@@ -56,7 +56,7 @@ from typing import Any, Literal
 import yaml
 
 from authz import paths, spiffe
-from authz.addresses import istio_network
+from authz.addresses import istio_network, istio_networks
 from authz.bundle.schema import Problem
 from authz.bundle.yamlpos import Document, Position, YamlError, load_documents
 from authz.spiffe import SCHEME
@@ -570,14 +570,22 @@ class _Converter:
                     ok = False
         return self.check_patterns(res, path, values) and ok
 
-    def check_ips(self, res: _Resource, path: YPath, values: list[str]) -> bool:
+    def check_ips(self, res: _Resource, path: YPath, values: list[str], widen: bool) -> bool:
+        """``widen``: matching more makes the rule stricter (a DENY's blocks, an ALLOW's
+        not-blocks); elsewhere a value istiod versions read two ways is refused."""
         ok = True
         for k, value in enumerate(values):
             try:
-                istio_network(value)
+                readings = istio_networks(value)
             except ValueError as exc:
                 self.error(res, (*path, k), f"{value!r} is not an IP address or CIDR block as istiod reads "
                            f"them ({exc})")
+                ok = False
+                continue
+            if len(readings) > 1 and not widen:
+                self.error(res, (*path, k), f"{value!r} is {readings[0]} to older istiod (Go's net) and "
+                           f"{readings[1]} to current istiod (net/netip): which one the mesh runs decides what "
+                           "this allows; write the one meant")
                 ok = False
         return ok
 
@@ -886,7 +894,7 @@ class _Converter:
             if not values:  # an empty list is "not set" in Istio (proto3)
                 continue
             if key in _IP_FIELDS:
-                self.check_ips(res, (*path, key), values)
+                self.check_ips(res, (*path, key), values, widen=deny != key.startswith("not"))
             elif key in ("serviceAccounts", "notServiceAccounts"):
                 self.check_service_accounts(res, (*path, key), values)
             elif key in _PRINCIPAL_FIELDS:
@@ -1063,7 +1071,7 @@ class _Converter:
             where, field_name = simple[key]
             for p, vs in listed:
                 if key in ("destination.ip", "source.ip", "remote.ip"):
-                    ok = self.check_ips(res, p, vs) and ok
+                    ok = self.check_ips(res, p, vs, widen=deny != (p[-1] == "notValues")) and ok
                 elif key == "destination.port":
                     ok = self.check_ports(res, p, vs) and ok
                 elif key == "source.serviceAccount":

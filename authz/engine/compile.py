@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from authz import paths, spiffe
-from authz.addresses import istio_network
+from authz.addresses import IpNetwork, istio_networks
 from authz.bundle.loader import BundleError, BundleFiles, read_bundle
 from authz.bundle.schema import Problem
 from authz.bundle.yamlpos import Document, Position
@@ -396,9 +396,10 @@ class _Compiler:
             not_service_accounts=self.service_accounts(doc, (*path, "notServiceAccounts"),
                                                        sv.get("notServiceAccounts")),
             ip_blocks=self.ips(doc, (*path, "ipBlocks"), sv.get("ipBlocks")),
-            not_ip_blocks=self.ips(doc, (*path, "notIpBlocks"), sv.get("notIpBlocks")),
+            not_ip_blocks=self.ips(doc, (*path, "notIpBlocks"), sv.get("notIpBlocks"), negative=True),
             remote_ip_blocks=self.ips(doc, (*path, "remoteIpBlocks"), sv.get("remoteIpBlocks")),
-            not_remote_ip_blocks=self.ips(doc, (*path, "notRemoteIpBlocks"), sv.get("notRemoteIpBlocks")),
+            not_remote_ip_blocks=self.ips(doc, (*path, "notRemoteIpBlocks"), sv.get("notRemoteIpBlocks"),
+                                          negative=True),
         )
 
     def operation(self, doc: Document, path: YPath, ov: dict[str, Any], captures_seen: set[str]) -> Operation:
@@ -432,7 +433,7 @@ class _Compiler:
             not_sni=_strings(ov.get("notSni")),
             destination_ip_blocks=self.ips(doc, (*path, "destinationIpBlocks"), ov.get("destinationIpBlocks")),
             not_destination_ip_blocks=self.ips(doc, (*path, "notDestinationIpBlocks"),
-                                               ov.get("notDestinationIpBlocks")),
+                                               ov.get("notDestinationIpBlocks"), negative=True),
         )
 
     def paths(self, doc: Document, path: YPath, values: list[str] | None, captures_seen: set[str],
@@ -474,16 +475,26 @@ class _Compiler:
                 plain.append(paths.canonical_pattern(value) if widen else value)
         return PathMatch(StringMatch.of(plain), tuple(templates))
 
-    def ips(self, doc: Document, path: YPath, values: list[str] | None) -> IpMatch | None:
+    def ips(self, doc: Document, path: YPath, values: list[str] | None, negative: bool = False) -> IpMatch | None:
+        """``negative``: a not-field. A value istiod versions read two ways (addresses) is
+        matched both ways where matching more is stricter (a DENY's blocks, an ALLOW's
+        not-blocks) and refused elsewhere."""
         if values is None:
             return None
-        nets = []
+        widen = (self.action != "ALLOW") != negative
+        nets: list[IpNetwork] = []
         for i, value in enumerate(values):
             try:
-                nets.append(istio_network(value))
+                readings = istio_networks(value)
             except ValueError as exc:
                 self.error(doc, (*path, i), f"{value!r} is not an IP address or CIDR block as Istio reads "
                            f"them ({exc})")
+                continue
+            if len(readings) > 1 and not widen:
+                self.error(doc, (*path, i), f"{value!r} is read as {readings[0]} by older istiod and as "
+                           f"{readings[1]} by current istiod: write the one meant")
+                continue
+            nets += readings
         return IpMatch(tuple(nets))
 
     def ports(self, doc: Document, path: YPath, values: list[str] | None) -> frozenset[int] | None:

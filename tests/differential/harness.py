@@ -330,6 +330,9 @@ class StrictnessKind:
         if self.name == "method-case":
             m = str(req.get("method", "GET"))
             return m != m.upper()
+        if self.name == "ip-versions":
+            xff = " ".join(str(v) for k, v in (req.get("headers") or {}).items() if str(k).lower() == "x-forwarded-for")
+            return ":" in xff
         if self.name == "underscore-header":
             return any("_" in str(k) for k in (req.get("headers") or {})) and reason == "ambiguous header"
         if self.name == "path-override":
@@ -356,7 +359,11 @@ class StrictnessKind:
             odd = (req.get("cert_san") or "uri") != "uri" or req.get("extra_sans") or req.get("subject_cn")
             return bool(odd) and "certificate" in reason
         if self.name == "condition-left-out":
+            # leftOut names the DENY rules import-istio widened (a condition, a JWT field, an IP
+            # value read two ways) and, as `<policy>/*`, ALLOW policies whose JWT entries never match
             meta = (authz.get("envoy_saw") or {}).get("ext_authz") or {}  # the deny's dynamic metadata
+            if reason == "no allow rule matched":
+                return any(x.endswith("/*") for x in left_out)
             return "denied by policy" in reason and f"{meta.get('policy', '')}/{meta.get('rule', '')}" in left_out
         if self.name == "header-elements":
             return any(len(vs) > 1 or any("," in v for v in vs)
@@ -373,6 +380,8 @@ STRICTNESS_KINDS = (
                    "a path matching a DENY rule only case-insensitively is denied as ambiguous"),
     StrictnessKind("method-case", ("methods", "method case"),
                    "a method matching a DENY rule only case-insensitively is denied as ambiguous"),
+    StrictnessKind("ip-versions", ("ip values",),
+                   "an IPv4-mapped or dotted IPv6 value matches as older and as current istiod read it"),
     StrictnessKind("underscore-header", ("headers",),
                    "a header whose name with '_' as '-' is one the policies read is ambiguous"),
     StrictnessKind("path-override", ("paths", "path normalisation"),
@@ -387,7 +396,7 @@ STRICTNESS_KINDS = (
                    "a client certificate without a URI SAN, or with more than one identity, is refused"),
     StrictnessKind("no-path", ("requests without a path",),
                    "a request without a path (CONNECT) is refused as malformed"),
-    StrictnessKind("condition-left-out", ("conditions anded into a field",),
+    StrictnessKind("condition-left-out", ("conditions anded into a field", "jwt and filter metadata", "ip values"),
                    "a DENY rule whose condition import-istio could not AND exactly matches without it"),
 )
 

@@ -1596,3 +1596,13 @@ def test_a_namespace_wide_policy_covers_a_declared_workload_of_another_trust_dom
 def test_trust_domain_aliases_of_the_mesh_config_and_the_flag_must_agree(tmp_path: Path) -> None:
     with pytest.raises(IstioImportError, match="trustDomainAliases .* are not the --trust-domain-alias values"):
         write_bundle(tmp_path, MESH_CONFIG + textwrap.dedent(AP) + "  rules: [{}]\n", trust_domain_aliases=("x.td",))
+
+
+def test_an_allow_ip_block_older_and_current_istiod_read_otherwise_is_refused(tmp_path: Path) -> None:
+    """`::ffff:127.0.0.1` is 127.0.0.1/32 to older istiod and the one IPv6 address to current
+    istiod (net/netip): in an ALLOW, which one the mesh runs decides what it allows."""
+    text = AP + "  rules: [{from: [{source: {ipBlocks: ['::ffff:127.0.0.1']}}]}]\n"
+    with pytest.raises(IstioImportError, match="older istiod .* current istiod"):
+        write_bundle(tmp_path / "a", text)
+    deny = AP + "  action: DENY\n  rules: [{from: [{source: {remoteIpBlocks: ['::ffff:127.0.0.1']}}]}]\n"
+    write_bundle(tmp_path / "b", deny)  # a DENY matches both readings
