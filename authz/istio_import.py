@@ -346,6 +346,9 @@ def resolve_mesh(resources: list[_Resource], opts: Options) -> Mesh:
     if mesh.get("trustDomain"):
         td = str(mesh["trustDomain"])
         return made(td, f"trust domain {td} from the Istio mesh config at {mesh_at}")
+    if mesh_at is not None:  # the mesh config names none: Istio's default is the mesh's
+        return made(ISTIO_DEFAULT_TRUST_DOMAIN, f"trust domain {ISTIO_DEFAULT_TRUST_DOMAIN}: the Istio mesh "
+                    f"config at {mesh_at} names none, so it is Istio's default")
     workload_tds = sorted({td for w in opts.workloads if w.kind == "principal"
                            and _TRUST_DOMAIN.match(td := w.value[len(SCHEME):].partition("/")[0])})
     if len(workload_tds) == 1:
@@ -354,14 +357,14 @@ def resolve_mesh(resources: list[_Resource], opts: Options) -> Mesh:
     if len(workload_tds) > 1:
         raise UsageError(f"the --workload principals are in several trust domains ({', '.join(workload_tds)}): "
                          "pass --trust-domain, and --trust-domain-alias for the others")
+    # A guess from the policies' principals would be wrong whenever they name another mesh's
+    # callers: the trust domain decides which principals istiod's alias expansion rewrites.
     named = sorted({name for p in _policy_principals(resources) if (name := _named_trust_domain(p))})
-    if len(named) == 1:
-        return made(named[0],
-                    f"trust domain {named[0]}, the only one the policies' principals name")
-    if len(named) > 1:
-        raise UsageError(f"the policies' principals name several trust domains ({', '.join(named)}) and nothing "
-                         "says which is this mesh's: pass --trust-domain (and --trust-domain-alias), or the istio "
-                         "ConfigMap (kubectl -n istio-system get configmap istio -o yaml)")
+    if named:
+        raise UsageError(f"the policies' principals name trust domain{'s' if len(named) > 1 else ''} "
+                         f"{', '.join(named)} and nothing says which is this mesh's: pass --trust-domain (and "
+                         "--trust-domain-alias), or the istio ConfigMap (kubectl -n istio-system get configmap "
+                         "istio -o yaml)")
     return made(ISTIO_DEFAULT_TRUST_DOMAIN,
                 f"trust domain {ISTIO_DEFAULT_TRUST_DOMAIN}: Istio's default, as nothing in the input names "
                 "another; pass --trust-domain (or the istio ConfigMap) if the mesh uses its own")

@@ -875,7 +875,7 @@ def test_service_accounts_with_and_without_namespace(tmp_path: Path) -> None:
     ("{serviceAccounts: ['a/b/c']}", "a service account is '<name>' or '<namespace>/<name>'"),
     ("{serviceAccounts: ['ns/*']}", "without wildcards"),
     ("{serviceAccounts: ['/x']}", "a service account is"),
-    ("{serviceAccounts: [a], principals: ['td/ns/x/sa/y']}", "Istio rejects serviceAccounts next to principals"),
+    ("{serviceAccounts: [a], principals: ['cluster.local/ns/x/sa/y']}", "Istio rejects serviceAccounts next to principals"),
 ])
 def test_invalid_service_accounts_are_errors(tmp_path: Path, source: str, message: str) -> None:
     errors = import_errors(tmp_path, AP + f"  rules: [{{from: [{{source: {source}}}]}}]\n")
@@ -997,7 +997,7 @@ def test_source_condition_with_patterns_on_both_sides_is_an_error(tmp_path: Path
     errors = import_errors(tmp_path, AP + """\
       rules:
       - from: [{source: {principals: ["*/sa/a"]}}]
-        when: [{key: source.principal, values: ["td/*"]}]
+        when: [{key: source.principal, values: ["cluster.local/*"]}]
     """)
     assert len(errors) == 1 and "spec.rules[0].when[0]: principals: the AND of the condition and the source's own" in errors[0]
 
@@ -1181,16 +1181,21 @@ def test_trust_domain_from_workloads_then_policies(tmp_path: Path) -> None:
     text = AP + "  rules: [{from: [{source: {principals: ['pol.td/ns/a/sa/b', 'cluster.local/ns/c/sa/d', 'x*']}}]}]\n"
     _, notes = write_bundle(tmp_path / "a", text, ("app=a=wl.td/ns/foo/sa/a",))
     assert notes == ["trust domain wl.td from the --workload principals"]
-    out, notes = write_bundle(tmp_path / "b", text)
-    assert notes == ["trust domain pol.td, the only one the policies' principals name"]
-    assert yaml.safe_load((out / "bundle.yaml").read_text())["trustDomain"] == "pol.td"
+    # A guess from the policies' principals was wrong whenever they name another mesh's callers
+    # (istiod's alias expansion rewrites only the mesh's own): refused, the flag is asked for.
+    with pytest.raises(UsageError, match="principals name trust domain pol.td and nothing says which"):
+        write_bundle(tmp_path / "b", text)
+    out, notes = write_bundle(tmp_path / "c", MESH_CONFIG.replace("    trustDomain: example.org\n", "").replace(
+        "    trustDomainAliases: [old.example.org]\n", "") + textwrap.dedent(text))
+    assert yaml.safe_load((out / "bundle.yaml").read_text())["trustDomain"] == "cluster.local"
+    assert "names none, so it is Istio's default" in notes[0]
 
 
 def test_trust_domain_default_is_said_and_ambiguity_is_refused(tmp_path: Path) -> None:
     out, notes = write_bundle(tmp_path / "a", AP + "  rules: [{from: [{source: {principals: ['cluster.local/ns/a/sa/b']}}]}]\n")
     assert yaml.safe_load((out / "bundle.yaml").read_text())["trustDomain"] == "cluster.local"
     assert "Istio's default, as nothing in the input names another" in notes[0]
-    with pytest.raises(UsageError, match=r"several trust domains \(a.td, b.td\)"):
+    with pytest.raises(UsageError, match=r"trust domains a.td, b.td and nothing says"):
         write_bundle(tmp_path / "b", AP + "  rules: [{from: [{source: {principals: ['a.td/ns/a/sa/b', 'b.td/x']}}]}]\n")
     with pytest.raises(UsageError, match=r"--workload principals are in several trust domains"):
         write_bundle(tmp_path / "c", AP, ("a=1=a.td/ns/foo/sa/a", "a=2=b.td/ns/foo/sa/b"))
@@ -1200,7 +1205,7 @@ def test_cli_says_where_the_trust_domain_came_from(tmp_path: Path, capsys: pytes
     src = tmp_path / "ap.yaml"
     src.write_text(textwrap.dedent(AP) + "  rules: [{from: [{source: {principals: ['a.td/ns/a/sa/b', 'b.td/x']}}]}]\n")
     assert main(["import-istio", str(src), "-o", str(tmp_path / "x")]) == 2
-    assert "several trust domains" in capsys.readouterr().err
+    assert "trust domains a.td, b.td and nothing says which is this mesh's" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 
