@@ -464,6 +464,16 @@ class _Condition:
 # What a rule reads that authz never sees: a verified JWT (RequestAuthentication) and Envoy
 # filter metadata. Istio decides on them; authz takes the stricter reading (see unverifiable).
 _UNVERIFIABLE_KEYS = ("request.auth.", "experimental.", "request.experimental.")
+_JWT_KEYS = ("request.auth.principal", "request.auth.audiences", "request.auth.presenter")
+
+
+def _known_unverifiable(key: str) -> bool:
+    """A JWT or metadata key Istio's validation accepts (security.ValidateAttribute)."""
+    if key.startswith("request.auth."):
+        return key in _JWT_KEYS or (key.startswith("request.auth.claims[") and key.endswith("]"))
+    if key.startswith("experimental."):
+        return key.startswith("experimental.envoy.filters.")
+    return True  # request.experimental.*: read as unverifiable, as before
 
 
 # Request headers Envoy's RBAC filter sees but ext_authz never receives (Envoy drops a
@@ -663,11 +673,10 @@ class _Converter:
         rules: list[dict[str, Any]] = []
         for i, rv in enumerate(self.listed(res, ("spec", "rules"), spec.get("rules"))):
             if rv is None:
-                # istiod skips a null rule ("skipped nil rule"): read as `{}` it matched every
-                # request, an ALLOW granting what Istio's sidecar denies.
-                where = ("spec", "rules", i)
-                self.notes.append(f"{res.at(where)}: {_dotted(where)}: a null rule, skipped as istiod skips it "
-                                  "(it matches nothing)")
+                # Istio's validation refuses the policy (`rule` must not be nil), so a cluster
+                # never holds it; read as `{}` it matched every request, and skipped (as
+                # istiod's builder would) it left the policy's other rules granting.
+                self.error(res, ("spec", "rules", i), "a null rule: Istio rejects the policy (`rule` must not be nil)")
                 continue
             rules += self.rule(res, ("spec", "rules", i), rv, i, deny=action != "ALLOW")
         if len(self.problems) != before:
@@ -741,12 +750,21 @@ class _Converter:
             return []
         sources: list[dict[str, Any]] = []
         unverifiable = False
+        # What Istio's validation refuses (ValidateAuthorizationPolicy) is refused here: the
+        # policy never reaches a cluster whose webhook validates, and imported in part it
+        # would let its other rules grant.
+        for part in ("from", "to", "when"):
+            if rv.get(part) == []:
+                self.error(res, (*path, part), f"an empty `{part}` list: Istio rejects the policy")
         for j, entry in enumerate(self.listed(res, (*path, "from"), rv.get("from"))):
             p = (*path, "from", j)
             if entry is None:  # istiod dereferences it: no reading to copy, so none is made up
                 self.error(res, p, "a null from entry")
                 continue
             if not self.unknown_fields(res, p, entry, {"source"}, "a from entry"):
+                continue
+            if not any((entry or {}).get("source") or {}):
+                self.error(res, p, "a from entry without a source field: Istio rejects the policy")
                 continue
             s = self.source(res, (*p, "source"), (entry or {}).get("source") or {}, deny)
             if isinstance(s, _Unverifiable):
@@ -760,6 +778,9 @@ class _Converter:
                 self.error(res, p, "a null to entry")
                 continue
             if not self.unknown_fields(res, p, entry, {"operation"}, "a to entry"):
+                continue
+            if not any((entry or {}).get("operation") or {}):
+                self.error(res, p, "a to entry without an operation field: Istio rejects the policy")
                 continue
             op = self.operation(res, (*p, "operation"), (entry or {}).get("operation") or {}, deny)
             if op is not None:
@@ -1086,6 +1107,9 @@ class _Converter:
                 else:
                     ok = self.check_patterns(res, p, vs) and ok
             return _Condition(where, field_name, values, not_values) if ok else None
+        if key.startswith(_UNVERIFIABLE_KEYS) and not _known_unverifiable(key):
+            self.error(res, kpath, f"unknown condition key {key!r}: Istio rejects the policy")
+            return None
         if key.startswith(_UNVERIFIABLE_KEYS):
             what = "a JWT claim" if key.startswith("request.auth.") else "experimental Envoy filter metadata"
             self.unverifiable(res, kpath, f"{key!r} reads {what}", deny)

@@ -56,11 +56,13 @@ class _ConditionFailed(Exception):
 
 
 class _RequestTenant:
-    """The one tenant a request may be judged as. Policies may each name theirs (a header, a
-    path capture, the caller's identity); were a DENY to judge the header's tenant and an
-    ALLOW grant the path's, a client naming another tenant in the header would step around
-    the DENY while the upstream serves the path's. So every enforcing policy that resolves a
-    tenant for a rule it reaches must resolve the same one."""
+    """The one tenant a request may name. Policies may each read theirs (a header, a path
+    capture); were a DENY to judge the header's tenant and an ALLOW grant the path's, a client
+    naming another tenant in the header would step around the DENY while the upstream serves
+    the path's. So every enforcing policy that reads a tenant the client chooses, for a rule
+    it reaches, must read the same one. The caller's identity is not chosen by the request: a
+    DENY judging the caller's own tenant and an ALLOW granting the path's (a cross-tenant
+    caller) judge two tenants on purpose."""
 
     __slots__ = ("id",)
 
@@ -318,7 +320,8 @@ class PolicySet:
                 # The path names a tenant too, and not this one: the upstream may serve the
                 # path's. One tenant never reaches another's data by crafting a path.
                 raise _TenantDenied("tenant mismatch", named, policy.name)
-            if tenant is not None and seen is not None:
+            if tenant is not None and seen is not None and policy.tenant is not None \
+                    and policy.tenant.kind != "principalSegment":
                 seen.agree(tenant.id, policy.name)
             if rule.sources and not any(_source_matches(s, req) for s in rule.sources):
                 if tracer is not None:

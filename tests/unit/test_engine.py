@@ -712,6 +712,21 @@ def test_a_deny_on_a_header_tenant_is_not_stepped_around_by_naming_another_tenan
     assert decide(ps, principal=BILLING, path="/v1/tenants/globex/orders", headers={"x-tenant": "acme"}).allowed
 
 
+def test_a_deny_on_the_callers_own_tenant_and_an_allow_on_the_paths_judge_two_tenants(tmp_path: Path) -> None:
+    """The caller's identity is not chosen by the request: acme's workload, listed as a caller
+    of globex, reaches globex's path while a DENY judges acme (not suspended)."""
+    tenants = {**TENANTS, "globex": {**TENANTS["globex"], "callers": [BILLING, spiffe("acme", "svc")]},
+               "acme": {**TENANTS["acme"], "plan": "active"}}
+    suspended = {"name": "suspended", "action": "DENY", "tenant": {"principalSegment": "ns"},
+                 "rules": [{"name": "r", "when": ["tenant.plan == 'suspended'"]}]}
+    paths = tenant_policy({"pathCapture": "tenant"}, ["/tenants/{tenant}/{**}"], ["source.principal in tenant.callers"])
+    ps = policy_set(tmp_path, [suspended, paths], tenants=tenants)
+    d = decide(ps, principal=spiffe("acme", "svc"), path="/tenants/globex/x")
+    assert (d.allowed, d.tenant) == (True, "globex")
+    ps = policy_set(tmp_path / "s", [suspended, paths], tenants={**tenants, "acme": {**tenants["acme"], "plan": "suspended"}})
+    assert decide(ps, principal=spiffe("acme", "svc"), path="/tenants/globex/x").policy == "suspended"
+
+
 def test_a_tenant_source_is_read_only_for_rules_that_cover_the_request(tmp_path: Path) -> None:
     """A DENY on /admin whose tenant comes from a header does not judge /public (nor its header);
     a caller whose identity lacks the tenant segment has no tenant, not an invalid one."""

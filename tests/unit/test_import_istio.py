@@ -1574,17 +1574,25 @@ def test_a_deny_and_of_two_namespaces_is_left_out_not_dropped(tmp_path: Path) ->
     assert len(left_out) == 1 and "spec.rules[0].when[0]" in left_out[0], notes
 
 
-def test_a_null_rule_is_skipped_as_istiod_skips_it(tmp_path: Path) -> None:
-    """builder.go skips a nil rule; read as `{}` it matched every request, so an ALLOW of
-    `rules: [~]` allowed all (Istio's sidecar denies all: an ALLOW policy with no rule)."""
-    out, notes = write_bundle(tmp_path / "a", AP + "  rules: [~]\n", WORKLOADS)
-    ps = load_policy_set(out)
-    assert not allowed(ps, principal=SLEEP, path="/anything")
-    assert any("a null rule, skipped as istiod skips it" in n for n in notes)
-    ps = imported(tmp_path / "b", AP + "  action: DENY\n  rules: [~, {to: [{operation: {paths: ['/d/*']}}]}]\n")
-    assert allowed(ps, principal=SLEEP, path="/other") and not allowed(ps, principal=SLEEP, path="/d/x")
-    errors = import_errors(tmp_path / "c", AP + "  rules: [{from: [~], to: [{operation: {paths: ['/x']}}]}]\n")
-    assert len(errors) == 1 and "a null from entry" in errors[0]
+@pytest.mark.parametrize(("rules", "message"), [
+    # read as `{}` a null rule matched every request; skipped, as istiod's builder would, it
+    # left the policy's other rules granting what a validating cluster never holds
+    ("[~]", "a null rule: Istio rejects the policy"),
+    ("[~, {to: [{operation: {paths: ['/d/*']}}]}]", "a null rule: Istio rejects the policy"),
+    ("[{from: [~], to: [{operation: {paths: ['/x']}}]}]", "a null from entry"),
+    ("[{from: [], to: [{operation: {paths: ['/x']}}]}]", "an empty `from` list"),
+    ("[{to: []}]", "an empty `to` list"),
+    ("[{from: [{source: {}}]}]", "a from entry without a source field"),
+    ("[{to: [{operation: {}}]}]", "a to entry without an operation field"),
+    ("[{when: [{key: request.auth.foo, values: [x]}]}]", "unknown condition key 'request.auth.foo'"),
+    ("[{when: [{key: experimental.foo, values: [x]}]}]", "unknown condition key 'experimental.foo'"),
+])
+def test_what_istios_validation_refuses_is_refused(tmp_path: Path, rules: str, message: str) -> None:
+    """Istio's webhook refuses these policies (ValidateAuthorizationPolicy): imported, their
+    other rules granted what a cluster that validates never holds."""
+    for action in ("", "  action: DENY\n"):
+        errors = import_errors(tmp_path / str(len(action)), AP + action + f"  rules: {rules}\n")
+        assert len(errors) == 1 and message in errors[0], errors
 
 
 def test_a_namespace_wide_policy_covers_a_declared_workload_of_another_trust_domain(tmp_path: Path) -> None:
