@@ -67,7 +67,8 @@ _REQUEST: dict[str, Callable[[Activation], Any]] = {
     "request.context_extensions": lambda a: a.request.context_extensions,
     "connection.sni": lambda a: a.request.sni,
     "source.principal": lambda a: a.request.principal,
-    "source.trust_domain": _source_part("trust_domain"),
+    # As the native trustDomains field reads it: a SPIFFE ID without a path is in none.
+    "source.trust_domain": lambda a: a.request.source.trust_domain if a.request.source and a.request.source.path else "",
     "source.namespace": _source_part("namespace"),
     "source.service_account": _source_part("service_account"),
     "source.address": lambda a: a.request.source_address,

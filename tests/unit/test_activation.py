@@ -83,6 +83,15 @@ def test_a_caller_without_a_spiffe_identity_has_empty_source_parts() -> None:
             ctx["source.service_account"]) == ("", "", "", "")
 
 
+def test_a_spiffe_id_without_a_path_is_in_no_trust_domain_for_conditions_too() -> None:
+    """As the native trustDomains field (istiod matches `spiffe://<td>/`): a condition on
+    source.trust_domain said cluster.local where trustDomains said none."""
+    for principal, td in (("spiffe://cluster.local", ""), ("spiffe://cluster.local/", "cluster.local"),
+                          ("spiffe://cluster.local/ns/a/sa/b", "cluster.local")):
+        cr = check_request(principal=principal, path="/")
+        assert Activation(from_check_request(cr, TrustDomains("cluster.local")), {})["source.trust_domain"] == td
+
+
 @pytest.mark.parametrize(("expression", "expected"), [
     ("source.principal in tenant.callers", True),  # answered natively from the frozenset
     ("'spiffe://cluster.local/ns/prod/sa/a' in tenant.callers && tenant.plan == 'gold'", True),
