@@ -741,6 +741,10 @@ class OciSource:
         except _TooLarge as exc:
             raise _Rejected(digest, f"bundle layer is {exc}") from None
         got = sha256_digest(data)
+        if len(data) < size:
+            # Cut in transit (the registry's Content-Length may not say so): tried again at
+            # the next poll, not remembered as what the registry holds under this digest.
+            raise SourceUnavailable(f"bundle layer of {digest} ended after {len(data)} of {size} bytes")
         if len(data) != size or got != blob_digest:
             raise _Rejected(
                 digest,

@@ -453,10 +453,14 @@ class HttpSource:
             self.failures += 1
             raise
         self.failures = 0
-        # Remember the ETag even if the gate rejects this body: the same bytes would be
-        # rejected again, so there is no point downloading them at every poll.
+        # A body that does not unpack may have been cut in transit (a close-delimited
+        # response ends where the connection did, a Content-Length can lie): its ETag is
+        # not remembered, or every later poll would be a 304 for bytes never received whole.
+        snapshot = unpack(data, self.description, self.limits)
+        # Once it unpacks, the ETag is remembered even if the gate rejects the bundle: the
+        # same bytes would be rejected again, so there is no point downloading them each poll.
         self.etag = etag
-        return unpack(data, self.description, self.limits)
+        return snapshot
 
     def _read_body(self, resp: urllib.response.addinfourl, deadline: float) -> bytes:
         limit = self.limits.max_bytes

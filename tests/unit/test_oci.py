@@ -237,6 +237,33 @@ def test_a_token_realm_goes_no_further_than_a_redirect(registry: str, realm: str
     assert (why is not None) is refused, why
 
 
+def test_a_layer_cut_in_transit_is_fetched_again() -> None:
+    """A short layer was remembered as a rejected digest: the old revision served on,
+    `unchanged`, until the tag moved."""
+    layer = b"x" * 1000
+    manifest = oci.manifest_for(layer, "n", "r")
+    digest = oci.sha256_digest(manifest)
+    blob = "/v2/a/blobs/" + oci.sha256_digest(layer)
+    registry = Recorder({
+        "/v2/": (200, {}, b"{}"),
+        "/v2/a/manifests/v1": (200, {"Docker-Content-Digest": digest}, b""),
+        f"/v2/a/manifests/{digest}": (200, {}, manifest),
+        blob: (200, {}, layer[:500]),
+    })
+    try:
+        source = oci.OciSource(f"oci://127.0.0.1:{registry.port}/a:v1", policy=PollPolicy(0.1, 0.2, 1, 5))
+        with pytest.raises(SourceUnavailable, match="ended after 500 of 1000 bytes"):
+            source.fetch()
+        registry.routes[blob] = (200, {}, layer)
+        from authz.bundle.loader import BundleError
+
+        with pytest.raises(BundleError, match="not a gzip"):  # downloaded again, whole (not a bundle here)
+            source.fetch()
+        assert sum(1 for _, p, _ in registry.seen if p == blob) == 2
+    finally:
+        registry.close()
+
+
 def test_manifest_that_does_not_match_its_digest_is_rejected() -> None:
     manifest = oci.manifest_for(b"layer", "n", "r")
     registry = Recorder({

@@ -218,6 +218,21 @@ def test_http_source_uses_etags(tmp_path: Path, server: BundleServer) -> None:
     assert snap is not None and b"revision: r2" in snap.files["bundle.yaml"]
 
 
+def test_a_body_cut_in_transit_does_not_keep_its_etag(tmp_path: Path, server: BundleServer) -> None:
+    """A close-delimited answer cut halfway does not unpack; had its ETag been kept, every
+    later poll was a 304 and the old revision served on, `unchanged`, for good."""
+    whole = archive.build_archive(bundle_bytes(tmp_path, "r2"), "t", "r2")
+    server.send_length = False  # close-delimited: a cut reads as the end of the body
+    server.publish(whole[: len(whole) // 2], '"r2"')
+    source = HttpSource(server.url, policy=PollPolicy(timeout=5))
+    with pytest.raises(BundleError):
+        source.fetch()
+    server.publish(whole, '"r2"')
+    snap = source.fetch()
+    assert "if-none-match" not in server.requests[-1]
+    assert snap is not None and b"revision: r2" in snap.files["bundle.yaml"]
+
+
 def test_http_source_size_limit(tmp_path: Path, server: BundleServer) -> None:
     body = archive.build_archive(bundle_bytes(tmp_path, "r1"), "t", "r1")
     server.publish(body, '"r1"')
