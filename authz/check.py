@@ -87,7 +87,6 @@ class Checker:
         self.tracing = tracing
         self.limits = limits
         self._uncarried_said: set[tuple[str, str, str]] = set()
-        self._missing_seen: dict[tuple[int, frozenset[str]], tuple[PolicySet, str]] = {}
 
     def check(self, check_request: external_auth_pb2.CheckRequest) -> external_auth_pb2.CheckResponse:
         return self.run(check_request).response
@@ -141,16 +140,14 @@ class Checker:
         return _deny(reason)
 
     def _missing(self, policy_set: PolicySet, carries: frozenset[str]) -> str:
-        """PolicySet.uncarried, remembered per bundle and caller kind (a check does no more
-        than a lookup)."""
-        key = (id(policy_set), carries)
-        found = self._missing_seen.get(key)
-        if found is None or found[0] is not policy_set:
-            if len(self._missing_seen) > 64:
-                self._missing_seen.clear()
-            found = (policy_set, policy_set.uncarried(carries))
-            self._missing_seen[key] = found
-        return found[1]
+        """PolicySet.uncarried, remembered on the bundle itself per caller kind (a check does
+        no more than a lookup, and a replaced bundle takes its answers with it: held here,
+        each kept an old bundle alive)."""
+        found = policy_set.uncarried_seen.get(carries)
+        if found is None:
+            found = policy_set.uncarried(carries)
+            policy_set.uncarried_seen[carries] = found
+        return found
 
     def _check(self, started: float, check_request: external_auth_pb2.CheckRequest | None,
                tracer: Tracer | None, caller: str, malformed: str,

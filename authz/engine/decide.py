@@ -112,6 +112,9 @@ class PolicySet:
     # header that becomes a read name that way is denied as ambiguous (decide).
     read_headers: frozenset[str] = frozenset()
     header_aliases: frozenset[str] = frozenset()
+    # uncarried()'s answer by caller kind, filled as callers come (check.py): a dict in a
+    # frozen set of rules, so that it lives and dies with the bundle.
+    uncarried_seen: dict[frozenset[str], str] = field(default_factory=dict, compare=False, hash=False)
 
     def _aliased(self, req: Request) -> str:
         """A request header an upstream may read as one the policies read, though it is not."""
