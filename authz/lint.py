@@ -35,6 +35,7 @@ from typing import Any
 from authz import lint_headers
 from authz.bundle.loader import BundleError, BundleFiles, read_bundle
 from authz.bundle.schema import Problem
+from authz.bundle.archive import reject, safe_name
 from authz.bundle.sources import SourceUnavailable, read_directory
 from authz.bundle.yamlpos import Document, Position
 from authz.engine.compile import compile_bundle
@@ -64,7 +65,9 @@ def lint_bundle(root: Path) -> list[Problem]:
     try:
         # First as `authz serve` reads a directory: what it refuses (a FIFO, a link out of the
         # bundle, a name no log may print) must not pass lint.
-        read_directory(root)
+        for name in read_directory(root).files:
+            if safe_name(name) != name:  # what materialize refuses when serve loads it
+                raise reject(ascii(name), "unsafe file name in bundle")
         files = read_bundle(root, require_policies=True)
     except BundleError as exc:
         return _sorted(exc.problems)

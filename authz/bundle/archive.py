@@ -102,7 +102,9 @@ MAX_NAME = 1024  # characters of a member's path; a part at most 255 (a file nam
 def unshowable(name: str) -> bool:
     """A file name holding a control, format (bidi, zero-width) or line-separator character:
     quoted in a log line or an error, it could forge another line or hide its own text."""
-    return not name.isprintable() and any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in name)
+    # ZWNJ and ZWJ (U+200C, U+200D) are format characters words need (Persian, emoji).
+    return not name.isprintable() and any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp")
+                                          and c not in "\u200c\u200d" for c in name)
 
 
 def safe_name(name: str) -> str | None:

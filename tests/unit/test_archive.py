@@ -232,3 +232,12 @@ def test_a_path_that_is_a_file_and_a_directory_is_rejected() -> None:
     data = tar_gz([(member("bundle.yaml"), b"x: 1\n"), (member("data"), b"a: 1\n"), (member("data/x.yaml"), b"b: 2\n")])
     with pytest.raises(BundleError, match="'data' is a file and a directory"):
         archive.unpack(data, "b.tar.gz")
+
+
+def test_names_words_need_are_safe() -> None:
+    """ZWNJ and ZWJ are format characters Persian words and emoji sequences need; bidi and
+    line controls are not."""
+    assert archive.safe_name("data/\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645.yaml") is not None
+    assert archive.safe_name("data/\U0001F469\u200d\U0001F4BB.yaml") is not None
+    assert archive.safe_name("data/caf\u00e9.yaml") is not None
+    assert archive.safe_name("data/\u202eevil.yaml") is None

@@ -467,7 +467,7 @@ def test_a_tenant_segment_not_checked_against_a_header_tenant_is_a_warning(tmp_p
     assert sum("tenant segment" in p for p in problems) == 2, problems
 
 
-@pytest.mark.parametrize("kind", ["fifo", "link out"])
+@pytest.mark.parametrize("kind", ["fifo", "link out", "backslash"])
 def test_lint_refuses_what_serve_refuses(tmp_path: Path, kind: str) -> None:
     """lint said `0 errors` for a bundle `authz serve` rejects (a FIFO, a link out of it)."""
     root = bundle(tmp_path, """\
@@ -479,6 +479,8 @@ def test_lint_refuses_what_serve_refuses(tmp_path: Path, kind: str) -> None:
         """)
     if kind == "fifo":
         os.mkfifo(root / "policies" / "deny.yaml")
+    elif kind == "backslash":
+        (root / "policies" / "deny.yaml\\x").write_text("x: 1\n")
     else:
         (tmp_path / "outside.yaml").write_text("x: 1\n")
         (root / "policies" / "deny.yaml").symlink_to(tmp_path / "outside.yaml")
