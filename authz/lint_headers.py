@@ -8,14 +8,10 @@ whatever it logs; the author should confirm that is meant. lint.py calls ``secre
 
 from __future__ import annotations
 
-import re
-
 from authz.bundle.loader import BundleFiles
 from authz.bundle.schema import Problem
+from authz.redact import SECRET_WORDS
 
-_SECRET = re.compile(
-    r"authorization|cookie|token|secret|passw(?:or)?d|api[-_]?key|credential|session|private[-_]?key",
-    re.IGNORECASE)
 
 
 def secret_headers(files: BundleFiles) -> list[Problem]:
@@ -28,11 +24,11 @@ def secret_headers(files: BundleFiles) -> list[Problem]:
             if not isinstance(headers, dict):
                 continue
             for name, expression in headers.items():
-                hit = _SECRET.search(str(name)) or _SECRET.search(str(expression))
+                hit = SECRET_WORDS.search(str(name)) or SECRET_WORDS.search(str(expression))
                 if hit is None:
                     continue
                 out.append(Problem(doc.at(("rules", i, "upstreamHeaders", name)),
                                    f"upstream header {name!r} may carry a secret ({hit.group(0)!r} in "
-                                   f"{'its name' if _SECRET.search(str(name)) else 'its expression'}): "
+                                   f"{'its name' if SECRET_WORDS.search(str(name)) else 'its expression'}): "
                                    "the upstream and its logs would see it", "warning"))
     return out

@@ -27,6 +27,11 @@ NEVER_LOGGED = frozenset({
     "x-auth-token", "x-access-token", "x-amz-security-token", "x-vault-token",
     "x-csrf-token", "x-xsrf-token",
 })
+# A header name (or an expression) that speaks of a credential: authz lint warns of an
+# upstream header so named, and a bundle test's failure shows such a header's value by length.
+SECRET_WORDS = re.compile(
+    r"auth(?!z)|cookie|token|secret|passw(?:or)?d|api[-_]?key|credential|session|private[-_]?key",
+    re.IGNORECASE)
 # Headers holding the authority, which may carry user info (user:password@host).
 _AUTHORITY_HEADERS = frozenset({"host", ":authority"})
 # Headers holding a URL or a path, whose query may carry a token (`?access_token=`): shown

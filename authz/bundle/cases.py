@@ -13,6 +13,7 @@ reports it as failed. It sits below the store: the store imports it, never the r
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
@@ -25,7 +26,7 @@ from authz.bundle.yamlpos import Document
 from authz.check import Checker, Outcome
 from authz.engine.decide import PolicySet
 from authz.engine.explain import Explainer, summary
-from authz.redact import echo_free
+from authz.redact import NEVER_LOGGED, SECRET_WORDS, echo_free, redacted
 
 if TYPE_CHECKING:
     from authz.bundle.store import BundleStore
@@ -200,6 +201,9 @@ def observed(outcome: Outcome) -> dict[str, Any]:
 _ERRORS = ("condition error", "condition over budget", "upstream header error")
 
 
+_CREDENTIAL_SCHEME = re.compile(r"(?i)(?:bearer|basic|digest|token|negotiate|aws4-hmac-sha256)\s")
+
+
 def compare(expect: dict[str, Any], actual: dict[str, Any]) -> list[str]:
     """One line per expectation that does not hold: 'field: expected X, got Y'. A case that
     expects nothing, or a deny that only came from an evaluation error without naming it,
@@ -217,7 +221,15 @@ def compare(expect: dict[str, Any], actual: dict[str, Any]) -> list[str]:
     for header, want in (expect.get("headers") or {}).items():
         got = actual["headers"].get(str(header).lower())
         if want != got:
-            problems.append(f"header {header}: expected {_show(want, absent=True)}, got {_show(got, absent=True)}")
+            # The failure goes to the reload log and /v1/status: a credential-like header
+            # (an upstream token built from data) is shown by its length only.
+            if SECRET_WORDS.search(str(header)) or str(header).lower() in NEVER_LOGGED or any(
+                    isinstance(v, str) and _CREDENTIAL_SCHEME.match(v) for v in (want, got)):
+                shown_want, shown_got = (redacted(v) if isinstance(v, str) else _show(v, absent=True)
+                                         for v in (want, got))
+            else:
+                shown_want, shown_got = _show(want, absent=True), _show(got, absent=True)
+            problems.append(f"header {header}: expected {shown_want}, got {shown_got}")
     return problems
 
 

@@ -240,3 +240,20 @@ def test_a_case_that_would_pass_whatever_the_policy_does_fails(tmp_path: Path) -
     assert [r.passed for r in report.results] == [False, False, True]
     assert "expects nothing" in report.results[0].message
     assert "decided by an evaluation error (condition error in debug-in-prod/r)" in report.results[1].message
+
+
+def test_a_failing_case_shows_a_credential_header_by_length(tmp_path: Path) -> None:
+    """A stale test of an upstream token printed the bundle's token into the reload error and
+    /v1/status: `expected 'Bearer old', got 'Bearer UPSTREAM-SECRET-123'`."""
+    from bundle_factory import write_bundle
+
+    policy = {"name": "p", "action": "ALLOW", "rules": [{"name": "r", "upstreamHeaders": {
+        "x-upstream-auth": "'Bearer ' + data.upstream.token", "x-plan": "'gold'"}}]}
+    root = write_bundle(tmp_path / "b", [policy], data={"upstream": {"token": "UPSTREAM-SECRET-123"}})
+    (root / "tests").mkdir(exist_ok=True)
+    write_test(root, [{"name": "stale", "request": {"path": "/"},
+                       "expect": {"allowed": True, "headers": {"x-upstream-auth": "Bearer old", "x-plan": "silver"}}}])
+    (result,) = report_for(root).results
+    assert "SECRET" not in result.message, result.message
+    assert "header x-upstream-auth: expected <redacted, 10 characters>, got <redacted, 26 characters>" in result.message
+    assert "header x-plan: expected 'silver', got 'gold'" in result.message
