@@ -22,7 +22,7 @@ from typing import Any
 from authz import gradual
 from authz.bundle import schema
 from authz.bundle.schema import Problem
-from authz.bundle.yamlpos import Document, Position, YamlError, load_documents
+from authz.bundle.yamlpos import Budget, Document, Position, YamlError, load_documents
 
 MANIFEST_FILE = "bundle.yaml"
 MAX_FILE_BYTES = 64 * 1024 * 1024
@@ -74,7 +74,8 @@ def _read_bundle(root: Path, require_policies: bool) -> tuple[BundleFiles, list[
     problems: list[Problem] = []
     if not root.is_dir():
         raise BundleError([Problem(Position(str(root), 1, 1), "bundle directory does not exist")])
-    manifest_docs = _read(root, root / MANIFEST_FILE, problems)
+    budget = Budget()  # the values of all its YAML files: per file, three files held three times as much
+    manifest_docs = _read(root, root / MANIFEST_FILE, problems, budget)
     if not manifest_docs:
         if not problems:
             problems.append(Problem(Position(MANIFEST_FILE, 1, 1), "bundle has no manifest (bundle.yaml)"))
@@ -83,11 +84,11 @@ def _read_bundle(root: Path, require_policies: bool) -> tuple[BundleFiles, list[
     problems += schema.validate(manifest, schema.MANIFEST)
     files = BundleFiles(root, manifest)
     for path in _files(root / "policies", (".yaml", ".yml")):
-        for doc in _read(root, path, problems):
+        for doc in _read(root, path, problems, budget):
             problems += schema.validate(doc, schema.POLICY)
             files.policies.append(doc)
     for path in _files(root / "tenants", (".yaml", ".yml", ".json")):
-        for doc in _read(root, path, problems):
+        for doc in _read(root, path, problems, budget):
             problems += schema.validate(doc, schema.TENANTS)
             files.tenants.append(doc)
     data_files: dict[str, str] = {}
@@ -98,11 +99,11 @@ def _read_bundle(root: Path, require_policies: bool) -> tuple[BundleFiles, list[
                                     f"{data_files[path.stem]}"))
             continue
         data_files[path.stem] = name
-        docs = _read(root, path, problems)
+        docs = _read(root, path, problems, budget)
         if docs:
             files.data[path.stem] = docs[0]
     for path in _files(root / "tests", (".yaml", ".yml")):
-        for doc in _read(root, path, problems):
+        for doc in _read(root, path, problems, budget):
             problems += schema.validate(doc, schema.BUNDLE_TEST)
             files.tests.append(doc)
     if require_policies and not problems:
@@ -138,7 +139,7 @@ def _files(directory: Path, suffixes: tuple[str, ...]) -> list[Path]:
     return out
 
 
-def _read(root: Path, path: Path, problems: list[Problem]) -> list[Document]:
+def _read(root: Path, path: Path, problems: list[Problem], budget: Budget) -> list[Document]:
     name = path.relative_to(root).as_posix()
     try:
         if path.stat().st_size > MAX_FILE_BYTES:
@@ -164,7 +165,7 @@ def _read(root: Path, path: Path, problems: list[Problem]) -> list[Document]:
             return []
         return [Document(name, value)]
     try:
-        return load_documents(text, name)
+        return load_documents(text, name, budget)
     except YamlError as exc:
         problems.append(Problem(exc.position, exc.message))
         return []

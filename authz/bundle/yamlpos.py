@@ -65,11 +65,13 @@ class YamlError(ValueError):
         self.message = message
 
 
-def load_documents(text: str, file: str) -> list[Document]:
-    """Parse every document of a YAML stream; raises YamlError with the position."""
+def load_documents(text: str, file: str, budget: Budget | None = None) -> list[Document]:
+    """Parse every document of a YAML stream; raises YamlError with the position.
+    ``budget``: what the files read before this one took of MAX_NODES (one bundle's)."""
+    budget = budget or Budget()
     try:
         if len(text) > COUNT_ABOVE_CHARS:
-            _count_nodes(text, file)
+            _count_nodes(text, file, MAX_NODES - budget.nodes)
         nodes = list(yaml.compose_all(text, Loader=_Loader))
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
@@ -78,7 +80,6 @@ def load_documents(text: str, file: str) -> list[Document]:
     except yaml.YAMLError as exc:
         raise YamlError(Position(file, 1, 1), f"invalid YAML: {exc}") from None
     docs = []
-    budget = _Budget()
     for node in nodes:
         if node is None:
             continue
@@ -102,18 +103,18 @@ MAX_ALIASED_NODES = 100_000  # values reached through aliases, each copied where
 COUNT_ABOVE_CHARS = 256 * 1024
 
 
-def _count_nodes(text: str, file: str) -> None:
+def _count_nodes(text: str, file: str, most: int) -> None:
     nodes = 0
     for event in yaml.parse(text, Loader=_Loader):
         if isinstance(event, (yaml.ScalarEvent, yaml.SequenceStartEvent, yaml.MappingStartEvent)):
             nodes += 1
-            if nodes > MAX_NODES:
+            if nodes > most:
                 mark = event.start_mark
                 at = Position(file, mark.line + 1, mark.column + 1) if mark else Position(file, 1, 1)
-                raise YamlError(at, f"file holds more than {MAX_NODES} values")
+                raise YamlError(at, f"the bundle's YAML files hold more than {MAX_NODES} values")
 
 
-class _Budget:
+class Budget:
     """What converting one file may produce. Nine aliases of nine aliases of ... take a few
     hundred bytes of YAML and expand to billions of values ("billion laughs")."""
 
@@ -130,10 +131,10 @@ def _at(doc: Document, node: yaml.Node) -> Position:
     return Position(doc.file, node.start_mark.line + 1, node.start_mark.column + 1)
 
 
-def _convert(node: yaml.Node, path: Path, doc: Document, budget: _Budget, aliased: bool = False) -> Any:
+def _convert(node: yaml.Node, path: Path, doc: Document, budget: Budget, aliased: bool = False) -> Any:
     budget.nodes += 1
     if budget.nodes > MAX_NODES:
-        raise YamlError(_at(doc, node), f"file holds more than {MAX_NODES} values")
+        raise YamlError(_at(doc, node), f"the bundle's YAML files hold more than {MAX_NODES} values")
     if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
         # An alias is the anchored node itself, met again. Converted nodes are marked by
         # dropping their end mark (never read here): a set of ids would cost ~20 MB at 100k

@@ -197,8 +197,20 @@ def test_a_yaml_file_of_tiny_values_is_refused_before_it_is_composed(tmp_path: P
         """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
     message, peak_mb = out.stdout.splitlines()
-    assert message == "data/d.yaml:1:2000000: file holds more than 1000000 values"
+    assert message == "data/d.yaml:1:2000000: the bundle's YAML files hold more than 1000000 values"
     assert int(peak_mb) < 150, f"{peak_mb} MB"
+
+
+def test_the_value_budget_is_the_bundles_not_each_files(tmp_path: Path) -> None:
+    """Three files of 999,000 values each held 1 GB and took 36 s: counted per file, each
+    was under the limit."""
+    root = bundle_with(tmp_path, HEADER + "name: p\naction: ALLOW\n")
+    (root / "data").mkdir()
+    for name in ("a", "b"):
+        (root / "data" / f"{name}.yaml").write_text("[" + "1," * 600_000 + "1]\n")
+    msgs = problems(root)
+    assert any("data/b.yaml:" in m and "the bundle's YAML files hold more than 1000000 values" in m
+               for m in msgs), msgs
 
 
 def test_a_json_key_given_twice_is_an_error(tmp_path: Path) -> None:
