@@ -66,15 +66,27 @@ def credential_pattern(pattern: str) -> str:
     return pattern if pattern == "*" else redacted(pattern)
 
 
+_HEADER_KEY = re.compile(r"""request\.headers\s*\[\s*(['"])([^'"\\]*)\1\s*\]""")
+
+
 def condition_text(source: str) -> str:
-    """A CEL condition as it may be shown: one that names a credential header has every
-    other string literal replaced by ``"…"`` (`request.headers["x-api-key"] == "k-123"`)."""
+    """A CEL condition as it may be shown. One that may compare a credential header has every
+    string literal but its plain header names replaced by ``"…"``
+    (`request.headers["x-api-key"] == "…"`; names are no secrets): one naming a credential
+    header, or reading
+    headers by a name it computes or escapes (`'x-api-' + 'key'`, `'x-api\\x2dkey'`), or all
+    of them (`request.headers.exists(...)`, `... in request.headers`)."""
     lowered = source.lower()
-    if not any(name in lowered for name in NEVER_LOGGED):
+    names = {m.group(2).lower() for m in _HEADER_KEY.finditer(source)}
+    indexed = len(_HEADER_KEY.findall(source))
+    reads_any = ("request.headers" in source
+                 and (source.count("request.headers") > indexed or "\\" in source))
+    if not (reads_any or names & NEVER_LOGGED or any(name in lowered for name in NEVER_LOGGED)):
         return source
+    keep = {f'"{n}"' for n in names | NEVER_LOGGED} | {f"'{n}'" for n in names | NEVER_LOGGED}
 
     def one(m: re.Match[str]) -> str:
-        return m.group(0) if m.group(0)[1:-1].lower() in NEVER_LOGGED else '"…"'
+        return m.group(0) if m.group(0).lower() in keep else '"…"'
 
     return _QUOTED.sub(one, source)
 

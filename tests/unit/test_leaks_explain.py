@@ -66,6 +66,9 @@ def test_credentials_written_into_the_bundle_are_not_shown(tmp_path: Path) -> No
             {"name": "key", "when": [f'request.headers["x-api-key"] == "{key}"']},
             {"name": "key-single", "when": [f"request.headers['x-api-key'].startsWith('{key}')"]},
             {"name": "plan", "when": ['request.headers["x-plan"] == "gold"']},
+            # names the search for credential names cannot read: escaped or computed
+            {"name": "escaped", "when": ["request.headers['x-api\\x2dkey'] == 'k-SECRET2'"]},
+            {"name": "computed", "when": ["request.headers['x-api-' + 'key'] == 'k-SECRET3'"]},
         ]},
     ]
     store = BundleStore(None)
@@ -74,7 +77,7 @@ def test_credentials_written_into_the_bundle_are_not_shown(tmp_path: Path) -> No
     Checker(store, None).run(check_request(headers={"authorization": "Bearer x", "x-api-key": "k",
                                                     "x-plan": "silver"}), tracer)
     text = "\n".join(tracer.lines())
-    assert "BREAKGLASS" not in text and key not in text, text
+    assert "BREAKGLASS" not in text and key not in text and "SECRET" not in text, text
     assert f"[<redacted, {len(token)} characters>]" in text
     assert 'request.headers["x-api-key"] == "…" = false' in text
     assert 'request.headers["x-plan"] == "gold" = false' in text
