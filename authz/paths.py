@@ -161,6 +161,16 @@ def _decode_separators(path: str) -> str:
     return _SEPARATOR_ESCAPE.sub(lambda m: "/" if m.group(1) in ("2F", "2f") else "\\", path)
 
 
+_QUERY_ESCAPE = re.compile(r"%(?:3[Ff]|23)")
+
+
+def _cut_at_encoded_query(path: str) -> str:
+    """``path`` up to an encoded ``?`` or ``#``: where an upstream that decodes first (Apache's
+    mod_rewrite confusion, CVE-2024-38474; decode-then-parse routers) ends the path."""
+    m = _QUERY_ESCAPE.search(path)
+    return path[:m.start()] or "/" if m else path
+
+
 def _decode_structure(path: str) -> str:
     return _STRUCTURE_ESCAPE.sub(lambda m: {"2": "/", "5": "\\", "3": ";"}[m.group(1)[0]], path)
 
@@ -252,7 +262,8 @@ def _readings(forwarded: str) -> tuple[str, ...]:
     """Every other form of the forwarded path an upstream may act on.
 
     Upstreams merge slashes, decode separators, read '\\' as '/', drop parameters, drop a
-    segment's trailing dots and spaces (Windows), fold compatibility characters (fullwidth
+    segment's trailing dots and spaces (Windows), end the path at an encoded `?` or `#`
+    (decode-then-parse upstreams), fold compatibility characters (fullwidth
     letters: Windows' best-fit conversion, NFKC) and resolve dot segments in different
     orders: decoding `%2F` and merging `//` before
     resolving `..` climbs further than resolving first. So every order is followed (the
@@ -271,7 +282,7 @@ def _readings(forwarded: str) -> tuple[str, ...]:
         p = todo.pop()
         readings.add(_rfc3986(p))
         for q in (_rfc3986(p), _merge_slashes(p), _decode_structure(p), _PARAMS.sub("", p),
-                  p.replace("\\", "/"), _windows_trim(p)):
+                  p.replace("\\", "/"), _windows_trim(p), _cut_at_encoded_query(p)):
             if q not in forms:
                 if len(forms) > MAX_FORMS:
                     raise PathError("path has too many readings to decide safely")

@@ -289,7 +289,7 @@ def path_is_ambiguous(path: str) -> bool:
     best-fit makes separators, or a segment with trailing dots or spaces or an NTFS stream
     suffix (Windows drops them)."""
     p = path.split("?", 1)[0]
-    if "//" in p or "\\" in p or ";" in p or re.search(r"%(2[fF]|5[cC]|3[bB]|25|[01][0-9A-Fa-f]|7[fF])|%(?![0-9A-Fa-f]{2})", p):
+    if "//" in p or "\\" in p or ";" in p or re.search(r"%(2[fF]|5[cC]|3[bB]|3[fF]|23|25|[01][0-9A-Fa-f]|7[fF])|%(?![0-9A-Fa-f]{2})", p):
         return True
     if re.search(r"[^/.](?:\.|%2[eE]| |%20)+(?:/|$)|[^/]::\$", p):
         return True

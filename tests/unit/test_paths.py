@@ -85,6 +85,10 @@ def test_normalize_follows_the_proxys_mode(mode: paths.Normalization, raw: str, 
         ("/admin%C2%A0/x", ("/admin/x",)),  # a no-break space is a space, then trimmed
         ("/%EF%BD%81%C3%A9/x", ("/a%C3%A9/x",)),  # what stays non-ASCII keeps its escapes
         ("/cafe%CC%81/admin", ("/caf%C3%A9/admin",)),  # a combining mark composes with its letter
+        # decode-then-parse upstreams end the path at an encoded '?' or '#' (CVE-2024-38474)
+        ("/user/profile%3Fx", ("/user/profile",)),
+        ("/admin%3f.css", ("/admin",)),
+        ("/admin%23.css", ("/admin",)),
     ],
 )
 def test_readings_are_what_an_upstream_may_act_on(raw: str, readings: tuple[str, ...]) -> None:
