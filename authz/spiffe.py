@@ -169,26 +169,28 @@ class TrustDomains:
         return principal, sid
 
 
-def namespace_regex(values: list[str]) -> re.Pattern[str]:
+def namespace_regex(values: list[str], escaped: bool = False) -> re.Pattern[str]:
     """Istio's ``.*/ns/<ns>/.*`` over the whole principal; '*' in a value is '.*'."""
-    return re2_compile("|".join(f".*/ns/{_istio_regex(v, star=True)}/.*" for v in values))
+    return re2_compile("|".join(f".*/ns/{_istio_regex(v, True, escaped)}/.*" for v in values))
 
 
-def service_account_regex(values: list[str], namespace: str) -> re.Pattern[str]:
+def service_account_regex(values: list[str], namespace: str, escaped: bool = False) -> re.Pattern[str]:
     """Istio's ``spiffe://.+/ns/<ns>/(.+/|)sa/<sa>(/.+)?``; a bare name is in ``namespace``."""
     alts = []
     for v in values:
         ns, sep, sa = v.partition("/")
         if not sep:
             ns, sa = namespace, v
-        alts.append(f"spiffe://.+/ns/{_istio_regex(ns)}/(.+/|)sa/{_istio_regex(sa)}(/.+)?")
+        alts.append(f"spiffe://.+/ns/{_istio_regex(ns, False, escaped)}/(.+/|)sa/{_istio_regex(sa, False, escaped)}(/.+)?")
     return re2_compile("|".join(alts))
 
 
-def _istio_regex(value: str, star: bool = False) -> str:
-    # istiod pastes the value into an RE2 pattern unescaped ('.' is any character, '[1]' a
-    # class), so the same text is a pattern here too: matching exactly what Istio's does, in
-    # ALLOW and DENY alike. A value that is no valid pattern fails to compile: a load error.
+def _istio_regex(value: str, star: bool = False, escaped: bool = False) -> str:
+    # Older istiod pastes the value into an RE2 pattern unescaped ('.' is any character, '[1]'
+    # a class), so the same text is a pattern here too; a value that is no valid pattern fails
+    # to compile (a load error). Patched istiod (CVE-2026-39350) escapes it (``escaped``).
+    if escaped:
+        return ".*".join(re.escape(part) for part in value.split("*")) if star else re.escape(value)
     return re2_text(value.replace("*", ".*") if star else value)
 
 

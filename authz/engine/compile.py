@@ -241,6 +241,7 @@ class _Compiler:
         v = doc.value
         before = len(self.problems)
         name = v["name"]
+        self.action = v["action"]  # first: the target's matchers read it too
         target_v = v.get("target", {})
         target = Target(
             principals=self.principals(target_v.get("principals"), doc, ("target", "principals")),
@@ -259,7 +260,6 @@ class _Compiler:
         rule_names: set[str] = set()
         captures_seen: set[str] = set()
         self.namespace = v.get("namespace", "")
-        self.action = v["action"]
         for i, rv in enumerate(v.get("rules", [])):
             rule = self.rule(doc, ("rules", i), rv, i, tenant, captures_seen)
             if rule.name in rule_names:
@@ -346,13 +346,13 @@ class _Compiler:
                                                  if building else "; key the data by what is looked up")
                            + f" (expression column {column})")
 
-    def principals(self, values: list[str] | None, doc: Document | None = None, path: YPath = ()
-                   ) -> StringMatch | None:
+    def principals(self, values: list[str] | None, doc: Document | None = None, path: YPath = (),
+                   negative: bool = False) -> StringMatch | None:
         if values is None:
             return None
         expanded = [p for v in values for p in self.trust.expand_principal(v)]
         try:
-            return StringMatch.of(expanded, scheme=spiffe.SCHEME)
+            return StringMatch.of(expanded, scheme=spiffe.SCHEME, widen=(self.action != "ALLOW") != negative)
         except re.error as exc:
             if doc is not None:
                 self.error(doc, path, f"a '*suffix' principal is a regular expression in Istio, and this one "
@@ -362,24 +362,30 @@ class _Compiler:
     def trust_domains(self, values: list[str] | None) -> StringMatch | None:
         return None if values is None else StringMatch.of(self.trust.expand_trust_domains(values))
 
-    def service_accounts(self, doc: Document, path: YPath, values: list[str] | None) -> RegexMatch | None:
+    def service_accounts(self, doc: Document, path: YPath, values: list[str] | None,
+                         negative: bool = False) -> RegexMatch | None:
         if values is None:
             return None
+        widen = (self.action != "ALLOW") != negative
         for i, value in enumerate(values):
             if "/" not in value and not self.namespace:
                 self.error(doc, (*path, i), f"service account {value!r} names no namespace and the policy "
                            "has no 'namespace:'; write '<namespace>/<name>'")
         try:
-            return RegexMatch(tuple(values), spiffe.service_account_regex(values, self.namespace))
+            return _both_readings(values, spiffe.service_account_regex(values, self.namespace),
+                                  spiffe.service_account_regex(values, self.namespace, escaped=True), widen)
         except re.error as exc:
             self.error(doc, path, f"service accounts are regular expressions in Istio, and these are invalid: {exc}")
             return None
 
-    def namespaces(self, doc: Document, path: YPath, values: list[str] | None) -> RegexMatch | None:
+    def namespaces(self, doc: Document, path: YPath, values: list[str] | None,
+                   negative: bool = False) -> RegexMatch | None:
         if values is None:
             return None
+        widen = (self.action != "ALLOW") != negative
         try:
-            return RegexMatch(tuple(values), spiffe.namespace_regex(values))
+            return _both_readings(values, spiffe.namespace_regex(values), spiffe.namespace_regex(values, escaped=True),
+                                  widen)
         except re.error as exc:
             self.error(doc, path, f"namespaces are regular expressions in Istio, and these are invalid: {exc}")
             return None
@@ -387,14 +393,14 @@ class _Compiler:
     def source(self, doc: Document, path: YPath, sv: dict[str, Any]) -> Source:
         return Source(
             principals=self.principals(sv.get("principals"), doc, (*path, "principals")),
-            not_principals=self.principals(sv.get("notPrincipals"), doc, (*path, "notPrincipals")),
+            not_principals=self.principals(sv.get("notPrincipals"), doc, (*path, "notPrincipals"), negative=True),
             trust_domains=self.trust_domains(sv.get("trustDomains")),
             not_trust_domains=self.trust_domains(sv.get("notTrustDomains")),
             namespaces=self.namespaces(doc, (*path, "namespaces"), sv.get("namespaces")),
-            not_namespaces=self.namespaces(doc, (*path, "notNamespaces"), sv.get("notNamespaces")),
+            not_namespaces=self.namespaces(doc, (*path, "notNamespaces"), sv.get("notNamespaces"), negative=True),
             service_accounts=self.service_accounts(doc, (*path, "serviceAccounts"), sv.get("serviceAccounts")),
             not_service_accounts=self.service_accounts(doc, (*path, "notServiceAccounts"),
-                                                       sv.get("notServiceAccounts")),
+                                                       sv.get("notServiceAccounts"), negative=True),
             ip_blocks=self.ips(doc, (*path, "ipBlocks"), sv.get("ipBlocks")),
             not_ip_blocks=self.ips(doc, (*path, "notIpBlocks"), sv.get("notIpBlocks"), negative=True),
             remote_ip_blocks=self.ips(doc, (*path, "remoteIpBlocks"), sv.get("remoteIpBlocks")),
@@ -619,6 +625,13 @@ def _condition_headers(source: str) -> set[str]:
                 continue
         return {"header:*"}
     return {f"header:{n}" for n in names}
+
+
+def _both_readings(values: list[str], unescaped: re.Pattern[str], escaped: re.Pattern[str], widen: bool) -> RegexMatch:
+    """Older istiod's reading and patched istiod's, where they differ (RegexMatch)."""
+    if unescaped.pattern == escaped.pattern:
+        return RegexMatch(tuple(values), unescaped)
+    return RegexMatch(tuple(values), unescaped, escaped, widen)
 
 
 def _strings(values: list[str] | None, fold_case: bool = False) -> StringMatch | None:

@@ -167,9 +167,8 @@ def _path_match_keys(pm: PathMatch) -> list[tuple[str, str] | None]:
         return [None]
     keys: list[tuple[str, str] | None] = [("=", p) for p in sorted(pm.strings.exact)]
     keys += [("^", p) if p else None for p in pm.strings.prefixes]
-    if pm.strings.suffix_regex is None:
-        keys += [("$", s) if s else None for s in pm.strings.suffixes]
-    elif pm.strings.suffixes:  # suffixes read as patterns: no literal key
+    keys += [("$", s) if s else None for s in pm.strings.suffixes]
+    if pm.strings.suffix_readings:  # suffixes read as patterns: no literal key
         keys.append(None)
     for t in pm.templates:
         literal = template_literal_prefix(t.source)

@@ -17,6 +17,10 @@ Action = Literal["ALLOW", "DENY", "AUDIT"]
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+# What RE2 reads as other than itself in text istiod pastes into a pattern.
+_RE2_META = frozenset("\\.+*?()|[]{}^$")
+
+
 @dataclass(frozen=True, slots=True)
 class StringMatch:
     """Any-of matcher over Istio's string forms: exact, 'prefix*', '*suffix', '*'."""
@@ -26,14 +30,20 @@ class StringMatch:
     suffixes: tuple[str, ...] = ()
     present: bool = False  # '*': any non-empty value
     fold_case: bool = False
-    # Principals: istiod writes '*suffix' as the RE2 pattern 'spiffe://.*suffix' with the
-    # suffix pasted in unescaped ('.' is any character, '[1]' a class); so is it here.
+    # Principals: older istiod writes '*suffix' as the RE2 pattern 'spiffe://.*suffix' with the
+    # suffix pasted in unescaped ('.' is any character, '[1]' a class); patched istiod
+    # (CVE-2026-39350) escapes it. A suffix both read alike is in `suffixes` (after the
+    # scheme, `suffix_floor`); one they read otherwise is in `suffix_readings` with its
+    # unescaped pattern, and matches when either reading does (`suffix_widen`: where
+    # matching more is stricter) or only when both do.
     suffix_floor: str = ""
-    suffix_regex: re.Pattern[str] | None = None
+    suffix_readings: tuple[tuple[re.Pattern[str], str], ...] = ()
+    suffix_widen: bool = True
 
     @classmethod
-    def of(cls, patterns: list[str], fold_case: bool = False, scheme: str = "") -> StringMatch:
-        """Istio's string forms; with ``scheme``, exact and prefix values get it prepended."""
+    def of(cls, patterns: list[str], fold_case: bool = False, scheme: str = "", widen: bool = True) -> StringMatch:
+        """Istio's string forms; with ``scheme``, exact and prefix values get it prepended.
+        ``widen``: matching more makes the rule stricter (see suffix_readings)."""
         exact: set[str] = set()
         prefixes: list[str] = []
         suffixes: list[str] = []
@@ -49,11 +59,14 @@ class StringMatch:
                 prefixes.append(scheme + p[:-1])
             else:
                 exact.add(scheme + p)
-        regex = None
-        if scheme and suffixes:
+        readings: list[tuple[re.Pattern[str], str]] = []
+        if scheme:
             # re.error for a suffix that is no valid pattern: a load error, as istiod's config is
-            regex = re2_compile("|".join(f"(?:{re.escape(scheme)}.*{re2_text(s, after_repeat=True)})" for s in suffixes))
-        return cls(frozenset(exact), tuple(prefixes), tuple(suffixes), present, fold_case, scheme, regex)
+            for s in [s for s in suffixes if not _RE2_META.isdisjoint(s)]:
+                readings.append((re2_compile(f"{re.escape(scheme)}.*{re2_text(s, after_repeat=True)}"), s))
+                suffixes.remove(s)
+        return cls(frozenset(exact), tuple(prefixes), tuple(suffixes), present, fold_case, scheme,
+                   tuple(readings), widen)
 
     def __call__(self, value: str) -> bool:
         if not value:
@@ -64,16 +77,23 @@ class StringMatch:
             self.present
             or value in self.exact
             or (bool(self.prefixes) and value.startswith(self.prefixes))
-            or (bool(self.suffixes) and (
-                value.endswith(self.suffixes) if self.suffix_regex is None
-                else self.suffix_regex.fullmatch(value) is not None))
+            or (bool(self.suffixes) and value.endswith(self.suffixes) and value.startswith(self.suffix_floor))
+            or (bool(self.suffix_readings) and self._suffix_read(value))
         )
+
+    def _suffix_read(self, value: str) -> bool:
+        for regex, suffix in self.suffix_readings:
+            old = regex.fullmatch(value) is not None
+            new = value.startswith(self.suffix_floor) and value.endswith(suffix)
+            if (old or new) if self.suffix_widen else (old and new):
+                return True
+        return False
 
     def patterns(self) -> list[str]:
         """The values as compared (principals with their scheme), for explanations and lint."""
         out = sorted(self.exact)
         out += [p + "*" for p in self.prefixes]
-        out += ["*" + s for s in self.suffixes]
+        out += ["*" + s for s in (*self.suffixes, *(s for _, s in self.suffix_readings))]
         if self.present:
             out.append("*")
         return out
@@ -81,13 +101,24 @@ class StringMatch:
 
 @dataclass(frozen=True, slots=True)
 class RegexMatch:
-    """Istio's regex-shaped principal matchers (namespaces, service accounts), compiled once."""
+    """Istio's regex-shaped principal matchers (namespaces, service accounts), compiled once.
+    Older istiod pastes the values into the pattern unescaped, patched istiod (CVE-2026-39350)
+    escapes them: where the two differ, ``escaped`` is the patched reading, and a value
+    matches when either does (``widen``: where matching more is stricter) or when both do."""
 
     sources: tuple[str, ...]  # the values as written
     regex: re.Pattern[str]
+    escaped: re.Pattern[str] | None = None
+    widen: bool = True
 
     def __call__(self, value: str) -> bool:
-        return bool(value) and self.regex.fullmatch(value) is not None
+        if not value:
+            return False
+        old = self.regex.fullmatch(value) is not None
+        if self.escaped is None:
+            return old
+        new = self.escaped.fullmatch(value) is not None
+        return (old or new) if self.widen else (old and new)
 
     def patterns(self) -> list[str]:
         return list(self.sources)

@@ -1383,14 +1383,18 @@ def test_cli_import_decides_after_empty_documents(tmp_path: Path, capsys: pytest
 
 
 def test_suffix_principal_with_regex_characters_stays_native(tmp_path: Path) -> None:
-    """istiod writes '*suffix' as the regex 'spiffe://.*<suffix>', unescaped, and the engine reads it so too."""
+    """Older istiod writes '*suffix' as the regex 'spiffe://.*<suffix>', unescaped, patched
+    istiod escapes it; the engine reads it both ways (StringMatch.suffix_readings)."""
     p = one_policy(tmp_path, 'rules: [{from: [{source: {principals: ["*/ns/foo/sa/w[1]", "*/sa/a.b"]}}]}]\n')
     assert p["rules"][0] == {"name": "rule-1", "from": [{"source": {"principals": ["*/ns/foo/sa/w[1]", "*/sa/a.b"]}}]}
 
 
 @pytest.mark.parametrize(("caller", "expected"), [
-    (td_sa("td1", "foo", "w1"), True), (td_sa("td1", "foo", "w[1]"), False),  # '[1]' is a character class
-    (td_sa("td1", "foo", "aXb"), False), (td_sa("td1", "foo", "a.b"), False),  # DENY: '.' is any character
+    # ALLOW: older istiod reads '[1]' as a class (w1), patched istiod (CVE-2026-39350) as the
+    # literal text (w[1]): only what both allow is allowed, so neither
+    (td_sa("td1", "foo", "w1"), False), (td_sa("td1", "foo", "w[1]"), False),
+    # DENY: what either reading matches is denied ('.' as any character, and as itself)
+    (td_sa("td1", "foo", "aXb"), False), (td_sa("td1", "foo", "a.b"), False),
     (td_sa("td1", "foo", "ok"), True),
 ])
 def test_suffix_principal_regex_decides_as_istio(tmp_path: Path, caller: str, expected: bool) -> None:
@@ -1419,12 +1423,18 @@ def test_invalid_regexes_and_port_0_are_errors(tmp_path: Path) -> None:
     assert len(errors) == 4
 
 
-@pytest.mark.parametrize(("caller", "expected"), [
-    (sa("te.st", "x"), True), (sa("teXst", "x"), True), (sa("test", "x"), False),  # '.' is any character
-    (sa("ns1", "a1"), True), (sa("ns1", "a11"), False)])  # '[1]' is a class
-def test_namespace_and_service_account_regexes_decide_as_istio(tmp_path: Path, caller: str, expected: bool) -> None:
-    ps = imported(tmp_path, AP + "  rules: [{from: [{source: {namespaces: [te.st]}}, {source: {serviceAccounts: ['ns1/a[1]']}}]}]\n")
-    assert allowed(ps, principal=caller) is expected
+@pytest.mark.parametrize(("caller", "allow_expected", "deny_expected"), [
+    # older istiod reads the values as regexes ('.' any character, '[1]' a class), patched
+    # istiod (CVE-2026-39350) as text: an ALLOW grants what both match, a DENY what either does
+    (sa("te.st", "x"), True, False), (sa("teXst", "x"), False, False), (sa("test", "x"), False, True),
+    (sa("ns1", "a1"), False, False), (sa("ns1", "a[1]"), False, False), (sa("ns1", "a11"), False, True)])
+def test_namespace_and_service_account_regexes_decide_as_both_istiods(
+        tmp_path: Path, caller: str, allow_expected: bool, deny_expected: bool) -> None:
+    source = "[{from: [{source: {namespaces: [te.st]}}, {source: {serviceAccounts: ['ns1/a[1]']}}]}]"
+    ps = imported(tmp_path / "a", AP + f"  rules: {source}\n")
+    assert allowed(ps, principal=caller) is allow_expected
+    ps = imported(tmp_path / "d", AP + f"  action: DENY\n  rules: {source}\n")
+    assert allowed(ps, principal=caller) is deny_expected
 
 
 def test_namespace_wildcards_stay_native(tmp_path: Path) -> None:

@@ -144,19 +144,26 @@ def test_percent_encoded_policy_paths_compare_in_the_proxys_form(tmp_path: Path)
     assert not decide(deny_ps, path="/~user").allowed
 
 
-def test_suffix_principals_are_istios_regex(tmp_path: Path) -> None:
+def test_suffix_principals_are_read_as_both_istiods_read_them(tmp_path: Path) -> None:
+    """Older istiod pastes a '*suffix' into a regex unescaped, patched istiod (CVE-2026-39350)
+    escapes it: an ALLOW grants what both readings match, a DENY denies what either does."""
     ps = policy_set(tmp_path, [allow(principals=["*/ns/foo/sa/w[1]", "*.local/ns/a/sa/b"])])
-    assert decide(ps, principal="spiffe://td1/ns/foo/sa/w1").allowed
-    assert not decide(ps, principal="spiffe://td1/ns/foo/sa/w[1]").allowed
+    assert not decide(ps, principal="spiffe://td1/ns/foo/sa/w1").allowed  # a class to older istiod only
+    assert not decide(ps, principal="spiffe://td1/ns/foo/sa/w[1]").allowed  # text to patched istiod only
     assert decide(ps, principal="spiffe://cluster.local/ns/a/sa/b").allowed
-    assert decide(ps, principal="spiffe://xlocal/ns/a/sa/b").allowed  # '.' is any character in Istio
+    assert not decide(ps, principal="spiffe://xlocal/ns/a/sa/b").allowed  # '.' is any character to older istiod only
     assert not decide(ps, principal="td1/ns/foo/sa/w1").allowed  # needs the scheme
+    deny = {"name": "d", "action": "DENY", "rules": [{"name": "r", "from": [{"source": {"principals": ["*/sa/a.b"]}}]}]}
+    ps = policy_set(tmp_path / "d", [deny, ALLOW_ALL])
+    for caller in ("spiffe://td/ns/x/sa/aXb", "spiffe://td/ns/x/sa/a.b"):
+        assert not decide(ps, principal=caller).allowed, caller
 
 
-def test_namespace_values_are_istios_regex(tmp_path: Path) -> None:
-    ps = policy_set(tmp_path, [allow(namespaces=["a[12]"])])
-    assert decide(ps, principal="spiffe://td/ns/a1/sa/x").allowed
+def test_namespace_values_are_read_as_both_istiods_read_them(tmp_path: Path) -> None:
+    ps = policy_set(tmp_path, [allow(namespaces=["a[12]", "b.c"])])
+    assert not decide(ps, principal="spiffe://td/ns/a1/sa/x").allowed
     assert not decide(ps, principal="spiffe://td/ns/a[12]/sa/x").allowed
+    assert decide(ps, principal="spiffe://td/ns/b.c/sa/x").allowed
 
 
 def test_invalid_istio_regexes_are_load_errors(tmp_path: Path) -> None:
