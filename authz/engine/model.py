@@ -77,14 +77,20 @@ class StringMatch:
             self.present
             or value in self.exact
             or (bool(self.prefixes) and value.startswith(self.prefixes))
-            or (bool(self.suffixes) and value.endswith(self.suffixes) and value.startswith(self.suffix_floor))
+            or (bool(self.suffixes) and value.startswith(self.suffix_floor) and self._after_floor(value))
             or (bool(self.suffix_readings) and self._suffix_read(value))
         )
 
+    def _after_floor(self, value: str) -> bool:
+        """A suffix ends ``value`` after the scheme (``spiffe://.*<suffix>``): the '/' of
+        `spiffe://ns/...` is the scheme's, not a suffix's `/ns/...`."""
+        return value[len(self.suffix_floor):].endswith(self.suffixes)
+
     def _suffix_read(self, value: str) -> bool:
+        rest = value[len(self.suffix_floor):]
         for regex, suffix in self.suffix_readings:
             old = regex.fullmatch(value) is not None
-            new = value.startswith(self.suffix_floor) and value.endswith(suffix)
+            new = value.startswith(self.suffix_floor) and rest.endswith(suffix)
             if (old or new) if self.suffix_widen else (old and new):
                 return True
         return False

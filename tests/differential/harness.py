@@ -333,6 +333,9 @@ class StrictnessKind:
         if self.name == "ip-versions":
             xff = " ".join(str(v) for k, v in (req.get("headers") or {}).items() if str(k).lower() == "x-forwarded-for")
             return ":" in xff
+        if self.name == "regex-versions":
+            # pairs whose values older and patched istiod read otherwise say so (leftOut)
+            return "regex-versions" in left_out and (reason == "no allow rule matched" or "denied by policy" in reason)
         if self.name == "underscore-header":
             return any("_" in str(k) for k in (req.get("headers") or {})) and reason == "ambiguous header"
         if self.name == "path-override":
@@ -382,6 +385,8 @@ STRICTNESS_KINDS = (
                    "a method matching a DENY rule only case-insensitively is denied as ambiguous"),
     StrictnessKind("ip-versions", ("ip values",),
                    "an IPv4-mapped or dotted IPv6 value matches as older and as current istiod read it"),
+    StrictnessKind("regex-versions", ("regular expressions in values",),
+                   "a namespace, service account or *suffix value older and patched istiod read otherwise"),
     StrictnessKind("underscore-header", ("headers",),
                    "a header whose name with '_' as '-' is one the policies read is ambiguous"),
     StrictnessKind("path-override", ("paths", "path normalisation"),

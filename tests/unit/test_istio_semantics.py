@@ -153,6 +153,10 @@ def test_suffix_principals_are_read_as_both_istiods_read_them(tmp_path: Path) ->
     assert decide(ps, principal="spiffe://cluster.local/ns/a/sa/b").allowed
     assert not decide(ps, principal="spiffe://xlocal/ns/a/sa/b").allowed  # '.' is any character to older istiod only
     assert not decide(ps, principal="td1/ns/foo/sa/w1").allowed  # needs the scheme
+    # the suffix follows the scheme: `spiffe://ns/foo/sa/p4` does not end in `<any>/ns/foo/sa/p4`
+    ps = policy_set(tmp_path / "s", [allow(principals=["*/ns/foo/sa/p4"])])
+    assert not decide(ps, principal="spiffe://ns/foo/sa/p4").allowed
+    assert decide(ps, principal="spiffe://td/ns/foo/sa/p4").allowed
     deny = {"name": "d", "action": "DENY", "rules": [{"name": "r", "from": [{"source": {"principals": ["*/sa/a.b"]}}]}]}
     ps = policy_set(tmp_path / "d", [deny, ALLOW_ALL])
     for caller in ("spiffe://td/ns/x/sa/aXb", "spiffe://td/ns/x/sa/a.b"):
