@@ -148,7 +148,8 @@ def from_check_request(
         raise MalformedRequest(str(exc)) from None
     path_readings = normalized.readings
     # One look for the headers that name another method, path or host (rare): not three.
-    overriding = not _OVERRIDING_HEADERS.isdisjoint(headers)
+    overriding = not _OVERRIDING_HEADERS.isdisjoint(headers) or (
+        "_" in names and any(n.replace("_", "-") in _OVERRIDING_HEADERS for n in headers))
     if overriding and not _PATH_OVERRIDE_HEADERS.isdisjoint(headers):
         path_readings = _with_path_overrides(normalized, headers, path_mode)
     query = normalized.query or http.query
@@ -197,29 +198,33 @@ def from_check_request(
         # ASCII only, as Envoy (absl::AsciiStrToLower): str.lower() would make U+212A 'k'
         sni=paths.fold_case(attrs.tls_session.sni),
         path_readings=path_readings,
-        method_overrides=_method_overrides(headers, query) if overriding or "_" in query else (),
+        method_overrides=_method_overrides(headers, query) if overriding or "ethod" in query.lower() else (),
         forwarded_hosts=_forwarded_hosts(headers) if overriding else (),
         aliased_headers=tuple(n for n in headers if "_" in n) if "_" in names else (),
     )
 
 
-_HOST_HEADERS = frozenset({"x-forwarded-host", "x-host", "x-original-host", "x-forwarded-server", "forwarded"})
-_FORWARDED_HOST = re.compile(r'(?:^|[;,\s])host\s*=\s*(?:"([^"]*)"|([^;,\s]*))', re.IGNORECASE)
+# Not X-Forwarded-Server: Apache's mod_proxy sets it to its own ServerName, not the client's.
+_HOST_HEADERS = frozenset({"x-forwarded-host", "x-host", "x-original-host", "forwarded"})
+_FORWARDED_HOST = re.compile(r'(?:^|[;,\s])host\s*=\s*("[^"]*"?|[^;,\s]*)', re.IGNORECASE)
 
 
 def _forwarded_hosts(headers: dict[str, str]) -> tuple[str, ...]:
     named: list[str] = []
-    for h in ("x-forwarded-host", "x-host", "x-original-host", "x-forwarded-server"):
-        if h in headers:
-            named += headers[h].split(",")
-    if "forwarded" in headers:  # RFC 7239: for=...;host=...;proto=..., elements by ','
-        named += [m.group(1) if m.group(1) is not None else m.group(2)
-                  for m in _FORWARDED_HOST.finditer(headers["forwarded"])]
-    out: list[str] = []
-    for value in named:
-        host = paths.fold_case(value.strip())
-        if host and host not in out:
-            out.append(host)
+    for name, value in _overriding(headers, _HOST_HEADERS):
+        if name.replace("_", "-") != "forwarded":
+            named += value.split(",")
+            continue
+        # RFC 7239 (`for=...;host="..."`), and as lenient parsers read it: Spring's
+        # `host="?([^;,"]+)` takes `admin` from `host="admin,x"` and from an unclosed quote.
+        for m in _FORWARDED_HOST.finditer(value):
+            token = m.group(1)
+            if len(token) > 1 and token[0] == token[-1] == '"':
+                named.append(token[1:-1])
+            named.append(token.lstrip('"').split(",")[0].split(";")[0].split('"')[0])
+    out = dict.fromkeys(h for value in named if value and (h := paths.fold_case(value.strip())))
+    if len(out) > MAX_OVERRIDES:
+        raise MalformedRequest("request names too many hosts to decide safely")
     return tuple(out)
 
 
@@ -232,17 +237,28 @@ def _with_path_overrides(normalized: paths.NormalizedPath, headers: dict[str, st
                          mode: paths.Normalization) -> tuple[str, ...]:
     """The path's readings and each override's path with its readings: DENY rules match if
     any does, ALLOW rules only if all do. An override no reading settles is malformed."""
-    out = list(normalized.readings)
-    for name in sorted(_PATH_OVERRIDE_HEADERS.intersection(headers)):
-        for value in headers[name].split(","):
-            try:
-                other = paths.normalize(value.strip(), mode)
-            except paths.PathError as exc:
-                raise MalformedRequest(f"{name}: {exc}") from None
-            out += [p for p in (other.path, *other.readings) if p != normalized.path and p not in out]
-    if len(out) > paths.MAX_READINGS:
-        raise MalformedRequest("path has too many readings to decide safely")
+    out = dict.fromkeys(normalized.readings)
+    for name, value in _overriding(headers, _PATH_OVERRIDE_HEADERS):
+        value = value.strip()
+        if "://" in value[:12]:  # an absolute URL (ingress-nginx's auth sub-requests send one)
+            value = "/" + value.partition("://")[2].partition("/")[2]
+        try:  # the whole value: a path may hold commas (`/maps/@40.7,-74.0`)
+            other = paths.normalize(value, mode)
+        except paths.PathError as exc:
+            raise MalformedRequest(f"{name}: {exc}") from None
+        out.update(dict.fromkeys(p for p in (other.path, *other.readings) if p != normalized.path))
+        if len(out) > paths.MAX_READINGS:
+            raise MalformedRequest("path has too many readings to decide safely")
     return tuple(out)
+
+
+MAX_OVERRIDES = 8  # methods or hosts a request may name beside its own: each is read every way
+
+
+def _overriding(headers: dict[str, str], names: frozenset[str]) -> list[tuple[str, str]]:
+    """(name, value) of the request headers in ``names``, also spelt with '_' for '-'
+    (CGI, WSGI, PHP and Rack read `X_HTTP_Method_Override` as the same header)."""
+    return sorted((n, v) for n, v in headers.items() if n in names or n.replace("_", "-") in names)
 
 
 # Headers and a query parameter by which frameworks let a request name the method to run
@@ -250,21 +266,24 @@ def _with_path_overrides(normalized: paths.NormalizedPath, headers: dict[str, st
 # `POST /x?_method=DELETE` runs DELETE).
 _OVERRIDE_HEADERS = frozenset({"x-http-method-override", "x-http-method", "x-method-override"})
 _OVERRIDING_HEADERS = _PATH_OVERRIDE_HEADERS | _OVERRIDE_HEADERS | _HOST_HEADERS
-_OVERRIDE_PARAM = re.compile(r"(?:^|&)_method=([^&]*)", re.IGNORECASE)
 
 
 def _method_overrides(headers: dict[str, str], query: str) -> tuple[str, ...]:
     named: list[str] = []
-    for h in sorted(_OVERRIDE_HEADERS.intersection(headers)):
-        named += headers[h].split(",")
-    if "_method" in query.lower():
-        named += [urllib.parse.unquote(m.group(1)) for m in _OVERRIDE_PARAM.finditer(query)]
-    out: list[str] = []
-    for value in named:
-        m = value.strip().upper()
-        if m and m not in out:
-            out.append(m)
+    for _, value in _overriding(headers, _OVERRIDE_HEADERS):
+        named += value.split(",")
+    if query:
+        for key, value in urllib.parse.parse_qsl(query, keep_blank_values=True, max_num_fields=None):
+            # PHP reads '.', ' ' and '[' in a parameter name as '_' (`.method`, `%5Fmethod`)
+            if "_method" in (key.lower().translate(_PHP_NAME), key.strip().lower().translate(_PHP_NAME)):
+                named.append(value)
+    out = dict.fromkeys(m for value in named if (m := value.strip().upper()))
+    if len(out) > MAX_OVERRIDES:
+        raise MalformedRequest("request names too many methods to decide safely")
     return tuple(out)
+
+
+_PHP_NAME = str.maketrans({".": "_", " ": "_", "[": "_"})
 
 
 # RFC 9110 token characters are visible ASCII except delimiters.

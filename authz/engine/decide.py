@@ -264,8 +264,9 @@ class PolicySet:
         for another tenant); None when every one is."""
         views = [(dataclasses.replace(req, path=r, path_readings=()), "ambiguous path", f"the path may also be read as {r!r}")
                  for r in req.path_readings]
-        views += [(dataclasses.replace(req, method=m, path_readings=(), method_overrides=()), "ambiguous method",
-                   f"the request asks the upstream to run {m!r}") for m in req.method_overrides if m != req.method]
+        views += [(dataclasses.replace(req, method=m, path=p, path_readings=(), method_overrides=()), "ambiguous method",
+                   f"the request asks the upstream to run {m!r} on {p!r}")
+                  for m in req.method_overrides if m != req.method for p in (req.path, *req.path_readings)]
         for view, unallowed, said in views:
             if tracer is not None:
                 tracer.step("reading", None, said)

@@ -394,12 +394,19 @@ def test_head_and_method_overrides_meet_a_deny_on_the_method_they_run(tmp_path: 
                {"method": "POST", "path": "/orders/1", "headers": {"x-http-method": "delete"}},
                {"method": "POST", "path": "/orders/1", "headers": {"x-method-override": "PUT, Delete"}},
                {"method": "POST", "path": "/orders/1?a=1&_method=DELETE"},
-               {"method": "POST", "path": "/orders/1?_method=%64elete"}):
+               {"method": "POST", "path": "/orders/1?_method=%64elete"},
+               # as Express's querystring, Spring's getParameter and PHP read the name
+               {"method": "POST", "path": "/orders/1?%5Fmethod=DELETE"},
+               {"method": "POST", "path": "/orders/1?.method=DELETE"},
+               {"method": "POST", "path": "/orders/1?%20method=DELETE"},
+               {"method": "POST", "path": "/orders/1", "headers": {"x_http_method_override": "DELETE"}}):
         d = decide(ps, **kw)
         assert (d.allowed, d.policy) == (False, "no-delete"), kw
     assert decide(ps, method="HEAD", path="/orders/1").allowed
     assert decide(ps, method="POST", path="/orders/1?method=DELETE").allowed
     assert decide(ps, method="POST", path="/orders/1", headers={"x-http-method-override": "PATCH"}).allowed
+    with pytest.raises(MalformedRequest, match="too many methods"):  # each is read every way
+        decide(ps, method="POST", path="/orders/1", headers={"x-http-method-override": ",".join("M" * i for i in range(1, 10))})
 
 
 def test_an_allow_must_allow_the_method_a_request_asks_to_run(tmp_path: Path) -> None:
@@ -438,6 +445,10 @@ def test_a_path_override_header_is_a_reading_of_the_path(tmp_path: Path) -> None
                   headers={"x-original-url": "/v1/tenants/acme/orders"}).allowed
     with pytest.raises(MalformedRequest, match="x-rewrite-url: path does not start with '/'"):
         decide(ps, principal=CHECKOUT, path="/public/x", headers={"x-rewrite-url": "admin/x"})
+    # the whole value is one path (commas are path characters); an absolute URL gives its path
+    assert decide(ps, principal=CHECKOUT, path="/public/x", headers={"x-original-url": "/public/@40.7,-74.0"}).allowed
+    d = decide(ps, principal=CHECKOUT, path="/public/x", headers={"x-original-url": "https://svc.example/admin/x"})
+    assert (d.allowed, d.policy) == (False, "no-admin")
 
 
 def test_a_forwarded_host_meets_a_deny_on_that_host(tmp_path: Path) -> None:
@@ -449,11 +460,17 @@ def test_a_forwarded_host_meets_a_deny_on_that_host(tmp_path: Path) -> None:
     for headers in ({"x-forwarded-host": "admin.example.com"}, {"x-forwarded-host": "a.example.com, ADMIN.example.com"},
                     {"forwarded": 'for=10.0.0.1;host="admin.example.com:443";proto=https'},
                     {"x-host": "admin.example.com."}, {"x-original-host": "admin.example.com"},
-                    {"x-forwarded-server": "admin.example.com"}):
+                    # as lenient parsers read them: Spring's `host="?([^;,"]+)`, CGI's '_' for '-'
+                    {"forwarded": 'for=x;host="admin.example.com,x"'}, {"forwarded": 'for=x;host="admin.example.com'},
+                    {"x_forwarded_host": "admin.example.com"}):
         d = decide(ps, host="www.example.com", headers=headers)
         assert (d.allowed, d.policy) == (False, "no-admin"), headers
     assert decide(ps, host="www.example.com", headers={"x-forwarded-host": "www.example.com"}).allowed
     assert decide(ps, host="www.example.com", headers={"forwarded": "for=admin.example.com"}).allowed
+    # Apache's mod_proxy sets X-Forwarded-Server to its own name, not the client's
+    assert decide(ps, host="www.example.com", headers={"x-forwarded-server": "admin.example.com"}).allowed
+    with pytest.raises(MalformedRequest, match="too many hosts"):
+        decide(ps, host="www.example.com", headers={"x-forwarded-host": ",".join(f"h{i}" for i in range(9))})
 
 
 def test_a_header_an_upstream_reads_as_one_the_policies_read_is_ambiguous(tmp_path: Path) -> None:
