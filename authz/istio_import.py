@@ -470,7 +470,8 @@ _JWT_KEYS = ("request.auth.principal", "request.auth.audiences", "request.auth.p
 def _known_unverifiable(key: str) -> bool:
     """A JWT or metadata key Istio's validation accepts (security.ValidateAttribute)."""
     if key.startswith("request.auth."):
-        return key in _JWT_KEYS or (key.startswith("request.auth.claims[") and key.endswith("]"))
+        return key in _JWT_KEYS or (key.startswith("request.auth.claims[") and key.endswith("]")
+                                    and len(key) > len("request.auth.claims[]"))
     if key.startswith("experimental."):
         return key.startswith("experimental.envoy.filters.")
     return True  # request.experimental.*: read as unverifiable, as before
@@ -752,10 +753,8 @@ class _Converter:
         unverifiable = False
         # What Istio's validation refuses (ValidateAuthorizationPolicy) is refused here: the
         # policy never reaches a cluster whose webhook validates, and imported in part it
-        # would let its other rules grant.
-        for part in ("from", "to", "when"):
-            if rv.get(part) == []:
-                self.error(res, (*path, part), f"an empty `{part}` list: Istio rejects the policy")
+        # would let its other rules grant. (An empty `from: []` is not among it: YAML reaches
+        # istiod through JSON, where an empty list leaves the field unset.)
         for j, entry in enumerate(self.listed(res, (*path, "from"), rv.get("from"))):
             p = (*path, "from", j)
             if entry is None:  # istiod dereferences it: no reading to copy, so none is made up
@@ -763,7 +762,7 @@ class _Converter:
                 continue
             if not self.unknown_fields(res, p, entry, {"source"}, "a from entry"):
                 continue
-            if not any((entry or {}).get("source") or {}):
+            if not any(((entry or {}).get("source") or {}).values()):
                 self.error(res, p, "a from entry without a source field: Istio rejects the policy")
                 continue
             s = self.source(res, (*p, "source"), (entry or {}).get("source") or {}, deny)
@@ -779,7 +778,7 @@ class _Converter:
                 continue
             if not self.unknown_fields(res, p, entry, {"operation"}, "a to entry"):
                 continue
-            if not any((entry or {}).get("operation") or {}):
+            if not any(((entry or {}).get("operation") or {}).values()):
                 self.error(res, p, "a to entry without an operation field: Istio rejects the policy")
                 continue
             op = self.operation(res, (*p, "operation"), (entry or {}).get("operation") or {}, deny)
