@@ -414,7 +414,10 @@ def _and_strings(old: list[str], new: list[str], same: Callable[[str], Hashable]
 
 
 def _and_ips(old: list[str], new: list[str]) -> list[str]:
-    """CIDR blocks in both lists."""
+    """CIDR blocks in both lists. A block older and current istiod read otherwise has no one
+    intersection: _Inexact (a DENY then leaves the condition out; an ALLOW refuses it)."""
+    if any(len(istio_networks(v)) > 1 for v in (*old, *new)):
+        raise _Inexact
     out: list[str] = []
     for x in old:
         nx = istio_network(x)

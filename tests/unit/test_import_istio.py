@@ -1629,3 +1629,18 @@ def test_an_allow_ip_block_older_and_current_istiod_read_otherwise_is_refused(tm
         write_bundle(tmp_path / "a", text)
     deny = AP + "  action: DENY\n  rules: [{from: [{source: {remoteIpBlocks: ['::ffff:127.0.0.1']}}]}]\n"
     write_bundle(tmp_path / "b", deny)  # a DENY matches both readings
+
+
+def test_anding_ip_blocks_read_two_ways_keeps_a_deny(tmp_path: Path) -> None:
+    """Intersected under the older istiod's reading only, `::ffff:10.0.0.1` and
+    `::ffff:10.0.0.0/120` had nothing in common and the DENY rule was dropped; current istiod
+    matches `::ffff:10.0.0.1` in both."""
+    text = AP + """\
+  action: DENY
+  rules:
+  - from: [{source: {remoteIpBlocks: ["::ffff:10.0.0.1"]}}]
+    when: [{key: remote.ip, values: ["::ffff:10.0.0.0/120"]}]
+"""
+    ps = imported(tmp_path, text, WORKLOADS)
+    for xff in ("::ffff:10.0.0.1", "10.0.0.1"):
+        assert not allowed(ps, principal=SLEEP, headers={"x-forwarded-for": xff}), xff
