@@ -23,6 +23,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import gc
+import json
 import logging
 import sys
 import threading
@@ -233,6 +234,7 @@ class BundleStore:
         self._lock = threading.RLock()  # serialises loads, never taken by a check
         self.allow_rollback = allow_rollback
         self._serial: int | None = None  # manifest serial of the serving signed bundle
+        self._floor_name: str | None = None  # the persisted bundle's name, set by _persisted_serial
         self._floor = self._persisted_serial()  # (serial, what it belongs to) not to go below
 
     # --- rollback --------------------------------------------------------------------
@@ -246,6 +248,8 @@ class BundleStore:
                 return None
             archive.verify(saved.snapshot, self.verification_key)
             serial = archive.manifest_serial(saved.snapshot)
+            manifest = json.loads(saved.snapshot.files[archive.MANIFEST_JSON])
+            self._floor_name = str(manifest.get("name")) if isinstance(manifest, dict) and manifest.get("name") else None
         except BundleError as exc:
             log.warning("persisted bundle gives no rollback floor: %s", exc)
             return None
@@ -287,13 +291,16 @@ class BundleStore:
         CI signs with the key (staging's, another team's) verifies, and one built later
         would otherwise replace production's."""
         cur = self.current
-        if self.verification_key is None or cur is None or candidate.name == cur.name:
+        # After a restart, the persisted bundle's name stands for the serving one's.
+        serving = cur.name if cur is not None else self._floor_name
+        if self.verification_key is None or serving is None or candidate.name == serving:
             return None
         if self.allow_rollback:
-            log.warning("bundle %s replaces bundle %s (--allow-rollback)", candidate.name, cur.name)
+            log.warning("bundle %s replaces bundle %s (--allow-rollback)", candidate.name, serving)
             return None
+        what = "serving" if cur is not None else "persisted"
         return archive.reject(
-            "bundle.yaml", f"bundle {candidate.name!r} is not the serving bundle {cur.name!r}: a signed bundle "
+            "bundle.yaml", f"bundle {candidate.name!r} is not the {what} bundle {serving!r}: a signed bundle "
             "replaces only one of its own name; authz serve --allow-rollback accepts another")
 
     # --- loading -----------------------------------------------------------------------

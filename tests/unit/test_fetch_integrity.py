@@ -148,6 +148,15 @@ def test_a_signed_bundle_of_another_name_does_not_replace_the_serving_one(
     assert store.load_snapshot(build("prod", "p300", 300)) == LOADED
     store.allow_rollback = True
     assert store.load_snapshot(build("staging", "s400", 400)) == LOADED
+    # After a restart the persisted bundle's name stands for the serving one's: staging,
+    # rejected while prod served, loaded first thing after the restart and replaced it.
+    saved = tmp_path / "persist"
+    first = BundleStore(Metrics(), verification_key=key.public_key(), persist_dir=saved)
+    assert first.load_snapshot(build("prod", "p500", 500)) == LOADED
+    restarted = BundleStore(Metrics(), verification_key=key.public_key(), persist_dir=saved)
+    assert restarted.load_snapshot(build("staging", "s600", 600)) == REJECTED
+    assert "bundle 'staging' is not the persisted bundle 'prod'" in (restarted.status().last_error or "")
+    assert restarted.load_snapshot(build("prod", "p600", 600)) == LOADED
 
 
 def test_serial_must_be_a_whole_number(tmp_path: Path, key: Ed25519PrivateKey) -> None:
