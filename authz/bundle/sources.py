@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from authz.bundle.archive import DEFAULT_LIMITS, Limits, Snapshot, reject, unpack, unshowable
+from authz.bundle.loader import BundleError
 from authz.credentials import TokenFile, client_auth
 from authz.redact import redact_url
 from authz.tls import ClientTls, client_context
@@ -179,7 +180,9 @@ def read_directory(
     origin = origin or str(root)
     if not root.is_dir():
         raise SourceUnavailable(f"bundle directory {root} does not exist")
-    for _ in range(10):
+    for attempt in range(10):
+        if attempt:
+            time.sleep(0.02 * attempt)  # a writer still at work: give it time to finish
         base = directory_base(root)
         # A directory written file by file (not a ConfigMap's atomic swap) read meanwhile
         # would mix two states: read until what was read is what is there.
@@ -201,7 +204,8 @@ def read_directory(
         if directory_base(root) != base or directory_fingerprint(root, limits.max_files) != before:
             continue  # swapped or written while reading: read the new version
         return Snapshot(files, origin)
-    raise SourceUnavailable(f"bundle directory {root} kept changing while being read")
+    raise SourceUnavailable(f"bundle directory {root} kept changing while being read (a file written in it "
+                            "all the time? keep logs and work files out of the bundle directory, or hidden)")
 
 
 def directory_fingerprint(root: Path, max_files: int) -> Hashable:
@@ -461,7 +465,11 @@ class HttpSource:
         # A body that does not unpack may have been cut in transit (a close-delimited
         # response ends where the connection did, a Content-Length can lie): its ETag is
         # not remembered, or every later poll would be a 304 for bytes never received whole.
-        snapshot = unpack(data, self.description, self.limits)
+        try:
+            snapshot = unpack(data, self.description, self.limits)
+        except BundleError:
+            self.failures += 1  # downloaded again at the next poll: with backoff, not at once
+            raise
         # Once it unpacks, the ETag is remembered even if the gate rejects the bundle: the
         # same bytes would be rejected again, so there is no point downloading them each poll.
         self.etag = etag
