@@ -119,6 +119,9 @@ class Condition:
     needs_tenant: bool
     program: Any  # cel.Expression, or None for a native condition
     native: Callable[[Mapping[str, Any]], bool] | None = None
+    # The headers it reads by a literal name ('*': some other way), set at load
+    # (authz.engine.compile): a DENY reads each as any of the lines it may have come in.
+    headers_read: tuple[str, ...] = ()
 
     @property
     def data_names(self) -> tuple[str, ...]:

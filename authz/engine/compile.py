@@ -316,7 +316,7 @@ class _Compiler:
 
     def condition(self, doc: Document, path: YPath, expr: str) -> Condition | None:
         try:
-            return compile_condition(expr)
+            cond = compile_condition(expr)
         except CelCompileError as exc:
             pos = doc.at(path)
             if exc.line == 1 and "\n" not in expr:
@@ -325,6 +325,10 @@ class _Compiler:
             self.problems.append(Problem(
                 pos, f"invalid CEL at column {exc.column} of the expression: {exc.message}"))
             return None
+        if "request.headers" not in cond.variables:
+            return cond
+        names = sorted(t.partition(":")[2] for t in _condition_headers(cond.source))
+        return dataclasses.replace(cond, headers_read=tuple(names))
 
     def data_cost(self, doc: Document, path: YPath, cond: Condition) -> None:
         """A comprehension over a data collection runs at every check, with the interpreter

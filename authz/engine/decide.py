@@ -25,7 +25,7 @@ from authz import paths, spiffe
 from authz.redact import condition_text, echo_free
 from authz.engine import explain, shaping
 from authz.engine.activation import Activation
-from authz.engine.cel import CelBudgetError, CelEvalError, evaluate
+from authz.engine.cel import CelBudgetError, CelEvalError, Condition, evaluate
 from authz.engine.index import PolicyIndex
 from authz.engine.model import Decision, Operation, Policy, Rule, Source, Tenant
 from authz.request import Request
@@ -340,6 +340,25 @@ class PolicySet:
             return rule, (tenant.id if tenant is not None else None)
         return None
 
+    def _holds_on_a_line(self, cond: Condition, req: Request, tenant: Tenant | None,
+                         captures: dict[str, str]) -> bool:
+        """Whether a DENY (or AUDIT) condition holds for some line a header it reads may have
+        come in: ext_authz gets repeated lines merged as `a,b`, and Istio's RBAC filter (like
+        a DENY's `headers` field here) matches each line, so `request.headers['x-role'] ==
+        'admin'` must hold for lines `user` and `admin`. One header at a time; too many
+        readings to try is an error (a deny)."""
+        names = [n for n in cond.headers_read if n != "*" and "," in req.headers.get(n, "")]
+        tried = 0
+        for name in names:
+            for line in _line_readings(req.headers[name]):
+                tried += 1
+                if tried > MAX_LINE_READINGS:
+                    raise CelEvalError(f"header {name} holds too many comma-separated elements to decide safely")
+                view = dataclasses.replace(req, headers={**req.headers, name: line})
+                if evaluate(cond, Activation(view, self.data, tenant, captures)):
+                    return True
+        return False
+
     def _fixed_tenant_id(self, policy: Policy, req: Request) -> str | None:
         """The tenant id a header or identity tenant source names, or None."""
         assert policy.tenant is not None
@@ -385,6 +404,8 @@ class PolicySet:
                 return False
             try:
                 ok = evaluate(cond, ctx)
+                if not ok and policy.action != "ALLOW" and cond.headers_read:
+                    ok = self._holds_on_a_line(cond, req, tenant, captures)
             except CelEvalError as exc:
                 if tracer is not None:
                     tracer.step("when", None, f"{condition_text(cond.source)}: error: {echo_free(exc)}", policy.name, rule.name)
@@ -395,6 +416,19 @@ class PolicySet:
             if not ok:
                 return False
         return True
+
+
+MAX_LINE_READINGS = 512  # header values a DENY condition is tried on beside the merged one (31 elements)
+
+
+def _line_readings(value: str) -> list[str]:
+    """What lines (or list elements) a merged header value may have come in: every run of
+    neighbouring comma-separated elements, and each element trimmed, the whole excepted."""
+    parts = value.split(",")
+    out = dict.fromkeys(",".join(parts[i:j]) for i in range(len(parts)) for j in range(i + 1, len(parts) + 1))
+    out.update(dict.fromkeys(p.strip() for p in parts))
+    out.pop(value, None)
+    return list(out)
 
 
 def _readings(req: Request) -> tuple[Request, ...]:

@@ -850,3 +850,19 @@ def test_a_host_only_target_cannot_grant_a_request_identified_by_principal(tmp_p
     d = decide(ps, destination=foo, path="/admin/x", host="w2.bar.svc")
     assert (d.allowed, d.reason) == (False, "no allow rule matched")
     assert decide(ps, destination="", path="/admin/x", host="w2.bar.svc").allowed  # plaintext: by host
+
+
+def test_a_deny_condition_on_a_header_holds_for_any_line_it_came_in(tmp_path: Path) -> None:
+    """Lines `user` and `admin` reach ext_authz as `user,admin`: a DENY condition
+    `request.headers['x-role'] == 'admin'` never fired, where Istio's RBAC (matching each line)
+    and the `headers` field deny. An ALLOW condition keeps reading the merged value."""
+    deny = {"name": "no-admin", "action": "DENY", "rules": [{"name": "r", "when": ["request.headers['x-role'] == 'admin'"]}]}
+    ps = policy_set(tmp_path, [deny, allow({})])
+    for value in ("admin", "user,admin", "admin,user", "user, admin", "a,b,admin,c"):
+        assert decide(ps, headers={"x-role": value}).policy == "no-admin", value
+    assert decide(ps, headers={"x-role": "user,administrator"}).allowed
+    ps = policy_set(tmp_path / "a", [allow({"when": ["request.headers['x-role'] == 'admin'"]})])
+    assert not decide(ps, headers={"x-role": "user,admin"}).allowed
+    many = ",".join(f"v{i}" for i in range(40))  # 820 runs: more than the 512 tried
+    d = policy_set(tmp_path / "m", [deny, allow({})])
+    assert decide(d, headers={"x-role": many}).reason == "condition error"
