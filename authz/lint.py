@@ -434,7 +434,7 @@ def _strings_cover(d: StringMatch | None, r: StringMatch | None) -> bool:
         return False
     if d.present:
         return True
-    if r.present:
+    if r.present or r.suffix_readings:  # a suffix read as a pattern: no sure cover
         return False
     return (all(d(v) for v in r.exact)
             and all(any(p.startswith(dp) for dp in d.prefixes) for p in r.prefixes)

@@ -146,7 +146,7 @@ class _Compiler:
         general: list[int] = []
         for i, p in enumerate(policies):
             sm = p.target.principals
-            if sm is not None and sm.exact and not (sm.prefixes or sm.suffixes or sm.present):
+            if sm is not None and sm.exact and sm.exact_only:
                 for principal in sm.exact:
                     by_principal[principal].append(i)
             else:

@@ -200,4 +200,4 @@ def _callers(rule: Rule) -> tuple[str | None, ...]:
 
 
 def _exact_only(sm: StringMatch) -> bool:
-    return not (sm.prefixes or sm.suffixes or sm.present or sm.fold_case)
+    return sm.exact_only

@@ -81,6 +81,11 @@ class StringMatch:
             or (bool(self.suffix_readings) and self._suffix_read(value))
         )
 
+    @property
+    def exact_only(self) -> bool:
+        """Whether only exact values match: what an index may key by value alone."""
+        return not (self.prefixes or self.suffixes or self.suffix_readings or self.present or self.fold_case)
+
     def _after_floor(self, value: str) -> bool:
         """A suffix ends ``value`` after the scheme (``spiffe://.*<suffix>``): the '/' of
         `spiffe://ns/...` is the scheme's, not a suffix's `/ns/...`."""

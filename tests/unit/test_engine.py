@@ -866,3 +866,19 @@ def test_a_deny_condition_on_a_header_holds_for_any_line_it_came_in(tmp_path: Pa
     many = ",".join(f"v{i}" for i in range(40))  # 820 runs: more than the 512 tried
     d = policy_set(tmp_path / "m", [deny, allow({})])
     assert decide(d, headers={"x-role": many}).reason == "condition error"
+
+
+def test_the_indexes_keep_a_suffix_principal_read_as_a_pattern(tmp_path: Path) -> None:
+    """`*/sa/a.b` left the suffix list for the pattern readings: the rule index (a policy of
+    8 rules or more) and the target index filed the rule and the policy under their exact
+    principals only, and a DENY on the suffix stopped firing."""
+    filler = [{"name": f"f{i}", "from": [{"source": {"principals": [f"cluster.local/ns/x/sa/f{i}"]}}],
+               "to": [{"operation": {"paths": [f"/f{i}"]}}]} for i in range(10)]
+    deny = {"name": "d", "action": "DENY", "rules": [
+        {"name": "r", "from": [{"source": {"principals": ["cluster.local/ns/a/sa/b", "*/sa/a.b"]}}]}, *filler]}
+    ps = policy_set(tmp_path, [deny, allow({})])
+    assert decide(ps, principal="spiffe://cluster.local/ns/x/sa/a.b").policy == "d"
+    target = {"name": "t", "action": "DENY", "target": {"principals": ["cluster.local/ns/prod/sa/db", "*/sa/db.v1"]},
+              "rules": [{"name": "all"}]}
+    ps = policy_set(tmp_path / "t", [target, allow({})])
+    assert decide(ps, destination="spiffe://cluster.local/ns/prod/sa/db.v1").policy == "t"

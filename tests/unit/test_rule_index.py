@@ -27,9 +27,12 @@ METHODS = ["GET", "get", "Get", "POST", "PUT", "DELETE", "HEAD"]
 PATHS = ["/", "/a", "/a/", "/a/b", "/a/b/c", "/a/bc", "/ab", "/b", "/b/a", "/a/b/a", "/x/y/z", "/A/b"]
 PATH_PATTERNS = PATHS + ["/a*", "/a/*", "/a/b*", "*", "*/a", "*b", "*/c", "/a/{*}", "/a/{**}", "/{*}/b",
                          "/a/{*}/c", "/{**}", "/b/{x}", "/A/{*}", "/A*", "*/B", "/{*}/B"]
-CALLERS = [spiffe("ns1", "sa1"), spiffe("ns1", "sa2"), spiffe("ns2", "sa1"), "spiffe://other.td/ns/ns1/sa/sa1"]
-PRINCIPAL_PATTERNS = CALLERS + ["*", "spiffe://cluster.local/ns/ns1/*", "*/sa/sa1", "cluster.local/ns/ns2/sa/sa1"]
-DESTINATIONS = [spiffe("d", "one"), spiffe("d", "two")]
+CALLERS = [spiffe("ns1", "sa1"), spiffe("ns1", "sa2"), spiffe("ns2", "sa1"), "spiffe://other.td/ns/ns1/sa/sa1",
+           spiffe("ns1", "s.1"), spiffe("ns1", "sX1")]
+# `*/sa/s.1` and `*/sa/sa[12]`: suffixes older and patched istiod read otherwise (pattern readings)
+PRINCIPAL_PATTERNS = CALLERS + ["*", "spiffe://cluster.local/ns/ns1/*", "*/sa/sa1", "cluster.local/ns/ns2/sa/sa1",
+                                "*/sa/s.1", "*/sa/sa[12]"]
+DESTINATIONS = [spiffe("d", "one"), spiffe("d", "two"), spiffe("d", "o.e")]
 
 
 def sub(values: list[str], max_size: int = 3) -> st.SearchStrategy[list[str]]:
@@ -64,7 +67,7 @@ policies = st.lists(
     st.tuples(
         st.sampled_from(["ALLOW", "ALLOW", "DENY", "AUDIT"]),
         st.booleans().map(lambda b: {"dryRun": True} if b else {}) | st.just({}),
-        st.one_of(st.just({}), st.sampled_from(DESTINATIONS).map(lambda d: {"target": {"principals": [d]}})),
+        st.one_of(st.just({}), st.sampled_from([*DESTINATIONS, "*/sa/o.e"]).map(lambda d: {"target": {"principals": [d]}})),
         st.lists(rules, min_size=0, max_size=14),
         st.booleans(),  # tenant from a path capture
     ),
