@@ -16,6 +16,7 @@ else than what was matched.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -348,12 +349,8 @@ class PolicySet:
         'admin'` must hold for lines `user` and `admin`. One header at a time; too many
         readings to try is an error (a deny)."""
         names = [n for n in cond.headers_read if n != "*" and "," in req.headers.get(n, "")]
-        tried = 0
         for name in names:
             for line in _line_readings(req.headers[name]):
-                tried += 1
-                if tried > MAX_LINE_READINGS:
-                    raise CelEvalError(f"header {name} holds too many comma-separated elements to decide safely")
                 view = dataclasses.replace(req, headers={**req.headers, name: line})
                 if evaluate(cond, Activation(view, self.data, tenant, captures)):
                     return True
@@ -418,17 +415,27 @@ class PolicySet:
         return True
 
 
-MAX_LINE_READINGS = 512  # header values a DENY condition is tried on beside the merged one (31 elements)
+MAX_RUN_ELEMENTS = 8  # up to this many elements, every run of neighbours is a reading (36)
+MAX_LINE_ELEMENTS = 64  # beyond the runs' bound, each element alone; beyond this, an error
 
 
-def _line_readings(value: str) -> list[str]:
-    """What lines (or list elements) a merged header value may have come in: every run of
-    neighbouring comma-separated elements, and each element trimmed, the whole excepted."""
+@functools.lru_cache(maxsize=256)
+def _line_readings(value: str) -> tuple[str, ...]:
+    """What lines (or list elements) a merged header value may have come in, the whole
+    excepted: every run of neighbouring comma-separated elements (a line may hold commas)
+    for up to MAX_RUN_ELEMENTS elements, else each element; each also trimmed. Bounded
+    before anything is built: a 60 KB header of commas costs a split, no more."""
+    n = value.count(",") + 1
+    if n > MAX_LINE_ELEMENTS:
+        raise CelEvalError(f"a header holds more than {MAX_LINE_ELEMENTS} comma-separated elements to decide safely")
     parts = value.split(",")
-    out = dict.fromkeys(",".join(parts[i:j]) for i in range(len(parts)) for j in range(i + 1, len(parts) + 1))
+    if n <= MAX_RUN_ELEMENTS:
+        out = dict.fromkeys(",".join(parts[i:j]) for i in range(n) for j in range(i + 1, n + 1))
+    else:
+        out = dict.fromkeys(parts)
     out.update(dict.fromkeys(p.strip() for p in parts))
     out.pop(value, None)
-    return list(out)
+    return tuple(out)
 
 
 def _readings(req: Request) -> tuple[Request, ...]:
