@@ -198,7 +198,8 @@ def from_check_request(
         # ASCII only, as Envoy (absl::AsciiStrToLower): str.lower() would make U+212A 'k'
         sni=paths.fold_case(attrs.tls_session.sni),
         path_readings=path_readings,
-        method_overrides=_method_overrides(headers, query) if overriding or "ethod" in query.lower() else (),
+        method_overrides=(_method_overrides(headers, query)
+                          if overriding or "%" in query or "ethod" in query.lower() else ()),
         forwarded_hosts=_forwarded_hosts(headers) if overriding else (),
         aliased_headers=tuple(n for n in headers if "_" in n) if "_" in names else (),
     )
@@ -240,7 +241,7 @@ def _with_path_overrides(normalized: paths.NormalizedPath, headers: dict[str, st
     out = dict.fromkeys(normalized.readings)
     for name, value in _overriding(headers, _PATH_OVERRIDE_HEADERS):
         value = value.strip()
-        if "://" in value[:12]:  # an absolute URL (ingress-nginx's auth sub-requests send one)
+        if _ABSOLUTE_URL.match(value):  # ingress-nginx's auth sub-requests send one
             value = "/" + value.partition("://")[2].partition("/")[2]
         try:  # the whole value: a path may hold commas (`/maps/@40.7,-74.0`)
             other = paths.normalize(value, mode)
@@ -253,6 +254,7 @@ def _with_path_overrides(normalized: paths.NormalizedPath, headers: dict[str, st
 
 
 MAX_OVERRIDES = 8  # methods or hosts a request may name beside its own: each is read every way
+_ABSOLUTE_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def _overriding(headers: dict[str, str], names: frozenset[str]) -> list[tuple[str, str]]:

@@ -399,6 +399,7 @@ def test_head_and_method_overrides_meet_a_deny_on_the_method_they_run(tmp_path: 
                {"method": "POST", "path": "/orders/1?%5Fmethod=DELETE"},
                {"method": "POST", "path": "/orders/1?.method=DELETE"},
                {"method": "POST", "path": "/orders/1?%20method=DELETE"},
+               {"method": "POST", "path": "/orders/1?_m%65thod=DELETE"},
                {"method": "POST", "path": "/orders/1", "headers": {"x_http_method_override": "DELETE"}}):
         d = decide(ps, **kw)
         assert (d.allowed, d.policy) == (False, "no-delete"), kw
@@ -448,6 +449,9 @@ def test_a_path_override_header_is_a_reading_of_the_path(tmp_path: Path) -> None
     # the whole value is one path (commas are path characters); an absolute URL gives its path
     assert decide(ps, principal=CHECKOUT, path="/public/x", headers={"x-original-url": "/public/@40.7,-74.0"}).allowed
     d = decide(ps, principal=CHECKOUT, path="/public/x", headers={"x-original-url": "https://svc.example/admin/x"})
+    assert (d.allowed, d.policy) == (False, "no-admin")
+    # a path holding `://` is a path, not a URL
+    d = decide(ps, principal=CHECKOUT, path="/public/a", headers={"x-original-url": "/admin/x://y/public/z"})
     assert (d.allowed, d.policy) == (False, "no-admin")
 
 
