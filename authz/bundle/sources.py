@@ -461,15 +461,15 @@ class HttpSource:
         except SourceUnavailable:
             self.failures += 1
             raise
-        self.failures = 0
         # A body that does not unpack may have been cut in transit (a close-delimited
         # response ends where the connection did, a Content-Length can lie): its ETag is
         # not remembered, or every later poll would be a 304 for bytes never received whole.
         try:
             snapshot = unpack(data, self.description, self.limits)
         except BundleError:
-            self.failures += 1  # downloaded again at the next poll: with backoff, not at once
+            self.failures += 1  # downloaded again at the next poll: with growing backoff
             raise
+        self.failures = 0
         # Once it unpacks, the ETag is remembered even if the gate rejects the bundle: the
         # same bytes would be rejected again, so there is no point downloading them each poll.
         self.etag = etag

@@ -243,8 +243,12 @@ class _Compiler:
         name = v["name"]
         self.action = v["action"]  # first: the target's matchers read it too
         target_v = v.get("target", {})
+        principals = self.principals(target_v.get("principals"), doc, ("target", "principals"), widen=True)
         target = Target(
-            principals=self.principals(target_v.get("principals"), doc, ("target", "principals")),
+            principals=principals,
+            grant_principals=(self.principals(target_v.get("principals"), widen=False)
+                              if v["action"] == "ALLOW" and principals is not None and principals.suffix_readings
+                              else None),
             hosts=_strings(target_v.get("hosts"), fold_case=True),
             ports=self.ports(doc, ("target", "ports"), target_v.get("ports")),
             context_extensions=tuple(sorted((target_v.get("contextExtensions") or {}).items())),
@@ -351,12 +355,16 @@ class _Compiler:
                            + f" (expression column {column})")
 
     def principals(self, values: list[str] | None, doc: Document | None = None, path: YPath = (),
-                   negative: bool = False) -> StringMatch | None:
+                   negative: bool = False, widen: bool | None = None) -> StringMatch | None:
+        """``widen``: how a suffix older and patched istiod read otherwise matches (either
+        reading, or both); by default, as the action and ``negative`` make stricter."""
         if values is None:
             return None
         expanded = [p for v in values for p in self.trust.expand_principal(v)]
+        if widen is None:
+            widen = (self.action != "ALLOW") != negative
         try:
-            return StringMatch.of(expanded, scheme=spiffe.SCHEME, widen=(self.action != "ALLOW") != negative)
+            return StringMatch.of(expanded, scheme=spiffe.SCHEME, widen=widen)
         except re.error as exc:
             if doc is not None:
                 self.error(doc, path, f"a '*suffix' principal is a regular expression in Istio, and this one "

@@ -202,7 +202,7 @@ class PolicySet:
                     dry_run.extend(self._dry_run(policy, (req,), "allow", tracer))
                     continue
                 allow_applies = True
-                if not _may_grant(policy, identified):
+                if not _may_grant(policy, identified, req):
                     if tracer is not None:
                         tracer.step("target", None, "names its workload by host only, and the request's "
                                     "destination is identified by principal: it cannot allow", policy.name)
@@ -272,7 +272,7 @@ class PolicySet:
             if tracer is not None:
                 tracer.step("reading", None, said)
             for policy in policies:
-                if policy.action == "ALLOW" and not policy.dry_run and _may_grant(policy, identified):
+                if policy.action == "ALLOW" and not policy.dry_run and _may_grant(policy, identified, view):
                     hit = self._first_match(policy, view, tracer, allow=True)
                     if hit is not None and hit[1] == tenant:
                         break
@@ -452,10 +452,14 @@ def _readings(req: Request) -> tuple[Request, ...]:
     return tuple(views)
 
 
-def _may_grant(policy: Policy, identified: bool) -> bool:
+def _may_grant(policy: Policy, identified: bool, req: Request) -> bool:
     """Whether an ALLOW ``policy`` may allow: not one that names its workload by host only
-    when the destination is ``identified`` by principal (see decide)."""
-    return not (identified and policy.target.principals is None and policy.target.hosts is not None)
+    when the destination is ``identified`` by principal (see decide), nor one whose target
+    matches the destination in only one of the readings older and patched istiod give it."""
+    t = policy.target
+    if t.grant_principals is not None and not t.grant_principals(req.destination_principal):
+        return False
+    return not (identified and t.principals is None and t.hosts is not None)
 
 
 def _target_matches(policy: Policy, req: Request) -> bool:

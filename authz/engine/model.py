@@ -322,6 +322,10 @@ class Target:
     hosts: StringMatch | None = None
     ports: frozenset[int] | None = None
     context_extensions: tuple[tuple[str, str], ...] = ()
+    # An ALLOW policy whose target principals older and patched istiod read otherwise applies
+    # where either reading matches (`principals`: its rules then decide), and may grant only
+    # where both do: either way of reading it alone would be looser in some case.
+    grant_principals: StringMatch | None = None
 
     @property
     def identifies_without_principal(self) -> bool:

@@ -887,3 +887,16 @@ def test_the_indexes_keep_a_suffix_principal_read_as_a_pattern(tmp_path: Path) -
               "rules": [{"name": "all"}]}
     ps = policy_set(tmp_path / "t", [target, allow({})])
     assert decide(ps, destination="spiffe://cluster.local/ns/prod/sa/db.v1").policy == "t"
+
+
+def test_an_allow_target_read_two_ways_applies_on_either_and_grants_on_both(tmp_path: Path) -> None:
+    """`*/sa/db.v1`: older istiod's pattern also names `.../sa/dbXv1`, patched istiod's text
+    only `.../sa/db.v1`. Applying only where both read it, the ALLOW left `dbXv1` to the
+    default (allow), where older istiod applied it (and denied what its rules do not grant)."""
+    pol = {"name": "t", "action": "ALLOW", "target": {"principals": ["*/sa/db.v1"]},
+           "rules": [{"name": "r", "to": [{"operation": {"paths": ["/public/*"]}}]}]}
+    ps = policy_set(tmp_path, [pol], defaultAction="ALLOW")
+    assert not decide(ps, destination="spiffe://cluster.local/ns/p/sa/dbXv1", path="/admin").allowed
+    assert not decide(ps, destination="spiffe://cluster.local/ns/p/sa/dbXv1", path="/public/x").allowed
+    assert decide(ps, destination="spiffe://cluster.local/ns/p/sa/db.v1", path="/public/x").allowed
+    assert not decide(ps, destination="spiffe://cluster.local/ns/p/sa/db.v1", path="/admin").allowed
