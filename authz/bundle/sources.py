@@ -458,16 +458,20 @@ class HttpSource:
                     return None
                 data = self._read_body(resp, deadline)
                 etag = _etag(resp.headers)
+                whole = resp.headers.get("Content-Length") is not None  # read_body checked it
         except SourceUnavailable:
             self.failures += 1
             raise
-        # A body that does not unpack may have been cut in transit (a close-delimited
-        # response ends where the connection did, a Content-Length can lie): its ETag is
-        # not remembered, or every later poll would be a 304 for bytes never received whole.
         try:
             snapshot = unpack(data, self.description, self.limits)
         except BundleError:
-            self.failures += 1  # downloaded again at the next poll: with growing backoff
+            # A close-delimited body that does not unpack may have been cut in transit (it
+            # ends where the connection did): its ETag is not remembered, or every later poll
+            # would be a 304 for bytes never received whole; it is fetched again, with
+            # growing backoff. A body of its declared length is what the server holds.
+            self.failures += 1
+            if whole:
+                self.etag = etag
             raise
         self.failures = 0
         # Once it unpacks, the ETag is remembered even if the gate rejects the bundle: the

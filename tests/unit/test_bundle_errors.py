@@ -198,7 +198,7 @@ def test_a_yaml_file_of_tiny_values_is_refused_before_it_is_composed(tmp_path: P
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
     message, peak_mb = out.stdout.splitlines()
     assert message == "data/d.yaml:1:2000000: the bundle's YAML files hold more than 1000000 values"
-    assert int(peak_mb) < 150, f"{peak_mb} MB"
+    assert int(peak_mb) < 400, f"{peak_mb} MB"  # composed first, it was over 1,000
 
 
 def test_the_value_budget_is_the_bundles_not_each_files(tmp_path: Path) -> None:
