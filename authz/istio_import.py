@@ -758,33 +758,15 @@ class _Converter:
         # policy never reaches a cluster whose webhook validates, and imported in part it
         # would let its other rules grant. (An empty `from: []` is not among it: YAML reaches
         # istiod through JSON, where an empty list leaves the field unset.)
-        for j, entry in enumerate(self.listed(res, (*path, "from"), rv.get("from"))):
-            p = (*path, "from", j)
-            if entry is None:  # istiod dereferences it: no reading to copy, so none is made up
-                self.error(res, p, "a null from entry")
-                continue
-            if not self.unknown_fields(res, p, entry, {"source"}, "a from entry"):
-                continue
-            if not any(((entry or {}).get("source") or {}).values()):
-                self.error(res, p, "a from entry without a source field: Istio rejects the policy")
-                continue
-            s = self.source(res, (*p, "source"), (entry or {}).get("source") or {}, deny)
+        for p, body in self.entries(res, path, rv, "from", "source"):
+            s = self.source(res, p, body, deny)
             if isinstance(s, _Unverifiable):
                 unverifiable = True  # an entry that never matches: the others still may
             elif s is not None:
                 sources.append(s)
         operations: list[tuple[dict[str, Any], list[str]]] = []
-        for j, entry in enumerate(self.listed(res, (*path, "to"), rv.get("to"))):
-            p = (*path, "to", j)
-            if entry is None:
-                self.error(res, p, "a null to entry")
-                continue
-            if not self.unknown_fields(res, p, entry, {"operation"}, "a to entry"):
-                continue
-            if not any(((entry or {}).get("operation") or {}).values()):
-                self.error(res, p, "a to entry without an operation field: Istio rejects the policy")
-                continue
-            op = self.operation(res, (*p, "operation"), (entry or {}).get("operation") or {}, deny)
+        for p, body in self.entries(res, path, rv, "to", "operation"):
+            op = self.operation(res, p, body, deny)
             if op is not None:
                 operations.append(op)
         never = unverifiable and not sources
@@ -816,6 +798,26 @@ class _Converter:
             # one bundle rule per entry keeps "any entry" semantics exactly.
             return [self._rule(f"{name}.{k + 1}", sources, [op], cel) for k, (op, cel) in enumerate(operations)]
         return [self._rule(name, sources, [op for op, _ in operations], [c for _, cel in operations for c in cel])]
+
+    def entries(self, res: _Resource, path: YPath, rv: dict[str, Any], part: str, field: str
+                ) -> list[tuple[YPath, dict[str, Any]]]:
+        """(path, body) of the `source` or `operation` of each `from` or `to` entry of a rule
+        that Istio's validation accepts; the others are errors."""
+        out = []
+        for j, entry in enumerate(self.listed(res, (*path, part), rv.get(part))):
+            p = (*path, part, j)
+            if entry is None:  # istiod dereferences it: no reading to copy, so none is made up
+                self.error(res, p, f"a null {part} entry")
+                continue
+            if not self.unknown_fields(res, p, entry, {field}, f"a {part} entry"):
+                continue
+            body = entry.get(field) or {}
+            if isinstance(body, dict) and not any(body.values()):  # not a mapping: reported below
+                article = "an" if field[0] in "aeiou" else "a"
+                self.error(res, p, f"a {part} entry without {article} {field} field: Istio rejects the policy")
+                continue
+            out.append(((*p, field), body))
+        return out
 
     def push(self, res: _Resource, path: YPath, cond: _Condition, entries: list[dict[str, Any]],
              deny: bool = False) -> list[bool]:

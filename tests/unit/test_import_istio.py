@@ -1594,6 +1594,7 @@ def test_a_deny_and_of_two_namespaces_is_left_out_not_dropped(tmp_path: Path) ->
     ("[{from: [{source: {principals: []}}]}]", "a from entry without a source field"),
     ("[{when: [{key: 'request.auth.claims[]', values: [x]}]}]", "unknown condition key"),
     ("[{to: [{operation: {}}]}]", "a to entry without an operation field"),
+    ("[{from: [{source: [1]}]}]", "must be a mapping"),  # an error, not a crash
     ("[{when: [{key: request.auth.foo, values: [x]}]}]", "unknown condition key 'request.auth.foo'"),
     ("[{when: [{key: experimental.foo, values: [x]}]}]", "unknown condition key 'experimental.foo'"),
 ])
