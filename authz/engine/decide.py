@@ -172,7 +172,7 @@ class PolicySet:
         audit: list[str] = []
         dry_run: list[str] = []
         views = _readings(req)
-        seen = _RequestTenant()
+        seen = _RequestTenant() if self.tenants else None  # no tenant data: no policy reads a tenant
         try:
             for policy in policies:
                 if policy.action != "DENY":
