@@ -16,7 +16,6 @@ else than what was matched.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -419,12 +418,12 @@ MAX_RUN_ELEMENTS = 8  # up to this many elements, every run of neighbours is a r
 MAX_LINE_ELEMENTS = 64  # beyond the runs' bound, each element alone; beyond this, an error
 
 
-@functools.lru_cache(maxsize=256)
 def _line_readings(value: str) -> tuple[str, ...]:
     """What lines (or list elements) a merged header value may have come in, the whole
     excepted: every run of neighbouring comma-separated elements (a line may hold commas)
     for up to MAX_RUN_ELEMENTS elements, else each element; each also trimmed. Bounded
-    before anything is built: a 60 KB header of commas costs a split, no more."""
+    before anything is built: a 60 KB header of commas costs a split, no more. Not cached:
+    256 values of 96 KiB with their readings would hold hundreds of MB."""
     n = value.count(",") + 1
     if n > MAX_LINE_ELEMENTS:
         raise CelEvalError(f"a header holds more than {MAX_LINE_ELEMENTS} comma-separated elements to decide safely")
