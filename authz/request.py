@@ -150,7 +150,7 @@ def from_check_request(
     # One look for the headers that name another method, path or host (rare): not three.
     overriding = not _OVERRIDING_HEADERS.isdisjoint(headers) or (
         "_" in names and any(n.replace("_", "-") in _OVERRIDING_HEADERS for n in headers))
-    if overriding and not _PATH_OVERRIDE_HEADERS.isdisjoint(headers):
+    if overriding and _overriding(headers, _PATH_OVERRIDE_HEADERS):
         path_readings = _with_path_overrides(normalized, headers, path_mode)
     query = normalized.query or http.query
 

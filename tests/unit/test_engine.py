@@ -433,7 +433,7 @@ def test_a_path_override_header_is_a_reading_of_the_path(tmp_path: Path) -> None
         allow(op(paths=["/public/*", "/admin/*"])),
         tenant_policy({"pathCapture": "tenant"}, ["/v1/tenants/{tenant}/{**}"], ["source.principal in tenant.callers"]),
     ], tenants=TENANTS)
-    for name in ("x-original-url", "x-rewrite-url", "X-Original-URL"):
+    for name in ("x-original-url", "x-rewrite-url", "X-Original-URL", "x_original_url", "X_Rewrite_URL"):
         d = decide(ps, principal=CHECKOUT, path="/public/x", headers={name: "/admin/x"})
         assert (d.allowed, d.policy) == (False, "no-admin"), name
     d = decide(ps, principal=CHECKOUT, path="/public/x", headers={"x-original-url": "/other/x"})
