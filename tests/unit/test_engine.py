@@ -871,6 +871,15 @@ def test_a_deny_condition_on_a_header_holds_for_any_line_it_came_in(tmp_path: Pa
     assert decide(d, headers={"x-role": ",".join(f"v{i}" for i in range(40)) + ",admin"}).policy == "no-admin"
     many = ",".join(f"v{i}" for i in range(65))  # more elements than are tried: an error, a deny
     assert decide(d, headers={"x-role": many}).reason == "condition error"
+    # two headers read together: each line of one with each line of the other
+    both = {"name": "no-admin", "action": "DENY", "rules": [{"name": "r", "when": [
+        "request.headers['x-role'] == 'admin' && request.headers['x-org'] == 'root'"]}]}
+    b = policy_set(tmp_path / "b", [both, allow({})])
+    for role, org in (("user,admin", "x, root"), ("admin", "x,root"), ("user,admin", "root"), ("admin,x", "a,root,b")):
+        assert decide(b, headers={"x-role": role, "x-org": org}).policy == "no-admin", (role, org)
+    assert decide(b, headers={"x-role": "user,admin", "x-org": "x,rooty"}).allowed
+    padded = {"x-role": "admin," + ",".join(f"p{i}" for i in range(6)), "x-org": "root," + ",".join(f"q{i}" for i in range(6))}
+    assert decide(b, headers=padded).reason == "condition error"  # too many together: a deny
 
 
 def test_the_indexes_keep_a_suffix_principal_read_as_a_pattern(tmp_path: Path) -> None:
