@@ -164,6 +164,7 @@ class _Compiler:
             reads=(reads := tuple((p.name, r) for p in policies if (r := _reads(p, shapes)))),
             read_headers=(read_headers := frozenset(t[7:] for _, r in reads for t in r if t.startswith("header:"))),
             header_aliases=frozenset(n.replace("_", "-") for n in read_headers),
+            underscore_reads=frozenset(n.replace("_", "-") for n in read_headers if "_" in n),
             policies=tuple(policies),
             tenants=tenants,
             data=data,

@@ -114,6 +114,8 @@ class PolicySet:
     # header that becomes a read name that way is denied as ambiguous (decide).
     read_headers: frozenset[str] = frozenset()
     header_aliases: frozenset[str] = frozenset()
+    # The read names that hold '_', written with '-': `x-role` is HTTP_X_ROLE as `x_role` is.
+    underscore_reads: frozenset[str] = frozenset()
     # uncarried()'s answer by caller kind, filled as callers come (check.py): a dict in a
     # frozen set of rules, so that it lives and dies with the bundle.
     uncarried_seen: dict[frozenset[str], str] = field(default_factory=dict, compare=False, hash=False)
@@ -124,6 +126,10 @@ class PolicySet:
             if name not in self.read_headers and ("*" in self.header_aliases
                                                   or name.replace("_", "-") in self.header_aliases):
                 return name
+        if self.underscore_reads:
+            for name in req.headers:
+                if name in self.underscore_reads and name not in self.read_headers:
+                    return name
         return ""
 
     def uncarried(self, carries: frozenset[str]) -> str:
@@ -152,7 +158,7 @@ class PolicySet:
         return [p for i in chosen if _target_matches(p := self.policies[i], req)]
 
     def decide(self, req: Request, tracer: Tracer | None = None) -> Decision:
-        if req.aliased_headers and self.header_aliases and (name := self._aliased(req)):
+        if ((req.aliased_headers and self.header_aliases) or self.underscore_reads) and (name := self._aliased(req)):
             if tracer is not None:
                 tracer.step("headers", False, f"header {name!r} is read by upstreams that fold '_' and '-' "
                             "as one the policies read")

@@ -496,6 +496,14 @@ def test_a_header_an_upstream_reads_as_one_the_policies_read_is_ambiguous(tmp_pa
     ps = policy_set(tmp_path / "c", [allow({"when": ["request.headers.all(k, !k.startsWith('x-debug'))"]})])
     assert decide(ps, headers={"x-ok": "1"}).allowed
     assert decide(ps, headers={"x_debug": "1"}).reason == "ambiguous header"
+    # and the other way: policies reading `x_role` meet `x-role` as HTTP_X_ROLE too
+    deny = {"name": "no-admin", "action": "DENY", "rules": [{"name": "r", **op(headers={"x_role": ["admin"]})}]}
+    ps = policy_set(tmp_path / "u", [deny, allow({})])
+    assert decide(ps, headers={"x_role": "admin"}).policy == "no-admin"
+    d = decide(ps, headers={"x-role": "admin"})
+    assert (d.allowed, d.reason) == (False, "ambiguous header")
+    assert not decide(ps, headers={"x-role": "admin", "x_role": "admin"}).allowed
+    assert decide(ps, headers={"x-other": "admin"}).allowed
 
 
 def test_fullwidth_letters_are_read_as_windows_best_fit_and_nfkc_read_them(tmp_path: Path) -> None:
