@@ -58,7 +58,12 @@ _STRUCTURAL = "/.\\%?#;"
 MAX_READINGS = 32
 # Characters Windows' best-fit conversion to an ANSI code page turns into '/' or '\\' (DEVCORE,
 # "WorstFit"): no NFKC form says so, and an upstream on Windows would see other segments.
-_BEST_FIT_SEPARATORS = frozenset("\u2215\u2216\u2044\u29f5\u29f8\u29f9")
+# '¥' and '₩' are '\\' (0x5C) in the Japanese and Korean code pages (cp932, cp949).
+_BEST_FIT_SEPARATORS = frozenset("\u2215\u2216\u2044\u29f5\u29f8\u29f9\u00a5\u20a9")
+# Letters best-fit conversion (cp1252) and Java's equalsIgnoreCase (a case-insensitive Spring
+# route) read as ASCII though NFKC keeps them: dotless 'ı' and dotted 'İ'. ('ſ' and Kelvin
+# 'K' NFKC folds to 's' and 'K'.)
+_ASCII_LOOKALIKES = str.maketrans({"\u0131": "i", "\u0130": "I"})
 _NTFS_STREAM = re.compile(r"::\$[A-Za-z_]*")
 # C1 controls and the Unicode line and paragraph separators: line breaks to some parsers.
 _NON_ASCII_CONTROL = re.compile("[\x80-\x9f\u2028\u2029]")
@@ -106,9 +111,9 @@ def _refuse_unreadable(path: str) -> None:
     if _ESCAPE.search(decoded):
         raise PathError("path is percent-encoded more than once")
     if not decoded.isascii():
-        if not _BEST_FIT_SEPARATORS.isdisjoint(decoded):
-            raise PathError("path contains characters that Windows' best-fit conversion makes separators")
         folded = unicodedata.normalize("NFKC", decoded)
+        if not (_BEST_FIT_SEPARATORS.isdisjoint(decoded) and _BEST_FIT_SEPARATORS.isdisjoint(folded)):
+            raise PathError("path contains characters that Windows' best-fit conversion makes separators")
         if any(decoded.count(c) != folded.count(c) for c in _STRUCTURAL):
             # Fullwidth '．' or '／' become '.' and '/' in servers that NFKC-normalise: the
             # upstream would see other segments than the ones we matched.
@@ -248,7 +253,7 @@ def _compatibility_fold(path: str) -> str:
     text = _NON_ASCII_ESCAPES.sub(lambda m: _decode_all(m.group(0)), path) if encoded else path
     if text.isascii():
         return path
-    folded = unicodedata.normalize("NFKC", text)
+    folded = unicodedata.normalize("NFKC", text).translate(_ASCII_LOOKALIKES)
     if folded == text:
         return path
     if len(folded) > MAX_FOLD_GROWTH * len(text):

@@ -85,6 +85,11 @@ def test_normalize_follows_the_proxys_mode(mode: paths.Normalization, raw: str, 
         ("/admin%C2%A0/x", ("/admin/x",)),  # a no-break space is a space, then trimmed
         ("/%EF%BD%81%C3%A9/x", ("/a%C3%A9/x",)),  # what stays non-ASCII keeps its escapes
         ("/cafe%CC%81/admin", ("/caf%C3%A9/admin",)),  # a combining mark composes with its letter
+        # dotless and dotted i: 'i' to best-fit (cp1252) and to Java's equalsIgnoreCase
+        ("/adm%C4%B1n/x", ("/admin/x",)),
+        ("/admın/x", ("/admin/x",)),
+        ("/%C4%B0NDEX/x", ("/INDEX/x",)),
+        ("/%C5%BFecret/x", ("/secret/x",)),  # long s: NFKC folds it
         # decode-then-parse upstreams end the path at an encoded '?' or '#' (CVE-2024-38474)
         ("/user/profile%3Fx", ("/user/profile",)),
         ("/admin%3f.css", ("/admin",)),
@@ -209,6 +214,9 @@ def test_template_errors(pattern: str, message: str) -> None:
         "/public/..%E2%88%95secret",  # division slash: '/' to Windows' best-fit conversion
         "/public/..%E2%88%96secret",  # set minus: '\\'
         "/public/..%E2%81%84secret",  # fraction slash
+        "/public/..%C2%A5secret",  # yen sign: '\\' in the Japanese code page (cp932)
+        "/public/..\u20a9secret",  # won sign: '\\' in the Korean code page (cp949)
+        "/public/..%EF%BF%A5secret",  # fullwidth yen: NFKC makes it the yen sign
     ],
 )
 def test_unicode_lookalikes_of_separators_are_refused(raw: str) -> None:
