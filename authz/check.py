@@ -43,6 +43,8 @@ CALLERS = (CALLER_ENVOY_GRPC, CALLER_ENVOY_HTTP, CALLER_API)
 # HTTP ext_authz and the decision API carry no socket attributes; see PolicySet.needs_socket.
 UNCARRIED = "the bundle reads connection attributes this caller does not carry"
 UNCARRIED_REQUEST = "the bundle reads request attributes this caller does not carry"
+# Envoy's include_peer_certificate (gRPC) or XFCC's Cert (HTTP): see PolicySet.needs_certificate.
+UNCARRIED_CERTIFICATE = "the bundle reads caller identities, and the caller's certificate was not forwarded"
 
 
 _ID_BLOCK = 256  # decision ids drawn from the OS per read: one system call per 256 checks
@@ -133,9 +135,10 @@ class Checker:
         said = (policy_set.revision, caller, reason)
         if said not in self._uncarried_said:
             self._uncarried_said.add(said)
-            what = ("connection attributes (addresses, destination port, SNI)" if reason == UNCARRIED
-                    else "request attributes")
-            log.warning("bundle %s: policy %s reads %s that %s checks do not carry; they are denied while "
+            what = {UNCARRIED: "connection attributes (addresses, destination port, SNI) that",
+                    UNCARRIED_CERTIFICATE: "the caller's identity on every name of its certificate, "
+                                           "which"}.get(reason, "request attributes that")
+            log.warning("bundle %s: policy %s reads %s %s checks do not carry; they are denied while "
                         "it serves (%s)", policy_set.revision, policy, what, caller, reason)
         return _deny(reason)
 
@@ -177,6 +180,10 @@ class Checker:
                                                    policy_set.path_normalization)
                 if not socket and policy_set.needs_remote_address and not req.remote_address:
                     decision = self._uncarried(policy_set, policy_set.needs_remote_address, caller)
+                elif (req.principal and policy_set.needs_certificate and caller != CALLER_API
+                      and not check_request.attributes.source.certificate):
+                    decision = self._uncarried(policy_set, policy_set.needs_certificate, caller,
+                                               UNCARRIED_CERTIFICATE)
                 else:
                     decision = policy_set.decide(req, tracer)
                 if tenant_hint is not None and decision.allowed and decision.tenant != tenant_hint:

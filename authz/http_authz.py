@@ -142,12 +142,22 @@ def _split(text: str, sep: str) -> list[str]:
 _SPIFFE_ID = re.compile(r"spiffe://[a-z0-9._-]+(?:/[A-Za-z0-9._-]+)+")
 
 
-def parse_xfcc(value: str) -> tuple[str, str]:
-    """(URI, By) of the LAST element: the one the nearest proxy (the trusted one) appended;
-    elements to its left were written by whoever sent the request. More than one URI SAN in
-    that element is ambiguous and refused (an X509-SVID has exactly one)."""
+@dataclass(frozen=True, slots=True)
+class Xfcc:
+    """What the trusted proxy's XFCC element says of the connection it took."""
+
+    uri: str = ""  # the caller's URI SAN
+    by: str = ""  # the proxy's own (the destination workload's) URI SAN
+    cert: str = ""  # the caller's certificate, URL-encoded PEM (`cert: true`), as a gRPC check's
+
+
+def parse_xfcc(value: str) -> Xfcc:
+    """The LAST element: the one the nearest proxy (the trusted one) appended; elements to
+    its left were written by whoever sent the request. More than one URI SAN in that element
+    is ambiguous and refused (an X509-SVID has exactly one)."""
     last = _split(value, ",")[-1].strip()
     uris: list[str] = []
+    certs: list[str] = []
     by = ""
     for pair in _split(last, ";"):
         key, sep, val = pair.strip().partition("=")
@@ -163,14 +173,18 @@ def parse_xfcc(value: str) -> tuple[str, str]:
             uris.append(val)
         elif key == "by":
             by = val
+        elif key == "cert":
+            certs.append(val)
     if len(set(uris)) > 1:
         raise XfccError("more than one URI SAN in the client certificate")
+    if len(set(certs)) > 1:
+        raise XfccError("more than one client certificate")
     # Envoy writes the SAN unquoted: a certificate whose URI holds ',' or ';' could otherwise
     # read as another element naming someone else. An X509-SVID's URI is a SPIFFE ID.
     for value in (*uris, by):
         if value and not _SPIFFE_ID.fullmatch(value):
             raise XfccError("a URI that is no SPIFFE ID")
-    return (uris[0] if uris else ""), by
+    return Xfcc(uris[0] if uris else "", by, certs[0] if certs else "")
 
 
 def strip_prefix(target: str, prefix: str) -> str | None:
@@ -202,9 +216,11 @@ def to_check_request(method: str, path: str, headers: dict[str, str], trusted: b
     # whatever the client spoke): left empty, and bundles reading them deny (carries).
     xfcc = headers.pop(XFCC, None)
     if trusted and xfcc is not None:
-        principal, by = parse_xfcc(xfcc)
-        attrs.source.principal = principal
-        attrs.destination.principal = by
+        forwarded = parse_xfcc(xfcc)
+        attrs.source.principal = forwarded.uri
+        attrs.destination.principal = forwarded.by
+        # As Envoy's include_peer_certificate: Request checks the URI against its SANs.
+        attrs.source.certificate = forwarded.cert
         headers[XFCC] = xfcc
     # Framing headers, and the x-envoy-* ones Envoy's own client adds (x-envoy-internal: true
     # on every call), describe this request to authz, not the original request.

@@ -298,8 +298,8 @@ _SPIFFE_DNS = "\0spiffe-like"  # stands for a DNS SAN or subject that reads as a
 
 def _uri_sans(certificate: str) -> frozenset[str]:
     """The URI SANs of the forwarded (URL-encoded PEM) peer certificate, and _SPIFFE_DNS when
-    a DNS SAN reads `spiffe://...` or the subject holds `/ns/`: Envoy's RBAC matches principals
-    and namespaces (`.*/ns/<ns>/.*`) on those too."""
+    a DNS SAN reads `spiffe://...` or a DNS SAN or the subject holds `/ns/`: Envoy's RBAC
+    matches principals and namespaces (`.*/ns/<ns>/.*`) on those too."""
     sans = _SAN_CACHE.get(certificate)
     if sans is None:
         try:
@@ -307,7 +307,8 @@ def _uri_sans(certificate: str) -> frozenset[str]:
             ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
             uris = ext.value.get_values_for_type(x509.UniformResourceIdentifier)
             dns = ext.value.get_values_for_type(x509.DNSName)
-            spiffe_like = any(d.lower().startswith("spiffe:") for d in dns) or "/ns/" in cert.subject.rfc4514_string()
+            spiffe_like = (any(d.lower().startswith("spiffe:") or "/ns/" in d for d in dns)
+                           or "/ns/" in cert.subject.rfc4514_string())
             sans = frozenset(uris) | ({_SPIFFE_DNS} if spiffe_like else set())
         except (ValueError, x509.ExtensionNotFound):
             sans = frozenset()

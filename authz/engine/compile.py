@@ -161,6 +161,7 @@ class _Compiler:
             host_only_targets=any(p.target.principals is None and p.target.hosts is not None for p in policies),
             needs_socket=next((p.name for p in policies if _needs(p, remote=False)), ""),
             needs_remote_address=next((p.name for p in policies if _needs(p, remote=True)), ""),
+            needs_certificate=next((p.name for p in policies if _needs_certificate(p)), ""),
             reads=(reads := tuple((p.name, r) for p in policies if (r := _reads(p, shapes)))),
             read_headers=(read_headers := frozenset(t[7:] for _, r in reads for t in r if t.startswith("header:"))),
             header_aliases=frozenset(n.replace("_", "-") for n in read_headers),
@@ -562,6 +563,26 @@ def _needs(policy: Policy, remote: bool) -> bool:
                 return True
         if any(_SOCKET_VARIABLES.intersection(c.variables) for c in rule.conditions):
             return True
+    return False
+
+
+def _needs_certificate(policy: Policy) -> bool:
+    """Whether a name on the caller's certificate besides the URI SAN ext_authz reports
+    could get a request past ``policy``: Envoy's RBAC matches principals, trust domains,
+    namespaces and service accounts on every SAN and the subject. More names only make a
+    DENY's identity field and an ALLOW's not-field match more; an ALLOW's identity field
+    matching less is stricter."""
+    if policy.dry_run or policy.action == "AUDIT":
+        return False
+    deny = policy.action != "ALLOW"
+    for rule in policy.rules:
+        for s in rule.sources:
+            positive = (s.principals, s.trust_domains, s.namespaces, s.service_accounts)
+            negative = (s.not_principals, s.not_trust_domains, s.not_namespaces, s.not_service_accounts)
+            if any(m is not None for m in (positive if deny else negative)):
+                return True
+    # Not conditions: CEL's source.* is the one SPIFFE ID of the URI SAN, as in Envoy's CEL
+    # attributes; import-istio ANDs Istio's `when` keys on identities into these fields.
     return False
 
 

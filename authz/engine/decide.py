@@ -103,6 +103,10 @@ class PolicySet:
     # do not carry them, so their checks are denied while such a bundle serves (check.py).
     needs_socket: str = ""
     needs_remote_address: str = ""
+    # The first policy a caller's other certificate names could decide otherwise: Envoy's
+    # RBAC matches identities on every SAN and the subject, ext_authz reports one URI SAN, so
+    # a check naming a principal without the certificate behind it is denied (check.py).
+    needs_certificate: str = ""
     # What each enforcing policy reads of the request (header:<name>, header:* for any,
     # principal, request.scheme, request.protocol, context_extensions), by policy name: HTTP
     # ext_authz carries only the headers Envoy forwards and, from a trusted proxy, the

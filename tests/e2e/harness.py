@@ -407,7 +407,7 @@ class EnvoyProcess:
             "merge_slashes": spec.normalize_path,
             "path_with_escaped_slashes_action": "KEEP_UNCHANGED",
             "forward_client_cert_details": "SANITIZE_SET",
-            "set_current_client_cert_details": {"uri": True},
+            "set_current_client_cert_details": {"uri": True, "cert": True},
             "access_log": [
                 {
                     "name": "envoy.access_loggers.file",
@@ -441,7 +441,7 @@ class EnvoyProcess:
                             "timeout": "2s",
                         },
                         "failure_mode_allow": False,
-                        "include_peer_certificate": False,
+                        "include_peer_certificate": True,
                     },
                 },
                 {

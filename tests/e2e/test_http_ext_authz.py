@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.pki import CLIENTS, PKI, SERVERS, CertKey, generate_pki, spiffe_id
+from support.pki import CLIENTS, PKI, SERVERS, CertKey, generate_pki, issue, spiffe_id
 
 from .harness import (
     LOCALHOST,
@@ -291,6 +291,10 @@ def shaped_bundle(root: Path) -> Path:
         "denyResponse": {"status": 404, "message": "no such resource"},
         "rules": [{"name": "admin-paths", "to": [{"operation": {"paths": ["/v1/admin/{**}"]}}]}],
     }, sort_keys=False))
+    (root / "policies" / "blocked.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "authz/v1", "kind": "Policy", "name": "no-blocked-namespace", "action": "DENY",
+        "rules": [{"name": "blocked", "from": [{"source": {"namespaces": ["blocked"]}}]}],
+    }, sort_keys=False))
     manifest = root / "bundle.yaml"
     m = yaml.safe_load(manifest.read_text())
     m["denyResponse"] = {"status": 401, "message": "present a workload identity this service accepts"}
@@ -362,3 +366,22 @@ def test_policy_deny_statuses_and_messages(shaped: tuple[Deployment, EnvoyProces
         # No internals: policy and rule names, revision and principals stay in the audit log.
         assert "hide-admin" not in text and "admin-paths" not in text and "orders-api" not in text
         assert "spiffe://" not in text and "2026-11-25.1" not in text
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_a_name_on_the_certificate_besides_its_uri_san_is_seen(
+        shaped: tuple[Deployment, EnvoyProcess], protocol: str, tmp_path: Path) -> None:
+    """Envoy's RBAC matches istiod's namespace regex `.*/ns/blocked/.*` on every SAN and the
+    subject; ext_authz reports the URI SAN. authz reads the certificate Envoy forwards
+    (include_peer_certificate over gRPC, XFCC `Cert=` over HTTP) and refuses one that names
+    another identity, as Istio would deny it."""
+    d, grpc_envoy = shaped
+    port = d.envoy.port(ORDERS) if protocol == "http" else grpc_envoy.port(ORDERS)
+    plain = issue(d.pki, tmp_path, "plain", CHECKOUT, server=False)
+    assert https_request(port, "POST", "/v1/tenants/acme/orders", ca_cert=d.pki.ca_cert, client=plain).status == 200
+    for name, extra in (("dns", {"dns": ("x/ns/blocked/y",)}), ("cn", {"subject_cn": "x/ns/blocked/y"})):
+        hidden = issue(d.pki, tmp_path, name, CHECKOUT, server=False, **extra)  # type: ignore[arg-type]
+        resp = https_request(port, "POST", "/v1/tenants/acme/orders", ca_cert=d.pki.ca_cert, client=hidden)
+        assert resp.status == 401, (name, resp)  # the bundle's deny status
+        record = audit_record(d, resp.headers["x-authz-decision-id"])
+        assert record["reason"] == "malformed request: client certificate names more than one identity"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -137,9 +138,11 @@ def _make_leaf(
     *,
     server: bool,
     lifetime: dt.timedelta | None = None,
+    dns: tuple[str, ...] = (),
+    subject_cn: str | None = None,
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = _new_key()
-    sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(spiffe)]
+    sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(spiffe), *map(x509.DNSName, dns)]
     if server:
         sans += [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
         usages = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
@@ -149,7 +152,8 @@ def _make_leaf(
     cert = (
         x509.CertificateBuilder()
         # X509-SVIDs identify the workload by the URI SAN only; the subject is incidental.
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "SPIFFE")]))
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "SPIFFE")]
+                                + ([x509.NameAttribute(NameOID.COMMON_NAME, subject_cn)] if subject_cn else [])))
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
@@ -254,15 +258,37 @@ def issue(
     *,
     server: bool,
     lifetime: dt.timedelta | None = None,
+    dns: tuple[str, ...] = (),
+    subject_cn: str | None = None,
 ) -> CertKey:
     """One more leaf from ``pki``'s CA (written as ``directory/name.crt`` and ``.key``),
-    valid from five minutes ago for ``lifetime`` (default one day)."""
+    valid from five minutes ago for ``lifetime`` (default one day); ``dns``: DNS SANs after
+    the URI SAN, ``subject_cn``: a common name in the subject."""
     ca_cert = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes())
     ca_key = serialization.load_pem_private_key(pki.ca_key.read_bytes(), password=None)
     assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
-    cert, key = _make_leaf(ca_cert, ca_key, spiffe, server=server, lifetime=lifetime)
+    cert, key = _make_leaf(ca_cert, ca_key, spiffe, server=server, lifetime=lifetime, dns=dns,
+                           subject_cn=subject_cn)
     directory.mkdir(parents=True, exist_ok=True)
     cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
     _write_cert(cert, cert_path)
     _write_key(key, key_path)
     return CertKey(name=name, spiffe_id=spiffe, cert=cert_path, key=key_path)
+
+
+def forwarded_certificate(uri: str | None, dns: str | None = None, *more_uris: str,
+                          subject_cn: str | None = None) -> str:
+    """A self-signed certificate as Envoy forwards a peer's (URL-encoded PEM: ext_authz's
+    ``source.certificate``, XFCC's ``Cert=``), with these SANs and subject."""
+    key = _new_key()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject_cn)] if subject_cn else [])
+    not_before, not_after = _validity()
+    sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(u) for u in (uri, *more_uris) if u]
+    if dns:
+        sans.append(x509.DNSName(dns))
+    b = (x509.CertificateBuilder().subject_name(name).issuer_name(x509.Name(
+        [x509.NameAttribute(NameOID.COMMON_NAME, "ca")])).public_key(key.public_key())
+         .serial_number(x509.random_serial_number()).not_valid_before(not_before).not_valid_after(not_after))
+    if sans:
+        b = b.add_extension(x509.SubjectAlternativeName(sans), critical=True)
+    return urllib.parse.quote(b.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM).decode())

@@ -222,3 +222,31 @@ def test_replaced_bundles_are_not_kept_alive_by_the_checker(tmp_path: Path) -> N
     alive = [o.revision for o in gc.get_objects() if isinstance(o, PolicySet) and o.revision in
              {f"r{i}" for i in range(6)}]  # other tests' bundles may live on in fixtures
     assert all(allowed) and alive == ["r5"], alive
+
+
+def test_a_principal_without_its_certificate_is_denied_where_other_names_could_decide(tmp_path: Path) -> None:
+    """Envoy's RBAC matches identities on every SAN and the subject of the caller's
+    certificate; ext_authz reports one URI SAN. Where another name could make a DENY fire
+    or an ALLOW's not-form fail, a check naming a principal without the certificate behind
+    it (include_peer_certificate off, XFCC without Cert) is denied; with it, Request checks
+    the other names."""
+    from support.pki import forwarded_certificate
+
+    from authz.check import CALLER_API, UNCARRIED_CERTIFICATE
+
+    deny_ns = {"name": "d", "action": "DENY", "rules": [{"from": [{"source": {"namespaces": ["blocked"]}}]}]}
+    c = checker(tmp_path / "d", [*ALLOW_ALL, deny_ns])
+    assert c.run(check_request(principal=CHECKOUT)).decision.reason == UNCARRIED_CERTIFICATE
+    assert c.run(check_request(principal=CHECKOUT, certificate=forwarded_certificate(CHECKOUT))).decision.allowed
+    hidden = forwarded_certificate(CHECKOUT, "x/ns/blocked/y")
+    assert not c.run(check_request(principal=CHECKOUT, certificate=hidden)).decision.allowed
+    assert c.run(check_request()).decision.allowed  # plaintext: no certificate, no other names
+    # the decision API names an identity, not a certificate
+    assert c.run(check_request(principal=CHECKOUT), caller=CALLER_API).decision.allowed
+    not_ns = {"name": "a", "action": "ALLOW", "rules": [{"from": [{"source": {"notNamespaces": ["blocked"]}}]}]}
+    c = checker(tmp_path / "n", [not_ns])
+    assert c.run(check_request(principal=CHECKOUT)).decision.reason == UNCARRIED_CERTIFICATE
+    # an ALLOW naming callers only matches fewer without the other names: no certificate needed
+    only = {"name": "a", "action": "ALLOW", "rules": [{"from": [{"source": {"principals": [CHECKOUT[9:]]}}]}]}
+    c = checker(tmp_path / "a", [only, {**deny_ns, "dryRun": True}])
+    assert c.run(check_request(principal=CHECKOUT)).decision.allowed

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 from served import Served, serve, wait_for
 
-from authz.http_authz import TrustedProxies, XfccError, parse_xfcc, strip_prefix
+from authz.http_authz import TrustedProxies, Xfcc, XfccError, parse_xfcc, strip_prefix
 
 TD = "spiffe://cluster.local"
 ORDERS = f"{TD}/ns/prod/sa/orders-api"
@@ -26,16 +26,19 @@ TRUSTED_SOURCE = "127.0.0.2"  # the test's stand-in for the proxy; 127.0.0.1 is 
 
 
 def test_parse_xfcc_takes_the_last_element() -> None:
-    assert parse_xfcc(XFCC) == (CHECKOUT, ORDERS)
+    assert parse_xfcc(XFCC) == Xfcc(CHECKOUT, ORDERS)
     # An earlier element (written by whoever sent the request) never wins over the last one.
-    spoof = f"URI={TD}/ns/prod/sa/admin;By={ORDERS}"
-    assert parse_xfcc(f"{spoof},{XFCC}") == (CHECKOUT, ORDERS)
-    assert parse_xfcc(f'By={ORDERS};Subject="a,b;c=d";URI={CHECKOUT}') == (CHECKOUT, ORDERS)
-    assert parse_xfcc(f"By={ORDERS};Hash=1") == ("", ORDERS)
+    spoof = f"URI={TD}/ns/prod/sa/admin;By={ORDERS};Cert=\"x\""
+    assert parse_xfcc(f"{spoof},{XFCC}") == Xfcc(CHECKOUT, ORDERS)
+    assert parse_xfcc(f'By={ORDERS};Subject="a,b;c=d";URI={CHECKOUT}') == Xfcc(CHECKOUT, ORDERS)
+    assert parse_xfcc(f"By={ORDERS};Hash=1") == Xfcc("", ORDERS)
+    pem = "-----BEGIN%20CERTIFICATE-----%0AMIIB%2Bw%3D%3D%0A-----END%20CERTIFICATE-----%0A"
+    assert parse_xfcc(f'By={ORDERS};Cert="{pem}";URI={CHECKOUT}') == Xfcc(CHECKOUT, ORDERS, pem)
 
 
 @pytest.mark.parametrize("bad", [
     f"URI={CHECKOUT};URI={TD}/ns/prod/sa/admin",  # two identities in one certificate
+    f'URI={CHECKOUT};Cert="a";Cert="b"',  # two certificates
     'URI="unterminated', "no-equals-sign",
 ])
 def test_parse_xfcc_refuses_ambiguous_or_broken(bad: str) -> None:
@@ -347,7 +350,7 @@ def test_a_uri_in_xfcc_must_be_a_spiffe_id() -> None:
     read as the other caller."""
     crafted = ("By=spiffe://cluster.local/ns/prod/sa/orders-api;URI=spiffe://cluster.local/ns/evil/sa/x,"
                "By=spiffe://cluster.local/ns/prod/sa/orders-api;URI=spiffe://cluster.local/ns/prod/sa/checkout-api")
-    assert parse_xfcc(crafted)[0].endswith("/checkout-api")  # two elements: the last one is read
+    assert parse_xfcc(crafted).uri.endswith("/checkout-api")  # two elements: the last one is read
     with pytest.raises(XfccError, match="no SPIFFE ID"):
         parse_xfcc("By=spiffe://cluster.local/ns/prod/sa/orders-api;URI=spiffe://cluster.local/ns/evil/sa/x%2C")
     with pytest.raises(XfccError, match="no SPIFFE ID"):
@@ -393,7 +396,9 @@ def test_http_checks_deny_while_the_bundle_reads_what_envoy_did_not_forward(
     from bundle_factory import check_request
     from test_checker import checker
 
-    from authz.check import UNCARRIED_REQUEST
+    from support.pki import forwarded_certificate
+
+    from authz.check import UNCARRIED_CERTIFICATE, UNCARRIED_REQUEST
     from authz.http_authz import HttpAuthzServer, TrustedProxies, to_check_request
 
     c = checker(tmp_path, policies, tenants={"acme": {"callers": [EVIL]}})
@@ -410,19 +415,32 @@ def test_the_principal_is_carried_only_from_a_trusted_proxy(tmp_path) -> None:  
     caller never fired and an ALLOW's notPrincipals matched."""
     from test_checker import checker
 
-    from authz.check import UNCARRIED_REQUEST
+    from support.pki import forwarded_certificate
+
+    from authz.check import UNCARRIED_CERTIFICATE, UNCARRIED_REQUEST
     from authz.http_authz import HttpAuthzServer, TrustedProxies, to_check_request
 
     deny = {"name": "d", "action": "DENY", "rules": [{"from": [{"source": {"principals": [EVIL]}}]}]}
     c = checker(tmp_path, [OPEN, deny])
     server = HttpAuthzServer(c, "127.0.0.1:0", TrustedProxies())
-    xfcc = {"host": "app", "x-forwarded-client-cert": f"URI={EVIL}"}
-    untrusted = c.run(to_check_request("GET", "/x", dict(xfcc), False), caller="envoy_http", socket=False,
-                      carries=server.carries)
-    trusted = c.run(to_check_request("GET", "/x", dict(xfcc), True), caller="envoy_http", socket=False,
-                    carries=server.carries_trusted)
-    assert untrusted.decision.reason == UNCARRIED_REQUEST
-    assert trusted.decision.reason == "denied by policy"
+
+    def run(xfcc: str, trusted: bool):  # type: ignore[no-untyped-def]
+        cr = to_check_request("GET", "/x", {"host": "app", "x-forwarded-client-cert": xfcc}, trusted)
+        return c.run(cr, caller="envoy_http", socket=False,
+                     carries=server.carries_trusted if trusted else server.carries).decision
+
+    xfcc = f'URI={EVIL};Cert="{forwarded_certificate(EVIL)}"'
+    assert run(xfcc, False).reason == UNCARRIED_REQUEST
+    assert run(xfcc, True).reason == "denied by policy"
+    # The certificate is what a gRPC check's include_peer_certificate forwards: without it a
+    # DNS SAN or subject naming EVIL would go unseen (Envoy's RBAC denies on it).
+    assert run(f"URI={EVIL}", True).reason == UNCARRIED_CERTIFICATE
+    checkout = "spiffe://cluster.local/ns/prod/sa/checkout"
+    assert run(f'URI={checkout};Cert="{forwarded_certificate(checkout)}"', True).allowed
+    hidden = forwarded_certificate(checkout, EVIL)
+    assert run(f'URI={checkout};Cert="{hidden}"', True).reason.startswith("malformed request: client certificate")
+    other = forwarded_certificate(EVIL)  # a URI that is not the certificate's
+    assert run(f'URI={checkout};Cert="{other}"', True).reason.startswith("malformed request: caller principal")
 
 
 @pytest.mark.parametrize("name", ["x-envoy-peer-metadata-id", "upgrade", "te", "content-length",

@@ -4,19 +4,14 @@ is stricter (docs/bundle-format.md, "Differences from Istio")."""
 
 from __future__ import annotations
 
-import datetime as dt
-import urllib.parse
 from pathlib import Path
 from typing import Any
 
 import pytest
 from bundle_factory import check_request, policy_set, spiffe
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.pki import forwarded_certificate
 
 from authz.engine.decide import PolicySet
 from authz.engine.model import Decision
@@ -298,24 +293,8 @@ def test_a_destination_targeted_by_port_or_host_is_decided_without_principal(tmp
 
 # --- 6. caller identity --------------------------------------------------------------------
 
-def _cert(uri: str | None, dns: str | None, *more_uris: str) -> str:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([])
-    now = dt.datetime.now(dt.timezone.utc)
-    sans: list[x509.GeneralName] = []
-    if uri:
-        sans.append(x509.UniformResourceIdentifier(uri))
-    sans += [x509.UniformResourceIdentifier(u) for u in more_uris]
-    if dns:
-        sans.append(x509.DNSName(dns))
-    b = (x509.CertificateBuilder().subject_name(name).issuer_name(x509.Name(
-        [x509.NameAttribute(NameOID.COMMON_NAME, "ca")])).public_key(key.public_key())
-         .serial_number(x509.random_serial_number()).not_valid_before(now)
-         .not_valid_after(now + dt.timedelta(hours=1)))
-    if sans:
-        b = b.add_extension(x509.SubjectAlternativeName(sans), critical=True)
-    pem = b.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM).decode()
-    return urllib.parse.quote(pem)
+def _cert(uri: str | None, dns: str | None, *more_uris: str, subject_cn: str | None = None) -> str:
+    return forwarded_certificate(uri, dns, *more_uris, subject_cn=subject_cn)
 
 
 def test_a_principal_that_is_not_the_certificates_uri_san_is_denied(tmp_path: Path) -> None:
@@ -337,6 +316,18 @@ def test_a_certificate_with_more_than_one_identity_is_refused(tmp_path: Path) ->
     for cert in (_cert(CHECKOUT, None, ADMIN), _cert(CHECKOUT, ADMIN)):
         d = decide(ps, principal=CHECKOUT, certificate=cert)
         assert (d.allowed, d.reason) == (False, "malformed request: client certificate names more than one identity")
+
+
+def test_a_certificate_naming_a_namespace_outside_its_uri_san_is_refused(tmp_path: Path) -> None:
+    """istiod's namespace matcher is the regex `.*/ns/<ns>/.*`, which Envoy's RBAC tries on
+    every DNS SAN and the subject too: a DNS SAN `x/ns/blocked/y` met a DENY on namespace
+    `blocked` in Istio, never here."""
+    ps = policy_set(tmp_path, [ALLOW_ALL, {"name": "d", "action": "DENY", "rules": [{"from": [
+        {"source": {"namespaces": ["blocked"]}}]}]}])
+    for cert in (_cert(CHECKOUT, "x/ns/blocked/y"), _cert(CHECKOUT, None, subject_cn="x/ns/blocked/y")):
+        d = decide(ps, principal=CHECKOUT, certificate=cert)
+        assert (d.allowed, d.reason) == (False, "malformed request: client certificate names more than one identity")
+    assert decide(ps, principal=CHECKOUT, certificate=_cert(CHECKOUT, "web.blocked.svc.cluster.local")).allowed
 
 
 def test_server_names_and_hosts_are_lower_cased_as_envoy_does(tmp_path: Path) -> None:
