@@ -35,6 +35,7 @@ from pathlib import Path
 
 from envoy.service.auth.v3 import external_auth_pb2
 
+from authz import request as request_mod
 from authz.check import CALLER_ENVOY_HTTP, Checker
 from authz.http1 import ANSWER_TIMEOUT, MAX_HEADER_BYTES, TOKEN, Malformed, linger, parse_head, render
 from authz.options import address
@@ -151,15 +152,50 @@ class Xfcc:
     cert: str = ""  # the caller's certificate, URL-encoded PEM (`cert: true`), as a gRPC check's
 
 
+MAX_XFCC_ELEMENTS = 16  # proxies a request may have passed, each appending one element
+_XFCC_DELIMITERS = frozenset(',;"')
+
+
 def parse_xfcc(value: str) -> Xfcc:
     """The LAST element: the one the nearest proxy (the trusted one) appended; elements to
     its left were written by whoever sent the request. More than one URI SAN in that element
-    is ambiguous and refused (an X509-SVID has exactly one)."""
-    last = _split(value, ",")[-1].strip()
-    uris: list[str] = []
+    is ambiguous and refused (an X509-SVID has exactly one), and so is a URI without the
+    certificate it came from.
+
+    Envoy writes URI SANs unquoted, so a certificate whose URI SAN holds `,URI=<other>` would
+    end the proxy's element early and name another caller in a piece of its own (with a
+    `Cert=` anyone can copy). The certificates the header carries show it: one with such a
+    URI SAN is refused wherever it sits."""
+    elements = _split(value, ",")
+    if len(elements) > MAX_XFCC_ELEMENTS:
+        raise XfccError("more elements than proxies a request passes")
     certs: list[str] = []
-    by = ""
-    for pair in _split(last, ";"):
+    for element in elements:
+        fields = _fields(element)
+        certs += fields.get("cert", ())
+    for cert in dict.fromkeys(certs):
+        if any(not _XFCC_DELIMITERS.isdisjoint(uri) for uri in request_mod.certificate_uris(cert)):
+            raise XfccError("a client certificate's URI SAN holds XFCC delimiters")
+    last = _fields(elements[-1])
+    uris, own_certs, bys = last.get("uri", []), last.get("cert", []), last.get("by", [])
+    if len(set(uris)) > 1:
+        raise XfccError("more than one URI SAN in the client certificate")
+    if len(set(own_certs)) > 1:
+        raise XfccError("more than one client certificate")
+    if uris and not own_certs:
+        # Without it the URI could be such a piece, and names beside the URI SAN go unseen.
+        raise XfccError("a caller without its certificate (set_current_client_cert_details: cert: true)")
+    # An X509-SVID's URI is a SPIFFE ID.
+    for v in (*uris, *bys):
+        if v and not _SPIFFE_ID.fullmatch(v):
+            raise XfccError("a URI that is no SPIFFE ID")
+    return Xfcc(uris[0] if uris else "", bys[-1] if bys else "", own_certs[0] if own_certs else "")
+
+
+def _fields(element: str) -> dict[str, list[str]]:
+    """An XFCC element's values by lower-case key."""
+    out: dict[str, list[str]] = {}
+    for pair in _split(element.strip(), ";"):
         key, sep, val = pair.strip().partition("=")
         if not sep:
             # Not quoted back: the reason goes to the audit record, a metric label and the
@@ -168,23 +204,8 @@ def parse_xfcc(value: str) -> Xfcc:
         val = val.strip()
         if len(val) >= 2 and val[0] == val[-1] == '"':
             val = val[1:-1].replace('\\"', '"')
-        key = key.strip().lower()
-        if key == "uri":
-            uris.append(val)
-        elif key == "by":
-            by = val
-        elif key == "cert":
-            certs.append(val)
-    if len(set(uris)) > 1:
-        raise XfccError("more than one URI SAN in the client certificate")
-    if len(set(certs)) > 1:
-        raise XfccError("more than one client certificate")
-    # Envoy writes the SAN unquoted: a certificate whose URI holds ',' or ';' could otherwise
-    # read as another element naming someone else. An X509-SVID's URI is a SPIFFE ID.
-    for value in (*uris, by):
-        if value and not _SPIFFE_ID.fullmatch(value):
-            raise XfccError("a URI that is no SPIFFE ID")
-    return Xfcc(uris[0] if uris else "", by, certs[0] if certs else "")
+        out.setdefault(key.strip().lower(), []).append(val)
+    return out
 
 
 def strip_prefix(target: str, prefix: str) -> str | None:

@@ -296,6 +296,11 @@ _SAN_CACHE: dict[str, frozenset[str]] = {}
 _SPIFFE_DNS = "\0spiffe-like"  # stands for a DNS SAN or subject that reads as an identity
 
 
+def certificate_uris(certificate: str) -> frozenset[str]:
+    """The URI SANs of a URL-encoded PEM certificate (none when it does not parse)."""
+    return _uri_sans(certificate) - {_SPIFFE_DNS}
+
+
 def _uri_sans(certificate: str) -> frozenset[str]:
     """The URI SANs of the forwarded (URL-encoded PEM) peer certificate, and _SPIFFE_DNS when
     a DNS SAN reads `spiffe://...` or a DNS SAN or the subject holds `/ns/`: Envoy's RBAC

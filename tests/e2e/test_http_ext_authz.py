@@ -385,3 +385,16 @@ def test_a_name_on_the_certificate_besides_its_uri_san_is_seen(
         assert resp.status == 401, (name, resp)  # the bundle's deny status
         record = audit_record(d, resp.headers["x-authz-decision-id"])
         assert record["reason"] == "malformed request: client certificate names more than one identity"
+
+
+def test_a_uri_san_that_splits_xfcc_names_no_one(mesh: Deployment, tmp_path: Path) -> None:
+    """Envoy writes URI SANs into XFCC unquoted: a certificate whose URI SAN is
+    `.../sa/x,URI=<checkout-api>` ended the proxy's element early, and authz read the piece
+    after it as the caller, checkout-api. Istio's RBAC (and a gRPC check) saw `.../sa/x,...`."""
+    crafted = issue(mesh.pki, tmp_path, "split", f"{spiffe_id('prod', 'x')},URI={CHECKOUT}", server=False)
+    marker = uuid.uuid4().hex
+    resp = https_request(mesh.envoy.port(ORDERS), "POST", "/v1/tenants/acme/orders", ca_cert=mesh.pki.ca_cert,
+                         client=crafted, headers={"x-test-marker": marker})
+    assert resp.status == 403 and mesh.upstream.seen(marker=marker) == []
+    record = audit_record(mesh, resp.headers["x-authz-decision-id"])
+    assert "XFCC delimiters" in record["reason"], record["reason"]

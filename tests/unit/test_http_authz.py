@@ -12,13 +12,15 @@ from collections.abc import Iterator
 
 import pytest
 from served import Served, serve, wait_for
+from support.pki import forwarded_certificate
 
 from authz.http_authz import TrustedProxies, Xfcc, XfccError, parse_xfcc, strip_prefix
 
 TD = "spiffe://cluster.local"
 ORDERS = f"{TD}/ns/prod/sa/orders-api"
 CHECKOUT = f"{TD}/ns/prod/sa/checkout-api"
-XFCC = f'By={ORDERS};Hash=00ff;Subject="CN=checkout,O=a\\"b";URI={CHECKOUT}'
+CERT = forwarded_certificate(CHECKOUT)  # URL-encoded PEM, as Envoy writes `Cert=`
+XFCC = f'By={ORDERS};Hash=00ff;Cert="{CERT}";Subject="CN=checkout,O=a\\"b";URI={CHECKOUT}'
 TRUSTED_SOURCE = "127.0.0.2"  # the test's stand-in for the proxy; 127.0.0.1 is anyone else
 
 
@@ -26,14 +28,32 @@ TRUSTED_SOURCE = "127.0.0.2"  # the test's stand-in for the proxy; 127.0.0.1 is 
 
 
 def test_parse_xfcc_takes_the_last_element() -> None:
-    assert parse_xfcc(XFCC) == Xfcc(CHECKOUT, ORDERS)
+    assert parse_xfcc(XFCC) == Xfcc(CHECKOUT, ORDERS, CERT)
     # An earlier element (written by whoever sent the request) never wins over the last one.
     spoof = f"URI={TD}/ns/prod/sa/admin;By={ORDERS};Cert=\"x\""
-    assert parse_xfcc(f"{spoof},{XFCC}") == Xfcc(CHECKOUT, ORDERS)
-    assert parse_xfcc(f'By={ORDERS};Subject="a,b;c=d";URI={CHECKOUT}') == Xfcc(CHECKOUT, ORDERS)
-    assert parse_xfcc(f"By={ORDERS};Hash=1") == Xfcc("", ORDERS)
-    pem = "-----BEGIN%20CERTIFICATE-----%0AMIIB%2Bw%3D%3D%0A-----END%20CERTIFICATE-----%0A"
-    assert parse_xfcc(f'By={ORDERS};Cert="{pem}";URI={CHECKOUT}') == Xfcc(CHECKOUT, ORDERS, pem)
+    assert parse_xfcc(f"{spoof},{XFCC}") == Xfcc(CHECKOUT, ORDERS, CERT)
+    assert parse_xfcc(f'By={ORDERS};Subject="a,b;c=d";Cert={CERT};URI={CHECKOUT}') == Xfcc(CHECKOUT, ORDERS, CERT)
+    assert parse_xfcc(f"By={ORDERS};Hash=1") == Xfcc("", ORDERS)  # a plaintext caller
+
+
+def test_a_caller_in_xfcc_needs_its_certificate() -> None:
+    """Envoy writes URI SANs unquoted: a certificate whose URI SAN is `.../sa/x,URI=<other>`
+    ends the proxy's element early, and the piece after it names another caller (with a
+    `Cert=` of that caller's, which is public). Without `Cert=` such a piece cannot be told
+    from the proxy's element; with it, the certificate that split the header shows."""
+    with pytest.raises(XfccError, match="without its certificate"):
+        parse_xfcc(f"By={ORDERS};URI={CHECKOUT}")
+    admin = f"{TD}/ns/prod/sa/admin"
+    crafted = forwarded_certificate(f"{TD}/ns/prod/sa/x,URI={admin};Cert={forwarded_certificate(admin)}")
+    split = f'By={ORDERS};Hash=00;Cert="{crafted}";URI={TD}/ns/prod/sa/x,URI={admin};Cert={forwarded_certificate(admin)}'
+    with pytest.raises(XfccError, match="XFCC delimiters"):
+        parse_xfcc(split)
+    for sep in (";", '"'):
+        odd = forwarded_certificate(f"{TD}/ns/prod/sa/x{sep}y")
+        with pytest.raises(XfccError, match="XFCC delimiters"):
+            parse_xfcc(f'Cert="{odd}";URI={CHECKOUT},{XFCC}')
+    with pytest.raises(XfccError, match="more elements"):
+        parse_xfcc(",".join([XFCC] * 17))
 
 
 @pytest.mark.parametrize("bad", [
@@ -348,13 +368,13 @@ def test_what_envoy_does_not_forward_cannot_loosen_a_decision(tmp_path) -> None:
 def test_a_uri_in_xfcc_must_be_a_spiffe_id() -> None:
     """Envoy writes the URI SAN unquoted: a certificate whose URI held ',By=...;URI=<other>'
     read as the other caller."""
-    crafted = ("By=spiffe://cluster.local/ns/prod/sa/orders-api;URI=spiffe://cluster.local/ns/evil/sa/x,"
-               "By=spiffe://cluster.local/ns/prod/sa/orders-api;URI=spiffe://cluster.local/ns/prod/sa/checkout-api")
+    crafted = (f"By=spiffe://cluster.local/ns/prod/sa/orders-api;URI=spiffe://cluster.local/ns/evil/sa/x;Cert={CERT},"
+               f"By=spiffe://cluster.local/ns/prod/sa/orders-api;URI=spiffe://cluster.local/ns/prod/sa/checkout-api;Cert={CERT}")
     assert parse_xfcc(crafted).uri.endswith("/checkout-api")  # two elements: the last one is read
     with pytest.raises(XfccError, match="no SPIFFE ID"):
-        parse_xfcc("By=spiffe://cluster.local/ns/prod/sa/orders-api;URI=spiffe://cluster.local/ns/evil/sa/x%2C")
+        parse_xfcc(f"By=spiffe://cluster.local/ns/prod/sa/orders-api;Cert={CERT};URI=spiffe://cluster.local/ns/evil/sa/x%2C")
     with pytest.raises(XfccError, match="no SPIFFE ID"):
-        parse_xfcc('URI="spiffe://cluster.local/ns/evil/sa/x,By=a;URI=spiffe://cluster.local/ns/prod/sa/c"')
+        parse_xfcc(f'Cert={CERT};URI="spiffe://cluster.local/ns/evil/sa/x,By=a;URI=spiffe://cluster.local/ns/prod/sa/c"')
 
 
 def test_a_prefix_ending_in_a_slash_leaves_the_path_as_sent() -> None:
@@ -398,7 +418,7 @@ def test_http_checks_deny_while_the_bundle_reads_what_envoy_did_not_forward(
 
     from support.pki import forwarded_certificate
 
-    from authz.check import UNCARRIED_CERTIFICATE, UNCARRIED_REQUEST
+    from authz.check import UNCARRIED_REQUEST
     from authz.http_authz import HttpAuthzServer, TrustedProxies, to_check_request
 
     c = checker(tmp_path, policies, tenants={"acme": {"callers": [EVIL]}})
@@ -417,7 +437,7 @@ def test_the_principal_is_carried_only_from_a_trusted_proxy(tmp_path) -> None:  
 
     from support.pki import forwarded_certificate
 
-    from authz.check import UNCARRIED_CERTIFICATE, UNCARRIED_REQUEST
+    from authz.check import UNCARRIED_REQUEST
     from authz.http_authz import HttpAuthzServer, TrustedProxies, to_check_request
 
     deny = {"name": "d", "action": "DENY", "rules": [{"from": [{"source": {"principals": [EVIL]}}]}]}
@@ -434,7 +454,8 @@ def test_the_principal_is_carried_only_from_a_trusted_proxy(tmp_path) -> None:  
     assert run(xfcc, True).reason == "denied by policy"
     # The certificate is what a gRPC check's include_peer_certificate forwards: without it a
     # DNS SAN or subject naming EVIL would go unseen (Envoy's RBAC denies on it).
-    assert run(f"URI={EVIL}", True).reason == UNCARRIED_CERTIFICATE
+    with pytest.raises(XfccError, match="without its certificate"):
+        run(f"URI={EVIL}", True)
     checkout = "spiffe://cluster.local/ns/prod/sa/checkout"
     assert run(f'URI={checkout};Cert="{forwarded_certificate(checkout)}"', True).allowed
     hidden = forwarded_certificate(checkout, EVIL)
