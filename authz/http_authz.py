@@ -27,7 +27,6 @@ import asyncio
 import ipaddress
 import logging
 import os
-import re
 import socket
 import ssl
 from dataclasses import dataclass
@@ -139,9 +138,6 @@ def _split(text: str, sep: str) -> list[str]:
     return out
 
 
-# The SPIFFE ID grammar: a trust domain of [a-z0-9.-_], path segments of [A-Za-z0-9.-_].
-_SPIFFE_ID = re.compile(r"spiffe://[a-z0-9._-]+(?:/[A-Za-z0-9._-]+)+")
-
 
 @dataclass(frozen=True, slots=True)
 class Xfcc:
@@ -185,10 +181,8 @@ def parse_xfcc(value: str) -> Xfcc:
     if uris and not own_certs:
         # Without it the URI could be such a piece, and names beside the URI SAN go unseen.
         raise XfccError("a caller without its certificate (set_current_client_cert_details: cert: true)")
-    # An X509-SVID's URI is a SPIFFE ID.
-    for v in (*uris, *bys):
-        if v and not _SPIFFE_ID.fullmatch(v):
-            raise XfccError("a URI that is no SPIFFE ID")
+    # The URI is then checked against the certificate's (Request), as in a gRPC check: any
+    # URI SAN Istio's RBAC reads (`spiffe://CLUSTER.LOCAL/...` too) is read the same here.
     return Xfcc(uris[0] if uris else "", bys[-1] if bys else "", own_certs[0] if own_certs else "")
 
 

@@ -17,6 +17,8 @@ Only 127.0.0.1 is used; every process is stopped when its run ends, also on fail
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import os
 import io
 import json
 import re
@@ -28,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from e2e.harness import AuthzProcess
+from e2e.harness import AuthzProcess, free_port
 
 from authz.bundle.loader import BundleError
 from authz.cli import main as authz_cli
@@ -41,6 +43,7 @@ PAIRS_DIR = HERE / "pairs"
 REPO_ROOT = HERE.parents[1]
 DOCS = REPO_ROOT / "docs" / "bundle-format.md"
 SHIPPED_ENVOY = REPO_ROOT / "deploy" / "envoy" / "envoy.yaml"
+SHIPPED_ENVOY_HTTP = REPO_ROOT / "deploy" / "envoy" / "envoy-http.yaml"
 
 WORKLOAD_NS = "foo"
 WORKLOAD_LABELS = "app=httpbin,version=v1"
@@ -70,6 +73,11 @@ class Pair:
     # More HCM fields for both Envoys (e.g. http_protocol_options: {accept_http_10: true}, as
     # istiod sets with PILOT_HTTP10 / ISTIO_META_HTTP10), on top of Istio's BASE path options.
     hcm: tuple[tuple[str, Any], ...] = ()
+    # "http": authz is asked over Envoy's HTTP ext_authz protocol (http_service of the shipped
+    # deploy/envoy/envoy-http.yaml, path_prefix /check, authz trusting 127.0.0.1's XFCC) instead
+    # of gRPC; http_headers: authz's --http-authz-headers (added to Envoy's allowed_headers).
+    ext_authz: str = "grpc"
+    http_headers: tuple[str, ...] = ()
 
     @property
     def hcm_options(self) -> dict[str, Any] | None:
@@ -114,6 +122,8 @@ def load_pairs() -> list[Pair]:
             workloads=tuple(m.get("workloads", ())),
             left_out=tuple(m.get("leftOut", ())),
             hcm=tuple((m.get("hcm") or {}).items()),
+            ext_authz=m.get("extAuthz", "grpc"),
+            http_headers=tuple(m.get("httpHeaders", ())),
         ))
     return out
 
@@ -240,9 +250,31 @@ def authz_cluster(grpc_port: int) -> dict[str, Any]:
     }
 
 
+def http_ext_authz_filter(port: int, headers: tuple[str, ...]) -> dict[str, Any]:
+    """The ext_authz filter of the shipped deploy/envoy/envoy-http.yaml (http_service), pointed
+    at the test's authz HTTP ext_authz listener over plain HTTP/1.1."""
+    config = yaml.safe_load(SHIPPED_ENVOY_HTTP.read_text())
+    found = [f for listener in config["static_resources"]["listeners"]
+             for chain in listener.get("filter_chains", [])
+             for net in chain.get("filters", [])
+             for f in net.get("typed_config", {}).get("http_filters", [])
+             if f.get("name") == "envoy.filters.http.ext_authz"]
+    typed = json.loads(json.dumps(found[0]["typed_config"]))
+    typed["http_service"]["server_uri"] = {"uri": f"http://127.0.0.1:{port}", "cluster": "authz",
+                                           "timeout": EXT_AUTHZ_TIMEOUT}
+    typed["allowed_headers"]["patterns"] += [{"exact": h} for h in headers]
+    return {"name": "envoy.filters.http.ext_authz", "typed_config": typed}
+
+
+def http_authz_cluster(port: int) -> dict[str, Any]:
+    cluster = authz_cluster(port)
+    cluster.pop("typed_extension_protocol_options")
+    return cluster
+
+
 @contextlib.contextmanager
-def authz_server(bundle: Path, workdir: Path) -> Iterator[AuthzProcess]:
-    proc = AuthzProcess(bundle, workdir, extra_args=["--watch-interval", "60"], ready_timeout=60.0)
+def authz_server(bundle: Path, workdir: Path, extra: list[str] | None = None) -> Iterator[AuthzProcess]:
+    proc = AuthzProcess(bundle, workdir, extra_args=["--watch-interval", "60", *(extra or [])], ready_timeout=60.0)
     try:
         proc.start()
         yield proc
@@ -252,6 +284,22 @@ def authz_server(bundle: Path, workdir: Path) -> Iterator[AuthzProcess]:
 
 def decide_with_authz(pair: Pair, requests: list[dict[str, Any]], bundle: Path, workdir: Path,
                       path_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    if pair.ext_authz == "http" or os.environ.get("DIFF_FORCE_HTTP"):
+        from authz.http_authz import header_names_problem
+        named = {h.lower() for r in requests for h in (r.get("headers") or {})}
+        named |= set(pair.http_headers)
+        named = {h for h in named if header_names_problem(frozenset({h})) is None} - {"x-request-id", "host"}
+        pair = dataclasses.replace(pair, http_headers=tuple(sorted(named)))
+        port = free_port()
+        extra = ["--http-authz-addr", f"127.0.0.1:{port}", "--http-authz-path-prefix", "/check",
+                 "--trusted-proxy", "127.0.0.1",
+                 "--http-authz-headers", ",".join(("x-request-id", *pair.http_headers))]
+        with authz_server(bundle, workdir / "authz", extra):
+            return oracle.run(
+                None, requests, workdir / "envoy-authz",
+                filters=[http_ext_authz_filter(port, pair.http_headers)], clusters=[http_authz_cluster(port)],
+                server_spiffe=pair.server_principal, path_options=path_options,
+            )
     with authz_server(bundle, workdir / "authz") as server:
         return oracle.run(
             None, requests, workdir / "envoy-authz",

@@ -227,7 +227,9 @@ def hcm(stat_prefix: str, rbac_filters: list[dict], access_log: str,
         **(ISTIO_BASE_PATH_OPTIONS if path_options is None else path_options),
         "use_remote_address": False,
         "forward_client_cert_details": "APPEND_FORWARD",
-        "set_current_client_cert_details": {"subject": True, "uri": True, "dns": True},
+        # istiod sets subject, uri and dns; cert too, for authz's HTTP ext_authz mode (harness
+        # extAuthz: http), which needs the caller's certificate in XFCC. RBAC does not read it.
+        "set_current_client_cert_details": {"subject": True, "uri": True, "dns": True, "cert": True},
         "server_name": "istio-envoy",
         "upgrade_configs": [{"upgrade_type": "websocket"}],
         "stream_idle_timeout": "0s",

@@ -365,16 +365,20 @@ def test_what_envoy_does_not_forward_cannot_loosen_a_decision(tmp_path) -> None:
             served.stop()
 
 
-def test_a_uri_in_xfcc_must_be_a_spiffe_id() -> None:
-    """Envoy writes the URI SAN unquoted: a certificate whose URI held ',By=...;URI=<other>'
-    read as the other caller."""
-    crafted = (f"By=spiffe://cluster.local/ns/prod/sa/orders-api;URI=spiffe://cluster.local/ns/evil/sa/x;Cert={CERT},"
-               f"By=spiffe://cluster.local/ns/prod/sa/orders-api;URI=spiffe://cluster.local/ns/prod/sa/checkout-api;Cert={CERT}")
-    assert parse_xfcc(crafted).uri.endswith("/checkout-api")  # two elements: the last one is read
-    with pytest.raises(XfccError, match="no SPIFFE ID"):
-        parse_xfcc(f"By=spiffe://cluster.local/ns/prod/sa/orders-api;Cert={CERT};URI=spiffe://cluster.local/ns/evil/sa/x%2C")
-    with pytest.raises(XfccError, match="no SPIFFE ID"):
-        parse_xfcc(f'Cert={CERT};URI="spiffe://cluster.local/ns/evil/sa/x,By=a;URI=spiffe://cluster.local/ns/prod/sa/c"')
+def test_a_uri_in_xfcc_must_be_the_certificates() -> None:
+    """The URI the proxy's element names is the caller only if it is its certificate's URI SAN."""
+    from authz.http_authz import to_check_request
+    from authz.request import MalformedRequest, from_check_request
+    from authz.spiffe import TrustDomains
+
+    crafted = (f"By={ORDERS};URI={TD}/ns/evil/sa/x;Cert={CERT},By={ORDERS};URI={CHECKOUT};Cert={CERT}")
+    assert parse_xfcc(crafted).uri == CHECKOUT  # two elements: the last one is read
+    odd = f"{TD}/ns/evil/sa/x%2C"
+    cr = to_check_request("GET", "/", {"host": "a", "x-forwarded-client-cert": f"Cert={CERT};URI={odd}"}, True)
+    with pytest.raises(MalformedRequest, match="not the client certificate's URI SAN"):
+        from_check_request(cr, TrustDomains("cluster.local"))
+    upper = "spiffe://CLUSTER.LOCAL/ns/prod/sa/x"  # no SPIFFE ID, but a URI SAN Istio reads
+    assert parse_xfcc(f"Cert={CERT};URI={upper}").uri == upper
 
 
 def test_a_prefix_ending_in_a_slash_leaves_the_path_as_sent() -> None:
