@@ -3,7 +3,7 @@
 The library surface, for embedding the engine or testing bundles from Python:
 
     ps = load_policy_set(Path("policies/example"))
-    decision = ps.decide(from_check_request(check_request, ps.trust_domains, ps.path_normalization))
+    decision = ps.decide(from_check_request(check_request, ps.trust_domains, ps.path_normalization, ps.xff_trusted_hops))
 """
 
 from __future__ import annotations

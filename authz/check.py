@@ -177,7 +177,7 @@ class Checker:
                 decision = self._uncarried(policy_set, missing, caller, UNCARRIED_REQUEST)
             else:
                 req = request_mod.from_check_request(check_request, policy_set.trust_domains,
-                                                   policy_set.path_normalization)
+                                                   policy_set.path_normalization, policy_set.xff_trusted_hops)
                 if not socket and policy_set.needs_remote_address and not req.remote_address:
                     decision = self._uncarried(policy_set, policy_set.needs_remote_address, caller)
                 elif (req.principal and policy_set.needs_certificate and caller != CALLER_API

@@ -128,6 +128,7 @@ class Options:
     default_deny: bool = False
     name: str = "istio-import"
     revision: str = "1"
+    xff_trusted_hops: int = 0  # the proxy's xff_num_trusted_hops (Istio numTrustedProxies)
 
 
 def parse_workload(text: str) -> Workload:
@@ -1217,6 +1218,8 @@ def convert(resources: list[_Resource], opts: Options) -> Imported:
     manifest["defaultAction"] = "DENY" if opts.default_deny else "ALLOW"
     if mesh.path_normalization is not None:
         manifest["pathNormalization"] = mesh.path_normalization
+    if opts.xff_trusted_hops:
+        manifest["xffTrustedHops"] = opts.xff_trusted_hops
     return Imported(manifest, policies, [mesh.note, *conv.notes])
 
 
@@ -1267,6 +1270,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default="istio-import", help="bundle name")
     parser.add_argument("--revision", default="1", help="bundle revision")
     parser.add_argument("--force", action="store_true", help="replace a bundle already in DIR")
+    parser.add_argument("--xff-trusted-hops", type=_hops, default=0, metavar="N",
+                        help="the gateway's numTrustedProxies (Envoy xff_num_trusted_hops): which "
+                             "x-forwarded-for entry remoteIpBlocks read (default 0)")
+
+
+def _hops(text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or int(text) > 16:
+        raise argparse.ArgumentTypeError(f"not a number of hops from 0 to 16: {text!r}")
+    return int(text)
 
 
 def cli(args: argparse.Namespace) -> int:
@@ -1276,7 +1288,8 @@ def cli(args: argparse.Namespace) -> int:
 
     opts = Options(trust_domain=args.trust_domain, trust_domain_aliases=tuple(args.trust_domain_alias),
                    root_namespace=args.root_namespace, default_namespace=args.default_namespace,
-                   default_deny=args.default_deny, name=args.name, revision=args.revision)
+                   default_deny=args.default_deny, name=args.name, revision=args.revision,
+                   xff_trusted_hops=args.xff_trusted_hops)
     try:
         opts.workloads = [parse_workload(w) for w in args.workload]
     except ValueError as exc:

@@ -110,10 +110,12 @@ def from_check_request(
     check: external_auth_pb2.CheckRequest,
     trust_domains: spiffe.TrustDomains,
     path_mode: paths.Normalization = paths.Normalization.BASE,
+    xff_trusted_hops: int = 0,
 ) -> Request:
     """Build a Request; raises MalformedRequest with a reason when it cannot be judged.
 
-    ``path_mode`` is what the proxy in front does to paths (the bundle's pathNormalization).
+    ``path_mode`` is what the proxy in front does to paths (the bundle's pathNormalization),
+    ``xff_trusted_hops`` its xff_num_trusted_hops (the bundle's xffTrustedHops).
     """
     attrs = check.attributes
     if not attrs.HasField("request") or not attrs.request.HasField("http"):
@@ -189,7 +191,7 @@ def from_check_request(
         source=source,
         source_address=src_sock.address,
         source_port=src_sock.port_value,
-        remote_address=_remote_address(headers, src_sock.address),
+        remote_address=_remote_address(headers, src_sock.address, xff_trusted_hops),
         destination_principal=dest_principal,
         destination_address=dst_sock.address,
         destination_port=dst_sock.port_value,
@@ -354,20 +356,27 @@ def _lower_keys(headers: dict[str, str]) -> dict[str, str]:
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _ASCII_SPACE = " \t\f\v\n\r"
-def _remote_address(headers: dict[str, str], peer: str) -> str:
-    # The original client as the nearest proxy saw it: the right-most x-forwarded-for entry
-    # (each hop appends the address it received from). Entries to its left were written by
-    # whoever sent the request and prove nothing; with no XFF it is the peer itself. As in
-    # Envoy (getLastAddressFromXFF, parsed with inet_pton), an entry that is no plain IP
-    # address (`garbage`, `192.0.2.1:8080`, `[::1]`, a zone `%eth0`, `127.1`) leaves the
-    # peer: taken as is, it matched no block, and a DENY on the peer's address did not fire.
+
+
+def _remote_address(headers: dict[str, str], peer: str, trusted_hops: int = 0) -> str:
+    # The original client as Envoy's HCM reads it (Utility::getLastAddressFromXFF): the
+    # x-forwarded-for entry `trusted_hops` left of the right-most one (each hop appends the
+    # address it received from; with use_remote_address Envoy appended its peer before
+    # ext_authz sees the header). Entries further left were written by whoever sent the
+    # request and prove nothing; with too few entries, or none, it is the peer itself. An entry
+    # that is no plain IP address (`garbage`, `192.0.2.1:8080`, `[::1]`, a zone `%eth0`,
+    # `127.1`; Envoy parses with inet_pton) leaves the peer too: taken as is, it matched no
+    # block, and a DENY on the peer's address did not fire.
     xff = headers.get("x-forwarded-for")
     if xff:
-        last = xff.rsplit(",", 1)[-1].strip(_ASCII_SPACE)  # str.strip() would take U+00A0 too
-        if last and "%" not in last:
+        entries = xff.rsplit(",", trusted_hops + 1)
+        if len(entries) <= trusted_hops:
+            return peer
+        entry = entries[-1 - trusted_hops].strip(_ASCII_SPACE)  # str.strip() would take U+00A0 too
+        if entry and "%" not in entry:
             try:
-                ipaddress.ip_address(last)
+                ipaddress.ip_address(entry)
             except ValueError:
                 return peer
-            return last
+            return entry
     return peer

@@ -193,6 +193,11 @@ MANIFEST: dict[str, Any] = {
             "description": "What the proxy in front of authz does to paths (Istio meshConfig pathNormalization). "
                            "Default BASE.",
         },
+        "xffTrustedHops": {
+            "type": "integer", "minimum": 0, "maximum": 16,
+            "description": "The proxy's xff_num_trusted_hops (Istio numTrustedProxies): which x-forwarded-for "
+                           "entry is the original client for remoteIpBlocks. Default 0.",
+        },
         "denyResponse": {**DENY_RESPONSE, "description": "Every deny without a DENY policy's own "
                                                          "denyResponse: status and message."},
     },

@@ -198,6 +198,9 @@ def import_bundle(pair: Pair, out_dir: Path, path_normalization: str | None = No
         args += ["--workload", f"{WORKLOAD_LABELS}={target}"]
     for alias in pair.aliases:
         args += ["--trust-domain-alias", alias]
+    hops = dict(pair.hcm).get("xff_num_trusted_hops")
+    if hops:  # the Envoy in front reads x-forwarded-for so: the bundle says so
+        args += ["--xff-trusted-hops", str(hops)]
     err, out = io.StringIO(), io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
         rc = authz_cli(args)

@@ -841,6 +841,26 @@ def test_remote_address_is_read_as_envoy_reads_x_forwarded_for(tmp_path: Path, x
     assert decide(ps, headers={"x-forwarded-for": xff}, source_ip="10.0.0.1").allowed is (remote != "10.0.0.1")
 
 
+@pytest.mark.parametrize(("hops", "xff", "remote"), [
+    (1, "192.0.2.1, 10.0.0.9", "192.0.2.1"),
+    (1, "198.51.100.7, 192.0.2.1, 10.0.0.9", "192.0.2.1"),
+    (1, "192.0.2.1", "10.0.0.1"),  # fewer entries than trusted hops: the peer, as Envoy
+    (2, "192.0.2.1, 10.0.0.9", "10.0.0.1"),
+    (2, "192.0.2.1, 10.0.0.8, 10.0.0.9", "192.0.2.1"),
+    (1, "garbage, 10.0.0.9", "10.0.0.1"),
+])
+def test_remote_address_skips_the_trusted_hops_the_bundle_names(tmp_path: Path, hops: int, xff: str, remote: str) -> None:
+    """Envoy with xff_num_trusted_hops N (Istio numTrustedProxies) takes the entry N left of
+    the right-most one: authz took the right-most, so a DENY on the client's network missed
+    `192.0.2.1, 10.0.0.9` and an ALLOW matched an entry Envoy does not trust."""
+    deny = {"name": "d", "action": "DENY", "rules": [{"from": [{"source": {"remoteIpBlocks": ["192.0.2.0/24"]}}]}]}
+    ps = policy_set(tmp_path, [allow({}), deny], xffTrustedHops=hops)
+    req = from_check_request(check_request(headers={"x-forwarded-for": xff}, source_ip="10.0.0.1"),
+                             ps.trust_domains, ps.path_normalization, ps.xff_trusted_hops)
+    assert req.remote_address == remote
+    assert ps.decide(req).allowed is (remote != "192.0.2.1")
+
+
 def test_a_host_header_rule_reads_the_authority(tmp_path: Path) -> None:
     """Envoy's header map answers `host` with :authority, and ext_authz sends only the latter:
     a DENY on the `host` header never fired."""
