@@ -334,8 +334,8 @@ class _Compiler:
             return None
         if "request.headers" not in cond.variables:
             return cond
-        names = sorted(t.partition(":")[2] for t in _condition_headers(cond.source))
-        return dataclasses.replace(cond, headers_read=tuple(names))
+        names, other = _condition_header_uses(cond.source)
+        return dataclasses.replace(cond, headers_read=(*sorted(names), *(("*",) if other else ())))
 
     def data_cost(self, doc: Document, path: YPath, cond: Condition) -> None:
         """A comprehension over a data collection runs at every check, with the interpreter
@@ -594,6 +594,8 @@ _PRINCIPAL_READS = frozenset({"source.principal", "source.trust_domain", "source
 _HEADERS_USE = re.compile(r"(?<![\w.])request\.headers(?![\w])")
 _INDEX = re.compile(r"""\s*\[\s*(['"])([^'"\\]*)\1\s*\]""")
 _IN_BEFORE = re.compile(r"""(['"])([^'"\\]*)\1\s+in\s+$""")
+# `request.headers.origin`: a field, not a macro or method (`.exists(`, `.size(`).
+_FIELD = re.compile(r"\s*\.\s*([A-Za-z_][A-Za-z0-9_]*)\b(?!\s*\()")
 # What may stand before a `'name' in request.headers` for the literal to be the whole left
 # operand (`'a' + 'b' in request.headers` tests 'b' to a reader, 'ab' to CEL).
 _OPERAND_START = ("", "(", "!", "&&", "||", "?", ":", ",", "[")
@@ -645,12 +647,24 @@ def _reads(policy: Policy, shapes: shaping.Shapes) -> frozenset[str]:
 def _condition_headers(source: str) -> set[str]:
     """header:<name> for each header a condition reads by a literal name, header:* when it
     reads request.headers any other way (a macro over it, size(), a computed key)."""
+    names, other = _condition_header_uses(source)
+    return {"header:*"} if other else {f"header:{n}" for n in names}
+
+
+def _condition_header_uses(source: str) -> tuple[set[str], bool]:
+    """The header names a condition reads literally (`['x-role']`, `'x-role' in`, the field
+    `.origin`), and whether it reads request.headers any other way too."""
     code = cel_code_blanked(source)
     names: set[str] = set()
+    other = False
     for use in _HEADERS_USE.finditer(code):
         index = _INDEX.match(source, use.end())
         if index is not None and code[index.start():index.end()].count("[") == 1:
             names.add(index.group(2))
+            continue
+        field = _FIELD.match(code, use.end())
+        if field is not None:
+            names.add(field.group(1))
             continue
         before = _IN_BEFORE.search(source, 0, use.start())
         if before is not None and code[before.start()] in "'\"":
@@ -658,8 +672,8 @@ def _condition_headers(source: str) -> set[str]:
             if any(lead.endswith(tok) for tok in _OPERAND_START if tok) or not lead:
                 names.add(before.group(2))
                 continue
-        return {"header:*"}
-    return {f"header:{n}" for n in names}
+        other = True
+    return names, other
 
 
 def _both_readings(values: list[str], unescaped: re.Pattern[str], escaped: re.Pattern[str], widen: bool) -> RegexMatch:

@@ -910,6 +910,53 @@ def test_a_deny_condition_on_a_header_holds_for_any_line_it_came_in(tmp_path: Pa
     assert decide(b, headers=padded).reason == "condition error"  # too many together: a deny
 
 
+def test_a_deny_condition_reading_the_header_map_otherwise_still_reads_each_line(tmp_path: Path) -> None:
+    """A condition that also read request.headers through a macro (or by the field form
+    `.origin`) lost its line readings: lines `https://ok.example` and `https://evil.example`
+    stepped past a DENY on the second."""
+    for when in ("has(request.headers.origin) && request.headers.origin == 'https://evil.example'",
+                 "'x-role' in request.headers && request.headers['x-role'] == 'admin' && "
+                 "!request.headers.exists(k, k.startsWith('x-internal-'))",
+                 "request.headers.exists(k, request.headers[k] == 'admin')"):
+        deny = {"name": "d", "action": "DENY", "rules": [{"name": "r", "when": [when]}]}
+        ps = policy_set(tmp_path / str(abs(hash(when))), [deny, allow({})])
+        merged = ("https://ok.example,https://evil.example" if "origin" in when else "user,admin")
+        name = "origin" if "origin" in when else "x-role"
+        assert decide(ps, headers={name: merged}).policy == "d", when
+        assert decide(ps, headers={name: merged.replace("evil", "good").replace("admin", "root")}).allowed, when
+
+
+def test_a_check_spends_a_bounded_number_of_condition_evaluations(tmp_path: Path) -> None:
+    """A DENY condition was evaluated for every method and path reading times every line of
+    a merged header: one 412-byte request ran it 20,000 times. Readings that do not change
+    what it reads reuse its result, and past a bound per check it is a deny."""
+    import authz.engine.cel as cel
+
+    calls = 0
+    real = cel.evaluate
+
+    def counting(cond, ctx):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        return real(cond, ctx)
+
+    deny = {"name": "d", "action": "DENY", "rules": [{"name": "r", "when": ["request.headers['x-client'] == 'bad'"]}]}
+    ps = policy_set(tmp_path, [deny, allow({})])
+    headers = {"x-client": ",".join(f"g{i}" for i in range(63)), "x-http-method-override": "PUT,DELETE,PATCH,TRACE"}
+    import authz.engine.decide as decide_mod
+    decide_mod.evaluate, saved = counting, decide_mod.evaluate
+    try:
+        d = decide(ps, method="HEAD", path="/a%2Fb/c;d=e/f//g/h./k%3Fl/z", headers=headers)
+    finally:
+        decide_mod.evaluate = saved
+    assert d.allowed and calls <= 130, calls  # one header's readings, once (it was 15,000)
+    path_too = {"name": "d", "action": "DENY", "rules": [{"name": "r", "when": [
+        "request.headers['x-client'] == 'bad' || request.path.startsWith('/never') || request.method == 'X'"]}]}
+    ps = policy_set(tmp_path / "p", [path_too, allow({})])
+    d = decide(ps, method="HEAD", path="/a%2Fb/c;d=e/f//g/h./k%3Fl/z", headers=headers)
+    assert (d.allowed, d.reason) == (False, "condition over budget")
+
+
 def test_the_indexes_keep_a_suffix_principal_read_as_a_pattern(tmp_path: Path) -> None:
     """`*/sa/a.b` left the suffix list for the pattern readings: the rule index (a policy of
     8 rules or more) and the target index filed the rule and the policy under their exact
