@@ -190,17 +190,55 @@ _DATA_COMPREHENSION = re.compile(
 _SEGMENT = re.compile(r"\.\s*(\w+)|\[\s*'([^']*)'\s*\]|\[\s*\"([^\"]*)\"\s*\]")
 
 
-def data_comprehensions(expression: str) -> list[tuple[tuple[str, ...], str, int]]:
-    """(path under `data`, macro, column) of each comprehension whose range is a data
-    collection, found in the code (not in strings or comments): its size is known at load."""
+def data_comprehensions(expression: str) -> list[tuple[tuple[str, ...], str, int, bool]]:
+    """(path under `data`, macro, column, whether its body copies request input) of each
+    comprehension whose range is a data collection, found in the code (not in strings or
+    comments): its size is known at load."""
     code = cel_code_blanked(expression)
     out = []
     for m in _DATA_COMPREHENSION.finditer(code):
         # the path's names come from the expression itself (string keys were blanked in code)
         segments = tuple(next(g for g in seg.groups() if g is not None)
                          for seg in _SEGMENT.finditer(expression[m.start(1):m.end(1)]))
-        out.append((segments, m.group(2), m.start() + 1))
+        out.append((segments, m.group(2), m.start() + 1, _copies_request_input(_body(code, m.end() - 1))))
     return out
+
+
+# `request.path + '/'`, `x + request.headers['a']`: a copy of a request input (up to 64 KiB)
+# at every iteration, which the runtime keeps until the evaluation ends (9,000 items over a
+# 64 KB path held 600 MB).
+_REQUEST_CONCAT = re.compile(
+    r"(?<![\w.])request\.\w+(?:\s*\.\s*\w+|\s*\[[^\]]*\])*\s*\)*\s*\+(?!\+)"
+    r"|\+\s*\(*\s*request\.\w+")
+
+
+def _copies_request_input(body: str) -> bool:
+    return _REQUEST_CONCAT.search(body) is not None
+
+
+def _body(code: str, open_paren: int) -> str:
+    """The text between the parenthesis at ``open_paren`` and the one that closes it."""
+    depth = 0
+    for i in range(open_paren, len(code)):
+        if code[i] == "(":
+            depth += 1
+        elif code[i] == ")":
+            depth -= 1
+            if not depth:
+                return code[open_paren + 1:i]
+    return code[open_paren + 1:]
+
+
+def _request_copies_in_comprehensions(expression: str) -> int:
+    """The column of a comprehension that copies a request input at every iteration over a
+    range not sized at load (a request map, a computed list), or 0. Over a data collection
+    the size is checked at load (authz.engine.compile, data_cost)."""
+    code = cel_code_blanked(expression)
+    sized = {m.end() - 1 for m in _DATA_COMPREHENSION.finditer(code)}
+    for m in _MACRO.finditer(code):
+        if m.end() - 1 not in sized and _copies_request_input(_body(code, m.end() - 1)):
+            return m.start() + 1
+    return 0
 
 
 # '!' as a CEL string escape would write it: the literal's text alone would hide it.
@@ -237,6 +275,14 @@ def compile_condition(expression: str) -> Condition:
     _header_names_in_lower_case(expression)
     _no_bang_beside_headers(expression, variables)
     needs_tenant = any(v.startswith("tenant.") for v in variables)
+    copies = _request_copies_in_comprehensions(expression)
+    if copies:
+        before = expression[:copies - 1]
+        raise CelCompileError(
+            "condition too expensive: a comprehension over a range not sized at load copies a request "
+            "input at every iteration (`request.path + ...`); compare without concatenating "
+            "(startsWith, endsWith, contains) or iterate over bundle data",
+            before.count("\n") + 1, copies - (before.rfind("\n") + 1))
     depth, column = _comprehension_depth(expression)
     if depth > MAX_NESTED_COMPREHENSIONS:
         raise CelCompileError(

@@ -341,21 +341,23 @@ class _Compiler:
         """A comprehension over a data collection runs at every check, with the interpreter
         held: its size is known now, so a cost no check could afford is a load error rather
         than a check that stalls the others before it is denied over budget."""
-        for segments, macro, column in data_comprehensions(cond.source):
+        for segments, macro, column, copies in data_comprehensions(cond.source):
             value: Any = self.files.data[segments[0]].value if segments[0] in self.files.data else None
             for key in segments[1:]:
                 value = value.get(key) if isinstance(value, dict) else None
             if not isinstance(value, (list, dict)):
                 continue
             building = macro in ("map", "filter")  # builds a list: its cost grows with the square
-            limit = MAX_DATA_BUILT if building else MAX_DATA_SCANNED
+            limit = MAX_DATA_BUILT if building or copies else MAX_DATA_SCANNED
             if len(value) > limit:
                 where = "data." + ".".join(segments)
+                why = (" for map/filter, whose cost grows with the square of it; use exists/all, or key "
+                       "the data by what is looked up" if building else
+                       " when it copies a request input at every iteration (`request.path + ...`), "
+                       "held until the evaluation ends; compare without concatenating" if copies else
+                       "; key the data by what is looked up")
                 self.error(doc, path, f"condition runs {macro} over {where} ({len(value)} items) at every check, "
-                           f"at most {limit}" + (" for map/filter, whose cost grows with the square of it; "
-                                                 "use exists/all, or key the data by what is looked up"
-                                                 if building else "; key the data by what is looked up")
-                           + f" (expression column {column})")
+                           f"at most {limit}{why} (expression column {column})")
 
     def principals(self, values: list[str] | None, doc: Document | None = None, path: YPath = (),
                    negative: bool = False, widen: bool | None = None) -> StringMatch | None:

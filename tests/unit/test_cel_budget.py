@@ -74,3 +74,31 @@ def test_an_evaluation_over_the_time_budget_is_denied(tmp_path: Path, monkeypatc
     monkeypatch.setattr(cel, "EVAL_BUDGET_SECONDS", 0.0)  # every evaluation takes more than 0 s
     d = decide(ps, method="GET")
     assert not d.allowed and d.reason == "condition over budget" and d.condition_error
+
+
+@pytest.mark.parametrize("when", [
+    "request.headers.exists(k, request.headers.exists(j, (request.path + k + j).size() < 0))",
+    "[data.big][0].map(x, request.path + x).size() < 0",
+    "request.headers.exists(k, k + request.path == 'x')",
+])
+def test_copying_a_request_input_in_a_comprehension_over_an_unsized_range_is_refused(tmp_path: Path, when: str) -> None:
+    """Each iteration copied the request input (up to 64 KiB) and the runtime kept every copy
+    until the evaluation ended: one check held 1.3 to 1.9 GB and the interpreter for seconds."""
+    root = write_bundle(tmp_path / "b", allow_when(when), data={"big": [f"v{i}" for i in range(5000)]})
+    with pytest.raises(BundleError, match="copies a request input at every iteration"):
+        load_policy_set(root)
+
+
+def test_copying_a_request_input_over_bundle_data_is_bounded_by_its_size(tmp_path: Path) -> None:
+    """`data.prefixes.exists(p, (request.path + '/').startsWith(p + '/'))` over 9,000
+    prefixes and a 64 KB path held 645 MB: such a comprehension may run over as many items as
+    a map may build; comparing without the copy may run over all it can scan."""
+    when = "data.prefixes.exists(p, (request.path + '/').startsWith(p + '/'))"
+    many = {"prefixes": [f"/svc{i}" for i in range(9000)]}
+    with pytest.raises(BundleError, match="at most 256 when it copies a request input"):
+        load_policy_set(write_bundle(tmp_path / "b", allow_when(when), data=many))
+    ps = policy_set(tmp_path / "few", allow_when(when), data={"prefixes": [f"/svc{i}" for i in range(200)]})
+    assert decide(ps, path="/svc7/x").allowed and not decide(ps, path="/svc7x").allowed
+    fine = "data.prefixes.exists(p, request.path.startsWith(p + '/'))"  # p + '/' copies no request input
+    ps = policy_set(tmp_path / "fine", allow_when(fine), data=many)
+    assert decide(ps, path="/svc8999/x").allowed
