@@ -206,12 +206,14 @@ class _Compiler:
                     self.error(doc, path, f"tenant id {tid!r} is invalid: 1-63 of [A-Za-z0-9._-], "
                                "starting with a letter or digit", key=True)
                     continue
-                key = tid.lower()
+                # Digits by their number too: `042` is tenant 42 to an upstream that parses ids.
+                key = str(int(tid)) if tid.isdigit() else tid.lower()
                 if key == tid:
                     key = tid
                 if (seen := where.get(key)) is not None:
                     first = spelled.get(key, key)
-                    same = "" if first == tid else f" as '{first}' (tenant ids differ in more than case)"
+                    same = ("" if first == tid else
+                            f" as '{first}' (tenant ids must differ in more than case or leading zeros)")
                     self.error(doc, path, f"tenant '{tid}' is already defined at {seen}{same}", key=True)
                     continue
                 where[key] = doc.at(path, key=True)

@@ -148,6 +148,16 @@ def test_tenant_ids_that_differ_only_in_case_are_rejected(tmp_path: Path) -> Non
     assert "already defined at tenants/t.yaml:2:3 as 'acme'" in msg
 
 
+def test_tenant_ids_that_are_one_number_are_rejected(tmp_path: Path) -> None:
+    """`042` and `42` loaded as two tenants; an upstream that parses ids as numbers (CEL's
+    int('042') too) serves 42's data to 042's callers."""
+    root = bundle_with(tmp_path, HEADER + "name: p\naction: ALLOW\n", tenants={})
+    (root / "tenants" / "t.yaml").write_text("tenants:\n  '42': {}\n  '7': {}\n  '042': {}\n  '0': {}\n  '42a': {}\n")
+    (msg,) = problems(root)
+    assert msg.startswith("tenants/t.yaml:4:3:"), msg
+    assert "already defined at tenants/t.yaml:2:3 as '42'" in msg and "leading zeros" in msg
+
+
 def test_two_data_files_of_one_name_are_rejected(tmp_path: Path) -> None:
     """data/blocklist.yaml and data/old/blocklist.json both claim data.blocklist: the one read
     last won, silently."""
