@@ -201,7 +201,7 @@ def read_resources(paths: list[Path]) -> list[_Resource]:
     for path in paths:
         name = "<stdin>" if str(path) == "-" else str(path)
         try:
-            docs = load_documents(_read_text(path), name)
+            docs = load_documents(_read_text(path), name, yaml11=True)  # as kubectl reads them
         except OSError as exc:
             problems.append(Problem(Position(name, 1, 1), f"cannot read file: {exc}"))
             continue

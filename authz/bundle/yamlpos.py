@@ -7,6 +7,7 @@ value's path (``("rules", 0, "when", 1)``) to its position.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +21,38 @@ try:  # the C composer is ~10x faster on large tenant files when libyaml is pres
     _Loader: type[yaml.SafeLoader] | type[yaml.CSafeLoader] = yaml.CSafeLoader
 except AttributeError:  # pragma: no cover - depends on the PyYAML build
     _Loader = yaml.SafeLoader
+
+
+class _Core12Loader(_Loader):  # type: ignore[valid-type,misc]
+    """YAML 1.2's core schema for plain scalars, as JSON reads values: only true/false are
+    booleans and digits are decimal. PyYAML's 1.1 rules read the country code `NO` and
+    `off` as false and `0755` as 493, so a DENY on a list of codes missed Norway."""
+
+
+_RESOLVED = ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+_Core12Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in _RESOLVED]
+    for first, resolvers in _Loader.yaml_implicit_resolvers.items()
+}
+_Core12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_Core12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"), list("-+0123456789"))
+_Core12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+
+class _Core12Constructor(yaml.constructor.SafeConstructor):
+    def construct_yaml_int(self, node: yaml.Node) -> int:
+        text = str(self.construct_scalar(node))  # type: ignore[arg-type]
+        if text.startswith(("0o", "0x")):
+            return int(text[2:], 8 if text[1] == "o" else 16)
+        return int(text, 10)  # `0042` is 42: a leading zero makes no octal number
+
+
+_Core12Constructor.add_constructor("tag:yaml.org,2002:int", _Core12Constructor.construct_yaml_int)  # type: ignore[type-var]
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,14 +98,17 @@ class YamlError(ValueError):
         self.message = message
 
 
-def load_documents(text: str, file: str, budget: Budget | None = None) -> list[Document]:
+def load_documents(text: str, file: str, budget: Budget | None = None, *, yaml11: bool = False) -> list[Document]:
     """Parse every document of a YAML stream; raises YamlError with the position.
-    ``budget``: what the files read before this one took of MAX_NODES (one bundle's)."""
+    ``budget``: what the files read before this one took of MAX_NODES (one bundle's).
+    Plain scalars are read by YAML 1.2's core schema, or with ``yaml11`` by YAML 1.1's (as
+    kubectl reads Kubernetes resources: `yes` is true)."""
     budget = budget or Budget()
+    loader = _Loader if yaml11 else _Core12Loader
     try:
         if len(text) > COUNT_ABOVE_CHARS:
             _count_nodes(text, file, MAX_NODES - budget.nodes)
-        nodes = list(yaml.compose_all(text, Loader=_Loader))
+        nodes = list(yaml.compose_all(text, Loader=loader))
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         pos = Position(file, mark.line + 1, mark.column + 1) if mark else Position(file, 1, 1)
@@ -83,7 +119,7 @@ def load_documents(text: str, file: str, budget: Budget | None = None) -> list[D
     for node in nodes:
         if node is None:
             continue
-        doc = Document(file, None)
+        doc = Document(file, None, constructor=yaml.constructor.SafeConstructor() if yaml11 else _Core12Constructor())
         try:
             doc.value = _convert(node, (), doc, budget)
         except RecursionError:

@@ -350,3 +350,21 @@ def test_a_condition_that_builds_a_list_of_a_large_data_collection_is_a_load_err
     fine = HEADER + ("name: p\naction: ALLOW\nrules:\n  - when:\n"
                      "      - \"data.users.exists(u, u.id == source.principal)\"\n")
     load_policy_set(bundle_with(tmp_path / "b", fine, data={"users": users}))
+
+
+def test_bundle_yaml_is_read_by_the_yaml_1_2_core_schema(tmp_path: Path) -> None:
+    """YAML 1.1 read the country code `NO` as false: a DENY on `data.embargoed` (`[KP, IR, NO,
+    CU]`) never fired for Norway, and a tenant attribute `region: NO` was the boolean false."""
+    from bundle_factory import check_request, write_bundle
+
+    from authz.request import from_check_request
+
+    deny = {"name": "d", "action": "DENY", "rules": [{"name": "r", "when": ["request.headers['x-country'] in data.embargoed"]}]}
+    root = write_bundle(tmp_path / "p", [deny, {"name": "a", "action": "ALLOW", "rules": [{"name": "all"}]}])
+    (root / "data").mkdir(exist_ok=True)
+    (root / "data" / "embargoed.yaml").write_text("[KP, IR, NO, CU, on, 0755]\n")
+    ps = load_policy_set(root)
+    for country, denied in (("NO", True), ("on", True), ("0755", False), ("SE", False)):
+        d = ps.decide(from_check_request(check_request(headers={"x-country": country}), ps.trust_domains))
+        assert d.allowed is not denied, country
+    assert ps.data["embargoed"] == ["KP", "IR", "NO", "CU", "on", 755]
