@@ -275,6 +275,7 @@ def compile_condition(expression: str) -> Condition:
     _header_names_in_lower_case(expression)
     _no_bang_beside_headers(expression, variables)
     needs_tenant = any(v.startswith("tenant.") for v in variables)
+    _regexes_compile(expression)
     copies = _request_copies_in_comprehensions(expression)
     if copies:
         before = expression[:copies - 1]
@@ -293,6 +294,27 @@ def compile_condition(expression: str) -> Condition:
     if rtype != _T.BOOL and rtype != _T.DYN:
         raise CelCompileError(f"condition must be a bool, this one is {rtype.name()}", 1, 1)
     return Condition(expression, variables, needs_tenant, program)
+
+
+# `x.matches('...')` with a literal pattern: compiled at load. The runtime compiles it at each
+# evaluation, and an invalid one (`^/admin(`) denied every request with `condition error`.
+_LITERAL_MATCHES = re.compile(
+    r"""\.\s*matches\s*\(\s*([rR]?(?:'(?:[^'\\\n]|\\.)*'|"(?:[^"\\\n]|\\.)*"))\s*\)""")
+
+
+def _regexes_compile(expression: str) -> None:
+    code = cel_code_blanked(expression)
+    for m in _LITERAL_MATCHES.finditer(expression):
+        if code[m.start()] != ".":  # inside a string or a comment
+            continue
+        try:
+            result = _ENV.compile(f"''.matches({m.group(1)})").eval(data={})
+        except RuntimeError:
+            continue  # not a plain literal after all: the runtime reports it
+        if result.type() == _T.ERROR:
+            before = expression[:m.start(1)]
+            raise CelCompileError(str(result.value()).removeprefix("INVALID_ARGUMENT: "),
+                                  before.count("\n") + 1, m.start(1) - (before.rfind("\n") + 1) + 1)
 
 
 def _caller_in_tenant(ctx: Mapping[str, Any]) -> bool:

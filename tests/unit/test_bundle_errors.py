@@ -368,3 +368,15 @@ def test_bundle_yaml_is_read_by_the_yaml_1_2_core_schema(tmp_path: Path) -> None
         d = ps.decide(from_check_request(check_request(headers={"x-country": country}), ps.trust_domains))
         assert d.allowed is not denied, country
     assert ps.data["embargoed"] == ["KP", "IR", "NO", "CU", "on", 755]
+
+
+def test_an_invalid_literal_regex_is_a_load_error_at_its_place(tmp_path: Path) -> None:
+    """`request.path.matches('^/admin(')` loaded, and every request was then denied with
+    `condition error`: the bundle was broken and nothing said so before it served."""
+    from bundle_factory import write_bundle
+
+    deny = {"name": "d", "action": "DENY", "rules": [{"name": "r", "when": ["request.path.matches('^/admin(')"]}]}
+    (msg,) = problems(write_bundle(tmp_path / "b", [deny]))
+    assert "invalid regular expression: missing ): ^/admin(" in msg and "column 22 of the expression" in msg, msg
+    ok = {"name": "d", "action": "DENY", "rules": [{"name": "r", "when": ["request.path.matches('^/admin[(]')"]}]}
+    load_policy_set(write_bundle(tmp_path / "ok", [ok]))
