@@ -75,6 +75,9 @@ class Document:
     key_positions: dict[Path, Position] = field(default_factory=dict)
     # Scalars written in quotes start one column after the node mark.
     quoted: set[Path] = field(default_factory=set)
+    # Literal block scalars (`|`): their text starts on the line after the node mark, line
+    # for line (a condition's error can name its own line).
+    literal_blocks: set[Path] = field(default_factory=set)
     constructor: Any = field(default_factory=yaml.constructor.SafeConstructor, repr=False)
 
     def at(self, path: Path, *, key: bool = False) -> Position:
@@ -209,6 +212,8 @@ def _convert(node: yaml.Node, path: Path, doc: Document, budget: Budget, aliased
         return [_convert(item, (*path, i), doc, budget, aliased) for i, item in enumerate(node.value)]
     if isinstance(node, yaml.ScalarNode) and node.style in ("'", '"'):
         doc.quoted.add(path)
+    elif isinstance(node, yaml.ScalarNode) and node.style == "|":
+        doc.literal_blocks.add(path)
     return _scalar(node, doc)
 
 

@@ -328,11 +328,16 @@ class _Compiler:
             cond = compile_condition(expr)
         except CelCompileError as exc:
             pos = doc.at(path)
+            where = f"column {exc.column}"
             if exc.line == 1 and "\n" not in expr:
                 offset = 1 if path in doc.quoted else 0
                 pos = Position(pos.file, pos.line, pos.column + offset + exc.column - 1)
+            elif "\n" in expr:
+                where = f"line {exc.line}, column {exc.column}"
+                if path in doc.literal_blocks:  # `|`: the text's lines are the file's, after the mark
+                    pos = Position(pos.file, pos.line + exc.line, pos.column)
             self.problems.append(Problem(
-                pos, f"invalid CEL at column {exc.column} of the expression: {exc.message}"))
+                pos, f"invalid CEL at {where} of the expression: {exc.message}"))
             return None
         if "request.headers" not in cond.variables:
             return cond

@@ -380,3 +380,16 @@ def test_an_invalid_literal_regex_is_a_load_error_at_its_place(tmp_path: Path) -
     assert "invalid regular expression: missing ): ^/admin(" in msg and "column 22 of the expression" in msg, msg
     ok = {"name": "d", "action": "DENY", "rules": [{"name": "r", "when": ["request.path.matches('^/admin[(]')"]}]}
     load_policy_set(write_bundle(tmp_path / "ok", [ok]))
+
+
+def test_an_error_in_a_multi_line_condition_names_its_own_line(tmp_path: Path) -> None:
+    """An error on the third line of a `|` block was reported at the block's first line,
+    as "column 8 of the expression"."""
+    from bundle_factory import write_bundle
+
+    root = write_bundle(tmp_path / "b", [{"name": "p", "action": "ALLOW"}])
+    (root / "policies" / "p.yaml").write_text(
+        "apiVersion: authz/v1\nkind: Policy\nname: p\naction: DENY\nrules:\n  - name: r\n    when:\n      - |\n"
+        "        request.method == 'GET' &&\n        request.path.startsWith('/a') &&\n        request.pathx == '/b'\n")
+    (msg,) = problems(root)
+    assert msg.startswith("policies/p.yaml:11:") and "at line 3, column 8 of the expression" in msg, msg
