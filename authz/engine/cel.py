@@ -170,7 +170,7 @@ def _variables(expression: str) -> tuple[str, ...]:
 # matches, and a DENY written with it would never fire.
 _UPPER_HEADER = re.compile(
     r"""request\.headers\s*\[\s*(?P<q1>['"])(?P<k1>[^'"]*[A-Z][^'"]*)(?P=q1)\s*\]"""
-    r"""|(?P<q2>['"])(?P<k2>[^'"]*[A-Z][^'"]*)(?P=q2)\s+in\s+request\.headers(?![\w.])"""
+    r"""|(?P<q2>['"])(?P<k2>[^'"]*[A-Z][^'"]*)(?P=q2)[\s)]*\s+in\s+request\.headers(?![\w.])"""
     r"""|request\.headers\.(?P<k3>\w*[A-Z]\w*)""")
 
 

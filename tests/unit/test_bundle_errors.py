@@ -273,6 +273,9 @@ def test_an_upper_case_header_name_in_a_condition_is_a_load_error(tmp_path: Path
     (msg,) = problems(bundle_with(tmp_path, text))
     assert msg.startswith("policies/p.yaml:7:10: error: invalid CEL at column 1"), msg
     assert "'X-Debug' never matches, write 'x-debug'" in msg
+    text = HEADER + "name: p\naction: DENY\nrules:\n  - when:\n      - \"('X-Debug') in request.headers\"\n"
+    (msg,) = problems(bundle_with(tmp_path / "paren", text))
+    assert "'X-Debug' never matches" in msg, msg
 
 
 @pytest.mark.parametrize(("action", "field"), [("ALLOW", "headers"), ("DENY", "notHeaders")])
