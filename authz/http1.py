@@ -83,8 +83,10 @@ def parse_head(head: bytes, *, require_host: bool = True) -> tuple[str, str, dic
     return method, target, headers, close
 
 
-def render(status: int, headers: list[tuple[str, str]], body: bytes, close: bool) -> bytes:
-    """An HTTP/1.1 answer with a content-length; a header holding CR or LF is left out."""
+def render(status: int, headers: list[tuple[str, str]], body: bytes, close: bool, head: bool = False) -> bytes:
+    """An HTTP/1.1 answer with a content-length; a header holding CR or LF is left out.
+    ``head``: the answer to a HEAD request, which has no body (RFC 9110 9.3.2): bytes after
+    it would be read as the start of the next answer on the connection."""
     # An unknown status is an ext_authz deny's (the policy chose it): "Forbidden" reads right.
     lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Forbidden')}"]
     for k, v in headers:
@@ -94,7 +96,7 @@ def render(status: int, headers: list[tuple[str, str]], body: bytes, close: bool
     lines.append(f"content-length: {len(body)}")
     if close:
         lines.append("connection: close")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace") + body
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace") + (b"" if head else body)
 
 
 async def linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,

@@ -377,11 +377,11 @@ class HttpAuthzServer:
         except XfccError as exc:
             outcome = self.checker.run(None, caller=CALLER_ENVOY_HTTP,
                                        malformed=f"bad x-forwarded-client-cert: {exc}")
-            await self._answer(writer, *to_http(outcome.response), close)
+            await self._answer(writer, *to_http(outcome.response), close, method == "HEAD")
             return not close
         outcome = self.checker.run(check_request, caller=CALLER_ENVOY_HTTP, socket=False,
                                    carries=self.carries_trusted if trusted else self.carries)
-        await self._answer(writer, *to_http(outcome.response), close)
+        await self._answer(writer, *to_http(outcome.response), close, method == "HEAD")
         return not close
 
     async def _deny(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reason: str,
@@ -394,8 +394,8 @@ class HttpAuthzServer:
 
     @staticmethod
     async def _answer(writer: asyncio.StreamWriter, status: int, headers: list[tuple[str, str]],
-                      body: bytes, close: bool) -> None:
-        writer.write(render(status, headers, body, close))
+                      body: bytes, close: bool, head: bool = False) -> None:
+        writer.write(render(status, headers, body, close, head))
         # A client that never reads its answers must not hold the connection for ever.
         await asyncio.wait_for(writer.drain(), ANSWER_TIMEOUT)
 

@@ -140,6 +140,23 @@ def test_trusted_proxy_xfcc_decides(authz: Served) -> None:
         conn.close()
 
 
+def test_a_denied_head_has_no_body(authz: Served) -> None:
+    """The JSON body of a denied HEAD was read by Envoy as the start of the next answer on
+    the connection ("extraneous data"): it dropped the pooled connection."""
+    head = (f"HEAD /check/v1/orders/7 HTTP/1.1\r\nHost: orders.prod\r\nX-Forwarded-Client-Cert: {XFCC}\r\n\r\n"
+            f"GET /check/v1/orders/7 HTTP/1.1\r\nHost: orders.prod\r\nX-Forwarded-Client-Cert: {XFCC}\r\n"
+            "Connection: close\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", authz.authz_port), timeout=10, source_address=(TRUSTED_SOURCE, 0)) as s:
+        s.sendall(head.encode())
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    first, _, rest = data.partition(b"\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 403") and b"content-length: " in first
+    assert rest.startswith(b"HTTP/1.1 403"), rest[:80]  # the next answer, not the HEAD's body
+    assert b'"reason": "no allow rule matched"' in rest or b'"no allow rule matched"' in rest
+
+
 def test_untrusted_hop_xfcc_is_ignored(authz: Served) -> None:
     conn = connect(authz, trusted=False)
     try:
