@@ -87,23 +87,44 @@ class Request:
         """What a ``hosts`` field is compared with: the authority with and without its port.
         ``every_reading`` (DENY and AUDIT rules, an ALLOW's notHosts, policy targets) adds what
         an upstream may take the same authority for: after a userinfo ``@``, percent-decoded,
-        without the trailing dot of a fully qualified name (each with and without the port),
-        and the hosts the request names in forwarding headers (Django's
+        without the trailing dot of a
+        fully qualified name (each with and without the port), without a port that is no
+        number (_portless), and the hosts the request names in forwarding headers (Django's
         USE_X_FORWARDED_HOST, Express's trust proxy, Spring's ForwardedHeaderFilter)."""
         h = self.host
-        if not every_reading or not ("%" in h or "@" in h or self.host_without_port.endswith(".")
-                                     or self.forwarded_hosts):
-            return h, self.host_without_port  # the common case: no other spelling to read
-        names = [self.host, self.host_without_port]
-        spellings = [self.host, *self.forwarded_hosts]
+        name = _split_port(h)[0]
+        # The hot path: a name of ASCII, maybe a numeric port. A ':' left in the name is a
+        # port that is no number (or an IPv6 literal): read below, as are '%', '@' and '['.
+        if not every_reading or not (self.forwarded_hosts or name.endswith(".") or ":" in name
+                                     or "%" in h or "@" in h or "[" in h):
+            return h, name
+        names = [h, name]
+        spellings = [h, *self.forwarded_hosts]
         if any("%" in s for s in spellings):
             spellings += [urllib.parse.unquote(s) for s in spellings if "%" in s]
-        spellings += [h.rpartition("@")[2] for h in spellings if "@" in h]
+        spellings += [s.rpartition("@")[2] for s in spellings if "@" in s]
         for spelling in spellings:
             name, port = _split_port(spelling)
             bare = name.rstrip(".") or name
             names += [spelling, name, bare] + ([f"{bare}:{port}"] if port else [])
+            if ":" in name or name.startswith("["):
+                names += _portless(spelling)
         return tuple(dict.fromkeys(names))
+
+
+def _portless(authority: str) -> list[str]:
+    """What upstreams that do not check the port take ``authority`` for when its port is no
+    number (`admin:`, `admin:abc`, `admin:80:80`, `[admin]:80`): nginx the host up to the
+    first ':' outside brackets, Go's net.SplitHostPort (ServeMux) the text before a lone ':'
+    and the inside of brackets a ':' follows. Each also without trailing dots (`admin.:`)."""
+    if authority.startswith("["):
+        end = authority.find("]")
+        if end == -1 or not authority.startswith(":", end + 1):
+            return []
+        out = [authority[: end + 1], authority[1:end]]
+    else:
+        out = [authority.partition(":")[0]]
+    return [n for name in out for n in (name, name.rstrip(".") or name)]
 
 
 def from_check_request(

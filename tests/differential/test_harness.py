@@ -83,3 +83,12 @@ def test_documented_entries_read_headings_and_table_rows(tmp_path: Path) -> None
 def test_shipped_settings_are_read_from_the_deploy_kit() -> None:
     options = shipped_path_options()
     assert set(options) == {"normalize_path", "merge_slashes", "path_with_escaped_slashes_action"}
+
+
+@pytest.mark.parametrize("host,odd", [
+    ("admin.example.com", False), ("admin.example.com:8080", True), ("admin.example.com:", True),
+    ("admin.example.com:abc", True), ("[admin.example.com]:80", True), ("admin.example.com.", True),
+])
+def test_a_deny_on_an_odd_authority_is_the_documented_host_kind(host: str, odd: bool) -> None:
+    row = compare("p", [req(host=host)], [res(200)], [res(403, "denied by policy")], ALL_KINDS)
+    assert (row.kinds == {"ambiguous-host": 1}) is odd

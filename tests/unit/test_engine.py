@@ -265,6 +265,26 @@ def test_a_deny_policy_targeted_by_host_applies_to_every_reading(tmp_path: Path)
         assert not decide(ps, host=host).allowed, host
 
 
+# Go's ServeMux (net.SplitHostPort does not check the port) and nginx (the host is what comes
+# before the first ':' outside brackets) serve a host whose port is no number as the name.
+@pytest.mark.parametrize(("host", "denied"), [
+    ("admin.example.com:", True), ("admin.example.com:abc", True), ("admin.example.com:+80", True),
+    ("admin.example.com:80:80", True), ("admin.example.com:x@evil", True), ("admin.example.com.:", True),
+    ("[admin.example.com]:80", True), ("[admin.example.com]:", True), ("ADMIN.EXAMPLE.COM:", True),
+    ("[admin.example.com]", False), ("evil:admin.example.com", False), ("x.admin.example.com:abc", False),
+    ("[evil]admin.example.com:80", False), ("[::1]:80", False)])
+def test_a_port_that_is_no_number_is_read_as_go_and_nginx_read_it(tmp_path: Path, host: str, denied: bool) -> None:
+    ps = policy_set(tmp_path, [deny(op(hosts=["admin.example.com"])), allow({}, name="everything")])
+    assert decide(ps, host=host).allowed is not denied
+    ps = policy_set(tmp_path / "n", [allow(op(notHosts=["admin.example.com"]))])
+    assert decide(ps, host=host).allowed is not denied
+    ps = policy_set(tmp_path / "t", [
+        {"name": "no-admin", "action": "DENY", "target": {"hosts": ["admin.example.com"]}, "rules": [{"name": "r"}]},
+        allow({}, name="everything")])
+    assert decide(ps, host=host).allowed is not denied
+    assert decide(ps, host="www.example.com", headers={"x-forwarded-host": host}).allowed is not denied
+
+
 # Case-insensitive routers (Express, ASP.NET Core, IIS) serve /ADMIN as /admin: a DENY (or
 # AUDIT) rule is also compared with the path's ASCII letters lower-cased, against its own
 # patterns lower-cased. ALLOW rules stay case-sensitive, as Istio's.
