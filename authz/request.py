@@ -5,6 +5,7 @@ from __future__ import annotations
 import codecs
 import ipaddress
 import re
+import unicodedata
 import urllib.parse
 from dataclasses import dataclass, field
 
@@ -87,7 +88,7 @@ class Request:
         """What a ``hosts`` field is compared with: the authority with and without its port.
         ``every_reading`` (DENY and AUDIT rules, an ALLOW's notHosts, policy targets) adds what
         an upstream may take the same authority for: after a userinfo ``@``, percent-decoded,
-        without the trailing dot of a
+        folded as a WHATWG URL parser folds a host (_uts46_like), without the trailing dot of a
         fully qualified name (each with and without the port), without a port that is no
         number (_portless), and the hosts the request names in forwarding headers (Django's
         USE_X_FORWARDED_HOST, Express's trust proxy, Spring's ForwardedHeaderFilter)."""
@@ -96,12 +97,13 @@ class Request:
         # The hot path: a name of ASCII, maybe a numeric port. A ':' left in the name is a
         # port that is no number (or an IPv6 literal): read below, as are '%', '@' and '['.
         if not every_reading or not (self.forwarded_hosts or name.endswith(".") or ":" in name
-                                     or "%" in h or "@" in h or "[" in h):
+                                     or "%" in h or "@" in h or "[" in h or not h.isascii()):
             return h, name
         names = [h, name]
         spellings = [h, *self.forwarded_hosts]
         if any("%" in s for s in spellings):
             spellings += [urllib.parse.unquote(s) for s in spellings if "%" in s]
+        spellings += [_uts46_like(s) for s in spellings if not s.isascii()]
         spellings += [s.rpartition("@")[2] for s in spellings if "@" in s]
         for spelling in spellings:
             name, port = _split_port(spelling)
@@ -125,6 +127,21 @@ def _portless(authority: str) -> list[str]:
     else:
         out = [authority.partition(":")[0]]
     return [n for name in out for n in (name, name.rstrip(".") or name)]
+
+
+# Full stops a WHATWG URL parser (UTS-46) reads as '.': ideographic, fullwidth, halfwidth.
+_UTS46_DOTS = str.maketrans({"\u3002": ".", "\uff0e": ".", "\uff61": "."})
+
+
+def _uts46_like(host: str) -> str:
+    """``host`` as Node's `new URL(path, 'http://' + host)` names it after percent-decoding:
+    NFKC, ASCII letters lower-cased, the Unicode full stops as '.' (`admin。example.com` and
+    `ａdmin.example.com` are admin.example.com). A host that folding makes over twice as long
+    is refused, as such a path is (authz.paths): U+FDFA alone is 18 characters."""
+    folded = paths.fold_case(unicodedata.normalize("NFKC", host).translate(_UTS46_DOTS))
+    if len(folded) > paths.MAX_FOLD_GROWTH * len(host):
+        raise MalformedRequest("host grows too much when normalised to decide safely")
+    return folded
 
 
 def from_check_request(

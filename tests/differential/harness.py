@@ -353,8 +353,8 @@ class StrictnessKind:
             # deny that is about it, not a request refused as malformed for something else
             host = str((authz.get("envoy_saw") or {}).get("authority") or req.get("host", ""))
             # a port (numeric or not: Go's SplitHostPort and nginx drop any), brackets, a trailing
-            # dot, a userinfo or escapes
-            odd = host.endswith(".") or any(c in host for c in "@%:[")
+            # dot, a userinfo, escapes or non-ASCII text a URL parser folds
+            odd = host.endswith(".") or any(c in host for c in "@%:[") or not host.isascii()
             names = {str(k).lower() for k in (req.get("headers") or {})}
             odd = odd or bool(names & {"x-forwarded-host", "x-host", "x-original-host", "x-forwarded-server", "forwarded"})
             return odd and not reason.startswith("malformed request")
@@ -399,7 +399,7 @@ STRICTNESS_KINDS = (
                    "ALLOW header values match the whole merged value, not each comma-separated element"),
     StrictnessKind("ambiguous-host", ("hosts",),
                    "DENY hosts also match the authority without its port (any port text), trailing dot or userinfo, "
-                   "percent-decoded, and the hosts forwarding headers name"),
+                   "percent-decoded and URL-folded, and the hosts forwarding headers name"),
     StrictnessKind("caller-certificate", ("caller certificate",),
                    "a client certificate without a URI SAN, or with more than one identity, is refused"),
     StrictnessKind("no-path", ("requests without a path",),

@@ -88,6 +88,7 @@ def test_shipped_settings_are_read_from_the_deploy_kit() -> None:
 @pytest.mark.parametrize("host,odd", [
     ("admin.example.com", False), ("admin.example.com:8080", True), ("admin.example.com:", True),
     ("admin.example.com:abc", True), ("[admin.example.com]:80", True), ("admin.example.com.", True),
+    ("admin%E3%80%82example.com", True), ("admin\u3002example.com", True),
 ])
 def test_a_deny_on_an_odd_authority_is_the_documented_host_kind(host: str, odd: bool) -> None:
     row = compare("p", [req(host=host)], [res(200)], [res(403, "denied by policy")], ALL_KINDS)

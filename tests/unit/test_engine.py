@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -283,6 +284,34 @@ def test_a_port_that_is_no_number_is_read_as_go_and_nginx_read_it(tmp_path: Path
         allow({}, name="everything")])
     assert decide(ps, host=host).allowed is not denied
     assert decide(ps, host="www.example.com", headers={"x-forwarded-host": host}).allowed is not denied
+
+
+# Node's `new URL(req.url, 'http://' + host)` percent-decodes the host, then maps it as UTS-46
+# does: NFKC, lower case, the ideographic, fullwidth and halfwidth full stops as '.'.
+@pytest.mark.parametrize(("host", "denied"), [
+    ("admin%E3%80%82example.com", True), ("admin%EF%BC%8Eexample.com", True), ("admin%EF%BD%A1example.com", True),
+    ("%EF%BD%81dmin.example.com", True), ("%EF%BC%A1DMIN.example.com", True), ("%E2%84%AAelvin.example.com", True),
+    ("admin\uff0eexample.com", True), ("admin%E3%80%82example.com%E3%80%82", True),
+    ("admin%E3%80%82example.com.evil", False), ("%EF%BD%81dmin%E3%80%82example.co", False), ("caf%C3%A9.example.com", False)])
+def test_a_host_is_also_read_as_a_url_parser_folds_it(tmp_path: Path, host: str, denied: bool) -> None:
+    ps = policy_set(tmp_path, [deny(op(hosts=["admin.example.com", "kelvin.example.com"])), allow({}, name="everything")])
+    assert decide(ps, host=host).allowed is not denied
+    assert decide(ps, host="www.example.com", headers={"x-forwarded-host": host}).allowed is not denied
+    ps = policy_set(tmp_path / "a", [allow(op(hosts=["admin.example.com"]))])
+    assert not decide(ps, host=host).allowed  # an ALLOW's hosts take the authority as sent
+
+
+def test_a_host_that_folding_makes_absurdly_long_is_refused_and_a_long_host_stays_cheap(tmp_path: Path) -> None:
+    """NFKC makes U+FDFA 18 characters: such a host is refused, as such a path is, and 60 KB
+    of odd host (ports, escapes, brackets) is read in linear time."""
+    ps = policy_set(tmp_path, [deny(op(hosts=["admin.example.com"])), allow({}, name="everything")])
+    with pytest.raises(MalformedRequest, match="host grows too much"):
+        decide(ps, host="%EF%B7%BA" * 10 + ".example.com")
+    assert decide(ps, host="orders-service%EF%B7%BA.example.com").allowed  # one such is no balloon
+    for host in ("a:" * 30_000, "[" + "a:" * 30_000 + "]:x", "%EF%BD%81" * 6_600, "%E3%80%82:" * 6_000, "a@" * 30_000):
+        started = time.perf_counter()
+        assert decide(ps, host=host).allowed
+        assert time.perf_counter() - started < 0.5, host[:20]
 
 
 # Case-insensitive routers (Express, ASP.NET Core, IIS) serve /ADMIN as /admin: a DENY (or
