@@ -245,7 +245,10 @@ def from_check_request(
 
 # Not X-Forwarded-Server: Apache's mod_proxy sets it to its own ServerName, not the client's.
 _HOST_HEADERS = frozenset({"x-forwarded-host", "x-host", "x-original-host", "forwarded"})
-_FORWARDED_HOST = re.compile(r'(?:^|[;,\s])host\s*=\s*("[^"]*"?|[^;,\s]*)', re.IGNORECASE)
+# Unanchored, as Spring 6.1's ForwardedHeaderUtils, Reactor Netty and Vert.x find
+# `(?i:host)="?([^;,"]+)"?` anywhere in the value: `xhost=admin` and `for="_host=admin"` name
+# admin to them. Every match is taken, not the first only: another parser may take another.
+_FORWARDED_HOST = re.compile(r'host\s*=\s*("[^"]*"?|[^;,\s]*)', re.IGNORECASE)
 
 
 def _forwarded_hosts(headers: dict[str, str]) -> tuple[str, ...]:

@@ -526,6 +526,27 @@ def test_a_forwarded_host_meets_a_deny_on_that_host(tmp_path: Path) -> None:
         decide(ps, host="www.example.com", headers={"x-forwarded-host": ",".join(f"h{i}" for i in range(9))})
 
 
+def test_a_forwarded_host_is_found_anywhere_in_the_value_as_spring_reads_it(tmp_path: Path) -> None:
+    """Spring 6.1's ForwardedHeaderUtils (also Reactor Netty, Vert.x) finds `host="?([^;,"]+)`
+    unanchored: `xhost=admin...` and `for="_host=admin..."` name admin.example.com to it."""
+    ps = policy_set(tmp_path, [deny(op(hosts=["admin.example.com"]), name="no-admin"), allow({})])
+    for value in ("for=10.0.0.1;xhost=admin.example.com", 'for="_host=admin.example.com"',
+                  "for=10.0.0.1;Xhost=ADMIN.example.com;proto=https", "by=x;host=www.example.com;myhost=admin.example.com",
+                  'for="x_host=www.example.com", for=y;host=admin.example.com'):
+        d = decide(ps, host="www.example.com", headers={"forwarded": value})
+        assert (d.allowed, d.policy) == (False, "no-admin"), value
+    assert decide(ps, host="www.example.com", headers={"forwarded": "for=admin.example.com;proto=https"}).allowed
+    with pytest.raises(MalformedRequest, match="too many hosts"):  # every match counts towards the cap
+        decide(ps, host="www.example.com", headers={"forwarded": ";".join(f"x{i}host=h{i}" for i in range(9))})
+    started = time.perf_counter()  # 60 KB of near-matches is one linear scan
+    for value in ("host" * 15_000, "xhost=" + '"' * 60_000, "host=" * 12_000, "host " * 12_000 + "="):
+        try:
+            decide(ps, host="www.example.com", headers={"forwarded": value})
+        except MalformedRequest:
+            pass
+    assert time.perf_counter() - started < 1.0
+
+
 def test_a_header_an_upstream_reads_as_one_the_policies_read_is_ambiguous(tmp_path: Path) -> None:
     """CGI, WSGI, PHP and Rack read `x_role` and `x-role` as one HTTP_X_ROLE: `x_role: admin`
     slipped past a DENY on `x-role: admin` (and named the tenant of a header tenant source)."""
