@@ -317,7 +317,9 @@ def _method_overrides(headers: dict[str, str], query: str) -> tuple[str, ...]:
         named += value.split(",")
     if query:
         for key, value in urllib.parse.parse_qsl(query, keep_blank_values=True, max_num_fields=None):
-            # PHP reads '.', ' ' and '[' in a parameter name as '_' (`.method`, `%5Fmethod`)
+            # PHP keeps names as C strings, so `_method%00x` is `_method` to Symfony and Laravel;
+            # and it reads '.', ' ' and '[' in a name as '_' (`.method`, `%5Fmethod`)
+            key = key.split("\0", 1)[0]
             if "_method" in (key.lower().translate(_PHP_NAME), key.strip().lower().translate(_PHP_NAME)):
                 named.append(value)
     out = dict.fromkeys(m for value in named if (m := value.strip().upper()))

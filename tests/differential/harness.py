@@ -304,6 +304,16 @@ def path_is_ambiguous(path: str) -> bool:
                for ch in d)
 
 
+def _names_method(query: str) -> bool:
+    """Whether a query parameter is `_method` to PHP, which cuts a name at NUL (C strings) and
+    reads '.', ' ' and '[' in it as '_' (`_method%00=`, `%5Fmethod=`, `.method=`)."""
+    for key, _ in urllib.parse.parse_qsl(query, keep_blank_values=True):
+        name = key.split("\0", 1)[0].strip().lower()
+        if name.translate(str.maketrans(". [", "___")) == "_method":
+            return True
+    return "_method=" in query.lower()
+
+
 def _header_values(req: dict[str, Any]) -> list[tuple[str, list[str]]]:
     out = []
     for k, v in (req.get("headers") or {}).items():
@@ -342,8 +352,8 @@ class StrictnessKind:
             return bool({str(k).lower() for k in (req.get("headers") or {})} & {"x-original-url", "x-rewrite-url"})
         if self.name == "method-override":
             names = {str(k).lower() for k in (req.get("headers") or {})}
-            query = str(req.get("path") or "").partition("?")[2].lower()
-            return (str(req.get("method", "GET")).upper() == "HEAD" or "_method=" in query
+            query = str(req.get("path") or "").partition("?")[2]
+            return (str(req.get("method", "GET")).upper() == "HEAD" or _names_method(query)
                     or bool(names & {"x-http-method-override", "x-http-method", "x-method-override"}))
         if self.name == "path-case":
             # a letter, or a percent escape's hex letter (DENY patterns hold `%3F` as `%3f` too)

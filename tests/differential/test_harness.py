@@ -93,3 +93,12 @@ def test_shipped_settings_are_read_from_the_deploy_kit() -> None:
 def test_a_deny_on_an_odd_authority_is_the_documented_host_kind(host: str, odd: bool) -> None:
     row = compare("p", [req(host=host)], [res(200)], [res(403, "denied by policy")], ALL_KINDS)
     assert (row.kinds == {"ambiguous-host": 1}) is odd
+
+
+@pytest.mark.parametrize("path,override", [
+    ("/m/x?_method=DELETE", True), ("/m/x?_method%00=DELETE", True), ("/m/x?_method%00x=DELETE", True),
+    ("/m/x?%5Fmethod=DELETE", True), ("/m/x?method=DELETE", False), ("/m/x?_meth%00od=DELETE", False),
+])
+def test_a_deny_on_a_method_parameter_is_the_documented_override_kind(path: str, override: bool) -> None:
+    row = compare("p", [req(method="POST", path=path)], [res(200)], [res(403, "denied by policy", "/m/x")], ALL_KINDS)
+    assert (row.kinds == {"method-override": 1}) is override

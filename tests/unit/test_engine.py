@@ -459,6 +459,19 @@ def test_head_and_method_overrides_meet_a_deny_on_the_method_they_run(tmp_path: 
         decide(ps, method="POST", path="/orders/1", headers={"x-http-method-override": ",".join("M" * i for i in range(1, 10))})
 
 
+def test_a_method_parameter_name_is_cut_at_nul_as_php_cuts_it(tmp_path: Path) -> None:
+    """PHP keeps parameter names as C strings: `_method%00=DELETE` (and `_method%00x`) is
+    `_method` to it, which Symfony and Laravel read as the method of a POST."""
+    ps = policy_set(tmp_path, [deny(op(methods=["DELETE"], paths=["/m/*"]), name="no-delete"), allow({})])
+    for query in ("_method%00=DELETE", "_method%00x=DELETE", "a=1&.method%00%00=delete", "_method%00=DELETE&_method=PUT"):
+        d = decide(ps, method="POST", path=f"/m/x?{query}")
+        assert (d.allowed, d.policy) == (False, "no-delete"), query
+    assert decide(ps, method="POST", path="/m/x?x%00_method=DELETE").allowed
+    assert decide(ps, method="POST", path="/m/x?_meth%00od=DELETE").allowed
+    ps = policy_set(tmp_path / "a", [allow(op(methods=["POST"]))])
+    assert decide(ps, method="POST", path="/m/x?_method%00=DELETE").reason == "ambiguous method"
+
+
 def test_an_allow_must_allow_the_method_a_request_asks_to_run(tmp_path: Path) -> None:
     """ALLOW POST is no grant to DELETE: a POST asking the upstream to run DELETE is denied
     unless some ALLOW rule allows DELETE too."""
