@@ -360,7 +360,7 @@ class PolicySet:
         'admin'` must hold for lines `user` and `admin`. Every header it reads together (each
         line of one with each of another: `a == 'x' && b == 'y'`); too many readings to try
         is an error (a deny)."""
-        names = [n for n in cond.headers_read if n != "*" and "," in req.headers.get(n, "")]
+        names = [n for n in cond.headers_read if n != "*" and _read_on_lines(req.headers.get(n, ""))]
         if not names:
             return False
         choices = [(req.headers[n], *_line_readings(req.headers[n])) for n in names]
@@ -456,6 +456,12 @@ def _line_readings(value: str) -> tuple[str, ...]:
     out.update(dict.fromkeys(p.strip() for p in parts))
     out.pop(value, None)
     return tuple(out)
+
+
+def _read_on_lines(value: str) -> bool:
+    """Whether a header has other readings than ``value`` (_line_readings): lines merged with
+    ',', or outer blanks, which Envoy keeps in an HTTP/2 value and an HTTP/1.1 upstream trims."""
+    return "," in value or value != value.strip(" \t")
 
 
 def _readings(req: Request) -> tuple[Request, ...]:

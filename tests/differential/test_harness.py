@@ -102,3 +102,12 @@ def test_a_deny_on_an_odd_authority_is_the_documented_host_kind(host: str, odd: 
 def test_a_deny_on_a_method_parameter_is_the_documented_override_kind(path: str, override: bool) -> None:
     row = compare("p", [req(method="POST", path=path)], [res(200)], [res(403, "denied by policy", "/m/x")], ALL_KINDS)
     assert (row.kinds == {"method-override": 1}) is override
+
+
+@pytest.mark.parametrize("headers,kind", [
+    ({"x-role": "admin"}, False), ({"x-role": " admin"}, True), ({"x-role": "admin\t"}, True),
+    ({"x-role": "user,admin"}, True), ({"x-role": ["user", "admin"]}, True),
+])
+def test_a_deny_on_another_reading_of_a_header_is_the_documented_header_kind(headers: dict[str, Any], kind: bool) -> None:
+    row = compare("p", [req(headers=headers)], [res(200)], [res(403, "denied by policy")], ALL_KINDS)
+    assert (row.kinds == {"header-elements": 1}) is kind
