@@ -381,9 +381,9 @@ class StrictnessKind:
                 return any(x.endswith("/*") for x in left_out)
             return "denied by policy" in reason and f"{meta.get('policy', '')}/{meta.get('rule', '')}" in left_out
         if self.name == "header-elements":
-            # lines merged with ',', or a value with outer blanks (Envoy keeps them over HTTP/2,
-            # an HTTP/1.1 upstream trims them)
-            return any(len(vs) > 1 or any("," in v or v != v.strip(" \t") for v in vs)
+            # lines merged with ',', a value with outer blanks (Envoy keeps them over HTTP/2, an
+            # HTTP/1.1 upstream trims them), or cookie pairs (Envoy joins HTTP/2 crumbs with '; ')
+            return any(len(vs) > 1 or any("," in v or v != v.strip(" \t") or (k == "cookie" and ";" in v) for v in vs)
                        for k, vs in _header_values(req) if k != "x-forwarded-for")
         raise AssertionError(self.name)
 
@@ -408,7 +408,7 @@ STRICTNESS_KINDS = (
     StrictnessKind("method-override", ("methods",),
                    "HEAD meets a DENY on GET, and a method override (header or _method) a DENY on that method"),
     StrictnessKind("header-elements", ("headers", "repeated headers"),
-                   "DENY header values also match each comma-separated element and the value trimmed"),
+                   "DENY header values also match each comma-separated element, the value trimmed and each cookie pair"),
     StrictnessKind("ambiguous-host", ("hosts",),
                    "DENY hosts also match the authority without its port (any port text), trailing dot or userinfo, "
                    "percent-decoded and URL-folded, and the hosts forwarding headers name"),
