@@ -5,6 +5,7 @@ from __future__ import annotations
 import codecs
 import ipaddress
 import re
+import unicodedata
 import urllib.parse
 from dataclasses import dataclass, field
 
@@ -87,23 +88,60 @@ class Request:
         """What a ``hosts`` field is compared with: the authority with and without its port.
         ``every_reading`` (DENY and AUDIT rules, an ALLOW's notHosts, policy targets) adds what
         an upstream may take the same authority for: after a userinfo ``@``, percent-decoded,
-        without the trailing dot of a fully qualified name (each with and without the port),
-        and the hosts the request names in forwarding headers (Django's
+        folded as a WHATWG URL parser folds a host (_uts46_like), without the trailing dot of a
+        fully qualified name (each with and without the port), without a port that is no
+        number (_portless), and the hosts the request names in forwarding headers (Django's
         USE_X_FORWARDED_HOST, Express's trust proxy, Spring's ForwardedHeaderFilter)."""
         h = self.host
-        if not every_reading or not ("%" in h or "@" in h or self.host_without_port.endswith(".")
-                                     or self.forwarded_hosts):
-            return h, self.host_without_port  # the common case: no other spelling to read
-        names = [self.host, self.host_without_port]
-        spellings = [self.host, *self.forwarded_hosts]
+        name = _split_port(h)[0]
+        # The hot path: a name of ASCII, maybe a numeric port. A ':' left in the name is a
+        # port that is no number (or an IPv6 literal): read below, as are '%', '@' and '['.
+        if not every_reading or not (self.forwarded_hosts or name.endswith(".") or ":" in name
+                                     or "%" in h or "@" in h or "[" in h or not h.isascii()):
+            return h, name
+        names = [h, name]
+        spellings = [h, *self.forwarded_hosts]
         if any("%" in s for s in spellings):
             spellings += [urllib.parse.unquote(s) for s in spellings if "%" in s]
-        spellings += [h.rpartition("@")[2] for h in spellings if "@" in h]
+        spellings += [_uts46_like(s) for s in spellings if not s.isascii()]
+        spellings += [s.rpartition("@")[2] for s in spellings if "@" in s]
         for spelling in spellings:
             name, port = _split_port(spelling)
             bare = name.rstrip(".") or name
             names += [spelling, name, bare] + ([f"{bare}:{port}"] if port else [])
+            if ":" in name or name.startswith("["):
+                names += _portless(spelling)
         return tuple(dict.fromkeys(names))
+
+
+def _portless(authority: str) -> list[str]:
+    """What upstreams that do not check the port take ``authority`` for when its port is no
+    number (`admin:`, `admin:abc`, `admin:80:80`, `[admin]:80`): nginx the host up to the
+    first ':' outside brackets, Go's net.SplitHostPort (ServeMux) the text before a lone ':'
+    and the inside of brackets a ':' follows. Each also without trailing dots (`admin.:`)."""
+    if authority.startswith("["):
+        end = authority.find("]")
+        if end == -1 or not authority.startswith(":", end + 1):
+            return []
+        out = [authority[: end + 1], authority[1:end]]
+    else:
+        out = [authority.partition(":")[0]]
+    return [n for name in out for n in (name, name.rstrip(".") or name)]
+
+
+# Full stops a WHATWG URL parser (UTS-46) reads as '.': ideographic, fullwidth, halfwidth.
+_UTS46_DOTS = str.maketrans({"\u3002": ".", "\uff0e": ".", "\uff61": "."})
+
+
+def _uts46_like(host: str) -> str:
+    """``host`` as Node's `new URL(path, 'http://' + host)` names it after percent-decoding:
+    NFKC, ASCII letters lower-cased, the Unicode full stops as '.' (`admin。example.com` and
+    `ａdmin.example.com` are admin.example.com). A host that folding makes over twice as long
+    is refused, as such a path is (authz.paths): U+FDFA alone is 18 characters."""
+    folded = paths.fold_case(unicodedata.normalize("NFKC", host).translate(_UTS46_DOTS))
+    if len(folded) > paths.MAX_FOLD_GROWTH * len(host):
+        raise MalformedRequest("host grows too much when normalised to decide safely")
+    return folded
 
 
 def from_check_request(
@@ -209,7 +247,10 @@ def from_check_request(
 
 # Not X-Forwarded-Server: Apache's mod_proxy sets it to its own ServerName, not the client's.
 _HOST_HEADERS = frozenset({"x-forwarded-host", "x-host", "x-original-host", "forwarded"})
-_FORWARDED_HOST = re.compile(r'(?:^|[;,\s])host\s*=\s*("[^"]*"?|[^;,\s]*)', re.IGNORECASE)
+# Unanchored, as Spring 6.1's ForwardedHeaderUtils, Reactor Netty and Vert.x find
+# `(?i:host)="?([^;,"]+)"?` anywhere in the value: `xhost=admin` and `for="_host=admin"` name
+# admin to them. Every match is taken, not the first only: another parser may take another.
+_FORWARDED_HOST = re.compile(r'host\s*=\s*("[^"]*"?|[^;,\s]*)', re.IGNORECASE)
 
 
 def _forwarded_hosts(headers: dict[str, str]) -> tuple[str, ...]:
@@ -278,7 +319,9 @@ def _method_overrides(headers: dict[str, str], query: str) -> tuple[str, ...]:
         named += value.split(",")
     if query:
         for key, value in urllib.parse.parse_qsl(query, keep_blank_values=True, max_num_fields=None):
-            # PHP reads '.', ' ' and '[' in a parameter name as '_' (`.method`, `%5Fmethod`)
+            # PHP keeps names as C strings, so `_method%00x` is `_method` to Symfony and Laravel;
+            # and it reads '.', ' ' and '[' in a name as '_' (`.method`, `%5Fmethod`)
+            key = key.split("\0", 1)[0]
             if "_method" in (key.lower().translate(_PHP_NAME), key.strip().lower().translate(_PHP_NAME)):
                 named.append(value)
     out = dict.fromkeys(m for value in named if (m := value.strip().upper()))

@@ -362,14 +362,14 @@ class PolicySet:
         a DENY's `headers` field here) matches each line, so `request.headers['x-role'] ==
         'admin'` must hold for lines `user` and `admin`. The headers it names are tried
         together (each line of one with each of another: `a == 'x' && b == 'y'`); when it
-        reads the map some other way (`exists`), every other merged header one at a time.
+        reads the map some other way (`exists`), every other such header one at a time.
         Too many readings to try is an error (a deny)."""
-        named = [n for n in cond.headers_read if n != "*" and "," in req.headers.get(n, "")]
+        named = [n for n in cond.headers_read if n != "*" and _read_on_lines(n, req.headers.get(n, ""))]
         groups = [named] if named else []
         if cond.headers_read and cond.headers_read[-1] == "*":
-            groups += [[n] for n, v in req.headers.items() if "," in v and n not in named]
+            groups += [[n] for n, v in req.headers.items() if n not in named and _read_on_lines(n, v)]
         for names in groups:
-            choices = [(req.headers[n], *_line_readings(req.headers[n])) for n in names]
+            choices = [(req.headers[n], *_line_readings(req.headers[n], n)) for n in names]
             if math.prod(map(len, choices)) > MAX_LINE_COMBINATIONS:
                 raise CelEvalError(f"headers {', '.join(names)} hold too many lines together to decide safely")
             for values in itertools.islice(itertools.product(*choices), 1, None):  # the first: all merged
@@ -492,23 +492,36 @@ MAX_LINE_ELEMENTS = 64  # beyond the runs' bound, each element alone; beyond thi
 MAX_LINE_COMBINATIONS = 512
 
 
-def _line_readings(value: str) -> tuple[str, ...]:
+def _line_readings(value: str, name: str = "") -> tuple[str, ...]:
     """What lines (or list elements) a merged header value may have come in, the whole
     excepted: every run of neighbouring comma-separated elements (a line may hold commas)
-    for up to MAX_RUN_ELEMENTS elements, else each element; each also trimmed. Bounded
+    for up to MAX_RUN_ELEMENTS elements, else each element; each also trimmed; for the
+    `cookie` header, each cookie pair (Envoy joins HTTP/2 crumbs with '; '). Bounded
     before anything is built: a 60 KB header of commas costs a split, no more. Not cached:
     256 values of 96 KiB with their readings would hold hundreds of MB."""
     n = value.count(",") + 1
     if n > MAX_LINE_ELEMENTS:
         raise CelEvalError(f"a header holds more than {MAX_LINE_ELEMENTS} comma-separated elements to decide safely")
+    # A page may well set more cookies than a client sends lines: up to the combinations tried.
+    if name == "cookie" and value.count(";") >= MAX_LINE_COMBINATIONS:
+        raise CelEvalError(f"a cookie header holds more than {MAX_LINE_COMBINATIONS} pairs to decide safely")
     parts = value.split(",")
     if n <= MAX_RUN_ELEMENTS:
         out = dict.fromkeys(",".join(parts[i:j]) for i in range(n) for j in range(i + 1, n + 1))
     else:
         out = dict.fromkeys(parts)
     out.update(dict.fromkeys(p.strip() for p in parts))
+    if name == "cookie" and ";" in value:
+        out.update(dict.fromkeys(pair.strip(" \t") for pair in value.split(";")))
     out.pop(value, None)
     return tuple(out)
+
+
+def _read_on_lines(name: str, value: str) -> bool:
+    """Whether a header has other readings than ``value`` (_line_readings): lines merged with
+    ',', outer blanks (Envoy keeps them in an HTTP/2 value, an HTTP/1.1 upstream trims them),
+    or cookie pairs joined with ';'."""
+    return "," in value or value != value.strip(" \t") or (name == "cookie" and ";" in value)
 
 
 def _readings(req: Request) -> tuple[Request, ...]:

@@ -145,6 +145,10 @@ class HeaderMatch:
     reading a DENY rule (and an ALLOW rule's not-values) must take to be never looser than
     Istio. The other reading, the whole value only, is exact for patterns without a comma;
     the bundle refuses a comma where that reading is the one taken (authz.engine.compile).
+    ``elements`` also tries the value without its outer blanks: Envoy passes an HTTP/2 value
+    as sent (` admin`), an HTTP/1.1 upstream behind it trims it (`admin`). And each pair of a
+    `cookie` value: Envoy joins HTTP/2 cookie crumbs with '; ' (RFC 9113 8.2.3), an upstream's
+    cookie parser reads each pair (`a=1; session=admin` holds `session=admin`).
     """
 
     name: str  # lower case
@@ -156,7 +160,20 @@ class HeaderMatch:
             return False
         if self.values.present or self.values(value):
             return True
-        return elements and "," in value and self._any_run(value)
+        return elements and self._other_reading(value)
+
+    def _other_reading(self, value: str) -> bool:
+        """Whether a line ``value`` may have come in, or the value as an upstream trims it, matches."""
+        if "," in value and self._any_run(value):
+            return True
+        trimmed = value.strip(" \t")  # no copy, and no second match, for a value without blanks
+        if trimmed != value and self.values(trimmed):
+            return True
+        return self.name == "cookie" and ";" in value and self._any_cookie_pair(value)
+
+    def _any_cookie_pair(self, value: str) -> bool:
+        """One pass over the pairs, each matched once however often it is repeated."""
+        return any(map(self.values, {pair.strip(" \t") for pair in value.split(";")}))
 
     def _any_run(self, value: str) -> bool:
         """Whether a run of the comma-separated elements of ``value`` (a line it could have

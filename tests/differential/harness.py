@@ -355,6 +355,16 @@ def path_is_ambiguous(path: str) -> bool:
                for ch in d)
 
 
+def _names_method(query: str) -> bool:
+    """Whether a query parameter is `_method` to PHP, which cuts a name at NUL (C strings) and
+    reads '.', ' ' and '[' in it as '_' (`_method%00=`, `%5Fmethod=`, `.method=`)."""
+    for key, _ in urllib.parse.parse_qsl(query, keep_blank_values=True):
+        name = key.split("\0", 1)[0].strip().lower()
+        if name.translate(str.maketrans(". [", "___")) == "_method":
+            return True
+    return "_method=" in query.lower()
+
+
 def _header_values(req: dict[str, Any]) -> list[tuple[str, list[str]]]:
     out = []
     for k, v in (req.get("headers") or {}).items():
@@ -393,8 +403,8 @@ class StrictnessKind:
             return bool({str(k).lower() for k in (req.get("headers") or {})} & {"x-original-url", "x-rewrite-url"})
         if self.name == "method-override":
             names = {str(k).lower() for k in (req.get("headers") or {})}
-            query = str(req.get("path") or "").partition("?")[2].lower()
-            return (str(req.get("method", "GET")).upper() == "HEAD" or "_method=" in query
+            query = str(req.get("path") or "").partition("?")[2]
+            return (str(req.get("method", "GET")).upper() == "HEAD" or _names_method(query)
                     or bool(names & {"x-http-method-override", "x-http-method", "x-method-override"}))
         if self.name == "path-case":
             # a letter, or a percent escape's hex letter (DENY patterns hold `%3F` as `%3f` too)
@@ -403,7 +413,9 @@ class StrictnessKind:
             # the authority Envoy went by (an absolute-form target's, not the Host line's), and a
             # deny that is about it, not a request refused as malformed for something else
             host = str((authz.get("envoy_saw") or {}).get("authority") or req.get("host", ""))
-            odd = host.endswith(".") or any(c in host for c in "@%") or re.search(r":\d+$", host) is not None
+            # a port (numeric or not: Go's SplitHostPort and nginx drop any), brackets, a trailing
+            # dot, a userinfo, escapes or non-ASCII text a URL parser folds
+            odd = host.endswith(".") or any(c in host for c in "@%:[") or not host.isascii()
             names = {str(k).lower() for k in (req.get("headers") or {})}
             odd = odd or bool(names & {"x-forwarded-host", "x-host", "x-original-host", "x-forwarded-server", "forwarded"})
             return odd and not reason.startswith("malformed request")
@@ -420,7 +432,9 @@ class StrictnessKind:
                 return any(x.endswith("/*") for x in left_out)
             return "denied by policy" in reason and f"{meta.get('policy', '')}/{meta.get('rule', '')}" in left_out
         if self.name == "header-elements":
-            return any(len(vs) > 1 or any("," in v for v in vs)
+            # lines merged with ',', a value with outer blanks (Envoy keeps them over HTTP/2, an
+            # HTTP/1.1 upstream trims them), or cookie pairs (Envoy joins HTTP/2 crumbs with '; ')
+            return any(len(vs) > 1 or any("," in v or v != v.strip(" \t") or (k == "cookie" and ";" in v) for v in vs)
                        for k, vs in _header_values(req) if k != "x-forwarded-for")
         raise AssertionError(self.name)
 
@@ -445,9 +459,10 @@ STRICTNESS_KINDS = (
     StrictnessKind("method-override", ("methods",),
                    "HEAD meets a DENY on GET, and a method override (header or _method) a DENY on that method"),
     StrictnessKind("header-elements", ("headers", "repeated headers"),
-                   "ALLOW header values match the whole merged value, not each comma-separated element"),
+                   "DENY header values also match each comma-separated element, the value trimmed and each cookie pair"),
     StrictnessKind("ambiguous-host", ("hosts",),
-                   "DENY hosts also match the authority without its port, trailing dot or userinfo"),
+                   "DENY hosts also match the authority without its port (any port text), trailing dot or userinfo, "
+                   "percent-decoded and URL-folded, and the hosts forwarding headers name"),
     StrictnessKind("caller-certificate", ("caller certificate",),
                    "a client certificate without a URI SAN, or with more than one identity, is refused"),
     StrictnessKind("no-path", ("requests without a path",),

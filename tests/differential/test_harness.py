@@ -83,3 +83,32 @@ def test_documented_entries_read_headings_and_table_rows(tmp_path: Path) -> None
 def test_shipped_settings_are_read_from_the_deploy_kit() -> None:
     options = shipped_path_options()
     assert set(options) == {"normalize_path", "merge_slashes", "path_with_escaped_slashes_action"}
+
+
+@pytest.mark.parametrize("host,odd", [
+    ("admin.example.com", False), ("admin.example.com:8080", True), ("admin.example.com:", True),
+    ("admin.example.com:abc", True), ("[admin.example.com]:80", True), ("admin.example.com.", True),
+    ("admin%E3%80%82example.com", True), ("admin\u3002example.com", True),
+])
+def test_a_deny_on_an_odd_authority_is_the_documented_host_kind(host: str, odd: bool) -> None:
+    row = compare("p", [req(host=host)], [res(200)], [res(403, "denied by policy")], ALL_KINDS)
+    assert (row.kinds == {"ambiguous-host": 1}) is odd
+
+
+@pytest.mark.parametrize("path,override", [
+    ("/m/x?_method=DELETE", True), ("/m/x?_method%00=DELETE", True), ("/m/x?_method%00x=DELETE", True),
+    ("/m/x?%5Fmethod=DELETE", True), ("/m/x?method=DELETE", False), ("/m/x?_meth%00od=DELETE", False),
+])
+def test_a_deny_on_a_method_parameter_is_the_documented_override_kind(path: str, override: bool) -> None:
+    row = compare("p", [req(method="POST", path=path)], [res(200)], [res(403, "denied by policy", "/m/x")], ALL_KINDS)
+    assert (row.kinds == {"method-override": 1}) is override
+
+
+@pytest.mark.parametrize("headers,kind", [
+    ({"x-role": "admin"}, False), ({"x-role": " admin"}, True), ({"x-role": "admin\t"}, True),
+    ({"x-role": "user,admin"}, True), ({"x-role": ["user", "admin"]}, True),
+    ({"cookie": "a=1; session=admin"}, True), ({"x-role": "a=1; admin"}, False),
+])
+def test_a_deny_on_another_reading_of_a_header_is_the_documented_header_kind(headers: dict[str, Any], kind: bool) -> None:
+    row = compare("p", [req(headers=headers)], [res(200)], [res(403, "denied by policy")], ALL_KINDS)
+    assert (row.kinds == {"header-elements": 1}) is kind

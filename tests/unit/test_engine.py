@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -265,6 +266,54 @@ def test_a_deny_policy_targeted_by_host_applies_to_every_reading(tmp_path: Path)
         assert not decide(ps, host=host).allowed, host
 
 
+# Go's ServeMux (net.SplitHostPort does not check the port) and nginx (the host is what comes
+# before the first ':' outside brackets) serve a host whose port is no number as the name.
+@pytest.mark.parametrize(("host", "denied"), [
+    ("admin.example.com:", True), ("admin.example.com:abc", True), ("admin.example.com:+80", True),
+    ("admin.example.com:80:80", True), ("admin.example.com:x@evil", True), ("admin.example.com.:", True),
+    ("[admin.example.com]:80", True), ("[admin.example.com]:", True), ("ADMIN.EXAMPLE.COM:", True),
+    ("[admin.example.com]", False), ("evil:admin.example.com", False), ("x.admin.example.com:abc", False),
+    ("[evil]admin.example.com:80", False), ("[::1]:80", False)])
+def test_a_port_that_is_no_number_is_read_as_go_and_nginx_read_it(tmp_path: Path, host: str, denied: bool) -> None:
+    ps = policy_set(tmp_path, [deny(op(hosts=["admin.example.com"])), allow({}, name="everything")])
+    assert decide(ps, host=host).allowed is not denied
+    ps = policy_set(tmp_path / "n", [allow(op(notHosts=["admin.example.com"]))])
+    assert decide(ps, host=host).allowed is not denied
+    ps = policy_set(tmp_path / "t", [
+        {"name": "no-admin", "action": "DENY", "target": {"hosts": ["admin.example.com"]}, "rules": [{"name": "r"}]},
+        allow({}, name="everything")])
+    assert decide(ps, host=host).allowed is not denied
+    assert decide(ps, host="www.example.com", headers={"x-forwarded-host": host}).allowed is not denied
+
+
+# Node's `new URL(req.url, 'http://' + host)` percent-decodes the host, then maps it as UTS-46
+# does: NFKC, lower case, the ideographic, fullwidth and halfwidth full stops as '.'.
+@pytest.mark.parametrize(("host", "denied"), [
+    ("admin%E3%80%82example.com", True), ("admin%EF%BC%8Eexample.com", True), ("admin%EF%BD%A1example.com", True),
+    ("%EF%BD%81dmin.example.com", True), ("%EF%BC%A1DMIN.example.com", True), ("%E2%84%AAelvin.example.com", True),
+    ("admin\uff0eexample.com", True), ("admin%E3%80%82example.com%E3%80%82", True),
+    ("admin%E3%80%82example.com.evil", False), ("%EF%BD%81dmin%E3%80%82example.co", False), ("caf%C3%A9.example.com", False)])
+def test_a_host_is_also_read_as_a_url_parser_folds_it(tmp_path: Path, host: str, denied: bool) -> None:
+    ps = policy_set(tmp_path, [deny(op(hosts=["admin.example.com", "kelvin.example.com"])), allow({}, name="everything")])
+    assert decide(ps, host=host).allowed is not denied
+    assert decide(ps, host="www.example.com", headers={"x-forwarded-host": host}).allowed is not denied
+    ps = policy_set(tmp_path / "a", [allow(op(hosts=["admin.example.com"]))])
+    assert not decide(ps, host=host).allowed  # an ALLOW's hosts take the authority as sent
+
+
+def test_a_host_that_folding_makes_absurdly_long_is_refused_and_a_long_host_stays_cheap(tmp_path: Path) -> None:
+    """NFKC makes U+FDFA 18 characters: such a host is refused, as such a path is, and 60 KB
+    of odd host (ports, escapes, brackets) is read in linear time."""
+    ps = policy_set(tmp_path, [deny(op(hosts=["admin.example.com"])), allow({}, name="everything")])
+    with pytest.raises(MalformedRequest, match="host grows too much"):
+        decide(ps, host="%EF%B7%BA" * 10 + ".example.com")
+    assert decide(ps, host="orders-service%EF%B7%BA.example.com").allowed  # one such is no balloon
+    for host in ("a:" * 30_000, "[" + "a:" * 30_000 + "]:x", "%EF%BD%81" * 6_600, "%E3%80%82:" * 6_000, "a@" * 30_000):
+        started = time.perf_counter()
+        assert decide(ps, host=host).allowed
+        assert time.perf_counter() - started < 0.5, host[:20]
+
+
 # Case-insensitive routers (Express, ASP.NET Core, IIS) serve /ADMIN as /admin: a DENY (or
 # AUDIT) rule is also compared with the path's ASCII letters lower-cased, against its own
 # patterns lower-cased. ALLOW rules stay case-sensitive, as Istio's.
@@ -410,6 +459,19 @@ def test_head_and_method_overrides_meet_a_deny_on_the_method_they_run(tmp_path: 
         decide(ps, method="POST", path="/orders/1", headers={"x-http-method-override": ",".join("M" * i for i in range(1, 10))})
 
 
+def test_a_method_parameter_name_is_cut_at_nul_as_php_cuts_it(tmp_path: Path) -> None:
+    """PHP keeps parameter names as C strings: `_method%00=DELETE` (and `_method%00x`) is
+    `_method` to it, which Symfony and Laravel read as the method of a POST."""
+    ps = policy_set(tmp_path, [deny(op(methods=["DELETE"], paths=["/m/*"]), name="no-delete"), allow({})])
+    for query in ("_method%00=DELETE", "_method%00x=DELETE", "a=1&.method%00%00=delete", "_method%00=DELETE&_method=PUT"):
+        d = decide(ps, method="POST", path=f"/m/x?{query}")
+        assert (d.allowed, d.policy) == (False, "no-delete"), query
+    assert decide(ps, method="POST", path="/m/x?x%00_method=DELETE").allowed
+    assert decide(ps, method="POST", path="/m/x?_meth%00od=DELETE").allowed
+    ps = policy_set(tmp_path / "a", [allow(op(methods=["POST"]))])
+    assert decide(ps, method="POST", path="/m/x?_method%00=DELETE").reason == "ambiguous method"
+
+
 def test_an_allow_must_allow_the_method_a_request_asks_to_run(tmp_path: Path) -> None:
     """ALLOW POST is no grant to DELETE: a POST asking the upstream to run DELETE is denied
     unless some ALLOW rule allows DELETE too."""
@@ -475,6 +537,27 @@ def test_a_forwarded_host_meets_a_deny_on_that_host(tmp_path: Path) -> None:
     assert decide(ps, host="www.example.com", headers={"x-forwarded-server": "admin.example.com"}).allowed
     with pytest.raises(MalformedRequest, match="too many hosts"):
         decide(ps, host="www.example.com", headers={"x-forwarded-host": ",".join(f"h{i}" for i in range(9))})
+
+
+def test_a_forwarded_host_is_found_anywhere_in_the_value_as_spring_reads_it(tmp_path: Path) -> None:
+    """Spring 6.1's ForwardedHeaderUtils (also Reactor Netty, Vert.x) finds `host="?([^;,"]+)`
+    unanchored: `xhost=admin...` and `for="_host=admin..."` name admin.example.com to it."""
+    ps = policy_set(tmp_path, [deny(op(hosts=["admin.example.com"]), name="no-admin"), allow({})])
+    for value in ("for=10.0.0.1;xhost=admin.example.com", 'for="_host=admin.example.com"',
+                  "for=10.0.0.1;Xhost=ADMIN.example.com;proto=https", "by=x;host=www.example.com;myhost=admin.example.com",
+                  'for="x_host=www.example.com", for=y;host=admin.example.com'):
+        d = decide(ps, host="www.example.com", headers={"forwarded": value})
+        assert (d.allowed, d.policy) == (False, "no-admin"), value
+    assert decide(ps, host="www.example.com", headers={"forwarded": "for=admin.example.com;proto=https"}).allowed
+    with pytest.raises(MalformedRequest, match="too many hosts"):  # every match counts towards the cap
+        decide(ps, host="www.example.com", headers={"forwarded": ";".join(f"x{i}host=h{i}" for i in range(9))})
+    started = time.perf_counter()  # 60 KB of near-matches is one linear scan
+    for value in ("host" * 15_000, "xhost=" + '"' * 60_000, "host=" * 12_000, "host " * 12_000 + "="):
+        try:
+            decide(ps, host="www.example.com", headers={"forwarded": value})
+        except MalformedRequest:
+            pass
+    assert time.perf_counter() - started < 1.0
 
 
 def test_a_header_an_upstream_reads_as_one_the_policies_read_is_ambiguous(tmp_path: Path) -> None:
@@ -955,6 +1038,36 @@ def test_a_check_spends_a_bounded_number_of_condition_evaluations(tmp_path: Path
     ps = policy_set(tmp_path / "p", [path_too, allow({})])
     d = decide(ps, method="HEAD", path="/a%2Fb/c;d=e/f//g/h./k%3Fl/z", headers=headers)
     assert (d.allowed, d.reason) == (False, "condition over budget")
+
+
+def test_a_deny_on_a_cookie_matches_each_cookie_pair(tmp_path: Path) -> None:
+    """Envoy joins HTTP/2 cookie crumbs with '; ' (RFC 9113 8.2.3): `cookie: a=1` and
+    `cookie: session=admin` reach both filters as `a=1; session=admin`, which Istio's DENY on
+    `session=admin` does not match and the upstream's cookie parser reads as that cookie. Only
+    the cookie header is read so: ';' is no separator elsewhere."""
+    field = policy_set(tmp_path, [deny(op(headers={"cookie": ["session=admin", "debug=*"]}), name="no-admin"), allow({})])
+    cond = policy_set(tmp_path / "c", [{"name": "no-admin", "action": "DENY", "rules": [
+        {"name": "r", "when": ["request.headers['cookie'] == 'session=admin'"]}]}, allow({})])
+    for value in ("a=1; session=admin", "session=admin; a=1", "a=1;session=admin ;b=2", "a=1; \tsession=admin"):
+        assert decide(field, headers={"cookie": value}).policy == "no-admin", value
+        assert decide(cond, headers={"cookie": value}).policy == "no-admin", value
+    assert decide(field, headers={"cookie": "a=1; debug=on"}).policy == "no-admin"
+    for value in ("a=1; session=administrator", "a=session=admin", "session=admin=1; a=1"):
+        assert decide(field, headers={"cookie": value}).allowed, value
+        assert decide(cond, headers={"cookie": value}).allowed, value
+    other = policy_set(tmp_path / "o", [deny(op(headers={"x-role": ["admin"]})), allow({})])
+    assert decide(other, headers={"x-role": "user; admin"}).allowed
+    not_headers = policy_set(tmp_path / "n", [allow(op(notHeaders={"cookie": ["debug=on"]}))])
+    assert not decide(not_headers, headers={"cookie": "a=1; debug=on"}).allowed
+    allow_field = policy_set(tmp_path / "a", [allow(op(headers={"cookie": ["session=user"]}))])
+    assert not decide(allow_field, headers={"cookie": "session=user; b=2"}).allowed  # as sent, as Istio
+    many = "; ".join(f"c{i}=v" for i in range(300)) + "; session=admin"  # a page with many cookies
+    assert decide(cond, headers={"cookie": many}).policy == "no-admin"
+    started = time.perf_counter()  # 60 KB of pairs: one split for the field, a bounded error for a condition
+    huge = "; ".join(f"c{i}=v" for i in range(8_000))
+    assert decide(field, headers={"cookie": huge}).allowed
+    assert decide(cond, headers={"cookie": huge}).reason == "condition error"
+    assert time.perf_counter() - started < 1.0
 
 
 def test_the_indexes_keep_a_suffix_principal_read_as_a_pattern(tmp_path: Path) -> None:

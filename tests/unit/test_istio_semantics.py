@@ -4,6 +4,7 @@ is stricter (docs/bundle-format.md, "Differences from Istio")."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -267,6 +268,33 @@ def test_allow_not_headers_exclude_on_any_element(tmp_path: Path) -> None:
     ps = policy_set(tmp_path, [allow(notHeaders={"x-env": ["test"]})])
     assert decide(ps, headers={"x-env": "prod"}).allowed
     assert not decide(ps, headers={"x-env": "prod, test"}).allowed
+
+
+def test_deny_header_values_match_as_an_http1_upstream_trims_them(tmp_path: Path) -> None:
+    """Envoy does not trim an HTTP/2 header value (` admin`, `admin\t`); an HTTP/1.1 upstream's
+    parser does: a DENY on `admin`, in the field and in a condition, matches the trimmed value.
+    An ALLOW's values still take it as sent; its notHeaders exclude on the trimmed value."""
+    ps = policy_set(tmp_path, [deny(headers={"x-role": ["admin", "root*"]}), allow()])
+    cond = policy_set(tmp_path / "c", [deny(when=["request.headers['x-role'] == 'admin'"]), allow()])
+    for value in (" admin", "admin ", "admin\t", "\t admin \t", "user, admin "):
+        assert decide(ps, headers={"x-role": value}).policy == "deny", value
+        assert decide(cond, headers={"x-role": value}).policy == "deny", value
+    assert decide(ps, headers={"x-role": " root-1"}).policy == "deny"
+    for value in (" user", "ad min", "admin\u00a0", "\"admin\""):
+        assert decide(ps, headers={"x-role": value}).allowed, value
+        assert decide(cond, headers={"x-role": value}).allowed, value
+    ps = policy_set(tmp_path / "a", [allow(headers={"x-role": ["admin"]})])
+    assert not decide(ps, headers={"x-role": " admin"}).allowed
+    ps = policy_set(tmp_path / "n", [allow(notHeaders={"x-env": ["test"]})])
+    assert not decide(ps, headers={"x-env": "test "}).allowed
+    ps = policy_set(tmp_path / "w", [allow(when=["request.headers['x-role'] == 'admin'"])])
+    assert not decide(ps, headers={"x-role": " admin"}).allowed  # an ALLOW condition reads it as sent
+    started = time.perf_counter()  # 60 KB of blanks: one strip per reading
+    for padded in (" " * 60_000 + "user", "\t" * 30_000 + "user" + " " * 30_000):
+        assert decide(cond, headers={"x-role": padded}).allowed
+        assert decide(policy_set(tmp_path / "f", [deny(headers={"x-role": ["admin"]}), allow()]),
+                      headers={"x-role": padded}).allowed
+    assert time.perf_counter() - started < 2.0
 
 
 # --- 5. unidentified destination -------------------------------------------------------------
