@@ -51,7 +51,9 @@ _HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "
 MAX_BODY_BYTES = 1024 * 1024
 # The request headers Envoy forwards with the configuration docs/http-ext-authz.md shows
 # (allowed_headers), and what every HTTP check carries: the host and the request line.
-DEFAULT_HEADERS = frozenset({"x-request-id"})
+# With them, the headers by which a request names another method, path or host (read as
+# in a gRPC check, docs/bundle-format.md "Differences from Istio").
+DEFAULT_HEADERS = frozenset({"x-request-id"}) | request_mod.OVERRIDING_HEADERS
 _ALWAYS_CARRIED = frozenset({"header:host", "header::authority", "header::method", "header::path"})
 
 
@@ -155,13 +157,14 @@ _XFCC_DELIMITERS = frozenset(',;"')
 def parse_xfcc(value: str) -> Xfcc:
     """The LAST element: the one the nearest proxy (the trusted one) appended; elements to
     its left were written by whoever sent the request. More than one URI SAN in that element
-    is ambiguous and refused (an X509-SVID has exactly one), and so is a URI without the
-    certificate it came from.
+    is ambiguous and refused (an X509-SVID has exactly one).
 
     Envoy writes URI SANs unquoted, so a certificate whose URI SAN holds `,URI=<other>` would
     end the proxy's element early and name another caller in a piece of its own (with a
     `Cert=` anyone can copy). The certificates the header carries show it: one with such a
-    URI SAN is refused wherever it sits."""
+    URI SAN is refused wherever it sits. Without `Cert=` (Istio's sidecars write subject, URI
+    and DNS only) that cannot be seen: a mesh CA signs no such SAN, and bundles whose
+    decision another name on the certificate could change deny (check.py)."""
     elements = _split(value, ",")
     if len(elements) > MAX_XFCC_ELEMENTS:
         raise XfccError("more elements than proxies a request passes")
@@ -178,9 +181,6 @@ def parse_xfcc(value: str) -> Xfcc:
         raise XfccError("more than one URI SAN in the client certificate")
     if len(set(own_certs)) > 1:
         raise XfccError("more than one client certificate")
-    if uris and not own_certs:
-        # Without it the URI could be such a piece, and names beside the URI SAN go unseen.
-        raise XfccError("a caller without its certificate (set_current_client_cert_details: cert: true)")
     # The URI is then checked against the certificate's (Request), as in a gRPC check: any
     # URI SAN Istio's RBAC reads (`spiffe://CLUSTER.LOCAL/...` too) is read the same here.
     return Xfcc(uris[0] if uris else "", bys[-1] if bys else "", own_certs[0] if own_certs else "")
@@ -218,6 +218,18 @@ def strip_prefix(target: str, prefix: str) -> str | None:
     return rest if rest.startswith("/") else "/" + rest
 
 
+_said_no_certificate: list[bool] = []
+
+
+def _say_once_no_certificate() -> None:
+    if not _said_no_certificate:
+        _said_no_certificate.append(True)
+        log.warning("x-forwarded-client-cert from a trusted proxy names the caller without its certificate: "
+                    "names on it besides the URI SAN cannot be checked, and checks under bundles whose "
+                    "decision they could change are denied (set_current_client_cert_details cert: true; "
+                    "docs/http-ext-authz.md)")
+
+
 def to_check_request(method: str, path: str, headers: dict[str, str], trusted: bool
                      ) -> external_auth_pb2.CheckRequest:
     """The CheckRequest an Envoy gRPC check would have carried. Raises XfccError."""
@@ -236,6 +248,8 @@ def to_check_request(method: str, path: str, headers: dict[str, str], trusted: b
         attrs.destination.principal = forwarded.by
         # As Envoy's include_peer_certificate: Request checks the URI against its SANs.
         attrs.source.certificate = forwarded.cert
+        if forwarded.uri and not forwarded.cert:
+            _say_once_no_certificate()
         headers[XFCC] = xfcc
     # Framing headers, and the x-envoy-* ones Envoy's own client adds (x-envoy-internal: true
     # on every call), describe this request to authz, not the original request.
@@ -433,8 +447,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         "by SPIFFE ID")
     g.add_argument("--http-authz-headers", action="append", default=[], metavar="NAMES",
                    help="the request headers Envoy's allowed_headers forwards (comma-separated, repeatable; "
-                        "default: x-request-id, as docs/http-ext-authz.md configures it). While the bundle "
-                        "reads any other header, every HTTP check is denied")
+                        "default: x-request-id and the method, path and host override headers, as "
+                        "docs/http-ext-authz.md configures it). While the bundle reads any other header, "
+                        "every HTTP check is denied")
     g.add_argument("--http-authz-max-connections", type=int, default=1024, metavar="N",
                    help="open connections accepted before new ones are answered 503 (default 1024)")
 

@@ -188,9 +188,9 @@ def from_check_request(
         raise MalformedRequest(str(exc)) from None
     path_readings = normalized.readings
     # One look for the headers that name another method, path or host (rare): not three.
-    overriding = not _OVERRIDING_HEADERS.isdisjoint(headers) or (
-        "_" in names and any(n.replace("_", "-") in _OVERRIDING_HEADERS for n in headers))
-    if overriding and _overriding(headers, _PATH_OVERRIDE_HEADERS):
+    overriding = not OVERRIDING_HEADERS.isdisjoint(headers) or (
+        "_" in names and any(n.replace("_", "-") in OVERRIDING_HEADERS for n in headers))
+    if overriding and _overriding(headers, PATH_OVERRIDE_HEADERS):
         path_readings = _with_path_overrides(normalized, headers, path_mode)
     query = normalized.query or http.query
 
@@ -246,7 +246,7 @@ def from_check_request(
 
 
 # Not X-Forwarded-Server: Apache's mod_proxy sets it to its own ServerName, not the client's.
-_HOST_HEADERS = frozenset({"x-forwarded-host", "x-host", "x-original-host", "forwarded"})
+HOST_OVERRIDE_HEADERS = frozenset({"x-forwarded-host", "x-host", "x-original-host", "forwarded"})
 # Unanchored, as Spring 6.1's ForwardedHeaderUtils, Reactor Netty and Vert.x find
 # `(?i:host)="?([^;,"]+)"?` anywhere in the value: `xhost=admin` and `for="_host=admin"` name
 # admin to them. Every match is taken, not the first only: another parser may take another.
@@ -255,7 +255,7 @@ _FORWARDED_HOST = re.compile(r'host\s*=\s*("[^"]*"?|[^;,\s]*)', re.IGNORECASE)
 
 def _forwarded_hosts(headers: dict[str, str]) -> tuple[str, ...]:
     named: list[str] = []
-    for name, value in _overriding(headers, _HOST_HEADERS):
+    for name, value in _overriding(headers, HOST_OVERRIDE_HEADERS):
         if name.replace("_", "-") != "forwarded":
             named += value.split(",")
             continue
@@ -274,7 +274,7 @@ def _forwarded_hosts(headers: dict[str, str]) -> tuple[str, ...]:
 
 # Headers by which a request names another path to serve (IIS URL Rewrite, Symfony and Zend
 # before their fixes, some Java filters route on them): `GET /` + `X-Original-URL: /admin`.
-_PATH_OVERRIDE_HEADERS = frozenset({"x-original-url", "x-rewrite-url"})
+PATH_OVERRIDE_HEADERS = frozenset({"x-original-url", "x-rewrite-url"})
 
 
 def _with_path_overrides(normalized: paths.NormalizedPath, headers: dict[str, str],
@@ -282,7 +282,7 @@ def _with_path_overrides(normalized: paths.NormalizedPath, headers: dict[str, st
     """The path's readings and each override's path with its readings: DENY rules match if
     any does, ALLOW rules only if all do. An override no reading settles is malformed."""
     out = dict.fromkeys(normalized.readings)
-    for name, value in _overriding(headers, _PATH_OVERRIDE_HEADERS):
+    for name, value in _overriding(headers, PATH_OVERRIDE_HEADERS):
         value = value.strip()
         if _ABSOLUTE_URL.match(value):  # ingress-nginx's auth sub-requests send one
             value = "/" + value.partition("://")[2].partition("/")[2]
@@ -309,13 +309,13 @@ def _overriding(headers: dict[str, str], names: frozenset[str]) -> list[tuple[st
 # Headers and a query parameter by which frameworks let a request name the method to run
 # (ASP.NET Web API, Express's method-override, Rack, Laravel, Spring's HiddenHttpMethodFilter:
 # `POST /x?_method=DELETE` runs DELETE).
-_OVERRIDE_HEADERS = frozenset({"x-http-method-override", "x-http-method", "x-method-override"})
-_OVERRIDING_HEADERS = _PATH_OVERRIDE_HEADERS | _OVERRIDE_HEADERS | _HOST_HEADERS
+METHOD_OVERRIDE_HEADERS = frozenset({"x-http-method-override", "x-http-method", "x-method-override"})
+OVERRIDING_HEADERS = PATH_OVERRIDE_HEADERS | METHOD_OVERRIDE_HEADERS | HOST_OVERRIDE_HEADERS
 
 
 def _method_overrides(headers: dict[str, str], query: str) -> tuple[str, ...]:
     named: list[str] = []
-    for _, value in _overriding(headers, _OVERRIDE_HEADERS):
+    for _, value in _overriding(headers, METHOD_OVERRIDE_HEADERS):
         named += value.split(",")
     if query:
         for key, value in urllib.parse.parse_qsl(query, keep_blank_values=True, max_num_fields=None):

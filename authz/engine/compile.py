@@ -39,6 +39,7 @@ from authz.engine.model import (
     Tenant,
     TenantSource,
 )
+from authz.request import HOST_OVERRIDE_HEADERS, METHOD_OVERRIDE_HEADERS, PATH_OVERRIDE_HEADERS
 
 YPath = tuple[str | int, ...]
 
@@ -630,12 +631,25 @@ def _reads(policy: Policy, shapes: shaping.Shapes) -> frozenset[str]:
             out.add(f"header:{policy.tenant.key}")
         elif policy.tenant.kind == "principalSegment":
             out.add("principal")
+    # The headers by which a request names another method, path or host are read wherever
+    # those are (authz.request): a caller that does not carry them would skip the readings.
+    overrides: set[frozenset[str]] = set()
+    if t.hosts is not None:
+        overrides.add(HOST_OVERRIDE_HEADERS)
+    if policy.tenant is not None and policy.tenant.kind == "pathCapture":
+        overrides.add(PATH_OVERRIDE_HEADERS)
     conditions: list[Condition] = []
     for rule in policy.rules:
         if rule.sources:
             out.add("principal")
         for o in rule.operations:
             out.update(f"header:{h.name}" for h in (*o.headers, *o.not_headers))
+            if o.methods is not None or o.not_methods is not None:
+                overrides.add(METHOD_OVERRIDE_HEADERS)
+            if o.paths is not None or o.not_paths is not None:
+                overrides.add(PATH_OVERRIDE_HEADERS)
+            if policy.action != "ALLOW" and (o.hosts is not None or o.not_hosts is not None):
+                overrides.add(HOST_OVERRIDE_HEADERS)  # an ALLOW's hosts read the authority only
         conditions += rule.conditions
         shape = shapes.rules.get((policy.name, rule.name))
         if shape is not None:
@@ -650,6 +664,11 @@ def _reads(policy: Policy, shapes: shaping.Shapes) -> frozenset[str]:
             out.add("principal")
         if "request.headers" in c.variables:
             out.update(_condition_headers(c.source))
+        if "request.method" in c.variables:
+            overrides.add(METHOD_OVERRIDE_HEADERS)
+        if "request.path" in c.variables or "request.path_params" in c.variables:
+            overrides.add(PATH_OVERRIDE_HEADERS)
+    out.update(f"header:{name}" for names in overrides for name in names)
     return frozenset(out)
 
 

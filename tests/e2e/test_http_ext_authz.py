@@ -23,6 +23,8 @@ from typing import Any
 import pytest
 from support.pki import CLIENTS, PKI, SERVERS, CertKey, generate_pki, issue, spiffe_id
 
+from authz.request import OVERRIDING_HEADERS
+
 from .harness import (
     LOCALHOST,
     ORDERS,
@@ -92,7 +94,8 @@ class HttpAuthzEnvoy(EnvoyProcess):
             "failure_mode_allow": False,
             "allowed_headers": {"patterns": [
                 {"exact": "x-forwarded-client-cert"}, {"exact": "x-request-id"},
-                {"exact": "x-test-marker"}, {"prefix": "x-tenant"}]},
+                {"exact": "x-test-marker"}, {"prefix": "x-tenant"},
+                *({"exact": h} for h in sorted(OVERRIDING_HEADERS))]},
             "http_service": {
                 "server_uri": {"uri": f"https://{LOCALHOST}:{self.authz_grpc_port}", "cluster": "authz",
                                "timeout": "2s"},

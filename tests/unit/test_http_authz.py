@@ -36,13 +36,12 @@ def test_parse_xfcc_takes_the_last_element() -> None:
     assert parse_xfcc(f"By={ORDERS};Hash=1") == Xfcc("", ORDERS)  # a plaintext caller
 
 
-def test_a_caller_in_xfcc_needs_its_certificate() -> None:
+def test_a_certificate_that_splits_xfcc_is_refused() -> None:
     """Envoy writes URI SANs unquoted: a certificate whose URI SAN is `.../sa/x,URI=<other>`
     ends the proxy's element early, and the piece after it names another caller (with a
-    `Cert=` of that caller's, which is public). Without `Cert=` such a piece cannot be told
-    from the proxy's element; with it, the certificate that split the header shows."""
-    with pytest.raises(XfccError, match="without its certificate"):
-        parse_xfcc(f"By={ORDERS};URI={CHECKOUT}")
+    `Cert=` of that caller's, which is public). With `Cert=` the certificate that split the
+    header shows."""
+    assert parse_xfcc(f"By={ORDERS};URI={CHECKOUT}") == Xfcc(CHECKOUT, ORDERS)  # Istio's sidecars send none
     admin = f"{TD}/ns/prod/sa/admin"
     crafted = forwarded_certificate(f"{TD}/ns/prod/sa/x,URI={admin};Cert={forwarded_certificate(admin)}")
     split = f'By={ORDERS};Hash=00;Cert="{crafted}";URI={TD}/ns/prod/sa/x,URI={admin};Cert={forwarded_certificate(admin)}'
@@ -439,7 +438,7 @@ def test_http_checks_deny_while_the_bundle_reads_what_envoy_did_not_forward(
 
     from support.pki import forwarded_certificate
 
-    from authz.check import UNCARRIED_REQUEST
+    from authz.check import UNCARRIED_CERTIFICATE, UNCARRIED_REQUEST
     from authz.http_authz import HttpAuthzServer, TrustedProxies, to_check_request
 
     c = checker(tmp_path, policies, tenants={"acme": {"callers": [EVIL]}})
@@ -458,7 +457,7 @@ def test_the_principal_is_carried_only_from_a_trusted_proxy(tmp_path) -> None:  
 
     from support.pki import forwarded_certificate
 
-    from authz.check import UNCARRIED_REQUEST
+    from authz.check import UNCARRIED_CERTIFICATE, UNCARRIED_REQUEST
     from authz.http_authz import HttpAuthzServer, TrustedProxies, to_check_request
 
     deny = {"name": "d", "action": "DENY", "rules": [{"from": [{"source": {"principals": [EVIL]}}]}]}
@@ -475,8 +474,11 @@ def test_the_principal_is_carried_only_from_a_trusted_proxy(tmp_path) -> None:  
     assert run(xfcc, True).reason == "denied by policy"
     # The certificate is what a gRPC check's include_peer_certificate forwards: without it a
     # DNS SAN or subject naming EVIL would go unseen (Envoy's RBAC denies on it).
-    with pytest.raises(XfccError, match="without its certificate"):
-        run(f"URI={EVIL}", True)
+    assert run(f"URI={EVIL}", True).reason == UNCARRIED_CERTIFICATE
+    checkout_only = {"name": "a", "action": "ALLOW", "rules": [{"from": [{"source": {"principals": [EVIL]}}]}]}
+    only = checker(tmp_path / "a", [checkout_only])
+    assert only.run(to_check_request("GET", "/x", {"host": "app", "x-forwarded-client-cert": f"URI={EVIL}"}, True),
+                 caller="envoy_http", socket=False, carries=server.carries_trusted).decision.allowed
     checkout = "spiffe://cluster.local/ns/prod/sa/checkout"
     assert run(f'URI={checkout};Cert="{forwarded_certificate(checkout)}"', True).allowed
     hidden = forwarded_certificate(checkout, EVIL)
@@ -492,3 +494,26 @@ def test_headers_that_do_not_reach_authz_as_sent_cannot_be_declared(name: str) -
 
     assert header_names_problem(frozenset({name})) is not None
     assert header_names_problem(frozenset({"x-debug"})) is None
+
+
+def test_the_headers_that_name_another_method_path_or_host_must_be_carried(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Over gRPC, `x-http-method-override: DELETE` meets a DENY on DELETE (and so do
+    X-Original-URL and X-Forwarded-Host a DENY on their path and host); over HTTP, where Envoy
+    forwards only its allowed_headers, the same request was allowed. Not carried, they deny."""
+    from test_checker import checker
+
+    from authz.check import UNCARRIED_REQUEST
+    from authz.http_authz import DEFAULT_HEADERS, HttpAuthzServer, TrustedProxies, to_check_request
+
+    no_delete = {"name": "d", "action": "DENY", "rules": [{"to": [{"operation": {"methods": ["DELETE"]}}]}]}
+    c = checker(tmp_path, [OPEN, no_delete])
+    bare = HttpAuthzServer(c, "127.0.0.1:0", TrustedProxies(), headers=frozenset({"x-request-id"}))
+    shipped = HttpAuthzServer(c, "127.0.0.1:0", TrustedProxies(), headers=DEFAULT_HEADERS)
+
+    def run(server: HttpAuthzServer, headers: dict[str, str]):  # type: ignore[no-untyped-def]
+        cr = to_check_request("POST", "/x", {"host": "app", **headers}, False)
+        return c.run(cr, caller="envoy_http", socket=False, carries=server.carries).decision
+
+    assert run(bare, {}).reason == UNCARRIED_REQUEST
+    assert run(shipped, {}).allowed
+    assert run(shipped, {"x-http-method-override": "DELETE"}).reason == "denied by policy"
