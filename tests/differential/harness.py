@@ -288,15 +288,16 @@ def authz_server(bundle: Path, workdir: Path, extra: list[str] | None = None) ->
 def decide_with_authz(pair: Pair, requests: list[dict[str, Any]], bundle: Path, workdir: Path,
                       path_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     if pair.ext_authz == "http" or os.environ.get("DIFF_FORCE_HTTP"):
-        from authz.http_authz import header_names_problem
+        from authz.http_authz import DEFAULT_HEADERS, header_names_problem
         named = {h.lower() for r in requests for h in (r.get("headers") or {})}
         named |= set(pair.http_headers)
-        named = {h for h in named if header_names_problem(frozenset({h})) is None} - {"x-request-id", "host"}
+        # the shipped envoy-http.yaml forwards authz's default headers already
+        named = {h for h in named if header_names_problem(frozenset({h})) is None} - DEFAULT_HEADERS - {"host"}
         pair = dataclasses.replace(pair, http_headers=tuple(sorted(named)))
         port = free_port()
         extra = ["--http-authz-addr", f"127.0.0.1:{port}", "--http-authz-path-prefix", "/check",
                  "--trusted-proxy", "127.0.0.1",
-                 "--http-authz-headers", ",".join(("x-request-id", *pair.http_headers))]
+                 "--http-authz-headers", ",".join((*sorted(DEFAULT_HEADERS), *pair.http_headers))]
         with authz_server(bundle, workdir / "authz", extra):
             return oracle.run(
                 None, requests, workdir / "envoy-authz",
