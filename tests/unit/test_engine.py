@@ -448,10 +448,12 @@ def test_head_and_method_overrides_meet_a_deny_on_the_method_they_run(tmp_path: 
                {"method": "POST", "path": "/orders/1?%5Fmethod=DELETE"},
                {"method": "POST", "path": "/orders/1?.method=DELETE"},
                {"method": "POST", "path": "/orders/1?%20method=DELETE"},
-               {"method": "POST", "path": "/orders/1?_m%65thod=DELETE"},
-               {"method": "POST", "path": "/orders/1", "headers": {"x_http_method_override": "DELETE"}}):
+               {"method": "POST", "path": "/orders/1?_m%65thod=DELETE"}):
         d = decide(ps, **kw)
         assert (d.allowed, d.policy) == (False, "no-delete"), kw
+    # spelt with '_' (CGI): the override header is read, as one the policies read (methods)
+    d = decide(ps, method="POST", path="/orders/1", headers={"x_http_method_override": "DELETE"})
+    assert (d.allowed, d.reason) == (False, "ambiguous header")
     assert decide(ps, method="HEAD", path="/orders/1").allowed
     assert decide(ps, method="POST", path="/orders/1?method=DELETE").allowed
     assert decide(ps, method="POST", path="/orders/1", headers={"x-http-method-override": "PATCH"}).allowed
@@ -497,7 +499,9 @@ def test_a_path_override_header_is_a_reading_of_the_path(tmp_path: Path) -> None
     ], tenants=TENANTS)
     for name in ("x-original-url", "x-rewrite-url", "X-Original-URL", "x_original_url", "X_Rewrite_URL"):
         d = decide(ps, principal=CHECKOUT, path="/public/x", headers={name: "/admin/x"})
-        assert (d.allowed, d.policy) == (False, "no-admin"), name
+        # spelt with '_' it is also a header the policies read spelt otherwise: ambiguous
+        expected = (False, "ambiguous header") if "_" in name else (False, "denied by policy")
+        assert (d.allowed, d.reason) == expected, name
     d = decide(ps, principal=CHECKOUT, path="/public/x", headers={"x-original-url": "/other/x"})
     assert (d.allowed, d.reason) == (False, "ambiguous path")
     assert decide(ps, principal=CHECKOUT, path="/public/x", headers={"x-original-url": "/public/y?z=1"}).allowed
@@ -530,7 +534,8 @@ def test_a_forwarded_host_meets_a_deny_on_that_host(tmp_path: Path) -> None:
                     {"forwarded": 'for=x;host="admin.example.com,x"'}, {"forwarded": 'for=x;host="admin.example.com'},
                     {"x_forwarded_host": "admin.example.com"}):
         d = decide(ps, host="www.example.com", headers=headers)
-        assert (d.allowed, d.policy) == (False, "no-admin"), headers
+        expected = (False, "ambiguous header") if "_" in str(headers) else (False, "denied by policy")
+        assert (d.allowed, d.reason) == expected, headers
     assert decide(ps, host="www.example.com", headers={"x-forwarded-host": "www.example.com"}).allowed
     assert decide(ps, host="www.example.com", headers={"forwarded": "for=admin.example.com"}).allowed
     # Apache's mod_proxy sets X-Forwarded-Server to its own name, not the client's
