@@ -218,18 +218,23 @@ def import_bundle(pair: Pair, out_dir: Path, path_normalization: str | None = No
     return None
 
 
-def ext_authz_filter() -> dict[str, Any]:
-    """The ext_authz filter of the shipped deploy/envoy/envoy.yaml (what it sends authz: peer
-    certificate, TLS session, ...), pointed at the test's authz server with a generous timeout."""
-    config = yaml.safe_load(SHIPPED_ENVOY.read_text())
+def _shipped_ext_authz(config_file: Path) -> dict[str, Any]:
+    """A copy of the typed_config of the one ext_authz filter in a shipped Envoy config."""
+    config = yaml.safe_load(config_file.read_text())
     found = [f for listener in config["static_resources"]["listeners"]
              for chain in listener.get("filter_chains", [])
              for net in chain.get("filters", [])
              for f in net.get("typed_config", {}).get("http_filters", [])
              if f.get("name") == "envoy.filters.http.ext_authz"]
     if len(found) != 1:
-        raise AssertionError(f"expected one ext_authz filter in {SHIPPED_ENVOY}, found {len(found)}")
-    typed = dict(found[0]["typed_config"])
+        raise AssertionError(f"expected one ext_authz filter in {config_file}, found {len(found)}")
+    return dict(json.loads(json.dumps(found[0]["typed_config"])))
+
+
+def ext_authz_filter() -> dict[str, Any]:
+    """The ext_authz filter of the shipped deploy/envoy/envoy.yaml (what it sends authz: peer
+    certificate, TLS session, ...), pointed at the test's authz server with a generous timeout."""
+    typed = _shipped_ext_authz(SHIPPED_ENVOY)
     typed["grpc_service"] = {"envoy_grpc": {"cluster_name": "authz"}, "timeout": EXT_AUTHZ_TIMEOUT}
     return {"name": "envoy.filters.http.ext_authz", "typed_config": typed}
 
@@ -256,13 +261,7 @@ def authz_cluster(grpc_port: int) -> dict[str, Any]:
 def http_ext_authz_filter(port: int, headers: tuple[str, ...]) -> dict[str, Any]:
     """The ext_authz filter of the shipped deploy/envoy/envoy-http.yaml (http_service), pointed
     at the test's authz HTTP ext_authz listener over plain HTTP/1.1."""
-    config = yaml.safe_load(SHIPPED_ENVOY_HTTP.read_text())
-    found = [f for listener in config["static_resources"]["listeners"]
-             for chain in listener.get("filter_chains", [])
-             for net in chain.get("filters", [])
-             for f in net.get("typed_config", {}).get("http_filters", [])
-             if f.get("name") == "envoy.filters.http.ext_authz"]
-    typed = json.loads(json.dumps(found[0]["typed_config"]))
+    typed = _shipped_ext_authz(SHIPPED_ENVOY_HTTP)
     typed["http_service"]["server_uri"] = {"uri": f"http://127.0.0.1:{port}", "cluster": "authz",
                                            "timeout": EXT_AUTHZ_TIMEOUT}
     typed["allowed_headers"]["patterns"] += [{"exact": h} for h in headers]
