@@ -84,23 +84,25 @@ class Request:
     def host_without_port(self) -> str:
         return _split_port(self.host)[0]
 
-    def host_names(self, every_reading: bool = False) -> tuple[str, ...]:
+    def host_names(self, every_reading: bool = False, forwarded: bool = True) -> tuple[str, ...]:
         """What a ``hosts`` field is compared with: the authority with and without its port.
         ``every_reading`` (DENY and AUDIT rules, an ALLOW's notHosts, policy targets) adds what
         an upstream may take the same authority for: after a userinfo ``@``, percent-decoded,
         folded as a WHATWG URL parser folds a host (_uts46_like), without the trailing dot of a
         fully qualified name (each with and without the port), without a port that is no
         number (_portless), and the hosts the request names in forwarding headers (Django's
-        USE_X_FORWARDED_HOST, Express's trust proxy, Spring's ForwardedHeaderFilter)."""
+        USE_X_FORWARDED_HOST, Express's trust proxy, Spring's ForwardedHeaderFilter) unless
+        not ``forwarded``."""
         h = self.host
+        hosts = self.forwarded_hosts if forwarded else ()
         name = _split_port(h)[0]
         # The hot path: a name of ASCII, maybe a numeric port. A ':' left in the name is a
         # port that is no number (or an IPv6 literal): read below, as are '%', '@' and '['.
-        if not every_reading or not (self.forwarded_hosts or name.endswith(".") or ":" in name
+        if not every_reading or not (hosts or name.endswith(".") or ":" in name
                                      or "%" in h or "@" in h or "[" in h or not h.isascii()):
             return h, name
         names = [h, name]
-        spellings = [h, *self.forwarded_hosts]
+        spellings = [h, *hosts]
         if any("%" in s for s in spellings):
             spellings += [urllib.parse.unquote(s) for s in spellings if "%" in s]
         spellings += [_uts46_like(s) for s in spellings if not s.isascii()]

@@ -541,11 +541,16 @@ def _readings(req: Request) -> tuple[Request, ...]:
 def _may_grant(policy: Policy, identified: bool, req: Request) -> bool:
     """Whether an ALLOW ``policy`` may allow: not one that names its workload by host only
     when the destination is ``identified`` by principal (see decide), nor one whose target
-    matches the destination in only one of the readings older and patched istiod give it."""
+    matches the destination in only one of the readings older and patched istiod give it,
+    nor one whose target hosts only a forwarding header names (it applies, to deny, but
+    `X-Forwarded-Host: <another workload>` must not make that workload's policy grant)."""
     t = policy.target
     if t.grant_principals is not None and not t.grant_principals(req.destination_principal):
         return False
-    return not (identified and t.principals is None and t.hosts is not None)
+    if identified and t.principals is None and t.hosts is not None:
+        return False
+    return (t.hosts is None or t.hosts.present or not req.forwarded_hosts
+            or any(map(t.hosts, req.host_names(True, forwarded=False))))
 
 
 def _target_matches(policy: Policy, req: Request) -> bool:
