@@ -413,11 +413,17 @@ def _remote_address(headers: dict[str, str], peer: str, trusted_hops: int = 0) -
     # `127.1`; Envoy parses with inet_pton) leaves the peer too: taken as is, it matched no
     # block, and a DENY on the peer's address did not fire.
     xff = headers.get("x-forwarded-for")
-    if xff:
+    if xff and trusted_hops >= 0:  # -1: Envoy took its peer (use_remote_address, not appended)
         entries = xff.rsplit(",", trusted_hops + 1)
         if len(entries) <= trusted_hops:
             return peer
         entry = entries[-1 - trusted_hops].strip(_ASCII_SPACE)  # str.strip() would take U+00A0 too
+        if "%" in entry and ":" in entry:
+            # Envoy reads an IPv6 address with a zone through getaddrinfo: a numeric zone is
+            # the address, a named one is the address only if Envoy's host has that interface.
+            entry, _, zone = entry.partition("%")
+            if not (zone.isascii() and zone.isdigit()) and _is_ipv6(entry):
+                raise MalformedRequest("x-forwarded-for names an IPv6 address with an interface zone")
         if entry and "%" not in entry:
             try:
                 ipaddress.ip_address(entry)
@@ -425,3 +431,10 @@ def _remote_address(headers: dict[str, str], peer: str, trusted_hops: int = 0) -
                 return peer
             return entry
     return peer
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        return isinstance(ipaddress.ip_address(text), ipaddress.IPv6Address)
+    except ValueError:
+        return False

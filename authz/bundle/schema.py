@@ -198,6 +198,12 @@ MANIFEST: dict[str, Any] = {
             "description": "The proxy's xff_num_trusted_hops (Istio numTrustedProxies): which x-forwarded-for "
                            "entry is the original client for remoteIpBlocks. Default 0.",
         },
+        "xffSkipAppend": {
+            "type": "boolean",
+            "description": "The proxy uses its peer address (use_remote_address) and does not append it to "
+                           "x-forwarded-for (skip_xff_append): xffTrustedHops then count from the header as sent. "
+                           "Default false.",
+        },
         "denyResponse": {**DENY_RESPONSE, "description": "Every deny without a DENY policy's own "
                                                          "denyResponse: status and message."},
     },

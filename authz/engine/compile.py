@@ -158,7 +158,9 @@ class _Compiler:
             trust_domains=self.trust,
             default_allow=m.get("defaultAction", "DENY") == "ALLOW",
             path_normalization=paths.Normalization(m.get("pathNormalization", "BASE")),
-            xff_trusted_hops=int(m.get("xffTrustedHops", 0)),
+            # Entries right of the client's in the header authz gets: with skip_xff_append
+            # Envoy did not add its peer, so one fewer; none at all: the peer (-1).
+            xff_trusted_hops=int(m.get("xffTrustedHops", 0)) - (1 if m.get("xffSkipAppend") else 0),
             targets_principals=any(p.target.principals is not None for p in policies),
             host_only_targets=any(p.target.principals is None and p.target.hosts is not None for p in policies),
             needs_socket=next((p.name for p in policies if _needs(p, remote=False)), ""),

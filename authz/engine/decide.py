@@ -92,7 +92,9 @@ class PolicySet:
     by_principal: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     general: tuple[int, ...] = ()
     path_normalization: paths.Normalization = paths.Normalization.BASE
-    xff_trusted_hops: int = 0  # the proxy's xff_num_trusted_hops (request._remote_address)
+    # x-forwarded-for entries right of the client's as authz gets the header, -1: the peer
+    # is the client (the manifest's xffTrustedHops and xffSkipAppend; request._remote_address)
+    xff_trusted_hops: int = 0
     # Some policy names its destination by principal: a request without one (plaintext,
     # Istio PERMISSIVE) cannot be told apart from a request to that destination.
     targets_principals: bool = False

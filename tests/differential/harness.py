@@ -206,10 +206,14 @@ def import_bundle(pair: Pair, out_dir: Path, path_normalization: str | None = No
         rc = authz_cli(args)
     if rc != 0:
         return f"authz import-istio exit {rc}:\n{err.getvalue().strip()}"
-    if path_normalization is not None:
+    hcm = dict(pair.hcm)
+    if path_normalization is not None or (hcm.get("use_remote_address") and hcm.get("skip_xff_append")):
         manifest = out_dir / "bundle.yaml"
         data = yaml.safe_load(manifest.read_text())
-        data["pathNormalization"] = path_normalization
+        if path_normalization is not None:
+            data["pathNormalization"] = path_normalization
+        if hcm.get("use_remote_address") and hcm.get("skip_xff_append"):
+            data["xffSkipAppend"] = True  # no import flag: Istio never sets skip_xff_append
         manifest.write_text(yaml.safe_dump(data, sort_keys=False))
     try:  # say why here, rather than wait for a server that never becomes ready
         load_policy_set(out_dir)

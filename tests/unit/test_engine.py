@@ -913,7 +913,7 @@ def test_the_rule_index_decides_tenant_mismatches_as_the_explained_path_does(tmp
     ("::ffff:127.0.0.1", "::ffff:127.0.0.1"),
     # As in Envoy (inet_pton): no plain IP address, so the peer stays the remote address.
     ("garbage", "10.0.0.1"), ("192.0.2.1:8080", "10.0.0.1"), ("[2001:db8::1]", "10.0.0.1"),
-    ("2001:db8::1%eth0", "10.0.0.1"), ("127.1", "10.0.0.1"), ("192.0.2.001", "10.0.0.1"),
+    ("2001:db8::1%1", "2001:db8::1"), ("127.1", "10.0.0.1"), ("192.0.2.001", "10.0.0.1"),
     ("127.0.0.1, garbage", "10.0.0.1"), ("192.0.2.1 192.0.2.2", "10.0.0.1"),
     # Envoy trims ASCII white space only: a no-break or ideographic space leaves no address.
     ("192.0.2.1\u00a0", "10.0.0.1"), ("10.0.0.9, 192.0.2.1\u3000", "10.0.0.1"), ("192.0.2.1 \t", "192.0.2.1"),
@@ -947,6 +947,28 @@ def test_remote_address_skips_the_trusted_hops_the_bundle_names(tmp_path: Path, 
                              ps.trust_domains, ps.path_normalization, ps.xff_trusted_hops)
     assert req.remote_address == remote
     assert ps.decide(req).allowed is (remote != "192.0.2.1")
+
+
+@pytest.mark.parametrize(("hops", "xff", "remote"), [
+    (1, "192.0.2.1", "192.0.2.1"), (1, "198.51.100.7, 192.0.2.1", "192.0.2.1"),
+    (2, "192.0.2.1, 10.0.0.9", "192.0.2.1"), (0, "192.0.2.1", "10.0.0.1")])
+def test_remote_address_when_envoy_does_not_append_its_peer(tmp_path: Path, hops: int, xff: str, remote: str) -> None:
+    """use_remote_address with skip_xff_append: Envoy reads the N-th entry from the right of
+    the header as sent (no peer appended), and with no trusted hop its peer."""
+    ps = policy_set(tmp_path, [allow({})], xffTrustedHops=hops, xffSkipAppend=True)
+    req = from_check_request(check_request(headers={"x-forwarded-for": xff}, source_ip="10.0.0.1"),
+                             ps.trust_domains, ps.path_normalization, ps.xff_trusted_hops)
+    assert req.remote_address == remote
+
+
+def test_an_ipv6_address_with_a_named_zone_in_x_forwarded_for_is_malformed(tmp_path: Path) -> None:
+    """Envoy reads `fe80::1%1` as fe80::1 (getaddrinfo), and `fe80::1%eth0` too when its host
+    has an eth0: read as the peer, a DENY on fe80::/10 did not fire."""
+    ps = policy_set(tmp_path, [allow({})])
+    with pytest.raises(MalformedRequest, match="interface zone"):
+        from_check_request(check_request(headers={"x-forwarded-for": "fe80::1%eth0"}), ps.trust_domains)
+    req = from_check_request(check_request(headers={"x-forwarded-for": "10.0.0.9, fe80::1%2"}), ps.trust_domains)
+    assert req.remote_address == "fe80::1"
 
 
 def test_a_host_header_rule_reads_the_authority(tmp_path: Path) -> None:
