@@ -174,14 +174,15 @@ class Checker:
             elif not socket and policy_set.needs_socket:
                 decision = self._uncarried(policy_set, policy_set.needs_socket, caller)
             elif carries is not None and (missing := self._missing(policy_set, carries)):
-                decision = self._uncarried(policy_set, missing, caller, UNCARRIED_REQUEST)
+                decision = self._uncarried(policy_set, missing, caller, UNCARRIED_CERTIFICATE
+                                           if missing.endswith("(certificate)") else UNCARRIED_REQUEST)
             else:
                 req = request_mod.from_check_request(check_request, policy_set.trust_domains,
                                                    policy_set.path_normalization, policy_set.xff_trusted_hops)
                 if not socket and policy_set.needs_remote_address and not req.remote_address:
                     decision = self._uncarried(policy_set, policy_set.needs_remote_address, caller)
-                elif (req.principal and policy_set.needs_certificate and caller != CALLER_API
-                      and not check_request.attributes.source.certificate):
+                elif (caller == CALLER_ENVOY_GRPC and req.principal and policy_set.needs_certificate
+                      and not check_request.attributes.source.certificate):  # other callers: carries
                     decision = self._uncarried(policy_set, policy_set.needs_certificate, caller,
                                                UNCARRIED_CERTIFICATE)
                 else:

@@ -28,7 +28,7 @@ MAX_JSON_BYTES = 1024 * 1024
 MALFORMED = "malformed request"
 # The request as a DecideRequest describes it: any header but :scheme, context extensions,
 # the principals; no scheme or protocol (PolicySet.reads).
-CARRIES = frozenset({"header:*", "context_extensions", "principal"})
+CARRIES = frozenset({"header:*", "context_extensions", "principal", "certificate"})  # an identity, no certificate
 
 
 def to_check_request(req: decision_pb2.DecideRequest) -> external_auth_pb2.CheckRequest:

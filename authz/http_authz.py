@@ -148,6 +148,7 @@ class Xfcc:
     uri: str = ""  # the caller's URI SAN
     by: str = ""  # the proxy's own (the destination workload's) URI SAN
     cert: str = ""  # the caller's certificate, URL-encoded PEM (`cert: true`), as a gRPC check's
+    presented: bool = False  # the caller presented a certificate (Hash=, URI=, ... in the element)
 
 
 MAX_XFCC_ELEMENTS = 16  # proxies a request may have passed, each appending one element
@@ -173,17 +174,30 @@ def parse_xfcc(value: str) -> Xfcc:
         fields = _fields(element)
         certs += fields.get("cert", ())
     for cert in dict.fromkeys(certs):
-        if any(not _XFCC_DELIMITERS.isdisjoint(uri) for uri in request_mod.certificate_uris(cert)):
-            raise XfccError("a client certificate's URI SAN holds XFCC delimiters")
+        if any(not _XFCC_DELIMITERS.isdisjoint(san) for san in request_mod.certificate_names(cert)):
+            raise XfccError("a client certificate's SAN holds XFCC delimiters")
     last = _fields(elements[-1])
     uris, own_certs, bys = last.get("uri", []), last.get("cert", []), last.get("by", [])
     if len(set(uris)) > 1:
         raise XfccError("more than one URI SAN in the client certificate")
     if len(set(own_certs)) > 1:
         raise XfccError("more than one client certificate")
+    if len(set(bys)) > 1:
+        raise XfccError("more than one By")
+    if certs and not own_certs:  # the proxy writes Cert=: an element without one is no proxy's
+        raise XfccError("an element without the certificate the others carry")
+    # As Request refuses for a forwarded certificate: names Envoy's RBAC reads as identities.
+    if (any(d.lower().startswith("spiffe:") or "/ns/" in d for d in last.get("dns", ()))
+            or any("/ns/" in subject for subject in last.get("subject", ()))):
+        raise XfccError("the client certificate names more than one identity")
     # The URI is then checked against the certificate's (Request), as in a gRPC check: any
     # URI SAN Istio's RBAC reads (`spiffe://CLUSTER.LOCAL/...` too) is read the same here.
-    return Xfcc(uris[0] if uris else "", bys[-1] if bys else "", own_certs[0] if own_certs else "")
+    presented = not _NO_CERTIFICATE.isdisjoint(last)
+    return Xfcc(uris[0] if uris else "", bys[0] if bys else "", own_certs[0] if own_certs else "", presented)
+
+
+# Keys Envoy writes only for a connection with a client certificate (Hash= always).
+_NO_CERTIFICATE = frozenset({"hash", "uri", "dns", "subject", "cert", "chain"})
 
 
 def _fields(element: str) -> dict[str, list[str]]:
@@ -231,8 +245,10 @@ def _say_once_no_certificate() -> None:
 
 
 def to_check_request(method: str, path: str, headers: dict[str, str], trusted: bool
-                     ) -> external_auth_pb2.CheckRequest:
-    """The CheckRequest an Envoy gRPC check would have carried. Raises XfccError."""
+                     ) -> tuple[external_auth_pb2.CheckRequest, bool]:
+    """The CheckRequest an Envoy gRPC check would have carried, and whether the caller
+    presented a certificate the proxy did not forward (XFCC without Cert=). Raises XfccError."""
+    unseen = False
     cr = external_auth_pb2.CheckRequest()
     attrs = cr.attributes
     http = attrs.request.http
@@ -248,15 +264,16 @@ def to_check_request(method: str, path: str, headers: dict[str, str], trusted: b
         attrs.destination.principal = forwarded.by
         # As Envoy's include_peer_certificate: Request checks the URI against its SANs.
         attrs.source.certificate = forwarded.cert
-        if forwarded.uri and not forwarded.cert:
+        if forwarded.presented and not forwarded.cert:
             _say_once_no_certificate()
+            unseen = True
         headers[XFCC] = xfcc
     # Framing headers, and the x-envoy-* ones Envoy's own client adds (x-envoy-internal: true
     # on every call), describe this request to authz, not the original request.
     http.headers.update({k: v for k, v in headers.items() if k not in _HOP_BY_HOP and not k.startswith("x-envoy-")})
     # As in a gRPC check, the pseudo-headers are headers too.
     http.headers.update({":method": method, ":path": path, ":authority": http.host})
-    return cr
+    return cr, unseen
 
 
 def to_http(resp: external_auth_pb2.CheckResponse) -> tuple[int, list[tuple[str, str]], bytes]:
@@ -289,8 +306,10 @@ class HttpAuthzServer:
         problem = header_names_problem(headers)
         if problem is not None:
             raise ValueError(problem)
-        self.carries = frozenset({*(f"header:{h}" for h in headers), *_ALWAYS_CARRIED})
+        self.carries = frozenset({*(f"header:{h}" for h in headers), *_ALWAYS_CARRIED, "certificate"})
         self.carries_trusted = self.carries | {"principal"}
+        # A certificate Envoy's RBAC would read every name of, which authz did not get.
+        self.carries_unseen = self.carries_trusted - {"certificate"}
         self.addr = addr
         self.trusted = trusted
         self.path_prefix = path_prefix
@@ -384,7 +403,7 @@ class HttpAuthzServer:
             path = strip_prefix(target, self.path_prefix)
             if path is None:
                 raise Malformed(f"path does not start with the configured prefix {self.path_prefix!r}", 403)
-            check_request = to_check_request(method, path, headers, trusted)
+            check_request, unseen = to_check_request(method, path, headers, trusted)
         except Malformed as exc:
             await self._deny(reader, writer, exc.reason, exc.status)
             return False
@@ -393,8 +412,8 @@ class HttpAuthzServer:
                                        malformed=f"bad x-forwarded-client-cert: {exc}")
             await self._answer(writer, *to_http(outcome.response), close, method == "HEAD")
             return not close
-        outcome = self.checker.run(check_request, caller=CALLER_ENVOY_HTTP, socket=False,
-                                   carries=self.carries_trusted if trusted else self.carries)
+        carries = self.carries if not trusted else self.carries_unseen if unseen else self.carries_trusted
+        outcome = self.checker.run(check_request, caller=CALLER_ENVOY_HTTP, socket=False, carries=carries)
         await self._answer(writer, *to_http(outcome.response), close, method == "HEAD")
         return not close
 

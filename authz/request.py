@@ -343,9 +343,24 @@ _SAN_CACHE: dict[str, frozenset[str]] = {}
 _SPIFFE_DNS = "\0spiffe-like"  # stands for a DNS SAN or subject that reads as an identity
 
 
-def certificate_uris(certificate: str) -> frozenset[str]:
-    """The URI SANs of a URL-encoded PEM certificate (none when it does not parse)."""
-    return _uri_sans(certificate) - {_SPIFFE_DNS}
+_NAMES_CACHE: dict[str, frozenset[str]] = {}
+
+
+def certificate_names(certificate: str) -> frozenset[str]:
+    """The URI and DNS SANs of a URL-encoded PEM certificate (none when it does not parse)."""
+    names = _NAMES_CACHE.get(certificate)
+    if names is None:
+        try:
+            cert = x509.load_pem_x509_certificate(urllib.parse.unquote(certificate).encode())
+            ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            names = frozenset(ext.get_values_for_type(x509.UniformResourceIdentifier)
+                              + ext.get_values_for_type(x509.DNSName))
+        except (ValueError, x509.ExtensionNotFound):
+            names = frozenset()
+        if len(_NAMES_CACHE) >= 1_000:
+            _NAMES_CACHE.clear()
+        _NAMES_CACHE[certificate] = names
+    return names
 
 
 def _uri_sans(certificate: str) -> frozenset[str]:

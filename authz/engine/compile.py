@@ -622,7 +622,7 @@ def _reads(policy: Policy, shapes: shaping.Shapes) -> frozenset[str]:
     another rule first, or spare it a condition's or a tenant's error."""
     if policy.dry_run:
         return frozenset()
-    out: set[str] = set()
+    out: set[str] = {"certificate"} if _needs_certificate(policy) else set()
     t = policy.target
     if t.context_extensions:
         out.add("context_extensions")

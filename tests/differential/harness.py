@@ -427,7 +427,9 @@ class StrictnessKind:
             return "empty path" in reason
         if self.name == "caller-certificate":
             odd = (req.get("cert_san") or "uri") != "uri" or req.get("extra_sans") or req.get("subject_cn")
-            return bool(odd) and "certificate" in reason
+            # a proxy that does not forward the certificate (XFCC without Cert=): bundles whose
+            # decision another name on it could change deny every such check
+            return (bool(odd) and "certificate" in reason) or "certificate was not forwarded" in reason
         if self.name == "condition-left-out":
             # leftOut names the DENY rules import-istio widened (a condition, a JWT field, an IP
             # value read two ways) and, as `<policy>/*`, ALLOW policies whose JWT entries never match
@@ -468,7 +470,8 @@ STRICTNESS_KINDS = (
                    "DENY hosts also match the authority without its port (any port text), trailing dot or userinfo, "
                    "percent-decoded and URL-folded, and the hosts forwarding headers name"),
     StrictnessKind("caller-certificate", ("caller certificate",),
-                   "a client certificate without a URI SAN, or with more than one identity, is refused"),
+                   "a client certificate without a URI SAN, or with more than one identity, is refused, and one "
+                   "not forwarded is denied where another name on it could decide"),
     StrictnessKind("no-path", ("requests without a path",),
                    "a request without a path (CONNECT) is refused as malformed"),
     StrictnessKind("condition-left-out", ("conditions anded into a field", "jwt and filter metadata", "ip values"),

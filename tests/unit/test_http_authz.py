@@ -28,12 +28,13 @@ TRUSTED_SOURCE = "127.0.0.2"  # the test's stand-in for the proxy; 127.0.0.1 is 
 
 
 def test_parse_xfcc_takes_the_last_element() -> None:
-    assert parse_xfcc(XFCC) == Xfcc(CHECKOUT, ORDERS, CERT)
+    assert parse_xfcc(XFCC) == Xfcc(CHECKOUT, ORDERS, CERT, True)
     # An earlier element (written by whoever sent the request) never wins over the last one.
     spoof = f"URI={TD}/ns/prod/sa/admin;By={ORDERS};Cert=\"x\""
-    assert parse_xfcc(f"{spoof},{XFCC}") == Xfcc(CHECKOUT, ORDERS, CERT)
-    assert parse_xfcc(f'By={ORDERS};Subject="a,b;c=d";Cert={CERT};URI={CHECKOUT}') == Xfcc(CHECKOUT, ORDERS, CERT)
-    assert parse_xfcc(f"By={ORDERS};Hash=1") == Xfcc("", ORDERS)  # a plaintext caller
+    assert parse_xfcc(f"{spoof},{XFCC}") == Xfcc(CHECKOUT, ORDERS, CERT, True)
+    assert parse_xfcc(f'By={ORDERS};Subject="a,b;c=d";Cert={CERT};URI={CHECKOUT}') == Xfcc(CHECKOUT, ORDERS, CERT, True)
+    assert parse_xfcc(f"By={ORDERS};Hash=1") == Xfcc("", ORDERS, "", True)  # a certificate without URI SAN
+    assert parse_xfcc(f"By={ORDERS}") == Xfcc("", ORDERS)  # a plaintext caller
 
 
 def test_a_certificate_that_splits_xfcc_is_refused() -> None:
@@ -41,7 +42,7 @@ def test_a_certificate_that_splits_xfcc_is_refused() -> None:
     ends the proxy's element early, and the piece after it names another caller (with a
     `Cert=` of that caller's, which is public). With `Cert=` the certificate that split the
     header shows."""
-    assert parse_xfcc(f"By={ORDERS};URI={CHECKOUT}") == Xfcc(CHECKOUT, ORDERS)  # Istio's sidecars send none
+    assert parse_xfcc(f"By={ORDERS};URI={CHECKOUT}") == Xfcc(CHECKOUT, ORDERS, "", True)  # Istio's sidecars send none
     admin = f"{TD}/ns/prod/sa/admin"
     crafted = forwarded_certificate(f"{TD}/ns/prod/sa/x,URI={admin};Cert={forwarded_certificate(admin)}")
     split = f'By={ORDERS};Hash=00;Cert="{crafted}";URI={TD}/ns/prod/sa/x,URI={admin};Cert={forwarded_certificate(admin)}'
@@ -390,7 +391,7 @@ def test_a_uri_in_xfcc_must_be_the_certificates() -> None:
     crafted = (f"By={ORDERS};URI={TD}/ns/evil/sa/x;Cert={CERT},By={ORDERS};URI={CHECKOUT};Cert={CERT}")
     assert parse_xfcc(crafted).uri == CHECKOUT  # two elements: the last one is read
     odd = f"{TD}/ns/evil/sa/x%2C"
-    cr = to_check_request("GET", "/", {"host": "a", "x-forwarded-client-cert": f"Cert={CERT};URI={odd}"}, True)
+    cr, _ = to_check_request("GET", "/", {"host": "a", "x-forwarded-client-cert": f"Cert={CERT};URI={odd}"}, True)
     with pytest.raises(MalformedRequest, match="not the client certificate's URI SAN"):
         from_check_request(cr, TrustDomains("cluster.local"))
     upper = "spiffe://CLUSTER.LOCAL/ns/prod/sa/x"  # no SPIFFE ID, but a URI SAN Istio reads
@@ -445,7 +446,7 @@ def test_http_checks_deny_while_the_bundle_reads_what_envoy_did_not_forward(
     grpc_answer = c.run(check_request(path="/x?abc", headers=headers, principal=EVIL))
     assert not grpc_answer.decision.allowed
     server = HttpAuthzServer(c, "127.0.0.1:0", TrustedProxies(), headers=frozenset({"x-user"}))
-    http = c.run(to_check_request("GET", "/x?abc", {"host": "app"}, False), caller="envoy_http", socket=False,
+    http = c.run(to_check_request("GET", "/x?abc", {"host": "app"}, False)[0], caller="envoy_http", socket=False,
                  carries=server.carries_trusted)
     assert (http.decision.allowed, http.decision.reason) == (False, UNCARRIED_REQUEST)
 
@@ -465,9 +466,9 @@ def test_the_principal_is_carried_only_from_a_trusted_proxy(tmp_path) -> None:  
     server = HttpAuthzServer(c, "127.0.0.1:0", TrustedProxies())
 
     def run(xfcc: str, trusted: bool):  # type: ignore[no-untyped-def]
-        cr = to_check_request("GET", "/x", {"host": "app", "x-forwarded-client-cert": xfcc}, trusted)
-        return c.run(cr, caller="envoy_http", socket=False,
-                     carries=server.carries_trusted if trusted else server.carries).decision
+        cr, unseen = to_check_request("GET", "/x", {"host": "app", "x-forwarded-client-cert": xfcc}, trusted)
+        carries = server.carries if not trusted else server.carries_unseen if unseen else server.carries_trusted
+        return c.run(cr, caller="envoy_http", socket=False, carries=carries).decision
 
     xfcc = f'URI={EVIL};Cert="{forwarded_certificate(EVIL)}"'
     assert run(xfcc, False).reason == UNCARRIED_REQUEST
@@ -477,8 +478,8 @@ def test_the_principal_is_carried_only_from_a_trusted_proxy(tmp_path) -> None:  
     assert run(f"URI={EVIL}", True).reason == UNCARRIED_CERTIFICATE
     checkout_only = {"name": "a", "action": "ALLOW", "rules": [{"from": [{"source": {"principals": [EVIL]}}]}]}
     only = checker(tmp_path / "a", [checkout_only])
-    assert only.run(to_check_request("GET", "/x", {"host": "app", "x-forwarded-client-cert": f"URI={EVIL}"}, True),
-                 caller="envoy_http", socket=False, carries=server.carries_trusted).decision.allowed
+    cr, unseen = to_check_request("GET", "/x", {"host": "app", "x-forwarded-client-cert": f"URI={EVIL}"}, True)
+    assert unseen and only.run(cr, caller="envoy_http", socket=False, carries=server.carries_unseen).decision.allowed
     checkout = "spiffe://cluster.local/ns/prod/sa/checkout"
     assert run(f'URI={checkout};Cert="{forwarded_certificate(checkout)}"', True).allowed
     hidden = forwarded_certificate(checkout, EVIL)
@@ -511,9 +512,35 @@ def test_the_headers_that_name_another_method_path_or_host_must_be_carried(tmp_p
     shipped = HttpAuthzServer(c, "127.0.0.1:0", TrustedProxies(), headers=DEFAULT_HEADERS)
 
     def run(server: HttpAuthzServer, headers: dict[str, str]):  # type: ignore[no-untyped-def]
-        cr = to_check_request("POST", "/x", {"host": "app", **headers}, False)
+        cr, _ = to_check_request("POST", "/x", {"host": "app", **headers}, False)
         return c.run(cr, caller="envoy_http", socket=False, carries=server.carries).decision
 
     assert run(bare, {}).reason == UNCARRIED_REQUEST
     assert run(shipped, {}).allowed
     assert run(shipped, {"x-http-method-override": "DELETE"}).reason == "denied by policy"
+
+
+def test_xfcc_names_envoys_rbac_reads_as_identities_are_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Envoy's RBAC matches principals and namespaces on every DNS SAN and the subject; XFCC
+    (as Istio's sidecars write it, without Cert=) shows them, and they are read as a gRPC
+    check reads the forwarded certificate. A certificate with no URI SAN is still one the
+    caller presented: under a bundle its other names could decide, it is denied."""
+    from test_checker import checker
+
+    from authz.check import UNCARRIED_CERTIFICATE
+    from authz.http_authz import HttpAuthzServer, TrustedProxies, to_check_request
+
+    for bad in (f'Hash=00;Subject="CN=x/ns/blocked/y";URI={CHECKOUT}',
+                f"Hash=00;URI={CHECKOUT};DNS=spiffe://cluster.local/ns/prod/sa/evil",
+                f"Hash=00;URI={CHECKOUT};DNS=x/ns/blocked/y",
+                f"By={ORDERS};Hash=00;URI={CHECKOUT};By={TD}/ns/prod/sa/other",  # By= twice
+                f'By={ORDERS};Cert="{CERT}";URI={TD}/ns/a/sa/x,URI={CHECKOUT}',  # the last without Cert=
+                f'Cert="{forwarded_certificate(CHECKOUT, "x,By=a;URI=b")}";URI={CHECKOUT}'):  # DNS SAN with ','
+        with pytest.raises(XfccError):
+            parse_xfcc(bad)
+    deny = {"name": "d", "action": "DENY", "rules": [{"from": [{"source": {"namespaces": ["blocked"]}}]}]}
+    c = checker(tmp_path, [OPEN, deny])
+    server = HttpAuthzServer(c, "127.0.0.1:0", TrustedProxies())
+    cr, unseen = to_check_request("GET", "/x", {"host": "a", "x-forwarded-client-cert": "Hash=00;URI="}, True)
+    assert unseen
+    assert c.run(cr, caller="envoy_http", socket=False, carries=server.carries_unseen).decision.reason == UNCARRIED_CERTIFICATE
