@@ -152,6 +152,7 @@ class Xfcc:
 
 
 MAX_XFCC_ELEMENTS = 16  # proxies a request may have passed, each appending one element
+MAX_CERT_CHARS = 16 * 1024  # a URL-encoded PEM leaf: parsed (and kept in a cache) per request
 _XFCC_DELIMITERS = frozenset(',;"')
 
 
@@ -174,6 +175,8 @@ def parse_xfcc(value: str) -> Xfcc:
         fields = _fields(element)
         certs += fields.get("cert", ())
     for cert in dict.fromkeys(certs):
+        if len(cert) > MAX_CERT_CHARS:
+            raise XfccError("a certificate over 16 KiB")  # an X509-SVID is 1 to 2 KB
         if any(not _XFCC_DELIMITERS.isdisjoint(san) for san in request_mod.certificate_names(cert)):
             raise XfccError("a client certificate's SAN holds XFCC delimiters")
     last = _fields(elements[-1])

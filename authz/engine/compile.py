@@ -166,6 +166,7 @@ class _Compiler:
             needs_socket=next((p.name for p in policies if _needs(p, remote=False)), ""),
             needs_remote_address=next((p.name for p in policies if _needs(p, remote=True)), ""),
             needs_certificate=next((p.name for p in policies if _needs_certificate(p)), ""),
+            has_conditions=any(r.conditions for p in policies for r in p.rules),
             reads=(reads := tuple((p.name, r) for p in policies if (r := _reads(p, shapes)))),
             read_headers=(read_headers := frozenset(t[7:] for _, r in reads for t in r if t.startswith("header:"))),
             header_aliases=frozenset(n.replace("_", "-") for n in read_headers),

@@ -30,7 +30,7 @@ from authz.engine import explain, shaping
 from authz.engine.activation import Activation
 from authz.engine.cel import CelBudgetError, CelEvalError, Condition, evaluate
 from authz.engine.index import PolicyIndex
-from authz.engine.model import Decision, Operation, Policy, Rule, Source, Tenant
+from authz.engine.model import Decision, HeaderMatch, Operation, Policy, Rule, Source, Tenant
 from authz.request import Request
 from authz.spiffe import TrustDomains
 
@@ -95,6 +95,7 @@ class PolicySet:
     # x-forwarded-for entries right of the client's as authz gets the header, -1: the peer
     # is the client (the manifest's xffTrustedHops and xffSkipAppend; request._remote_address)
     xff_trusted_hops: int = 0
+    has_conditions: bool = True  # a rule has a `when`: checks count their evaluations (_Evaluations)
     # Some policy names its destination by principal: a request without one (plaintext,
     # Istio PERMISSIVE) cannot be told apart from a request to that destination.
     targets_principals: bool = False
@@ -188,7 +189,8 @@ class PolicySet:
         dry_run: list[str] = []
         views = _readings(req)
         seen = _RequestTenant() if self.tenants else None  # no tenant data: no policy reads a tenant
-        evals = _Evaluations(len(views) > 1 or bool(req.path_readings) or bool(req.method_overrides))
+        evals = (_Evaluations(len(views) > 1 or bool(req.path_readings) or bool(req.method_overrides))
+                 if self.has_conditions else _NO_CONDITIONS)
         try:
             for policy in policies:
                 if policy.action != "DENY":
@@ -363,21 +365,20 @@ class PolicySet:
         come in: ext_authz gets repeated lines merged as `a,b`, and Istio's RBAC filter (like
         a DENY's `headers` field here) matches each line, so `request.headers['x-role'] ==
         'admin'` must hold for lines `user` and `admin`. The headers it names are tried
-        together (each line of one with each of another: `a == 'x' && b == 'y'`); when it
-        reads the map some other way (`exists`), every other such header one at a time.
-        Too many readings to try is an error (a deny)."""
-        named = [n for n in cond.headers_read if n != "*" and _read_on_lines(n, req.headers.get(n, ""))]
-        groups = [named] if named else []
-        if cond.headers_read and cond.headers_read[-1] == "*":
-            groups += [[n] for n, v in req.headers.items() if n not in named and _read_on_lines(n, v)]
-        for names in groups:
-            choices = [(req.headers[n], *_line_readings(req.headers[n], n)) for n in names]
-            if math.prod(map(len, choices)) > MAX_LINE_COMBINATIONS:
-                raise CelEvalError(f"headers {', '.join(names)} hold too many lines together to decide safely")
-            for values in itertools.islice(itertools.product(*choices), 1, None):  # the first: all merged
-                view = dataclasses.replace(req, headers={**req.headers, **dict(zip(names, values))})
-                if evals.evaluate(cond, Activation(view, self.data, tenant, captures)):
-                    return True
+        together (each line of one with each of another: `a == 'x' && b == 'y'`). Headers it
+        reaches only through the map (`exists`, a computed key) keep their merged value: a
+        browser's request holds a dozen headers with commas, and reading each every way cost
+        every check a millisecond. Too many readings to try is an error (a deny)."""
+        names = [n for n in cond.headers_read if n != "*" and _read_on_lines(n, req.headers.get(n, ""))]
+        if not names:
+            return False
+        choices = [(req.headers[n], *_line_readings(req.headers[n], n)) for n in names]
+        if math.prod(map(len, choices)) > MAX_LINE_COMBINATIONS:
+            raise CelEvalError(f"headers {', '.join(names)} hold too many lines together to decide safely")
+        for values in itertools.islice(itertools.product(*choices), 1, None):  # the first: all merged
+            view = dataclasses.replace(req, headers={**req.headers, **dict(zip(names, values))}, memo=None)
+            if evals.evaluate(cond, Activation(view, self.data, tenant, captures)):
+                return True
         return False
 
     def _fixed_tenant_id(self, policy: Policy, req: Request) -> str | None:
@@ -473,25 +474,27 @@ class _Evaluations:
     def evaluate(self, cond: Condition, ctx: Activation) -> bool:
         count = self.count = self.count + 1
         if count == 1:
+            return evaluate(cond, ctx)  # most checks evaluate one condition: no clock for it
+        if count == 2:
             self.started = time.perf_counter()
-        elif count & 15 == 0 and (count > MAX_EVALUATIONS
-                                  or time.perf_counter() - self.started > CHECK_BUDGET_SECONDS):
+        elif count > MAX_EVALUATIONS or time.perf_counter() - self.started > CHECK_BUDGET_SECONDS:
             raise CelBudgetError("the request needs more condition evaluations than a check may spend")
         return evaluate(cond, ctx)
 
 
 _NOTHING_KNOWN: dict[tuple[object, ...], bool] = {}  # never written: keys are kept only with readings
+_NO_CONDITIONS = _Evaluations(False)  # for bundles without conditions: never evaluates
 # Condition evaluations one check may spend (all readings and lines together), and their time.
 MAX_EVALUATIONS = 2_048
-CHECK_BUDGET_SECONDS = 0.25
+CHECK_BUDGET_SECONDS = 0.1
 
 
 MAX_RUN_ELEMENTS = 8  # up to this many elements, every run of neighbours is a reading (36)
 MAX_LINE_ELEMENTS = 64  # beyond the runs' bound, each element alone; beyond this, an error
-# Readings of the headers a condition reads, tried together (each ~10 µs): one header of 64
-# elements (129 readings) or two of 5 (21 each) fit; beyond, an error, since trying fewer
-# would let a client pad two lines past a DENY on both.
-MAX_LINE_COMBINATIONS = 512
+# Readings of the headers a condition reads, tried together (each ~10 µs, and all within the
+# check's own bound, MAX_EVALUATIONS): a browser's accept with a few dozen cookies fits;
+# beyond, an error, since trying fewer would let a client pad two lines past a DENY on both.
+MAX_LINE_COMBINATIONS = 2_048
 
 
 def _line_readings(value: str, name: str = "") -> tuple[str, ...]:
@@ -597,10 +600,10 @@ def _operation_match(op: Operation, req: Request, allow: bool) -> dict[str, str]
     ):
         return None
     for h in op.headers:
-        if not h(req.headers, not allow):
+        if not _header_matches(h, req, not allow):
             return None
     for h in op.not_headers:
-        if h(req.headers, allow):
+        if _header_matches(h, req, allow):
             return None
     if op.sni is not None and not op.sni(req.sni):
         return None
@@ -621,6 +624,20 @@ def _operation_match(op: Operation, req: Request, allow: bool) -> dict[str, str]
     if op.not_ports is not None and req.destination_port in op.not_ports:
         return None
     return op.path_captures(req.path, every_reading=not allow)
+
+
+def _header_matches(h: HeaderMatch, req: Request, every: bool) -> bool:
+    """``h(req.headers, every)``, once per request with readings (its views share the headers)."""
+    memo = req.memo
+    if memo is None:
+        return h(req.headers, every)
+    key = (id(h), every)  # h lives in the bundle, beyond the check
+    hit = memo.get(key)
+    if hit is not None and hit[0] is req.headers:
+        return hit[1]  # type: ignore[return-value]
+    found = h(req.headers, every)
+    memo[key] = (req.headers, found)
+    return found
 
 
 def _source_matches(s: Source, req: Request) -> bool:
