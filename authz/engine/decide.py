@@ -30,7 +30,7 @@ from authz.engine import explain, shaping
 from authz.engine.activation import Activation
 from authz.engine.cel import CelBudgetError, CelEvalError, Condition, evaluate
 from authz.engine.index import PolicyIndex
-from authz.engine.model import Decision, HeaderMatch, Operation, Policy, Rule, Source, Tenant
+from authz.engine.model import Decision, HeaderMatch, Operation, Policy, Rule, Source, StringMatch, Tenant
 from authz.request import Request
 from authz.spiffe import TrustDomains
 
@@ -615,9 +615,9 @@ def _operation_match(op: Operation, req: Request, allow: bool) -> dict[str, str]
         return None
     # '*' is istiod's presentMatch on :authority, which every request Envoy passes has (an
     # empty Host header included): true, where the string match needs a non-empty value.
-    if op.hosts is not None and not (op.hosts.present or any(map(op.hosts, req.host_names(not allow)))):
+    if op.hosts is not None and not (op.hosts.present or _host_matches(op.hosts, req, not allow)):
         return None
-    if op.not_hosts is not None and (op.not_hosts.present or any(map(op.not_hosts, req.host_names(allow)))):
+    if op.not_hosts is not None and (op.not_hosts.present or _host_matches(op.not_hosts, req, allow)):
         return None
     if op.ports is not None and req.destination_port not in op.ports:
         return None
@@ -637,6 +637,21 @@ def _header_matches(h: HeaderMatch, req: Request, every: bool) -> bool:
         return hit[1]  # type: ignore[return-value]
     found = h(req.headers, every)
     memo[key] = (req.headers, found)
+    return found
+
+
+def _host_matches(hosts: StringMatch, req: Request, every: bool) -> bool:
+    """Whether ``hosts`` matches a reading of the request's host (every reading, or the
+    authority's), once per request with readings."""
+    memo = req.memo
+    if memo is None:
+        return any(map(hosts, req.host_names(every)))
+    key = (id(hosts), every)  # hosts lives in the bundle, beyond the check
+    hit = memo.get(key)
+    if hit is not None and hit[0] == req.host:
+        return hit[1]  # type: ignore[return-value]
+    found = any(map(hosts, req.host_names(every)))
+    memo[key] = (req.host, found)
     return found
 
 
