@@ -79,6 +79,7 @@ class Document:
     # for line (a condition's error can name its own line).
     literal_blocks: set[Path] = field(default_factory=set)
     constructor: Any = field(default_factory=yaml.constructor.SafeConstructor, repr=False)
+    yaml11: bool = False  # read by YAML 1.1's rules (Kubernetes resources, as kubectl)
 
     def at(self, path: Path, *, key: bool = False) -> Position:
         """Position of the value at ``path`` (of its key when ``key``), else its nearest parent."""
@@ -122,7 +123,8 @@ def load_documents(text: str, file: str, budget: Budget | None = None, *, yaml11
     for node in nodes:
         if node is None:
             continue
-        doc = Document(file, None, constructor=yaml.constructor.SafeConstructor() if yaml11 else _Core12Constructor())
+        doc = Document(file, None, constructor=yaml.constructor.SafeConstructor() if yaml11 else _Core12Constructor(),
+                       yaml11=yaml11)
         try:
             doc.value = _convert(node, (), doc, budget)
         except RecursionError:
@@ -210,11 +212,42 @@ def _convert(node: yaml.Node, path: Path, doc: Document, budget: Budget, aliased
         return out
     if isinstance(node, yaml.SequenceNode):
         return [_convert(item, (*path, i), doc, budget, aliased) for i, item in enumerate(node.value)]
+    if isinstance(node, yaml.ScalarNode) and not node.style and not doc.yaml11:  # plain: None or ''
+        _unambiguous(node, doc)
     if isinstance(node, yaml.ScalarNode) and node.style in ("'", '"'):
         doc.quoted.add(path)
     elif isinstance(node, yaml.ScalarNode) and node.style == "|":
         doc.literal_blocks.add(path)
     return _scalar(node, doc)
+
+
+_RESOLVER_11 = yaml.resolver.Resolver()
+_RESOLVER_12 = yaml.resolver.Resolver()
+_RESOLVER_12.yaml_implicit_resolvers = _Core12Loader.yaml_implicit_resolvers
+_LEADING_ZERO = re.compile(r"[-+]?0+[1-9][0-9]*$")
+# First characters of the plain scalars YAML 1.1 may read as a boolean, number or null.
+_RESOLVED_11_FIRST = frozenset("yYnNtTfFoO0123456789+-.~")
+
+
+def _unambiguous(node: yaml.ScalarNode, doc: Document) -> None:
+    """A plain scalar YAML 1.1 and 1.2 read as different types is an error: a file written
+    for one (`NO`, `off`, `0755`, `4e81234`, `1_000` under YAML 1.1) would silently mean
+    something else, and a DENY's data would change under its author."""
+    value = node.value
+    if not value or value[0] not in _RESOLVED_11_FIRST:
+        return
+    if _RESOLVER_12.resolve(yaml.ScalarNode, value, (True, False)) != node.tag:  # type: ignore[no-untyped-call]
+        return  # an explicit tag (`!!int x`): not resolved, read as written
+    old = _RESOLVER_11.resolve(yaml.ScalarNode, value, (True, False))  # type: ignore[no-untyped-call]
+    if old == node.tag == "tag:yaml.org,2002:int" and _LEADING_ZERO.match(value):
+        raise YamlError(_at(doc, node), f"{value[:40]!r} is decimal in YAML 1.2 and octal in YAML 1.1: quote it, "
+                        "or write it without the leading zero")
+    if old != node.tag:
+        kinds = {"tag:yaml.org,2002:str": "text", "tag:yaml.org,2002:bool": "a boolean",
+                 "tag:yaml.org,2002:int": "an integer", "tag:yaml.org,2002:float": "a number",
+                 "tag:yaml.org,2002:null": "null"}
+        raise YamlError(_at(doc, node), f"{value[:40]!r} is {kinds.get(node.tag, node.tag)} in YAML 1.2 and "
+                        f"{kinds.get(old, old)} in YAML 1.1: quote it (or write true/false, a plain decimal)")
 
 
 def _scalar(node: yaml.Node, doc: Document) -> Any:

@@ -355,9 +355,11 @@ def test_a_condition_that_builds_a_list_of_a_large_data_collection_is_a_load_err
     load_policy_set(bundle_with(tmp_path / "b", fine, data={"users": users}))
 
 
-def test_bundle_yaml_is_read_by_the_yaml_1_2_core_schema(tmp_path: Path) -> None:
+def test_a_value_yaml_1_1_and_1_2_read_otherwise_is_a_load_error(tmp_path: Path) -> None:
     """YAML 1.1 read the country code `NO` as false: a DENY on `data.embargoed` (`[KP, IR, NO,
-    CU]`) never fired for Norway, and a tenant attribute `region: NO` was the boolean false."""
+    CU]`) never fired for Norway; YAML 1.2 reads the build id `4e81234` as a number (inf).
+    A plain value the two read as different types (or `0755`, decimal to one and octal to the
+    other) is an error asking for quotes; quoted, it is the text."""
     from bundle_factory import check_request, write_bundle
 
     from authz.request import from_check_request
@@ -365,12 +367,17 @@ def test_bundle_yaml_is_read_by_the_yaml_1_2_core_schema(tmp_path: Path) -> None
     deny = {"name": "d", "action": "DENY", "rules": [{"name": "r", "when": ["request.headers['x-country'] in data.embargoed"]}]}
     root = write_bundle(tmp_path / "p", [deny, {"name": "a", "action": "ALLOW", "rules": [{"name": "all"}]}])
     (root / "data").mkdir(exist_ok=True)
-    (root / "data" / "embargoed.yaml").write_text("[KP, IR, NO, CU, on, 0755]\n")
+    for text, where in (("[KP, IR, NO, CU]\n", "data/embargoed.yaml:1:10"), ("[3e45a1f, 4e81234]\n", "data/embargoed.yaml:1:11"),
+                        ("[on]\n", "data/embargoed.yaml:1:2"), ("[0755]\n", "data/embargoed.yaml:1:2")):
+        (root / "data" / "embargoed.yaml").write_text(text)
+        (msg,) = problems(root)
+        assert msg.startswith(where) and "quote it" in msg, (text, msg)
+    (root / "data" / "embargoed.yaml").write_text("[KP, IR, 'NO', CU, '4e81234', 42, true]\n")
     ps = load_policy_set(root)
-    for country, denied in (("NO", True), ("on", True), ("0755", False), ("SE", False)):
-        d = ps.decide(from_check_request(check_request(headers={"x-country": country}), ps.trust_domains))
-        assert d.allowed is not denied, country
-    assert ps.data["embargoed"] == ["KP", "IR", "NO", "CU", "on", 755]
+    assert ps.data["embargoed"] == ["KP", "IR", "NO", "CU", "4e81234", 42, True]
+    d = ps.decide(from_check_request(check_request(headers={"x-country": "NO"}), ps.trust_domains))
+    assert d.policy == "d"
+
 
 
 def test_an_invalid_literal_regex_is_a_load_error_at_its_place(tmp_path: Path) -> None:
