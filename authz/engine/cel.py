@@ -200,7 +200,8 @@ def data_comprehensions(expression: str) -> list[tuple[tuple[str, ...], str, int
         # the path's names come from the expression itself (string keys were blanked in code)
         segments = tuple(next(g for g in seg.groups() if g is not None)
                          for seg in _SEGMENT.finditer(expression[m.start(1):m.end(1)]))
-        out.append((segments, m.group(2), m.start() + 1, _copies_request_input(_body(code, m.end() - 1))))
+        out.append((segments, m.group(2), m.start() + 1,
+                    _copies_request_input(_body(code, m.end() - 1), _bound_to_request(code))))
     return out
 
 
@@ -208,12 +209,52 @@ def data_comprehensions(expression: str) -> list[tuple[tuple[str, ...], str, int
 # at every iteration, which the runtime keeps until the evaluation ends (9,000 items over a
 # 64 KB path held 600 MB).
 _REQUEST_CONCAT = re.compile(
-    r"(?<![\w.])request\.\w+(?:\s*\.\s*\w+|\s*\[[^\]]*\])*\s*\)*\s*\+(?!\+)"
+    r"(?<![\w.])request\.\w+(?:\s*\.\s*\w+|\s*\[[^\]]*\])*\s*\+(?!\+)"
     r"|\+\s*\(*\s*request\.\w+")
 
 
-def _copies_request_input(body: str) -> bool:
-    return _REQUEST_CONCAT.search(body) is not None
+def _copies_request_input(body: str, bound: frozenset[str] = frozenset()) -> bool:
+    """Whether ``body`` concatenates a request input: a request variable, or a comprehension
+    variable ``bound`` to one (`[request.path].exists(p, p + x ...)`)."""
+    if _REQUEST_CONCAT.search(body) is not None:
+        return True
+    return any(re.search(rf"(?<![\w.]){v}\s*\+(?!\+)|\+\s*\(*\s*{v}(?![\w])", body) for v in bound)
+
+
+def _bound_to_request(code: str) -> frozenset[str]:
+    """Variables of comprehensions whose range holds a request input."""
+    out: set[str] = set()
+    for m in _MACRO.finditer(code):
+        receiver = _receiver(code, m.start())
+        var = _FIRST_NAME.match(code, m.end())
+        if var is not None and ("request." in receiver or any(
+                re.search(rf"(?<![\w.]){v}(?![\w])", receiver) for v in out)):
+            out.add(var.group(1))
+    return frozenset(out)
+
+
+_FIRST_NAME = re.compile(r"\s*([A-Za-z_]\w*)\s*,")
+
+
+def _receiver(code: str, dot: int) -> str:
+    """The expression before ``.macro(`` at ``dot``: names, dots and bracketed groups."""
+    i = dot
+    while i > 0:
+        ch = code[i - 1]
+        if ch in ")]":
+            depth, j = 0, i - 1
+            while j >= 0:
+                depth += code[j] in ")]"
+                depth -= code[j] in "(["
+                if not depth:
+                    break
+                j -= 1
+            i = j
+        elif ch.isalnum() or ch in "_.":
+            i -= 1
+        else:
+            break
+    return code[i:dot]
 
 
 def _body(code: str, open_paren: int) -> str:
@@ -235,8 +276,9 @@ def _request_copies_in_comprehensions(expression: str) -> int:
     the size is checked at load (authz.engine.compile, data_cost)."""
     code = cel_code_blanked(expression)
     sized = {m.end() - 1 for m in _DATA_COMPREHENSION.finditer(code)}
+    bound = _bound_to_request(code)
     for m in _MACRO.finditer(code):
-        if m.end() - 1 not in sized and _copies_request_input(_body(code, m.end() - 1)):
+        if m.end() - 1 not in sized and _copies_request_input(_body(code, m.end() - 1), bound):
             return m.start() + 1
     return 0
 
@@ -276,6 +318,12 @@ def compile_condition(expression: str) -> Condition:
     _no_bang_beside_headers(expression, variables)
     needs_tenant = any(v.startswith("tenant.") for v in variables)
     _regexes_compile(expression)
+    depth, column = _comprehension_depth(expression)
+    if depth > MAX_NESTED_COMPREHENSIONS:
+        raise CelCompileError(
+            f"condition too expensive: {depth} comprehensions nested (at most "
+            f"{MAX_NESTED_COMPREHENSIONS}); its cost would grow as its input to the power {depth}",
+            1, column)
     copies = _request_copies_in_comprehensions(expression)
     if copies:
         before = expression[:copies - 1]
@@ -284,12 +332,6 @@ def compile_condition(expression: str) -> Condition:
             "input at every iteration (`request.path + ...`); compare without concatenating "
             "(startsWith, endsWith, contains) or iterate over bundle data",
             before.count("\n") + 1, copies - (before.rfind("\n") + 1))
-    depth, column = _comprehension_depth(expression)
-    if depth > MAX_NESTED_COMPREHENSIONS:
-        raise CelCompileError(
-            f"condition too expensive: {depth} comprehensions nested (at most "
-            f"{MAX_NESTED_COMPREHENSIONS}); its cost would grow as its input to the power {depth}",
-            1, column)
     rtype = program.return_type()
     if rtype != _T.BOOL and rtype != _T.DYN:
         raise CelCompileError(f"condition must be a bool, this one is {rtype.name()}", 1, 1)

@@ -102,3 +102,23 @@ def test_copying_a_request_input_over_bundle_data_is_bounded_by_its_size(tmp_pat
     fine = "data.prefixes.exists(p, request.path.startsWith(p + '/'))"  # p + '/' copies no request input
     ps = policy_set(tmp_path / "fine", allow_when(fine), data=many)
     assert decide(ps, path="/svc8999/x").allowed
+
+
+@pytest.mark.parametrize("when", [
+    "[request.path].exists(p, data.items.exists(x, (p + x).size() == 1))",
+    "data.items.exists(x, [request.path].exists(p, (p+x).size()==1))",
+])
+def test_a_request_input_bound_to_a_comprehension_variable_counts_as_one(tmp_path: Path, when: str) -> None:
+    """`[request.path].exists(p, ... p + x ...)` copied the path at every iteration of the
+    inner comprehension: 575 MB for one check with 10,000 items and a 60 KB path."""
+    root = write_bundle(tmp_path / "b", allow_when(when), data={"items": [f"v{i}" for i in range(10_000)]})
+    with pytest.raises(BundleError, match="copies a request input|at most 256 when it copies"):
+        load_policy_set(root)
+
+
+@pytest.mark.parametrize("when", [
+    "request.headers.all(k, size(request.headers[k]) + 1 < 8192)",
+    "request.headers.exists(k, int(request.headers[k]) + 1 > 5)",
+])
+def test_adding_numbers_in_a_comprehension_is_no_copy(tmp_path: Path, when: str) -> None:
+    load_policy_set(write_bundle(tmp_path / "b", allow_when(when)))
