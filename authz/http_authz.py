@@ -262,7 +262,13 @@ def to_check_request(method: str, path: str, headers: dict[str, str], trusted: b
     # whatever the client spoke): left empty, and bundles reading them deny (carries).
     xfcc = headers.pop(XFCC, None)
     if trusted and xfcc is not None:
-        forwarded = parse_xfcc(xfcc)
+        try:
+            forwarded = parse_xfcc(xfcc)
+        except XfccError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a deny with a reason, never a request left unanswered
+            log.exception("x-forwarded-client-cert could not be read")
+            raise XfccError("unreadable") from exc
         attrs.source.principal = forwarded.uri
         attrs.destination.principal = forwarded.by
         # As Envoy's include_peer_certificate: Request checks the URI against its SANs.

@@ -369,7 +369,7 @@ def certificate_names(certificate: str) -> frozenset[str]:
             ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
             names = frozenset(ext.get_values_for_type(x509.UniformResourceIdentifier)
                               + ext.get_values_for_type(x509.DNSName))
-        except (ValueError, x509.ExtensionNotFound):
+        except Exception:  # noqa: BLE001 - ValueError, DuplicateExtension, UnsupportedGeneralNameType...: unreadable
             names = frozenset()
         if len(_NAMES_CACHE) >= 1_000:
             del _NAMES_CACHE[next(iter(_NAMES_CACHE))]
@@ -391,7 +391,7 @@ def _uri_sans(certificate: str) -> frozenset[str]:
             spiffe_like = (any(d.lower().startswith("spiffe:") or "/ns/" in d for d in dns)
                            or "/ns/" in cert.subject.rfc4514_string())
             sans = frozenset(uris) | ({_SPIFFE_DNS} if spiffe_like else set())
-        except (ValueError, x509.ExtensionNotFound):
+        except Exception:  # noqa: BLE001 - ValueError, DuplicateExtension, UnsupportedGeneralNameType...: unreadable
             sans = frozenset()
         if len(_SAN_CACHE) >= 1_000:  # the oldest out: a stream of new ones cannot empty it
             del _SAN_CACHE[next(iter(_SAN_CACHE))]

@@ -29,7 +29,8 @@ class _Core12Loader(_Loader):  # type: ignore[valid-type,misc]
     `off` as false and `0755` as 493, so a DENY on a list of codes missed Norway."""
 
 
-_RESOLVED = ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+_RESOLVED = ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float",
+             "tag:yaml.org,2002:timestamp")  # a date is text to JSON and YAML 1.2's core schema
 _Core12Loader.yaml_implicit_resolvers = {
     first: [(tag, rx) for tag, rx in resolvers if tag not in _RESOLVED]
     for first, resolvers in _Loader.yaml_implicit_resolvers.items()
@@ -245,7 +246,7 @@ def _unambiguous(node: yaml.ScalarNode, doc: Document) -> None:
     if old != node.tag:
         kinds = {"tag:yaml.org,2002:str": "text", "tag:yaml.org,2002:bool": "a boolean",
                  "tag:yaml.org,2002:int": "an integer", "tag:yaml.org,2002:float": "a number",
-                 "tag:yaml.org,2002:null": "null"}
+                 "tag:yaml.org,2002:null": "null", "tag:yaml.org,2002:timestamp": "a date"}
         raise YamlError(_at(doc, node), f"{value[:40]!r} is {kinds.get(node.tag, node.tag)} in YAML 1.2 and "
                         f"{kinds.get(old, old)} in YAML 1.1: quote it (or write true/false, a plain decimal)")
 

@@ -209,16 +209,21 @@ def data_comprehensions(expression: str) -> list[tuple[tuple[str, ...], str, int
 # at every iteration, which the runtime keeps until the evaluation ends (9,000 items over a
 # 64 KB path held 600 MB).
 _REQUEST_CONCAT = re.compile(
-    r"(?<![\w.])request\.\w+(?:\s*\.\s*\w+|\s*\[[^\]]*\])*\s*\+(?!\+)"
-    r"|\+\s*\(*\s*request\.\w+")
+    r"(?<![\w.])request\.\w+(?:\s*\.\s*\w+|\s*\[[^\]]*\])*[\s)]*\+(?!\+)"
+    r"|\+[\s(]*(?:string\s*\()?[\s(]*request\.\w+")
+# A request input turned into a number: `size(request.headers[k]) + 1` adds numbers.
+_AS_NUMBER = re.compile(r"(?<![\w.])(?:size|int|uint|double)\s*\([^()]*\)")
 
 
 def _copies_request_input(body: str, bound: frozenset[str] = frozenset()) -> bool:
     """Whether ``body`` concatenates a request input: a request variable, or a comprehension
-    variable ``bound`` to one (`[request.path].exists(p, p + x ...)`)."""
+    variable ``bound`` to one (`[request.path].exists(p, p + x ...)`), also in parentheses
+    or through string()."""
+    body = _AS_NUMBER.sub("0", body)
     if _REQUEST_CONCAT.search(body) is not None:
         return True
-    return any(re.search(rf"(?<![\w.]){v}\s*\+(?!\+)|\+\s*\(*\s*{v}(?![\w])", body) for v in bound)
+    return any(re.search(rf"(?<![\w.]){v}[\s)]*\+(?!\+)|\+[\s(]*(?:string\s*\()?[\s(]*{v}(?![\w])", body)
+               for v in bound)
 
 
 def _bound_to_request(code: str) -> frozenset[str]:

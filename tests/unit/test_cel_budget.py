@@ -107,6 +107,10 @@ def test_copying_a_request_input_over_bundle_data_is_bounded_by_its_size(tmp_pat
 @pytest.mark.parametrize("when", [
     "[request.path].exists(p, data.items.exists(x, (p + x).size() == 1))",
     "data.items.exists(x, [request.path].exists(p, (p+x).size()==1))",
+    "data.items.exists(x, ((request.path) + x).size() == 1)",
+    "data.items.exists(x, (string(request.path) + x).size() == 1)",
+    "data.items.exists(x, (x + string(request.path)).size() == 1)",
+    "[request.path].exists(p, data.items.exists(x, ((p) + x).size() == 1))",
 ])
 def test_a_request_input_bound_to_a_comprehension_variable_counts_as_one(tmp_path: Path, when: str) -> None:
     """`[request.path].exists(p, ... p + x ...)` copied the path at every iteration of the

@@ -544,3 +544,32 @@ def test_xfcc_names_envoys_rbac_reads_as_identities_are_refused(tmp_path) -> Non
     cr, unseen = to_check_request("GET", "/x", {"host": "a", "x-forwarded-client-cert": "Hash=00;URI="}, True)
     assert unseen
     assert c.run(cr, caller="envoy_http", socket=False, carries=server.carries_unseen).decision.reason == UNCARRIED_CERTIFICATE
+
+
+def test_a_certificate_cryptography_cannot_read_is_a_deny_with_a_reason() -> None:
+    """A certificate with two SAN extensions raised DuplicateExtension (no ValueError): the
+    connection was reset without an answer or an audit record."""
+    import datetime as dt
+    import urllib.parse
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from authz.http_authz import to_check_request
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.timezone.utc)
+    san = x509.SubjectAlternativeName([x509.UniformResourceIdentifier(CHECKOUT)])
+    builder = (x509.CertificateBuilder().subject_name(x509.Name([])).issuer_name(x509.Name([]))
+               .public_key(key.public_key()).serial_number(1).not_valid_before(now)
+               .not_valid_after(now + dt.timedelta(hours=1)).add_extension(san, critical=False))
+    builder._extensions.append(builder._extensions[0])  # two SAN extensions: what a builder refuses to make
+    pem = builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM).decode()
+    dup = urllib.parse.quote(pem)
+    xfcc = f'Hash=00;Cert="{dup}";URI={CHECKOUT}'
+    cr, unseen = to_check_request("GET", "/", {"host": "a", "x-forwarded-client-cert": xfcc}, True)
+    from authz.request import MalformedRequest, from_check_request
+    from authz.spiffe import TrustDomains
+    with pytest.raises(MalformedRequest, match="not the client certificate's URI SAN"):
+        from_check_request(cr, TrustDomains("cluster.local"))
