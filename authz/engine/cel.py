@@ -349,19 +349,42 @@ _LITERAL_MATCHES = re.compile(
     r"""\.\s*matches\s*\(\s*([rR]?(?:'(?:[^'\\\n]|\\.)*'|"(?:[^"\\\n]|\\.)*"))\s*\)""")
 
 
+_GLOBAL_MATCHES = re.compile(r"(?<![\w.])matches\s*\(")
+_LITERAL = re.compile(r"""\s*([rR]?(?:'(?:[^'\\\n]|\\.)*'|"(?:[^"\\\n]|\\.)*"))\s*""")
+
+
 def _regexes_compile(expression: str) -> None:
     code = cel_code_blanked(expression)
-    for m in _LITERAL_MATCHES.finditer(expression):
-        if code[m.start()] != ".":  # inside a string or a comment
-            continue
+    patterns = [(m.start(1), m.group(1)) for m in _LITERAL_MATCHES.finditer(expression) if code[m.start()] == "."]
+    for m in _GLOBAL_MATCHES.finditer(code):  # matches(x, '...')
+        args = _body(code, m.end() - 1)
+        comma = _top_level_comma(args)
+        if comma >= 0:
+            start = m.end() + comma + 1
+            lit = _LITERAL.fullmatch(expression, start, m.end() + len(args))
+            if lit is not None:
+                patterns.append((lit.start(1), lit.group(1)))
+    for at, literal in patterns:
         try:
-            result = _ENV.compile(f"''.matches({m.group(1)})").eval(data={})
+            result = _ENV.compile(f"''.matches({literal})").eval(data={})
         except RuntimeError:
             continue  # not a plain literal after all: the runtime reports it
         if result.type() == _T.ERROR:
-            before = expression[:m.start(1)]
+            before = expression[:at]
             raise CelCompileError(str(result.value()).removeprefix("INVALID_ARGUMENT: "),
-                                  before.count("\n") + 1, m.start(1) - (before.rfind("\n") + 1) + 1)
+                                  before.count("\n") + 1, at - (before.rfind("\n") + 1) + 1)
+
+
+def _top_level_comma(args: str) -> int:
+    depth = 0
+    for i, ch in enumerate(args):
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == "," and not depth:
+            return i
+    return -1
 
 
 def _caller_in_tenant(ctx: Mapping[str, Any]) -> bool:

@@ -390,6 +390,9 @@ def test_an_invalid_literal_regex_is_a_load_error_at_its_place(tmp_path: Path) -
     assert "invalid regular expression: missing ): ^/admin(" in msg and "column 22 of the expression" in msg, msg
     ok = {"name": "d", "action": "DENY", "rules": [{"name": "r", "when": ["request.path.matches('^/admin[(]')"]}]}
     load_policy_set(write_bundle(tmp_path / "ok", [ok]))
+    glob = {"name": "d", "action": "DENY", "rules": [{"name": "r", "when": ["matches(request.path, '^/admin(')"]}]}
+    (msg,) = problems(write_bundle(tmp_path / "global", [glob]))
+    assert "invalid regular expression" in msg and "column 23 of the expression" in msg, msg
 
 
 def test_an_error_in_a_multi_line_condition_names_its_own_line(tmp_path: Path) -> None:
