@@ -170,16 +170,14 @@ def parse_xfcc(value: str) -> Xfcc:
     elements = _split(value, ",")
     if len(elements) > MAX_XFCC_ELEMENTS:
         raise XfccError("more elements than proxies a request passes")
-    certs: list[str] = []
-    for element in elements:
-        fields = _fields(element)
-        certs += fields.get("cert", ())
+    parsed = [_fields(element) for element in elements]
+    certs = [cert for fields in parsed for cert in fields.get("cert", ())]
     for cert in dict.fromkeys(certs):
         if len(cert) > MAX_CERT_CHARS:
             raise XfccError("a certificate over 16 KiB")  # an X509-SVID is 1 to 2 KB
         if any(not _XFCC_DELIMITERS.isdisjoint(san) for san in request_mod.certificate_names(cert)):
             raise XfccError("a client certificate's SAN holds XFCC delimiters")
-    last = _fields(elements[-1])
+    last = parsed[-1]
     uris, own_certs, bys = last.get("uri", []), last.get("cert", []), last.get("by", [])
     if len(set(uris)) > 1:
         raise XfccError("more than one URI SAN in the client certificate")

@@ -7,12 +7,16 @@ import ipaddress
 import re
 import unicodedata
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from cryptography import x509
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 
 from authz import paths, spiffe
+
+T = TypeVar("T")
 
 CheckRequest = external_auth_pb2.CheckRequest
 
@@ -84,6 +88,19 @@ class Request:
                 out.append(m)
         return tuple(out)
 
+    def recall(self, key: object, basis: object, work: Callable[..., T], *args: Any) -> T:
+        """``work(*args)``, found once per request with readings: its views share ``memo``, and
+        a result counts for a view whose ``basis`` (what it was found from) is the same object."""
+        memo = self.memo
+        if memo is None:
+            return work(*args)
+        hit = memo.get(key)
+        if hit is not None and hit[0] is basis:
+            return hit[1]  # type: ignore[return-value]
+        found = work(*args)
+        memo[key] = (basis, found)
+        return found
+
     @property
     def host_without_port(self) -> str:
         return _split_port(self.host)[0]
@@ -105,28 +122,24 @@ class Request:
         if not every_reading or not (hosts or name.endswith(".") or ":" in name
                                      or "%" in h or "@" in h or "[" in h or not h.isascii()):
             return h, name
-        memo = self.memo
-        if memo is not None:
-            key = ("hosts", forwarded)
-            hit = memo.get(key)
-            if hit is not None and hit[0] == h:
-                return hit[1]  # type: ignore[return-value]
-        names = [h, name]
-        spellings = [h, *hosts]
-        if any("%" in s for s in spellings):
-            spellings += [urllib.parse.unquote(s) for s in spellings if "%" in s]
-        spellings += [_uts46_like(s) for s in spellings if not s.isascii()]
-        spellings += [s.rpartition("@")[2] for s in spellings if "@" in s]
-        for spelling in spellings:
-            name, port = _split_port(spelling)
-            bare = name.rstrip(".") or name
-            names += [spelling, name, bare] + ([f"{bare}:{port}"] if port else [])
-            if ":" in name or name.startswith("["):
-                names += _portless(spelling)
-        out = tuple(dict.fromkeys(names))
-        if memo is not None:
-            memo[("hosts", forwarded)] = (h, out)
-        return out
+        return self.recall(("hosts", forwarded), h, _host_readings, h, name, hosts)
+
+
+def _host_readings(h: str, name: str, hosts: tuple[str, ...]) -> tuple[str, ...]:
+    """Request.host_names' every reading of the authority ``h`` and the forwarded ``hosts``."""
+    names = [h, name]
+    spellings = [h, *hosts]
+    if any("%" in s for s in spellings):
+        spellings += [urllib.parse.unquote(s) for s in spellings if "%" in s]
+    spellings += [_uts46_like(s) for s in spellings if not s.isascii()]
+    spellings += [s.rpartition("@")[2] for s in spellings if "@" in s]
+    for spelling in spellings:
+        name, port = _split_port(spelling)
+        bare = name.rstrip(".") or name
+        names += [spelling, name, bare] + ([f"{bare}:{port}"] if port else [])
+        if ":" in name or name.startswith("["):
+            names += _portless(spelling)
+    return tuple(dict.fromkeys(names))
 
 
 def _portless(authority: str) -> list[str]:
@@ -351,52 +364,54 @@ _PHP_NAME = str.maketrans({".": "_", " ": "_", "[": "_"})
 
 # RFC 9110 token characters are visible ASCII except delimiters.
 _NOT_TOKEN = frozenset('"(),/:;<=>?@[\\]{} \t') | frozenset(chr(i) for i in range(0x20)) | {"\x7f"}
-_SAN_CACHE: dict[str, frozenset[str]] = {}
 
 
 _SPIFFE_DNS = "\0spiffe-like"  # stands for a DNS SAN or subject that reads as an identity
 
 
-_NAMES_CACHE: dict[str, frozenset[str]] = {}
+@dataclass(frozen=True, slots=True)
+class _CertificateNames:
+    uris: frozenset[str]  # the URI SANs
+    dns: frozenset[str]  # the DNS SANs
+    subject: str  # RFC 4514, as Envoy's RBAC reads a subject
 
 
-def certificate_names(certificate: str) -> frozenset[str]:
-    """The URI and DNS SANs of a URL-encoded PEM certificate (none when it does not parse)."""
-    names = _NAMES_CACHE.get(certificate)
+_NO_NAMES = _CertificateNames(frozenset(), frozenset(), "")
+_CERT_CACHE: dict[str, _CertificateNames] = {}
+
+
+def _names(certificate: str) -> _CertificateNames:
+    """The names of a URL-encoded PEM certificate (none when it does not parse), cached."""
+    names = _CERT_CACHE.get(certificate)
     if names is None:
         try:
             cert = x509.load_pem_x509_certificate(urllib.parse.unquote(certificate).encode())
             ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-            names = frozenset(ext.get_values_for_type(x509.UniformResourceIdentifier)
-                              + ext.get_values_for_type(x509.DNSName))
+            names = _CertificateNames(frozenset(ext.get_values_for_type(x509.UniformResourceIdentifier)),
+                                      frozenset(ext.get_values_for_type(x509.DNSName)),
+                                      cert.subject.rfc4514_string())
         except Exception:  # noqa: BLE001 - ValueError, DuplicateExtension, UnsupportedGeneralNameType...: unreadable
-            names = frozenset()
-        if len(_NAMES_CACHE) >= 1_000:
-            del _NAMES_CACHE[next(iter(_NAMES_CACHE))]
-        _NAMES_CACHE[certificate] = names
+            names = _NO_NAMES
+        if len(_CERT_CACHE) >= 1_000:  # the oldest out: a stream of new ones cannot empty it
+            del _CERT_CACHE[next(iter(_CERT_CACHE))]
+        _CERT_CACHE[certificate] = names
     return names
+
+
+def certificate_names(certificate: str) -> frozenset[str]:
+    """The URI and DNS SANs of a URL-encoded PEM certificate (none when it does not parse)."""
+    names = _names(certificate)
+    return names.uris | names.dns
 
 
 def _uri_sans(certificate: str) -> frozenset[str]:
     """The URI SANs of the forwarded (URL-encoded PEM) peer certificate, and _SPIFFE_DNS when
     a DNS SAN reads `spiffe://...` or a DNS SAN or the subject holds `/ns/`: Envoy's RBAC
     matches principals and namespaces (`.*/ns/<ns>/.*`) on those too."""
-    sans = _SAN_CACHE.get(certificate)
-    if sans is None:
-        try:
-            cert = x509.load_pem_x509_certificate(urllib.parse.unquote(certificate).encode())
-            ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-            uris = ext.value.get_values_for_type(x509.UniformResourceIdentifier)
-            dns = ext.value.get_values_for_type(x509.DNSName)
-            spiffe_like = (any(d.lower().startswith("spiffe:") or "/ns/" in d for d in dns)
-                           or "/ns/" in cert.subject.rfc4514_string())
-            sans = frozenset(uris) | ({_SPIFFE_DNS} if spiffe_like else set())
-        except Exception:  # noqa: BLE001 - ValueError, DuplicateExtension, UnsupportedGeneralNameType...: unreadable
-            sans = frozenset()
-        if len(_SAN_CACHE) >= 1_000:  # the oldest out: a stream of new ones cannot empty it
-            del _SAN_CACHE[next(iter(_SAN_CACHE))]
-        _SAN_CACHE[certificate] = sans
-    return sans
+    names = _names(certificate)
+    spiffe_like = (any(d.lower().startswith("spiffe:") or "/ns/" in d for d in names.dns)
+                   or "/ns/" in names.subject)
+    return names.uris | {_SPIFFE_DNS} if spiffe_like else names.uris
 
 
 def _bang(exc: UnicodeError) -> tuple[str, int]:

@@ -195,13 +195,14 @@ def data_comprehensions(expression: str) -> list[tuple[tuple[str, ...], str, int
     comprehension whose range is a data collection, found in the code (not in strings or
     comments): its size is known at load."""
     code = cel_code_blanked(expression)
+    bound = _bound_to_request(code)
     out = []
     for m in _DATA_COMPREHENSION.finditer(code):
         # the path's names come from the expression itself (string keys were blanked in code)
         segments = tuple(next(g for g in seg.groups() if g is not None)
                          for seg in _SEGMENT.finditer(expression[m.start(1):m.end(1)]))
         out.append((segments, m.group(2), m.start() + 1,
-                    _copies_request_input(_body(code, m.end() - 1), _bound_to_request(code))))
+                    _copies_request_input(_body(code, m.end() - 1), bound)))
     return out
 
 

@@ -627,32 +627,18 @@ def _operation_match(op: Operation, req: Request, allow: bool) -> dict[str, str]
 
 
 def _header_matches(h: HeaderMatch, req: Request, every: bool) -> bool:
-    """``h(req.headers, every)``, once per request with readings (its views share the headers)."""
-    memo = req.memo
-    if memo is None:
-        return h(req.headers, every)
-    key = (id(h), every)  # h lives in the bundle, beyond the check
-    hit = memo.get(key)
-    if hit is not None and hit[0] is req.headers:
-        return hit[1]  # type: ignore[return-value]
-    found = h(req.headers, every)
-    memo[key] = (req.headers, found)
-    return found
+    # h lives in the bundle, beyond the check: its id keys it
+    return req.recall((id(h), every), req.headers, h, req.headers, every)
 
 
 def _host_matches(hosts: StringMatch, req: Request, every: bool) -> bool:
     """Whether ``hosts`` matches a reading of the request's host (every reading, or the
-    authority's), once per request with readings."""
-    memo = req.memo
-    if memo is None:
-        return any(map(hosts, req.host_names(every)))
-    key = (id(hosts), every)  # hosts lives in the bundle, beyond the check
-    hit = memo.get(key)
-    if hit is not None and hit[0] == req.host:
-        return hit[1]  # type: ignore[return-value]
-    found = any(map(hosts, req.host_names(every)))
-    memo[key] = (req.host, found)
-    return found
+    authority's)."""
+    return req.recall((id(hosts), every), req.host, _any_host, hosts, req, every)
+
+
+def _any_host(hosts: StringMatch, req: Request, every: bool) -> bool:
+    return any(map(hosts, req.host_names(every)))
 
 
 def _source_matches(s: Source, req: Request) -> bool:

@@ -216,12 +216,12 @@ def test_replaced_bundles_are_not_kept_alive_by_the_checker(tmp_path: Path) -> N
     check = Checker(store, metrics)
     allowed = []
     for i in range(6):
-        store.current = load_policy_set(write_bundle(tmp_path / f"b{i}", ALLOW_ALL, revision=f"r{i}"))
+        store.current = load_policy_set(write_bundle(tmp_path / f"b{i}", ALLOW_ALL, revision=f"alive-r{i}"))
         allowed.append(check.run(check_request(path="/x"), carries=frozenset({"header:*", "principal"})).decision.allowed)
     gc.collect()
     alive = [o.revision for o in gc.get_objects() if isinstance(o, PolicySet) and o.revision in
-             {f"r{i}" for i in range(6)}]  # other tests' bundles may live on in fixtures
-    assert all(allowed) and alive == ["r5"], alive
+             {f"alive-r{i}" for i in range(6)}]  # other tests' bundles (revision r1...) may live on
+    assert all(allowed) and alive == ["alive-r5"], alive
 
 
 def test_a_principal_without_its_certificate_is_denied_where_other_names_could_decide(tmp_path: Path) -> None:
